@@ -1,0 +1,83 @@
+"""Input checks shared by every public function.
+
+Errors are for people: each one names the offending argument and value and says what to do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def check_features(name: str, x: Tensor, ndim: int = 2) -> None:
+    """Check a feature tensor: a floating tensor of `ndim` dims, non-empty, finite.
+
+    Args:
+        name: argument name used in the error message.
+        x: the tensor, e.g. (N, D) pooled features or (B, T, D) tokens.
+        ndim: expected number of dimensions.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        shape = "(N, D)" if ndim == 2 else "(B, T, D)"
+        raise ValueError(f"{name} must have shape {shape} ({ndim} dims), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}; cast it with .float()")
+    if x.numel() == 0 or any(s == 0 for s in x.shape):
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample with D > 0")
+    if not torch.isfinite(x).all():
+        n_bad = int((~torch.isfinite(x)).any(dim=-1).sum())
+        raise ValueError(
+            f"{name} contains NaN or Inf in {n_bad} of {x.shape[:-1].numel()} feature vectors; "
+            "check the encoder output or the data (a corrupt image, a zero-length caption)"
+        )
+
+
+def check_same_dim(name_x: str, x: Tensor, name_y: str, y: Tensor) -> None:
+    """Both modalities must live in the same feature space (same last dim)."""
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"feature dims differ: {name_x} has D={x.shape[-1]}, {name_y} has D={y.shape[-1]}; "
+            "project one modality with an adapter (csaligner.build_adapter) before computing the loss"
+        )
+
+
+def check_positive(name: str, value: float | Tensor) -> None:
+    """A bandwidth or temperature must be a finite positive number."""
+    v = float(value.detach().min()) if isinstance(value, Tensor) else float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_weights(name: str, w: Tensor | None, n: int, ref: Tensor) -> Tensor | None:
+    """Validate per-sample weights or a boolean mask of length n; return float weights or None."""
+    if w is None:
+        return None
+    if w.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match the features, got {tuple(w.shape)}")
+    wf = w.to(device=ref.device, dtype=torch.float32)
+    if not torch.isfinite(wf).all() or (wf < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0 (a mask or weights), got min {float(wf.min())}")
+    if float(wf.sum()) <= 0:
+        raise ValueError(f"{name} selects no sample (all weights are zero); keep at least one sample")
+    return wf
+
+
+def check_token_mask(name: str, mask: Tensor | None, tokens: Tensor) -> Tensor:
+    """Return a boolean (B, T) mask (all True when None); every sample must keep at least one token."""
+    b, t = tokens.shape[:2]
+    if mask is None:
+        return torch.ones(b, t, dtype=torch.bool, device=tokens.device)
+    if mask.shape != (b, t):
+        raise ValueError(f"{name} must have shape ({b}, {t}) to match the tokens, got {tuple(mask.shape)}")
+    m = mask.to(device=tokens.device).bool()
+    empty = (~m.any(dim=1)).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(
+            f"{name} leaves {empty.numel()} sample(s) with no tokens (batch indices {empty[:10].tolist()}); "
+            "every sample needs at least one unmasked token"
+        )
+    return m

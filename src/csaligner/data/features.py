@@ -1,0 +1,85 @@
+"""`PairedFeatures`: the in-memory hand-off between the feature cache and training/evaluation.
+
+The cache (csaligner.data.cache) produces it; train/ and eval/ consume it. Images and texts are
+stored once each; `text_to_image` links every caption to its image row, so several captions per
+image and unpaired pools need no duplication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from csaligner._validation import check_features
+
+
+@dataclass
+class PairedFeatures:
+    """Frozen-encoder features of an image-text set.
+
+    Attributes:
+        image: (N, D_img) pooled image features.
+        text: (M, D_txt) pooled text features.
+        text_to_image: (M,) int64 image row of each text; -1 marks an unpaired text.
+        image_ids: N image identifiers (file names), in row order.
+        captions: M caption strings, in row order (may be empty when unknown).
+        image_tokens: optional (N, V, D_img) token features (e.g. spatial feature-map cells).
+        image_token_mask: optional (N, V) bool.
+        text_tokens: optional (M, L, D_txt) token features.
+        text_token_mask: optional (M, L) bool.
+        meta: free-form provenance (encoder ids, cache keys).
+    """
+
+    image: Tensor
+    text: Tensor
+    text_to_image: Tensor
+    image_ids: list[str]
+    captions: list[str] = field(default_factory=list)
+    image_tokens: Tensor | None = None
+    image_token_mask: Tensor | None = None
+    text_tokens: Tensor | None = None
+    text_token_mask: Tensor | None = None
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_features("image", self.image)
+        check_features("text", self.text)
+        n, m = self.image.shape[0], self.text.shape[0]
+        if self.text_to_image.shape != (m,):
+            raise ValueError(f"text_to_image must have shape ({m},), got {tuple(self.text_to_image.shape)}")
+        if int(self.text_to_image.max()) >= n or int(self.text_to_image.min()) < -1:
+            raise ValueError(f"text_to_image values must lie in [-1, {n - 1}]")
+        if len(self.image_ids) != n:
+            raise ValueError(f"{len(self.image_ids)} image_ids for {n} image rows")
+        if self.captions and len(self.captions) != m:
+            raise ValueError(f"{len(self.captions)} captions for {m} text rows")
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def num_texts(self) -> int:
+        return int(self.text.shape[0])
+
+    def select_images(self, rows: Tensor) -> PairedFeatures:
+        """Keep the given image rows and the captions that point at them (re-indexed)."""
+        rows = rows.long()
+        remap = torch.full((self.num_images,), -1, dtype=torch.long)
+        remap[rows] = torch.arange(rows.numel())
+        keep = (self.text_to_image >= 0) & (remap[self.text_to_image.clamp_min(0)] >= 0)
+        tk = keep.nonzero().flatten()
+        return PairedFeatures(
+            image=self.image[rows],
+            text=self.text[tk],
+            text_to_image=remap[self.text_to_image[tk]],
+            image_ids=[self.image_ids[i] for i in rows.tolist()],
+            captions=[self.captions[i] for i in tk.tolist()] if self.captions else [],
+            image_tokens=None if self.image_tokens is None else self.image_tokens[rows],
+            image_token_mask=None if self.image_token_mask is None else self.image_token_mask[rows],
+            text_tokens=None if self.text_tokens is None else self.text_tokens[tk],
+            text_token_mask=None if self.text_token_mask is None else self.text_token_mask[tk],
+            meta=dict(self.meta),
+        )

@@ -1,0 +1,75 @@
+"""Symmetric CLIP InfoNCE, paired and multi-positive (several captions per image)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from csaligner._validation import check_features, check_positive, check_same_dim
+
+
+def check_text_to_image(text_to_image: Tensor, n_images: int, n_texts: int) -> Tensor:
+    """Validate a (M,) caption -> image index map; every image needs at least one caption."""
+    if text_to_image.shape != (n_texts,):
+        raise ValueError(f"text_to_image must have shape ({n_texts},) (one image index per text), "
+                         f"got {tuple(text_to_image.shape)}")
+    if text_to_image.dtype.is_floating_point or text_to_image.dtype == torch.bool:
+        raise ValueError(f"text_to_image must hold integer image indices, got dtype {text_to_image.dtype}")
+    lo, hi = int(text_to_image.min()), int(text_to_image.max())
+    if lo < 0 or hi >= n_images:
+        raise ValueError(f"text_to_image values must lie in [0, {n_images - 1}] (the image rows), got [{lo}, {hi}]")
+    counts = torch.bincount(text_to_image, minlength=n_images)
+    orphans = (counts == 0).nonzero().flatten()
+    if orphans.numel():
+        raise ValueError(
+            f"{orphans.numel()} image(s) have no caption in this batch (rows {orphans[:10].tolist()}); "
+            "pass caption-less images as unpaired_images so they enter only the CS term"
+        )
+    return text_to_image
+
+
+def info_nce(
+    x: Tensor,
+    y: Tensor,
+    temperature: float | Tensor = 0.07,
+    text_to_image: Tensor | None = None,
+) -> Tensor:
+    """Symmetric InfoNCE on cosine similarity (CLIP), averaged over both directions.
+
+    Paired form (text_to_image None): x (N, D) images and y (N, D) texts, row i matches row i.
+    Multi-positive form: y (M, D) texts with text_to_image (M,) giving each text's image row. Text
+    -> image is ordinary cross-entropy (one correct image per text); image -> text averages
+    -log softmax over each image's captions (SupCon's "L_out"; equals CE for one caption).
+
+    Args:
+        x: (N, D) image features (normalised here).
+        y: (M, D) text features (normalised here).
+        temperature: softmax temperature > 0 (float or scalar tensor, e.g. learnable).
+        text_to_image: optional (M,) int64 image index of each text.
+
+    Returns:
+        Scalar tensor (float32 for low-precision inputs).
+    """
+    check_features("x", x)
+    check_features("y", y)
+    check_same_dim("x", x, "y", y)
+    check_positive("temperature", temperature)
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    xn = F.normalize(x.to(dtype), dim=-1)
+    yn = F.normalize(y.to(dtype), dim=-1)
+    logits = xn @ yn.T / temperature  # (N, M) image-by-text
+    if text_to_image is None:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"paired InfoNCE needs as many texts as images, got {x.shape[0]} images and {y.shape[0]} texts; "
+                "pass text_to_image for several captions per image"
+            )
+        target = torch.arange(x.shape[0], device=x.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    t2i = check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
+    t2i_loss = F.cross_entropy(logits.T, t2i)
+    positive = t2i.unsqueeze(0) == torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # (N, M)
+    log_prob = logits.log_softmax(dim=1)
+    i2t_loss = -(log_prob * positive).sum(1).div(positive.sum(1)).mean()
+    return 0.5 * (t2i_loss + i2t_loss)

@@ -1,0 +1,231 @@
+"""Distribution divergences between two feature clouds: Cauchy-Schwarz, MMD and Gaussian KL.
+
+All kernel quantities are computed in the log domain: log mean_ij k(a_i, b_j) is a logsumexp of
+-||a_i - b_j||^2 / (2 sigma^2), so tiny bandwidths and far-apart clouds stay finite (no log(0)).
+These are the dense references: they hold (M, N) matrices. The O(N)-memory path lives in
+`csaligner.kernels` and is tested against these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from csaligner._validation import check_features, check_positive, check_same_dim, check_token_mask, check_weights
+
+Bandwidth = float | Tensor | Literal["median"]
+
+
+def _compute_dtype(*xs: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise squared Euclidean distances, (..., M, D) x (..., N, D) -> (..., M, N), clamped at 0."""
+    a2 = (a * a).sum(-1)
+    b2 = (b * b).sum(-1)
+    d2 = a2.unsqueeze(-1) + b2.unsqueeze(-2) - 2.0 * (a @ b.transpose(-1, -2))
+    return d2.clamp_min(0.0)
+
+
+def median_bandwidth(x: Tensor, y: Tensor, max_samples: int = 2048) -> Tensor:
+    """Median heuristic: sigma = median pairwise distance of the pooled samples (detached).
+
+    At most `max_samples` points (an even subsample) enter the median, so the cost stays bounded.
+    """
+    pooled = torch.cat([x, y]).detach().to(_compute_dtype(x, y))
+    if pooled.shape[0] > max_samples:
+        idx = torch.linspace(0, pooled.shape[0] - 1, max_samples, device=pooled.device).long()
+        pooled = pooled[idx]
+    d2 = squared_distances(pooled, pooled)
+    iu = torch.triu_indices(d2.shape[0], d2.shape[0], offset=1, device=d2.device)
+    dist = d2[iu[0], iu[1]].sqrt()
+    if dist.numel() == 0 or float(dist.median()) <= 0:
+        return torch.ones((), dtype=pooled.dtype, device=pooled.device)
+    return dist.median()
+
+
+def resolve_bandwidth(sigma: Bandwidth, x: Tensor, y: Tensor) -> float | Tensor:
+    """Turn `sigma` (number, tensor or "median") into a positive bandwidth."""
+    if isinstance(sigma, str):
+        if sigma != "median":
+            raise ValueError(f'sigma must be a positive number or "median", got {sigma!r}')
+        return median_bandwidth(x, y)
+    check_positive("sigma", sigma)
+    return sigma
+
+
+def log_mean_kernel(
+    a: Tensor, b: Tensor, sigma: float | Tensor, wa: Tensor | None = None, wb: Tensor | None = None
+) -> Tensor:
+    """log( sum_ij wa_i wb_j k(a_i, b_j) ) with weights normalised to sum 1 (plain mean when None).
+
+    Args:
+        a: (M, D) features.
+        b: (N, D) features.
+        sigma: Gaussian kernel bandwidth.
+        wa: optional (M,) non-negative weights or mask.
+        wb: optional (N,) non-negative weights or mask.
+
+    Returns:
+        Scalar tensor.
+    """
+    logits = squared_distances(a, b) / (-2.0 * sigma * sigma)  # (M, N) log k(a_i, b_j)
+    if wa is None and wb is None:
+        return torch.logsumexp(logits.flatten(), 0) - math.log(a.shape[0] * b.shape[0])
+    if wa is not None:
+        logits = logits + (wa / wa.sum()).log().unsqueeze(1)  # log(0) = -inf drops masked rows
+    else:
+        logits = logits - math.log(a.shape[0])
+    if wb is not None:
+        logits = logits + (wb / wb.sum()).log().unsqueeze(0)
+    else:
+        logits = logits - math.log(b.shape[0])
+    return torch.logsumexp(logits.flatten(), 0)
+
+
+def _prepare(x: Tensor, y: Tensor, sigma: Bandwidth) -> tuple[Tensor, Tensor, float | Tensor]:
+    check_features("x", x)
+    check_features("y", y)
+    check_same_dim("x", x, "y", y)
+    dtype = _compute_dtype(x, y)
+    x, y = x.to(dtype), y.to(dtype)
+    bw = resolve_bandwidth(sigma, x, y)
+    # Gaussian-kernel divergences are translation invariant; centring on the pooled mean keeps
+    # ||a||^2 + ||b||^2 - 2ab accurate in float32 when features sit far from the origin.
+    center = torch.cat([x, y]).mean(0).detach()
+    return x - center, y - center, bw
+
+
+def cs_divergence(
+    x: Tensor,
+    y: Tensor,
+    sigma: Bandwidth = 1.0,
+    x_weights: Tensor | None = None,
+    y_weights: Tensor | None = None,
+) -> Tensor:
+    """Empirical Cauchy-Schwarz divergence between the samples x and y (Gaussian kernel KDE).
+
+    D_CS = log mean k(x_i,x_j) + log mean k(y_i,y_j) - 2 log mean k(x_i,y_j), k(a,b) =
+    exp(-||a-b||^2 / (2 sigma^2)), on the features exactly as given (no normalisation).
+
+    Args:
+        x: (M, D) samples of the first distribution.
+        y: (N, D) samples of the second; M != N is allowed (no pairing is used).
+        sigma: kernel bandwidth > 0, or "median" for the median heuristic.
+        x_weights: optional (M,) weights or boolean mask (a mask of False drops the sample).
+        y_weights: optional (N,) weights or boolean mask.
+
+    Returns:
+        Scalar tensor >= 0 (float32, or float64 for float64 inputs); 0 iff the KDEs coincide.
+    """
+    x, y, bw = _prepare(x, y, sigma)
+    wx = check_weights("x_weights", x_weights, x.shape[0], x)
+    wy = check_weights("y_weights", y_weights, y.shape[0], y)
+    if wx is not None:
+        wx = wx.to(x.dtype)
+    if wy is not None:
+        wy = wy.to(y.dtype)
+    lxx = log_mean_kernel(x, x, bw, wx, wx)
+    lyy = log_mean_kernel(y, y, bw, wy, wy)
+    lxy = log_mean_kernel(x, y, bw, wx, wy)
+    return lxx + lyy - 2.0 * lxy
+
+
+def token_cs_divergence(
+    x_tokens: Tensor,
+    y_tokens: Tensor,
+    x_mask: Tensor | None = None,
+    y_mask: Tensor | None = None,
+    sigma: Bandwidth = 1.0,
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """Token-level CS divergence: per sample, all vision tokens vs all text tokens (batched).
+
+    Args:
+        x_tokens: (B, V, D) vision tokens.
+        y_tokens: (B, L, D) text tokens.
+        x_mask: optional (B, V) bool, True for real tokens; padding is masked out.
+        y_mask: optional (B, L) bool.
+        sigma: bandwidth > 0 or "median" (one bandwidth for the whole batch).
+        reduction: "mean" over the batch, or "none" for the (B,) per-sample values.
+    """
+    check_features("x_tokens", x_tokens, ndim=3)
+    check_features("y_tokens", y_tokens, ndim=3)
+    check_same_dim("x_tokens", x_tokens, "y_tokens", y_tokens)
+    if x_tokens.shape[0] != y_tokens.shape[0]:
+        raise ValueError(
+            f"x_tokens and y_tokens must hold the same samples: batch sizes {x_tokens.shape[0]} and "
+            f"{y_tokens.shape[0]} differ"
+        )
+    mx = check_token_mask("x_mask", x_mask, x_tokens)
+    my = check_token_mask("y_mask", y_mask, y_tokens)
+    dtype = _compute_dtype(x_tokens, y_tokens)
+    x, y = x_tokens.to(dtype), y_tokens.to(dtype)
+    bw = resolve_bandwidth(sigma, x[mx], y[my]) if isinstance(sigma, str) else sigma
+    check_positive("sigma", bw)
+    # Centre each sample on its own token mean (translation invariance, float32 accuracy).
+    n_x, n_y = mx.sum(1, keepdim=True), my.sum(1, keepdim=True)  # (B, 1)
+    center = ((x * mx.unsqueeze(-1)).sum(1) + (y * my.unsqueeze(-1)).sum(1)) / (n_x + n_y)
+    x, y = x - center.detach().unsqueeze(1), y - center.detach().unsqueeze(1)
+
+    def lmk(a: Tensor, b: Tensor, ma: Tensor, mb: Tensor) -> Tensor:
+        logits = squared_distances(a, b) / (-2.0 * bw * bw)  # (B, Ta, Tb)
+        logits = logits.masked_fill(~(ma.unsqueeze(2) & mb.unsqueeze(1)), float("-inf"))
+        counts = (ma.sum(1) * mb.sum(1)).to(dtype)
+        return torch.logsumexp(logits.flatten(1), 1) - counts.log()
+
+    per_sample = lmk(x, x, mx, mx) + lmk(y, y, my, my) - 2.0 * lmk(x, y, mx, my)  # (B,)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def mmd(x: Tensor, y: Tensor, sigma: Bandwidth = 1.0) -> Tensor:
+    """Squared Gaussian-kernel MMD (biased V-statistic): mean k_xx + mean k_yy - 2 mean k_xy.
+
+    Args:
+        x: (M, D) samples; y: (N, D) samples; sigma: bandwidth > 0 or "median".
+    """
+    x, y, bw = _prepare(x, y, sigma)
+    return (
+        log_mean_kernel(x, x, bw).exp() + log_mean_kernel(y, y, bw).exp() - 2.0 * log_mean_kernel(x, y, bw).exp()
+    )
+
+
+def gaussian_kl(x: Tensor, y: Tensor, ridge: float = 1e-3, symmetric: bool = False) -> Tensor:
+    """KL(N(mu_x, S_x) || N(mu_y, S_y)) between Gaussians fitted to x (M, D) and y (N, D).
+
+    A ridge `ridge * I` keeps covariances invertible when D exceeds the batch size. Computed in
+    float64 with Cholesky factors. `symmetric=True` returns the mean of both directions.
+    """
+    check_features("x", x)
+    check_features("y", y)
+    check_same_dim("x", x, "y", y)
+    check_positive("ridge", ridge)
+    out_dtype = _compute_dtype(x, y)
+    x64, y64 = x.double(), y.double()
+
+    def fit(a: Tensor) -> tuple[Tensor, Tensor]:
+        mu = a.mean(0)
+        c = a - mu
+        cov = c.T @ c / max(a.shape[0] - 1, 1)
+        return mu, cov + ridge * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+
+    (mx, sx), (my, sy) = fit(x64), fit(y64)
+
+    def kl(m0: Tensor, s0: Tensor, m1: Tensor, s1: Tensor) -> Tensor:
+        l1 = torch.linalg.cholesky(s1)
+        l0 = torch.linalg.cholesky(s0)
+        trace = torch.cholesky_solve(s0, l1).diagonal().sum()
+        diff = (m1 - m0).unsqueeze(1)
+        maha = (diff * torch.cholesky_solve(diff, l1)).sum()
+        logdet = 2.0 * (l1.diagonal().log().sum() - l0.diagonal().log().sum())
+        return 0.5 * (trace + maha - m0.shape[0] + logdet)
+
+    out = kl(mx, sx, my, sy)
+    if symmetric:
+        out = 0.5 * (out + kl(my, sy, mx, sx))
+    return out.to(out_dtype)

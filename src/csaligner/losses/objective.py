@@ -1,0 +1,204 @@
+"""Training objectives: CS-Aligner (InfoNCE + lambda * D_CS) and the baselines it is compared with.
+
+Every objective is an nn.Module with the same call shape,
+``loss_fn(image, text, text_to_image=None, unpaired_images=None, ...) -> dict[str, Tensor]``,
+returning named terms and the total under ``"loss"`` (open_clip's CLIPTask style).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from csaligner._validation import check_features, check_positive
+from csaligner.losses.contrastive import check_text_to_image, info_nce
+from csaligner.losses.divergence import gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
+
+ObjectiveName = Literal["cs_aligner", "infonce", "mmd", "kl", "l2_prior"]
+Impl = Literal["auto", "dense", "chunked", "triton"]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Configuration of a training objective (maps one to one onto the `loss:` YAML section)."""
+
+    objective: ObjectiveName = "cs_aligner"
+    """Which objective: "cs_aligner" (InfoNCE + lam * D_CS), "infonce" (InfoNCE only), "mmd" / "kl"
+    (InfoNCE + lam * Gaussian-kernel MMD / Gaussian KL, the divergence ablation) or "l2_prior"
+    (Eclipse's L2 between mapped text and its image embedding)."""
+    lam: float = 0.01
+    """Weight of the distribution divergence (the paper's lambda)."""
+    sigma: float | str = 1.0
+    """Gaussian kernel bandwidth on unit-norm features, or "median"."""
+    temperature: float = 0.07
+    """InfoNCE softmax temperature (initial value when learnable)."""
+    learn_temperature: bool = False
+    """Learn the temperature as CLIP's log logit scale (clamped to temperature >= 0.01)."""
+    token_lam: float = 0.0
+    """Weight of the token-level CS term (needs token features); 0 disables it."""
+    normalize: bool = True
+    """L2-normalise features before every term, as the paper does."""
+    impl: Impl = "auto"
+    """Kernel path for InfoNCE + D_CS: dense reference, chunked O(N) memory, or Triton on CUDA."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {sorted(OBJECTIVES)}")
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
+        if not math.isfinite(self.token_lam) or self.token_lam < 0:
+            raise ValueError(f"token_lam must be a finite number >= 0, got {self.token_lam}")
+        if isinstance(self.sigma, str):
+            if self.sigma != "median":
+                raise ValueError(f'sigma must be a positive number or "median", got {self.sigma!r}')
+        else:
+            check_positive("sigma", self.sigma)
+        check_positive("temperature", self.temperature)
+        if self.impl not in ("auto", "dense", "chunked", "triton"):
+            raise ValueError(f"impl must be auto, dense, chunked or triton, got {self.impl!r}")
+
+
+class AlignmentLoss(nn.Module):
+    """InfoNCE (optional) plus a weighted distribution divergence between image and text features.
+
+    Call with image (N, D) and text (M, D) features; see `forward`.
+    """
+
+    def __init__(self, config: LossConfig | None = None, **overrides: object) -> None:
+        super().__init__()
+        base = config or LossConfig()
+        self.config = LossConfig(**{**base.__dict__, **overrides}) if overrides else base
+        scale = math.log(1.0 / self.config.temperature)
+        if self.config.learn_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(scale))
+        else:
+            self.register_buffer("logit_scale", torch.tensor(scale), persistent=False)
+
+    @property
+    def temperature(self) -> Tensor:
+        """Current temperature, clamped to >= 0.01 (CLIP clamps its logit scale at 100)."""
+        return torch.exp(-self.logit_scale.clamp(max=math.log(100.0)))
+
+    def forward(
+        self,
+        image: Tensor,
+        text: Tensor,
+        text_to_image: Tensor | None = None,
+        unpaired_images: Tensor | None = None,
+        unpaired_texts: Tensor | None = None,
+        image_tokens: Tensor | None = None,
+        text_tokens: Tensor | None = None,
+        image_token_mask: Tensor | None = None,
+        text_token_mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Compute the named loss terms.
+
+        Args:
+            image: (N, D) paired image features.
+            text: (M, D) text features; M == N when paired one to one.
+            text_to_image: optional (M,) image row of each text (several captions per image).
+            unpaired_images: optional (P, D) images with no caption; they enter only the divergence.
+            unpaired_texts: optional (Q, D) texts with no image; only the divergence.
+            image_tokens: optional (N, V, D) vision tokens for the token-level CS term.
+            text_tokens: optional (N, L, D) text tokens (one token set per image sample).
+            image_token_mask: optional (N, V) bool, True for real tokens.
+            text_token_mask: optional (N, L) bool.
+
+        Returns:
+            dict with "infonce" (if used), the divergence under its name ("cs", "mmd", "kl"),
+            "token_cs" (if tokens are given) and the weighted total "loss".
+        """
+        cfg = self.config
+        check_features("image", image)
+        check_features("text", text)
+        norm: Callable[[Tensor], Tensor] = (lambda t: F.normalize(t.float(), dim=-1)) if cfg.normalize else (
+            lambda t: t.float()
+        )
+        x, y = norm(image), norm(text)
+        if text_to_image is not None:
+            check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
+        xs = x if unpaired_images is None else torch.cat([x, norm(_checked("unpaired_images", unpaired_images))])
+        ys = y if unpaired_texts is None else torch.cat([y, norm(_checked("unpaired_texts", unpaired_texts))])
+        use_mi = cfg.objective != "l2_prior"
+        terms = self._main_terms(x, y, xs, ys, text_to_image, use_mi)
+        total = terms["infonce"] if use_mi else terms["l2"]
+        div_name = {"cs_aligner": "cs", "mmd": "mmd", "kl": "kl"}.get(cfg.objective)
+        if div_name is not None:
+            total = total + cfg.lam * terms[div_name]
+        if image_tokens is not None or text_tokens is not None:
+            if image_tokens is None or text_tokens is None:
+                raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
+            terms["token_cs"] = token_cs_divergence(
+                norm(image_tokens), norm(text_tokens), image_token_mask, text_token_mask, sigma=cfg.sigma
+            )
+            total = total + cfg.token_lam * terms["token_cs"]
+        elif cfg.token_lam > 0:
+            raise ValueError(f"token_lam={cfg.token_lam} > 0 needs image_tokens and text_tokens; pass them or set 0")
+        terms["loss"] = total
+        return terms
+
+    def _main_terms(
+        self, x: Tensor, y: Tensor, xs: Tensor, ys: Tensor, text_to_image: Tensor | None, use_mi: bool
+    ) -> dict[str, Tensor]:
+        cfg = self.config
+        if cfg.objective in ("cs_aligner", "infonce"):
+            from csaligner.kernels import infonce_cs_terms  # local: kernels import losses
+
+            sigma = resolve_bandwidth(cfg.sigma, xs, ys)
+            terms = infonce_cs_terms(
+                x, y, xs, ys, temperature=self.temperature, sigma=sigma, text_to_image=text_to_image,
+                with_cs=cfg.objective == "cs_aligner", impl=cfg.impl,
+            )
+            return terms
+        terms = {"infonce": info_nce(x, y, self.temperature, text_to_image)} if use_mi else {}
+        if cfg.objective == "mmd":
+            terms["mmd"] = mmd(xs, ys, cfg.sigma)
+        elif cfg.objective == "kl":
+            terms["kl"] = gaussian_kl(xs, ys)
+        elif cfg.objective == "l2_prior":
+            target = x if text_to_image is None else x[text_to_image]
+            if target.shape != y.shape:
+                raise ValueError(
+                    f"l2_prior pairs each text with one image: got {y.shape[0]} texts and {x.shape[0]} images; "
+                    "pass text_to_image for several captions per image"
+                )
+            terms["l2"] = (y - target).pow(2).sum(-1).mean()  # Eclipse: ||prior(text) - image||^2
+        return terms
+
+
+class CSAlignerLoss(AlignmentLoss):
+    """CS-Aligner: InfoNCE(x, y) + lam * D_CS(p(x), p(y)) on L2-normalised features (Eq. 6).
+
+    Example:
+        >>> loss_fn = CSAlignerLoss(lam=0.01, sigma=1.0)
+        >>> out = loss_fn(image_feats, text_feats)   # {"infonce", "cs", "loss"}
+        >>> out["loss"].backward()
+    """
+
+    def __init__(self, config: LossConfig | None = None, **overrides: object) -> None:
+        super().__init__(config, **{"objective": "cs_aligner", **overrides})
+
+
+def _checked(name: str, t: Tensor) -> Tensor:
+    check_features(name, t)
+    return t
+
+
+OBJECTIVES: dict[str, str] = {
+    "cs_aligner": "InfoNCE + lam * Cauchy-Schwarz divergence",
+    "infonce": "InfoNCE only (CLIP)",
+    "mmd": "InfoNCE + lam * Gaussian-kernel MMD^2",
+    "kl": "InfoNCE + lam * KL between fitted Gaussians",
+    "l2_prior": "L2 between mapped text and paired image embedding (Eclipse prior loss)",
+}
+
+
+def build_objective(config: LossConfig) -> AlignmentLoss:
+    """Build the objective named by `config.objective`."""
+    return AlignmentLoss(config)
