@@ -12,8 +12,9 @@ from csaligner._validation import check_features, check_positive, check_same_dim
 def check_text_to_image(text_to_image: Tensor, n_images: int, n_texts: int) -> Tensor:
     """Validate a (M,) caption -> image index map; every image needs at least one caption."""
     if text_to_image.shape != (n_texts,):
-        raise ValueError(f"text_to_image must have shape ({n_texts},) (one image index per text), "
-                         f"got {tuple(text_to_image.shape)}")
+        raise ValueError(
+            f"text_to_image must have shape ({n_texts},) (one image index per text), got {tuple(text_to_image.shape)}"
+        )
     if text_to_image.dtype.is_floating_point or text_to_image.dtype == torch.bool:
         raise ValueError(f"text_to_image must hold integer image indices, got dtype {text_to_image.dtype}")
     lo, hi = int(text_to_image.min()), int(text_to_image.max())

@@ -77,15 +77,15 @@ def log_mean_kernel(
     logits = squared_distances(a, b) / (-2.0 * sigma * sigma)  # (M, N) log k(a_i, b_j)
     if wa is None and wb is None:
         return torch.logsumexp(logits.flatten(), 0) - math.log(a.shape[0] * b.shape[0])
-    if wa is not None:
-        logits = logits + (wa / wa.sum()).log().unsqueeze(1)  # log(0) = -inf drops masked rows
-    else:
-        logits = logits - math.log(a.shape[0])
-    if wb is not None:
-        logits = logits + (wb / wb.sum()).log().unsqueeze(0)
-    else:
-        logits = logits - math.log(b.shape[0])
+    logits = logits + _log_normalised(wa, a).unsqueeze(1) + _log_normalised(wb, b).unsqueeze(0)
     return torch.logsumexp(logits.flatten(), 0)
+
+
+def _log_normalised(w: Tensor | None, ref: Tensor) -> Tensor:
+    """(n,) log of weights normalised to sum 1 (uniform when None); log(0) = -inf drops a sample."""
+    if w is None:
+        return torch.full((ref.shape[0],), -math.log(ref.shape[0]), dtype=ref.dtype, device=ref.device)
+    return (w / w.sum()).log()
 
 
 def _prepare(x: Tensor, y: Tensor, sigma: Bandwidth) -> tuple[Tensor, Tensor, float | Tensor]:
@@ -190,9 +190,7 @@ def mmd(x: Tensor, y: Tensor, sigma: Bandwidth = 1.0) -> Tensor:
         x: (M, D) samples; y: (N, D) samples; sigma: bandwidth > 0 or "median".
     """
     x, y, bw = _prepare(x, y, sigma)
-    return (
-        log_mean_kernel(x, x, bw).exp() + log_mean_kernel(y, y, bw).exp() - 2.0 * log_mean_kernel(x, y, bw).exp()
-    )
+    return log_mean_kernel(x, x, bw).exp() + log_mean_kernel(y, y, bw).exp() - 2.0 * log_mean_kernel(x, y, bw).exp()
 
 
 def gaussian_kl(x: Tensor, y: Tensor, ridge: float = 1e-3, symmetric: bool = False) -> Tensor:

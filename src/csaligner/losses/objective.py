@@ -34,7 +34,7 @@ class LossConfig:
     (Eclipse's L2 between mapped text and its image embedding)."""
     lam: float = 0.01
     """Weight of the distribution divergence (the paper's lambda)."""
-    sigma: float | str = 1.0
+    sigma: float | Literal["median"] = 1.0
     """Gaussian kernel bandwidth on unit-norm features, or "median"."""
     temperature: float = 0.07
     """InfoNCE softmax temperature (initial value when learnable)."""
@@ -117,8 +117,8 @@ class AlignmentLoss(nn.Module):
         cfg = self.config
         check_features("image", image)
         check_features("text", text)
-        norm: Callable[[Tensor], Tensor] = (lambda t: F.normalize(t.float(), dim=-1)) if cfg.normalize else (
-            lambda t: t.float()
+        norm: Callable[[Tensor], Tensor] = (
+            (lambda t: F.normalize(t.float(), dim=-1)) if cfg.normalize else (lambda t: t.float())
         )
         x, y = norm(image), norm(text)
         if text_to_image is not None:
@@ -152,8 +152,15 @@ class AlignmentLoss(nn.Module):
 
             sigma = resolve_bandwidth(cfg.sigma, xs, ys)
             terms = infonce_cs_terms(
-                x, y, xs, ys, temperature=self.temperature, sigma=sigma, text_to_image=text_to_image,
-                with_cs=cfg.objective == "cs_aligner", impl=cfg.impl,
+                x,
+                y,
+                xs,
+                ys,
+                temperature=self.temperature,
+                sigma=sigma,
+                text_to_image=text_to_image,
+                with_cs=cfg.objective == "cs_aligner",
+                impl=cfg.impl,
             )
             return terms
         terms = {"infonce": info_nce(x, y, self.temperature, text_to_image)} if use_mi else {}

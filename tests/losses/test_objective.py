@@ -1,0 +1,132 @@
+"""InfoNCE and the training objectives (CS-Aligner and baselines)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csaligner import AlignmentLoss, CSAlignerLoss, LossConfig, cs_divergence, info_nce
+from tests.losses.reference import info_nce_loop
+
+
+def test_info_nce_matches_loop_paired_and_multi_positive() -> None:
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    assert float(info_nce(x, y, 0.5)) == pytest.approx(info_nce_loop(x, y, 0.5), rel=1e-10)
+    t2i = [0, 0, 1, 2, 2, 2, 3, 4]
+    y8 = torch.randn(8, 4, dtype=torch.float64)
+    got = info_nce(x, y8, 0.3, text_to_image=torch.tensor(t2i))
+    assert float(got) == pytest.approx(info_nce_loop(x, y8, 0.3, t2i), rel=1e-10)
+    # One caption per image in the multi-positive form equals the paired form.
+    assert float(info_nce(x, y, 0.5, torch.arange(5))) == pytest.approx(float(info_nce(x, y, 0.5)), rel=1e-12)
+
+
+def test_info_nce_finite_at_small_temperature_and_bf16() -> None:
+    x = torch.randn(32, 8).bfloat16().requires_grad_()
+    y = torch.randn(32, 8).bfloat16().requires_grad_()
+    loss = info_nce(x, y, 0.01)
+    loss.backward()
+    assert torch.isfinite(loss) and x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+def test_info_nce_errors_name_the_problem() -> None:
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="as many texts as images"):
+        info_nce(x, torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"no caption in this batch \(rows \[3\]\)"):
+        info_nce(x, torch.randn(3, 3), text_to_image=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\]"):
+        info_nce(x, torch.randn(4, 3), text_to_image=torch.tensor([0, 1, 2, 4]))
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce(x, torch.randn(4, 3), temperature=-1.0)
+
+
+def test_cs_aligner_loss_terms_and_total() -> None:
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    out = CSAlignerLoss(lam=0.5, sigma=0.8)(x, y)
+    assert set(out) == {"infonce", "cs", "loss"}
+    xn, yn = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    assert torch.allclose(out["infonce"], info_nce(x, y, 0.07))
+    assert torch.allclose(out["cs"], cs_divergence(xn, yn, 0.8))
+    assert torch.allclose(out["loss"], out["infonce"] + 0.5 * out["cs"])
+    assert torch.allclose(CSAlignerLoss(lam=0.0)(x, y)["loss"], out["infonce"])
+
+
+def test_unpaired_pools_enter_only_the_cs_term() -> None:
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    ux, uy = torch.randn(5, 6) + 1, torch.randn(3, 6)
+    loss = CSAlignerLoss(lam=1.0)
+    base, more = loss(x, y), loss(x, y, unpaired_images=ux, unpaired_texts=uy)
+    assert torch.allclose(base["infonce"], more["infonce"])
+    pooled_x = F.normalize(torch.cat([x, ux]), dim=-1)
+    pooled_y = F.normalize(torch.cat([y, uy]), dim=-1)
+    assert torch.allclose(more["cs"], cs_divergence(pooled_x, pooled_y))
+
+
+def test_multi_caption_and_token_terms() -> None:
+    x, y = torch.randn(4, 6), torch.randn(10, 6)
+    t2i = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+    xt, yt = torch.randn(4, 7, 6), torch.randn(4, 5, 6)
+    out = CSAlignerLoss(lam=1.0, token_lam=0.3)(x, y, text_to_image=t2i, image_tokens=xt, text_tokens=yt)
+    assert set(out) == {"infonce", "cs", "token_cs", "loss"}
+    assert torch.allclose(out["loss"], out["infonce"] + out["cs"] + 0.3 * out["token_cs"])
+    with pytest.raises(ValueError, match="needs image_tokens and text_tokens"):
+        CSAlignerLoss(token_lam=0.3)(x, y, text_to_image=t2i)
+
+
+def test_learnable_temperature_gets_gradient() -> None:
+    loss = CSAlignerLoss(learn_temperature=True, temperature=0.1)
+    assert float(loss.temperature.detach()) == pytest.approx(0.1, rel=1e-5)
+    loss(torch.randn(8, 4), torch.randn(8, 4))["loss"].backward()
+    assert loss.logit_scale.grad is not None and torch.isfinite(loss.logit_scale.grad)
+
+
+@pytest.mark.parametrize(("objective", "div"), [("infonce", None), ("mmd", "mmd"), ("kl", "kl")])
+def test_baselines_share_the_call_shape(objective: str, div: str | None) -> None:
+    x, y = torch.randn(12, 5, requires_grad=True), torch.randn(12, 5)
+    out = AlignmentLoss(LossConfig(objective=objective, lam=0.2))(x, y)  # type: ignore[arg-type]
+    expected = {"infonce", "loss"} | ({div} if div else set())
+    assert set(out) == expected
+    out["loss"].backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_l2_prior_loss_is_eclipse_objective() -> None:
+    x, y = torch.randn(3, 4), torch.randn(6, 4)
+    t2i = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = AlignmentLoss(objective="l2_prior")(x, y, text_to_image=t2i)
+    xn, yn = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    assert torch.allclose(out["loss"], (yn - xn[t2i]).pow(2).sum(-1).mean())
+    assert set(out) == {"l2", "loss"}
+
+
+def test_eq10_alignment_uniformity_decomposition() -> None:
+    """For unit-norm features and lambda = 1 the loss splits into Wang & Isola style terms:
+
+    InfoNCE = A / (2 tau) + 1/2 [mean_i LSE_j(-d_ij^2 / 2tau) + mean_j LSE_i(-d_ij^2 / 2tau)]
+    D_CS    = U(x) + U(y) - 2 U(x, y),  U(a, b) = log mean exp(-||a_i - b_j||^2 / (2 sigma^2))
+    with A = mean_i ||x_i - y_i||^2 the alignment term (using <a, b> = 1 - ||a - b||^2 / 2)."""
+    tau, sigma = 0.2, 0.7
+    x = F.normalize(torch.randn(9, 5, dtype=torch.float64), dim=-1)
+    y = F.normalize(torch.randn(9, 5, dtype=torch.float64), dim=-1)
+    d2 = torch.cdist(x, y) ** 2
+    align = d2.diagonal().mean()
+    lse = 0.5 * (torch.logsumexp(-d2 / (2 * tau), 1).mean() + torch.logsumexp(-d2 / (2 * tau), 0).mean())
+
+    def uniformity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.exp(-(torch.cdist(a, b) ** 2) / (2 * sigma**2)).mean())
+
+    decomposed = align / (2 * tau) + lse + uniformity(x, x) + uniformity(y, y) - 2 * uniformity(x, y)
+    out = CSAlignerLoss(lam=1.0, sigma=sigma, temperature=tau)(x, y)
+    assert float(out["loss"]) == pytest.approx(float(decomposed), rel=1e-5)
+
+
+def test_loss_config_validation() -> None:
+    with pytest.raises(ValueError, match="unknown objective 'clip'"):
+        LossConfig(objective="clip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lam must be"):
+        LossConfig(lam=-1.0)
+    with pytest.raises(ValueError, match="sigma must be"):
+        LossConfig(sigma=0.0)
+    with pytest.raises(ValueError, match="impl must be"):
+        LossConfig(impl="cuda")  # type: ignore[arg-type]
