@@ -1,5 +1,14 @@
 """csaligner: distributional vision-language alignment with the Cauchy-Schwarz divergence."""
 
+from csaligner.adapters import (
+    AdapterConfig,
+    LinearAdapter,
+    MLPAdapter,
+    PriorTransformerAdapter,
+    build_adapter,
+    load_adapter,
+    save_adapter,
+)
 from csaligner.losses import (
     OBJECTIVES,
     AlignmentLoss,
@@ -18,15 +27,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OBJECTIVES",
+    "AdapterConfig",
     "AlignmentLoss",
     "CSAlignerLoss",
+    "LinearAdapter",
     "LossConfig",
+    "MLPAdapter",
+    "PriorTransformerAdapter",
     "__version__",
+    "build_adapter",
     "build_objective",
     "cs_divergence",
     "gaussian_kl",
     "info_nce",
+    "load_adapter",
     "median_bandwidth",
     "mmd",
+    "save_adapter",
     "token_cs_divergence",
 ]

@@ -1,0 +1,112 @@
+"""`AdapterConfig`: one frozen dataclass describing any adapter, validated on construction.
+
+Every kind reads the fields it needs and ignores the rest, so a YAML `adapter:` section maps onto
+it one to one and a saved adapter's JSON metadata round-trips through `dataclasses.asdict`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from csaligner.adapters.registry import ADAPTERS
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Configuration of a trainable adapter on frozen features (the `adapter:` YAML section).
+
+    Example:
+        >>> cfg = AdapterConfig(kind="prior", in_dim=768, out_dim=768)   # Eclipse prior, paper sizes
+        >>> cfg = AdapterConfig(kind="mlp", in_dim=512, out_dim=512, mlp_ratio=4, mlp_alpha=0.2)
+    """
+
+    kind: str
+    """Registered adapter name: "prior", "mlp", "linear", "identity" or one added with
+    `@register_adapter`."""
+    in_dim: int
+    """Width D_in of the input features (the pooled text embedding for "prior")."""
+    out_dim: int
+    """Width D_out of the output features (the image-embedding width, e.g. 768 or 1280)."""
+    bias: bool = True
+    """Bias on the "linear" layer and on the "mlp" side projection (used when in_dim != out_dim)."""
+    mlp_ratio: int = 4
+    """"mlp": bottleneck ratio; the hidden width is in_dim // mlp_ratio (CLIP-Adapter uses 4)."""
+    mlp_alpha: float = 0.2
+    """"mlp": residual ratio alpha in y = alpha * MLP(x) + (1 - alpha) * proj(x); 0 keeps the input."""
+    num_layers: int = 10
+    """"prior": transformer blocks (paper Appendix F: 10)."""
+    num_heads: int = 16
+    """"prior": attention heads (paper: 16)."""
+    head_dim: int = 32
+    """"prior": width of one head (paper: 32); the inner width is num_heads * head_dim."""
+    dropout: float = 0.0
+    """"prior": dropout on attention weights and residual branches (paper: 0)."""
+    num_learned_tokens: int = 3
+    """"prior": learned embeddings appended after the pooled text; the last is the output query."""
+    max_text_tokens: int = 77
+    """"prior": longest text-token sequence accepted (CLIP's context length is 77)."""
+    token_dim: int | None = None
+    """"prior": width of the text token states; None means the same as in_dim."""
+    causal: bool = True
+    """"prior": causal self-attention (as diffusers' PriorTransformer); False attends both ways."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ADAPTERS:
+            raise ValueError(f"unknown adapter kind {self.kind!r}; choose one of {sorted(ADAPTERS)}")
+        _check_int("in_dim", self.in_dim)
+        _check_int("out_dim", self.out_dim)
+        _check_int("mlp_ratio", self.mlp_ratio)
+        if self.in_dim // self.mlp_ratio < 1:
+            raise ValueError(
+                f"mlp_ratio={self.mlp_ratio} leaves no hidden unit for in_dim={self.in_dim} "
+                f"(hidden = in_dim // mlp_ratio = 0); use mlp_ratio <= {self.in_dim}"
+            )
+        if not (isinstance(self.mlp_alpha, int | float) and math.isfinite(self.mlp_alpha)) or not (
+            0.0 <= self.mlp_alpha <= 1.0
+        ):
+            raise ValueError(f"mlp_alpha must be a number in [0, 1] (the residual ratio), got {self.mlp_alpha!r}")
+        for name in ("num_layers", "num_heads", "head_dim", "num_learned_tokens", "max_text_tokens"):
+            _check_int(name, getattr(self, name))
+        if self.token_dim is not None:
+            _check_int("token_dim", self.token_dim)
+        if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}; the paper uses 0")
+        if self.kind == "identity" and self.in_dim != self.out_dim:
+            raise ValueError(
+                f'kind="identity" needs in_dim == out_dim, got in_dim={self.in_dim}, out_dim={self.out_dim}; '
+                'use kind="linear" to change the width'
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the prior transformer's residual stream: num_heads * head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def text_token_dim(self) -> int:
+        """Width of the text token states the prior accepts (token_dim, or in_dim when None)."""
+        return self.in_dim if self.token_dim is None else self.token_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Inverse of `to_dict`; unknown keys raise ValueError instead of being dropped silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"adapter config has unknown field(s) {unknown}; known fields are {sorted(known)} "
+                "(was it written by a newer csaligner?)"
+            )
+        return cls(**data)
+
+
+def _check_int(name: str, value: object) -> None:
+    # bool is an int subclass; True as a width is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

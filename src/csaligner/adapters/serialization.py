@@ -1,0 +1,148 @@
+"""Save and load adapters as safetensors: weights as tensors, the `AdapterConfig` as JSON metadata.
+
+No pickle anywhere: a file holds only named tensors and strings, so loading one cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from csaligner.adapters.config import AdapterConfig
+from csaligner.adapters.registry import Adapter, build_adapter
+
+FORMAT = "csaligner.adapter"
+FORMAT_VERSION = "1"
+
+
+def save_adapter(module: nn.Module, config: AdapterConfig, path: str | os.PathLike[str]) -> Path:
+    """Write `module`'s weights and `config` to one safetensors file (atomically).
+
+    Args:
+        module: the adapter, as built by `build_adapter(config)` and trained.
+        config: the config it was built from; stored as JSON in the file's metadata.
+        path: destination file (".safetensors" by convention); parent folders are created.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: if the module's weights do not match what `config` builds (names or shapes).
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+    state = module.state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no init cost even for the 10-layer prior
+        reference = build_adapter(config).state_dict()
+    _check_state(state, reference, f"module does not match config (kind={config.kind!r})")
+    # clone: safetensors refuses tensors that share storage, and a saved file must not alias live weights
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config.to_dict())}
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, dest)  # a crash mid-write never leaves a truncated adapter behind
+    return dest
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
+    """Read only the `AdapterConfig` stored in an adapter file (no weights loaded).
+
+    Args:
+        path: a file written by `save_adapter`.
+
+    Returns:
+        The stored config.
+    """
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"adapter file {str(src)!r} does not exist; check the path (save with save_adapter)")
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for a corrupt header
+        raise ValueError(f"{str(src)!r} is not a readable safetensors file ({err})") from err
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise ValueError(
+            f"{str(src)!r} is not a csaligner adapter file (metadata format={metadata.get('format')!r}); "
+            "write adapters with csaligner.adapters.save_adapter"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{str(src)!r} has adapter format version {metadata.get('format_version')!r}; "
+            f"this csaligner reads version {FORMAT_VERSION}"
+        )
+    try:
+        data = json.loads(metadata["config"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(src)!r} has a corrupt config in its metadata ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(src)!r} stores a config of type {type(data).__name__}, expected a JSON object")
+    return AdapterConfig.from_dict(data)
+
+
+def load_adapter(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    expected_config: AdapterConfig | None = None,
+) -> tuple[Adapter, AdapterConfig]:
+    """Rebuild an adapter from a file written by `save_adapter`.
+
+    Args:
+        path: the safetensors file.
+        device: where to put the weights.
+        expected_config: if given, the stored config must equal it (e.g. the config of the run
+            that is about to use the adapter); a difference raises ValueError naming the fields.
+
+    Returns:
+        (adapter, config): the adapter with the saved weights and dtype, in training mode (call
+        `.eval()` for inference), and the config read from the file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: not an adapter file, corrupt metadata, a config that differs from
+            `expected_config`, or weights whose names or shapes do not match the stored config.
+    """
+    config = read_adapter_config(path)
+    if expected_config is not None and config != expected_config:
+        stored, wanted = config.to_dict(), expected_config.to_dict()
+        diff = {k: (stored[k], wanted[k]) for k in stored if stored[k] != wanted[k]}
+        raise ValueError(
+            f"adapter config in {str(path)!r} differs from the expected config: "
+            + ", ".join(f"{k}: file {a!r} vs expected {b!r}" for k, (a, b) in diff.items())
+        )
+    tensors = load_file(str(path), device=str(device))
+    module = build_adapter(config)
+    _check_state(
+        tensors, module.state_dict(), f"weights in {str(path)!r} do not match its config (kind={config.kind!r})"
+    )
+    float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(float_dtypes) == 1:  # keep a bf16 / fp16 adapter in its saved precision
+        module.to(dtype=float_dtypes.pop())
+    module.load_state_dict(tensors, strict=True)
+    return module.to(device), config
+
+
+def _check_state(got: dict[str, Tensor], want: dict[str, Tensor], what: str) -> None:
+    """Raise ValueError listing missing / unexpected names and shape differences between state dicts."""
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    shapes = [
+        f"{k}: {tuple(got[k].shape)} vs {tuple(want[k].shape)}"
+        for k in sorted(set(got) & set(want))
+        if got[k].shape != want[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"missing {missing[:5]}" if missing else "",
+            f"unexpected {unexpected[:5]}" if unexpected else "",
+            f"shape (have vs config) {shapes[:5]}" if shapes else "",
+        ]
+        raise ValueError(f"{what}: " + "; ".join(p for p in parts if p) + "; save and load with the same config")
