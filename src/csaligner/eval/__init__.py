@@ -5,6 +5,23 @@ accuracy are percentages (0-100, as in the paper's tables); distances, divergenc
 image-vs-text separability (0.5 = indistinguishable, 1.0 = separated) are raw values.
 """
 
+from csaligner.eval.classification import (
+    DEFAULT_TEMPLATES,
+    ZeroShotResult,
+    class_embeddings,
+    class_prompts,
+    few_shot_accuracy,
+    zero_shot_accuracy,
+)
 from csaligner.eval.retrieval import recall_at_k, retrieval_metrics
 
-__all__ = ["recall_at_k", "retrieval_metrics"]
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "ZeroShotResult",
+    "class_embeddings",
+    "class_prompts",
+    "few_shot_accuracy",
+    "recall_at_k",
+    "retrieval_metrics",
+    "zero_shot_accuracy",
+]
