@@ -30,7 +30,7 @@ def _embeddings_from_similarity(sim: Tensor) -> tuple[Tensor, Tensor]:
     it unit norm, so cos(image_i, text_j) = sim_ji. Rows of `sim` need squared norm <= 1.
     """
     sim = sim.double()
-    m, n = sim.shape
+    n = sim.shape[1]
     rest = (1.0 - sim.pow(2).sum(1)).clamp_min(0).sqrt()
     assert bool((sim.pow(2).sum(1) <= 1).all()), "rows of sim must have norm <= 1"
     image = torch.eye(n, n + 1, dtype=torch.float64)

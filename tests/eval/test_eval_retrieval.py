@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import Tensor
 
-FromSim = Callable[[Tensor], tuple[Tensor, Tensor]]
-
 from csaligner.eval import recall_at_k, retrieval_metrics
+
+FromSim = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 # 5 texts x 3 images; texts 0, 1 describe image 0, text 2 image 1, texts 3, 4 image 2.
 SIM = torch.tensor(
