@@ -13,6 +13,7 @@ from csaligner.eval.classification import (
     few_shot_accuracy,
     zero_shot_accuracy,
 )
+from csaligner.eval.gap import linear_separability, mean_cross_distance, modality_gap_metrics, uniformity
 from csaligner.eval.retrieval import recall_at_k, retrieval_metrics
 
 __all__ = [
@@ -21,7 +22,11 @@ __all__ = [
     "class_embeddings",
     "class_prompts",
     "few_shot_accuracy",
+    "linear_separability",
+    "mean_cross_distance",
+    "modality_gap_metrics",
     "recall_at_k",
     "retrieval_metrics",
+    "uniformity",
     "zero_shot_accuracy",
 ]
