@@ -15,6 +15,7 @@ from csaligner.eval.classification import (
 )
 from csaligner.eval.gap import linear_separability, mean_cross_distance, modality_gap_metrics, uniformity
 from csaligner.eval.retrieval import recall_at_k, retrieval_metrics
+from csaligner.eval.t2i import frechet_distance, t2i_metrics
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -22,11 +23,13 @@ __all__ = [
     "class_embeddings",
     "class_prompts",
     "few_shot_accuracy",
+    "frechet_distance",
     "linear_separability",
     "mean_cross_distance",
     "modality_gap_metrics",
     "recall_at_k",
     "retrieval_metrics",
+    "t2i_metrics",
     "uniformity",
     "zero_shot_accuracy",
 ]
