@@ -58,9 +58,13 @@ def test_zero_shot_chunking_does_not_change_the_result() -> None:
     assert zero_shot_accuracy(image, classes, labels, chunk_size=7) == zero_shot_accuracy(image, classes, labels)
 
 
-def test_zero_shot_label_out_of_range() -> None:
+def test_zero_shot_errors() -> None:
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         zero_shot_accuracy(torch.randn(2, 6), E[:3], torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"\(C, P, D\)"):
+        zero_shot_accuracy(torch.randn(2, 6), torch.randn(6), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="feature dims differ"):
+        zero_shot_accuracy(torch.randn(2, 5), E[:3], torch.tensor([0, 1]))
 
 
 def clusters(n_per_class: int, num_classes: int = 5, d: int = 16, noise: float = 0.3) -> tuple[Tensor, Tensor]:

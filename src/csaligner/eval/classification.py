@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from csaligner._validation import check_features, check_same_dim
-from csaligner.eval._common import check_labels, compute_dtype, mean_std, unit_rows
+from csaligner.eval._common import check_chunk_size, check_labels, compute_dtype, mean_std, unit_rows
 from csaligner.eval._logreg import fit_logistic_regression
 
 # CLIP's 7-template ImageNet ensemble (Radford et al. 2021, notebooks/Prompt_Engineering).
@@ -63,6 +63,9 @@ def class_prompts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT
 
 def class_embeddings(class_text_emb: Tensor) -> Tensor:
     """(C, D) or (C, P, D) text embeddings -> (C, D) unit-norm class weights (prompts averaged)."""
+    if not isinstance(class_text_emb, Tensor) or class_text_emb.dim() not in (2, 3):
+        shape = tuple(class_text_emb.shape) if isinstance(class_text_emb, Tensor) else type(class_text_emb).__name__
+        raise ValueError(f"class_text_emb must be a (C, D) or (C, P, D) tensor (P prompts per class), got {shape}")
     if class_text_emb.dim() == 3:
         check_features("class_text_emb", class_text_emb, ndim=3)
         prompts = unit_rows(class_text_emb, compute_dtype(class_text_emb))  # (C, P, D) each prompt unit-norm
@@ -101,7 +104,8 @@ def zero_shot_accuracy(
     image, classes = unit_rows(image_emb, dtype), classes.to(image_emb.device, dtype)
     top1 = torch.zeros(n, dtype=torch.bool, device=image.device)
     top5 = torch.zeros_like(top1)
-    for start in range(0, n, max(int(chunk_size), 1)):
+    chunk_size = check_chunk_size(chunk_size)
+    for start in range(0, n, chunk_size):
         scores = image[start : start + chunk_size] @ classes.T  # (chunk, C) cosine similarities
         lab = labels[start : start + chunk_size]
         top1[start : start + chunk_size] = _correct_at(scores, lab, 1)
