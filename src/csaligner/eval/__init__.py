@@ -1,1 +1,45 @@
-"""csaligner.eval."""
+"""Evaluation: retrieval, zero/few-shot classification, modality-gap and T2I metrics, plots, reports.
+
+Every metric is a pure function over embedding tensors returning plain floats. Recall and
+accuracy are percentages (0-100, as in the paper's tables); distances, divergences and the
+image-vs-text separability (0.5 = indistinguishable, 1.0 = separated) are raw values.
+"""
+
+from csaligner.eval.classification import (
+    DEFAULT_TEMPLATES,
+    ZeroShotResult,
+    class_embeddings,
+    class_prompts,
+    few_shot_accuracy,
+    zero_shot_accuracy,
+)
+from csaligner.eval.gap import linear_separability, mean_cross_distance, modality_gap_metrics, uniformity
+from csaligner.eval.plots import plot_bars, plot_paired_distance_hist, plot_projection, plot_sensitivity
+from csaligner.eval.report import ReportSection, format_table, format_value, write_report
+from csaligner.eval.retrieval import recall_at_k, retrieval_metrics
+from csaligner.eval.t2i import frechet_distance, t2i_metrics
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "ReportSection",
+    "ZeroShotResult",
+    "class_embeddings",
+    "class_prompts",
+    "few_shot_accuracy",
+    "format_table",
+    "format_value",
+    "frechet_distance",
+    "linear_separability",
+    "mean_cross_distance",
+    "modality_gap_metrics",
+    "plot_bars",
+    "plot_paired_distance_hist",
+    "plot_projection",
+    "plot_sensitivity",
+    "recall_at_k",
+    "retrieval_metrics",
+    "t2i_metrics",
+    "uniformity",
+    "write_report",
+    "zero_shot_accuracy",
+]

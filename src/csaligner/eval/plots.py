@@ -1,0 +1,239 @@
+"""Figures for the alignment reports: embedding projections, distance histograms, sweeps, bars.
+
+matplotlib is an optional extra (`pip install 'csaligner[cli]'`), imported inside each function.
+Figures are drawn on a bare `matplotlib.figure.Figure` (the Agg canvas), never through pyplot,
+so no global backend or open-figure state is touched; all are saved at 120 dpi.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from csaligner._validation import check_features
+from csaligner.eval._common import mean_std, subsample_rows, unit_rows
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DPI = 120
+IMAGE_COLOR, TEXT_COLOR = "tab:blue", "tab:orange"
+
+
+def _figure(n_panels: int, panel_size: tuple[float, float] = (4.5, 4.0), **subplot_kw: Any) -> tuple[Figure, list]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'csaligner[cli]'") from err
+    fig = Figure(figsize=(panel_size[0] * n_panels, panel_size[1]))
+    axes = fig.subplots(1, n_panels, squeeze=False, **subplot_kw)[0]
+    return fig, list(axes)
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    return out
+
+
+def _projection_points(
+    pairs: Mapping[str, tuple[Tensor, Tensor]], max_points: int, seed: int
+) -> dict[str, tuple[Tensor, Tensor, bool]]:
+    """Normalised, subsampled (image, text, joined) per panel; one-to-one pairs keep the same rows."""
+    gen = torch.Generator().manual_seed(int(seed))
+    dims = set()
+    points = {}
+    for name, (img, txt) in pairs.items():
+        check_features(f"pairs[{name!r}][0]", img)
+        check_features(f"pairs[{name!r}][1]", txt)
+        dims.update({img.shape[1], txt.shape[1]})
+        joined = img.shape[0] == txt.shape[0]
+        rows_i = subsample_rows(img.shape[0], max_points, gen)
+        rows_t = rows_i if joined else subsample_rows(txt.shape[0], max_points, gen)
+        img64, txt64 = unit_rows(img.cpu(), torch.float64), unit_rows(txt.cpu(), torch.float64)
+        points[name] = (img64[rows_i], txt64[rows_t], joined)
+    if len(dims) != 1 or min(dims) < 2:
+        raise ValueError(f"all panels must share one feature dim D >= 2 (one PCA basis), got dims {sorted(dims)}")
+    return points
+
+
+def plot_projection(
+    pairs: Mapping[str, tuple[Tensor, Tensor]],
+    path: str | os.PathLike[str],
+    method: str = "pca",
+    max_points: int = 1000,
+    seed: int = 0,
+    *,
+    connect_pairs: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Scatter image and text embeddings in 2-D, one panel per setting, on ONE shared basis.
+
+    The PCA basis is fitted on the union of all panels' (normalised, subsampled) points, so the
+    panels share axes and a gap that closes shows as clouds that merge (the paper's Fig. 1).
+
+    Args:
+        pairs: {"before": (image (N, D), text (M, D)), "InfoNCE": ..., "CS-Aligner": ...}; all D equal.
+        path: PNG to write (parent folders are created).
+        method: projection; only "pca" (linear, so distances stay interpretable).
+        max_points: points per modality per panel (seeded subsample).
+        seed: subsample seed.
+        connect_pairs: join row i of image to row i of text with a faint line when N == M.
+        title: figure title (a default names the method).
+
+    Returns:
+        The written path.
+    """
+    if method != "pca":
+        raise ValueError(f'method must be "pca" (a shared linear basis across panels), got {method!r}')
+    if not pairs:
+        raise ValueError("pairs is empty; pass {setting name: (image_emb, text_emb)}")
+    points = _projection_points(pairs, int(max_points), seed)
+    union = torch.cat([torch.cat([i, t]) for i, t, _ in points.values()])
+    center = union.mean(0)
+    _, sing, vh = torch.linalg.svd(union - center, full_matrices=False)
+    basis, explained = vh[:2].T, 100.0 * sing[:2].pow(2) / sing.pow(2).sum()  # (D, 2), % variance
+    from matplotlib.collections import LineCollection
+
+    fig, axes = _figure(len(points), sharex=True, sharey=True)
+    for ax, (name, (img, txt, joined)) in zip(axes, points.items(), strict=True):
+        pi, pt = ((img - center) @ basis).numpy(), ((txt - center) @ basis).numpy()
+        if connect_pairs and joined:
+            segments = [[tuple(a), tuple(b)] for a, b in zip(pi, pt, strict=True)]
+            ax.add_collection(LineCollection(segments, colors="gray", alpha=0.15, linewidths=0.5, zorder=1))
+        ax.scatter(pi[:, 0], pi[:, 1], s=6, alpha=0.6, color=IMAGE_COLOR, label="image", zorder=2)
+        ax.scatter(pt[:, 0], pt[:, 1], s=6, alpha=0.6, color=TEXT_COLOR, label="text", zorder=2)
+        for pts, color in ((pi, IMAGE_COLOR), (pt, TEXT_COLOR)):
+            ax.scatter(*pts.mean(0), marker="X", s=120, color=color, edgecolors="black", zorder=3)
+        ax.set_title(name)
+        ax.set_xlabel(f"PC1 ({float(explained[0]):.0f}% var.)")
+        ax.set_ylabel(f"PC2 ({float(explained[1]):.0f}% var.)")
+    axes[0].legend(loc="best", markerscale=2, title="X = centroid")
+    fig.suptitle(title or "Image and text embeddings, shared 2-D PCA")
+    return _save(fig, path)
+
+
+def plot_paired_distance_hist(
+    dists: Mapping[str, Tensor],
+    path: str | os.PathLike[str],
+    bins: int = 50,
+    *,
+    xlabel: str = "L2 distance between an image and its caption (unit-norm features)",
+    title: str | None = None,
+) -> Path:
+    """Overlapping histograms of paired distances, one per setting, on shared bin edges.
+
+    Args:
+        dists: {setting: (P,) distances}.
+        path: PNG to write.
+        bins: number of shared bins.
+        xlabel: x-axis label.
+        title: figure title.
+    """
+    if not dists:
+        raise ValueError("dists is empty; pass {setting name: (P,) paired distances}")
+    values = {name: torch.as_tensor(d).detach().double().flatten().cpu() for name, d in dists.items()}
+    for name, v in values.items():
+        if v.numel() == 0 or not torch.isfinite(v).all():
+            raise ValueError(f"dists[{name!r}] must be a non-empty tensor of finite distances")
+    lo = min(float(v.min()) for v in values.values())
+    hi = max(float(v.max()) for v in values.values())
+    edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, int(bins) + 1).numpy()
+    fig, (ax,) = _figure(1, (6.5, 4.0))
+    for name, v in values.items():
+        ax.hist(v.numpy(), bins=edges, alpha=0.5, label=f"{name} (mean {float(v.mean()):.3f})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("pairs")
+    ax.set_title(title or "Paired image-text distances")
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def plot_sensitivity(
+    x_values: Sequence[float],
+    results: Mapping[str, Sequence[tuple[float, float]]],
+    xlabel: str,
+    ylabel: str,
+    path: str | os.PathLike[str],
+    logx: bool = False,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Lines with error bars: one series of (mean, std) per x value for each setting.
+
+    Args:
+        x_values: the swept values (e.g. lambda or sigma).
+        results: {setting: [(mean, std), ...]} aligned with x_values.
+        xlabel, ylabel: axis labels.
+        path: PNG to write.
+        logx: log-scale x axis (for lambda sweeps over decades).
+        title: figure title.
+    """
+    xs = [float(x) for x in x_values]
+    if not xs or not results:
+        raise ValueError("plot_sensitivity needs at least one x value and one series")
+    fig, (ax,) = _figure(1, (6.0, 4.0))
+    for name, series in results.items():
+        if len(series) != len(xs):
+            raise ValueError(f"results[{name!r}] has {len(series)} points but there are {len(xs)} x values")
+        means, stds = [float(m) for m, _ in series], [float(s) for _, s in series]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"{ylabel} vs {xlabel}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def plot_bars(
+    table: Mapping[str, Mapping[str, float | Sequence[float]]],
+    path: str | os.PathLike[str],
+    metrics: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+) -> Path:
+    """One bar panel per metric, one bar per setting (rows), error bars for list values (mean ± std).
+
+    Args:
+        table: {setting: {metric: value or per-seed values}} (the `format_table` layout).
+        path: PNG to write.
+        metrics: columns to plot (default: every metric, in first-seen order).
+        title: figure title.
+    """
+    if not table:
+        raise ValueError("table is empty; pass {setting: {metric: value}}")
+    names = list(metrics) if metrics is not None else list(dict.fromkeys(k for row in table.values() for k in row))
+    if not names:
+        raise ValueError("no metric to plot: the table rows are empty")
+    fig, axes = _figure(len(names), (max(3.0, 0.9 * len(table) + 1.5), 3.8))
+    settings = list(table)
+    colors = [f"C{i % 10}" for i in range(len(settings))]
+    for ax, metric in zip(axes, names, strict=True):
+        stats = [_mean_std_or_nan(table[s].get(metric)) for s in settings]
+        errors = [s for _, s in stats] if any(s > 0 for _, s in stats) else None  # no zero-height whiskers
+        ax.bar(range(len(settings)), [m for m, _ in stats], yerr=errors, capsize=3, color=colors)
+        ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
+        ax.set_title(metric)
+        ax.set_ylabel(metric)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _mean_std_or_nan(value: float | Sequence[float] | None) -> tuple[float, float]:
+    if value is None:
+        return float("nan"), 0.0
+    if isinstance(value, int | float):
+        return float(value), 0.0
+    return mean_std(list(value))

@@ -1,0 +1,141 @@
+"""Markdown + JSON reports: metric tables (settings x metrics) and figures by relative path.
+
+`write_report` produces ``report.md`` for people and ``report.json`` with every number for
+scripts. A table value is either one number or a list of per-seed numbers, rendered
+"mean ± std" (sample std, ddof=1) in Markdown and stored as {"mean", "std", "values"} in JSON.
+NaN is written as "n/a" in Markdown; NaN and inf are null in JSON (strict JSON has neither).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from csaligner.eval._common import mean_std
+
+Value = float | Sequence[float]
+Table = Mapping[str, Mapping[str, Value]]
+
+
+@dataclass
+class ReportSection:
+    """One section of a report."""
+
+    heading: str
+    """Section title (a Markdown "##" heading)."""
+    text: str = ""
+    """Free text under the heading: what was run and how to read it (Markdown allowed)."""
+    table: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
+    """Rows = settings, columns = metric names; a list holds per-seed values."""
+    figures: list[Path] = field(default_factory=list)
+    """PNG files to show, absolute or relative to the working directory or to the report folder."""
+
+
+def _number(v: float, digits: int) -> str:
+    if isinstance(v, int):  # counts (and bools) print as integers
+        return str(int(v))
+    if math.isnan(v):
+        return "n/a"
+    if v != 0 and abs(v) < 10.0**-digits:  # would print as 0.00: keep its magnitude visible
+        return f"{v:.{digits}e}"
+    return f"{v:.{digits}f}"
+
+
+def format_value(value: Value, digits: int = 2) -> str:
+    """One table cell: a number, or "mean ± std" for a list of per-seed values (mean alone for one)."""
+    if isinstance(value, int | float):
+        return _number(value, digits)
+    values = [float(v) for v in value]
+    if not values:
+        return "n/a"
+    mean, std = mean_std(values)
+    return _number(mean, digits) if len(values) == 1 else f"{_number(mean, digits)} ± {_number(std, digits)}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(rows: Table, digits: int = 2) -> str:
+    """Markdown table: one row per setting, one column per metric (first-seen order); "–" if missing.
+
+    Args:
+        rows: {setting: {metric: value or list of per-seed values}}.
+        digits: decimals shown.
+
+    Returns:
+        The table text (no trailing newline); "" for no rows.
+    """
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    lines = [
+        "| " + " | ".join(["setting", *map(_cell, columns)]) + " |",
+        "|" + "|".join([" --- ", *[" ---: "] * len(columns)]) + "|",
+    ]
+    for name, row in rows.items():
+        cells = [format_value(row[c], digits) if c in row else "–" for c in columns]
+        lines.append("| " + " | ".join([_cell(name), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _json_value(value: Value) -> Any:
+    if isinstance(value, int | float):
+        return value if math.isfinite(value) else None
+    values = [float(v) for v in value]
+    mean, std = mean_std(values) if values else (math.nan, math.nan)
+    return {"mean": _json_value(mean), "std": _json_value(std), "values": [_json_value(v) for v in values]}
+
+
+def _relative_figure(figure: str | os.PathLike[str], out_dir: Path) -> str:
+    """Path of an existing figure relative to the report folder (posix separators, for Markdown)."""
+    candidates = [Path(figure)] if Path(figure).is_absolute() else [out_dir / figure, Path(figure)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return Path(os.path.relpath(candidate.resolve(), out_dir.resolve())).as_posix()
+    raise FileNotFoundError(
+        f"figure {os.fspath(figure)!r} not found (looked in {[str(c) for c in candidates]}); "
+        "write the plot before the report, or pass its absolute path"
+    )
+
+
+def write_report(out_dir: str | os.PathLike[str], title: str, sections: Sequence[ReportSection]) -> Path:
+    """Write ``report.md`` and ``report.json`` into out_dir (created if needed).
+
+    Args:
+        out_dir: destination folder; figures are linked relative to it.
+        title: report title (a Markdown "#" heading).
+        sections: the sections, in order.
+
+    Returns:
+        Path of report.md.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", ""]
+    data: dict[str, Any] = {"title": title, "sections": []}
+    for section in sections:
+        figures = [_relative_figure(f, out) for f in section.figures]
+        md += [f"## {section.heading}", ""]
+        if section.text:
+            md += [section.text.strip(), ""]
+        if section.table:
+            md += [format_table(section.table), ""]
+        md += [f"![{Path(f).stem}]({f})\n" for f in figures]
+        data["sections"].append(
+            {
+                "heading": section.heading,
+                "text": section.text,
+                "table": {row: {k: _json_value(v) for k, v in cols.items()} for row, cols in section.table.items()},
+                "figures": figures,
+            }
+        )
+    (out / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md).rstrip() + "\n")
+    return md_path

@@ -1,0 +1,79 @@
+"""Reports: Markdown tables with mean ± std, JSON with every number, figures by relative path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from csaligner.eval import ReportSection, format_table, format_value, write_report
+
+
+def test_format_value() -> None:
+    assert format_value(71.234) == "71.23"
+    assert format_value([70.0, 71.0, 72.0]) == "71.00 ± 1.00"  # sample std (ddof=1)
+    assert format_value([5.0]) == "5.00"
+    assert format_value(3) == "3"
+    assert format_value(float("nan")) == "n/a"
+    assert format_value(1.5e-5, digits=2) == "1.50e-05"  # would otherwise print as 0.00
+    assert format_value(0.12345, digits=3) == "0.123"
+
+
+def test_format_table_exact() -> None:
+    rows: dict[str, dict[str, float | list[float]]] = {
+        "InfoNCE": {"R@1": [70.0, 71.0, 72.0], "gap": 0.81},
+        "CS-Aligner": {"R@1": 74.0, "D_CS": 0.05},
+    }
+    assert format_table(rows) == "\n".join(
+        [
+            "| setting | R@1 | gap | D_CS |",
+            "| --- | ---: | ---: | ---: |",
+            "| InfoNCE | 71.00 ± 1.00 | 0.81 | – |",
+            "| CS-Aligner | 74.00 | – | 0.05 |",
+        ]
+    )
+    assert format_table({}) == ""
+    assert "a\\|b" in format_table({"a|b": {"x": 1.0}})  # pipes in names do not break the table
+
+
+def test_write_report(tmp_path: Path) -> None:
+    out_dir = tmp_path / "run"
+    figure = out_dir / "figs" / "proj.png"
+    figure.parent.mkdir(parents=True)
+    figure.write_bytes(b"\x89PNG fake")
+    sections = [
+        ReportSection(
+            heading="Retrieval (Flickr8k test)",
+            text="Three seeds per setting.",
+            table={"InfoNCE": {"rsum": [400.0, 410.0, 420.0]}, "CS-Aligner": {"rsum": 431.5, "gap": float("nan")}},
+            figures=[figure],
+        ),
+        ReportSection(heading="Notes", text="No table here."),
+    ]
+    md_path = write_report(out_dir, "CS-Aligner vs InfoNCE", sections)
+    assert md_path == out_dir / "report.md"
+    md = md_path.read_text()
+    assert md.startswith("# CS-Aligner vs InfoNCE\n")
+    assert "## Retrieval (Flickr8k test)" in md and "Three seeds per setting." in md
+    assert "| InfoNCE | 410.00 ± 10.00 | – |" in md
+    assert "| CS-Aligner | 431.50 | n/a |" in md
+    assert "![proj](figs/proj.png)" in md  # relative to the report folder
+
+    data = json.loads((out_dir / "report.json").read_text())
+    assert data["title"] == "CS-Aligner vs InfoNCE"
+    table = data["sections"][0]["table"]
+    assert table["InfoNCE"]["rsum"] == {"mean": 410.0, "std": 10.0, "values": [400.0, 410.0, 420.0]}
+    assert table["CS-Aligner"] == {"rsum": 431.5, "gap": None}  # strict JSON: NaN -> null
+    assert data["sections"][0]["figures"] == ["figs/proj.png"]
+    assert data["sections"][1] == {"heading": "Notes", "text": "No table here.", "table": {}, "figures": []}
+
+
+def test_relative_figure_path_and_missing_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "hist.png").write_bytes(b"png")
+    monkeypatch.chdir(tmp_path)
+    write_report("run", "t", [ReportSection("s", figures=[Path("hist.png")])])  # relative to the report folder
+    assert "![hist](hist.png)" in (tmp_path / "run" / "report.md").read_text()
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+        write_report("run", "t", [ReportSection("s", figures=[Path("missing.png")])])
