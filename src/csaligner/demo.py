@@ -81,7 +81,9 @@ def run_toy(out_dir: Path, s: ToySettings = ToySettings()) -> dict[str, dict[str
     summary = {"metrics": metrics, "appendix_b": ex.__dict__, "settings": s.__dict__}
     (out_dir / "toy_metrics.json").write_text(json.dumps(summary, indent=2))
     _print_toy_table(metrics)
-    print(f"\nAppendix B: rho={ex.rho} -> I(x;y) = {ex.mutual_information:.3f} nats, KL(p(x)||p(y)) = {ex.kl_x_to_y:.2f}")
+    print(
+        f"\nAppendix B: rho={ex.rho} -> I(x;y) = {ex.mutual_information:.3f} nats, KL(p(x)||p(y)) = {ex.kl_x_to_y:.2f}"
+    )
     print(f"wrote {out_dir / 'toy_projection.png'} and {out_dir / 'toy_metrics.json'}")
     return metrics
 
