@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from csaligner.adapters import AdapterConfig, build_adapter
 from csaligner.losses import AlignmentLoss, LossConfig
@@ -37,8 +37,8 @@ class ToySettings:
     seed: int = 0
 
 
-def _train_toy(images: Tensor, texts: Tensor, objective: str, s: ToySettings) -> tuple[Tensor, Tensor]:
-    """Train an MLP adapter per modality; return the adapted, normalised test embeddings' map."""
+def _train_toy(images: Tensor, texts: Tensor, objective: str, s: ToySettings) -> tuple[nn.Module, nn.Module]:
+    """Train an MLP adapter per modality with `objective`; return both adapters in eval mode."""
     torch.manual_seed(s.seed)
     cfg = AdapterConfig(kind="mlp", in_dim=s.dim, out_dim=s.dim, mlp_alpha=0.5)
     img_ad, txt_ad = build_adapter(cfg), build_adapter(cfg)
@@ -53,7 +53,7 @@ def _train_toy(images: Tensor, texts: Tensor, objective: str, s: ToySettings) ->
         opt.step()
     img_ad.eval()
     txt_ad.eval()
-    return img_ad, txt_ad  # type: ignore[return-value]
+    return img_ad, txt_ad
 
 
 def run_toy(out_dir: Path, s: ToySettings = ToySettings()) -> dict[str, dict[str, float]]:
