@@ -48,8 +48,17 @@ class StripBackend(Protocol):
         ...
 
     def logits_grad(
-        self, a: Tensor, b: Tensor, scale: float, row_lse: Tensor, col_lse: Tensor,
-        w_row: float, w_col: float, pos_row: Tensor, pos_w: Tensor, want_dot: bool,
+        self,
+        a: Tensor,
+        b: Tensor,
+        scale: float,
+        row_lse: Tensor,
+        col_lse: Tensor,
+        w_row: float,
+        w_col: float,
+        pos_row: Tensor,
+        pos_w: Tensor,
+        want_dot: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """G (S, M) = w_row softmax_rows + w_col softmax_cols - pos_w at (pos_row[j], j), and sum(G * logits).
 
@@ -62,8 +71,16 @@ class StripBackend(Protocol):
         ...
 
     def kernel_grad(
-        self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float, log_z: float, g: float,
-        symmetric: bool, want_dot: bool,
+        self,
+        a: Tensor,
+        b: Tensor,
+        u: Tensor,
+        v: Tensor,
+        inv_s2: float,
+        log_z: float,
+        g: float,
+        symmetric: bool,
+        want_dot: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """W (S, M) = g * w * exp(l - log_z) in float32 or float64, and sum(W * l)."""
         ...
@@ -77,8 +94,17 @@ class TorchStrips:
         return torch.logsumexp(t, 1), torch.logsumexp(t, 0)
 
     def logits_grad(
-        self, a: Tensor, b: Tensor, scale: float, row_lse: Tensor, col_lse: Tensor,
-        w_row: float, w_col: float, pos_row: Tensor, pos_w: Tensor, want_dot: bool,
+        self,
+        a: Tensor,
+        b: Tensor,
+        scale: float,
+        row_lse: Tensor,
+        col_lse: Tensor,
+        w_row: float,
+        w_col: float,
+        pos_row: Tensor,
+        pos_w: Tensor,
+        want_dot: bool,
     ) -> tuple[Tensor, Tensor | None]:
         t = torch.mm(a, b.T).mul_(scale)
         g = (t - row_lse.unsqueeze(1)).exp_().mul_(w_row)
@@ -100,8 +126,16 @@ class TorchStrips:
         return torch.logsumexp(t.flatten(), 0)
 
     def kernel_grad(
-        self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float, log_z: float, g: float,
-        symmetric: bool, want_dot: bool,
+        self,
+        a: Tensor,
+        b: Tensor,
+        u: Tensor,
+        v: Tensor,
+        inv_s2: float,
+        log_z: float,
+        g: float,
+        symmetric: bool,
+        want_dot: bool,
     ) -> tuple[Tensor, Tensor | None]:
         t = self._kernel_logits(a, b, u, v, inv_s2)
         w = (t - log_z).exp_() if want_dot else t.sub_(log_z).exp_()
@@ -122,9 +156,15 @@ class _InfoNCE(torch.autograd.Function):
     """Symmetric InfoNCE from row/column log-sum-exps; see `streamed_info_nce`."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, y: Tensor, scale: Tensor, pos_row: Tensor, pos_w: Tensor,
-        backend: StripBackend, rows: int,
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        y: Tensor,
+        scale: Tensor,
+        pos_row: Tensor,
+        pos_w: Tensor,
+        backend: StripBackend,
+        rows: int,
     ) -> Tensor:
         s = float(scale)
         n, m = x.shape[0], y.shape[0]
@@ -140,7 +180,7 @@ class _InfoNCE(torch.autograd.Function):
         return 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, y, pos_row, pos_w, row_lse, col_lse = ctx.saved_tensors
         s, backend, rows = ctx.scale, ctx.backend, ctx.rows
         g, n, m = float(grad), x.shape[0], y.shape[0]
@@ -170,8 +210,14 @@ class _LogMeanKernel(torch.autograd.Function):
     """log mean_ij exp(-||a_i - b_j||^2 / (2 sigma^2)); b None means b = a (symmetric, half the work)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, a: Tensor, b: Tensor | None, sigma: Tensor, backend: StripBackend, rows: int, work: torch.dtype,
+    def forward(
+        ctx: Any,
+        a: Tensor,
+        b: Tensor | None,
+        sigma: Tensor,
+        backend: StripBackend,
+        rows: int,
+        work: torch.dtype,
     ) -> Tensor:
         inv_s2 = 1.0 / float(sigma) ** 2
         sym = b is None
@@ -188,7 +234,7 @@ class _LogMeanKernel(torch.autograd.Function):
         return log_z - math.log(a.shape[0] * bb.shape[0])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         a, b, u, v, log_z = ctx.saved_tensors
         sym, inv_s2, rows, backend = ctx.sym, ctx.inv_s2, ctx.rows, ctx.backend
         want_dot = ctx.needs_input_grad[2]
@@ -280,7 +326,9 @@ def streamed_info_nce(
     yn = F.normalize(y.to(work), dim=-1).to(operand_dtype or work)
     scale = 1.0 / _as_tensor(temperature, work, x.device)
     rows = chunk_size or strip_rows(n, m, DEFAULT_STRIP_ELEMENTS)
-    out: Tensor = _InfoNCE.apply(xn.contiguous(), yn.contiguous(), scale, pos_row, pos_w, backend or TorchStrips(), rows)
+    out: Tensor = _InfoNCE.apply(
+        xn.contiguous(), yn.contiguous(), scale, pos_row, pos_w, backend or TorchStrips(), rows
+    )
     return out
 
 
@@ -340,8 +388,8 @@ def streamed_cs_divergence(
         c = torch.cat([xw, yw]).mean(0).detach()
         xw, yw = xw - c, yw - c
     xo, yo = xw.to(operand_dtype or work), yw.to(operand_dtype or work)
-    kw = {"backend": backend, "chunk_size": chunk_size, "work": work}
-    lxx = streamed_log_mean_kernel(xo, None, sigma, **kw)  # type: ignore[arg-type]
-    lyy = streamed_log_mean_kernel(yo, None, sigma, **kw)  # type: ignore[arg-type]
-    lxy = streamed_log_mean_kernel(xo, yo, sigma, **kw)  # type: ignore[arg-type]
+    lxx, lyy, lxy = (
+        streamed_log_mean_kernel(a, b, sigma, backend=backend, chunk_size=chunk_size, work=work)
+        for a, b in ((xo, None), (yo, None), (xo, yo))
+    )
     return lxx + lyy - 2.0 * lxy

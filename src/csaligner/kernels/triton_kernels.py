@@ -47,8 +47,20 @@ def _tile_coords(n_tm, n_tn, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _dot_tile(A, B, rows, cols, n_a, n_b, dim, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _dot_tile(
+    A,
+    B,
+    rows,
+    cols,
+    n_a,
+    n_b,
+    dim,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """(BM, BN) float32 tile of A[rows] @ B[cols].T for row-major (., dim) A and B."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, dim, BK):
@@ -72,8 +84,26 @@ def _lse(t, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _kernel_logits(A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, SYMMETRIC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _kernel_logits(
+    A,
+    B,
+    U,
+    V,
+    rows,
+    cols,
+    n_a,
+    n_b,
+    dim,
+    inv_s2,
+    tm,
+    tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """-||a - b||^2 / (2 sigma^2) (clamped at 0) and the tile's log-weight (0, -log 2, -inf)."""
     dot = _dot_tile(A, B, rows, cols, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST)
     u = tl.load(U + rows, mask=rows < n_a, other=0.0)
@@ -86,9 +116,24 @@ def _kernel_logits(A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM: tl
 
 
 @triton.jit
-def _logits_lse_kernel(A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale, n_tm, n_tn, BM: tl.constexpr,
-                       BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PREC: tl.constexpr,
-                       UPCAST: tl.constexpr):
+def _logits_lse_kernel(
+    A,
+    B,
+    ROW_PART,
+    COL_PART,
+    n_a,
+    n_b,
+    dim,
+    scale,
+    n_tm,
+    n_tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
@@ -99,9 +144,30 @@ def _logits_lse_kernel(A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale, n_tm, n_t
 
 
 @triton.jit
-def _logits_grad_kernel(A, B, ROW_LSE, COL_LSE, POS_ROW, POS_W, G, DOT_PART, n_a, n_b, dim, scale, w_row, w_col,
-                        n_tm, n_tn, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                        PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _logits_grad_kernel(
+    A,
+    B,
+    ROW_LSE,
+    COL_LSE,
+    POS_ROW,
+    POS_W,
+    G,
+    DOT_PART,
+    n_a,
+    n_b,
+    dim,
+    scale,
+    w_row,
+    w_col,
+    n_tm,
+    n_tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
@@ -119,28 +185,67 @@ def _logits_grad_kernel(A, B, ROW_LSE, COL_LSE, POS_ROW, POS_W, G, DOT_PART, n_a
 
 
 @triton.jit
-def _kernel_lse_kernel(A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn, BM: tl.constexpr,
-                       BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
-                       PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _kernel_lse_kernel(
+    A,
+    B,
+    U,
+    V,
+    TILE_PART,
+    n_a,
+    n_b,
+    dim,
+    inv_s2,
+    n_tm,
+    n_tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
-    logit, log_w = _kernel_logits(A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM, BN, BK, SYMMETRIC,
-                                  PREC, UPCAST)
+    logit, log_w = _kernel_logits(
+        A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM, BN, BK, SYMMETRIC, PREC, UPCAST
+    )
     logit = tl.where((rows[:, None] < n_a) & (cols[None, :] < n_b), logit + log_w, float("-inf"))
     tl.store(TILE_PART + tm * n_tn + tn, _lse(tl.reshape(logit, (BM * BN,)), 0))
 
 
 @triton.jit
-def _kernel_grad_kernel(A, B, U, V, W, DOT_PART, n_a, n_b, dim, inv_s2, log_z, g, n_tm, n_tn, BM: tl.constexpr,
-                        BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
-                        PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _kernel_grad_kernel(
+    A,
+    B,
+    U,
+    V,
+    W,
+    DOT_PART,
+    n_a,
+    n_b,
+    dim,
+    inv_s2,
+    log_z,
+    g,
+    n_tm,
+    n_tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
     valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
-    logit, log_w = _kernel_logits(A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM, BN, BK, SYMMETRIC,
-                                  PREC, UPCAST)
+    logit, log_w = _kernel_logits(
+        A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM, BN, BK, SYMMETRIC, PREC, UPCAST
+    )
     w = tl.where(valid, g * tl.exp(logit + log_w - log_z), 0.0)
     tl.store(W + rows[:, None] * n_b + cols[None, :], w, mask=valid)
     tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * logit, 1), 0))
@@ -177,10 +282,24 @@ class TritonStrips:
         n_tm, n_tn = self._tiles(a, b)
         half = a.dtype in (torch.bfloat16, torch.float16)
         kernel[(n_tm * n_tn,)](
-            a, b, *args, a.shape[0], b.shape[0], a.shape[1], *meta.pop("scalars", ()), n_tm, n_tn,  # type: ignore[misc]
-            BM=self.block_m, BN=self.block_n, BK=self.block_k, GROUP_M=self.group_m,
-            PREC="tf32" if half else "ieee", UPCAST=INTERPRETING and half,
-            num_warps=self.num_warps, num_stages=self.num_stages, **meta,
+            a,
+            b,
+            *args,
+            a.shape[0],
+            b.shape[0],
+            a.shape[1],
+            *meta.pop("scalars", ()),
+            n_tm,
+            n_tn,  # type: ignore[misc]
+            BM=self.block_m,
+            BN=self.block_n,
+            BK=self.block_k,
+            GROUP_M=self.group_m,
+            PREC="tf32" if half else "ieee",
+            UPCAST=INTERPRETING and half,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+            **meta,
         )
 
     def _tiles(self, a: Tensor, b: Tensor) -> tuple[int, int]:
@@ -194,16 +313,33 @@ class TritonStrips:
         return torch.logsumexp(row_part, 0), torch.logsumexp(col_part, 0)
 
     def logits_grad(
-        self, a: Tensor, b: Tensor, scale: float, row_lse: Tensor, col_lse: Tensor,
-        w_row: float, w_col: float, pos_row: Tensor, pos_w: Tensor, want_dot: bool,
+        self,
+        a: Tensor,
+        b: Tensor,
+        scale: float,
+        row_lse: Tensor,
+        col_lse: Tensor,
+        w_row: float,
+        w_col: float,
+        pos_row: Tensor,
+        pos_w: Tensor,
+        want_dot: bool,
     ) -> tuple[Tensor, Tensor | None]:
         n_tm, n_tn = self._tiles(a, b)
         strip_dtype = torch.float32 if a.dtype == torch.float32 else torch.bfloat16
         g = torch.empty((a.shape[0], b.shape[0]), dtype=strip_dtype, device=a.device)
         dot = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
         self._launch(
-            _logits_grad_kernel, a, b, row_lse.float().contiguous(), col_lse.float().contiguous(),
-            pos_row.to(torch.int32).contiguous(), pos_w.float().contiguous(), g, dot, scalars=(scale, w_row, w_col),
+            _logits_grad_kernel,
+            a,
+            b,
+            row_lse.float().contiguous(),
+            col_lse.float().contiguous(),
+            pos_row.to(torch.int32).contiguous(),
+            pos_w.float().contiguous(),
+            g,
+            dot,
+            scalars=(scale, w_row, w_col),
         )
         return g, dot.sum() if want_dot else None
 
@@ -211,20 +347,41 @@ class TritonStrips:
         n_tm, n_tn = self._tiles(a, b)
         part = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
         self._launch(
-            _kernel_lse_kernel, a, b, u.float().contiguous(), v.float().contiguous(), part,
-            scalars=(inv_s2,), SYMMETRIC=symmetric,
+            _kernel_lse_kernel,
+            a,
+            b,
+            u.float().contiguous(),
+            v.float().contiguous(),
+            part,
+            scalars=(inv_s2,),
+            SYMMETRIC=symmetric,
         )
         return torch.logsumexp(part, 0)
 
     def kernel_grad(
-        self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float, log_z: float, g: float,
-        symmetric: bool, want_dot: bool,
+        self,
+        a: Tensor,
+        b: Tensor,
+        u: Tensor,
+        v: Tensor,
+        inv_s2: float,
+        log_z: float,
+        g: float,
+        symmetric: bool,
+        want_dot: bool,
     ) -> tuple[Tensor, Tensor | None]:
         n_tm, n_tn = self._tiles(a, b)
         w = torch.empty((a.shape[0], b.shape[0]), dtype=torch.float32, device=a.device)
         dot = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
         self._launch(
-            _kernel_grad_kernel, a, b, u.float().contiguous(), v.float().contiguous(), w, dot,
-            scalars=(inv_s2, log_z, g), SYMMETRIC=symmetric,
+            _kernel_grad_kernel,
+            a,
+            b,
+            u.float().contiguous(),
+            v.float().contiguous(),
+            w,
+            dot,
+            scalars=(inv_s2, log_z, g),
+            SYMMETRIC=symmetric,
         )
         return w, dot.sum() if want_dot else None
