@@ -15,7 +15,7 @@ from torch import Tensor
 
 pytest.importorskip("triton")
 
-from csaligner.kernels import infonce_cs_terms, streamed_cs_divergence, streamed_info_nce
+from csaligner.kernels import infonce_cs_terms, resolve_impl, streamed_cs_divergence, streamed_info_nce
 from csaligner.losses import cs_divergence, info_nce
 
 CUDA = torch.cuda.is_available()
@@ -136,12 +136,13 @@ def test_gpu_compiled_kernels_match_dense_at_moderate_size(dtype: torch.dtype) -
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_auto_picks_triton_and_saves_memory() -> None:
     x, y = unit(8192, 128, torch.bfloat16), unit(8192, 128, torch.bfloat16)
+    assert resolve_impl("auto", x, y, x, y) == "triton"
     peaks = {}
     for impl in ("dense", "auto"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        terms = infonce_cs_terms(x, y, temperature=0.05, sigma=0.5, impl=impl)  # type: ignore[arg-type]
+        terms = infonce_cs_terms(x, y, temperature=0.05, sigma=0.5, impl=impl, chunk_size=1024)  # type: ignore
         (terms["infonce"] + 0.01 * terms["cs"]).backward()
         peaks[impl] = torch.cuda.max_memory_allocated() - base
         x.grad = y.grad = None

@@ -28,8 +28,8 @@ from csaligner.losses.divergence import cs_divergence
 Impl = Literal["auto", "dense", "chunked", "triton"]
 AUTO_CHUNKED_ABOVE = 4096 * 4096
 """`impl="auto"` off CUDA switches from dense to chunked above this many logits (N * M)."""
-TRITON_STRIP_ELEMENTS = 1 << 28
-"""Triton backward strips hold at most this many weights (1 GiB in float32)."""
+TRITON_STRIP_ELEMENTS = 1 << 27
+"""Triton backward strips hold at most this many weights (512 MiB in float32): 512 rows at N = 262144."""
 
 __all__ = [
     "AUTO_CHUNKED_ABOVE",

@@ -30,8 +30,10 @@ from csaligner._validation import check_features, check_positive, check_same_dim
 from csaligner.losses.contrastive import check_text_to_image
 
 LOG2 = math.log(2.0)
-DEFAULT_STRIP_ELEMENTS = 1 << 22
-"""Default strip size for the torch path: chunk * M ~ 4M logits (16 MiB in float32)."""
+DEFAULT_STRIP_ELEMENTS = 1 << 24
+"""Default strip size for the torch path: chunk * M ~ 16M logits (64 MiB in float32)..."""
+MIN_STRIP_ROWS = 512
+"""...but at least 512 rows: thinner strips make small matmuls and Python loop overhead dominate."""
 
 
 class StripBackend(Protocol):
@@ -298,7 +300,7 @@ def streamed_info_nce(
         temperature: > 0, float or 0-dim tensor (a learnable temperature gets its gradient).
         text_to_image: optional (M,) image row of each text (multi-positive form).
         backend: strip arithmetic; `TorchStrips()` when None.
-        chunk_size: rows per strip; None picks ~4M logits per strip.
+        chunk_size: rows per strip; None picks ~16M logits per strip (at least 512 rows).
         operand_dtype: dtype the strips read (default: the compute dtype, float32 or float64).
 
     Returns:
@@ -325,7 +327,7 @@ def streamed_info_nce(
     xn = F.normalize(x.to(work), dim=-1).to(operand_dtype or work)
     yn = F.normalize(y.to(work), dim=-1).to(operand_dtype or work)
     scale = 1.0 / _as_tensor(temperature, work, x.device)
-    rows = chunk_size or strip_rows(n, m, DEFAULT_STRIP_ELEMENTS)
+    rows = chunk_size or max(MIN_STRIP_ROWS, strip_rows(n, m, DEFAULT_STRIP_ELEMENTS))
     out: Tensor = _InfoNCE.apply(
         xn.contiguous(), yn.contiguous(), scale, pos_row, pos_w, backend or TorchStrips(), rows
     )
@@ -346,7 +348,7 @@ def streamed_log_mean_kernel(
     sigma may be a float or a 0-dim tensor; a tensor that requires grad gets its gradient.
     """
     n_cols = a.shape[0] if b is None else b.shape[0]
-    rows = chunk_size or strip_rows(a.shape[0], n_cols, DEFAULT_STRIP_ELEMENTS)
+    rows = chunk_size or max(MIN_STRIP_ROWS, strip_rows(a.shape[0], n_cols, DEFAULT_STRIP_ELEMENTS))
     work = work or compute_dtype(a, a if b is None else b)
     sig = _as_tensor(sigma, work, a.device)
     out: Tensor = _LogMeanKernel.apply(
