@@ -1,19 +1,89 @@
 """One entry point for InfoNCE + D_CS: dense reference, chunked O(N)-memory torch, Triton on CUDA.
 
 `infonce_cs_terms` is what `CSAlignerLoss` calls. Every path returns the same named terms and
-gradients as the dense reference (tests check this).
+gradients as the dense reference (tests check this). The chunked and Triton paths share the
+autograd Functions of `csaligner.kernels.chunked`; only the per-strip arithmetic differs.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Literal
 
+import torch
 from torch import Tensor
 
+from csaligner.kernels.chunked import (
+    StripBackend,
+    TorchStrips,
+    streamed_cs_divergence,
+    streamed_info_nce,
+    strip_rows,
+)
+from csaligner.kernels.distributed import all_gather_with_grad
 from csaligner.losses.contrastive import info_nce
 from csaligner.losses.divergence import cs_divergence
 
 Impl = Literal["auto", "dense", "chunked", "triton"]
+AUTO_CHUNKED_ABOVE = 4096 * 4096
+"""`impl="auto"` off CUDA switches from dense to chunked above this many logits (N * M)."""
+TRITON_STRIP_ELEMENTS = 1 << 27
+"""Triton backward strips hold at most this many weights (512 MiB in float32): 512 rows at N = 262144."""
+
+__all__ = [
+    "AUTO_CHUNKED_ABOVE",
+    "Impl",
+    "StripBackend",
+    "TorchStrips",
+    "all_gather_with_grad",
+    "infonce_cs_terms",
+    "resolve_impl",
+    "streamed_cs_divergence",
+    "streamed_info_nce",
+    "triton_available",
+]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when `triton` imports (it is the optional extra `csaligner[kernels]`)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(impl: str, x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor) -> str:
+    """Turn "auto" into a concrete path and check that an explicit "triton" can run here."""
+    if impl not in ("auto", "dense", "chunked", "triton"):
+        raise ValueError(f"impl must be auto, dense, chunked or triton, got {impl!r}")
+    fp64 = torch.float64 in (x.dtype, y.dtype, x_all.dtype, y_all.dtype)
+    if impl == "auto":
+        if x.is_cuda and not fp64 and triton_available():
+            return "triton"
+        big = max(x.shape[0] * y.shape[0], x_all.shape[0] * y_all.shape[0]) > AUTO_CHUNKED_ABOVE
+        return "chunked" if big else "dense"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError(
+                "impl='triton' needs the triton package: pip install 'csaligner[kernels]', or use impl='chunked'"
+            )
+        if not x.is_cuda and not _interpreting():
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors, got device {x.device}; use impl='chunked' "
+                "(or set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU for tests)"
+            )
+        if fp64:
+            raise ValueError(
+                "impl='triton' computes in float32 (bf16/fp16/fp32 inputs); use impl='chunked' for float64"
+            )
+    return impl
 
 
 def infonce_cs_terms(
@@ -27,6 +97,7 @@ def infonce_cs_terms(
     text_to_image: Tensor | None = None,
     with_cs: bool = True,
     impl: Impl = "auto",
+    chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
     """InfoNCE on the pairs (x, y) and D_CS between the pools x_all and y_all.
 
@@ -35,21 +106,51 @@ def infonce_cs_terms(
         y: (M, D) unit-norm text features; M == N unless text_to_image is given.
         x_all: (N', D) images entering D_CS (x plus unpaired images); defaults to x.
         y_all: (M', D) texts entering D_CS; defaults to y.
-        temperature: InfoNCE temperature > 0.
-        sigma: Gaussian bandwidth > 0 (already resolved; no "median" here).
+        temperature: InfoNCE temperature > 0, float or 0-dim tensor (a learnable one gets its gradient).
+        sigma: Gaussian bandwidth > 0 (already resolved; no "median" here), float or 0-dim tensor.
         text_to_image: optional (M,) image row of each text.
         with_cs: also compute D_CS (False gives InfoNCE alone).
-        impl: "dense" (N x N matrices), "chunked" (O(N * chunk) memory), "triton" (CUDA), or
-            "auto" (triton on CUDA when available, chunked for large batches, dense otherwise).
+        impl: "dense" (N x M matrices), "chunked" (O((N + M) * chunk) memory, any device),
+            "triton" (fused tiles, CUDA), or "auto" (triton on CUDA when it imports; elsewhere
+            chunked above 4096^2 logits, dense below).
+        chunk_size: rows per strip for chunked/triton (None: sized to the batch; for triton a
+            multiple of the tile size).
 
     Returns:
-        {"infonce": scalar, "cs": scalar (when with_cs)}.
+        {"infonce": scalar, "cs": scalar (when with_cs)}, float32 (float64 for float64 inputs).
+        bf16/fp16 inputs are computed with float32 statistics and get gradients in their dtype.
     """
     x_all = x if x_all is None else x_all
     y_all = y if y_all is None else y_all
-    if impl not in ("auto", "dense", "chunked", "triton"):
-        raise ValueError(f"impl must be auto, dense, chunked or triton, got {impl!r}")
-    terms = {"infonce": info_nce(x, y, temperature, text_to_image)}
+    path = resolve_impl(impl, x, y, x_all, y_all)
+    if path == "dense":
+        terms = {"infonce": info_nce(x, y, temperature, text_to_image)}
+        if with_cs:
+            terms["cs"] = cs_divergence(x_all, y_all, sigma)
+        return terms
+    backend: StripBackend = TorchStrips()
+    operand: torch.dtype | None = None
+    center = True
+    if path == "triton":
+        from csaligner.kernels.triton_kernels import TritonStrips
+
+        tb = TritonStrips()
+        backend, operand = tb, x.dtype
+        center = operand == torch.float32  # centring half inputs would re-round them; unit-norm needs none
+        if chunk_size is None:
+            n_cols = max(y.shape[0], y_all.shape[0], x_all.shape[0])
+            chunk_size = strip_rows(max(x.shape[0], x_all.shape[0]), n_cols, TRITON_STRIP_ELEMENTS, tb.block_m)
+        elif chunk_size % tb.block_m:
+            raise ValueError(
+                f"chunk_size must be a multiple of the tile size {tb.block_m} for triton, got {chunk_size}"
+            )
+    terms = {
+        "infonce": streamed_info_nce(
+            x, y, temperature, text_to_image, backend=backend, chunk_size=chunk_size, operand_dtype=operand
+        )
+    }
     if with_cs:
-        terms["cs"] = cs_divergence(x_all, y_all, sigma)
+        terms["cs"] = streamed_cs_divergence(
+            x_all, y_all, sigma, backend=backend, chunk_size=chunk_size, operand_dtype=operand, center=center
+        )
     return terms

@@ -1,0 +1,397 @@
+"""InfoNCE and log-mean-kernel terms in O(N * chunk) memory: strips of rows, statistics, recompute.
+
+Both losses are log-sum-exps over an (N, M) matrix of logits. Instead of holding it, the forward
+pass walks over strips of `chunk` rows and keeps only O(N + M) statistics:
+
+* InfoNCE: every strip covers whole rows, so its row log-sum-exp is exact; the column log-sum-exp
+  is accumulated across strips (`logaddexp`, i.e. an online max + sum). The positive logits are
+  N dot products. The loss is assembled from these vectors.
+* log mean_ij k(a_i, b_j): one scalar log-sum-exp per strip, combined at the end. For a_i = b_j
+  (the XX and YY terms of D_CS) only the strips' upper-triangular part is visited: a
+  symmetric matrix is the sum of its upper part and that part's transpose, which halves the work.
+
+The backward pass recomputes each strip's logits from the saved inputs and statistics, turns them
+into weights dL/dlogit (a (chunk, M) strip, never (N, M)), and applies them with two matmuls.
+
+The strip arithmetic sits behind `StripBackend`: `TorchStrips` (here, any device) or the fused
+Triton kernels in `csaligner.kernels.triton_kernels`. The autograd Functions are shared.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from csaligner._validation import check_features, check_positive, check_same_dim
+from csaligner.losses.contrastive import check_text_to_image
+
+LOG2 = math.log(2.0)
+DEFAULT_STRIP_ELEMENTS = 1 << 24
+"""Default strip size for the torch path: chunk * M ~ 16M logits (64 MiB in float32)..."""
+MIN_STRIP_ROWS = 512
+"""...but at least 512 rows: thinner strips make small matmuls and Python loop overhead dominate."""
+
+
+class StripBackend(Protocol):
+    """Arithmetic on one strip of rows; `a` is (S, D), `b` is (M, D), both contiguous.
+
+    Kernel logits are l_ij = min(0, inv_s2 * a_i.b_j + u_i + v_j) = -||a_i - b_j||^2 / (2 sigma^2)
+    with u = -||a||^2 / (2 sigma^2). With `symmetric`, `b` starts at the strip's first row
+    (b[:S] is a): the backend adds log-weights w_ij (0 below the diagonal, 1/2 on it, 1 above,
+    at any granularity) so that sum over strips of w * P, plus its transpose, is the full matrix.
+    """
+
+    def logits_lse(self, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """Row (S,) and column (M,) log-sum-exp of scale * a @ b.T."""
+        ...
+
+    def logits_grad(
+        self,
+        a: Tensor,
+        b: Tensor,
+        scale: float,
+        row_lse: Tensor,
+        col_lse: Tensor,
+        w_row: float,
+        w_col: float,
+        pos_row: Tensor,
+        pos_w: Tensor,
+        want_dot: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """G (S, M) = w_row softmax_rows + w_col softmax_cols - pos_w at (pos_row[j], j), and sum(G * logits).
+
+        pos_row (M,) is the strip-local row of column j's positive, or -1 when it lies elsewhere.
+        """
+        ...
+
+    def kernel_lse(self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float, symmetric: bool) -> Tensor:
+        """Scalar log sum_ij w_ij exp(l_ij) over the strip."""
+        ...
+
+    def kernel_grad(
+        self,
+        a: Tensor,
+        b: Tensor,
+        u: Tensor,
+        v: Tensor,
+        inv_s2: float,
+        log_z: float,
+        g: float,
+        symmetric: bool,
+        want_dot: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """W (S, M) = g * w * exp(l - log_z) in float32 or float64, and sum(W * l)."""
+        ...
+
+
+class TorchStrips:
+    """Strip arithmetic with plain torch ops (CPU or CUDA); tiles are (S, M) in the input dtype."""
+
+    def logits_lse(self, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        t = torch.mm(a, b.T).mul_(scale)  # (S, M) logits
+        return torch.logsumexp(t, 1), torch.logsumexp(t, 0)
+
+    def logits_grad(
+        self,
+        a: Tensor,
+        b: Tensor,
+        scale: float,
+        row_lse: Tensor,
+        col_lse: Tensor,
+        w_row: float,
+        w_col: float,
+        pos_row: Tensor,
+        pos_w: Tensor,
+        want_dot: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        t = torch.mm(a, b.T).mul_(scale)
+        g = (t - row_lse.unsqueeze(1)).exp_().mul_(w_row)
+        g += (t - col_lse.unsqueeze(0)).exp_().mul_(w_col)
+        cols = (pos_row >= 0).nonzero().squeeze(1)
+        g.index_put_((pos_row[cols], cols), -pos_w[cols], accumulate=True)
+        dot = torch.dot(g.flatten(), t.flatten()) if want_dot else None
+        return g, dot
+
+    def _kernel_logits(self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float) -> Tensor:
+        t = torch.addmm(v.unsqueeze(0), a, b.T, alpha=inv_s2)
+        t += u.unsqueeze(1)
+        return t.clamp_max_(0.0)  # d^2 >= 0; rounding can push it below 0 for near-duplicates
+
+    def kernel_lse(self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float, symmetric: bool) -> Tensor:
+        t = self._kernel_logits(a, b, u, v, inv_s2)
+        if symmetric:
+            t[:, : a.shape[0]] -= LOG2  # the (S, S) diagonal block counts half (it is visited once)
+        return torch.logsumexp(t.flatten(), 0)
+
+    def kernel_grad(
+        self,
+        a: Tensor,
+        b: Tensor,
+        u: Tensor,
+        v: Tensor,
+        inv_s2: float,
+        log_z: float,
+        g: float,
+        symmetric: bool,
+        want_dot: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        t = self._kernel_logits(a, b, u, v, inv_s2)
+        w = (t - log_z).exp_() if want_dot else t.sub_(log_z).exp_()
+        w.mul_(g)
+        if symmetric:
+            w[:, : a.shape[0]] *= 0.5
+        dot = torch.dot(w.flatten(), t.flatten()) if want_dot else None
+        return w, dot
+
+
+def strip_rows(n_rows: int, n_cols: int, budget: int, multiple: int = 1) -> int:
+    """Rows per strip so that rows * n_cols <= budget elements (at least `multiple` rows)."""
+    rows = max(multiple, budget // max(n_cols, 1) // multiple * multiple)
+    return min(rows, -(-n_rows // multiple) * multiple)
+
+
+class _InfoNCE(torch.autograd.Function):
+    """Symmetric InfoNCE from row/column log-sum-exps; see `streamed_info_nce`."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        y: Tensor,
+        scale: Tensor,
+        pos_row: Tensor,
+        pos_w: Tensor,
+        backend: StripBackend,
+        rows: int,
+    ) -> Tensor:
+        s = float(scale)
+        n, m = x.shape[0], y.shape[0]
+        row_lse = torch.empty(n, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=x.device)
+        col_lse = torch.full((m,), -math.inf, dtype=row_lse.dtype, device=x.device)
+        for r0 in range(0, n, rows):
+            r_lse, c_lse = backend.logits_lse(x[r0 : r0 + rows], y, s)
+            row_lse[r0 : r0 + rows] = r_lse
+            torch.logaddexp(col_lse, c_lse.to(col_lse.dtype), out=col_lse)
+        pos_logit = (x[pos_row].to(row_lse.dtype) * y.to(row_lse.dtype)).sum(1) * s  # (M,) l_{pos(j), j}
+        ctx.save_for_backward(x, y, pos_row, pos_w, row_lse, col_lse)
+        ctx.scale, ctx.backend, ctx.rows = s, backend, rows
+        return 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, y, pos_row, pos_w, row_lse, col_lse = ctx.saved_tensors
+        s, backend, rows = ctx.scale, ctx.backend, ctx.rows
+        g, n, m = float(grad), x.shape[0], y.shape[0]
+        want_dot = ctx.needs_input_grad[2]
+        dx = torch.empty_like(x)
+        dy = torch.zeros(y.shape, dtype=row_lse.dtype, device=y.device)  # accumulated over strips
+        dot = torch.zeros((), dtype=row_lse.dtype, device=x.device)
+        pw = pos_w * g
+        xg, yg = x, y  # the operands in the strip's dtype (a backend may write bf16 strips for fp16 inputs)
+        for r0 in range(0, n, rows):
+            xs = x[r0 : r0 + rows]
+            local = torch.where((pos_row >= r0) & (pos_row < r0 + xs.shape[0]), pos_row - r0, -1)
+            gs, d = backend.logits_grad(
+                xs, y, s, row_lse[r0 : r0 + rows], col_lse, 0.5 * g / n, 0.5 * g / m, local, pw, want_dot
+            )
+            if gs.dtype != yg.dtype:
+                xg, yg = x.to(gs.dtype), y.to(gs.dtype)
+            dx[r0 : r0 + rows] = torch.mm(gs, yg).mul_(s)
+            dy += torch.mm(gs.T, xg[r0 : r0 + rows]).to(dy.dtype)
+            if d is not None:
+                dot += d
+        dscale = dot / s if want_dot else None  # logits = scale * x.y, so d/dscale = sum(G * logits) / scale
+        return dx, (dy * s).to(y.dtype), dscale, None, None, None, None
+
+
+class _LogMeanKernel(torch.autograd.Function):
+    """log mean_ij exp(-||a_i - b_j||^2 / (2 sigma^2)); b None means b = a (symmetric, half the work)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        a: Tensor,
+        b: Tensor | None,
+        sigma: Tensor,
+        backend: StripBackend,
+        rows: int,
+        work: torch.dtype,
+    ) -> Tensor:
+        inv_s2 = 1.0 / float(sigma) ** 2
+        sym = b is None
+        bb = a if b is None else b
+        u = _half_sq_norms(a, work) * -inv_s2  # (N,) -||a||^2 / (2 sigma^2)
+        v = u if b is None else _half_sq_norms(bb, work) * -inv_s2
+        parts = []
+        for r0 in range(0, a.shape[0], rows):
+            cols = slice(r0, None) if sym else slice(None)
+            parts.append(backend.kernel_lse(a[r0 : r0 + rows], bb[cols], u[r0 : r0 + rows], v[cols], inv_s2, sym))
+        log_z = torch.logsumexp(torch.stack(parts).to(work), 0) + (LOG2 if sym else 0.0)
+        ctx.save_for_backward(a, bb, u, v, log_z)
+        ctx.sym, ctx.inv_s2, ctx.sigma, ctx.backend, ctx.rows = sym, inv_s2, float(sigma), backend, rows
+        return log_z - math.log(a.shape[0] * bb.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        a, b, u, v, log_z = ctx.saved_tensors
+        sym, inv_s2, rows, backend = ctx.sym, ctx.inv_s2, ctx.rows, ctx.backend
+        want_dot = ctx.needs_input_grad[2]
+        lz, g, work = float(log_z), float(grad), u.dtype
+        # sum_j W_ij (b_j - a_i) = (W b)_i - rowsum_i a_i: both halves in `work` precision (cancellation).
+        af, bf = a.to(work), b.to(work)
+        da = torch.zeros_like(af)
+        a_mass = torch.zeros(a.shape[0], dtype=work, device=a.device)
+        db = da if sym else torch.zeros_like(bf)
+        b_mass = a_mass if sym else torch.zeros(b.shape[0], dtype=work, device=a.device)
+        dot = torch.zeros((), dtype=work, device=a.device)
+        for r0 in range(0, a.shape[0], rows):
+            r1 = min(r0 + rows, a.shape[0])
+            c0 = r0 if sym else 0
+            w, d = backend.kernel_grad(a[r0:r1], b[c0:], u[r0:r1], v[c0:], inv_s2, lz, g, sym, want_dot)
+            da[r0:r1] += torch.mm(w, bf[c0:])
+            a_mass[r0:r1] += w.sum(1)
+            db[c0:] += torch.mm(w.T, af[r0:r1])
+            b_mass[c0:] += w.sum(0)
+            if d is not None:
+                dot += d
+        # dl_ij/da_i = (b_j - a_i) / sigma^2; the symmetric case sums W + W^T, hence one pass over both.
+        da = (da - a_mass.unsqueeze(1) * af) * (2 * inv_s2 if sym else inv_s2)
+        db_out = None if sym else ((db - b_mass.unsqueeze(1) * bf) * inv_s2).to(b.dtype)
+        dsigma = dot * (-2.0 / ctx.sigma) * (2.0 if sym else 1.0) if want_dot else None  # dl/dsigma = -2 l / sigma
+        return da.to(a.dtype), db_out, dsigma, None, None, None
+
+
+def _half_sq_norms(a: Tensor, work: torch.dtype) -> Tensor:
+    af = a.to(work)
+    return 0.5 * (af * af).sum(1)
+
+
+def compute_dtype(*xs: Tensor) -> torch.dtype:
+    """float64 stays float64; bf16, fp16 and fp32 are computed in float32 (as the dense path)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _as_tensor(value: float | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-dim tensor; a tensor input keeps its autograd graph."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=dtype).reshape(())
+    return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def streamed_info_nce(
+    x: Tensor,
+    y: Tensor,
+    temperature: float | Tensor,
+    text_to_image: Tensor | None = None,
+    *,
+    backend: StripBackend | None = None,
+    chunk_size: int | None = None,
+    operand_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Symmetric InfoNCE equal to `losses.info_nce`, in O((N + M) * chunk) memory.
+
+    Args:
+        x: (N, D) image features (normalised here, as in the dense path).
+        y: (M, D) text features; M == N unless text_to_image is given.
+        temperature: > 0, float or 0-dim tensor (a learnable temperature gets its gradient).
+        text_to_image: optional (M,) image row of each text (multi-positive form).
+        backend: strip arithmetic; `TorchStrips()` when None.
+        chunk_size: rows per strip; None picks ~16M logits per strip (at least 512 rows).
+        operand_dtype: dtype the strips read (default: the compute dtype, float32 or float64).
+
+    Returns:
+        Scalar tensor (float32, or float64 for float64 inputs).
+    """
+    check_features("x", x)
+    check_features("y", y)
+    check_same_dim("x", x, "y", y)
+    check_positive("temperature", temperature)
+    n, m = x.shape[0], y.shape[0]
+    if text_to_image is None:
+        if n != m:
+            raise ValueError(
+                f"paired InfoNCE needs as many texts as images, got {n} images and {m} texts; "
+                "pass text_to_image for several captions per image"
+            )
+        pos_row = torch.arange(n, device=x.device)
+    else:
+        pos_row = check_text_to_image(text_to_image.to(x.device), n, m).long()
+    work = compute_dtype(x, y)
+    # Loss weights: 1/(2M) for the text -> image cross-entropy, 1/(2 N |P_i|) for image i's captions.
+    counts = torch.bincount(pos_row, minlength=n).to(work)
+    pos_w = 0.5 / m + 0.5 / (n * counts[pos_row])
+    xn = F.normalize(x.to(work), dim=-1).to(operand_dtype or work)
+    yn = F.normalize(y.to(work), dim=-1).to(operand_dtype or work)
+    scale = 1.0 / _as_tensor(temperature, work, x.device)
+    rows = chunk_size or max(MIN_STRIP_ROWS, strip_rows(n, m, DEFAULT_STRIP_ELEMENTS))
+    out: Tensor = _InfoNCE.apply(
+        xn.contiguous(), yn.contiguous(), scale, pos_row, pos_w, backend or TorchStrips(), rows
+    )
+    return out
+
+
+def streamed_log_mean_kernel(
+    a: Tensor,
+    b: Tensor | None,
+    sigma: float | Tensor,
+    *,
+    backend: StripBackend | None = None,
+    chunk_size: int | None = None,
+    work: torch.dtype | None = None,
+) -> Tensor:
+    """log mean_ij k(a_i, b_j) for a (N, D) and b (M, D); b None means b = a and visits half the pairs.
+
+    sigma may be a float or a 0-dim tensor; a tensor that requires grad gets its gradient.
+    """
+    n_cols = a.shape[0] if b is None else b.shape[0]
+    rows = chunk_size or max(MIN_STRIP_ROWS, strip_rows(a.shape[0], n_cols, DEFAULT_STRIP_ELEMENTS))
+    work = work or compute_dtype(a, a if b is None else b)
+    sig = _as_tensor(sigma, work, a.device)
+    out: Tensor = _LogMeanKernel.apply(
+        a.contiguous(), None if b is None else b.contiguous(), sig, backend or TorchStrips(), rows, work
+    )
+    return out
+
+
+def streamed_cs_divergence(
+    x: Tensor,
+    y: Tensor,
+    sigma: float | Tensor,
+    *,
+    backend: StripBackend | None = None,
+    chunk_size: int | None = None,
+    operand_dtype: torch.dtype | None = None,
+    center: bool = True,
+) -> Tensor:
+    """D_CS(x, y) equal to `losses.cs_divergence` (no weights), in O((N + M) * chunk) memory.
+
+    Args:
+        x: (N, D) samples, any norm; y: (M, D) samples, M != N allowed.
+        sigma: bandwidth > 0, float or 0-dim tensor (gets a gradient if it requires one).
+        backend, chunk_size: as in `streamed_info_nce`.
+        operand_dtype: dtype the strips read (default: the compute dtype).
+        center: subtract the pooled mean (detached) first, as the dense path does: D_CS is
+            translation invariant and ||a||^2 + ||b||^2 - 2ab stays accurate near the origin.
+
+    Returns:
+        Scalar tensor (float32, or float64 for float64 inputs).
+    """
+    check_features("x", x)
+    check_features("y", y)
+    check_same_dim("x", x, "y", y)
+    check_positive("sigma", sigma)
+    work = compute_dtype(x, y)
+    xw, yw = x.to(work), y.to(work)
+    if center:
+        c = torch.cat([xw, yw]).mean(0).detach()
+        xw, yw = xw - c, yw - c
+    xo, yo = xw.to(operand_dtype or work), yw.to(operand_dtype or work)
+    lxx, lyy, lxy = (
+        streamed_log_mean_kernel(a, b, sigma, backend=backend, chunk_size=chunk_size, work=work)
+        for a, b in ((xo, None), (yo, None), (xo, yo))
+    )
+    return lxx + lyy - 2.0 * lxy

@@ -1,0 +1,387 @@
+"""Triton tile kernels for the strip backend of `csaligner.kernels.chunked` (CUDA, or the interpreter).
+
+Each kernel program owns one (BLOCK_M, BLOCK_N) tile of a strip's logits: it computes the tile's
+dot products with a K loop (fp32 accumulator, bf16/fp16 tensor cores for half inputs), and then
+
+* forward, InfoNCE: the tile's row and column log-sum-exp (max + sum of exp, i.e. one online step)
+  go to small partial buffers (S x M/BLOCK_N and S/BLOCK_M x M), merged with `logsumexp`;
+* forward, kernel terms: one scalar log-sum-exp per tile;
+* backward: the tile of weights dL/dlogit (softmax minus positives, or the kernel's softmax) is
+  written to the (S, M) strip, plus a per-tile partial of sum(weight * logit) for the gradient of
+  the temperature / bandwidth. cuBLAS then applies the strip with two matmuls (N x D gradients),
+  which keeps any feature dimension D efficient without holding a (BLOCK_M, D) accumulator.
+
+The symmetric XX^T and YY^T terms launch only the tiles on or above the diagonal in effect: tiles
+below it get log-weight -inf, diagonal tiles -log 2 (see `StripBackend`). Programs are ordered in
+groups of GROUP_M tile rows so consecutive programs reuse the same column tiles from L2.
+
+Import is lazy (only `impl="triton"` imports this module). With TRITON_INTERPRET=1 set before the
+first import, the kernels run on CPU tensors in Triton's interpreter, which is how the tests check
+them without a GPU. The interpreter mis-evaluates tl.dot on bfloat16 operands, so there half
+operands are upcast to float32 inside the kernel (a flag; the GPU path keeps the tensor cores).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _tile_coords(n_tm, n_tn, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M tile rows are swept together, column by column (L2 reuse)."""
+    pid = tl.program_id(0)
+    width = GROUP_M * n_tn
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(n_tm - first_m, GROUP_M)
+    tm = first_m + (pid % width) % size_m
+    tn = (pid % width) // size_m
+    return tm, tn
+
+
+@triton.jit
+def _dot_tile(
+    A,
+    B,
+    rows,
+    cols,
+    n_a,
+    n_b,
+    dim,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """(BM, BN) float32 tile of A[rows] @ B[cols].T for row-major (., dim) A and B."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, dim, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(A + rows[:, None] * dim + ks[None, :], mask=(rows[:, None] < n_a) & (ks[None, :] < dim), other=0.0)
+        b = tl.load(B + cols[None, :] * dim + ks[:, None], mask=(cols[None, :] < n_b) & (ks[:, None] < dim), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _lse(t, AXIS: tl.constexpr):
+    """log-sum-exp along AXIS; rows that are all -inf give -inf (not NaN)."""
+    m = tl.max(t, AXIS)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(t - tl.expand_dims(m, AXIS)), AXIS)
+    return tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _kernel_logits(
+    A,
+    B,
+    U,
+    V,
+    rows,
+    cols,
+    n_a,
+    n_b,
+    dim,
+    inv_s2,
+    tm,
+    tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """-||a - b||^2 / (2 sigma^2) (clamped at 0) and the tile's log-weight (0, -log 2, -inf)."""
+    dot = _dot_tile(A, B, rows, cols, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST)
+    u = tl.load(U + rows, mask=rows < n_a, other=0.0)
+    v = tl.load(V + cols, mask=cols < n_b, other=0.0)
+    logit = tl.minimum(dot * inv_s2 + u[:, None] + v[None, :], 0.0)
+    log_w = 0.0
+    if SYMMETRIC:
+        log_w = tl.where(tn > tm, 0.0, tl.where(tn == tm, -0.6931471805599453, float("-inf")))
+    return logit, log_w
+
+
+@triton.jit
+def _logits_lse_kernel(
+    A,
+    B,
+    ROW_PART,
+    COL_PART,
+    n_a,
+    n_b,
+    dim,
+    scale,
+    n_tm,
+    n_tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
+    rows = tm * BM + tl.arange(0, BM)
+    cols = tn * BN + tl.arange(0, BN)
+    logit = _dot_tile(A, B, rows, cols, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST) * scale
+    logit = tl.where((rows[:, None] < n_a) & (cols[None, :] < n_b), logit, float("-inf"))
+    tl.store(ROW_PART + tn * n_a + rows, _lse(logit, 1), mask=rows < n_a)
+    tl.store(COL_PART + tm * n_b + cols, _lse(logit, 0), mask=cols < n_b)
+
+
+@triton.jit
+def _logits_grad_kernel(
+    A,
+    B,
+    ROW_LSE,
+    COL_LSE,
+    POS_ROW,
+    POS_W,
+    G,
+    DOT_PART,
+    n_a,
+    n_b,
+    dim,
+    scale,
+    w_row,
+    w_col,
+    n_tm,
+    n_tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
+    rows = tm * BM + tl.arange(0, BM)
+    cols = tn * BN + tl.arange(0, BN)
+    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+    logit = _dot_tile(A, B, rows, cols, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST) * scale
+    r_lse = tl.load(ROW_LSE + rows, mask=rows < n_a, other=0.0)
+    c_lse = tl.load(COL_LSE + cols, mask=cols < n_b, other=0.0)
+    pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
+    pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
+    g = w_row * tl.exp(logit - r_lse[:, None]) + w_col * tl.exp(logit - c_lse[None, :])
+    g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)  # positives folded in: no cancellation
+    g = tl.where(valid, g, 0.0).to(G.dtype.element_ty)
+    tl.store(G + rows[:, None] * n_b + cols[None, :], g, mask=valid)
+    tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(g.to(tl.float32) * logit, 1), 0))
+
+
+@triton.jit
+def _kernel_lse_kernel(
+    A,
+    B,
+    U,
+    V,
+    TILE_PART,
+    n_a,
+    n_b,
+    dim,
+    inv_s2,
+    n_tm,
+    n_tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
+    rows = tm * BM + tl.arange(0, BM)
+    cols = tn * BN + tl.arange(0, BN)
+    logit, log_w = _kernel_logits(
+        A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM, BN, BK, SYMMETRIC, PREC, UPCAST
+    )
+    logit = tl.where((rows[:, None] < n_a) & (cols[None, :] < n_b), logit + log_w, float("-inf"))
+    tl.store(TILE_PART + tm * n_tn + tn, _lse(tl.reshape(logit, (BM * BN,)), 0))
+
+
+@triton.jit
+def _kernel_grad_kernel(
+    A,
+    B,
+    U,
+    V,
+    W,
+    DOT_PART,
+    n_a,
+    n_b,
+    dim,
+    inv_s2,
+    log_z,
+    g,
+    n_tm,
+    n_tn,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
+    rows = tm * BM + tl.arange(0, BM)
+    cols = tn * BN + tl.arange(0, BN)
+    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+    logit, log_w = _kernel_logits(
+        A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM, BN, BK, SYMMETRIC, PREC, UPCAST
+    )
+    w = tl.where(valid, g * tl.exp(logit + log_w - log_z), 0.0)
+    tl.store(W + rows[:, None] * n_b + cols[None, :], w, mask=valid)
+    tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * logit, 1), 0))
+
+
+@dataclass(frozen=True)
+class TritonStrips:
+    """`StripBackend` on Triton tiles. Tile sizes are compile-time constants (small ones for tests).
+
+    Operands may be float32 (exact "ieee" dots), bfloat16 or float16 (tensor cores, fp32 accumulate).
+    InfoNCE weight strips are written in the operand dtype (positives are folded in, so half
+    precision loses nothing to cancellation; float16 strips use bfloat16 for its range); kernel
+    weight strips are float32 because sum_j W_ij (b_j - a_i) is formed as W b - rowsum(W) a.
+    """
+
+    block_m: int = 128
+    """Tile rows; also the granularity of strips. Must equal block_n (symmetric terms)."""
+    block_n: int = 128
+    block_k: int = 64
+    """Feature-dimension step of the dot-product loop."""
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
+        if self.block_m != self.block_n:
+            raise ValueError(f"block_m and block_n must be equal (symmetric tiles), got {self.block_m}, {self.block_n}")
+
+    def _launch(self, kernel: triton.JITFunction, a: Tensor, b: Tensor, *args: object, **meta: object) -> None:
+        n_tm, n_tn = self._tiles(a, b)
+        half = a.dtype in (torch.bfloat16, torch.float16)
+        kernel[(n_tm * n_tn,)](
+            a,
+            b,
+            *args,
+            a.shape[0],
+            b.shape[0],
+            a.shape[1],
+            *meta.pop("scalars", ()),
+            n_tm,
+            n_tn,  # type: ignore[misc]
+            BM=self.block_m,
+            BN=self.block_n,
+            BK=self.block_k,
+            GROUP_M=self.group_m,
+            PREC="tf32" if half else "ieee",
+            UPCAST=INTERPRETING and half,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+            **meta,
+        )
+
+    def _tiles(self, a: Tensor, b: Tensor) -> tuple[int, int]:
+        return triton.cdiv(a.shape[0], self.block_m), triton.cdiv(b.shape[0], self.block_n)
+
+    def logits_lse(self, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        n_tm, n_tn = self._tiles(a, b)
+        row_part = torch.empty((n_tn, a.shape[0]), dtype=torch.float32, device=a.device)
+        col_part = torch.empty((n_tm, b.shape[0]), dtype=torch.float32, device=a.device)
+        self._launch(_logits_lse_kernel, a, b, row_part, col_part, scalars=(scale,))
+        return torch.logsumexp(row_part, 0), torch.logsumexp(col_part, 0)
+
+    def logits_grad(
+        self,
+        a: Tensor,
+        b: Tensor,
+        scale: float,
+        row_lse: Tensor,
+        col_lse: Tensor,
+        w_row: float,
+        w_col: float,
+        pos_row: Tensor,
+        pos_w: Tensor,
+        want_dot: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        n_tm, n_tn = self._tiles(a, b)
+        strip_dtype = torch.float32 if a.dtype == torch.float32 else torch.bfloat16
+        g = torch.empty((a.shape[0], b.shape[0]), dtype=strip_dtype, device=a.device)
+        dot = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
+        self._launch(
+            _logits_grad_kernel,
+            a,
+            b,
+            row_lse.float().contiguous(),
+            col_lse.float().contiguous(),
+            pos_row.to(torch.int32).contiguous(),
+            pos_w.float().contiguous(),
+            g,
+            dot,
+            scalars=(scale, w_row, w_col),
+        )
+        return g, dot.sum() if want_dot else None
+
+    def kernel_lse(self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float, symmetric: bool) -> Tensor:
+        n_tm, n_tn = self._tiles(a, b)
+        part = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
+        self._launch(
+            _kernel_lse_kernel,
+            a,
+            b,
+            u.float().contiguous(),
+            v.float().contiguous(),
+            part,
+            scalars=(inv_s2,),
+            SYMMETRIC=symmetric,
+        )
+        return torch.logsumexp(part, 0)
+
+    def kernel_grad(
+        self,
+        a: Tensor,
+        b: Tensor,
+        u: Tensor,
+        v: Tensor,
+        inv_s2: float,
+        log_z: float,
+        g: float,
+        symmetric: bool,
+        want_dot: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        n_tm, n_tn = self._tiles(a, b)
+        w = torch.empty((a.shape[0], b.shape[0]), dtype=torch.float32, device=a.device)
+        dot = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
+        self._launch(
+            _kernel_grad_kernel,
+            a,
+            b,
+            u.float().contiguous(),
+            v.float().contiguous(),
+            w,
+            dot,
+            scalars=(inv_s2, log_z, g),
+            SYMMETRIC=symmetric,
+        )
+        return w, dot.sum() if want_dot else None

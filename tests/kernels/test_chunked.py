@@ -1,0 +1,169 @@
+"""The chunked torch path against the dense references: values, gradients, shapes of the strips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from csaligner.kernels import TorchStrips, infonce_cs_terms, resolve_impl, streamed_cs_divergence, streamed_info_nce
+from csaligner.losses import CSAlignerLoss, cs_divergence, info_nce
+
+
+def unit(n: int, d: int, dtype: torch.dtype = torch.float64, shift: float = 0.0) -> Tensor:
+    return F.normalize(torch.randn(n, d, dtype=dtype) + shift, dim=-1).requires_grad_()
+
+
+def grads(out: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    return list(torch.autograd.grad(out, inputs))
+
+
+def assert_close_all(got: list[Tensor], want: list[Tensor], rtol: float, atol: float) -> None:
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.01])
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
+def test_info_nce_paired_matches_dense_float64(temperature: float, chunk: int) -> None:
+    x, y = unit(37, 16), unit(37, 16)
+    want = info_nce(x, y, temperature)
+    got = streamed_info_nce(x, y, temperature, chunk_size=chunk)
+    assert float(got) == pytest.approx(float(want), rel=1e-12, abs=1e-12)
+    assert_close_all(grads(got, [x, y]), grads(want, [x, y]), rtol=1e-9, atol=1e-12)
+
+
+def test_info_nce_multi_positive_matches_dense() -> None:
+    x = unit(23, 8)
+    t2i = torch.cat([torch.arange(23), torch.randint(0, 23, (18,))])[torch.randperm(41)]
+    y = unit(41, 8)
+    want = info_nce(x, y, 0.05, t2i)
+    got = streamed_info_nce(x, y, 0.05, t2i, chunk_size=5)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    assert_close_all(grads(got, [x, y]), grads(want, [x, y]), rtol=1e-9, atol=1e-12)
+
+
+def test_info_nce_learnable_temperature_gets_dense_gradient() -> None:
+    x, y = unit(30, 8), unit(30, 8)
+    log_scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    want = grads(info_nce(x, y, torch.exp(-log_scale)), [x, y, log_scale])
+    got = grads(streamed_info_nce(x, y, torch.exp(-log_scale), chunk_size=8), [x, y, log_scale])
+    assert abs(float(want[2])) > 1e-3  # the check below could fail
+    assert_close_all(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_info_nce_normalises_general_inputs_like_dense() -> None:
+    x = (torch.randn(19, 6, dtype=torch.float64) * 3 + 1).requires_grad_()
+    y = (torch.randn(19, 6, dtype=torch.float64) * 0.2).requires_grad_()
+    want, got = info_nce(x, y, 0.1), streamed_info_nce(x, y, 0.1, chunk_size=4)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    assert_close_all(grads(got, [x, y]), grads(want, [x, y]), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.5, 1.0])
+@pytest.mark.parametrize(("n", "m", "chunk"), [(37, 37, 16), (45, 29, 7), (10, 53, 64), (33, 33, 1)])
+def test_cs_matches_dense_float64(sigma: float, n: int, m: int, chunk: int) -> None:
+    x, y = unit(n, 16), unit(m, 16, shift=0.3)
+    want = cs_divergence(x, y, sigma)
+    got = streamed_cs_divergence(x, y, sigma, chunk_size=chunk)
+    assert float(got) == pytest.approx(float(want), rel=1e-10, abs=1e-10)
+    assert_close_all(grads(got, [x, y]), grads(want, [x, y]), rtol=1e-7, atol=1e-10)
+
+
+def test_cs_general_inputs_far_from_origin_and_sigma_gradient() -> None:
+    x = (torch.randn(21, 5, dtype=torch.float64) + 40).requires_grad_()
+    y = (torch.randn(17, 5, dtype=torch.float64) * 2 + 40.5).requires_grad_()
+    sigma = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    want = cs_divergence(x, y, sigma)
+    got = streamed_cs_divergence(x, y, sigma, chunk_size=6)
+    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert_close_all(grads(got, [x, y, sigma]), grads(want, [x, y, sigma]), rtol=1e-7, atol=1e-10)
+
+
+def test_cs_of_identical_clouds_is_zero_and_gradcheck() -> None:
+    x = unit(12, 4)
+    assert float(streamed_cs_divergence(x, x.detach().clone(), 0.5, chunk_size=5)) == pytest.approx(0.0, abs=1e-12)
+    a, b = unit(9, 3), unit(7, 3, shift=0.5)
+    assert torch.autograd.gradcheck(lambda p, q: streamed_cs_divergence(p, q, 0.7, chunk_size=4), (a, b))
+    assert torch.autograd.gradcheck(lambda p, q: streamed_info_nce(p, q, 0.2, chunk_size=4), (a[:7], b))
+
+
+@pytest.mark.parametrize(("temperature", "sigma"), [(0.07, 1.0), (0.01, 0.05), (0.01, 0.5)])
+def test_float32_terms_match_dense(temperature: float, sigma: float) -> None:
+    x, y = unit(150, 32, torch.float32), unit(150, 32, torch.float32, shift=0.2)
+    xa = torch.cat([x, unit(40, 32, torch.float32)])
+    want = infonce_cs_terms(x, y, xa, y, temperature=temperature, sigma=sigma, impl="dense")
+    got = infonce_cs_terms(x, y, xa, y, temperature=temperature, sigma=sigma, impl="chunked", chunk_size=48)
+    for k in ("infonce", "cs"):
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-4, abs=1e-5)
+    total_w = want["infonce"] + 0.01 * want["cs"]
+    total_g = got["infonce"] + 0.01 * got["cs"]
+    w, g = grads(total_w, [x, y]), grads(total_g, [x, y])
+    scale = max(float(t.abs().max()) for t in w)
+    assert_close_all(g, w, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_bfloat16_inputs_finite_close_and_grads_in_bfloat16() -> None:
+    x, y = unit(64, 32, torch.bfloat16), unit(64, 32, torch.bfloat16, shift=0.2)
+    got = infonce_cs_terms(x, y, temperature=0.01, sigma=0.5, impl="chunked", chunk_size=24)
+    want = infonce_cs_terms(x, y, temperature=0.01, sigma=0.5, impl="dense")
+    gx, gy = grads(got["infonce"] + 0.01 * got["cs"], [x, y])
+    assert gx.dtype == torch.bfloat16 and gy.dtype == torch.bfloat16
+    assert torch.isfinite(gx.float()).all() and torch.isfinite(gy.float()).all()
+    for k in ("infonce", "cs"):
+        assert got[k].dtype == torch.float32
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-4)
+
+
+class RecordingStrips(TorchStrips):
+    """TorchStrips that records the largest strip it produced (rows x columns)."""
+
+    def __init__(self) -> None:
+        self.largest = 0
+
+    def logits_grad(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        g, dot = super().logits_grad(*args, **kwargs)
+        self.largest = max(self.largest, g.numel())
+        return g, dot
+
+    def kernel_grad(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        w, dot = super().kernel_grad(*args, **kwargs)
+        self.largest = max(self.largest, w.numel())
+        return w, dot
+
+
+def test_strips_never_hold_the_full_matrix() -> None:
+    x, y = unit(200, 8, torch.float32), unit(200, 8, torch.float32)
+    spy = RecordingStrips()
+    loss = streamed_info_nce(x, y, 0.1, backend=spy, chunk_size=16) + streamed_cs_divergence(
+        x, y, 1.0, backend=spy, chunk_size=16
+    )
+    loss.backward()
+    assert 0 < spy.largest <= 16 * 200
+
+
+def test_dispatch_auto_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    small, big = torch.randn(8, 4), torch.empty(5000, 4)
+    assert resolve_impl("auto", small, small, small, small) == "dense"
+    assert resolve_impl("auto", big, big, big, big) == "chunked"
+    with pytest.raises(ValueError, match="impl must be"):
+        resolve_impl("fast", small, small, small, small)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            infonce_cs_terms(small, small, impl="triton")
+    with pytest.raises(ValueError, match="paired InfoNCE needs"):
+        infonce_cs_terms(small, torch.randn(9, 4), impl="chunked")
+
+
+def test_cs_aligner_loss_chunked_equals_dense() -> None:
+    img, txt = torch.randn(40, 16), torch.randn(40, 16)
+    extra = torch.randn(11, 16)
+    out = {}
+    for impl in ("dense", "chunked"):
+        loss_fn = CSAlignerLoss(impl=impl, learn_temperature=True, sigma=0.5)
+        terms = loss_fn(img, txt, unpaired_images=extra)
+        terms["loss"].backward()
+        out[impl] = (float(terms["loss"]), float(loss_fn.logit_scale.grad))
+    assert out["chunked"] == pytest.approx(out["dense"], rel=1e-5)

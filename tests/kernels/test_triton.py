@@ -1,0 +1,149 @@
+"""Triton kernels against the dense references: Triton's CPU interpreter without a GPU, CUDA with one.
+
+Small sizes and 16-wide tiles so that every code path (partial tiles, several strips, diagonal
+and below-diagonal tiles of the symmetric terms, grouped ordering) runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+pytest.importorskip("triton")
+
+from csaligner.kernels import infonce_cs_terms, resolve_impl, streamed_cs_divergence, streamed_info_nce
+from csaligner.losses import cs_divergence, info_nce
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from csaligner.kernels.triton_kernels import TritonStrips, _tile_coords  # noqa: E402
+
+SMALL = TritonStrips(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1)
+
+
+def unit(n: int, d: int, dtype: torch.dtype = torch.float32, shift: float = 0.0) -> Tensor:
+    return F.normalize(torch.randn(n, d, device=DEVICE) + shift, dim=-1).to(dtype).requires_grad_()
+
+
+def check_grads(got: Tensor, want: Tensor, inputs: list[Tensor], rtol: float = 1e-4) -> None:
+    for g, w in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs), strict=True):
+        scale = float(w.abs().max())
+        torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_info_nce_paired_with_learnable_temperature(chunk: int) -> None:
+    x, y = unit(37, 16), unit(37, 16, shift=0.1)
+    temperature = torch.tensor(0.03, device=DEVICE, requires_grad=True)
+    got = streamed_info_nce(x, y, temperature, backend=SMALL, chunk_size=chunk)
+    want = info_nce(x, y, temperature)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    check_grads(got, want, [x, y, temperature])
+
+
+def test_info_nce_multi_positive() -> None:
+    x = unit(21, 16)
+    t2i = torch.cat([torch.arange(21), torch.randint(0, 21, (19,))]).to(DEVICE)
+    y = unit(40, 16)
+    got = streamed_info_nce(x, y, 0.01, t2i, backend=SMALL, chunk_size=16)
+    want = info_nce(x, y, 0.01, t2i)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    check_grads(got, want, [x, y])
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.5])
+def test_cs_unequal_pools_and_sigma_gradient(sigma: float) -> None:
+    x, y = unit(45, 16), unit(29, 16, shift=0.4)
+    s = torch.tensor(sigma, device=DEVICE, requires_grad=True)
+    got = streamed_cs_divergence(x, y, s, backend=SMALL, chunk_size=16)
+    want = cs_divergence(x, y, s)
+    assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-5)
+    check_grads(got, want, [x, y, s], rtol=1e-3 if sigma < 0.1 else 1e-4)
+
+
+def test_bfloat16_operands_close_to_dense_and_grads_in_bfloat16() -> None:
+    x, y = unit(37, 16, torch.bfloat16), unit(37, 16, torch.bfloat16, shift=0.3)
+    kw = {"backend": SMALL, "chunk_size": 16, "operand_dtype": torch.bfloat16}
+    got = streamed_info_nce(x, y, 0.05, **kw) + 0.01 * streamed_cs_divergence(x, y, 0.5, center=False, **kw)
+    want = info_nce(x, y, 0.05) + 0.01 * cs_divergence(x, y, 0.5)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(want), rel=1e-3)
+    gx, gy = torch.autograd.grad(got, [x, y])
+    wx, wy = torch.autograd.grad(want, [x, y])
+    assert gx.dtype == torch.bfloat16
+    for g, w in ((gx, wx), (gy, wy)):
+        assert torch.isfinite(g.float()).all()
+        torch.testing.assert_close(g.float(), w.float(), rtol=3e-2, atol=3e-2 * float(w.abs().max()))
+
+
+def test_dispatch_triton_default_tiles_equals_dense() -> None:
+    x, y = unit(37, 16), unit(37, 16, shift=0.2)
+    got = infonce_cs_terms(x, y, temperature=0.07, sigma=1.0, impl="triton")
+    want = infonce_cs_terms(x, y, temperature=0.07, sigma=1.0, impl="dense")
+    for k in ("infonce", "cs"):
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-5, abs=1e-6)
+    check_grads(got["infonce"] + got["cs"], want["infonce"] + want["cs"], [x, y])
+    with pytest.raises(ValueError, match="multiple of the tile size"):
+        infonce_cs_terms(x, y, impl="triton", chunk_size=100)
+
+
+@triton.jit
+def _coords_kernel(OUT, n_tm, n_tn, GROUP_M: tl.constexpr):
+    tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
+    tl.store(OUT + tl.program_id(0) * 2, tm)
+    tl.store(OUT + tl.program_id(0) * 2 + 1, tn)
+
+
+def test_grouped_ordering_visits_every_tile_once() -> None:
+    n_tm, n_tn = 5, 3  # n_tm not a multiple of GROUP_M: the last group is short
+    out = torch.full((n_tm * n_tn, 2), -1, dtype=torch.int32, device=DEVICE)
+    _coords_kernel[(n_tm * n_tn,)](out, n_tm, n_tn, GROUP_M=2)
+    seen = sorted(map(tuple, out.tolist()))
+    assert seen == [(m, n) for m in range(n_tm) for n in range(n_tn)]
+    assert out[:4].tolist() == [[0, 0], [1, 0], [0, 1], [1, 1]]  # column-major inside a group
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_compiled_kernels_match_dense_at_moderate_size(dtype: torch.dtype) -> None:
+    x, y = unit(3000, 256, dtype), unit(3000, 256, dtype, shift=0.1)
+    xa = torch.cat([x, unit(700, 256, dtype)])
+    got = infonce_cs_terms(x, y, xa, y, temperature=0.02, sigma=0.5, impl="triton")
+    want = infonce_cs_terms(x, y, xa, y, temperature=0.02, sigma=0.5, impl="dense")
+    rtol = 1e-4 if dtype == torch.float32 else 2e-3
+    for k in ("infonce", "cs"):
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=rtol, abs=rtol)
+    check_grads(
+        got["infonce"] + 0.01 * got["cs"],
+        want["infonce"] + 0.01 * want["cs"],
+        [x, y, xa],
+        rtol=1e-3 if dtype == torch.float32 else 3e-2,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_auto_picks_triton_and_saves_memory() -> None:
+    x, y = unit(8192, 128, torch.bfloat16), unit(8192, 128, torch.bfloat16)
+    assert resolve_impl("auto", x, y, x, y) == "triton"
+    peaks = {}
+    for impl in ("dense", "auto"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        terms = infonce_cs_terms(x, y, temperature=0.05, sigma=0.5, impl=impl, chunk_size=1024)  # type: ignore
+        (terms["infonce"] + 0.01 * terms["cs"]).backward()
+        peaks[impl] = torch.cuda.max_memory_allocated() - base
+        x.grad = y.grad = None
+    assert peaks["auto"] < peaks["dense"] / 4
