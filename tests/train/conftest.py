@@ -22,4 +22,3 @@ def features():
 @pytest.fixture
 def token_features():
     return train_standins.synthetic_features(tokens=True)
-

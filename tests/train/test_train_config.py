@@ -25,9 +25,12 @@ def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
 
 
 def test_yaml_sections_map_onto_dataclasses(tmp_path: Path) -> None:
-    path = write(tmp_path, "data: {paired_fraction: 0.25, use_unpaired: false}\n"
-                           "model: {image: {kind: identity}, text: {kind: prior, hidden_dim: 64}}\n"
-                           "loss: {lam: 0.5, sigma: 2}\ntrain: {lr: 1e-4, steps: 7}\n")
+    path = write(
+        tmp_path,
+        "data: {paired_fraction: 0.25, use_unpaired: false}\n"
+        "model: {image: {kind: identity}, text: {kind: prior, hidden_dim: 64}}\n"
+        "loss: {lam: 0.5, sigma: 2}\ntrain: {lr: 1e-4, steps: 7}\n",
+    )
     c = load_config(path)
     assert c.data.paired_fraction == 0.25 and c.data.use_unpaired is False
     assert c.model.text == {"kind": "prior", "hidden_dim": 64}
@@ -38,8 +41,12 @@ def test_yaml_sections_map_onto_dataclasses(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "key"),
-    [("trian: {lr: 1}\n", "trian"), ("train: {learning_rate: 1}\n", "train.learning_rate"),
-     ("loss: {lamda: 1}\n", "loss.lamda"), ("data: {paired: 0.5}\n", "data.paired")],
+    [
+        ("trian: {lr: 1}\n", "trian"),
+        ("train: {learning_rate: 1}\n", "train.learning_rate"),
+        ("loss: {lamda: 1}\n", "loss.lamda"),
+        ("data: {paired: 0.5}\n", "data.paired"),
+    ],
 )
 def test_unknown_keys_are_named_with_the_valid_ones(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ValueError, match=rf"unknown key '{key}'.*valid keys: \[") as err:
@@ -50,21 +57,23 @@ def test_unknown_keys_are_named_with_the_valid_ones(tmp_path: Path, text: str, k
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("data.paired_fraction=0", "paired_fraction must lie in \\(0, 1\\], got 0.0"),
-     ("data.paired_fraction=1.5", "got 1.5"),
-     ("train.lr=-1", "train.lr must be a finite number > 0, got -1.0"),
-     ("train.precision=fp8", "train.precision must be one of .*got 'fp8'"),
-     ("train.batch_size=1.5", "train.batch_size must be an integer, got '1.5'"),
-     ("train.batch_size=0", "batch_size must be >= 1, got 0"),
-     ("train.ema=1", "ema must lie in \\[0, 1\\)"),
-     ("train.device=tpu", "got 'tpu'"),
-     ("data.use_unpaired=maybe", "must be true or false, got 'maybe'"),
-     ("loss.lam=-0.1", "lam must be a finite number >= 0, got -0.1"),
-     ("loss.sigma=wide", "sigma.*'wide'"),
-     ("model.image.kind=resnet", "model.image.kind must be one of .*got 'resnet'"),
-     ("data.captions_per_image=all", "captions_per_image_in_cs=\"one\" is not possible"),
-     ("loss.token_lam=0.1", "needs token features: set data.use_tokens=true"),
-     ("train.betas=0.9", "train.betas must be a list of 2 values")],
+    [
+        ("data.paired_fraction=0", "paired_fraction must lie in \\(0, 1\\], got 0.0"),
+        ("data.paired_fraction=1.5", "got 1.5"),
+        ("train.lr=-1", "train.lr must be a finite number > 0, got -1.0"),
+        ("train.precision=fp8", "train.precision must be one of .*got 'fp8'"),
+        ("train.batch_size=1.5", "train.batch_size must be an integer, got '1.5'"),
+        ("train.batch_size=0", "batch_size must be >= 1, got 0"),
+        ("train.ema=1", "ema must lie in \\[0, 1\\)"),
+        ("train.device=tpu", "got 'tpu'"),
+        ("data.use_unpaired=maybe", "must be true or false, got 'maybe'"),
+        ("loss.lam=-0.1", "lam must be a finite number >= 0, got -0.1"),
+        ("loss.sigma=wide", "sigma.*'wide'"),
+        ("model.image.kind=resnet", "model.image.kind must be one of .*got 'resnet'"),
+        ("data.captions_per_image=all", 'captions_per_image_in_cs="one" is not possible'),
+        ("loss.token_lam=0.1", "needs token features: set data.use_tokens=true"),
+        ("train.betas=0.9", "train.betas must be a list of 2 values"),
+    ],
 )
 def test_bad_values_name_the_value(override: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -77,9 +86,20 @@ def test_both_sides_identity_is_rejected() -> None:
 
 
 def test_dotted_overrides_coerce_to_field_types() -> None:
-    c = load_config(None, ["train.lr=1e-4", "--loss.lam=0.1", "train.batch_size=32", "data.use_unpaired=false",
-                           "train.betas=0.8,0.95", "loss.sigma=median", "model.text.kind=prior",
-                           "model.text.hidden_dim=128", "train.resume="])
+    c = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "--loss.lam=0.1",
+            "train.batch_size=32",
+            "data.use_unpaired=false",
+            "train.betas=0.8,0.95",
+            "loss.sigma=median",
+            "model.text.kind=prior",
+            "model.text.hidden_dim=128",
+            "train.resume=",
+        ],
+    )
     assert (c.train.lr, c.loss.lam, c.train.batch_size) == (1e-4, 0.1, 32)
     assert c.data.use_unpaired is False and c.train.betas == (0.8, 0.95) and c.loss.sigma == "median"
     assert c.model.text == {"kind": "prior", "hidden_dim": 128}  # a key set inside the default mapping
@@ -107,8 +127,18 @@ def test_space_separated_cli_overrides() -> None:
 
 def test_cli_flags_reach_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "train: {lr: 0.5}\n")
-    rc = main(["train", "--config", str(path), "--train.lr", "1e-4", "--loss.lam=0.25", "--model.image.kind=linear",
-               "--print-config"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(path),
+            "--train.lr",
+            "1e-4",
+            "--loss.lam=0.25",
+            "--model.image.kind=linear",
+            "--print-config",
+        ]
+    )
     assert rc == 0
     printed = load_config(write(tmp_path, capsys.readouterr().out))
     assert printed.train.lr == 1e-4 and printed.loss.lam == 0.25 and printed.model.image == {"kind": "linear"}

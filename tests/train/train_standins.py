@@ -37,7 +37,9 @@ class StandInAdapter(nn.Module):
             self.net = nn.Linear(cfg.in_dim, cfg.out_dim)
         else:
             self.net = nn.Sequential(
-                nn.Linear(cfg.in_dim, cfg.hidden_dim), nn.GELU(), nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.in_dim, cfg.hidden_dim),
+                nn.GELU(),
+                nn.Dropout(cfg.dropout),
                 nn.Linear(cfg.hidden_dim, cfg.out_dim),
             )
 
@@ -112,11 +114,21 @@ def synthetic_features(
             text_tokens=text.unsqueeze(1) + 0.2 * torch.randn(m, 6, d_txt, generator=g),
             text_token_mask=text_mask,
         )
-    return PairedFeatures(image=image, text=text, text_to_image=t2i, image_ids=[f"img{i}" for i in range(n_images)],
-                          **extra)
+    return PairedFeatures(
+        image=image, text=text, text_to_image=t2i, image_ids=[f"img{i}" for i in range(n_images)], **extra
+    )
 
 
 def fast_overrides(out_dir: object, *extra: str) -> list[str]:
     """Overrides for a quick synthetic run writing to out_dir."""
-    return [f"train.out_dir={out_dir}", "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=2",
-            "train.progress=false", "train.tensorboard=false", "train.log_every=1", "model.out_dim=12", *extra]
+    return [
+        f"train.out_dir={out_dir}",
+        "train.batch_size=16",
+        "train.lr=1e-2",
+        "train.warmup_steps=2",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.log_every=1",
+        "model.out_dim=12",
+        *extra,
+    ]

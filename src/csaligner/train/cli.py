@@ -32,8 +32,13 @@ def attribute_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs = {}
     for node, after in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -52,7 +57,8 @@ def _adapter_fields() -> list[tuple[str, str]]:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "train", help="train adapters on cached features",
+        "train",
+        help="train adapters on cached features",
         description="Train image/text adapters with InfoNCE + lambda * D_CS on cached features. Start from a "
         "preset (--config configs/flickr8k_cs_aligner.yaml) and override any field with --section.field=value.",
     )
@@ -63,20 +69,30 @@ def add_parser(sub: Any) -> None:
         docs = attribute_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            group.add_argument(f"--{section}.{f.name}", dest=f"{_PREFIX}{section}.{f.name}", default=argparse.SUPPRESS,
-                               metavar="V", help=f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%"))
+            group.add_argument(
+                f"--{section}.{f.name}",
+                dest=f"{_PREFIX}{section}.{f.name}",
+                default=argparse.SUPPRESS,
+                metavar="V",
+                help=f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%"),
+            )
     group = p.add_argument_group("adapter options (--model.image.NAME / --model.text.NAME)")
     for side in ("image", "text"):
         for name, doc in _adapter_fields():
             help_text = doc.replace("%", "%%") if side == "image" else argparse.SUPPRESS
-            group.add_argument(f"--model.{side}.{name}", dest=f"{_PREFIX}model.{side}.{name}",
-                               default=argparse.SUPPRESS, metavar="V", help=help_text)
+            group.add_argument(
+                f"--model.{side}.{name}",
+                dest=f"{_PREFIX}model.{side}.{name}",
+                default=argparse.SUPPRESS,
+                metavar="V",
+                help=help_text,
+            )
     p.set_defaults(func=run)
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    """"section.key=value" strings for the flags given; whole mappings before their keys."""
-    items = [(k[len(_PREFIX):], v) for k, v in vars(args).items() if k.startswith(_PREFIX)]
+    """ "section.key=value" strings for the flags given; whole mappings before their keys."""
+    items = [(k[len(_PREFIX) :], v) for k, v in vars(args).items() if k.startswith(_PREFIX)]
     return [f"{k}={v}" for k, v in sorted(items, key=lambda kv: kv[0].count("."))]
 
 

@@ -37,7 +37,8 @@ class DataConfig:
     use_unpaired: bool = True
     """Put the unpaired pools into the CS term (True) or drop them (False: a smaller paired set)."""
     unpaired_batch_size: int = 0
-    """Unpaired images and unpaired texts drawn per step for the CS term; 0 means train.batch_size."""
+    """Unpaired images and unpaired texts drawn per step (without replacement) for the CS term; 0 means
+    train.batch_size."""
     captions_per_image: CaptionMode = "one"
     """Captions per image in InfoNCE: "one" (a random caption each step, plain pairs) or "all"
     (every caption, multi-positive InfoNCE)."""
@@ -57,8 +58,9 @@ class DataConfig:
         if not (isinstance(self.paired_fraction, float | int) and 0 < self.paired_fraction <= 1):
             raise ValueError(f"data.paired_fraction must lie in (0, 1], got {self.paired_fraction!r}")
         if self.unpaired_batch_size < 0:
-            raise ValueError(f"data.unpaired_batch_size must be >= 0 (0 = train.batch_size), got "
-                             f"{self.unpaired_batch_size}")
+            raise ValueError(
+                f"data.unpaired_batch_size must be >= 0 (0 = train.batch_size), got {self.unpaired_batch_size}"
+            )
         for name in ("captions_per_image", "captions_per_image_in_cs"):
             if getattr(self, name) not in ("one", "all"):
                 raise ValueError(f'data.{name} must be "one" or "all", got {getattr(self, name)!r}')
@@ -95,8 +97,10 @@ class ModelConfig:
                 if not isinstance(spec.get(dim, 0), int) or spec.get(dim, 0) < 0:
                     raise ValueError(f"model.{side}.{dim} must be an int >= 0 (0 = infer), got {spec[dim]!r}")
         if self.image["kind"] == "identity" and self.text["kind"] == "identity":
-            raise ValueError("model.image and model.text are both identity: nothing to train; give one side an "
-                             "adapter kind (prior, mlp, linear)")
+            raise ValueError(
+                "model.image and model.text are both identity: nothing to train; give one side an "
+                "adapter kind (prior, mlp, linear)"
+            )
         if self.out_dim < 0:
             raise ValueError(f"model.out_dim must be >= 0 (0 = infer), got {self.out_dim}")
 
@@ -198,5 +202,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.loss.token_lam > 0 and not self.data.use_tokens:
-            raise ValueError(f"loss.token_lam={self.loss.token_lam} needs token features: set data.use_tokens=true "
-                             "(or loss.token_lam=0)")
+            raise ValueError(
+                f"loss.token_lam={self.loss.token_lam} needs token features: set data.use_tokens=true "
+                "(or loss.token_lam=0)"
+            )

@@ -48,8 +48,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {str(p)!r} does not exist")
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: a config must be a mapping of sections (data, model, loss, train), "
-                         f"got {type(data).__name__}")
+        raise ValueError(
+            f"{p}: a config must be a mapping of sections (data, model, loss, train), got {type(data).__name__}"
+        )
     return data
 
 
