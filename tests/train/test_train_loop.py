@@ -167,3 +167,10 @@ def test_tensorboard_scalars_are_written_when_available(tmp_path: Path, features
     pytest.importorskip("tensorboard")
     train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "train.tensorboard=true")), features)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_token_cs_without_image_tokens_is_explained(tmp_path: Path, token_features: PairedFeatures) -> None:
+    token_features.image_tokens = None
+    overrides = fast_overrides(tmp_path, "train.steps=2", "data.use_tokens=true", "loss.token_lam=0.1")
+    with pytest.raises(ValueError, match="needs image token features"):
+        train(load_config(None, overrides), token_features)

@@ -156,7 +156,7 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo) -> _Run:
     optimizer, params = build_optimizer([model, objective], cfg)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
-    feats = DeviceFeatures.from_features(features, info.device, config.data.use_tokens)
+    feats = DeviceFeatures.from_features(features, info.device, config.data.use_tokens, config.loss.token_lam > 0)
     run = _Run(
         config, info, model, model, objective, optimizer, params, scaler, ema, sampler, feats, adapter_configs, total
     )

@@ -29,22 +29,31 @@ class DeviceFeatures:
     text_token_mask: Tensor | None = None
 
     @classmethod
-    def from_features(cls, f: PairedFeatures, device: torch.device, use_tokens: bool) -> DeviceFeatures:
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None or not use_tokens else t.to(device)
+    def from_features(
+        cls, f: PairedFeatures, device: torch.device, use_tokens: bool, token_cs: bool = False
+    ) -> DeviceFeatures:
+        """Move what the run uses: text tokens when use_tokens, image tokens only for the token-level CS term."""
+
+        def move(t: Tensor | None, wanted: bool) -> Tensor | None:
+            return None if t is None or not wanted else t.to(device)
 
         if use_tokens and f.text_tokens is None:
             raise ValueError(
                 "data.use_tokens=true but the text cache has no token features; re-encode with tokens "
                 "or set data.use_tokens=false"
             )
+        if token_cs and f.image_tokens is None:
+            raise ValueError(
+                "loss.token_lam > 0 needs image token features, but the image cache has none; re-encode with "
+                "tokens or set loss.token_lam=0"
+            )
         return cls(
             f.image.to(device).float(),
             f.text.to(device).float(),
-            move(f.image_tokens),
-            move(f.image_token_mask),
-            move(f.text_tokens),
-            move(f.text_token_mask),
+            move(f.image_tokens, token_cs),
+            move(f.image_token_mask, token_cs),
+            move(f.text_tokens, use_tokens),
+            move(f.text_token_mask, use_tokens),
         )
 
 
