@@ -1,0 +1,194 @@
+"""Resumable checkpoints without pickle: safetensors for tensors, JSON for everything else.
+
+Layout of `<run>/checkpoints/step-000010/`:
+    model.safetensors       adapter (and learnable-temperature) weights; EMA copies under "ema."
+    optimizer.safetensors   optimiser state tensors flattened to "state.<param index>.<name>"
+    state.json              step, epoch, RNG states (base64), optimiser hyper-parameters, scaler, config
+`<run>/checkpoints/latest` names the newest complete checkpoint.
+
+A checkpoint is written into a temporary directory and renamed into place (os.replace), and every
+file is written to a temporary name first, so a crash never leaves a partial checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+LATEST = "latest"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file and os.replace; nothing is left behind on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimiser state_dict into tensors ("state.<i>.<name>") and a JSON-able rest."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `flatten_optimizer`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, entry in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _b64(t: Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch (CPU and every CUDA device), Python and NumPy RNG states, JSON-able."""
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *[v.item() if hasattr(v, "item") else v for v in np_state[2:]]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` returns: tensors by file, and the JSON training state."""
+
+    path: str
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    state: dict[str, Any]
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model_tensors: dict[str, Tensor],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> str:
+    """Write checkpoint `root/step-<step>/` atomically, point `root/latest` at it, prune old ones.
+
+    Args:
+        root: the run's checkpoints directory.
+        step: optimiser steps taken.
+        model_tensors: name -> tensor (adapter weights, EMA copies).
+        optimizer_state: `optimizer.state_dict()`.
+        state: JSON-able training state (step, epoch, rng, scaler, config, ...).
+        keep: how many step checkpoints to keep (0 keeps all).
+
+    Returns:
+        The checkpoint directory.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
+    try:
+        tmp.mkdir()
+        atomic_write_bytes(tmp / "model.safetensors", _safetensors_bytes(model_tensors))
+        atomic_write_bytes(tmp / "optimizer.safetensors", _safetensors_bytes(opt_tensors))
+        payload = {"format": FORMAT_VERSION, **state, "optimizer": opt_meta}
+        atomic_write_bytes(tmp / "state.json", json.dumps(payload, indent=1).encode())
+        if final.exists():  # re-saving a step after a resume: drop the stale copy first
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    atomic_write_bytes(root / LATEST, final.name.encode())
+    _prune(root, keep)
+    return str(final)
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | Path) -> str | None:
+    """The directory `root/latest` names, or None when there is no complete checkpoint."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    return str(path) if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint directory (safetensors + JSON only; nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    missing = [n for n in ("model.safetensors", "optimizer.safetensors", "state.json") if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint: missing {missing}")
+    state = json.loads((path / "state.json").read_text())
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {FORMAT_VERSION}")
+    device = str(map_location)
+    model = load_file(str(path / "model.safetensors"), device=device)
+    opt_tensors = load_file(str(path / "optimizer.safetensors"), device=device)
+    optimizer = unflatten_optimizer(opt_tensors, state.pop("optimizer"))
+    return Checkpoint(str(path), model, optimizer, state)

@@ -1,0 +1,208 @@
+"""Config dataclasses for a training run: one frozen dataclass per YAML section.
+
+```yaml
+data:  {image_cache: cache/flickr8k-train-efficientnet-lite0, text_cache: cache/flickr8k-train-minilm}
+model: {image: {kind: mlp}, text: {kind: mlp}, out_dim: 512}
+loss:  {objective: cs_aligner, lam: 0.01, sigma: 1.0}
+train: {epochs: 10, batch_size: 1024, lr: 5.0e-5}
+```
+
+`RunConfig` groups them; `csaligner.train.overrides` loads YAML and `--train.lr=1e-4` flags onto it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from csaligner.losses.objective import LossConfig
+
+ADAPTER_KINDS = ("prior", "mlp", "linear", "identity")
+CaptionMode = Literal["one", "all"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which cached features to train on and how to split them into paired and unpaired data."""
+
+    image_cache: str = "cache/flickr8k-train-efficientnet-lite0"
+    """Image feature cache directory (made by `csalign encode`), relative to the working directory."""
+    text_cache: str = "cache/flickr8k-train-minilm"
+    """Text feature cache directory for the same images' captions."""
+    paired_fraction: float = 1.0
+    """Fraction of images kept as pairs, in (0, 1]. The rest become unpaired pools: their images and
+    their captions are shuffled independently (seeded), so no pairing information survives."""
+    use_unpaired: bool = True
+    """Put the unpaired pools into the CS term (True) or drop them (False: a smaller paired set)."""
+    unpaired_batch_size: int = 0
+    """Unpaired images and unpaired texts drawn per step (without replacement) for the CS term; 0 means
+    train.batch_size."""
+    captions_per_image: CaptionMode = "one"
+    """Captions per image in InfoNCE: "one" (a random caption each step, plain pairs) or "all"
+    (every caption, multi-positive InfoNCE)."""
+    captions_per_image_in_cs: CaptionMode = "one"
+    """Captions per image in the CS term: "one" or "all". With captions_per_image "one" and this "all",
+    the image's other captions enter only the CS term (as unpaired texts)."""
+    use_tokens: bool = False
+    """Load token features: the text adapter receives text tokens (the prior kind attends to them) and
+    loss.token_lam > 0 adds the token-level CS term on token-wise adapted tokens."""
+    split_seed: int = 0
+    """Seed of the paired / unpaired split and the pools' shuffles (independent of train.seed)."""
+
+    def __post_init__(self) -> None:
+        for name in ("image_cache", "text_cache"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"data.{name} must be a non-empty path, got {getattr(self, name)!r}")
+        if not (isinstance(self.paired_fraction, float | int) and 0 < self.paired_fraction <= 1):
+            raise ValueError(f"data.paired_fraction must lie in (0, 1], got {self.paired_fraction!r}")
+        if self.unpaired_batch_size < 0:
+            raise ValueError(
+                f"data.unpaired_batch_size must be >= 0 (0 = train.batch_size), got {self.unpaired_batch_size}"
+            )
+        for name in ("captions_per_image", "captions_per_image_in_cs"):
+            if getattr(self, name) not in ("one", "all"):
+                raise ValueError(f'data.{name} must be "one" or "all", got {getattr(self, name)!r}')
+        if self.captions_per_image == "all" and self.captions_per_image_in_cs == "one":
+            raise ValueError(
+                'data.captions_per_image="all" with captions_per_image_in_cs="one" is not possible: the CS '
+                "term sees every text InfoNCE sees. Use captions_per_image=one with captions_per_image_in_cs=all "
+                "(extra captions only in CS), or all/all"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which side(s) get a trainable adapter, and the shared space they map into."""
+
+    image: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp"})
+    """Image adapter: AdapterConfig fields as a mapping, e.g. {kind: mlp, hidden_dim: 1024}. kind is one of
+    prior, mlp, linear, identity (identity = the frozen features as they are). in_dim/out_dim may be left
+    out (or 0): they are inferred from the features and `out_dim`."""
+    text: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp"})
+    """Text adapter, same form as `image`."""
+    out_dim: int = 0
+    """Shared output dim of both adapters. 0 infers it: the feature dim of the identity side if there is
+    one (text-to-image prior: the image dim), else the image feature dim."""
+
+    def __post_init__(self) -> None:
+        for side in ("image", "text"):
+            spec = getattr(self, side)
+            if not isinstance(spec, dict):
+                raise ValueError(f"model.{side} must be a mapping like {{kind: mlp}}, got {spec!r}")
+            if spec.get("kind") not in ADAPTER_KINDS:
+                raise ValueError(f"model.{side}.kind must be one of {list(ADAPTER_KINDS)}, got {spec.get('kind')!r}")
+            for dim in ("in_dim", "out_dim"):
+                if not isinstance(spec.get(dim, 0), int) or spec.get(dim, 0) < 0:
+                    raise ValueError(f"model.{side}.{dim} must be an int >= 0 (0 = infer), got {spec[dim]!r}")
+        if self.image["kind"] == "identity" and self.text["kind"] == "identity":
+            raise ValueError(
+                "model.image and model.text are both identity: nothing to train; give one side an "
+                "adapter kind (prior, mlp, linear)"
+            )
+        if self.out_dim < 0:
+            raise ValueError(f"model.out_dim must be >= 0 (0 = infer), got {self.out_dim}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, precision and bookkeeping of the training loop."""
+
+    epochs: int = 10
+    """Passes over the paired images (ignored when steps > 0)."""
+    steps: int = 0
+    """Total optimiser steps; 0 means epochs * steps_per_epoch."""
+    batch_size: int = 1024
+    """Global number of paired images per step, summed over all processes (the paper: 1024)."""
+    lr: float = 5e-5
+    """Peak AdamW learning rate (the paper: 5e-5; small adapters on small data often want more)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup steps; when 0, warmup_fraction of the total steps is used."""
+    warmup_fraction: float = 0.05
+    """Warmup length as a fraction of total steps (used when warmup_steps is 0)."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay floor as a fraction of lr."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate shape after warmup."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    seed: int = 0
+    """Seed of initialisation, batch order and caption choice."""
+    ema: float = 0.0
+    """EMA decay of adapter weights (e.g. 0.999); 0 disables EMA. The saved adapters are the EMA weights."""
+    precision: Precision = "fp32"
+    """Adapter compute precision: "fp32", or autocast to "bf16" / "fp16" (fp16 with a gradient scaler)."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N". Under torchrun each process uses its local GPU."""
+    out_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.csv, checkpoints/, the final adapters."""
+    log_every: int = 10
+    """Write metrics (CSV, TensorBoard, progress bar) every this many steps."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (oldest deleted first)."""
+    resume: str = ""
+    """"" (start fresh), "auto" (the latest checkpoint in out_dir if any) or a checkpoint directory."""
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0 only)."""
+    tensorboard: bool = True
+    """Also log to TensorBoard under out_dir/tb when the tensorboard package is installed."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "steps", "warmup_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"train.{name} must be an int >= 0, got {value!r}")
+        if self.epochs == 0 and self.steps == 0:
+            raise ValueError("train.epochs and train.steps are both 0: set one of them > 0")
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("warmup_fraction", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"train.{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"train.ema must lie in [0, 1) (e.g. 0.999; 0 disables EMA), got {self.ema!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f'train.precision must be "fp32", "bf16" or "fp16", got {self.precision!r}')
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f'train.schedule must be "cosine" or "constant", got {self.schedule!r}')
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f'train.device must be "auto", "cpu", "cuda" or "cuda:N", got {self.device!r}')
+        if not self.out_dir:
+            raise ValueError("train.out_dir must be a non-empty path")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run: the four YAML sections."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Feature caches and the paired/unpaired/caption variants."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Adapters on each side and the shared dim."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The objective (csaligner.losses.LossConfig)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and bookkeeping."""
+
+    def __post_init__(self) -> None:
+        if self.loss.token_lam > 0 and not self.data.use_tokens:
+            raise ValueError(
+                f"loss.token_lam={self.loss.token_lam} needs token features: set data.use_tokens=true "
+                "(or loss.token_lam=0)"
+            )

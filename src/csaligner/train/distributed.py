@@ -1,0 +1,143 @@
+"""Data parallel training under torchrun: process-group setup, DDP wrapping, all-gather with gradients.
+
+InfoNCE and the CS divergence are global over the batch, so each process gathers every process's
+features. `all_gather_with_grad` keeps the graph: its backward all-reduces (sums) the gradient of
+the gathered tensor and returns this process's slice. Every process computes the same global
+loss L, so the slice is world_size * dL/d(local features); DDP then averages parameter gradients
+over processes, which gives exactly dL/dθ of one process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank among world_size, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    initialized_here: bool = False
+    """True when `init_distributed` created the process group (and `cleanup` should destroy it)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """ "auto" -> the local CUDA device when available, else CPU; "cuda" -> cuda:<local_rank>."""
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda":
+        preference = f"cuda:{local_rank}"
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={preference!r} but CUDA is not available here; use device=cpu or auto")
+    return torch.device(preference)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU); else single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    dev = resolve_device(device, local_rank)
+    if world_size <= 1:
+        return DistInfo(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+        created = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, created)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
+    """DistributedDataParallel around `module` when running on several processes; else `module` itself."""
+    if not info.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def _sizes(n: int, device: torch.device) -> list[int]:
+    local = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return [int(s) for s in out]
+
+
+def _gather_padded(x: Tensor, sizes: list[int]) -> Tensor:
+    # all_gather needs equal shapes: pad dim 0 to the largest share, then drop the padding.
+    longest = max(sizes)
+    padded = x if x.shape[0] == longest else torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, sizes: list[int], rank: int) -> Tensor:
+        ctx.start, ctx.count = sum(sizes[:rank]), sizes[rank]
+        return _gather_padded(x, sizes)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.start : ctx.start + ctx.count], None, None
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate every process's x along dim 0 (shares may differ in length), differentiably.
+
+    Args:
+        x: (n_r, ...) this process's rows; the trailing dims must match across processes.
+
+    Returns:
+        (sum_r n_r, ...) in rank order; identity when not distributed.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    sizes = _sizes(x.shape[0], x.device)
+    dtype = x.dtype
+    # gloo has no bf16/fp16 all_gather; the loss works in float32 anyway.
+    y = x.float() if dtype in (torch.bfloat16, torch.float16) else x
+    return _AllGatherWithGrad.apply(y, sizes, dist.get_rank())
+
+
+def all_gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate every process's x along dim 0 (e.g. index tensors); no gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _gather_padded(x, _sizes(x.shape[0], x.device))
+
+
+def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average logged scalars over processes (they agree already for global losses)."""
+    if not info.enabled:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / info.world_size).tolist(), strict=True))

@@ -1,0 +1,288 @@
+"""`train(run_config) -> RunResult`: the training loop over cached features.
+
+The loop itself is short; setup, logging, checkpointing and the final write-out are helpers.
+Run layout (`train.out_dir`):
+    config.yaml                         the resolved config
+    metrics.csv                         one row per logged step
+    tb/                                 TensorBoard scalars (when tensorboard is installed)
+    checkpoints/step-XXXXXXXX/, latest  resumable checkpoints (see checkpoint.py)
+    image_adapter.safetensors           final adapters (the EMA weights when train.ema > 0)
+    text_adapter.safetensors
+    summary.json                        final step, metrics, wall time, adapter paths
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from csaligner.data.features import PairedFeatures
+from csaligner.losses.objective import AlignmentLoss, build_objective
+from csaligner.train.batches import BatchSampler, split_features
+from csaligner.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from csaligner.train.config import RunConfig
+from csaligner.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, wrap_ddp
+from csaligner.train.model import AlignmentModel, build_model, save_adapters
+from csaligner.train.monitor import RunMonitor
+from csaligner.train.overrides import dump_yaml, to_dict
+from csaligner.train.schedule import WeightEMA, lr_at
+from csaligner.train.step import DeviceFeatures, build_optimizer, compute_terms, optimizer_step, update_ema
+
+
+@dataclass
+class RunResult:
+    """What a training run produced.
+
+    Attributes:
+        run_dir: the run directory.
+        step: optimiser steps done.
+        total_steps: steps the schedule plans.
+        finished: True when step == total_steps and the final adapters were written.
+        image_adapter / text_adapter: paths of the final adapters (None when not finished).
+        checkpoint: the last checkpoint directory written.
+        metrics: the last logged row (step, epoch, lr, loss terms, samples_per_s, ...).
+        history: every row logged by this call, in order.
+    """
+
+    run_dir: str
+    step: int
+    total_steps: int
+    finished: bool
+    image_adapter: str | None = None
+    text_adapter: str | None = None
+    checkpoint: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """Everything the loop touches, built once by `_setup`."""
+
+    config: RunConfig
+    info: DistInfo
+    model: AlignmentModel
+    ddp_model: torch.nn.Module
+    objective: AlignmentLoss
+    optimizer: torch.optim.AdamW
+    params: list[torch.nn.Parameter]
+    scaler: torch.amp.GradScaler
+    ema: WeightEMA | None
+    sampler: BatchSampler
+    feats: DeviceFeatures
+    adapter_configs: dict[str, Any]
+    total_steps: int
+    monitor: RunMonitor | None = None
+    step: int = 0
+    checkpoint: str | None = None
+
+
+def train(config: RunConfig, features: PairedFeatures | None = None, *, until_step: int | None = None) -> RunResult:
+    """Train adapters as `config` says; under torchrun, every process calls this.
+
+    Args:
+        config: the run (data, model, loss, train sections).
+        features: in-memory features to train on instead of loading data.image_cache / data.text_cache.
+        until_step: stop after this many total steps (checkpointing there) as if interrupted; resume
+            with train.resume="auto". None runs to the end.
+
+    Returns:
+        A `RunResult` with the run directory, final adapter paths and metrics.
+    """
+    info = init_distributed(config.train.device)
+    try:
+        return _train(config, features, until_step, info)
+    finally:
+        cleanup(info)
+
+
+def _train(config: RunConfig, features: PairedFeatures | None, until_step: int | None, info: DistInfo) -> RunResult:
+    run = _setup(config, features or load_features(config), info)
+    cfg = config.train
+    stop = run.total_steps if until_step is None else min(until_step, run.total_steps)
+    run.monitor = RunMonitor(
+        cfg.out_dir, run.total_steps, run.step, enabled=info.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress
+    )
+    clock = (run.step, time.perf_counter())
+    try:
+        for step in range(run.step, stop):
+            terms = compute_terms(run.ddp_model, run.objective, run.feats, run.sampler.batch(step), info, config)
+            lr = lr_at(step, run.total_steps, cfg)
+            grad_norm = optimizer_step(run.params, run.optimizer, run.scaler, terms["loss"], lr, cfg)
+            update_ema(run.ema, run.model)
+            run.step = step + 1
+            run.monitor.advance()
+            if run.step % cfg.log_every == 0 or run.step == stop:
+                clock = _log(run, terms, lr, grad_norm, clock)
+            if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
+                _save(run)
+        return _finish(run)
+    finally:
+        run.monitor.close()
+
+
+def load_features(config: RunConfig) -> PairedFeatures:
+    """Read data.image_cache / data.text_cache with csaligner.data.load_paired_features."""
+    try:
+        from csaligner.data import load_paired_features  # type: ignore[attr-defined]
+    except ImportError as err:
+        raise ImportError(f"csaligner.data.load_paired_features is not available ({err}); pass features=") from err
+    for path in (config.data.image_cache, config.data.text_cache):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"feature cache {path!r} does not exist; make it with `csalign encode` "
+                "or point data.image_cache / data.text_cache at it"
+            )
+    feats: PairedFeatures = load_paired_features(config.data.image_cache, config.data.text_cache)
+    return feats
+
+
+def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo) -> _Run:
+    cfg = config.train
+    split = split_features(features, config.data)
+    sampler = BatchSampler(split, config.data, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    total = cfg.steps or cfg.epochs * sampler.steps_per_epoch
+    torch.manual_seed(cfg.seed)  # same initial weights on every process
+    model, adapter_configs = build_model(config.model, features.image.shape[1], features.text.shape[1])
+    model.to(info.device)
+    objective = build_objective(config.loss).to(info.device)
+    optimizer, params = build_optimizer([model, objective], cfg)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+    ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
+    feats = DeviceFeatures.from_features(features, info.device, config.data.use_tokens, config.loss.token_lam > 0)
+    run = _Run(
+        config, info, model, model, objective, optimizer, params, scaler, ema, sampler, feats, adapter_configs, total
+    )
+    _maybe_resume(run)
+    run.ddp_model = wrap_ddp(model, info)
+    if info.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+            header = f"# resolved config; rerun: csalign train --config {cfg.out_dir}/config.yaml"
+            f.write(dump_yaml(config, header=header))
+    return run
+
+
+def _log(
+    run: _Run, terms: dict[str, Tensor], lr: float, grad_norm: Tensor | None, clock: tuple[int, float]
+) -> tuple[int, float]:
+    values = {k: float(v.detach()) for k, v in terms.items()}
+    if not all(map(_finite, values.values())):
+        raise FloatingPointError(f"non-finite loss at step {run.step}: {values}; lower train.lr or check the data")
+    values = all_reduce_mean(values, run.info)
+    now = time.perf_counter()
+    images = (run.step - clock[0]) * run.sampler.batch_size
+    row: dict[str, float] = {
+        "step": run.step,
+        "epoch": run.sampler.epoch_of(run.step - 1),
+        "lr": lr,
+        **values,
+        "samples_per_s": images / max(now - clock[1], 1e-9),
+    }
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    if run.objective.config.learn_temperature:
+        row["temperature"] = float(run.objective.temperature.detach())
+    assert run.monitor is not None
+    run.monitor.log(row)
+    return run.step, now
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def _training_state(run: _Run) -> dict[str, Any]:
+    return {
+        "step": run.step,
+        "epoch": run.sampler.epoch_of(max(run.step - 1, 0)),
+        "total_steps": run.total_steps,
+        "schedule": {"kind": run.config.train.schedule, "lr": run.config.train.lr},
+        "rng": rng_state(),
+        "scaler": run.scaler.state_dict(),
+        "ema_updates": run.ema.updates if run.ema else 0,
+        "config": to_dict(run.config),
+    }
+
+
+def _save(run: _Run) -> None:
+    if not run.info.is_main:
+        return
+    tensors = {f"model.{k}": v for k, v in run.model.state_dict().items()}
+    tensors.update({f"objective.{k}": v for k, v in run.objective.state_dict().items()})
+    if run.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in run.ema.shadow.items()})
+    root = os.path.join(run.config.train.out_dir, "checkpoints")
+    run.checkpoint = save_checkpoint(
+        root,
+        run.step,
+        tensors,
+        run.optimizer.state_dict(),
+        _training_state(run),
+        keep=run.config.train.keep_checkpoints,
+    )
+
+
+def _maybe_resume(run: _Run) -> None:
+    resume = run.config.train.resume
+    if not resume:
+        return
+    path = latest_checkpoint(os.path.join(run.config.train.out_dir, "checkpoints")) if resume == "auto" else resume
+    if path is None:  # "auto" with nothing to resume: a fresh start
+        return
+    ckpt = load_checkpoint(path, map_location=run.info.device)
+
+    def section(prefix: str) -> dict[str, Tensor]:
+        return {k[len(prefix) :]: v for k, v in ckpt.model.items() if k.startswith(prefix)}
+
+    run.model.load_state_dict(section("model."))
+    run.objective.load_state_dict(section("objective."))
+    run.optimizer.load_state_dict(ckpt.optimizer)
+    if ckpt.state.get("scaler"):
+        run.scaler.load_state_dict(ckpt.state["scaler"])
+    if run.ema is not None:
+        run.ema.shadow = {k: v.float() for k, v in section("ema.").items()} or run.ema.shadow
+        run.ema.updates = int(ckpt.state.get("ema_updates", 0))
+    set_rng_state(ckpt.state["rng"])
+    run.step, run.checkpoint = int(ckpt.state["step"]), ckpt.path
+
+
+def _finish(run: _Run) -> RunResult:
+    cfg = run.config.train
+    assert run.monitor is not None
+    history = run.monitor.history
+    result = RunResult(
+        cfg.out_dir,
+        run.step,
+        run.total_steps,
+        run.step >= run.total_steps,
+        metrics=history[-1] if history else {},
+        history=history,
+    )
+    if run.info.is_main and (run.checkpoint is None or not run.checkpoint.endswith(f"step-{run.step:08d}")):
+        _save(run)
+    result.checkpoint = run.checkpoint
+    if result.finished and run.info.is_main:
+        final = copy.deepcopy(run.model).cpu()
+        if run.ema is not None:
+            run.ema.copy_to(final)
+        paths = save_adapters(final, run.adapter_configs, cfg.out_dir)
+        result.image_adapter, result.text_adapter = paths["image"], paths["text"]
+        summary = {
+            "step": run.step,
+            "total_steps": run.total_steps,
+            "metrics": result.metrics,
+            "image_adapter": paths["image"],
+            "text_adapter": paths["text"],
+            "checkpoint": run.checkpoint,
+        }
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return result

@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import train_standins
+from train_standins import fast_overrides
+
+import csaligner.data
+from csaligner.cli import main
+from csaligner.data.features import PairedFeatures
+from csaligner.train import embed, load_config, train
+from csaligner.train.schedule import lr_at
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_reduces_the_loss_and_writes_the_run_dir(tmp_path: Path, features: PairedFeatures) -> None:
+    result = train(load_config(None, fast_overrides(tmp_path, "train.epochs=15")), features)
+    assert result.finished and result.step == result.total_steps == 15 * (46 // 16)
+    losses = [row["loss"] for row in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert {"infonce", "cs", "lr", "samples_per_s", "grad_norm"} <= set(result.metrics)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {
+        "config.yaml",
+        "metrics.csv",
+        "checkpoints",
+        "image_adapter.safetensors",
+        "text_adapter.safetensors",
+        "summary.json",
+    } <= names
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, result.step + 1))
+    assert float(rows[-1]["loss"]) == pytest.approx(losses[-1], abs=1e-7)
+    assert load_config(tmp_path / "config.yaml").train.epochs == 15  # the resolved config reloads
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == result.step and summary["metrics"]["loss"] == pytest.approx(losses[-1])
+
+
+def test_embed_applies_the_trained_adapters(tmp_path: Path, features: PairedFeatures) -> None:
+    result = train(load_config(None, fast_overrides(tmp_path, "train.epochs=15")), features)
+    image, text = embed(features, result.run_dir)
+    assert image.shape == (48, 12) and text.shape == (features.num_texts, 12)
+    assert torch.allclose(image.norm(dim=1), torch.ones(48), atol=1e-5)
+    paired = features.text_to_image >= 0
+    sim = text[paired] @ image.T  # (texts, images)
+    recall1 = (sim.argmax(1) == features.text_to_image[paired]).float().mean()
+    assert recall1 > 0.3  # chance is 1/48
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = load_config(None, ["train.lr=1.0", "train.warmup_steps=4", "train.steps=20"]).train
+    lrs = [lr_at(s, 20, cfg) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:])) and lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["data.paired_fraction=0.5", "data.unpaired_batch_size=8"],
+        ["data.captions_per_image=all", "data.captions_per_image_in_cs=all"],
+        ["data.captions_per_image_in_cs=all"],
+        ["loss.objective=infonce"],
+        ["train.precision=bf16", "train.ema=0.9"],
+    ],
+    ids=["unpaired", "multi-positive", "extra-captions-in-cs", "infonce", "bf16-ema"],
+)
+def test_variants_train(tmp_path: Path, features: PairedFeatures, variant: list[str]) -> None:
+    result = train(load_config(None, fast_overrides(tmp_path, "train.steps=12", *variant)), features)
+    losses = [row["loss"] for row in result.history]
+    assert result.finished and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+def test_unpaired_pool_enters_only_the_cs_term(
+    tmp_path: Path, features: PairedFeatures, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[dict[str, object]] = []
+    from csaligner.losses.objective import AlignmentLoss
+
+    original = AlignmentLoss.forward
+
+    def spy(self, image, text, text_to_image=None, unpaired_images=None, unpaired_texts=None, **kw):
+        seen.append(
+            {
+                "image": image.shape[0],
+                "text": text.shape[0],
+                "un_img": None if unpaired_images is None else unpaired_images.shape[0],
+                "un_txt": None if unpaired_texts is None else unpaired_texts.shape[0],
+            }
+        )
+        return original(self, image, text, text_to_image, unpaired_images, unpaired_texts, **kw)
+
+    monkeypatch.setattr(AlignmentLoss, "forward", spy)
+    overrides = fast_overrides(tmp_path, "train.steps=1", "data.paired_fraction=0.5", "data.unpaired_batch_size=8")
+    train(load_config(None, overrides), features)
+    assert seen == [{"image": 16, "text": 16, "un_img": 8, "un_txt": 8}]
+    seen.clear()
+    train(load_config(None, [*overrides, "data.use_unpaired=false", "train.out_dir=" + str(tmp_path / "b")]), features)
+    assert seen == [{"image": 16, "text": 16, "un_img": None, "un_txt": None}]
+
+
+def test_token_variant_adds_the_token_cs_term(tmp_path: Path, token_features: PairedFeatures) -> None:
+    overrides = fast_overrides(
+        tmp_path, "train.steps=8", "data.use_tokens=true", "loss.token_lam=0.1", "model.text={kind: prior}"
+    )
+    result = train(load_config(None, overrides), token_features)
+    assert "token_cs" in result.metrics and result.metrics["token_cs"] >= 0
+    _, text = embed(token_features, result.run_dir)  # the prior adapter sees the text tokens again
+    assert text.shape == (token_features.num_texts, 12)
+
+
+def test_tokens_requested_but_missing_is_explained(tmp_path: Path, features: PairedFeatures) -> None:
+    with pytest.raises(ValueError, match="has no token features"):
+        train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "data.use_tokens=true")), features)
+
+
+def test_text_to_image_prior_maps_into_the_image_space(tmp_path: Path, features: PairedFeatures) -> None:
+    overrides = fast_overrides(
+        tmp_path, "train.steps=6", "model.image={kind: identity}", "model.text={kind: prior}", "model.out_dim=0"
+    )
+    result = train(load_config(None, overrides), features)
+    image, text = embed(features, result.run_dir, normalize=False)
+    assert torch.allclose(image, features.image)  # the image side is frozen as it is
+    assert text.shape == (features.num_texts, 24)  # text adapter out_dim = image dim
+
+
+def test_identity_side_with_a_different_dim_is_explained(tmp_path: Path, features: PairedFeatures) -> None:
+    overrides = fast_overrides(tmp_path, "train.steps=2", "model.image={kind: identity}")  # out_dim 12 != 24
+    with pytest.raises(ValueError, match=r"identity but its features have D=24.*set model\.out_dim=24"):
+        train(load_config(None, overrides), features)
+
+
+def test_cli_trains_from_caches(
+    tmp_path: Path, features: PairedFeatures, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "txt").mkdir()
+    calls = []
+
+    def fake_load(image_cache: str, text_cache: str) -> PairedFeatures:
+        calls.append((image_cache, text_cache))
+        return train_standins.synthetic_features()
+
+    monkeypatch.setattr(csaligner.data, "load_paired_features", fake_load, raising=False)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{image_cache: {tmp_path}/img, text_cache: {tmp_path}/txt}}\ntrain: {{steps: 4}}\n")
+    argv = ["train", "--config", str(config)] + [f"--{o}" for o in fast_overrides(tmp_path / "run")]
+    assert main(argv) == 0
+    assert calls == [(f"{tmp_path}/img", f"{tmp_path}/txt")]
+    assert "step 4/4" in capsys.readouterr().out
+    assert len(read_csv(tmp_path / "run" / "metrics.csv")) == 4
+    assert main(["train", "--data.image_cache=/nonexistent", "--train.steps=1"]) == 1
+    assert "feature cache '/nonexistent' does not exist" in capsys.readouterr().err
+
+
+def test_tensorboard_scalars_are_written_when_available(tmp_path: Path, features: PairedFeatures) -> None:
+    pytest.importorskip("tensorboard")
+    train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "train.tensorboard=true")), features)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_token_cs_without_image_tokens_is_explained(tmp_path: Path, token_features: PairedFeatures) -> None:
+    token_features.image_tokens = None
+    overrides = fast_overrides(tmp_path, "train.steps=2", "data.use_tokens=true", "loss.token_lam=0.1")
+    with pytest.raises(ValueError, match="needs image token features"):
+        train(load_config(None, overrides), token_features)
