@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_standins import fast_overrides
 
 import csaligner.train.checkpoint as ckpt_mod
 from csaligner.data.features import PairedFeatures
@@ -21,6 +20,7 @@ from csaligner.train.checkpoint import (
     set_rng_state,
     unflatten_optimizer,
 )
+from tests.train.helpers import fast_overrides
 
 # Dropout, EMA, a learnable temperature, unpaired draws and random captions: every kind of state a
 # resumed run must restore to continue the same trajectory.
@@ -28,7 +28,7 @@ STATEFUL = [
     "train.steps=20",
     "train.ema=0.9",
     "loss.learn_temperature=true",
-    "model.image={kind: mlp, dropout: 0.2}",
+    "model.text={kind: prior, dropout: 0.2, num_layers: 1, num_heads: 2, head_dim: 8}",
     "data.paired_fraction=0.7",
     "data.unpaired_batch_size=6",
     "data.captions_per_image_in_cs=all",

@@ -11,9 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import train_standins
 from safetensors.torch import load_file, save_file
-from train_standins import fast_overrides
 
 from csaligner.losses.objective import build_objective
 from csaligner.train import load_config, train
@@ -22,6 +20,8 @@ from csaligner.train.config import RunConfig
 from csaligner.train.distributed import DistInfo, all_gather_with_grad, init_distributed, wrap_ddp
 from csaligner.train.model import build_model
 from csaligner.train.step import DeviceFeatures, compute_terms
+from tests.train import helpers
+from tests.train.helpers import fast_overrides
 
 # Multi-positive captions (uneven text counts per process) and an odd unpaired draw (uneven shares)
 # exercise the padded all-gather; the learnable temperature checks a parameter outside DDP.
@@ -31,13 +31,13 @@ VARIANT = [
     "data.paired_fraction=0.7",
     "data.unpaired_batch_size=7",
     "loss.learn_temperature=true",
-    "model.image={kind: mlp, hidden_dim: 16}",
+    "model.image={kind: mlp, mlp_ratio: 2}",
 ]
 
 
 def one_step_grads(config: RunConfig, info: DistInfo, step: int) -> tuple[dict[str, torch.Tensor], float]:
     """Loss and parameter gradients of one step, as the training loop computes them."""
-    features = train_standins.synthetic_features()
+    features = helpers.synthetic_features()
     split = split_features(features, config.data)
     sampler = BatchSampler(split, config.data, config.train.batch_size, 0, info.rank, info.world_size)
     torch.manual_seed(0)
@@ -57,7 +57,6 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    train_standins.install()
     info = init_distributed("cpu")
     try:
         config = load_config(None, fast_overrides(Path(out_dir) / "unused", *VARIANT))
@@ -70,7 +69,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         (weights * gathered).sum().backward()
         save_file({"gathered": gathered.detach(), "grad": x.grad}, f"{out_dir}/gather{rank}.safetensors")
         run_cfg = load_config(None, fast_overrides(Path(out_dir) / "ddp", *VARIANT, "train.steps=6"))
-        result = train(run_cfg, train_standins.synthetic_features())
+        result = train(run_cfg, helpers.synthetic_features())
         if rank == 0:
             Path(out_dir, "history.json").write_text(json.dumps(result.history))
     finally:
@@ -115,9 +114,7 @@ def test_all_gather_with_grad_returns_the_summed_local_slice(ddp_outputs: Path) 
 
 
 def test_two_process_training_matches_one_process(ddp_outputs: Path, tmp_path: Path) -> None:
-    single = train(
-        load_config(None, fast_overrides(tmp_path, *VARIANT, "train.steps=6")), train_standins.synthetic_features()
-    )
+    single = train(load_config(None, fast_overrides(tmp_path, *VARIANT, "train.steps=6")), helpers.synthetic_features())
     ddp = json.loads((ddp_outputs / "history.json").read_text())
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single.history], abs=1e-5)
     assert (ddp_outputs / "ddp" / "image_adapter.safetensors").is_file()

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import train_standins
-from train_standins import fast_overrides
 
 import csaligner.data
 from csaligner.cli import main
 from csaligner.data.features import PairedFeatures
 from csaligner.train import embed, load_config, train
 from csaligner.train.schedule import lr_at
+from tests.train import helpers
+from tests.train.helpers import fast_overrides
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -149,7 +149,7 @@ def test_cli_trains_from_caches(
 
     def fake_load(image_cache: str, text_cache: str) -> PairedFeatures:
         calls.append((image_cache, text_cache))
-        return train_standins.synthetic_features()
+        return helpers.synthetic_features()
 
     monkeypatch.setattr(csaligner.data, "load_paired_features", fake_load, raising=False)
     config = tmp_path / "c.yaml"

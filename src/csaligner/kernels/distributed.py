@@ -65,5 +65,8 @@ def all_gather_with_grad(x: Tensor, group: Any = None) -> Tensor:
     """
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return x
+    # gloo has no bf16/fp16 all_gather; the loss works in float32 anyway.
+    if x.dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo":
+        x = x.float()
     out: Tensor = _AllGather.apply(x, group)
     return out

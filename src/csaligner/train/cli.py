@@ -46,7 +46,7 @@ def attribute_docs(cls: type) -> dict[str, str]:
 def _adapter_fields() -> list[tuple[str, str]]:
     """(name, help) of AdapterConfig fields for --model.image.<name> flags; a minimal set without the module."""
     try:
-        from csaligner.adapters import AdapterConfig  # type: ignore[attr-defined]
+        from csaligner.adapters import AdapterConfig
 
         docs = attribute_docs(AdapterConfig)
         names = [f.name for f in dataclasses.fields(AdapterConfig)]

@@ -77,7 +77,7 @@ class ModelConfig:
     """Which side(s) get a trainable adapter, and the shared space they map into."""
 
     image: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp"})
-    """Image adapter: AdapterConfig fields as a mapping, e.g. {kind: mlp, hidden_dim: 1024}. kind is one of
+    """Image adapter: AdapterConfig fields as a mapping, e.g. {kind: mlp, mlp_ratio: 4}. kind is one of
     prior, mlp, linear, identity (identity = the frozen features as they are). in_dim/out_dim may be left
     out (or 0): they are inferred from the features and `out_dim`."""
     text: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp"})

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from csaligner.kernels.distributed import all_gather_with_grad
+
+__all__ = ["DistInfo", "all_gather_no_grad", "all_gather_with_grad", "all_reduce_mean", "init_distributed", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -80,58 +83,10 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(module, device_ids=ids)
 
 
-def _sizes(n: int, device: torch.device) -> list[int]:
-    local = torch.tensor([n], dtype=torch.long, device=device)
-    out = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, local)
-    return [int(s) for s in out]
-
-
-def _gather_padded(x: Tensor, sizes: list[int]) -> Tensor:
-    # all_gather needs equal shapes: pad dim 0 to the largest share, then drop the padding.
-    longest = max(sizes)
-    padded = x if x.shape[0] == longest else torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, sizes: list[int], rank: int) -> Tensor:
-        ctx.start, ctx.count = sum(sizes[:rank]), sizes[rank]
-        return _gather_padded(x, sizes)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.start : ctx.start + ctx.count], None, None
-
-
-def all_gather_with_grad(x: Tensor) -> Tensor:
-    """Concatenate every process's x along dim 0 (shares may differ in length), differentiably.
-
-    Args:
-        x: (n_r, ...) this process's rows; the trailing dims must match across processes.
-
-    Returns:
-        (sum_r n_r, ...) in rank order; identity when not distributed.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    sizes = _sizes(x.shape[0], x.device)
-    dtype = x.dtype
-    # gloo has no bf16/fp16 all_gather; the loss works in float32 anyway.
-    y = x.float() if dtype in (torch.bfloat16, torch.float16) else x
-    return _AllGatherWithGrad.apply(y, sizes, dist.get_rank())
-
-
 def all_gather_no_grad(x: Tensor) -> Tensor:
     """Concatenate every process's x along dim 0 (e.g. index tensors); no gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _gather_padded(x, _sizes(x.shape[0], x.device))
+    with torch.no_grad():
+        return all_gather_with_grad(x)
 
 
 def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
