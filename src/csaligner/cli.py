@@ -13,6 +13,9 @@ import sys
 # name -> module exposing add_parser(); imported lazily so `csalign --help` stays fast.
 SUBCOMMANDS: dict[str, str] = {
     "demo": "csaligner.demo",
+    "generate": "csaligner.decode.cli",
+    "fid": "csaligner.decode.fid",
+    "preview": "csaligner.decode.preview",
 }
 
 
