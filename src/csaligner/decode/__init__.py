@@ -5,6 +5,14 @@ by the functions that use them, which raise `MissingDependencyError` naming `pip
 """
 
 from csaligner.decode._deps import MissingDependencyError
+from csaligner.decode.fid import FIDResult, compute_fid, fid_from_features, frechet_distance, gaussian_stats
+from csaligner.decode.fid_features import (
+    FEATURE_EXTRACTORS,
+    ImageFeatureExtractor,
+    build_feature_extractor,
+    register_feature_extractor,
+)
+from csaligner.decode.preview import render_preview, retrieve_topk
 from csaligner.decode.unclip import (
     DECODERS,
     DecoderSpec,
@@ -18,12 +26,23 @@ from csaligner.decode.unclip import (
 
 __all__ = [
     "DECODERS",
+    "FEATURE_EXTRACTORS",
     "DecoderSpec",
+    "FIDResult",
+    "ImageFeatureExtractor",
     "MissingDependencyError",
+    "build_feature_extractor",
+    "compute_fid",
+    "fid_from_features",
+    "frechet_distance",
+    "gaussian_stats",
     "generate",
     "load_decoder",
     "load_image_encoder",
     "mean_embed_norm",
+    "register_feature_extractor",
+    "render_preview",
     "rescale_embeds",
+    "retrieve_topk",
     "zero_image_embeds",
 ]
