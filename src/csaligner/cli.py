@@ -14,6 +14,9 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "demo": "csaligner.demo",
     "train": "csaligner.train.cli",
+    "generate": "csaligner.decode.cli",
+    "fid": "csaligner.decode.fid",
+    "preview": "csaligner.decode.preview",
 }
 
 

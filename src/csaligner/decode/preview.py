@@ -1,0 +1,301 @@
+"""Text -> top-k real images under aligned embeddings, side by side for several settings; `csalign preview`.
+
+    csalign preview --image-embeds img.safetensors --image-list images.txt --prompts prompts.txt \\
+        --text-embeds "InfoNCE only=nce.safetensors" "CS-Aligner=cs.safetensors" --out OUT [-k 5]
+
+Writes OUT/preview.png (a grid), OUT/preview.html (self-contained: thumbnails inlined as base64 JPEG)
+and OUT/preview.json (indices and scores). Ground-truth hits get a green border.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from csaligner._validation import check_features, check_same_dim
+from csaligner.decode._deps import MissingDependencyError, require
+from csaligner.decode._io import has_tensor, load_tensor, read_lines
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+HIT = (20, 160, 60)  # green border: a ground-truth image
+MISS = (215, 215, 215)
+BORDER, GAP, LINE = 4, 24, 14  # pixels
+
+
+def retrieve_topk(text_emb: Tensor, image_emb: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k images per prompt by cosine similarity.
+
+    Args:
+        text_emb: (P, D) prompt embeddings in the aligned space.
+        image_emb: (N, D) image embeddings in the same space.
+        k: images per prompt, 1 <= k <= N.
+
+    Returns:
+        scores (P, k) cosine similarities, best first, and indices (P, k) int64 rows of image_emb.
+    """
+    check_features("text_emb", text_emb)
+    check_features("image_emb", image_emb)
+    check_same_dim("text_emb", text_emb, "image_emb", image_emb)
+    if not 1 <= k <= image_emb.shape[0]:
+        raise ValueError(f"k must lie in [1, {image_emb.shape[0]}] (the number of images), got {k}")
+    sims = F.normalize(text_emb.float(), dim=-1) @ F.normalize(image_emb.float(), dim=-1).T  # (P, N)
+    scores, indices = sims.topk(k, dim=-1)
+    return scores, indices
+
+
+def render_preview(
+    prompts: list[str],
+    settings: Mapping[str, Tensor],
+    image_paths: list[Path],
+    out_dir: str | Path,
+    scores: Mapping[str, Tensor] | None = None,
+    ground_truth: Mapping[int, set[int]] | None = None,
+    thumb_size: int = 128,
+) -> tuple[Path, Path]:
+    """Render each setting's retrieved images per prompt as a PNG grid and a self-contained HTML page.
+
+    Args:
+        prompts: P prompt strings.
+        settings: name -> (P, k) int image indices, best first, e.g. {"InfoNCE only": ..., "CS-Aligner": ...}.
+        image_paths: N image files; indices refer to this list.
+        out_dir: where preview.png and preview.html go.
+        scores: optional name -> (P, k) similarities, printed under each thumbnail.
+        ground_truth: optional prompt index -> indices of its true images; those get a green border.
+        thumb_size: thumbnail side in pixels.
+
+    Returns:
+        (png_path, html_path).
+    """
+    _check_preview(prompts, settings, image_paths, scores)
+    gt = {int(p): set(map(int, v)) for p, v in (ground_truth or {}).items()}
+    used = sorted({int(i) for idx in settings.values() for i in idx.flatten().tolist()})
+    thumbs = _thumbnails(image_paths, used, thumb_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png_path, html_path = out / "preview.png", out / "preview.html"
+    _grid(prompts, settings, scores, gt, thumbs, thumb_size).save(png_path)
+    html_path.write_text(_html(prompts, settings, scores, gt, thumbs, image_paths), encoding="utf-8")
+    return png_path, html_path
+
+
+def _check_preview(
+    prompts: list[str], settings: Mapping[str, Tensor], image_paths: list[Path], scores: Mapping[str, Tensor] | None
+) -> None:
+    if not settings:
+        raise ValueError("settings is empty; pass at least one name -> (P, k) index tensor")
+    for name, idx in settings.items():
+        if idx.dim() != 2 or idx.shape[0] != len(prompts) or idx.is_floating_point():
+            raise ValueError(f"settings[{name!r}] must be ({len(prompts)}, k) integer indices, got {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(image_paths)):
+            raise ValueError(f"settings[{name!r}] has indices outside [0, {len(image_paths) - 1}] (the image list)")
+        if scores is not None and name in scores and scores[name].shape != idx.shape:
+            raise ValueError(f"scores[{name!r}] has shape {tuple(scores[name].shape)}, indices {tuple(idx.shape)}")
+
+
+def _thumbnails(image_paths: list[Path], used: list[int], side: int) -> dict[int, Image.Image]:
+    PIL = require("PIL.Image", "render_preview")
+    ops = require("PIL.ImageOps", "render_preview")
+    thumbs = {}
+    for i in used:
+        path = Path(image_paths[i])
+        if not path.is_file():
+            raise FileNotFoundError(f"image {i} of the image list does not exist: {path}")
+        with PIL.open(path) as im:
+            thumbs[i] = ops.fit(im.convert("RGB"), (side, side), PIL.Resampling.BICUBIC)
+    return thumbs
+
+
+def _hits(idx: Tensor, gt: Mapping[int, set[int]]) -> int:
+    """Prompts with at least one ground-truth image among the retrieved ones."""
+    return sum(bool(set(idx[p].tolist()) & gt.get(p, set())) for p in range(idx.shape[0]))
+
+
+def _title(name: str, idx: Tensor, gt: Mapping[int, set[int]]) -> str:
+    return f"{name} (hit@{idx.shape[1]}: {_hits(idx, gt)}/{idx.shape[0]})" if gt else name
+
+
+def _grid(
+    prompts: list[str],
+    settings: Mapping[str, Tensor],
+    scores: Mapping[str, Tensor] | None,
+    gt: Mapping[int, set[int]],
+    thumbs: Mapping[int, Image.Image],
+    side: int,
+) -> Image.Image:
+    """Rows: prompts (text line, then thumbnails); column groups: settings."""
+    PIL = require("PIL.Image", "render_preview")
+    draw_mod = require("PIL.ImageDraw", "render_preview")
+    cell = side + 2 * BORDER + 2
+    widths = [idx.shape[1] * cell for idx in settings.values()]
+    width = GAP + sum(w + GAP for w in widths)
+    wrap = max(20, width // 7)  # the default bitmap font is ~6 px per character
+    texts = [textwrap.wrap(f"{p + 1}. {prompt}", wrap) or [""] for p, prompt in enumerate(prompts)]
+    height = GAP + LINE + sum(len(t) * LINE + cell + LINE + GAP for t in texts)
+    canvas = PIL.new("RGB", (width, height), "white")
+    draw = draw_mod.Draw(canvas)
+    x = GAP
+    for (name, idx), w in zip(settings.items(), widths, strict=True):
+        draw.text((x, GAP // 2), _title(name, idx, gt), fill="black")
+        x += w + GAP
+    y = GAP + LINE
+    for p, lines in enumerate(texts):
+        for line in lines:
+            draw.text((GAP, y), line, fill=(40, 40, 40))
+            y += LINE
+        x = GAP
+        for (name, idx), w in zip(settings.items(), widths, strict=True):
+            for j, i in enumerate(idx[p].tolist()):
+                colour = HIT if i in gt.get(p, set()) else MISS
+                draw.rectangle(
+                    [x + j * cell, y, x + j * cell + side + 2 * BORDER - 1, y + side + 2 * BORDER - 1], colour
+                )
+                canvas.paste(thumbs[i], (x + j * cell + BORDER, y + BORDER))
+                if scores is not None and name in scores:
+                    draw.text((x + j * cell, y + side + 2 * BORDER), f"{float(scores[name][p, j]):.3f}", fill="gray")
+            x += w + GAP
+        y += cell + LINE + GAP
+    return canvas
+
+
+def _jpeg_data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_CSS = (
+    "body{font-family:sans-serif;margin:16px}table{border-collapse:collapse}"
+    "td,th{vertical-align:top;padding:6px;border-bottom:1px solid #ddd;text-align:left}"
+    "figure{display:inline-block;margin:2px;text-align:center;font-size:11px;color:#666}"
+    "img{display:block;border:4px solid #d7d7d7}img.hit{border-color:#14a03c}td.prompt{max-width:260px}"
+)
+
+
+def _html(
+    prompts: list[str],
+    settings: Mapping[str, Tensor],
+    scores: Mapping[str, Tensor] | None,
+    gt: Mapping[int, set[int]],
+    thumbs: Mapping[int, Image.Image],
+    image_paths: list[Path],
+) -> str:
+    uris = {i: _jpeg_data_uri(t) for i, t in thumbs.items()}
+    head = "".join(f"<th>{html.escape(_title(name, idx, gt))}</th>" for name, idx in settings.items())
+    rows = []
+    for p, prompt in enumerate(prompts):
+        cells = [f'<td class="prompt">{p + 1}. {html.escape(prompt)}</td>']
+        for name, idx in settings.items():
+            figs = []
+            for j, i in enumerate(idx[p].tolist()):
+                hit = ' class="hit"' if i in gt.get(p, set()) else ""
+                score = f"{float(scores[name][p, j]):.3f}" if scores is not None and name in scores else ""
+                title = html.escape(Path(image_paths[i]).name)
+                figs.append(
+                    f'<figure><img{hit} src="{uris[i]}" title="{title}"><figcaption>{score}</figcaption></figure>'
+                )
+            cells.append("<td>" + "".join(figs) + "</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    note = "<p>Green border: a ground-truth image of the prompt.</p>" if gt else ""
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>Retrieval preview</title><style>{_CSS}</style>'
+        f"</head><body><h1>Top-k retrieved images per prompt</h1>{note}<table><tr><th>prompt</th>{head}</tr>"
+        + "\n".join(rows)
+        + "</table></body></html>\n"
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "preview",
+        help="top-k real images per prompt for several aligned settings, as a PNG grid and an HTML page",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--image-embeds", type=Path, help="safetensors with (N, D) 'image_embeds' shared by all settings")
+    p.add_argument(
+        "--text-embeds",
+        required=True,
+        nargs="+",
+        metavar="NAME=FILE",
+        help="one per setting: safetensors with (P, D) 'text_embeds' (and optionally its own 'image_embeds')",
+    )
+    p.add_argument("--image-list", required=True, type=Path, help="N image paths, one per line, in embedding order")
+    p.add_argument("--image-root", type=Path, help="base of relative image paths (default: the list's folder)")
+    p.add_argument("--prompts", required=True, type=Path, help="P prompts, one per line, in embedding order")
+    p.add_argument("--ground-truth", type=Path, help='JSON {"prompt index": [image index or listed path, ...]}')
+    p.add_argument("-k", type=int, default=5, help="images per prompt (default 5)")
+    p.add_argument("--thumb-size", type=int, default=128)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except MissingDependencyError as err:
+        print(f"csalign preview: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    prompts = read_lines(args.prompts, "prompt")
+    listed = read_lines(args.image_list, "image path")
+    root = args.image_root or args.image_list.parent
+    image_paths = [Path(entry) if Path(entry).is_absolute() else root / entry for entry in listed]
+    shared = load_tensor(args.image_embeds, "image_embeds") if args.image_embeds else None
+    settings: dict[str, Tensor] = {}
+    scores: dict[str, Tensor] = {}
+    for spec in args.text_embeds:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise ValueError(f"--text-embeds takes NAME=FILE, got {spec!r}")
+        text = load_tensor(file, "text_embeds")
+        image = load_tensor(file, "image_embeds") if has_tensor(file, "image_embeds") else shared
+        if image is None:
+            raise ValueError(f"{file} has no 'image_embeds' and no --image-embeds was given; pass --image-embeds")
+        if text.shape[0] != len(prompts) or image.shape[0] != len(image_paths):
+            raise ValueError(
+                f"setting {name!r}: {text.shape[0]} text rows for {len(prompts)} prompts, "
+                f"{image.shape[0]} image rows for {len(image_paths)} listed images; they must match"
+            )
+        scores[name], settings[name] = retrieve_topk(text, image, args.k)
+    gt = _read_ground_truth(args.ground_truth, listed) if args.ground_truth else None
+    png, page = render_preview(prompts, settings, image_paths, args.out, scores, gt, args.thumb_size)
+    record: dict[str, Any] = {
+        "prompts": prompts,
+        "k": args.k,
+        "settings": {n: {"indices": settings[n].tolist(), "scores": scores[n].tolist()} for n in settings},
+    }
+    (args.out / "preview.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {png}, {page} and {args.out / 'preview.json'}")
+    return 0
+
+
+def _read_ground_truth(path: Path, listed: list[str]) -> dict[int, set[int]]:
+    """Prompt index -> image indices; values may be indices or paths exactly as written in the image list."""
+    position = {entry: i for i, entry in enumerate(listed)}
+    gt: dict[int, set[int]] = {}
+    for key, values in json.loads(path.read_text()).items():
+        rows = set()
+        for v in values:
+            if isinstance(v, int):
+                rows.add(v)
+            elif v in position:
+                rows.add(position[v])
+            else:
+                raise ValueError(f"{path}: prompt {key} names {v!r}, which is not in the image list")
+        gt[int(key)] = rows
+    return gt

@@ -1,0 +1,116 @@
+"""`csalign generate` end to end on tiny decoders saved as local folders: files written and their contents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from csaligner.cli import main
+from csaligner.decode import generate
+
+pytest.importorskip("diffusers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+Image = pytest.importorskip("PIL.Image")
+
+PROMPTS = ["a red bus", "two dogs on grass", "a bowl of fruit"]
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[Path, Path, torch.Tensor]:
+    emb = torch.randn(len(PROMPTS), 32)
+    safetensors_torch.save_file({"image_embeds": emb}, tmp_path / "emb.safetensors")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return tmp_path / "emb.safetensors", tmp_path / "prompts.txt", emb
+
+
+def cli(decoder: str, path: Path, emb: Path, prompts: Path, out: Path, *extra: str) -> int:
+    base = ["generate", "--decoder", decoder, "--decoder-path", str(path), "--embeddings", str(emb)]
+    base += ["--prompts", str(prompts), "--out", str(out), "--steps", "2", "--device", "cpu", "--batch-size", "2"]
+    return main([*base, *extra])
+
+
+def read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_generate_writes_pngs_and_manifest(
+    tmp_path: Path, inputs: Any, kandinsky_dir: Path, kandinsky_pipe: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    emb_file, prompts, emb = inputs
+    out = tmp_path / "out"
+    assert (
+        cli("kandinsky22", kandinsky_dir, emb_file, prompts, out, "--height", "32", "--width", "32", "--seed", "7") == 0
+    )
+    assert "zero vector" in capsys.readouterr().err  # says the negative is not the zero-image embedding
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [im["prompt"] for im in manifest["images"]] == PROMPTS
+    assert [im["seed"] for im in manifest["images"]] == [7, 8, 9]
+    assert manifest["negative"] == "zeros" and manifest["steps"] == 2 and manifest["guidance"] == 7.5
+    files = [out / im["file"] for im in manifest["images"]]
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    direct = generate(kandinsky_pipe, emb, seed=7, num_inference_steps=2, height=32, width=32)
+    for path, image in zip(files, direct, strict=True):
+        assert Image.open(path).size == (32, 32)
+        assert np.abs(read(path) - np.asarray(image, dtype=np.int16)).mean() < 0.05
+
+
+def test_generate_resumes_with_skip_existing(tmp_path: Path, inputs: Any, kandinsky_dir: Path) -> None:
+    emb_file, prompts, _ = inputs
+    out = tmp_path / "out"
+    size = ("--height", "32", "--width", "32")
+    assert cli("kandinsky22", kandinsky_dir, emb_file, prompts, out, *size) == 0
+    first = read(out / "000001.png")
+    (out / "000001.png").unlink()
+    stamp = (out / "000000.png").stat().st_mtime_ns
+    assert cli("kandinsky22", kandinsky_dir, emb_file, prompts, out, *size, "--skip-existing") == 0
+    assert (out / "000000.png").stat().st_mtime_ns == stamp  # kept, not redrawn
+    assert np.abs(read(out / "000001.png") - first).mean() < 0.05  # redrawn alone, same seed, same image
+
+
+def test_generate_zero_image_negative_and_embed_norm(
+    tmp_path: Path, inputs: Any, kandinsky_dir: Path, karlo_pipe: Any
+) -> None:
+    emb_file, prompts, _ = inputs
+    karlo_pipe.image_encoder.save_pretrained(tmp_path / "image_encoder")  # a tiny 32-d CLIP image encoder
+    safetensors_torch.save_file({"image_embeds": 5 * torch.randn(4, 32)}, tmp_path / "real.safetensors")
+    out = tmp_path / "out"
+    extra = ("--height", "32", "--width", "32", "--image-encoder-path", str(tmp_path / "image_encoder"))
+    extra += ("--embed-norm-from", str(tmp_path / "real.safetensors"))
+    assert cli("kandinsky22", kandinsky_dir, emb_file, prompts, out, *extra) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["negative"].startswith("zero-image:")
+    real = safetensors_torch.load_file(tmp_path / "real.safetensors")["image_embeds"]
+    assert manifest["embed_norm"] == pytest.approx(float(real.norm(dim=-1).mean()))
+
+
+def test_generate_karlo(tmp_path: Path, inputs: Any, karlo_dir: Path) -> None:
+    emb_file, prompts, _ = inputs
+    out = tmp_path / "out"
+    assert cli("karlo", karlo_dir, emb_file, prompts, out, "--super-res-steps", "2") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["super_res_steps"] == 2 and manifest["negative"] is None
+    assert [Image.open(out / im["file"]).size for im in manifest["images"]] == [(64, 64)] * 3
+
+
+def test_generate_errors_are_for_people(
+    tmp_path: Path, inputs: Any, kandinsky_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    emb_file, prompts, _ = inputs
+    out = tmp_path / "out"
+    assert cli("kandinsky22", tmp_path / "nowhere", emb_file, prompts, out) == 1
+    assert "kandinsky-community/kandinsky-2-2-decoder" in capsys.readouterr().err
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    assert cli("kandinsky22", kandinsky_dir, emb_file, tmp_path / "two.txt", out) == 1
+    assert "has 2 prompts but" in capsys.readouterr().err
+    args = ["generate", "--decoder", "kandinsky22", "--decoder-path", str(kandinsky_dir), "--run", str(tmp_path)]
+    assert main([*args, "--prompts", str(prompts), "--out", str(out)]) == 1
+    assert "--run is not wired yet" in capsys.readouterr().err
+    safetensors_torch.save_file({"text_embeds": torch.zeros(3, 32)}, tmp_path / "wrong.safetensors")
+    assert cli("kandinsky22", kandinsky_dir, tmp_path / "wrong.safetensors", prompts, out) == 1
+    assert "no tensor named 'image_embeds' (it holds ['text_embeds'])" in capsys.readouterr().err
+    assert not out.exists() or not list(out.glob("*.png"))
