@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "csaligner.decode.cli",
     "fid": "csaligner.decode.fid",
     "preview": "csaligner.decode.preview",
+    "eval": "csaligner.eval.cli",
 }
 
 

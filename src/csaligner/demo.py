@@ -96,12 +96,23 @@ def _print_toy_table(metrics: dict[str, dict[str, float]]) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job end to end (toy: synthetic, seconds)")
-    p.add_argument("which", nargs="?", default="toy", choices=["toy"], help="which demo to run")
+    p = sub.add_parser("demo", help="run the main job end to end (flickr: real data; toy: synthetic, seconds)")
+    p.add_argument("which", nargs="?", default="flickr", choices=["flickr", "toy"], help="which demo to run")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    p.add_argument("--train-images", type=int, default=2000, help="Flickr8k train images (0 = all 6,000)")
+    p.add_argument("--dev-images", type=int, default=1000, help="Flickr8k dev images (0 = all 1,000)")
+    p.add_argument("--epochs", type=int, default=30)
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    run_toy(args.out / "toy")
+    if args.which == "toy":
+        run_toy(args.out / "toy")
+        return 0
+    from csaligner.flickr_demo import FlickrDemoSettings, run_flickr_demo
+
+    settings = FlickrDemoSettings(
+        train_images=args.train_images, dev_images=args.dev_images, epochs=args.epochs, out_dir=args.out
+    )
+    run_flickr_demo(settings)
     return 0

@@ -1,0 +1,101 @@
+"""`csalign eval`: metrics, plots and a report for one or more trained runs on held-out features."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from csaligner.data.features import PairedFeatures
+from csaligner.eval.evaluate import evaluate_run, load_classification, text_encoder_name
+from csaligner.eval.plots import plot_paired_distance_hist, plot_projection
+from csaligner.eval.report import ReportSection, write_report
+
+HEADLINE = (
+    "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "rsum", "centroid_distance", "paired_distance",
+    "cs_divergence", "linear_separability",
+)  # fmt: skip
+
+
+def report_figures(runs: dict[str, Path], features: PairedFeatures, out_dir: Path) -> list[Path]:
+    """Shared-basis 2-D projection and paired-distance histograms of every run's embeddings."""
+    from csaligner.train import embed
+
+    embedded = {name: embed(features, str(run)) for name, run in runs.items()}
+    t2i = features.text_to_image
+    paired = t2i >= 0
+    one_caption = _first_caption_rows(t2i)
+    proj = plot_projection(
+        {name: (img, txt[one_caption]) for name, (img, txt) in embedded.items()}, out_dir / "projection.png"
+    )
+    dists = {name: (img[t2i[paired]] - txt[paired]).norm(dim=1) for name, (img, txt) in embedded.items()}
+    hist = plot_paired_distance_hist(dists, out_dir / "paired_distance.png")
+    return [proj, hist]
+
+
+def _first_caption_rows(t2i: Tensor) -> Tensor:
+    """(N,) the row of the first caption of every image, so projection points pair one to one."""
+    first = torch.full((int(t2i.max()) + 1,), -1, dtype=torch.long)
+    for row in range(t2i.numel() - 1, -1, -1):
+        if t2i[row] >= 0:
+            first[t2i[row]] = row
+    return first[first >= 0]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate trained runs: retrieval, modality gap, classification, report")
+    p.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR", help="run folder (repeatable)")
+    p.add_argument("--image-cache", required=True, help="held-out image feature cache (e.g. flickr8k:dev)")
+    p.add_argument("--text-cache", required=True, help="held-out text feature cache of the same data")
+    p.add_argument("--class-train-cache", help="class-folder image cache for few-shot (e.g. flowers:train)")
+    p.add_argument("--class-test-cache", help="class-folder image cache for zero/few-shot testing")
+    p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric")
+    p.add_argument("--out", type=Path, help="report folder (default: <first run>/eval)")
+    p.set_defaults(func=_main)
+
+
+def _parse_runs(specs: list[str]) -> dict[str, Path]:
+    runs = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        run = Path(path)
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"{run} is not a finished training run (no config.yaml); pass a `csalign train` folder"
+            )
+        runs[name or run.name] = run
+    return runs
+
+
+def _main(args: argparse.Namespace) -> int:
+    from csaligner.data import load_paired_features
+
+    runs = _parse_runs(args.run)
+    features = load_paired_features(args.image_cache, args.text_cache, tokens=True)
+    classification = None
+    if bool(args.class_train_cache) != bool(args.class_test_cache):
+        raise ValueError("pass both --class-train-cache and --class-test-cache, or neither")
+    if args.class_train_cache:
+        classification = load_classification(
+            args.class_train_cache, args.class_test_cache, text_encoder_name(args.text_cache)
+        )
+    out_dir = args.out or next(iter(runs.values())) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {name: evaluate_run(run, features, classification, args.sigma) for name, run in runs.items()}
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    figures = report_figures(runs, features, out_dir)
+    table: dict[str, dict[str, float | list[float]]] = {
+        name: {k: m[k] for k in HEADLINE if k in m} for name, m in results.items()
+    }
+    section = ReportSection(
+        heading="Held-out evaluation",
+        text=f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}.",
+        table=table,
+        figures=figures,
+    )
+    report = write_report(out_dir, "csalign eval", [section])
+    print(Path(report).read_text())
+    return 0

@@ -1,0 +1,120 @@
+"""Evaluate a trained run: retrieval, modality gap, T2I feature quality, zero/few-shot classification.
+
+`evaluate_run` is what `csalign eval` and the demo call; it composes the pure metric functions of
+this package with the run's adapters (`csaligner.train.embed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from csaligner.data.features import PairedFeatures
+from csaligner.eval.classification import class_prompts, few_shot_accuracy, zero_shot_accuracy
+from csaligner.eval.gap import modality_gap_metrics
+from csaligner.eval.retrieval import retrieval_metrics
+from csaligner.eval.t2i import t2i_metrics
+
+
+@dataclass(frozen=True)
+class ClassificationData:
+    """Cached image features of a class-folder set (e.g. flowers) and the text encoder for prompts."""
+
+    train_features: Tensor
+    train_labels: Tensor
+    test_features: Tensor
+    test_labels: Tensor
+    class_names: list[str]
+    text_encoder: str
+    """Registered name of the text encoder the run was trained on (prompts are encoded with it)."""
+
+
+def paired_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, sigma: float = 1.0) -> dict[str, float]:
+    """Retrieval (multi-caption protocol) and modality-gap metrics of aligned embeddings."""
+    out = retrieval_metrics(image_emb, text_emb, text_to_image)
+    out.update(modality_gap_metrics(image_emb, text_emb, text_to_image, sigma=sigma))
+    return out
+
+
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def image_side_is_frozen(run_dir: str | Path) -> bool:
+    """True when the run maps text into the frozen image space (image adapter "identity")."""
+    return _run_config(Path(run_dir))["model"]["image"].get("kind") == "identity"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    features: PairedFeatures,
+    classification: ClassificationData | None = None,
+    sigma: float = 1.0,
+) -> dict[str, float]:
+    """All metrics of one run on held-out paired features (and optionally a classification set).
+
+    Returns:
+        flat dict: retrieval ("i2t_R@1", ..., "rsum"), gap ("centroid_distance", "cs_divergence",
+        "linear_separability", ...), for text-to-image-space runs "t2i_frechet_distance",
+        "t2i_paired_cosine", and with `classification` "zero_shot_top1" and "{k}-shot".
+    """
+    from csaligner.train import embed
+
+    image_emb, text_emb = embed(features, str(run_dir))
+    out = paired_metrics(image_emb, text_emb, features.text_to_image, sigma)
+    if image_side_is_frozen(run_dir):
+        # The decoder consumes raw (unnormalised) image embeddings: compare mapped text with them.
+        _, mapped_text = embed(features, str(run_dir), normalize=False)
+        t2i = t2i_metrics(mapped_text, features.image, features.text_to_image)
+        out.update({k if k.startswith("t2i_") else f"t2i_{k}": v for k, v in t2i.items()})
+    if classification is not None:
+        out.update(classification_metrics(run_dir, classification))
+    return out
+
+
+def classification_metrics(run_dir: str | Path, data: ClassificationData) -> dict[str, float]:
+    """Zero-shot (class-name prompts through the run's text adapter) and prototype few-shot accuracy."""
+    from csaligner.encoders import get_encoder
+    from csaligner.train.embed import apply_adapter
+    from csaligner.train.model import load_adapters
+
+    adapters = load_adapters(str(run_dir), "cpu")
+    encoder = get_encoder(data.text_encoder)
+    prompts = class_prompts(data.class_names)  # C lists of P prompts
+    flat = [p for per_class in prompts for p in per_class]
+    with torch.inference_mode():
+        prompt_feats = encoder.encode_texts(flat).pooled.float()
+    class_text = F.normalize(apply_adapter(adapters.text, prompt_feats), dim=-1)
+    class_text = class_text.reshape(len(prompts), len(prompts[0]), -1)
+    train_img = F.normalize(apply_adapter(adapters.image, data.train_features), dim=-1)
+    test_img = F.normalize(apply_adapter(adapters.image, data.test_features), dim=-1)
+    zs = zero_shot_accuracy(test_img, class_text, data.test_labels)
+    out = {"zero_shot_top1": float(zs["top1"]), "zero_shot_mean_per_class": float(zs["mean_per_class"])}
+    fs = few_shot_accuracy(train_img, data.train_labels, test_img, data.test_labels, shots=(1, 4, 16))
+    out.update({f"few_shot_{k}": float(v) for k, v in fs.items()})
+    return out
+
+
+def load_classification(train_cache: str | Path, test_cache: str | Path, text_encoder: str) -> ClassificationData:
+    """Read cached class-folder features (e.g. flowers:train and flowers:test)."""
+    from csaligner.data import load_class_features
+
+    tr_x, tr_y, names = load_class_features(train_cache)
+    te_x, te_y, names_test = load_class_features(test_cache)
+    if names != names_test:
+        raise ValueError(f"class names differ between {train_cache} ({names}) and {test_cache} ({names_test})")
+    return ClassificationData(tr_x, tr_y, te_x, te_y, names, text_encoder)
+
+
+def text_encoder_name(text_cache: str | Path) -> str:
+    """The registered encoder name a text cache was built with (the part of its id before '@')."""
+    from csaligner.data.cache import FeatureCache
+
+    encoder_id = str(FeatureCache.open(text_cache, verify=False).key_fields["encoder"])
+    return encoder_id.split("@", 1)[0]
