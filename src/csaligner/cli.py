@@ -13,6 +13,7 @@ import sys
 # name -> module exposing add_parser(); imported lazily so `csalign --help` stays fast.
 SUBCOMMANDS: dict[str, str] = {
     "demo": "csaligner.demo",
+    "encode": "csaligner.data.encode",
 }
 
 
