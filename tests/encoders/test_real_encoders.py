@@ -13,13 +13,20 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from csaligner.data import EncodeConfig, PairedFeatures, encode_manifest, load_paired_features, resolve_dataset
+from csaligner.data import (
+    EncodeConfig,
+    ImageTextManifest,
+    PairedFeatures,
+    encode_manifest,
+    load_paired_features,
+    resolve_dataset,
+)
 from csaligner.encoders import FrozenEncoder, get_encoder
 
 pytestmark = pytest.mark.slow
 
 
-def _dataset(spec: str):
+def _dataset(spec: str) -> ImageTextManifest:
     try:
         return resolve_dataset(spec)
     except FileNotFoundError as err:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from csaligner.encoders.base import ImagePreprocess
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 OnBadImage = Literal["fail", "skip"]
 ON_BAD_IMAGE = ("fail", "skip")
@@ -52,7 +55,7 @@ def bad_image_report(bad: Sequence[BadImage], total: int, limit: int = 10) -> st
     return "\n".join(lines)
 
 
-def open_image(path: str) -> object:
+def open_image(path: str) -> PILImage:
     """Decode an image fully (PIL is lazy; load() catches truncated files) and return it as RGB."""
     from PIL import Image
 
@@ -115,7 +118,7 @@ class ImageFileDataset(Dataset[Tensor]):
             raise ValueError(
                 f"cannot read image {self.paths[i]}: {err} (it decoded in the scan; did it change?)"
             ) from err
-        return self.preprocess(img)  # type: ignore[arg-type]
+        return self.preprocess(img)
 
 
 def image_loader(paths: Sequence[str], preprocess: ImagePreprocess, batch_size: int, workers: int) -> DataLoader:

@@ -140,7 +140,8 @@ class SentenceTransformersEncoder:
         self.device = torch.device(device)
         files = weight_files(directory) + sorted(directory.glob("*/config.json"))
         self._id = f"sentence-transformers@{hash_files(files)}"
-        self._dim = int(self.model.get_sentence_embedding_dimension() or 0)
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self._dim = int(get_dim() or 0)
         first: Any = self.model[0]
         self._token_dim = int(first.auto_model.config.hidden_size)
 
@@ -164,8 +165,9 @@ class SentenceTransformersEncoder:
         raise ValueError(f"{self.id} is a text encoder; encode images with an image encoder")
 
     def encode_texts(self, texts: Sequence[str], tokens: bool = False) -> EncoderOutput:
-        features = self.model.tokenize(check_texts(texts))
-        features = {k: v.to(self.device) for k, v in features.items()}
+        # sentence-transformers >= 6 names it `preprocess` (and adds non-tensor entries); older ones `tokenize`.
+        prep = getattr(self.model, "preprocess", None) or self.model.tokenize
+        features = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in prep(check_texts(texts)).items()}
         with torch.inference_mode():
             out = self.model(features)
         pooled = out["sentence_embedding"]
