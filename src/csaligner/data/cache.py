@@ -123,6 +123,11 @@ class FeatureCache:
                 f"{d} is incomplete (encoding was interrupted); rerun the same `csalign encode` command to resume"
             )
         cache = cls(d, state)
+        # cache.json and items.json are checked against the key too, not only the shards.
+        if cache_key(state["key_fields"]) != state["key"]:
+            raise CacheIntegrityError(f"{d / CACHE_FILE} was edited: its key does not match its key fields")
+        if cache.manifest.content_hash() != state["key_fields"]["manifest"]:
+            raise CacheIntegrityError(f"{d / ITEMS_FILE} does not match the manifest hash in the key; it was altered")
         cache.check(verify)
         return cache
 
