@@ -168,12 +168,12 @@ def test_altered_or_missing_shard_fails_verification(tiny_manifest: ImageTextMan
         FeatureCache.open(out)
     FeatureCache.open(out, verify=False)  # counts still fine; checksum skipped on request
     shard.unlink()
-    with pytest.raises(CacheIntegrityError, match="shard image-00001.safetensors is missing"):
+    with pytest.raises(CacheIntegrityError, match=r"shard image-00001\.safetensors is missing"):
         FeatureCache.open(out, verify=False)
     items = json.loads((out / "items.json").read_text())
     items["image_ids"][0] = "renamed.jpg"
     (out / "items.json").write_text(json.dumps(items))
-    with pytest.raises(CacheIntegrityError, match="items.json does not match"):
+    with pytest.raises(CacheIntegrityError, match=r"items\.json does not match"):
         FeatureCache.open(out, verify=False)
 
 
