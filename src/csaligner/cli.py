@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "fid": "csaligner.decode.fid",
     "preview": "csaligner.decode.preview",
     "eval": "csaligner.eval.cli",
+    "encode": "csaligner.data.encode",
 }
 
 

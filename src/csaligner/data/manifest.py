@@ -1,0 +1,277 @@
+"""`ImageTextManifest`: which images and captions a data set has and how they pair up.
+
+One row per unique image and one per caption; `text_to_image` links each caption to its image
+(-1 = an unpaired caption), so five captions per image are a group, and image-only or text-only
+pools are the same type with no links. Files: TSV / CSV / JSONL (Parquet with pyarrow) with
+columns `image`, `caption` and optional `group` (the image's id; default its path),
+`caption_id`, `label` (class name). An empty `caption` is an image-only row, an empty `image`
+a text-only row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
+# Accepted spellings of the two required columns (open_clip CSVs use filepath/title).
+_IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "path")
+_CAPTION_COLUMNS = ("caption", "text", "title")
+
+
+@dataclass(frozen=True)
+class ImageTextManifest:
+    """Images, captions and their links.
+
+    Attributes:
+        image_ids: N unique identifiers (file names or the `group` column), in row order.
+        image_paths: N paths to the image files.
+        captions: M caption strings.
+        text_to_image: M image rows, -1 for an unpaired caption.
+        caption_ids: M caption identifiers, or empty.
+        labels: N class indices for classification sets, or empty.
+        class_names: class index -> name, or empty.
+        name: where it came from ("flickr8k:train:500", a file path); not part of the hash.
+    """
+
+    image_ids: tuple[str, ...]
+    image_paths: tuple[str, ...]
+    captions: tuple[str, ...] = ()
+    text_to_image: tuple[int, ...] = ()
+    caption_ids: tuple[str, ...] = ()
+    labels: tuple[int, ...] = ()
+    class_names: tuple[str, ...] = ()
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        n, m = len(self.image_ids), len(self.captions)
+        if len(self.image_paths) != n:
+            raise ValueError(f"{len(self.image_paths)} image_paths for {n} image_ids")
+        if len(set(self.image_ids)) != n:
+            dup = sorted(i for i, c in Counter(self.image_ids).items() if c > 1)[:5]
+            raise ValueError(f"image_ids must be unique; repeated: {dup}")
+        if len(self.text_to_image) != m:
+            raise ValueError(f"{len(self.text_to_image)} text_to_image entries for {m} captions")
+        bad = [t for t in self.text_to_image if not -1 <= t < n]
+        if bad:
+            raise ValueError(f"text_to_image values must lie in [-1, {n - 1}], got e.g. {bad[:5]}")
+        if self.caption_ids and len(self.caption_ids) != m:
+            raise ValueError(f"{len(self.caption_ids)} caption_ids for {m} captions")
+        if self.labels:
+            if len(self.labels) != n:
+                raise ValueError(f"{len(self.labels)} labels for {n} images")
+            if not all(0 <= c < len(self.class_names) for c in self.labels):
+                raise ValueError(f"labels must index class_names (0..{len(self.class_names) - 1})")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.captions)
+
+    def content_hash(self) -> str:
+        """sha256 of the items (ids, captions, links, labels): the data part of a feature-cache key.
+
+        Paths are left out so a data set moved to another folder keeps its cache.
+        """
+        payload = {k: v for k, v in self.to_json().items() if k not in ("image_paths", "name")}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def captions_of(self, image_row: int) -> list[int]:
+        """Caption rows linked to one image row."""
+        return [j for j, t in enumerate(self.text_to_image) if t == image_row]
+
+    def select_images(self, rows: Sequence[int], name: str | None = None) -> ImageTextManifest:
+        """Keep the given image rows (in that order) and their captions; unpaired captions are dropped."""
+        remap = {old: new for new, old in enumerate(rows)}
+        keep = [j for j, t in enumerate(self.text_to_image) if t in remap]
+        return ImageTextManifest(
+            image_ids=tuple(self.image_ids[i] for i in rows),
+            image_paths=tuple(self.image_paths[i] for i in rows),
+            captions=tuple(self.captions[j] for j in keep),
+            text_to_image=tuple(remap[self.text_to_image[j]] for j in keep),
+            caption_ids=tuple(self.caption_ids[j] for j in keep) if self.caption_ids else (),
+            labels=tuple(self.labels[i] for i in rows) if self.labels else (),
+            class_names=self.class_names,
+            name=self.name if name is None else name,
+        )
+
+    def head(self, num_images: int) -> ImageTextManifest:
+        """The first `num_images` images and their captions."""
+        if num_images < 1:
+            raise ValueError(f"limit must be >= 1 image, got {num_images}")
+        return self.select_images(range(min(num_images, self.num_images)), name=f"{self.name}:{num_images}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "image_ids": list(self.image_ids),
+            "image_paths": list(self.image_paths),
+            "captions": list(self.captions),
+            "text_to_image": list(self.text_to_image),
+            "caption_ids": list(self.caption_ids),
+            "labels": list(self.labels),
+            "class_names": list(self.class_names),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ImageTextManifest:
+        return cls(
+            image_ids=tuple(obj["image_ids"]),
+            image_paths=tuple(obj["image_paths"]),
+            captions=tuple(obj.get("captions", ())),
+            text_to_image=tuple(int(t) for t in obj.get("text_to_image", ())),
+            caption_ids=tuple(obj.get("caption_ids", ())),
+            labels=tuple(int(c) for c in obj.get("labels", ())),
+            class_names=tuple(obj.get("class_names", ())),
+            name=str(obj.get("name", "")),
+        )
+
+    def with_name(self, name: str) -> ImageTextManifest:
+        return replace(self, name=name)
+
+
+def _pick(columns: Sequence[str], options: Sequence[str], path: Path, what: str) -> str:
+    for c in options:
+        if c in columns:
+            return c
+    raise ValueError(f"{path}: no {what} column; expected one of {list(options)}, found {list(columns)}")
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            return [dict(r) for r in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")]
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append({k: "" if v is None else str(v) for k, v in json.loads(line).items()})
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{n}: not a JSON object: {err}") from err
+        return rows
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ValueError(
+                f"reading {path} needs pyarrow: pip install pyarrow, or convert it to .tsv/.jsonl"
+            ) from err
+        table = pq.read_table(path).to_pylist()
+        return [{k: "" if v is None else str(v) for k, v in r.items()} for r in table]
+    raise ValueError(f"unknown manifest format {path.suffix!r} for {path}; use one of {MANIFEST_SUFFIXES}")
+
+
+def read_manifest(path: str | Path, image_root: str | Path | None = None) -> ImageTextManifest:
+    """Read a paired (or unpaired) manifest file.
+
+    Args:
+        path: .tsv, .csv, .jsonl or .parquet with columns image, caption [, group, caption_id, label].
+        image_root: folder that relative image paths start from (default the manifest's folder).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"manifest not found: {p}")
+    rows = _read_rows(p)
+    if not rows:
+        raise ValueError(f"{p} has no rows")
+    cols = list(rows[0].keys())
+    img_col = _pick(cols, _IMAGE_COLUMNS, p, "image")
+    cap_col = _pick(cols, _CAPTION_COLUMNS, p, "caption")
+    root = Path(image_root) if image_root is not None else p.parent
+    ids: dict[str, int] = {}
+    paths: list[str] = []
+    labels: list[str] = []
+    captions: list[str] = []
+    t2i: list[int] = []
+    cap_ids: list[str] = []
+    for n, r in enumerate(rows, 2):
+        image, caption = (r.get(img_col) or "").strip(), r.get(cap_col) or ""
+        if not image and not caption.strip():
+            raise ValueError(f"{p} row {n}: both image and caption are empty")
+        row = -1
+        if image:
+            key = (r.get("group") or "").strip() or image
+            if key not in ids:
+                ids[key] = len(paths)
+                paths.append(str(root / image) if not Path(image).is_absolute() else image)
+                labels.append((r.get("label") or "").strip())
+            row = ids[key]
+        if caption.strip():
+            captions.append(caption.strip())
+            t2i.append(row)
+            cap_ids.append((r.get("caption_id") or "").strip())
+    names = sorted({c for c in labels if c})
+    if names and not all(labels):
+        raise ValueError(f"{p}: the label column is filled for some images only; label every image or none")
+    return ImageTextManifest(
+        image_ids=tuple(ids),
+        image_paths=tuple(paths),
+        captions=tuple(captions),
+        text_to_image=tuple(t2i),
+        caption_ids=tuple(cap_ids) if any(cap_ids) else (),
+        labels=tuple(names.index(c) for c in labels) if names else (),
+        class_names=tuple(names),
+        name=str(p),
+    )
+
+
+def manifest_rows(manifest: ImageTextManifest) -> list[dict[str, str]]:
+    """One row per caption (with its image), then one per caption-less image."""
+    m = manifest
+    rows: list[dict[str, str]] = []
+
+    def image_cols(i: int) -> dict[str, str]:
+        label = m.class_names[m.labels[i]] if m.labels else ""
+        return {"image": m.image_paths[i], "group": m.image_ids[i], "label": label}
+
+    for j, (cap, t) in enumerate(zip(m.captions, m.text_to_image, strict=True)):
+        base = image_cols(t) if t >= 0 else {"image": "", "group": "", "label": ""}
+        rows.append({**base, "caption": cap, "caption_id": m.caption_ids[j] if m.caption_ids else ""})
+    with_caption = set(m.text_to_image)
+    for i in range(m.num_images):
+        if i not in with_caption:
+            rows.append({**image_cols(i), "caption": "", "caption_id": ""})
+    return rows
+
+
+def write_manifest(manifest: ImageTextManifest, path: str | Path) -> Path:
+    """Write `manifest` as .tsv, .csv, .jsonl or .parquet (by suffix); `read_manifest` reads it back."""
+    p = Path(path)
+    rows = manifest_rows(manifest)
+    cols = ["image", "caption", "group", "caption_id", "label"]
+    suffix = p.suffix.lower()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in (".tsv", ".csv"):
+        bad = [r["caption"] for r in rows if "\n" in r["caption"] or (suffix == ".tsv" and "\t" in r["caption"])]
+        if bad:
+            raise ValueError(f"{len(bad)} captions contain newlines or tabs, e.g. {bad[0]!r}; write .jsonl instead")
+        with open(p, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=cols, delimiter="\t" if suffix == ".tsv" else ",")
+            w.writeheader()
+            w.writerows(rows)
+    elif suffix == ".jsonl":
+        with open(p, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    elif suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ValueError(f"writing {p} needs pyarrow: pip install pyarrow, or write .tsv/.jsonl") from err
+        pq.write_table(pa.Table.from_pylist(rows), p)
+    else:
+        raise ValueError(f"unknown manifest format {p.suffix!r} for {p}; use one of {MANIFEST_SUFFIXES}")
+    return p

@@ -1,0 +1,154 @@
+"""LoRA on a Hugging Face text encoder (peft): the one encoder in this package that trains.
+
+`apply_lora` freezes the base model and adds rank-r updates to the attention query/value
+linears; `LoraTextEncoder` wraps tokenizer + LoRA model + masked mean pooling as an nn.Module
+whose forward keeps the graph, so adapters and LoRA train end to end. `merge_lora` folds the
+updates into the base weights for inference; `unmerge_lora` takes them out again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from csaligner.encoders.base import EncoderUnavailableError, check_texts, mean_pool
+
+PEFT_HINT = "pip install 'csaligner[lora]' (peft)"
+
+
+@dataclass(frozen=True)
+class LoraTextConfig:
+    """LoRA hyper-parameters.
+
+    Attributes:
+        r: rank of each update.
+        alpha: scale numerator; the update is (alpha / r) * B @ A.
+        dropout: dropout on the LoRA branch input.
+        target_modules: names of the linears to adapt (BERT: "query", "key", "value", "dense").
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; name at least one linear, e.g. ('query', 'value')")
+
+
+def apply_lora(model: nn.Module, config: LoraTextConfig | None = None) -> Any:
+    """Wrap `model` with LoRA adapters; only the LoRA weights stay trainable.
+
+    Args:
+        model: a transformers model, e.g. a BertModel.
+        config: LoRA settings (default r=8, alpha=16, dropout=0.1 on query/value).
+
+    Returns:
+        the peft PeftModel (forward as the base model).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise EncoderUnavailableError(f"LoRA needs {PEFT_HINT}") from err
+    cfg = config or LoraTextConfig()
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    missing = [t for t in cfg.target_modules if t not in names]
+    if missing:
+        raise ValueError(f"target_modules {missing} match no nn.Linear in the model; its linears are {sorted(names)}")
+    lora = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none"
+    )
+    return get_peft_model(model, lora)
+
+
+def merge_lora(peft_model: Any) -> None:
+    """Fold the LoRA updates into the base weights (W <- W + alpha/r * B A) for faster inference."""
+    peft_model.merge_adapter()
+
+
+def unmerge_lora(peft_model: Any) -> None:
+    """Undo `merge_lora`: restore the base weights and the separate LoRA branch."""
+    peft_model.unmerge_adapter()
+
+
+def lora_state_dict(peft_model: Any) -> dict[str, Tensor]:
+    """Only the LoRA weights (a few hundred KB), for checkpoints."""
+    from peft import get_peft_model_state_dict
+
+    return dict(get_peft_model_state_dict(peft_model))
+
+
+def load_lora_state_dict(peft_model: Any, state: dict[str, Tensor]) -> None:
+    """Load weights saved with `lora_state_dict` into a model built with the same config."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, state)
+
+
+class LoraTextEncoder(nn.Module):
+    """Trainable text encoder: tokenizer -> LoRA-wrapped transformer -> masked mean pooling.
+
+    Args:
+        model: the base transformers model (frozen by `apply_lora`).
+        tokenizer: its tokenizer (any callable returning input_ids / attention_mask), or None
+            when callers pass token ids to `forward` themselves.
+        config: LoRA settings.
+        max_length: truncation length for `encode`.
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Any = None, config: LoraTextConfig | None = None, max_length: int = 128
+    ) -> None:
+        super().__init__()
+        self.peft_model = apply_lora(model, config)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L) ids and mask -> (B, D) pooled and (B, L, D) hidden states, with gradients to LoRA."""
+        hidden = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask.bool()), hidden
+
+    def encode(self, texts: Sequence[str]) -> Tensor:
+        """Tokenise and run `forward`; returns (B, D) pooled features (graph kept for training)."""
+        if self.tokenizer is None:
+            raise ValueError("LoraTextEncoder was built without a tokenizer; call forward(input_ids, attention_mask)")
+        device = next(self.parameters()).device
+        batch = self.tokenizer(
+            check_texts(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))[0]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def merge(self) -> None:
+        merge_lora(self.peft_model)
+
+    def unmerge(self) -> None:
+        unmerge_lora(self.peft_model)
+
+
+def num_trainable(module: nn.Module) -> int:
+    """Count trainable parameters (LoRA should be a small fraction of the base model)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def lora_minilm(config: LoraTextConfig | None = None, device: str = "cpu") -> LoraTextEncoder:
+    """LoRA on the packaged all-MiniLM-L6-v2 BertModel (local files only)."""
+    from csaligner.encoders.text import HFTextEncoder, minilm_dir
+
+    base = HFTextEncoder(minilm_dir(), name="minilm", max_length=256)
+    enc = LoraTextEncoder(base.model.train(), base.tokenizer, config, max_length=256)
+    return enc.to(torch.device(device))
