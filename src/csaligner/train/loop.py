@@ -130,10 +130,8 @@ def _train(config: RunConfig, features: PairedFeatures | None, until_step: int |
 
 def load_features(config: RunConfig) -> PairedFeatures:
     """Read data.image_cache / data.text_cache with csaligner.data.load_paired_features."""
-    try:
-        from csaligner.data import load_paired_features  # type: ignore[attr-defined]
-    except ImportError as err:
-        raise ImportError(f"csaligner.data.load_paired_features is not available ({err}); pass features=") from err
+    from csaligner.data import load_paired_features
+
     for path in (config.data.image_cache, config.data.text_cache):
         if not os.path.isdir(path):
             raise FileNotFoundError(
