@@ -102,6 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-images", type=int, default=2000, help="Flickr8k train images (0 = all 6,000)")
     p.add_argument("--dev-images", type=int, default=1000, help="Flickr8k dev images (0 = all 1,000)")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder (reused on a rerun)")
     p.set_defaults(func=_main)
 
 
@@ -112,7 +113,11 @@ def _main(args: argparse.Namespace) -> int:
     from csaligner.flickr_demo import FlickrDemoSettings, run_flickr_demo
 
     settings = FlickrDemoSettings(
-        train_images=args.train_images, dev_images=args.dev_images, epochs=args.epochs, out_dir=args.out
+        train_images=args.train_images,
+        dev_images=args.dev_images,
+        epochs=args.epochs,
+        cache_dir=args.cache,
+        out_dir=args.out,
     )
     run_flickr_demo(settings)
     return 0

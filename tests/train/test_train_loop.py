@@ -111,7 +111,11 @@ def test_unpaired_pool_enters_only_the_cs_term(
 
 def test_token_variant_adds_the_token_cs_term(tmp_path: Path, token_features: PairedFeatures) -> None:
     overrides = fast_overrides(
-        tmp_path, "train.steps=8", "data.use_tokens=true", "loss.token_lam=0.1", "model.text={kind: prior}"
+        tmp_path,
+        "train.steps=8",
+        "data.use_tokens=true",
+        "loss.token_lam=0.1",
+        "model.text={kind: prior, num_layers: 1, num_heads: 2, head_dim: 8}",
     )
     result = train(load_config(None, overrides), token_features)
     assert "token_cs" in result.metrics and result.metrics["token_cs"] >= 0
@@ -126,7 +130,11 @@ def test_tokens_requested_but_missing_is_explained(tmp_path: Path, features: Pai
 
 def test_text_to_image_prior_maps_into_the_image_space(tmp_path: Path, features: PairedFeatures) -> None:
     overrides = fast_overrides(
-        tmp_path, "train.steps=6", "model.image={kind: identity}", "model.text={kind: prior}", "model.out_dim=0"
+        tmp_path,
+        "train.steps=6",
+        "model.image={kind: identity}",
+        "model.text={kind: prior, num_layers: 1, num_heads: 2, head_dim: 8}",
+        "model.out_dim=0",
     )
     result = train(load_config(None, overrides), features)
     image, text = embed(features, result.run_dir, normalize=False)

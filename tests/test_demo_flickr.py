@@ -1,0 +1,59 @@
+"""The real main job on a tiny Flickr8k subset: encode, train both objectives, evaluate, report.
+
+Marked slow (real encoders, real images) but small enough to run in CI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from csaligner.cli import main
+from csaligner.data import data_root
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not (data_root() / "flickr8k" / "captions.tsv").is_file():
+        pytest.skip(f"Flickr8k not found under {data_root()} (set CSALIGN_DATA)")
+    out = tmp_path_factory.mktemp("demo")
+    args = ["demo", "flickr", "--train-images", "60", "--dev-images", "30", "--epochs", "3"]
+    assert main([*args, "--out", str(out / "runs"), "--cache", str(out / "cache")]) == 0
+    return out
+
+
+def test_demo_writes_report_metrics_and_preview(demo_dir: Path) -> None:
+    runs = demo_dir / "runs"
+    metrics = json.loads((runs / "metrics.json").read_text())
+    assert set(metrics) == {"InfoNCE only", "CS-Aligner"}
+    for m in metrics.values():
+        assert 0.0 <= m["i2t_R@1"] <= m["i2t_R@5"] <= m["i2t_R@10"] <= 100.0
+        assert 0.0 <= m["linear_separability"] <= 1.0 and m["cs_divergence"] >= 0.0
+    report = (runs / "report.md").read_text()
+    assert "CS-Aligner" in report and "projection.png" in report
+    for name in ("projection.png", "paired_distance.png", "preview/preview.png", "preview/preview.html"):
+        assert (runs / name).stat().st_size > 1000, name
+    assert (runs / "cs_aligner" / "text_adapter.safetensors").is_file()
+
+
+def test_rerun_reuses_caches_and_runs(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["demo", "flickr", "--train-images", "60", "--dev-images", "30", "--epochs", "3"]
+    assert main([*args, "--out", str(demo_dir / "runs"), "--cache", str(demo_dir / "cache")]) == 0
+    assert "== training" not in capsys.readouterr().out
+
+
+def test_eval_cli_on_demo_runs(demo_dir: Path) -> None:
+    runs, cache = demo_dir / "runs", demo_dir / "cache"
+    rc = main([
+        "eval", "--run", f"a={runs / 'infonce'}", "--run", f"b={runs / 'cs_aligner'}",
+        "--image-cache", str(cache / "flickr8k-dev-30-efficientnet-lite0"),
+        "--text-cache", str(cache / "flickr8k-dev-30-minilm"), "--out", str(demo_dir / "eval"),
+    ])  # fmt: skip
+    assert rc == 0
+    saved = json.loads((demo_dir / "eval" / "metrics.json").read_text())
+    assert set(saved) == {"a", "b"} and "rsum" in saved["a"]
+    assert main(["eval", "--run", str(demo_dir), "--image-cache", "x", "--text-cache", "y"]) == 1
