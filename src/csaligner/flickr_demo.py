@@ -47,7 +47,8 @@ def encode_caches(s: FlickrDemoSettings) -> dict[str, Path]:
     for split, n in (("train", s.train_images), ("dev", s.dev_images)):
         for side, encoder in (("image", "efficientnet-lite0"), ("text", "minilm")):
             out = s.cache_dir / f"{_spec(split, n).replace(':', '-')}-{encoder}"
-            rc = cli_main(["encode", "--encoder", encoder, "--data", _spec(split, n), "--out", str(out)])
+            args = ["encode", "--encoder", encoder, "--data", _spec(split, n), "--out", str(out), "--dtype", "fp32"]
+            rc = cli_main(args)
             if rc != 0:
                 raise RuntimeError(f"encoding {_spec(split, n)} with {encoder} failed (exit {rc})")
             paths[f"{split}_{side}"] = out
