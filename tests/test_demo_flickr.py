@@ -57,3 +57,19 @@ def test_eval_cli_on_demo_runs(demo_dir: Path) -> None:
     saved = json.loads((demo_dir / "eval" / "metrics.json").read_text())
     assert set(saved) == {"a", "b"} and "rsum" in saved["a"]
     assert main(["eval", "--run", str(demo_dir), "--image-cache", "x", "--text-cache", "y"]) == 1
+
+
+def test_preview_cli_from_runs_with_free_text_prompts(demo_dir: Path) -> None:
+    runs, cache = demo_dir / "runs", demo_dir / "cache"
+    prompts = demo_dir / "prompts.txt"
+    prompts.write_text("a dog runs on the grass\nchildren playing in the water\n")
+    out = demo_dir / "preview_cli"
+    rc = main([
+        "preview", "--run", f"InfoNCE only={runs / 'infonce'}", "--run", f"CS-Aligner={runs / 'cs_aligner'}",
+        "--image-cache", str(cache / "flickr8k-dev-30-efficientnet-lite0"), "--prompts", str(prompts),
+        "--out", str(out), "-k", "3",
+    ])  # fmt: skip
+    assert rc == 0
+    html = (out / "preview.html").read_text()
+    assert "children playing in the water" in html and "CS-Aligner" in html
+    assert (out / "preview.png").stat().st_size > 1000

@@ -112,22 +112,16 @@ def run_flickr_demo(s: FlickrDemoSettings = FlickrDemoSettings()) -> dict[str, d
 
 
 def write_preview(runs: dict[str, Path], dev: PairedFeatures, out_dir: Path, n_prompts: int = 4, k: int = 5) -> Path:
-    """Top-k dev images for a few dev captions, one row per run (PNG grid + HTML)."""
+    """Top-k dev images for a few dev captions, one block per run (PNG grid + HTML)."""
     from csaligner.data import data_root
-    from csaligner.decode import render_preview, retrieve_topk
-    from csaligner.train import embed
+    from csaligner.decode.preview_runs import preview_runs
 
     t2i = dev.text_to_image
-    rows = [int(r) for r in range(0, t2i.numel(), max(1, t2i.numel() // n_prompts))][:n_prompts]
-    prompts = [dev.captions[r] for r in rows]
-    settings, scores = {}, {}
-    for name, run in runs.items():
-        image_emb, text_emb = embed(dev, str(run))
-        scores[name], settings[name] = retrieve_topk(text_emb[rows], image_emb, k)
-    image_dir = data_root() / "flickr8k" / "images"
-    paths = [image_dir / i for i in dev.image_ids]
+    rows = list(range(0, t2i.numel(), max(1, t2i.numel() // n_prompts)))[:n_prompts]
+    paths = [data_root() / "flickr8k" / "images" / i for i in dev.image_ids]
     truth = {p: {int(t2i[r])} for p, r in enumerate(rows)}
-    png, _ = render_preview(prompts, settings, paths, out_dir / "preview", scores=scores, ground_truth=truth)
+    prompts = [dev.captions[r] for r in rows]
+    png, _ = preview_runs(runs, dev.image, paths, prompts, out_dir / "preview", k, dev.text[rows], truth)
     return Path(png)
 
 

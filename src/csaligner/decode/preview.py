@@ -226,13 +226,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image-embeds", type=Path, help="safetensors with (N, D) 'image_embeds' shared by all settings")
     p.add_argument(
+        "--run",
+        action="append",
+        metavar="NAME=DIR",
+        help="a trained run (repeatable); with --image-cache, prompts are encoded and mapped by its adapters",
+    )
+    p.add_argument("--image-cache", type=Path, help="image feature cache to retrieve from (with --run)")
+    p.add_argument(
         "--text-embeds",
-        required=True,
         nargs="+",
         metavar="NAME=FILE",
         help="one per setting: safetensors with (P, D) 'text_embeds' (and optionally its own 'image_embeds')",
     )
-    p.add_argument("--image-list", required=True, type=Path, help="N image paths, one per line, in embedding order")
+    p.add_argument("--image-list", type=Path, help="N image paths, one per line, in embedding order")
     p.add_argument("--image-root", type=Path, help="base of relative image paths (default: the list's folder)")
     p.add_argument("--prompts", required=True, type=Path, help="P prompts, one per line, in embedding order")
     p.add_argument("--ground-truth", type=Path, help='JSON {"prompt index": [image index or listed path, ...]}')
@@ -252,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     prompts = read_lines(args.prompts, "prompt")
+    if args.run:
+        return _run_from_runs(args, prompts)
+    if not args.text_embeds or not args.image_list:
+        raise ValueError("pass --run NAME=DIR with --image-cache, or --text-embeds with --image-list")
     listed = read_lines(args.image_list, "image path")
     root = args.image_root or args.image_list.parent
     image_paths = [Path(entry) if Path(entry).is_absolute() else root / entry for entry in listed]
@@ -281,6 +291,21 @@ def _run(args: argparse.Namespace) -> int:
     }
     (args.out / "preview.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {png}, {page} and {args.out / 'preview.json'}")
+    return 0
+
+
+def _run_from_runs(args: argparse.Namespace, prompts: list[str]) -> int:
+    from csaligner.decode.preview_runs import cached_images, preview_runs
+
+    if args.image_cache is None:
+        raise ValueError("--run needs --image-cache (the images to retrieve from, e.g. a flickr8k:dev cache)")
+    runs = {}
+    for spec in args.run:
+        name, sep, path = spec.partition("=")
+        runs[name if sep else Path(spec).name] = Path(path if sep else spec)
+    features, paths = cached_images(args.image_cache)
+    png, page = preview_runs(runs, features, paths, prompts, args.out, k=args.k)
+    print(f"wrote {png} and {page}")
     return 0
 
 
