@@ -130,3 +130,14 @@ def test_loss_config_validation() -> None:
         LossConfig(sigma=0.0)
     with pytest.raises(ValueError, match="impl must be"):
         LossConfig(impl="cuda")  # type: ignore[arg-type]
+
+
+def test_learnable_sigma_gets_gradient_and_matches_fixed_value() -> None:
+    x, y = torch.randn(10, 4), torch.randn(10, 4) + 0.5
+    learned = CSAlignerLoss(lam=1.0, sigma=0.7, learn_sigma=True)
+    out = learned(x, y)
+    assert torch.allclose(out["cs"], CSAlignerLoss(lam=1.0, sigma=0.7)(x, y)["cs"], atol=1e-6)
+    out["loss"].backward()
+    assert learned.log_sigma.grad is not None and float(learned.log_sigma.grad.abs()) > 0
+    with pytest.raises(ValueError, match="learn_sigma needs a numeric"):
+        LossConfig(sigma="median", learn_sigma=True)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from csaligner._validation import check_features, check_positive
 from csaligner.losses.contrastive import check_text_to_image, info_nce
-from csaligner.losses.divergence import gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
+from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
 
 ObjectiveName = Literal["cs_aligner", "infonce", "mmd", "kl", "l2_prior"]
 Impl = Literal["auto", "dense", "chunked", "triton"]
@@ -40,6 +40,8 @@ class LossConfig:
     """InfoNCE softmax temperature (initial value when learnable)."""
     learn_temperature: bool = False
     """Learn the temperature as CLIP's log logit scale (clamped to temperature >= 0.01)."""
+    learn_sigma: bool = False
+    """Learn the kernel bandwidth (as log sigma, starting from `sigma`); needs a numeric sigma."""
     token_lam: float = 0.0
     """Weight of the token-level CS term (needs token features); 0 disables it."""
     normalize: bool = True
@@ -57,6 +59,8 @@ class LossConfig:
         if isinstance(self.sigma, str):
             if self.sigma != "median":
                 raise ValueError(f'sigma must be a positive number or "median", got {self.sigma!r}')
+            if self.learn_sigma:
+                raise ValueError('learn_sigma needs a numeric starting sigma, got "median"; pass e.g. sigma=1.0')
         else:
             check_positive("sigma", self.sigma)
         check_positive("temperature", self.temperature)
@@ -79,6 +83,15 @@ class AlignmentLoss(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(scale))
         else:
             self.register_buffer("logit_scale", torch.tensor(scale), persistent=False)
+        if self.config.learn_sigma:
+            self.log_sigma = nn.Parameter(torch.tensor(math.log(float(self.config.sigma))))
+
+    @property
+    def sigma(self) -> Bandwidth:
+        """Kernel bandwidth: the learned value (clamped to >= 1e-3) or the configured one."""
+        if self.config.learn_sigma:
+            return torch.exp(self.log_sigma.clamp(min=math.log(1e-3)))
+        return self.config.sigma
 
     @property
     def temperature(self) -> Tensor:
@@ -135,7 +148,7 @@ class AlignmentLoss(nn.Module):
             if image_tokens is None or text_tokens is None:
                 raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
             terms["token_cs"] = token_cs_divergence(
-                norm(image_tokens), norm(text_tokens), image_token_mask, text_token_mask, sigma=cfg.sigma
+                norm(image_tokens), norm(text_tokens), image_token_mask, text_token_mask, sigma=self.sigma
             )
             total = total + cfg.token_lam * terms["token_cs"]
         elif cfg.token_lam > 0:
@@ -150,7 +163,7 @@ class AlignmentLoss(nn.Module):
         if cfg.objective in ("cs_aligner", "infonce"):
             from csaligner.kernels import infonce_cs_terms  # local: kernels import losses
 
-            sigma = resolve_bandwidth(cfg.sigma, xs, ys)
+            sigma = resolve_bandwidth(self.sigma, xs, ys)
             terms = infonce_cs_terms(
                 x,
                 y,
@@ -165,7 +178,7 @@ class AlignmentLoss(nn.Module):
             return terms
         terms = {"infonce": info_nce(x, y, self.temperature, text_to_image)} if use_mi else {}
         if cfg.objective == "mmd":
-            terms["mmd"] = mmd(xs, ys, cfg.sigma)
+            terms["mmd"] = mmd(xs, ys, self.sigma)
         elif cfg.objective == "kl":
             terms["kl"] = gaussian_kl(xs, ys)
         elif cfg.objective == "l2_prior":
