@@ -73,3 +73,21 @@ def test_preview_cli_from_runs_with_free_text_prompts(demo_dir: Path) -> None:
     html = (out / "preview.html").read_text()
     assert "children playing in the water" in html and "CS-Aligner" in html
     assert (out / "preview.png").stat().st_size > 1000
+
+
+def test_eval_cli_zero_and_few_shot_on_flowers(demo_dir: Path) -> None:
+    cache = demo_dir / "cache"
+    for split, n in (("train", 80), ("test", 20)):  # round robin over the 5 classes: 16 train images each
+        spec = f"flowers:{split}:{n}"
+        assert main(["encode", "--encoder", "efficientnet-lite0", "--data", spec, "--out", str(cache / split)]) == 0
+    out = demo_dir / "eval_flowers"
+    rc = main([
+        "eval", "--run", str(demo_dir / "runs" / "cs_aligner"),
+        "--image-cache", str(cache / "flickr8k-dev-30-efficientnet-lite0"),
+        "--text-cache", str(cache / "flickr8k-dev-30-minilm"),
+        "--class-train-cache", str(cache / "train"), "--class-test-cache", str(cache / "test"), "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())["cs_aligner"]
+    assert 0.0 <= m["zero_shot_top1"] <= 100.0 and 0.0 <= m["few_shot_16-shot"] <= 100.0
+    assert "zero_shot_top1" in (out / "report.md").read_text()

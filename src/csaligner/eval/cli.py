@@ -16,7 +16,8 @@ from csaligner.eval.report import ReportSection, write_report
 
 HEADLINE = (
     "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "rsum", "centroid_distance", "paired_distance",
-    "cs_divergence", "linear_separability",
+    "cs_divergence", "linear_separability", "t2i_frechet_distance", "t2i_paired_cosine", "zero_shot_top1",
+    "few_shot_1-shot", "few_shot_16-shot",
 )  # fmt: skip
 
 
