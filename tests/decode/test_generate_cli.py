@@ -12,6 +12,7 @@ import torch
 
 from csaligner.cli import main
 from csaligner.decode import generate
+from tests.decode.conftest import EMBED_DIM
 
 pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -109,8 +110,36 @@ def test_generate_errors_are_for_people(
     assert "has 2 prompts but" in capsys.readouterr().err
     args = ["generate", "--decoder", "kandinsky22", "--decoder-path", str(kandinsky_dir), "--run", str(tmp_path)]
     assert main([*args, "--prompts", str(prompts), "--out", str(out)]) == 1
-    assert "--run is not wired yet" in capsys.readouterr().err
+    assert "no image_adapter.safetensors" in capsys.readouterr().err
     safetensors_torch.save_file({"text_embeds": torch.zeros(3, 32)}, tmp_path / "wrong.safetensors")
     assert cli("kandinsky22", kandinsky_dir, tmp_path / "wrong.safetensors", prompts, out) == 1
     assert "no tensor named 'image_embeds' (it holds ['text_embeds'])" in capsys.readouterr().err
     assert not out.exists() or not list(out.glob("*.png"))
+
+
+def test_generate_from_a_trained_run(tmp_path: Path, inputs: Any, kandinsky_dir: Path, monkeypatch: Any) -> None:
+    """--run: prompts -> the run's text encoder -> its text adapter -> image_embeds for the decoder."""
+    import yaml
+
+    import csaligner.decode.preview_runs as preview_runs
+    from csaligner.adapters import AdapterConfig, build_adapter, save_adapter
+
+    _, prompts, _ = inputs
+    run = tmp_path / "run"
+    run.mkdir()
+    dim = EMBED_DIM
+    for side, cfg in (("image", AdapterConfig("identity", dim, dim)), ("text", AdapterConfig("linear", 16, dim))):
+        save_adapter(build_adapter(cfg), cfg, run / f"{side}_adapter.safetensors")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"text_cache": "unused"}}))
+    seen: list[list[str]] = []
+
+    def fake_encode(texts: list[str], encoder: str) -> torch.Tensor:
+        seen.append(list(texts))
+        return torch.randn(len(texts), 16, generator=torch.Generator().manual_seed(len(seen)))
+
+    monkeypatch.setattr(preview_runs, "encode_prompts", fake_encode)
+    monkeypatch.setattr(preview_runs, "run_text_encoder", lambda run_dir: "tiny-text")
+    out = tmp_path / "out"
+    args = ["generate", "--decoder", "kandinsky22", "--decoder-path", str(kandinsky_dir), "--run", str(run)]
+    assert main([*args, "--prompts", str(prompts), "--out", str(out), "--steps", "2"]) == 0
+    assert seen and len(list(out.glob("*.png"))) == len(seen[0])

@@ -40,7 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder-path", required=True, type=Path, help="local folder of the decoder pipeline")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--embeddings", type=Path, help="safetensors file with (N, D) 'image_embeds'")
-    src.add_argument("--run", type=Path, help="training run folder (text -> adapter -> embeddings; not wired yet)")
+    src.add_argument(
+        "--run",
+        type=Path,
+        help="training run whose text adapter maps into the decoder's image-embedding space: prompts are "
+        "encoded with the run's text encoder and mapped by its text adapter",
+    )
     p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per embedding row")
     p.add_argument("--out", required=True, type=Path, help="output folder for PNGs and manifest.json")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
@@ -77,14 +82,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def run_embeddings(run_dir: Path, prompts: list[str]) -> torch.Tensor:
+    """(P, D_img) image-space embeddings of prompts: run's text encoder, then its text adapter (unnormalised)."""
+    from csaligner.decode.preview_runs import encode_prompts, run_text_encoder
+    from csaligner.train.embed import apply_adapter
+    from csaligner.train.model import load_adapters
+
+    adapters = load_adapters(str(run_dir), "cpu")
+    return apply_adapter(adapters.text, encode_prompts(prompts, run_text_encoder(run_dir)))
+
+
 def _run(args: argparse.Namespace) -> int:
-    if args.run is not None:
-        raise ValueError(
-            "--run is not wired yet (text -> trained adapter -> embeddings lands with the training CLI); "
-            "save the adapter's outputs as 'image_embeds' in a safetensors file and pass --embeddings"
-        )
-    embeds = load_tensor(args.embeddings, "image_embeds")
     prompts = read_lines(args.prompts, "prompt")
+    embeds = run_embeddings(args.run, prompts) if args.run is not None else load_tensor(args.embeddings, "image_embeds")
     if len(prompts) != embeds.shape[0]:
         raise ValueError(f"{args.prompts} has {len(prompts)} prompts but {args.embeddings} has {embeds.shape[0]} rows")
     if args.decoder != "kandinsky22" and (args.negative_embeds or args.image_encoder_path):
@@ -145,7 +155,7 @@ def _manifest(
     return {
         "decoder": args.decoder,
         "decoder_path": str(args.decoder_path),
-        "embeddings": str(args.embeddings),
+        "embeddings": str(args.run if args.run is not None else args.embeddings),
         "steps": args.steps,
         "guidance": args.guidance,
         "seed": args.seed,
