@@ -149,12 +149,12 @@ def command(args: argparse.Namespace, claim: str) -> str:
 
 
 def block(args: argparse.Namespace, claim: str, text: str, table: dict, columns: list[str] | None = None) -> str:
-    """Text, the command that reproduces the table, then the table (recalls to 0.1, the rest to 1e-3/1e-4)."""
+    """Text, the command that reproduces the table, then the table (recalls to 0.01, the rest to 1e-3/1e-4)."""
     cols = columns or list(next(iter(table.values())))
     recall = [c for c in cols if "R@" in c or c == "rsum"]
     other = [c for c in cols if c not in recall]
     tables = []
-    for group, digits in ((recall, 1), (other, 4 if "cs_divergence" in other else 3)):
+    for group, digits in ((recall, 2), (other, 4 if "cs_divergence" in other else 3)):
         if group:
             tables.append(format_table({row: {c: v[c] for c in group} for row, v in table.items()}, digits=digits))
     return f"{text}\n\n```\n{command(args, claim)}\n```\n\n" + "\n\n".join(tables) + "\n"
