@@ -36,7 +36,7 @@ RETRIEVAL = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
 T2I = ["t2i_frechet_distance", "t2i_paired_cosine", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
 PRIOR = "{kind: prior, num_layers: 2, num_heads: 8, head_dim: 32}"  # paper: 10 layers, 16 heads
 LAMBDAS = [0.0, 0.01, 0.1, 1.0, 3.0, 10.0]
-SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0]
+SIGMAS = [0.5, 1.0, 2.0]
 DIV_GRID = [0.1, 1.0, 10.0]
 
 
