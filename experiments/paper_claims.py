@@ -1,0 +1,335 @@
+"""The paper's claims on real data: Flickr8k train features -> Flickr8k dev, several seeds each.
+
+    PYTHONPATH=src python experiments/paper_claims.py --claims 1,2,3,4,6 --seeds 0,1,2 --out runs/claims
+
+Every run trains adapters on the cached Flickr8k train features, evaluates on the dev features and
+stores `metrics.json` in its run folder `OUT/runs/<setting key>/seed<k>/`. A run whose metrics exist
+is skipped, so the script resumes, and settings shared by two claims (e.g. the best CS-Aligner run of
+claim 1 is also the "all pairs" row of claim 3) are trained once. Each claim's tables and plots go into
+docs/RESULTS.md between `<!-- claim:N -->` markers, so hand-written text around them survives reruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from csaligner.data import load_paired_features
+from csaligner.eval import format_table, plot_bars, plot_sensitivity
+from csaligner.eval import plots as _plots
+from csaligner.eval.evaluate import evaluate_run
+from csaligner.train import load_config, train
+
+_plots.DPI = 100  # small committed PNGs
+GAP = ["centroid_distance", "paired_distance", "cs_divergence", "linear_separability"]
+RETRIEVAL = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
+T2I = ["t2i_frechet_distance", "t2i_paired_cosine", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
+PRIOR = "{kind: prior, num_layers: 2, num_heads: 8, head_dim: 32}"  # paper: 10 layers, 16 heads
+LAMBDAS = [0.0, 0.01, 0.1, 1.0, 3.0, 10.0]
+SIGMAS = [0.5, 1.0, 2.0]
+DIV_GRID = [0.1, 1.0, 10.0]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of a table: a label and the config overrides on top of the base setting."""
+
+    label: str
+    overrides: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """Folder name: readable prefix + hash of the overrides (equal settings share runs)."""
+        digest = hashlib.sha1("\n".join(sorted(self.overrides)).encode()).hexdigest()[:8]
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", "_".join(o.split(".", 1)[-1] for o in self.overrides))[:60]
+        return f"{slug.strip('-')}-{digest}"
+
+
+class Runner:
+    """Trains and evaluates settings (resumable), holding the features once."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        cache = Path(args.cache)
+        self.train_cache = (cache / "flickr8k-train-efficientnet-lite0", cache / "flickr8k-train-minilm")
+        self.train_feats = load_paired_features(*self.train_cache)
+        self.dev_feats = load_paired_features(cache / "flickr8k-dev-efficientnet-lite0", cache / "flickr8k-dev-minilm")
+        self.out = Path(args.out)
+        self.log = open(self.out / "progress.log", "a")  # noqa: SIM115 - closed at exit by the OS
+
+    def base(self) -> list[str]:
+        a = self.args
+        return [
+            f"data.image_cache={self.train_cache[0]}",
+            f"data.text_cache={self.train_cache[1]}",
+            "model.image={kind: mlp}",
+            "model.text={kind: mlp}",
+            "model.out_dim=512",
+            "loss.temperature=0.07",
+            "loss.sigma=1.0",
+            f"train.epochs={a.epochs}",
+            f"train.batch_size={a.batch_size}",
+            f"train.lr={a.lr}",
+            "train.weight_decay=0.05",
+            "train.device=cpu",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.checkpoint_every=0",
+            "train.log_every=10",
+        ]
+
+    def metrics(self, setting: Setting, seed: int) -> dict[str, float]:
+        """Metrics of one (setting, seed), training and evaluating it unless stored."""
+        run_dir = self.out / "runs" / setting.key / f"seed{seed}"
+        path = run_dir / "metrics.json"
+        if path.is_file():
+            return json.loads(path.read_text())["metrics"]
+        t0 = time.time()
+        overrides = [*self.base(), *setting.overrides, f"train.seed={seed}", f"train.out_dir={run_dir}"]
+        train(load_config(None, overrides), features=self.train_feats)
+        t1 = time.time()
+        metrics = evaluate_run(run_dir, self.dev_feats, sigma=1.0)
+        t2 = time.time()
+        record = {"label": setting.label, "seed": seed, "overrides": overrides, "metrics": metrics}
+        record |= {"train_s": t1 - t0, "eval_s": t2 - t1}
+        path.write_text(json.dumps(record, indent=1))
+        msg = f"{time.strftime('%H:%M:%S')} {setting.label} seed {seed}: train {t1 - t0:.0f}s eval {t2 - t1:.0f}s"
+        print(
+            f"{msg} rsum {metrics['rsum']:.1f} centroid {metrics['centroid_distance']:.3f}", file=self.log, flush=True
+        )
+        return metrics
+
+    def table(self, settings: list[Setting], columns: list[str], seeds: list[int]) -> dict[str, dict[str, list[float]]]:
+        """{label: {metric: per-seed values}} for format_table / plot_bars."""
+        rows = {}
+        for s in settings:
+            per_seed = [self.metrics(s, seed) for seed in seeds]
+            rows[s.label] = {c: [m[c] for m in per_seed] for c in columns}
+        return rows
+
+
+def cs(lam: float, *extra: str) -> tuple[str, ...]:
+    return ("loss.objective=cs_aligner", f"loss.lam={lam}", *extra)
+
+
+def claim1_settings() -> list[Setting]:
+    return [
+        Setting("InfoNCE", ("loss.objective=infonce",)),
+        Setting("CS-Aligner λ=0.01", cs(0.01)),
+        Setting("CS-Aligner λ=1", cs(1.0)),
+        Setting("CS-Aligner λ=10", cs(10.0)),
+    ]
+
+
+def best_lambda(runner: Runner) -> float:
+    """The claim-1 CS-Aligner lambda with the highest mean dev rsum (runs claim 1 if needed)."""
+    if runner.args.lam != "auto":
+        return float(runner.args.lam)
+    rows = runner.table(claim1_settings()[1:], ["rsum"], runner.args.seeds)
+    label = max(rows, key=lambda k: statistics.mean(rows[k]["rsum"]))
+    return float(label.split("=")[1])
+
+
+def command(args: argparse.Namespace, claim: str) -> str:
+    seeds = ",".join(map(str, args.sweep_seeds if claim == "6-sweeps" else args.seeds))
+    base = f"PYTHONPATH=src python experiments/paper_claims.py --claims {claim.split('-')[0]} --out {args.out}"
+    extra = f" --sweep-seeds {seeds}" if claim == "6-sweeps" else f" --seeds {seeds}"
+    opts = f" --epochs {args.epochs} --lr {args.lr} --batch-size {args.batch_size} --lam {args.lam}"
+    return f"{base}{extra}{opts}" + (f" --also-lam {args.also_lam:g}" if claim in ("3", "4") else "")
+
+
+def block(args: argparse.Namespace, claim: str, text: str, table: dict, columns: list[str] | None = None) -> str:
+    """Text, the command that reproduces the table, then the table (recalls to 0.01, the rest to 1e-3/1e-4)."""
+    cols = columns or list(next(iter(table.values())))
+    recall = [c for c in cols if "R@" in c or c == "rsum"]
+    other = [c for c in cols if c not in recall]
+    tables = []
+    for group, digits in ((recall, 2), (other, 4 if "cs_divergence" in other else 3)):
+        if group:
+            tables.append(format_table({row: {c: v[c] for c in group} for row, v in table.items()}, digits=digits))
+    return f"{text}\n\n```\n{command(args, claim)}\n```\n\n" + "\n\n".join(tables) + "\n"
+
+
+def fig(name: str) -> Path:
+    return Path("docs/results") / name
+
+
+def claim1(runner: Runner) -> str:
+    seeds = runner.args.seeds
+    table = runner.table(claim1_settings(), RETRIEVAL + GAP, seeds)
+    plot_bars(table, fig("claim1_bars.png"), ["rsum", "centroid_distance", "cs_divergence", "linear_separability"])
+    text = f"MLP adapters on both sides to 512-d; seeds {seeds}; Flickr8k dev (1000 images, 5000 captions)."
+    return block(runner.args, "1", text, table) + "\n![claim 1](results/claim1_bars.png)\n"
+
+
+def claim2(runner: Runner) -> str:
+    lam = best_lambda(runner)
+    t2i = ("model.image={kind: identity}", f"model.text={PRIOR}", "model.out_dim=0")
+    settings = [
+        Setting("L2 prior (Eclipse)", ("loss.objective=l2_prior", *t2i)),
+        Setting("InfoNCE", ("loss.objective=infonce", *t2i)),
+        Setting(f"CS-Aligner λ={lam:g}", cs(lam, *t2i)),
+    ]
+    table = runner.table(settings, [*T2I, "centroid_distance", "cs_divergence"], runner.args.seeds)
+    text = (
+        "Image side identity (frozen 1280-d EfficientNet-Lite0 space); text side a prior transformer with "
+        "2 layers, 8 heads of 32 (the paper's prior has 10 layers, 16 heads). Fréchet distance between mapped "
+        f"dev captions and the dev images' raw features (lower is better). Seeds {runner.args.seeds}."
+    )
+    return block(runner.args, "2", text, table)
+
+
+def lambdas(runner: Runner) -> list[float]:
+    """The best claim-1 lambda, plus --also-lam when it differs (D_CS barely acts at a tiny lambda)."""
+    best = best_lambda(runner)
+    also = runner.args.also_lam
+    return [best] if also is None or also == best else [best, also]
+
+
+def claim3(runner: Runner) -> str:
+    return "\n".join(_claim3(runner, lam) for lam in lambdas(runner))
+
+
+def _claim3(runner: Runner, lam: float) -> str:
+    steps = runner.args.epochs * (6000 // runner.args.batch_size)  # 100% pairs: full batches per epoch
+    fixed = (f"train.steps={steps}",)
+    settings = [
+        Setting(f"λ={lam:g}, 50% pairs only", cs(lam, "data.paired_fraction=0.5", "data.use_unpaired=false", *fixed)),
+        Setting(
+            f"λ={lam:g}, 50% pairs + 50% unpaired in D_CS",
+            cs(lam, "data.paired_fraction=0.5", "data.use_unpaired=true", *fixed),
+        ),
+        Setting(f"λ={lam:g}, 100% pairs", cs(lam)),  # = claim 1's run: 10 epochs of full batches is the same step count
+    ]
+    table = runner.table(settings, RETRIEVAL + GAP, runner.args.seeds)
+    text = (
+        f"CS-Aligner λ={lam:g}; every row runs {steps} steps. The unpaired half's images and "
+        "captions are shuffled independently and enter only the CS term."
+    )
+    return block(runner.args, "3", text, table)
+
+
+def claim4(runner: Runner) -> str:
+    settings = []
+    for lam in lambdas(runner):
+        settings.append(Setting(f"λ={lam:g}, 1 caption in D_CS", cs(lam)))
+        settings.append(Setting(f"λ={lam:g}, 5 captions in D_CS", cs(lam, "data.captions_per_image_in_cs=all")))
+    table = runner.table(settings, RETRIEVAL + GAP, runner.args.seeds)
+    text = f"CS-Aligner; InfoNCE always sees one random caption per image; seeds {runner.args.seeds}."
+    return block(runner.args, "4", text, table)
+
+
+def _curves(table: dict, xs: list[float], metric: str) -> list[tuple[float, float]]:
+    rows = list(table.values())
+    return [
+        (statistics.mean(r[metric]), statistics.stdev(r[metric]) if len(r[metric]) > 1 else 0.0)
+        for r in rows[: len(xs)]
+    ]
+
+
+def sweep(runner: Runner, name: str, xs: list[float], make: Callable[[float], Setting], xlabel: str) -> str:
+    seeds = runner.args.sweep_seeds
+    table = runner.table([make(x) for x in xs], ["rsum", *GAP], seeds)
+    logx = name == "lambda"
+    xs_plot = [x if x > 0 or not logx else 1e-3 for x in xs]  # λ=0 drawn at 1e-3 on the log axis
+    plot_sensitivity(xs_plot, {"rsum": _curves(table, xs, "rsum")}, xlabel, "dev rsum", fig(f"{name}_rsum.png"), logx)
+    gap = {m: _curves(table, xs, m) for m in ("centroid_distance", "linear_separability")}
+    plot_sensitivity(xs_plot, gap, xlabel, "gap metric", fig(f"{name}_gap.png"), logx)
+    figs = f"![{name} rsum](results/{name}_rsum.png) ![{name} gap](results/{name}_gap.png)"
+    return block(runner.args, "6-sweeps", f"Seeds {seeds}.", table) + f"\n{figs}\n"
+
+
+def claim6(runner: Runner) -> str:
+    lam = best_lambda(runner)
+    out = ["### Lambda sensitivity (σ=1)\n"]
+    out.append(sweep(runner, "lambda", LAMBDAS, lambda x: Setting(f"λ={x:g}", cs(x)), "lambda (λ=0 plotted at 1e-3)"))
+    out.append(f"### Sigma sensitivity (λ={lam:g}; the D_CS column is always measured at σ=1)\n")
+    out.append(
+        sweep(
+            runner,
+            "sigma",
+            SIGMAS,
+            lambda x: Setting(f"σ={x:g}", cs(lam, *([f"loss.sigma={x}"] if x != 1 else []))),
+            "sigma",
+        )
+    )
+    divs = [
+        Setting(f"{name} λ={lam:g}", (f"loss.objective={obj}", f"loss.lam={lam}"))
+        for name, obj in (("CS", "cs_aligner"), ("MMD", "mmd"), ("KL", "kl"))
+    ]
+    table = runner.table(divs, RETRIEVAL + GAP, runner.args.seeds)
+    out.append("### Divergence ablation (same λ; the divergences' scales differ)\n")
+    out.append(block(runner.args, "6", f"Seeds {runner.args.seeds}.", table))
+    if runner.args.div_grid:
+        grid = [
+            Setting(f"{o} λ={x:g}", (f"loss.objective={o}", f"loss.lam={x}")) for o in ("mmd", "kl") for x in DIV_GRID
+        ]
+        table = runner.table(grid, ["rsum", *GAP], runner.args.sweep_seeds)
+        out.append(block(runner.args, "6-sweeps", f"λ grid per divergence, seeds {runner.args.sweep_seeds}.", table))
+    return "\n".join(out)
+
+
+CLAIMS = {"1": claim1, "2": claim2, "3": claim3, "4": claim4, "6": claim6}
+
+
+def update_results(path: Path, claim: str, body: str) -> None:
+    """Replace the text between <!-- claim:N --> and <!-- /claim:N --> (appended if absent)."""
+    text = path.read_text() if path.is_file() else "# Results\n"
+    start, end = f"<!-- claim:{claim} -->", f"<!-- /claim:{claim} -->"
+    new = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + new + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + f"\n\n{new}\n"
+    path.write_text(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--claims", default="1,2,3,4,6", help="comma-separated claim numbers (1,2,3,4,6)")
+    p.add_argument("--seeds", type=ints, default=[0, 1, 2], help="training seeds for claims 1-4 and the ablation")
+    p.add_argument("--sweep-seeds", type=ints, default=[0], help="seeds for the lambda / sigma sweeps")
+    p.add_argument("--out", default="runs/claims", help="folder for run folders and progress.log")
+    p.add_argument("--cache", default="/work/cache", help="folder holding the flickr8k-{train,dev}-* caches")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lam", default="auto", help='lambda for claims 2-4 and 6, or "auto" (best of claim 1)')
+    p.add_argument(
+        "--also-lam", type=float, default=1.0, help="second λ for claims 3 and 4 (equal to the best λ: no second set)"
+    )
+    p.add_argument("--div-grid", action="store_true", help="also sweep λ in {0.1,1,10} for MMD and KL")
+    p.add_argument("--results", default="docs/RESULTS.md")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    unknown = set(args.claims.split(",")) - set(CLAIMS)
+    if unknown:
+        p.error(f"unknown claims {sorted(unknown)}; choose from {sorted(CLAIMS)} (5 and 7 need new encodes)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    fig("x").parent.mkdir(parents=True, exist_ok=True)
+    runner = Runner(args)
+    for claim in args.claims.split(","):
+        update_results(Path(args.results), claim, CLAIMS[claim](runner))
+        print(f"claim {claim} written to {args.results}", file=runner.log, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
