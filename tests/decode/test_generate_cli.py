@@ -141,5 +141,6 @@ def test_generate_from_a_trained_run(tmp_path: Path, inputs: Any, kandinsky_dir:
     monkeypatch.setattr(preview_runs, "run_text_encoder", lambda run_dir: "tiny-text")
     out = tmp_path / "out"
     args = ["generate", "--decoder", "kandinsky22", "--decoder-path", str(kandinsky_dir), "--run", str(run)]
-    assert main([*args, "--prompts", str(prompts), "--out", str(out), "--steps", "2"]) == 0
+    extra = ["--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"]
+    assert main([*args, "--prompts", str(prompts), "--out", str(out), *extra]) == 0
     assert seen and len(list(out.glob("*.png"))) == len(seen[0])
