@@ -66,12 +66,12 @@ def evaluate_run(
     """
     from csaligner.train import embed
 
-    image_emb, text_emb = embed(features, str(run_dir))
+    image_raw, text_raw = embed(features, str(run_dir), normalize=False)
+    image_emb, text_emb = F.normalize(image_raw, dim=-1), F.normalize(text_raw, dim=-1)
     out = paired_metrics(image_emb, text_emb, features.text_to_image, sigma)
     if image_side_is_frozen(run_dir):
         # The decoder consumes raw (unnormalised) image embeddings: compare mapped text with them.
-        _, mapped_text = embed(features, str(run_dir), normalize=False)
-        t2i = t2i_metrics(mapped_text, features.image, features.text_to_image)
+        t2i = t2i_metrics(text_raw, features.image, features.text_to_image)
         out.update({k if k.startswith("t2i_") else f"t2i_{k}": v for k, v in t2i.items()})
     if classification is not None:
         out.update(classification_metrics(run_dir, classification))
