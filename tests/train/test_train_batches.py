@@ -108,3 +108,27 @@ def test_batch_size_must_split_over_processes(features: PairedFeatures) -> None:
     cfg = DataConfig()
     with pytest.raises(ValueError, match="divisible by the 3 processes"):
         BatchSampler(split_features(features, cfg), cfg, 16, seed=0, rank=0, world_size=3)
+
+
+def test_token_images_default_to_the_whole_batch(features: PairedFeatures) -> None:
+    cfg = DataConfig()
+    b = BatchSampler(split_features(features, cfg), cfg, batch_size=10, seed=1).batch(3)
+    assert torch.equal(b.token_image_rows, b.image_rows)
+    assert torch.equal(features.text_to_image[b.token_text_rows], b.token_image_rows)
+
+
+@pytest.mark.parametrize("captions", ["one", "all"])
+def test_token_images_take_a_subset_that_any_process_count_agrees_on(features: PairedFeatures, captions: str) -> None:
+    cfg = DataConfig(token_images=5, captions_per_image=captions, captions_per_image_in_cs=captions)
+    split = split_features(features, cfg)
+    one = BatchSampler(split, cfg, batch_size=12, seed=4).batch(2)
+    assert one.token_image_rows.numel() == 5 and torch.equal(one.token_image_rows, one.image_rows[:5])
+    assert torch.equal(features.text_to_image[one.token_text_rows], one.token_image_rows)
+    shares = [BatchSampler(split, cfg, batch_size=12, seed=4, rank=r, world_size=2).batch(2) for r in range(2)]
+    assert torch.equal(torch.cat([s.token_image_rows for s in shares]), one.token_image_rows)
+    assert torch.equal(torch.cat([s.token_text_rows for s in shares]), one.token_text_rows)
+
+
+def test_token_images_must_be_a_non_negative_integer() -> None:
+    with pytest.raises(ValueError, match=r"data\.token_images must be an integer >= 0"):
+        DataConfig(token_images=-1)

@@ -182,3 +182,21 @@ def test_token_cs_without_image_tokens_is_explained(tmp_path: Path, token_featur
     overrides = fast_overrides(tmp_path, "train.steps=2", "data.use_tokens=true", "loss.token_lam=0.1")
     with pytest.raises(ValueError, match="needs image token features"):
         train(load_config(None, overrides), token_features)
+
+
+def test_token_images_limits_the_token_term_to_a_subset(
+    tmp_path: Path, token_features: PairedFeatures, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from csaligner.losses.objective import AlignmentLoss
+
+    seen: list[tuple[int, int]] = []
+    original = AlignmentLoss.forward
+
+    def spy(self, image, text, *args, **kw):  # type: ignore[no-untyped-def]
+        seen.append((kw["image_tokens"].shape[0], kw["text_tokens"].shape[0]))
+        return original(self, image, text, *args, **kw)
+
+    monkeypatch.setattr(AlignmentLoss, "forward", spy)
+    overrides = ["train.steps=1", "data.use_tokens=true", "loss.token_lam=0.1", "data.token_images=3"]
+    result = train(load_config(None, fast_overrides(tmp_path, *overrides)), token_features)
+    assert seen == [(3, 3)] and result.metrics["token_cs"] >= 0

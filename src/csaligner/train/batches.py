@@ -88,8 +88,10 @@ class Batch:
         image_rows: (B,) paired images.
         text_rows: (M,) captions in InfoNCE, grouped by image.
         text_to_image: (M,) position of each caption's image in image_rows.
-        token_text_rows: (B,) one caption per image (the first of its InfoNCE captions) for the
-            token-level CS term.
+        token_image_rows: (K,) images whose token sets enter the token-level CS term: the batch's
+            images, or the first data.token_images of the global batch split across processes.
+        token_text_rows: (K,) one caption per token image (its InfoNCE caption, or its first caption
+            when InfoNCE sees all of them) for the token-level CS term.
         cs_text_rows: (E,) texts only in the CS term: other captions of the batch images, then
             unpaired texts.
         unpaired_image_rows: (P,) images only in the CS term.
@@ -98,6 +100,7 @@ class Batch:
     image_rows: Tensor
     text_rows: Tensor
     text_to_image: Tensor
+    token_image_rows: Tensor
     token_text_rows: Tensor
     cs_text_rows: Tensor
     unpaired_image_rows: Tensor
@@ -139,6 +142,13 @@ class BatchSampler:
         chosen = start + (torch.rand(pos.numel(), generator=g) * count).long().clamp_max(count - 1)
         un_img = self._draw(self.split.unpaired_images, g)
         un_txt = self._draw(self.split.unpaired_texts, g)
+        token_caps = chosen if self.config.captions_per_image == "one" else start
+        k = self.config.token_images or pos.numel()
+        # Token images come from the global batch's first k (a random subset: the order is a random
+        # permutation), split across processes independently of the pooled rows, so that any number
+        # of processes sees the same token set as one process.
+        tok = torch.arange(min(k, pos.numel())).tensor_split(self.world_size)[self.rank]
+        token_images, token_texts = self.split.paired_images[pos[tok]], self.split.caption_rows[token_caps[tok]]
         mine = torch.arange(pos.numel()).tensor_split(self.world_size)[self.rank]
         pos, start, count, chosen = pos[mine], start[mine], count[mine], chosen[mine]
         everything = _ranges(start, count)  # (sum count,) all captions of my images, grouped by image
@@ -154,7 +164,8 @@ class BatchSampler:
             image_rows=self.split.paired_images[pos],
             text_rows=rows[text_pos],
             text_to_image=t2i,
-            token_text_rows=rows[chosen if self.config.captions_per_image == "one" else start],
+            token_image_rows=token_images,
+            token_text_rows=token_texts,
             cs_text_rows=torch.cat([rows[extra], un_txt.tensor_split(self.world_size)[self.rank]]),
             unpaired_image_rows=un_img.tensor_split(self.world_size)[self.rank],
         )

@@ -77,7 +77,7 @@ def model_inputs(feats: DeviceFeatures, batch: Batch, config: RunConfig) -> dict
         "text": _rows(feats.text, text_rows),
         "text_tokens": _rows(feats.text_tokens, text_rows),
         "text_token_mask": _rows(feats.text_token_mask, text_rows),
-        "image_token_feats": _rows(feats.image_tokens, batch.image_rows) if with_token_cs else None,
+        "image_token_feats": _rows(feats.image_tokens, batch.token_image_rows) if with_token_cs else None,
         "text_token_feats": _rows(feats.text_tokens, batch.token_text_rows) if with_token_cs else None,
     }
 
@@ -105,7 +105,7 @@ def compute_terms(
     if "image_tokens" in out:
         kwargs["image_tokens"] = gather(out["image_tokens"])
         kwargs["text_tokens"] = gather(out["text_tokens"])
-        kwargs["image_token_mask"] = _gather_mask(_rows(feats.image_token_mask, batch.image_rows))
+        kwargs["image_token_mask"] = _gather_mask(_rows(feats.image_token_mask, batch.token_image_rows))
         kwargs["text_token_mask"] = _gather_mask(_rows(feats.text_token_mask, batch.token_text_rows))
     return dict(objective(gather(out["image"][:n_img]), gather(out["text"][:n_txt]), **kwargs))
 
