@@ -1,6 +1,10 @@
 """The paper's claims on real data: Flickr8k train features -> Flickr8k dev, several seeds each.
 
-    PYTHONPATH=src python experiments/paper_claims.py --claims 1,2,3,4,6 --seeds 0,1,2 --out runs/claims
+    PYTHONPATH=src python experiments/paper_claims.py --claims 1,2,3,4,5,6,7 --seeds 0,1,2 --out runs/claims
+
+Claims 5 and 7 need extra caches in --cache (commands in docs/RESULTS.md): token features of
+Flickr8k train (claim 5), and the first 2000 train images encoded with MiniLM and gemma3-270m plus
+the dev captions encoded with gemma3-270m (claim 7).
 
 Every run trains adapters on the cached Flickr8k train features, evaluates on the dev features and
 stores `metrics.json` in its run folder `OUT/runs/<setting key>/seed<k>/`. A run whose metrics exist
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 
 from csaligner.data import load_paired_features
+from csaligner.data.features import PairedFeatures
 from csaligner.eval import format_table, plot_bars, plot_sensitivity
 from csaligner.eval import plots as _plots
 from csaligner.eval.evaluate import evaluate_run
@@ -36,23 +41,63 @@ RETRIEVAL = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
 T2I = ["t2i_frechet_distance", "t2i_paired_cosine", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
 PRIOR = "{kind: prior, num_layers: 2, num_heads: 8, head_dim: 32}"  # paper: 10 layers, 16 heads
 LAMBDAS = [0.0, 0.01, 0.1, 1.0, 3.0, 10.0]
-SIGMAS = [0.5, 1.0, 2.0]
+SIGMAS = [0.25, 0.5, 1.0, 2.0, 4.0]
 DIV_GRID = [0.1, 1.0, 10.0]
+
+
+# Feature sets: name -> (train image cache, train text cache, dev image cache, dev text cache), in --cache.
+DATA = {
+    "base": (
+        "flickr8k-train-efficientnet-lite0",
+        "flickr8k-train-minilm",
+        "flickr8k-dev-efficientnet-lite0",
+        "flickr8k-dev-minilm",
+    ),
+    # Token features (fp16 storage) for the token-level term; evaluated on the pooled dev features.
+    "tokens": (
+        "flickr8k-train-efficientnet-lite0-tokens",
+        "flickr8k-train-minilm-tokens",
+        "flickr8k-dev-efficientnet-lite0",
+        "flickr8k-dev-minilm",
+    ),
+    # The first 2000 train images (gemma3-270m encodes ~10 captions/s on this CPU: all 30k would take ~1 h).
+    "minilm-2000": (
+        "flickr8k-train2000-efficientnet-lite0",
+        "flickr8k-train2000-minilm",
+        "flickr8k-dev-efficientnet-lite0",
+        "flickr8k-dev-minilm",
+    ),
+    "gemma-2000": (
+        "flickr8k-train2000-efficientnet-lite0",
+        "flickr8k-train2000-gemma3-270m",
+        "flickr8k-dev-efficientnet-lite0",
+        "flickr8k-dev-gemma3-270m",
+    ),
+}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of a table: a label and the config overrides on top of the base setting."""
+    """One row of a table: a label, the config overrides on top of the base setting, the feature set."""
 
     label: str
     overrides: tuple[str, ...]
+    data: str = "base"
 
     @property
     def key(self) -> str:
         """Folder name: readable prefix + hash of the overrides (equal settings share runs)."""
-        digest = hashlib.sha1("\n".join(sorted(self.overrides)).encode()).hexdigest()[:8]
+        digest = hashlib.sha1("\n".join(sorted(self.all_overrides)).encode()).hexdigest()[:8]
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", "_".join(o.split(".", 1)[-1] for o in self.overrides))[:60]
         return f"{slug.strip('-')}-{digest}"
+
+    @property
+    def all_overrides(self) -> tuple[str, ...]:
+        """The overrides plus, for a non-base feature set, the cache paths (so run keys differ)."""
+        if self.data == "base":
+            return self.overrides
+        img, txt = DATA[self.data][:2]
+        return (f"data.image_cache={img}", f"data.text_cache={txt}", *self.overrides)
 
 
 class Runner:
@@ -60,18 +105,26 @@ class Runner:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        cache = Path(args.cache)
-        self.train_cache = (cache / "flickr8k-train-efficientnet-lite0", cache / "flickr8k-train-minilm")
-        self.train_feats = load_paired_features(*self.train_cache)
-        self.dev_feats = load_paired_features(cache / "flickr8k-dev-efficientnet-lite0", cache / "flickr8k-dev-minilm")
+        self.cache = Path(args.cache)
         self.out = Path(args.out)
         self.log = open(self.out / "progress.log", "a")  # noqa: SIM115 - closed at exit by the OS
+        self._features: dict[str, tuple[PairedFeatures, PairedFeatures]] = {}
+
+    def features(self, data: str) -> tuple[PairedFeatures, PairedFeatures]:
+        """(train, dev) features of a feature set, loaded once; other sets are released (tokens are big)."""
+        if data not in self._features:
+            self._features = {k: v for k, v in self._features.items() if k == "base"}
+            train_img, train_txt, dev_img, dev_txt = (self.cache / d for d in DATA[data])
+            train_feats = load_paired_features(train_img, train_txt)
+            dev_feats = load_paired_features(dev_img, dev_txt, tokens=False)
+            self._features[data] = (train_feats, dev_feats)
+        return self._features[data]
 
     def base(self) -> list[str]:
         a = self.args
         return [
-            f"data.image_cache={self.train_cache[0]}",
-            f"data.text_cache={self.train_cache[1]}",
+            f"data.image_cache={self.cache / DATA['base'][0]}",
+            f"data.text_cache={self.cache / DATA['base'][1]}",
             "model.image={kind: mlp}",
             "model.text={kind: mlp}",
             "model.out_dim=512",
@@ -95,10 +148,13 @@ class Runner:
         if path.is_file():
             return json.loads(path.read_text())["metrics"]
         t0 = time.time()
-        overrides = [*self.base(), *setting.overrides, f"train.seed={seed}", f"train.out_dir={run_dir}"]
-        train(load_config(None, overrides), features=self.train_feats)
+        data = [f"{o.split('=', 1)[0]}={self.cache / o.split('=', 1)[1]}" for o in setting.all_overrides[:2]]
+        extra = data if setting.data != "base" else []
+        overrides = [*self.base(), *extra, *setting.overrides, f"train.seed={seed}", f"train.out_dir={run_dir}"]
+        train_feats, dev_feats = self.features(setting.data)
+        train(load_config(None, overrides), features=train_feats)
         t1 = time.time()
-        metrics = evaluate_run(run_dir, self.dev_feats, sigma=1.0)
+        metrics = evaluate_run(run_dir, dev_feats, sigma=1.0)
         t2 = time.time()
         record = {"label": setting.label, "seed": seed, "overrides": overrides, "metrics": metrics}
         record |= {"train_s": t1 - t0, "eval_s": t2 - t1}
@@ -145,7 +201,13 @@ def command(args: argparse.Namespace, claim: str) -> str:
     base = f"PYTHONPATH=src python experiments/paper_claims.py --claims {claim.split('-')[0]} --out {args.out}"
     extra = f" --sweep-seeds {seeds}" if claim == "6-sweeps" else f" --seeds {seeds}"
     opts = f" --epochs {args.epochs} --lr {args.lr} --batch-size {args.batch_size} --lam {args.lam}"
-    return f"{base}{extra}{opts}" + (f" --also-lam {args.also_lam:g}" if claim in ("3", "4") else "")
+    if claim in ("3", "4"):
+        opts += f" --also-lam {args.also_lam:g}"
+    if claim == "5":
+        opts += f" --token-lams {','.join(f'{t:g}' for t in args.token_lams)} --token-images {args.token_images}"
+    if claim.startswith("6") and args.div_grid:
+        opts += " --div-grid"
+    return f"{base}{extra}{opts}"
 
 
 def block(args: argparse.Namespace, claim: str, text: str, table: dict, columns: list[str] | None = None) -> str:
@@ -229,6 +291,41 @@ def claim4(runner: Runner) -> str:
     return block(runner.args, "4", text, table)
 
 
+def claim5(runner: Runner) -> str:
+    lam, k = best_lambda(runner), runner.args.token_images
+    tok = ("data.use_tokens=true", f"data.token_images={k}")
+    settings = [Setting(f"λ={lam:g}, no token term", cs(lam), "tokens")]
+    settings += [
+        Setting(f"λ={lam:g} + token D_CS, token λ={t:g}", cs(lam, *tok, f"loss.token_lam={t}"), "tokens")
+        for t in runner.args.token_lams
+    ]
+    table = runner.table(settings, RETRIEVAL + GAP, runner.args.seeds)
+    text = (
+        "Base setting on the token caches (pooled features identical to the base caches up to fp16 storage). "
+        "The token term is D_CS between one image's 49 EfficientNet-Lite0 feature-map cells and the word "
+        "tokens of one of its captions, both mapped token by token through the same MLP adapters, averaged "
+        f"over the first {k} images of each batch (`data.token_images`). Seeds {runner.args.seeds}."
+    )
+    return block(runner.args, "5", text, table)
+
+
+def claim7(runner: Runner) -> str:
+    steps = f"train.steps={runner.args.epochs * (6000 // runner.args.batch_size)}"  # as many steps as the base
+    lam = best_lambda(runner)
+    settings = [
+        Setting(f"{name}: {label}", (*objective, steps), data)
+        for name, data in (("MiniLM", "minilm-2000"), ("gemma3-270m", "gemma-2000"))
+        for label, objective in (("InfoNCE", ("loss.objective=infonce",)), (f"CS-Aligner λ={lam:g}", cs(lam)))
+    ]
+    table = runner.table(settings, RETRIEVAL + GAP, runner.args.seeds)
+    text = (
+        "Train on the first 2000 Flickr8k train images (10,000 captions), 110 steps (as many as the base "
+        "runs), evaluate on the full dev split; image side EfficientNet-Lite0 throughout, text side MiniLM "
+        f"(384-d) or gemma3-270m (640-d, mean of the last hidden states). Seeds {runner.args.seeds}."
+    )
+    return block(runner.args, "7", text, table)
+
+
 def _curves(table: dict, xs: list[float], metric: str) -> list[tuple[float, float]]:
     rows = list(table.values())
     return [
@@ -279,7 +376,7 @@ def claim6(runner: Runner) -> str:
     return "\n".join(out)
 
 
-CLAIMS = {"1": claim1, "2": claim2, "3": claim3, "4": claim4, "6": claim6}
+CLAIMS = {"1": claim1, "2": claim2, "3": claim3, "4": claim4, "5": claim5, "6": claim6, "7": claim7}
 
 
 def update_results(path: Path, claim: str, body: str) -> None:
@@ -297,7 +394,7 @@ def update_results(path: Path, claim: str, body: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--claims", default="1,2,3,4,6", help="comma-separated claim numbers (1,2,3,4,6)")
+    p.add_argument("--claims", default="1,2,3,4,6", help="claim numbers, e.g. 1,2 (1-7; 5 and 7 need extra caches)")
     p.add_argument("--seeds", type=ints, default=[0, 1, 2], help="training seeds for claims 1-4 and the ablation")
     p.add_argument("--sweep-seeds", type=ints, default=[0], help="seeds for the lambda / sigma sweeps")
     p.add_argument("--out", default="runs/claims", help="folder for run folders and progress.log")
@@ -309,13 +406,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--also-lam", type=float, default=1.0, help="second λ for claims 3 and 4 (equal to the best λ: no second set)"
     )
+    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--token-lams", type=floats, default=[1.0, 10.0], help="token-level CS weights for claim 5")
+    p.add_argument("--token-images", type=int, default=64, help="images per batch in the token-level term (claim 5)")
     p.add_argument("--div-grid", action="store_true", help="also sweep λ in {0.1,1,10} for MMD and KL")
     p.add_argument("--results", default="docs/RESULTS.md")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     unknown = set(args.claims.split(",")) - set(CLAIMS)
     if unknown:
-        p.error(f"unknown claims {sorted(unknown)}; choose from {sorted(CLAIMS)} (5 and 7 need new encodes)")
+        p.error(f"unknown claims {sorted(unknown)}; choose from {sorted(CLAIMS)}")
     return args
 
 
