@@ -62,7 +62,8 @@ def evaluate_run(
     Returns:
         flat dict: retrieval ("i2t_R@1", ..., "rsum"), gap ("centroid_distance", "cs_divergence",
         "linear_separability", ...), for text-to-image-space runs "t2i_frechet_distance",
-        "t2i_paired_cosine", and with `classification` "zero_shot_top1" and "{k}-shot".
+        "t2i_paired_cosine", with token features "token_cs_divergence" (`token_metrics`), and with
+        `classification` "zero_shot_top1" and "{k}-shot".
     """
     from csaligner.train import embed
 
@@ -73,9 +74,49 @@ def evaluate_run(
         # The decoder consumes raw (unnormalised) image embeddings: compare mapped text with them.
         t2i = t2i_metrics(text_raw, features.image, features.text_to_image)
         out.update({k if k.startswith("t2i_") else f"t2i_{k}": v for k, v in t2i.items()})
+    if features.image_tokens is not None and features.text_tokens is not None:
+        out.update(token_metrics(run_dir, features, sigma))
     if classification is not None:
         out.update(classification_metrics(run_dir, classification))
     return out
+
+
+@torch.no_grad()
+def token_metrics(
+    run_dir: str | Path, features: PairedFeatures, sigma: float = 1.0, batch_size: int = 256
+) -> dict[str, float]:
+    """Held-out token-level D_CS: {"token_cs_divergence": mean over captioned images}.
+
+    Per image, D_CS between its vision tokens and the word tokens of its first caption, both mapped
+    token by token through the run's adapters and L2-normalised, exactly as the token-level training
+    term (`loss.token_lam`) sees them. Empty when the features have no tokens or their token dims
+    differ from the pooled dims the adapters take (e.g. CLIP towers' hidden states).
+    """
+    from csaligner.losses import token_cs_divergence
+    from csaligner.train.model import load_adapters
+
+    it, tt = features.image_tokens, features.text_tokens
+    if it is None or tt is None or it.shape[-1] != features.image.shape[-1] or tt.shape[-1] != features.text.shape[-1]:
+        return {}
+    t2i = features.text_to_image
+    paired = t2i >= 0
+    first = torch.full((features.num_images,), t2i.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, t2i[paired], paired.nonzero().flatten(), "amin")
+    images = (first < t2i.numel()).nonzero().flatten()
+    if images.numel() == 0:
+        return {}
+    adapters = load_adapters(str(run_dir), "cpu")
+    values = []
+    for rows in images.split(batch_size):
+        caps = first[rows]
+        vis, txt = it[rows].float(), tt[caps].float()
+        x = adapters.image(vis.flatten(0, 1)).unflatten(0, vis.shape[:2])
+        y = adapters.text(txt.flatten(0, 1)).unflatten(0, txt.shape[:2])
+        vm = None if features.image_token_mask is None else features.image_token_mask[rows]
+        tm = None if features.text_token_mask is None else features.text_token_mask[caps]
+        x, y = F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1)
+        values.append(token_cs_divergence(x, y, vm, tm, sigma=sigma, reduction="none"))
+    return {"token_cs_divergence": float(torch.cat(values).mean())}
 
 
 def classification_metrics(run_dir: str | Path, data: ClassificationData) -> dict[str, float]:
