@@ -58,8 +58,9 @@ def token_grad_norms(
         y = adapters.text(txt.flatten(0, 1)).unflatten(0, txt.shape[:2])
     x.requires_grad_(True)
     y.requires_grad_(True)
-    masks = (feats.image_token_mask[rows] if feats.image_token_mask is not None else None, feats.text_token_mask[caps])
-    value = token_cs_divergence(F.normalize(x, dim=-1), F.normalize(y, dim=-1), *masks, sigma=sigma)
+    vm = None if feats.image_token_mask is None else feats.image_token_mask[rows]
+    tm = None if feats.text_token_mask is None else feats.text_token_mask[caps]
+    value = token_cs_divergence(F.normalize(x, dim=-1), F.normalize(y, dim=-1), vm, tm, sigma=sigma)
     gx, gy = torch.autograd.grad(value, (x, y))
     return float(value.detach()), float(torch.cat([gx.flatten(), gy.flatten()]).norm())
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from csaligner.eval import plot_bars, plot_paired_distance_hist, plot_projection, plot_sensitivity
+from csaligner.eval import plot_bars, plot_paired_distance_hist, plot_projection, plot_sensitivity, plot_tradeoff
 
 pytest.importorskip("matplotlib")
 
@@ -66,3 +66,16 @@ def test_plot_bars(tmp_path: Path) -> None:
     out = plot_bars(table, tmp_path / "bars.png", title="Flickr8k")
     assert out.stat().st_size > 5_000
     assert png_size(out)[0] == 2 * int(max(3.0, 0.9 * 2 + 1.5) * 120)  # one panel per metric
+
+
+def test_plot_tradeoff(tmp_path: Path) -> None:
+    curves = {
+        "CS": [("λ=0", 0.08, 287.2), ("λ=1", 0.042, 285.5), ("λ=10", 0.031, 234.2)],
+        "KL": [("λ=0.001", 0.062, 285.1)],  # a single point is a family too
+    }
+    out = plot_tradeoff(curves, "centroid distance", "rsum", tmp_path / "t.png")
+    assert png_size(out) == (6.5 * 120, 4.5 * 120) and out.stat().st_size > 5_000
+    zoomed = plot_tradeoff(curves, "centroid distance", "rsum", tmp_path / "z.png", ylim=(250, 290))  # λ=10 outside
+    assert zoomed.stat().st_size > 5_000
+    with pytest.raises(ValueError, match="at least one point"):
+        plot_tradeoff({"CS": []}, "x", "y", tmp_path / "bad.png")

@@ -14,7 +14,7 @@ from csaligner.eval.classification import (
     zero_shot_accuracy,
 )
 from csaligner.eval.gap import linear_separability, mean_cross_distance, modality_gap_metrics, uniformity
-from csaligner.eval.plots import plot_bars, plot_paired_distance_hist, plot_projection, plot_sensitivity
+from csaligner.eval.plots import plot_bars, plot_paired_distance_hist, plot_projection, plot_sensitivity, plot_tradeoff
 from csaligner.eval.report import ReportSection, format_table, format_value, write_report
 from csaligner.eval.retrieval import recall_at_k, retrieval_metrics
 from csaligner.eval.t2i import frechet_distance, t2i_metrics
@@ -36,6 +36,7 @@ __all__ = [
     "plot_paired_distance_hist",
     "plot_projection",
     "plot_sensitivity",
+    "plot_tradeoff",
     "recall_at_k",
     "retrieval_metrics",
     "t2i_metrics",

@@ -195,6 +195,51 @@ def plot_sensitivity(
     return _save(fig, path)
 
 
+def plot_tradeoff(
+    curves: Mapping[str, Sequence[tuple[str, float, float]]],
+    xlabel: str,
+    ylabel: str,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> Path:
+    """One annotated line per setting family through (x, y) points, e.g. gap vs retrieval over λ.
+
+    Args:
+        curves: {family: [(point label, x, y), ...]} in the order to connect them (e.g. rising λ);
+            each point is annotated with its label.
+        xlabel, ylabel: axis labels.
+        path: PNG to write.
+        title: figure title.
+        ylim: y range to show (zoom on the interesting part); points outside it are counted in a
+            note on the figure, never silently hidden.
+    """
+    if not curves or any(len(points) == 0 for points in curves.values()):
+        raise ValueError("plot_tradeoff needs at least one family, each with at least one point")
+    fig, (ax,) = _figure(1, (6.5, 4.5))
+    for name, points in curves.items():
+        xs, ys = [float(x) for _, x, _ in points], [float(y) for _, _, y in points]
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        for (label, x, y), dy in zip(points, (6, -11) * len(points), strict=False):
+            ax.annotate(label, (float(x), float(y)), textcoords="offset points", xytext=(4, dy), fontsize=7,
+                        color=line.get_color())  # fmt: skip
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+        outside = [
+            f"{name} {label}" for name, pts in curves.items() for label, _, y in pts if not ylim[0] <= y <= ylim[1]
+        ]
+        if outside:
+            note = f"outside the y range: {', '.join(outside)}"
+            ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"{ylabel} vs {xlabel}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
 def plot_bars(
     table: Mapping[str, Mapping[str, float | Sequence[float]]],
     path: str | os.PathLike[str],
