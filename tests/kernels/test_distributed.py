@@ -61,9 +61,12 @@ def test_gathered_loss_and_gradients_equal_single_process(tmp_path: Path) -> Non
     assert adapter.weight.grad is not None
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    # fork: the children reuse the imported torch (spawn would re-import it, ~10 s on a busy 2-core CPU)
+    # fork: the children reuse the imported torch (spawn would re-import it, ~10 s on a busy 2-core CPU).
+    # Not after CUDA autograd has run in this process (GPU machines): its threads make fork unsafe
+    # ("Unable to handle autograd's threading in combination with fork"), so spawn there.
+    method = "spawn" if torch.cuda.is_available() else "fork"
     mp.start_processes(
-        _worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True, start_method="fork"
+        _worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True, start_method=method
     )
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"out.{rank}")
