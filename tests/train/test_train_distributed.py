@@ -32,6 +32,7 @@ VARIANT = [
     "data.unpaired_batch_size=7",
     "loss.learn_temperature=true",
     "model.image={kind: mlp, mlp_ratio: 2}",
+    "train.device=cpu",  # gloo on CPU also where a GPU is present (two processes, maybe one GPU)
 ]
 
 
@@ -118,3 +119,13 @@ def test_two_process_training_matches_one_process(ddp_outputs: Path, tmp_path: P
     ddp = json.loads((ddp_outputs / "history.json").read_text())
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single.history], abs=1e-5)
     assert (ddp_outputs / "ddp" / "image_adapter.safetensors").is_file()
+
+
+def test_more_processes_than_gpus_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    from csaligner.train.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto", local_rank=0) == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"local rank 1\) would use cuda:1 but 1 CUDA device"):
+        resolve_device("auto", local_rank=1)

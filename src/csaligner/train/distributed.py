@@ -49,7 +49,13 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
         preference = f"cuda:{local_rank}"
     if preference.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={preference!r} but CUDA is not available here; use device=cpu or auto")
-    return torch.device(preference)
+    device = torch.device(preference)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"this process (local rank {local_rank}) would use {device} but {torch.cuda.device_count()} CUDA "
+            "device(s) are visible; start at most that many processes per machine, or use train.device=cpu"
+        )
+    return device
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
