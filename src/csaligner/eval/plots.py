@@ -43,6 +43,16 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return out
 
 
+def _finish_xy(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None, path: str | os.PathLike[str]) -> Path:
+    """Labels, title (default "y vs x"), grid and legend of a one-panel x-y plot, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"{ylabel} vs {xlabel}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
 def _projection_points(
     pairs: Mapping[str, tuple[Tensor, Tensor]], max_points: int, seed: int
 ) -> dict[str, tuple[Tensor, Tensor, bool]]:
@@ -187,12 +197,7 @@ def plot_sensitivity(
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title or f"{ylabel} vs {xlabel}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    return _save(fig, path)
+    return _finish_xy(fig, ax, xlabel, ylabel, title, path)
 
 
 def plot_tradeoff(
@@ -232,12 +237,7 @@ def plot_tradeoff(
         if outside:
             note = f"outside the y range: {', '.join(outside)}"
             ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title or f"{ylabel} vs {xlabel}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    return _save(fig, path)
+    return _finish_xy(fig, ax, xlabel, ylabel, title, path)
 
 
 def plot_bars(
