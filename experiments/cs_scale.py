@@ -29,7 +29,7 @@ from csaligner.data import load_paired_features
 from csaligner.data.features import PairedFeatures
 from csaligner.losses import cs_divergence, gaussian_kl, info_nce, mmd, token_cs_divergence
 from csaligner.train import embed
-from csaligner.train.model import load_adapters
+from csaligner.train.model import LoadedAdapters, load_adapters, tokenwise
 
 
 def grad_norm(fn: Callable[[Tensor, Tensor], Tensor], image: Tensor, text: Tensor) -> tuple[float, float]:
@@ -41,7 +41,7 @@ def grad_norm(fn: Callable[[Tensor, Tensor], Tensor], image: Tensor, text: Tenso
 
 
 def token_grad_norms(
-    run: str, feats: PairedFeatures, first_caption: Tensor, rows: Tensor, sigma: float
+    adapters: LoadedAdapters, feats: PairedFeatures, first_caption: Tensor, rows: Tensor, sigma: float
 ) -> tuple[float, float]:
     """(value, grad norm) of the token-level D_CS of `rows`' images and their first captions.
 
@@ -49,13 +49,10 @@ def token_grad_norms(
     the pooled embeddings, so the two are comparable pulls on the adapter outputs.
     """
     assert feats.image_tokens is not None and feats.text_tokens is not None
-    adapters = load_adapters(run, "cpu")
     caps = first_caption[rows]
     with torch.no_grad():
-        vis = feats.image_tokens[rows].float()
-        txt = feats.text_tokens[caps].float()
-        x = adapters.image(vis.flatten(0, 1)).unflatten(0, vis.shape[:2])
-        y = adapters.text(txt.flatten(0, 1)).unflatten(0, txt.shape[:2])
+        x = tokenwise(adapters.image, feats.image_tokens[rows].float())
+        y = tokenwise(adapters.text, feats.text_tokens[caps].float())
     x.requires_grad_(True)
     y.requires_grad_(True)
     vm = None if feats.image_token_mask is None else feats.image_token_mask[rows]
@@ -111,19 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache)
     feats = load_paired_features(cache / "flickr8k-train-efficientnet-lite0", cache / "flickr8k-train-minilm")
     image, text = embed(feats, args.run)  # (6000, D), (30000, D), unit norm
-    first_caption = torch.zeros(image.shape[0], dtype=torch.long)
-    first_caption.scatter_reduce_(
-        0, feats.text_to_image, torch.arange(len(feats.text_to_image)), "amin", include_self=False
-    )
+    first_caption = feats.first_captions()  # every Flickr8k image has captions
     tokens = None
     if args.token_cache:
         img_dir, txt_dir = (cache / d for d in args.token_cache.split(","))
         tok_feats = load_paired_features(img_dir, txt_dir, dtype=None)  # fp16 tokens stay fp16 until used
         if tok_feats.image_ids != feats.image_ids:
             p.error("--token-cache must hold the same images (same order) as the pooled caches")
+        adapters = load_adapters(args.run, "cpu")  # once, not per batch and sigma
 
         def tokens(rows: Tensor, sigma: float) -> tuple[float, float]:
-            return token_grad_norms(args.run, tok_feats, first_caption, rows[: args.token_images], sigma)
+            return token_grad_norms(adapters, tok_feats, first_caption, rows[: args.token_images], sigma)
 
     print("\n".join(measure(image, text[first_caption], args.batches, args.batch_size, seed=0, tokens=tokens)))
     return 0

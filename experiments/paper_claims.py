@@ -158,12 +158,7 @@ class Runner:
         run_dir = self.out / "runs" / setting.key / f"seed{seed}"
         path = run_dir / "metrics.json"
         if path.is_file():
-            record = json.loads(path.read_text())
-            if setting.data in DEV_TOKENS and "token_cs_divergence" not in record["metrics"]:
-                # Evaluated before the dev token caches existed: add the token metric, keep the rest.
-                record["metrics"] |= evaluate_run(run_dir, self.features(setting.data)[1], sigma=1.0)
-                path.write_text(json.dumps(record, indent=1))
-            return record["metrics"]
+            return json.loads(path.read_text())["metrics"]
         t0 = time.time()
         data = [f"{o.split('=', 1)[0]}={self.cache / o.split('=', 1)[1]}" for o in setting.all_overrides[:2]]
         extra = data if setting.data != "base" else []

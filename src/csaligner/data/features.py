@@ -64,6 +64,14 @@ class PairedFeatures:
     def num_texts(self) -> int:
         return int(self.text.shape[0])
 
+    def first_captions(self) -> Tensor:
+        """(N,) row of each image's first caption (lowest text row), -1 for an image without one."""
+        t2i = self.text_to_image
+        paired = t2i >= 0
+        first = torch.full((self.num_images,), self.num_texts, dtype=torch.long)
+        first.scatter_reduce_(0, t2i[paired], paired.nonzero().flatten(), "amin")
+        return torch.where(first < self.num_texts, first, -1)
+
     def select_images(self, rows: Tensor) -> PairedFeatures:
         """Keep the given image rows and the captions that point at them (re-indexed)."""
         rows = rows.long()

@@ -93,25 +93,20 @@ def token_metrics(
     differ from the pooled dims the adapters take (e.g. CLIP towers' hidden states).
     """
     from csaligner.losses import token_cs_divergence
-    from csaligner.train.model import load_adapters
+    from csaligner.train.model import load_adapters, tokenwise
 
     it, tt = features.image_tokens, features.text_tokens
     if it is None or tt is None or it.shape[-1] != features.image.shape[-1] or tt.shape[-1] != features.text.shape[-1]:
         return {}
-    t2i = features.text_to_image
-    paired = t2i >= 0
-    first = torch.full((features.num_images,), t2i.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, t2i[paired], paired.nonzero().flatten(), "amin")
-    images = (first < t2i.numel()).nonzero().flatten()
+    first = features.first_captions()
+    images = (first >= 0).nonzero().flatten()
     if images.numel() == 0:
         return {}
     adapters = load_adapters(str(run_dir), "cpu")
     values = []
     for rows in images.split(batch_size):
         caps = first[rows]
-        vis, txt = it[rows].float(), tt[caps].float()
-        x = adapters.image(vis.flatten(0, 1)).unflatten(0, vis.shape[:2])
-        y = adapters.text(txt.flatten(0, 1)).unflatten(0, txt.shape[:2])
+        x, y = tokenwise(adapters.image, it[rows].float()), tokenwise(adapters.text, tt[caps].float())
         vm = None if features.image_token_mask is None else features.image_token_mask[rows]
         tm = None if features.text_token_mask is None else features.text_token_mask[caps]
         x, y = F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1)

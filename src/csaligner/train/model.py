@@ -103,13 +103,14 @@ class AlignmentModel(nn.Module):
             "text": self.text_adapter(text, text_tokens=text_tokens, text_token_mask=text_token_mask),
         }
         if image_token_feats is not None:
-            out["image_tokens"] = _tokenwise(self.image_adapter, image_token_feats)
+            out["image_tokens"] = tokenwise(self.image_adapter, image_token_feats)
         if text_token_feats is not None:
-            out["text_tokens"] = _tokenwise(self.text_adapter, text_token_feats)
+            out["text_tokens"] = tokenwise(self.text_adapter, text_token_feats)
         return out
 
 
-def _tokenwise(adapter: nn.Module, tokens: Tensor) -> Tensor:
+def tokenwise(adapter: nn.Module, tokens: Tensor) -> Tensor:
+    """(B, T, D_in) -> (B, T, D_out): the adapter applied to every token on its own."""
     b, t, d = tokens.shape
     return adapter(tokens.reshape(b * t, d)).reshape(b, t, -1)
 
