@@ -128,9 +128,9 @@ class RecordingStrips(TorchStrips):
         return g, dot
 
     def kernel_grad(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        w, dot = super().kernel_grad(*args, **kwargs)
+        w, row_mass, col_mass, dot = super().kernel_grad(*args, **kwargs)
         self.largest = max(self.largest, w.numel())
-        return w, dot
+        return w, row_mass, col_mass, dot
 
 
 def test_strips_never_hold_the_full_matrix() -> None:

@@ -2,7 +2,9 @@
 
 `infonce_cs_terms` is what `CSAlignerLoss` calls. Every path returns the same named terms and
 gradients as the dense reference (tests check this). The chunked and Triton paths share the
-autograd Functions of `csaligner.kernels.chunked`; only the per-strip arithmetic differs.
+autograd Functions of `csaligner.kernels.chunked`; only the per-strip arithmetic differs. When the
+CS pools are the paired features (no unpaired extras), Triton uses `csaligner.kernels.fused`,
+which computes X Y^T once for both InfoNCE and the cross kernel term.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from csaligner.losses.divergence import cs_divergence
 Impl = Literal["auto", "dense", "chunked", "triton"]
 AUTO_CHUNKED_ABOVE = 4096 * 4096
 """`impl="auto"` off CUDA switches from dense to chunked above this many logits (N * M)."""
-TRITON_STRIP_ELEMENTS = 1 << 27
-"""Triton backward strips hold at most this many weights (512 MiB in float32): 512 rows at N = 262144."""
+TRITON_STRIP_BYTES = 1 << 29
+"""Triton backward strips take at most 512 MiB: 4096 rows of bfloat16 weights at N = 65536."""
 
 __all__ = [
     "AUTO_CHUNKED_ABOVE",
@@ -132,18 +134,24 @@ def infonce_cs_terms(
     operand: torch.dtype | None = None
     center = True
     if path == "triton":
-        from csaligner.kernels.triton_kernels import TritonStrips
+        from csaligner.kernels.triton_kernels import TritonStrips, strip_dtype
 
         tb = TritonStrips()
         backend, operand = tb, x.dtype
         center = operand == torch.float32  # centring half inputs would re-round them; unit-norm needs none
         if chunk_size is None:
             n_cols = max(y.shape[0], y_all.shape[0], x_all.shape[0])
-            chunk_size = strip_rows(max(x.shape[0], x_all.shape[0]), n_cols, TRITON_STRIP_ELEMENTS, tb.block_m)
+            budget = TRITON_STRIP_BYTES // strip_dtype(x.dtype).itemsize
+            chunk_size = strip_rows(max(x.shape[0], x_all.shape[0], y_all.shape[0]), n_cols, budget, tb.block_m)
         elif chunk_size % tb.block_m:
             raise ValueError(
                 f"chunk_size must be a multiple of the tile size {tb.block_m} for triton, got {chunk_size}"
             )
+        if with_cs and x_all is x and y_all is y:  # the pools are the pairs: one Gram pass serves both terms
+            from csaligner.kernels.fused import fused_infonce_cs
+
+            nce, cs = fused_infonce_cs(x, y, temperature, sigma, text_to_image, tiles=tb, chunk_size=chunk_size)
+            return {"infonce": nce, "cs": cs}
     terms = {
         "infonce": streamed_info_nce(
             x, y, temperature, text_to_image, backend=backend, chunk_size=chunk_size, operand_dtype=operand

@@ -19,9 +19,8 @@ Triton kernels in `csaligner.kernels.triton_kernels`. The autograd Functions are
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -85,8 +84,12 @@ class StripBackend(Protocol):
         g: float,
         symmetric: bool,
         want_dot: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        """W (S, M) = g * w * exp(l - log_z) in float32 or float64, and sum(W * l)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """W (S, M) = g * w * exp(l - log_z), its row and column sums, and sum(W * l).
+
+        W may be stored rounded (bfloat16 for half inputs); the sums are those of the stored values,
+        so that sum_j W_ij (b_j - a_i) = (W b)_i - rowsum_i a_i cancels exactly in the caller.
+        """
         ...
 
 
@@ -140,14 +143,14 @@ class TorchStrips:
         g: float,
         symmetric: bool,
         want_dot: bool,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         t = self._kernel_logits(a, b, u, v, inv_s2)
         w = (t - log_z).exp_() if want_dot else t.sub_(log_z).exp_()
         w.mul_(g)
         if symmetric:
             w[:, : a.shape[0]] *= 0.5
         dot = torch.dot(w.flatten(), t.flatten()) if want_dot else None
-        return w, dot
+        return w, w.sum(1), w.sum(0), dot
 
 
 def strip_rows(n_rows: int, n_cols: int, budget: int, multiple: int = 1) -> int:
@@ -203,7 +206,7 @@ class _InfoNCE(torch.autograd.Function):
             if gs.dtype != yg.dtype:
                 xg, yg = x.to(gs.dtype), y.to(gs.dtype)
             dx[r0 : r0 + rows] = torch.mm(gs, yg).mul_(s)
-            dy += torch.mm(gs.T, xg[r0 : r0 + rows]).to(dy.dtype)
+            mm_accumulate(dy, gs.T, xg[r0 : r0 + rows])
             if d is not None:
                 dot += d
         dscale = dot / s if want_dot else None  # logits = scale * x.y, so d/dscale = sum(G * logits) / scale
@@ -243,49 +246,60 @@ class _LogMeanKernel(torch.autograd.Function):
         sym, inv_s2, rows, backend = ctx.sym, ctx.inv_s2, ctx.rows, ctx.backend
         want_dot = ctx.needs_input_grad[2]
         lz, g, work = float(log_z), float(grad), u.dtype
-        # sum_j W_ij (b_j - a_i) = (W b)_i - rowsum_i a_i: both halves in `work` precision (cancellation).
-        af, bf = a.to(work), b.to(work)
-        da = torch.zeros_like(af)
+        # sum_j W_ij (b_j - a_i) = (W b)_i - rowsum_i a_i: the GEMMs accumulate in `work` precision
+        # and the row sums are those of the strip as stored, so the difference cancels exactly.
+        da = torch.zeros(a.shape, dtype=work, device=a.device)
         a_mass = torch.zeros(a.shape[0], dtype=work, device=a.device)
-        db = da if sym else torch.zeros_like(bf)
+        db = da if sym else torch.zeros(b.shape, dtype=work, device=a.device)
         b_mass = a_mass if sym else torch.zeros(b.shape[0], dtype=work, device=a.device)
         dot = torch.zeros((), dtype=work, device=a.device)
-        with _tf32_matmuls(a.dtype in (torch.bfloat16, torch.float16)):
-            for r0 in range(0, a.shape[0], rows):
-                r1 = min(r0 + rows, a.shape[0])
-                c0 = r0 if sym else 0
-                w, d = backend.kernel_grad(a[r0:r1], b[c0:], u[r0:r1], v[c0:], inv_s2, lz, g, sym, want_dot)
-                da[r0:r1] += torch.mm(w, bf[c0:])
-                a_mass[r0:r1] += w.sum(1)
-                db[c0:] += torch.mm(w.T, af[r0:r1])
-                b_mass[c0:] += w.sum(0)
-                if d is not None:
-                    dot += d
+        ag, bg = a, b  # the operands in the strip's dtype
+        for r0 in range(0, a.shape[0], rows):
+            r1 = min(r0 + rows, a.shape[0])
+            c0 = r0 if sym else 0
+            w, row_mass, col_mass, d = backend.kernel_grad(
+                a[r0:r1], b[c0:], u[r0:r1], v[c0:], inv_s2, lz, g, sym, want_dot
+            )
+            if ag.dtype != w.dtype:
+                ag, bg = a.to(w.dtype), b.to(w.dtype)
+            mm_accumulate(da[r0:r1], w, bg[c0:])
+            a_mass[r0:r1] += row_mass
+            mm_accumulate(db[c0:], w.T, ag[r0:r1])
+            b_mass[c0:] += col_mass
+            if d is not None:
+                dot += d
         # dl_ij/da_i = (b_j - a_i) / sigma^2; the symmetric case sums W + W^T, hence one pass over both.
-        da = (da - a_mass.unsqueeze(1) * af) * (2 * inv_s2 if sym else inv_s2)
-        db_out = None if sym else ((db - b_mass.unsqueeze(1) * bf) * inv_s2).to(b.dtype)
+        da.addcmul_(a_mass.unsqueeze(1), a, value=-1.0).mul_(2 * inv_s2 if sym else inv_s2)
+        db_out = None if sym else db.addcmul_(b_mass.unsqueeze(1), b, value=-1.0).mul_(inv_s2).to(b.dtype)
         dsigma = dot * (-2.0 / ctx.sigma) * (2.0 if sym else 1.0) if want_dot else None  # dl/dsigma = -2 l / sigma
         return da.to(a.dtype), db_out, dsigma, None, None, None
 
 
-@contextlib.contextmanager
-def _tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """Let CUDA float32 matmuls use TF32 tensor cores inside the block (no effect on CPU).
+def mm_accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, with acc in float32/float64 and a, b possibly half precision.
 
-    For half-precision inputs only: the kernel-weight strips stay float32 for the W b - rowsum(W) a
-    cancellation, but plain float32 GEMMs run without tensor cores (~50 TFLOP/s on an H100) and were
-    3/4 of a bf16 step at N = 32k; TF32 keeps float32 range with 10 mantissa bits, above the bf16
-    inputs' 7. float32 inputs keep exact float32 GEMMs. The previous setting is restored on exit.
+    Half operands keep the tensor cores and accumulate into acc's precision without rounding the
+    product to half first: on CUDA through `torch.addmm(..., out_dtype=float32)` (torch >= 2.9),
+    elsewhere by upcasting (the interpreter tests on CPU).
     """
-    if not enabled:
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and acc.dtype == torch.float32 and _fp32_out_gemm():
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += torch.mm(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@functools.cache
+def _fp32_out_gemm() -> bool:
+    """True when this torch has half x half -> float32 GEMMs (`out_dtype`, torch >= 2.9 on CUDA)."""
     try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+        out = torch.zeros(2, 2, device="cuda")
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+        return bool(out[0, 0] == 2.0)
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _half_sq_norms(a: Tensor, work: torch.dtype) -> Tensor:
@@ -303,6 +317,24 @@ def _as_tensor(value: float | Tensor, dtype: torch.dtype, device: torch.device) 
     if isinstance(value, Tensor):
         return value.to(device=device, dtype=dtype).reshape(())
     return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def positives(
+    n: int, m: int, text_to_image: Tensor | None, device: torch.device, work: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(M,) image row of each text's positive and its loss weight 1/(2M) + 1/(2 N |P_i|)."""
+    if text_to_image is None:
+        if n != m:
+            raise ValueError(
+                f"paired InfoNCE needs as many texts as images, got {n} images and {m} texts; "
+                "pass text_to_image for several captions per image"
+            )
+        pos_row = torch.arange(n, device=device)
+    else:
+        pos_row = check_text_to_image(text_to_image.to(device), n, m).long()
+    # 1/(2M) for the text -> image cross-entropy, 1/(2 N |P_i|) for image i's captions.
+    counts = torch.bincount(pos_row, minlength=n).to(work)
+    return pos_row, 0.5 / m + 0.5 / (n * counts[pos_row])
 
 
 def streamed_info_nce(
@@ -334,19 +366,8 @@ def streamed_info_nce(
     check_same_dim("x", x, "y", y)
     check_positive("temperature", temperature)
     n, m = x.shape[0], y.shape[0]
-    if text_to_image is None:
-        if n != m:
-            raise ValueError(
-                f"paired InfoNCE needs as many texts as images, got {n} images and {m} texts; "
-                "pass text_to_image for several captions per image"
-            )
-        pos_row = torch.arange(n, device=x.device)
-    else:
-        pos_row = check_text_to_image(text_to_image.to(x.device), n, m).long()
     work = compute_dtype(x, y)
-    # Loss weights: 1/(2M) for the text -> image cross-entropy, 1/(2 N |P_i|) for image i's captions.
-    counts = torch.bincount(pos_row, minlength=n).to(work)
-    pos_w = 0.5 / m + 0.5 / (n * counts[pos_row])
+    pos_row, pos_w = positives(n, m, text_to_image, x.device, work)
     xn = F.normalize(x.to(work), dim=-1).to(operand_dtype or work)
     yn = F.normalize(y.to(work), dim=-1).to(operand_dtype or work)
     scale = 1.0 / _as_tensor(temperature, work, x.device)

@@ -222,6 +222,8 @@ def _kernel_grad_kernel(
     U,
     V,
     W,
+    ROW_PART,
+    COL_PART,
     DOT_PART,
     n_a,
     n_b,
@@ -247,7 +249,12 @@ def _kernel_grad_kernel(
         A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM, BN, BK, SYMMETRIC, PREC, UPCAST
     )
     w = tl.where(valid, g * tl.exp(logit + log_w - log_z), 0.0)
-    tl.store(W + rows[:, None] * n_b + cols[None, :], w, mask=valid)
+    stored = w.to(W.dtype.element_ty)
+    tl.store(W + rows[:, None] * n_b + cols[None, :], stored, mask=valid)
+    # Sums of the weights as stored (rounded): the caller's W b - rowsum(W) a then cancels exactly.
+    w_st = stored.to(tl.float32)
+    tl.store(ROW_PART + tn * n_a + rows, tl.sum(w_st, 1), mask=rows < n_a)
+    tl.store(COL_PART + tm * n_b + cols, tl.sum(w_st, 0), mask=cols < n_b)
     tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * logit, 1), 0))
 
 
@@ -256,9 +263,9 @@ class TritonStrips:
     """`StripBackend` on Triton tiles. Tile sizes are compile-time constants (small ones for tests).
 
     Operands may be float32 (exact "ieee" dots), bfloat16 or float16 (tensor cores, fp32 accumulate).
-    InfoNCE weight strips are written in the operand dtype (positives are folded in, so half
-    precision loses nothing to cancellation; float16 strips use bfloat16 for its range); kernel
-    weight strips are float32 because sum_j W_ij (b_j - a_i) is formed as W b - rowsum(W) a.
+    Weight strips are float32 for float32 operands and bfloat16 otherwise (`strip_dtype`). InfoNCE
+    strips fold the positives in (no cancellation); kernel strips come with the row and column sums
+    of the rounded weights, so sum_j W_ij (b_j - a_i) = W b - rowsum(W) a cancels exactly.
     """
 
     block_m: int = 128
@@ -326,8 +333,7 @@ class TritonStrips:
         want_dot: bool,
     ) -> tuple[Tensor, Tensor | None]:
         n_tm, n_tn = self._tiles(a, b)
-        strip_dtype = torch.float32 if a.dtype == torch.float32 else torch.bfloat16
-        g = torch.empty((a.shape[0], b.shape[0]), dtype=strip_dtype, device=a.device)
+        g = torch.empty((a.shape[0], b.shape[0]), dtype=strip_dtype(a.dtype), device=a.device)
         dot = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
         self._launch(
             _logits_grad_kernel,
@@ -369,9 +375,11 @@ class TritonStrips:
         g: float,
         symmetric: bool,
         want_dot: bool,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         n_tm, n_tn = self._tiles(a, b)
-        w = torch.empty((a.shape[0], b.shape[0]), dtype=torch.float32, device=a.device)
+        w = torch.empty((a.shape[0], b.shape[0]), dtype=strip_dtype(a.dtype), device=a.device)
+        row_part = torch.empty((n_tn, a.shape[0]), dtype=torch.float32, device=a.device)
+        col_part = torch.empty((n_tm, b.shape[0]), dtype=torch.float32, device=a.device)
         dot = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
         self._launch(
             _kernel_grad_kernel,
@@ -380,8 +388,15 @@ class TritonStrips:
             u.float().contiguous(),
             v.float().contiguous(),
             w,
+            row_part,
+            col_part,
             dot,
             scalars=(inv_s2, log_z, g),
             SYMMETRIC=symmetric,
         )
-        return w, dot.sum() if want_dot else None
+        return w, row_part.sum(0), col_part.sum(0), dot.sum() if want_dot else None
+
+
+def strip_dtype(operand: torch.dtype) -> torch.dtype:
+    """Weight strips: float32 for float32 operands, else bfloat16 (float16 lacks the range for tiny weights)."""
+    return torch.float32 if operand == torch.float32 else torch.bfloat16

@@ -1,0 +1,143 @@
+"""The fused InfoNCE + D_CS Triton path against the dense references (interpreter on CPU, CUDA with one).
+
+Small sizes and 16-wide tiles: partial tiles, several strips, both exp modes (temperature above
+and below 1 / MAX_ONE_EXP_SCALE), several captions per image, features that are not unit norm.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+pytest.importorskip("triton")
+
+from csaligner.kernels import infonce_cs_terms
+from csaligner.kernels.chunked import mm_accumulate
+from csaligner.losses import cs_divergence, info_nce
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+from csaligner.kernels import fused  # noqa: E402
+from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs  # noqa: E402
+from csaligner.kernels.triton_kernels import TritonStrips  # noqa: E402
+
+SMALL = TritonStrips(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1)
+
+
+def feats(n: int, d: int, dtype: torch.dtype = torch.float32, shift: float = 0.0, spread: float = 1.0) -> Tensor:
+    return F.normalize(spread * torch.randn(n, d, device=DEVICE) + shift, dim=-1).to(dtype).requires_grad_()
+
+
+def dense_pair(x: Tensor, y: Tensor, temperature: Tensor | float, sigma: Tensor | float, t2i: Tensor | None = None):
+    return info_nce(x, y, temperature, t2i), cs_divergence(x, y, sigma)
+
+
+def assert_grads_close(got: list[Tensor], want: list[Tensor], rtol: float) -> None:
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=rtol * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.01])  # one exp per logit, and two (scale > 40)
+@pytest.mark.parametrize("chunk", [16, 48])
+def test_fused_matches_dense_values_and_all_gradients(temperature: float, chunk: int) -> None:
+    assert (MAX_ONE_EXP_SCALE >= 1 / 0.07) and (MAX_ONE_EXP_SCALE < 1 / 0.01)
+    x, y = feats(45, 16), feats(45, 16, shift=0.3)
+    t = torch.tensor(temperature, device=DEVICE, requires_grad=True)
+    s = torch.tensor(0.4, device=DEVICE, requires_grad=True)
+    nce, cs = fused_infonce_cs(x, y, t, s, tiles=SMALL, chunk_size=chunk)
+    w_nce, w_cs = dense_pair(x, y, t, s)
+    assert float(nce) == pytest.approx(float(w_nce), rel=1e-5)
+    assert float(cs) == pytest.approx(float(w_cs), rel=1e-5, abs=1e-5)
+    inputs = [x, y, t, s]
+    got = torch.autograd.grad(nce + 0.3 * cs, inputs)
+    want = torch.autograd.grad(w_nce + 0.3 * w_cs, inputs)
+    assert_grads_close(list(got), list(want), rtol=1e-4)
+
+
+def test_fused_several_captions_per_image_and_raw_norms() -> None:
+    """InfoNCE normalises, D_CS sees the raw features: the normalisation's Jacobian is in-kernel."""
+    x = (feats(21, 16) * torch.linspace(0.5, 2.0, 21, device=DEVICE)[:, None]).detach().requires_grad_()
+    t2i = torch.cat([torch.arange(21), torch.randint(0, 21, (19,))]).to(DEVICE)
+    y = feats(40, 16, shift=0.2)
+    nce, cs = fused_infonce_cs(x, y, 0.05, 1.0, t2i, tiles=SMALL, chunk_size=16)
+    w_nce, w_cs = dense_pair(x, y, 0.05, 1.0, t2i)
+    assert float(nce) == pytest.approx(float(w_nce), rel=1e-5)
+    assert float(cs) == pytest.approx(float(w_cs), rel=1e-5, abs=1e-6)
+    for a, b in ((nce, w_nce), (cs, w_cs)):  # each term's gradient on its own
+        assert_grads_close(
+            list(torch.autograd.grad(a, [x, y], retain_graph=True)),
+            list(torch.autograd.grad(b, [x, y], retain_graph=True)),
+            1e-4,
+        )
+
+
+def test_bfloat16_cs_gradient_of_a_tight_cone_is_not_lost_to_rounding() -> None:
+    """All features near one direction: sum_j W_ij (y_j - x_i) is a small difference of sums of
+    bf16 weights. Row sums of the *stored* weights make it cancel; the CS gradient alone must then
+    match the float64 reference on the same bf16 values to bf16 accuracy."""
+    x, y = feats(40, 16, torch.bfloat16, shift=3.0, spread=0.3), feats(40, 16, torch.bfloat16, shift=3.0, spread=0.3)
+    _, cs = fused_infonce_cs(x, y, 0.07, 0.5, tiles=SMALL, chunk_size=16)
+    gx, gy = torch.autograd.grad(cs, [x, y])
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    wx, wy = torch.autograd.grad(cs_divergence(x64, y64, 0.5), [x64, y64])
+    assert gx.dtype == torch.bfloat16
+    assert_grads_close([gx, gy], [wx, wy], rtol=2e-2)
+
+
+def test_dispatch_uses_fused_only_when_pools_are_the_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = fused.fused_infonce_cs
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "fused_infonce_cs", spy)
+    x, y = feats(37, 16), feats(37, 16, shift=0.2)
+    got = infonce_cs_terms(x, y, temperature=0.07, sigma=1.0, impl="triton")
+    want = infonce_cs_terms(x, y, temperature=0.07, sigma=1.0, impl="dense")
+    assert calls == [1]
+    for k in ("infonce", "cs"):
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-5, abs=1e-6)
+    xa = torch.cat([x, feats(5, 16)])
+    infonce_cs_terms(x, y, xa, y, impl="triton")  # unpaired images: the separate strip path
+    assert calls == [1]
+
+
+def test_fused_rejects_bad_chunk_and_float64() -> None:
+    x, y = feats(20, 16), feats(20, 16)
+    with pytest.raises(ValueError, match="multiple of the tile size 16"):
+        fused_infonce_cs(x, y, 0.07, 1.0, tiles=SMALL, chunk_size=24)
+    with pytest.raises(ValueError, match="float64"):
+        fused_infonce_cs(x.double(), y.double(), 0.07, 1.0, tiles=SMALL, chunk_size=16)
+
+
+def test_mm_accumulate_keeps_float32_precision_for_half_operands() -> None:
+    a = torch.randn(8, 300, device=DEVICE).to(torch.bfloat16)
+    b = torch.randn(300, 4, device=DEVICE).to(torch.bfloat16)
+    acc = torch.full((8, 4), 1000.0, device=DEVICE)
+    mm_accumulate(acc, a, b)
+    want = 1000.0 + a.double() @ b.double()
+    torch.testing.assert_close(acc.double(), want, rtol=0, atol=1e-3)  # a bf16 product would be off by ~4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_fused_matches_dense_at_moderate_size(dtype: torch.dtype) -> None:
+    x, y = feats(3000, 256, dtype), feats(3000, 256, dtype, shift=0.1)
+    got = infonce_cs_terms(x, y, temperature=0.02, sigma=0.5, impl="triton", chunk_size=1024)
+    want = infonce_cs_terms(x, y, temperature=0.02, sigma=0.5, impl="dense")
+    rtol = 1e-4 if dtype == torch.float32 else 2e-3
+    for k in ("infonce", "cs"):
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=rtol, abs=rtol)
+    got_g = torch.autograd.grad(got["infonce"] + 0.01 * got["cs"], [x, y])
+    want_g = torch.autograd.grad(want["infonce"] + 0.01 * want["cs"], [x, y])
+    assert_grads_close(list(got_g), list(want_g), rtol=1e-3 if dtype == torch.float32 else 3e-2)
