@@ -44,13 +44,15 @@ def assert_grads_close(got: list[Tensor], want: list[Tensor], rtol: float) -> No
         torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=rtol * float(w.abs().max()))
 
 
-@pytest.mark.parametrize("temperature", [0.07, 0.01])  # one exp per logit, and two (scale > 40)
+# (0.07, 0.4): one exp per logit, kernel tiles without a max; (0.01, 0.1): scale > 40 and kernel
+# logits down to -200, the max-offset branches of both.
+@pytest.mark.parametrize(("temperature", "sigma"), [(0.07, 0.4), (0.01, 0.1)])
 @pytest.mark.parametrize("chunk", [16, 48])
-def test_fused_matches_dense_values_and_all_gradients(temperature: float, chunk: int) -> None:
+def test_fused_matches_dense_values_and_all_gradients(temperature: float, sigma: float, chunk: int) -> None:
     assert (MAX_ONE_EXP_SCALE >= 1 / 0.07) and (MAX_ONE_EXP_SCALE < 1 / 0.01)
     x, y = feats(45, 16), feats(45, 16, shift=0.3)
     t = torch.tensor(temperature, device=DEVICE, requires_grad=True)
-    s = torch.tensor(0.4, device=DEVICE, requires_grad=True)
+    s = torch.tensor(sigma, device=DEVICE, requires_grad=True)
     nce, cs = fused_infonce_cs(x, y, t, s, tiles=SMALL, chunk_size=chunk)
     w_nce, w_cs = dense_pair(x, y, t, s)
     assert float(nce) == pytest.approx(float(w_nce), rel=1e-5)
@@ -109,6 +111,18 @@ def test_dispatch_uses_fused_only_when_pools_are_the_pairs(monkeypatch: pytest.M
     xa = torch.cat([x, feats(5, 16)])
     infonce_cs_terms(x, y, xa, y, impl="triton")  # unpaired images: the separate strip path
     assert calls == [1]
+
+
+def test_pair_kernels_take_rectangular_tiles_symmetric_ones_refuse_them() -> None:
+    x, y = feats(45, 16), feats(38, 16, shift=0.2)
+    wide = TritonStrips(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=1, num_stages=1)
+    nce, cs = fused_infonce_cs(x[:38], y, 0.05, 0.5, tiles=SMALL, pair_tiles=wide, chunk_size=32)
+    w_nce, w_cs = dense_pair(x[:38], y, 0.05, 0.5)
+    assert float(nce) == pytest.approx(float(w_nce), rel=1e-5)
+    assert float(cs) == pytest.approx(float(w_cs), rel=1e-5, abs=1e-6)
+    assert_grads_close(list(torch.autograd.grad(nce + cs, [y])), list(torch.autograd.grad(w_nce + w_cs, [y])), 1e-4)
+    with pytest.raises(ValueError, match="square tiles"):
+        fused_infonce_cs(x, x, 0.05, 0.5, tiles=wide, chunk_size=32)
 
 
 def test_fused_rejects_bad_chunk_and_float64() -> None:

@@ -37,7 +37,9 @@ from csaligner._validation import check_features, check_positive, check_same_dim
 from csaligner.kernels.chunked import LOG2, _as_tensor, _half_sq_norms, mm_accumulate, positives
 from csaligner.kernels.triton_kernels import TritonStrips, _dot_tile, _lse, _tile_coords, strip_dtype
 
-MAX_ONE_EXP_SCALE = 40.0
+MAX_BOUNDED_NATS = 80.0
+"""exp(-80) ~ 2e-35 is still a normal float32: logits known to lie in [-80, 0] need no max offset."""
+MAX_ONE_EXP_SCALE = MAX_BOUNDED_NATS / 2
 """Up to this InfoNCE scale (temperature >= 0.025) all logits of a tile lie within 2 * scale <= 80
 nats of each other, so one exp per logit with a shared offset stays inside float32's range."""
 
@@ -61,30 +63,35 @@ def _pair_lse_kernel(
     X, Y, RHO, KAPPA, U, V, ROW_PART, COL_PART, K_PART,
     n_a, n_b, dim, scale, inv_s2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_EXP: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr,
 ):  # fmt: skip
     tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
-    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
     logit, klogit = _pair_logits(
         X, Y, RHO, KAPPA, U, V, rows, cols, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST
     )
-    logit = tl.where(valid, logit, float("-inf"))
-    if ONE_EXP:  # one exp per logit, offset by the tile's max (all logits within 80 nats of it)
-        top = tl.max(tl.max(logit, 1), 0)
-        e = tl.exp(logit - top)
+    if (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: mask the padding (interior tiles skip this)
+        valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+        logit = tl.where(valid, logit, float("-inf"))
+        klogit = tl.where(valid, klogit, float("-inf"))
+    if ONE_EXP:  # |logit| <= scale <= 40 (unit vectors): one exp per logit, offset by the bound, no max
+        e = tl.exp(logit - scale)
         r_sum = tl.sum(e, 1)
         c_sum = tl.sum(e, 0)
-        r_lse = tl.where(r_sum > 0, top + tl.log(tl.where(r_sum > 0, r_sum, 1.0)), float("-inf"))
-        c_lse = tl.where(c_sum > 0, top + tl.log(tl.where(c_sum > 0, c_sum, 1.0)), float("-inf"))
+        r_lse = tl.where(r_sum > 0, scale + tl.log(tl.where(r_sum > 0, r_sum, 1.0)), float("-inf"))
+        c_lse = tl.where(c_sum > 0, scale + tl.log(tl.where(c_sum > 0, c_sum, 1.0)), float("-inf"))
     else:
         r_lse = _lse(logit, 1)
         c_lse = _lse(logit, 0)
     tl.store(ROW_PART + tn * n_a + rows, r_lse, mask=rows < n_a)
     tl.store(COL_PART + tm * n_b + cols, c_lse, mask=cols < n_b)
-    klogit = tl.where(valid, klogit, float("-inf"))
-    tl.store(K_PART + tm * n_tn + tn, _lse(tl.reshape(klogit, (BM * BN,)), 0))
+    if K_BOUNDED:  # every kernel logit lies in [-80, 0]: sum exp directly, no max
+        k_sum = tl.sum(tl.sum(tl.exp(klogit), 1), 0)
+        k_lse = tl.where(k_sum > 0, tl.log(tl.where(k_sum > 0, k_sum, 1.0)), float("-inf"))
+    else:
+        k_lse = _lse(tl.reshape(klogit, (BM * BN,)), 0)
+    tl.store(K_PART + tm * n_tn + tn, k_lse)
 
 
 @triton.jit
@@ -92,38 +99,43 @@ def _pair_grad_kernel(
     X, Y, RHO, KAPPA, U, V, ROW_LSE, COL_LSE, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
     n_a, n_b, dim, scale, inv_s2, log_z, g_k, w_row, w_col, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_EXP: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr,
 ):  # fmt: skip
     tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
-    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
     logit, klogit = _pair_logits(
         X, Y, RHO, KAPPA, U, V, rows, cols, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST
     )
     r_lse = tl.load(ROW_LSE + rows, mask=rows < n_a, other=0.0)
     c_lse = tl.load(COL_LSE + cols, mask=cols < n_b, other=0.0)
     if ONE_EXP:  # exp(l - r) = exp(l - s) exp(s - r); both factors in range for s <= 40
-        e = tl.exp(logit - scale)
-        g = e * (w_row * tl.exp(scale - r_lse)[:, None] + w_col * tl.exp(scale - c_lse)[None, :])
+        g = tl.exp(logit - scale) * (w_row * tl.exp(scale - r_lse)[:, None] + w_col * tl.exp(scale - c_lse)[None, :])
     else:
         g = w_row * tl.exp(logit - r_lse[:, None]) + w_col * tl.exp(logit - c_lse[None, :])
     pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
-    pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
-    g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)
-    g = tl.where(valid, g, 0.0)
-    w = tl.where(valid, g_k * tl.exp(klogit - log_z), 0.0)
+    if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:  # tile holds positives
+        pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
+        g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)
+    w = g_k * tl.exp(klogit - log_z)
+    if (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: zero the padding
+        valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+        g = tl.where(valid, g, 0.0)
+        w = tl.where(valid, w, 0.0)
     rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
     nce = g * (scale * rho)[:, None] * kappa[None, :]  # dL/d(x_i.y_j) from InfoNCE
     stored = (nce + inv_s2 * w).to(H.dtype.element_ty)
-    tl.store(H + rows[:, None] * n_b + cols[None, :], stored, mask=valid)
+    tl.store(H + rows[:, None] * n_b + cols[None, :], stored, mask=(rows[:, None] < n_a) & (cols[None, :] < n_b))
     resid = stored.to(tl.float32) - nce  # the kernel mass as stored, rounding included
     gl = g * logit
     tl.store(ROW_PART + tn * n_a + rows, tl.sum(resid, 1) + rho * rho * tl.sum(gl, 1), mask=rows < n_a)
     tl.store(COL_PART + tm * n_b + cols, tl.sum(resid, 0) + kappa * kappa * tl.sum(gl, 0), mask=cols < n_b)
     tl.store(DOT_PART + 2 * (tm * n_tn + tn), tl.sum(tl.sum(gl, 1), 0))
-    tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, tl.sum(tl.sum(w * klogit, 1), 0))
+    if WANT_SIGMA:
+        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, tl.sum(tl.sum(w * klogit, 1), 0))
+    else:
+        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, 0.0)
 
 
 class _PairedInfoNCECS(torch.autograd.Function):
@@ -138,32 +150,37 @@ class _PairedInfoNCECS(torch.autograd.Function):
         sigma: Tensor,
         pos_row: Tensor,
         pos_w: Tensor,
-        tiles: TritonStrips,
+        tile_pair: tuple[TritonStrips, TritonStrips],
         rows: int,
     ) -> tuple[Tensor, Tensor]:
         s, inv_s2 = float(scale), 1.0 / float(sigma) ** 2
         n, m = x.shape[0], y.shape[0]
+        tiles, pair = tile_pair
         rho, kappa = _inverse_norms(x), _inverse_norms(y)
         u, v = _half_sq_norms(x, torch.float32) * -inv_s2, _half_sq_norms(y, torch.float32) * -inv_s2
         row_lse = torch.empty(n, dtype=torch.float32, device=x.device)
         col_lse = torch.full((m,), -math.inf, dtype=torch.float32, device=x.device)
         k_parts, xx_parts, yy_parts = [], [], []
+        # Kernel logits >= -(|x| + |y|)^2 / (2 sigma^2): when that is >= -80, tiles need no max.
+        bounded = float(1 / rho.min() + 1 / kappa.min()) ** 2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            n_tm, n_tn = tiles._tiles(x[r0:r1], y)
+            n_tm, n_tn = pair._tiles(x[r0:r1], y)
             row_part = torch.empty((n_tn, r1 - r0), dtype=torch.float32, device=x.device)
             col_part = torch.empty((n_tm, m), dtype=torch.float32, device=x.device)
             k_part = torch.empty(n_tm * n_tn, dtype=torch.float32, device=x.device)
-            tiles._launch(
+            pair._launch(
                 _pair_lse_kernel, x[r0:r1], y, rho[r0:r1], kappa, u[r0:r1], v, row_part, col_part, k_part,
-                scalars=(s, inv_s2), ONE_EXP=s <= MAX_ONE_EXP_SCALE,
+                scalars=(s, inv_s2), ONE_EXP=s <= MAX_ONE_EXP_SCALE, K_BOUNDED=bounded,
             )  # fmt: skip
             row_lse[r0:r1] = torch.logsumexp(row_part, 0)
             torch.logaddexp(col_lse, torch.logsumexp(col_part, 0), out=col_lse)
             k_parts.append(torch.logsumexp(k_part, 0))
-            xx_parts.append(tiles.kernel_lse(x[r0:r1], x[r0:], u[r0:r1], u[r0:], inv_s2, True))
+            xx_parts.append(tiles.kernel_lse(x[r0:r1], x[r0:], u[r0:r1], u[r0:], inv_s2, True, bounded))
         for r0 in range(0, m, rows):
-            yy_parts.append(tiles.kernel_lse(y[r0 : r0 + rows], y[r0:], v[r0 : r0 + rows], v[r0:], inv_s2, True))
+            yy_parts.append(
+                tiles.kernel_lse(y[r0 : r0 + rows], y[r0:], v[r0 : r0 + rows], v[r0:], inv_s2, True, bounded)
+            )
         log_z = torch.stack(
             [
                 torch.logsumexp(torch.stack(p), 0) + extra
@@ -174,13 +191,13 @@ class _PairedInfoNCECS(torch.autograd.Function):
         info_nce = 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
         cs = log_z[1] + log_z[2] - 2.0 * log_z[0]  # the log(N M) normalisers cancel
         ctx.save_for_backward(x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z)
-        ctx.scale, ctx.inv_s2, ctx.sigma, ctx.tiles, ctx.rows = s, inv_s2, float(sigma), tiles, rows
+        ctx.scale, ctx.inv_s2, ctx.sigma, ctx.tiles, ctx.rows = s, inv_s2, float(sigma), tile_pair, rows
         return info_nce, cs
 
     @staticmethod
     def backward(ctx: Any, g_nce: Tensor, g_cs: Tensor) -> tuple[Tensor | None, ...]:
         x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z = ctx.saved_tensors
-        s, inv_s2, tiles, rows = ctx.scale, ctx.inv_s2, ctx.tiles, ctx.rows
+        s, inv_s2, (tiles, pair), rows = ctx.scale, ctx.inv_s2, ctx.tiles, ctx.rows
         gn, gc = float(g_nce), float(g_cs)
         lz_xy, lz_xx, lz_yy = (float(t) for t in log_z)
         n, m = x.shape[0], y.shape[0]
@@ -191,14 +208,15 @@ class _PairedInfoNCECS(torch.autograd.Function):
         x_mass = torch.zeros(n, dtype=torch.float32, device=x.device)
         y_mass = torch.zeros(m, dtype=torch.float32, device=x.device)
         dots = torch.zeros(4, dtype=torch.float32, device=x.device)  # sum G l, sum W k for XY, XX, YY
+        want_sigma = ctx.needs_input_grad[3]
         pw = (pos_w * gn).float().contiguous()
         pos32 = pos_row.to(torch.int32)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             local = torch.where((pos32 >= r0) & (pos32 < r1), pos32 - r0, -1)
             h, r_mass, c_mass, d = _pair_grad(
-                tiles, x[r0:r1], y, rho[r0:r1], kappa, u[r0:r1], v, row_lse[r0:r1], col_lse, local, pw,
-                (s, inv_s2, lz_xy, -2.0 * gc, 0.5 * gn / n, 0.5 * gn / m),
+                pair, x[r0:r1], y, rho[r0:r1], kappa, u[r0:r1], v, row_lse[r0:r1], col_lse, local, pw,
+                (s, inv_s2, lz_xy, -2.0 * gc, 0.5 * gn / n, 0.5 * gn / m), want_sigma,
             )  # fmt: skip
             mm_accumulate(dx[r0:r1], h, yg)
             mm_accumulate(dy, h.T, xg[r0:r1])
@@ -212,13 +230,14 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 r1 = min(r0 + rows, feats.shape[0])
                 w, r_mass, c_mass, d = tiles.kernel_grad(
                     x[r0:r1] if slot == 2 else y[r0:r1], x[r0:] if slot == 2 else y[r0:],
-                    sq[r0:r1], sq[r0:], inv_s2, lz, 2.0 * inv_s2 * gc, True, True,
+                    sq[r0:r1], sq[r0:], inv_s2, lz, 2.0 * inv_s2 * gc, True, want_sigma,
                 )  # fmt: skip
                 mm_accumulate(g_mass[r0:r1], w, feats[r0:])
                 mm_accumulate(g_mass[r0:], w.T, feats[r0:r1])
                 mass[r0:r1] += r_mass
                 mass[r0:] += c_mass
-                dots[slot] += d
+                if d is not None:
+                    dots[slot] += d
         dx.addcmul_(x_mass.unsqueeze(1), x, value=-1.0)
         dy.addcmul_(y_mass.unsqueeze(1), y, value=-1.0)
         d_scale = dots[0] / s if ctx.needs_input_grad[2] else None  # logits are linear in the scale
@@ -240,6 +259,7 @@ def _pair_grad(
     pos_row: Tensor,
     pos_w: Tensor,
     scalars: tuple[float, ...],
+    want_sigma: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum W k)."""
     n_tm, n_tn = tiles._tiles(x, y)
@@ -249,7 +269,7 @@ def _pair_grad(
     dots = torch.empty((n_tm * n_tn, 2), dtype=torch.float32, device=x.device)
     tiles._launch(
         _pair_grad_kernel, x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, h, row_part, col_part, dots,
-        scalars=scalars, ONE_EXP=scalars[0] <= MAX_ONE_EXP_SCALE,
+        scalars=scalars, ONE_EXP=scalars[0] <= MAX_ONE_EXP_SCALE, WANT_SIGMA=want_sigma,
     )  # fmt: skip
     return h, row_part.sum(0), col_part.sum(0), dots.sum(0)
 
@@ -276,6 +296,7 @@ def fused_infonce_cs(
     text_to_image: Tensor | None = None,
     *,
     tiles: TritonStrips | None = None,
+    pair_tiles: TritonStrips | None = None,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
     """InfoNCE(x, y) and D_CS(x, y) with one Gram pass per product; equal to the dense pair.
@@ -287,6 +308,8 @@ def fused_infonce_cs(
         temperature, sigma: > 0, floats or 0-dim tensors (learnable ones get gradients).
         text_to_image: optional (M,) image row of each text.
         tiles: tile configuration (default `TritonStrips()`).
+        pair_tiles: tile configuration of the two X Y^T kernels (default: `tiles`); its block_m
+            must divide chunk_size.
         chunk_size: rows per strip, a multiple of the tile size.
 
     Returns:
@@ -300,13 +323,15 @@ def fused_infonce_cs(
     if x.dtype == torch.float64 or y.dtype == torch.float64:
         raise ValueError("the fused Triton path computes in float32; use impl='chunked' for float64 inputs")
     tiles = tiles or TritonStrips()
-    if chunk_size % tiles.block_m:
-        raise ValueError(f"chunk_size must be a multiple of the tile size {tiles.block_m}, got {chunk_size}")
+    pair_tiles = pair_tiles or tiles
+    for t in (tiles, pair_tiles):
+        if chunk_size % t.block_m:
+            raise ValueError(f"chunk_size must be a multiple of the tile size {t.block_m}, got {chunk_size}")
     pos_row, pos_w = positives(x.shape[0], y.shape[0], text_to_image, x.device, torch.float32)
     dtype = x.dtype if x.dtype == y.dtype else torch.float32
     scale = 1.0 / _as_tensor(temperature, torch.float32, x.device)
     sig = _as_tensor(sigma, torch.float32, x.device)
     out: tuple[Tensor, Tensor] = _PairedInfoNCECS.apply(
-        x.to(dtype).contiguous(), y.to(dtype).contiguous(), scale, sig, pos_row, pos_w, tiles, chunk_size
+        x.to(dtype).contiguous(), y.to(dtype).contiguous(), scale, sig, pos_row, pos_w, (tiles, pair_tiles), chunk_size
     )
     return out

@@ -204,6 +204,7 @@ def _kernel_lse_kernel(
     SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    BOUNDED: tl.constexpr,
 ):
     tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
@@ -211,8 +212,14 @@ def _kernel_lse_kernel(
     logit, log_w = _kernel_logits(
         A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM, BN, BK, SYMMETRIC, PREC, UPCAST
     )
-    logit = tl.where((rows[:, None] < n_a) & (cols[None, :] < n_b), logit + log_w, float("-inf"))
-    tl.store(TILE_PART + tm * n_tn + tn, _lse(tl.reshape(logit, (BM * BN,)), 0))
+    if (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: mask the padding
+        logit = tl.where((rows[:, None] < n_a) & (cols[None, :] < n_b), logit, float("-inf"))
+    if BOUNDED:  # all logits in [-80, 0]: no max offset needed
+        total = tl.sum(tl.sum(tl.exp(logit), 1), 0)
+        lse = tl.where(total > 0, tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    else:
+        lse = _lse(tl.reshape(logit, (BM * BN,)), 0)
+    tl.store(TILE_PART + tm * n_tn + tn, lse + log_w)
 
 
 @triton.jit
@@ -240,6 +247,7 @@ def _kernel_grad_kernel(
     SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    WANT_DOT: tl.constexpr,
 ):
     tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
@@ -248,14 +256,17 @@ def _kernel_grad_kernel(
     logit, log_w = _kernel_logits(
         A, B, U, V, rows, cols, n_a, n_b, dim, inv_s2, tm, tn, BM, BN, BK, SYMMETRIC, PREC, UPCAST
     )
-    w = tl.where(valid, g * tl.exp(logit + log_w - log_z), 0.0)
+    w = g * tl.exp(logit + (log_w - log_z))
+    if (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: zero the padding
+        w = tl.where(valid, w, 0.0)
     stored = w.to(W.dtype.element_ty)
     tl.store(W + rows[:, None] * n_b + cols[None, :], stored, mask=valid)
     # Sums of the weights as stored (rounded): the caller's W b - rowsum(W) a then cancels exactly.
     w_st = stored.to(tl.float32)
     tl.store(ROW_PART + tn * n_a + rows, tl.sum(w_st, 1), mask=rows < n_a)
     tl.store(COL_PART + tm * n_b + cols, tl.sum(w_st, 0), mask=cols < n_b)
-    tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * logit, 1), 0))
+    if WANT_DOT:
+        tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * logit, 1), 0))
 
 
 @dataclass(frozen=True)
@@ -269,7 +280,7 @@ class TritonStrips:
     """
 
     block_m: int = 128
-    """Tile rows; also the granularity of strips. Must equal block_n (symmetric terms)."""
+    """Tile rows; also the granularity of strips. The symmetric terms need block_n == block_m."""
     block_n: int = 128
     block_k: int = 64
     """Feature-dimension step of the dot-product loop."""
@@ -282,8 +293,12 @@ class TritonStrips:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
-        if self.block_m != self.block_n:
-            raise ValueError(f"block_m and block_n must be equal (symmetric tiles), got {self.block_m}, {self.block_n}")
+
+    def _check_square(self, symmetric: bool) -> None:
+        if symmetric and self.block_m != self.block_n:
+            raise ValueError(
+                f"the symmetric XX^T / YY^T terms need square tiles, got block_m={self.block_m}, block_n={self.block_n}"
+            )
 
     def _launch(self, kernel: triton.JITFunction, a: Tensor, b: Tensor, *args: object, **meta: object) -> None:
         n_tm, n_tn = self._tiles(a, b)
@@ -349,7 +364,11 @@ class TritonStrips:
         )
         return g, dot.sum() if want_dot else None
 
-    def kernel_lse(self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float, symmetric: bool) -> Tensor:
+    def kernel_lse(
+        self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float, symmetric: bool, bounded: bool = False
+    ) -> Tensor:
+        """As `StripBackend.kernel_lse`; `bounded` promises every logit is >= -80 (no max offset needed)."""
+        self._check_square(symmetric)
         n_tm, n_tn = self._tiles(a, b)
         part = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
         self._launch(
@@ -361,6 +380,7 @@ class TritonStrips:
             part,
             scalars=(inv_s2,),
             SYMMETRIC=symmetric,
+            BOUNDED=bounded,
         )
         return torch.logsumexp(part, 0)
 
@@ -376,6 +396,7 @@ class TritonStrips:
         symmetric: bool,
         want_dot: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        self._check_square(symmetric)
         n_tm, n_tn = self._tiles(a, b)
         w = torch.empty((a.shape[0], b.shape[0]), dtype=strip_dtype(a.dtype), device=a.device)
         row_part = torch.empty((n_tn, a.shape[0]), dtype=torch.float32, device=a.device)
@@ -393,6 +414,7 @@ class TritonStrips:
             dot,
             scalars=(inv_s2, log_z, g),
             SYMMETRIC=symmetric,
+            WANT_DOT=want_dot,
         )
         return w, row_part.sum(0), col_part.sum(0), dot.sum() if want_dot else None
 

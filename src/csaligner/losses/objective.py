@@ -130,8 +130,13 @@ class AlignmentLoss(nn.Module):
         cfg = self.config
         check_features("image", image)
         check_features("text", text)
-        norm: Callable[[Tensor], Tensor] = (
-            (lambda t: F.normalize(t.float(), dim=-1)) if cfg.normalize else (lambda t: t.float())
+        # bf16/fp16 features stay in their dtype (normalised in float32) where the objective goes
+        # through `infonce_cs_terms`: its Triton path then runs on tensor cores; every path there
+        # accumulates in float32. The other objectives and the token term compute in float32.
+        half = image.dtype if image.dtype == text.dtype and image.dtype in (torch.bfloat16, torch.float16) else None
+        keep = half if cfg.objective in ("cs_aligner", "infonce") else None
+        norm: Callable[[Tensor], Tensor] = lambda t: (  # noqa: E731
+            (F.normalize(t.float(), dim=-1) if cfg.normalize else t.float()).to(keep or torch.float32)
         )
         x, y = norm(image), norm(text)
         if text_to_image is not None:
@@ -148,7 +153,7 @@ class AlignmentLoss(nn.Module):
             if image_tokens is None or text_tokens is None:
                 raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
             terms["token_cs"] = token_cs_divergence(
-                norm(image_tokens), norm(text_tokens), image_token_mask, text_token_mask, sigma=self.sigma
+                norm(image_tokens).float(), norm(text_tokens).float(), image_token_mask, text_token_mask, sigma=self.sigma
             )
             total = total + cfg.token_lam * terms["token_cs"]
         elif cfg.token_lam > 0:
