@@ -67,8 +67,9 @@ def resolve_impl(impl: str, x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor) 
         raise ValueError(f"impl must be auto, dense, chunked or triton, got {impl!r}")
     fp64 = torch.float64 in (x.dtype, y.dtype, x_all.dtype, y_all.dtype)
     if impl == "auto":
-        if x.is_cuda and not fp64 and triton_available():
-            return "triton"
+        half = all(t.dtype in (torch.bfloat16, torch.float16) for t in (x, y, x_all, y_all))
+        if x.is_cuda and half and triton_available():
+            return "triton"  # float32 inputs: exact float32 dots make Triton slower than cuBLAS (BENCHMARKS.md)
         big = max(x.shape[0] * y.shape[0], x_all.shape[0] * y_all.shape[0]) > AUTO_CHUNKED_ABOVE
         return "chunked" if big else "dense"
     if impl == "triton":
@@ -113,8 +114,8 @@ def infonce_cs_terms(
         text_to_image: optional (M,) image row of each text.
         with_cs: also compute D_CS (False gives InfoNCE alone).
         impl: "dense" (N x M matrices), "chunked" (O((N + M) * chunk) memory, any device),
-            "triton" (fused tiles, CUDA), or "auto" (triton on CUDA when it imports; elsewhere
-            chunked above 4096^2 logits, dense below).
+            "triton" (fused tiles, CUDA), or "auto" (triton for bf16/fp16 on CUDA when it imports;
+            otherwise chunked above 4096^2 logits, dense below).
         chunk_size: rows per strip for chunked/triton (None: sized to the batch; for triton a
             multiple of the tile size).
 
@@ -147,7 +148,8 @@ def infonce_cs_terms(
             raise ValueError(
                 f"chunk_size must be a multiple of the tile size {tb.block_m} for triton, got {chunk_size}"
             )
-        if with_cs and x_all is x and y_all is y:  # the pools are the pairs: one Gram pass serves both terms
+        half = x.dtype in (torch.bfloat16, torch.float16) and y.dtype in (torch.bfloat16, torch.float16)
+        if with_cs and half and x_all is x and y_all is y:  # pools are the pairs: one Gram pass for both terms
             from csaligner.kernels.fused import fused_infonce_cs
 
             nce, cs = fused_infonce_cs(x, y, temperature, sigma, text_to_image, tiles=tb, chunk_size=chunk_size)
