@@ -153,7 +153,11 @@ class AlignmentLoss(nn.Module):
             if image_tokens is None or text_tokens is None:
                 raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
             terms["token_cs"] = token_cs_divergence(
-                norm(image_tokens).float(), norm(text_tokens).float(), image_token_mask, text_token_mask, sigma=self.sigma
+                norm(image_tokens).float(),
+                norm(text_tokens).float(),
+                image_token_mask,
+                text_token_mask,
+                sigma=self.sigma,
             )
             total = total + cfg.token_lam * terms["token_cs"]
         elif cfg.token_lam > 0:
