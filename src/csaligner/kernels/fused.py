@@ -224,16 +224,16 @@ class _PairedInfoNCECS(torch.autograd.Function):
             y_mass += c_mass
             dots[:2] += d
         # The symmetric terms: W already carries dD_CS/dl = g_cs and dl/d(x_i.x_j) = 1/sigma^2, x2 for W + W^T.
-        for feats, g_mass, mass, lz, slot in ((xg, dx, x_mass, lz_xx, 2), (yg, dy, y_mass, lz_yy, 3)):
-            sq = u if slot == 2 else v
-            for r0 in range(0, feats.shape[0], rows):
-                r1 = min(r0 + rows, feats.shape[0])
+        for slot, (raw, feats, sq, grad, mass, lz) in enumerate(
+            ((x, xg, u, dx, x_mass, lz_xx), (y, yg, v, dy, y_mass, lz_yy)), start=2
+        ):
+            for r0 in range(0, raw.shape[0], rows):
+                r1 = min(r0 + rows, raw.shape[0])
                 w, r_mass, c_mass, d = tiles.kernel_grad(
-                    x[r0:r1] if slot == 2 else y[r0:r1], x[r0:] if slot == 2 else y[r0:],
-                    sq[r0:r1], sq[r0:], inv_s2, lz, 2.0 * inv_s2 * gc, True, want_sigma,
-                )  # fmt: skip
-                mm_accumulate(g_mass[r0:r1], w, feats[r0:])
-                mm_accumulate(g_mass[r0:], w.T, feats[r0:r1])
+                    raw[r0:r1], raw[r0:], sq[r0:r1], sq[r0:], inv_s2, lz, 2.0 * inv_s2 * gc, True, want_sigma
+                )
+                mm_accumulate(grad[r0:r1], w, feats[r0:])
+                mm_accumulate(grad[r0:], w.T, feats[r0:r1])
                 mass[r0:r1] += r_mass
                 mass[r0:] += c_mass
                 if d is not None:
