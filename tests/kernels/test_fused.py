@@ -6,29 +6,20 @@ and below 1 / MAX_ONE_EXP_SCALE), several captions per image, features that are 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-pytest.importorskip("triton")
+from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips without a Triton runtime
 
-from csaligner.kernels import infonce_cs_terms
+# isort: split
+
+from csaligner.kernels import fused, infonce_cs_terms
 from csaligner.kernels.chunked import mm_accumulate
+from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs
+from csaligner.kernels.triton_kernels import TritonStrips
 from csaligner.losses import cs_divergence, info_nce
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-from csaligner.kernels import fused  # noqa: E402
-from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs  # noqa: E402
-from csaligner.kernels.triton_kernels import TritonStrips  # noqa: E402
-
-SMALL = TritonStrips(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1)
 
 
 def feats(n: int, d: int, dtype: torch.dtype = torch.float32, shift: float = 0.0, spread: float = 1.0) -> Tensor:

@@ -6,29 +6,21 @@ and below-diagonal tiles of the symmetric terms, grouped ordering) runs in a few
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-pytest.importorskip("triton")
+from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips without a Triton runtime
+
+# isort: split
+
+import triton
+import triton.language as tl
 
 from csaligner.kernels import infonce_cs_terms, resolve_impl, streamed_cs_divergence, streamed_info_nce
+from csaligner.kernels.triton_kernels import _tile_coords
 from csaligner.losses import cs_divergence, info_nce
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from csaligner.kernels.triton_kernels import TritonStrips, _tile_coords  # noqa: E402
-
-SMALL = TritonStrips(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1)
 
 
 def unit(n: int, d: int, dtype: torch.dtype = torch.float32, shift: float = 0.0) -> Tensor:

@@ -61,14 +61,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _half(*ts: Tensor) -> bool:
+    """All of ts are bfloat16/float16 (the dtypes the Triton kernels run on tensor cores)."""
+    return all(t.dtype in (torch.bfloat16, torch.float16) for t in ts)
+
+
 def resolve_impl(impl: str, x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor) -> str:
     """Turn "auto" into a concrete path and check that an explicit "triton" can run here."""
     if impl not in ("auto", "dense", "chunked", "triton"):
         raise ValueError(f"impl must be auto, dense, chunked or triton, got {impl!r}")
     fp64 = torch.float64 in (x.dtype, y.dtype, x_all.dtype, y_all.dtype)
     if impl == "auto":
-        half = all(t.dtype in (torch.bfloat16, torch.float16) for t in (x, y, x_all, y_all))
-        if x.is_cuda and half and triton_available():
+        if x.is_cuda and _half(x, y, x_all, y_all) and triton_available():
             return "triton"  # float32 inputs: exact float32 dots make Triton slower than cuBLAS (BENCHMARKS.md)
         big = max(x.shape[0] * y.shape[0], x_all.shape[0] * y_all.shape[0]) > AUTO_CHUNKED_ABOVE
         return "chunked" if big else "dense"
@@ -148,8 +152,7 @@ def infonce_cs_terms(
             raise ValueError(
                 f"chunk_size must be a multiple of the tile size {tb.block_m} for triton, got {chunk_size}"
             )
-        half = x.dtype in (torch.bfloat16, torch.float16) and y.dtype in (torch.bfloat16, torch.float16)
-        if with_cs and half and x_all is x and y_all is y:  # pools are the pairs: one Gram pass for both terms
+        if with_cs and _half(x, y) and x_all is x and y_all is y:  # pools are the pairs: one Gram pass for both terms
             from csaligner.kernels.fused import fused_infonce_cs
 
             nce, cs = fused_infonce_cs(x, y, temperature, sigma, text_to_image, tiles=tb, chunk_size=chunk_size)

@@ -156,8 +156,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         s, inv_s2 = float(scale), 1.0 / float(sigma) ** 2
         n, m = x.shape[0], y.shape[0]
         tiles, pair = tile_pair
-        rho, kappa = _inverse_norms(x), _inverse_norms(y)
-        u, v = _half_sq_norms(x, torch.float32) * -inv_s2, _half_sq_norms(y, torch.float32) * -inv_s2
+        (rho, u), (kappa, v) = _norm_terms(x, inv_s2), _norm_terms(y, inv_s2)
         row_lse = torch.empty(n, dtype=torch.float32, device=x.device)
         col_lse = torch.full((m,), -math.inf, dtype=torch.float32, device=x.device)
         k_parts, xx_parts, yy_parts = [], [], []
@@ -283,9 +282,11 @@ def _positive_dots(x: Tensor, y: Tensor, pos_row: Tensor, rows: int = 8192) -> T
     return out
 
 
-def _inverse_norms(a: Tensor) -> Tensor:
-    """(N,) 1 / max(|a_i|, 1e-12) in float32, as F.normalize divides."""
-    return torch.linalg.vector_norm(a.float(), dim=1).clamp_min(1e-12).reciprocal()
+def _norm_terms(a: Tensor, inv_s2: float) -> tuple[Tensor, Tensor]:
+    """(N,) 1 / max(|a_i|, 1e-12) (as F.normalize divides) and -|a_i|^2 / (2 sigma^2), float32,
+    from one pass over a (one float32 copy of a at a time)."""
+    half_sq = _half_sq_norms(a, torch.float32)
+    return (2.0 * half_sq).sqrt_().clamp_min_(1e-12).reciprocal_(), half_sq * -inv_s2
 
 
 def fused_infonce_cs(

@@ -135,9 +135,10 @@ class AlignmentLoss(nn.Module):
         # accumulates in float32. The other objectives and the token term compute in float32.
         half = image.dtype if image.dtype == text.dtype and image.dtype in (torch.bfloat16, torch.float16) else None
         keep = half if cfg.objective in ("cs_aligner", "infonce") else None
-        norm: Callable[[Tensor], Tensor] = lambda t: (  # noqa: E731
-            (F.normalize(t.float(), dim=-1) if cfg.normalize else t.float()).to(keep or torch.float32)
+        norm32: Callable[[Tensor], Tensor] = (
+            (lambda t: F.normalize(t.float(), dim=-1)) if cfg.normalize else (lambda t: t.float())
         )
+        norm: Callable[[Tensor], Tensor] = norm32 if keep is None else (lambda t: norm32(t).to(keep))
         x, y = norm(image), norm(text)
         if text_to_image is not None:
             check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
@@ -153,11 +154,7 @@ class AlignmentLoss(nn.Module):
             if image_tokens is None or text_tokens is None:
                 raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
             terms["token_cs"] = token_cs_divergence(
-                norm(image_tokens).float(),
-                norm(text_tokens).float(),
-                image_token_mask,
-                text_token_mask,
-                sigma=self.sigma,
+                norm32(image_tokens), norm32(text_tokens), image_token_mask, text_token_mask, sigma=self.sigma
             )
             total = total + cfg.token_lam * terms["token_cs"]
         elif cfg.token_lam > 0:
