@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from csaligner.kernels import TorchStrips, infonce_cs_terms, resolve_impl, streamed_cs_divergence, streamed_info_nce
+from csaligner.kernels.chunked import one_pass_offset
 from csaligner.losses import CSAlignerLoss, cs_divergence, info_nce
 
 
@@ -128,9 +129,9 @@ class RecordingStrips(TorchStrips):
         return g, dot
 
     def kernel_grad(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        w, row_mass, col_mass, dot = super().kernel_grad(*args, **kwargs)
-        self.largest = max(self.largest, w.numel())
-        return w, row_mass, col_mass, dot
+        strip = super().kernel_grad(*args, **kwargs)
+        self.largest = max(self.largest, strip.w.numel())
+        return strip
 
 
 def test_strips_never_hold_the_full_matrix() -> None:
@@ -167,3 +168,66 @@ def test_cs_aligner_loss_chunked_equals_dense() -> None:
         terms["loss"].backward()
         out[impl] = (float(terms["loss"]), float(loss_fn.logit_scale.grad))
     assert out["chunked"] == pytest.approx(out["dense"], rel=1e-5)
+
+
+class CountingStrips(TorchStrips):
+    """TorchStrips that counts its strip calls per kind."""
+
+    def __init__(self) -> None:
+        self.calls = {"kernel_lse": 0, "kernel_grad": 0}
+
+    def kernel_lse(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls["kernel_lse"] += 1
+        return super().kernel_lse(*args, **kwargs)
+
+    def kernel_grad(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls["kernel_grad"] += 1
+        return super().kernel_grad(*args, **kwargs)
+
+
+def test_kernel_terms_take_one_pass_when_features_need_gradients() -> None:
+    """With gradients wanted, each kernel term builds its strips once (in forward); backward only rescales."""
+    x, y = unit(40, 8), unit(30, 8, shift=0.3)
+    spy = CountingStrips()
+    loss = streamed_cs_divergence(x, y, 0.5, backend=spy, chunk_size=16)
+    assert spy.calls == {"kernel_lse": 0, "kernel_grad": 3 + 2 + 3}  # XX: 3 strips, YY: 2, XY: 3
+    got = grads(loss, [x, y])
+    assert spy.calls["kernel_grad"] == 8 and spy.calls["kernel_lse"] == 0
+    assert_close_all(got, grads(cs_divergence(x, y, 0.5), [x, y]), rtol=1e-9, atol=1e-12)
+    with torch.no_grad():  # no gradients: log-sum-exps only, and the same value
+        spy.calls = {"kernel_lse": 0, "kernel_grad": 0}
+        assert float(streamed_cs_divergence(x, y, 0.5, backend=spy, chunk_size=16)) == pytest.approx(
+            float(loss), rel=1e-12
+        )
+        assert spy.calls == {"kernel_lse": 8, "kernel_grad": 0}
+
+
+def test_cross_term_without_a_known_offset_keeps_two_passes() -> None:
+    """Far-apart clouds and a small sigma: the a-vs-b logits span > 80 nats, so that term takes
+    log-sum-exps first and recomputes in backward; values and gradients still match dense."""
+    x, y = unit(20, 4), unit(20, 4, shift=3.0)
+    x = (x.detach() * 3.0).requires_grad_()
+    spy = CountingStrips()
+    loss = streamed_cs_divergence(x, y, 0.2, backend=spy, chunk_size=8, center=False)
+    assert spy.calls == {"kernel_lse": 3, "kernel_grad": 3 + 3}
+    want = cs_divergence(x, y, 0.2)
+    assert float(loss) == pytest.approx(float(want), rel=1e-9)
+    assert_close_all(grads(loss, [x, y]), grads(want, [x, y]), rtol=1e-7, atol=1e-10)
+    assert spy.calls["kernel_grad"] == 9
+
+
+def test_one_pass_offset_bounds() -> None:
+    u = torch.tensor([-0.5, -0.1], dtype=torch.float64)
+    assert one_pass_offset(u, u, symmetric=True) == 0.0
+    assert one_pass_offset(u, u, symmetric=False) == pytest.approx(-1.0)  # logits in [-2, 0]
+    assert one_pass_offset(u * 100, u, symmetric=False) is None  # [-101, 0] spans > 80 nats
+
+
+def test_retained_graph_backward_twice_gives_the_same_bits() -> None:
+    x, y = unit(30, 8), unit(25, 8, shift=0.2)
+    sigma = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    loss = streamed_cs_divergence(x, y, sigma, chunk_size=8)
+    first = torch.autograd.grad(loss, [x, y, sigma], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, y, sigma])
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)

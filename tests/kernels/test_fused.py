@@ -84,6 +84,25 @@ def test_bfloat16_cs_gradient_of_a_tight_cone_is_not_lost_to_rounding() -> None:
     assert_grads_close([gx, gy], [wx, wy], rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_symmetric_terms_equal_the_no_grad_values_and_backward_twice(dtype: torch.dtype) -> None:
+    """With gradients wanted, X X^T and Y Y^T are built in the forward pass (offset 0, the diagonal);
+    without, they take log-sum-exps. Same values (the forward sums the unrounded weights), and a
+    retained graph's second backward recomputes the strips to the same bits."""
+    x, y = feats(38, 16, dtype), feats(45, 16, dtype, shift=0.3)
+    t2i = torch.arange(45, device=DEVICE) % 38
+    sigma = torch.tensor(0.4, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        lazy = fused_infonce_cs(x, y, 0.07, sigma, t2i, tiles=SMALL, chunk_size=16)
+    nce, cs = fused_infonce_cs(x, y, 0.07, sigma, t2i, tiles=SMALL, chunk_size=16)
+    assert float(nce) == float(lazy[0])
+    assert float(cs) == pytest.approx(float(lazy[1]), rel=1e-6, abs=1e-6)
+    first = torch.autograd.grad(nce + 0.5 * cs, [x, y, sigma], retain_graph=True)
+    second = torch.autograd.grad(nce + 0.5 * cs, [x, y, sigma])
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_dispatch_uses_fused_only_when_pools_are_the_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = fused.fused_infonce_cs

@@ -13,6 +13,13 @@ pass walks over strips of `chunk` rows and keeps only O(N + M) statistics:
 The backward pass recomputes each strip's logits from the saved inputs and statistics, turns them
 into weights dL/dlogit (a (chunk, M) strip, never (N, M)), and applies them with two matmuls.
 
+The kernel terms can skip that second sweep. Their weights need only *some* offset that keeps
+exp(l - offset) in range, not the final log-sum-exp: for XX^T and YY^T the largest logit is the
+diagonal's 0, and for a vs b a range of at most 80 nats is known from the norms. So when the
+features need gradients, the forward pass builds each strip once, keeps the unnormalised (N, D)
+gradients, and the backward pass only rescales them (`_LogMeanKernel`). InfoNCE cannot: each
+weight needs both its row's and its column's normaliser, known only after a full sweep.
+
 The strip arithmetic sits behind `StripBackend`: `TorchStrips` (here, any device) or the fused
 Triton kernels in `csaligner.kernels.triton_kernels`. The autograd Functions are shared.
 """
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +42,23 @@ DEFAULT_STRIP_ELEMENTS = 1 << 24
 """Default strip size for the torch path: chunk * M ~ 16M logits (64 MiB in float32)..."""
 MIN_STRIP_ROWS = 512
 """...but at least 512 rows: thinner strips make small matmuls and Python loop overhead dominate."""
+MAX_BOUNDED_NATS = 80.0
+"""exp(-80) ~ 2e-35 is still a normal float32: logits known to lie in [-80, 0] need no max offset."""
+
+
+class KernelStrip(NamedTuple):
+    """One strip of kernel weights W = g * w_ij * exp(l_ij - log_z) and what the callers need of it."""
+
+    w: Tensor
+    """(S, M) weights, possibly stored rounded (bfloat16 for half operands)."""
+    row_mass: Tensor
+    """(S,) row sums of W as stored."""
+    col_mass: Tensor
+    """(M,) column sums of W as stored."""
+    dot: Tensor | None
+    """sum(W * l) (unrounded W), when asked for: the bandwidth's gradient."""
+    total: Tensor | None
+    """sum(W) of the unrounded weights, when asked for: the forward value of a one-pass term."""
 
 
 class StripBackend(Protocol):
@@ -84,11 +108,14 @@ class StripBackend(Protocol):
         g: float,
         symmetric: bool,
         want_dot: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """W (S, M) = g * w * exp(l - log_z), its row and column sums, and sum(W * l).
+        want_total: bool = False,
+    ) -> KernelStrip:
+        """W (S, M) = g * w * exp(l - log_z), its row and column sums, sum(W * l) and sum(W).
 
-        W may be stored rounded (bfloat16 for half inputs); the sums are those of the stored values,
-        so that sum_j W_ij (b_j - a_i) = (W b)_i - rowsum_i a_i cancels exactly in the caller.
+        W may be stored rounded (bfloat16 for half inputs); the row and column sums are those of the
+        stored values, so that sum_j W_ij (b_j - a_i) = (W b)_i - rowsum_i a_i cancels exactly in the
+        caller. log_z is any offset >= max(l) - 80: the backward pass gives the term's log-sum-exp
+        (weights are then the softmax), a one-pass forward a bound known in advance.
         """
         ...
 
@@ -143,14 +170,16 @@ class TorchStrips:
         g: float,
         symmetric: bool,
         want_dot: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        want_total: bool = False,
+    ) -> KernelStrip:
         t = self._kernel_logits(a, b, u, v, inv_s2)
         w = (t - log_z).exp_() if want_dot else t.sub_(log_z).exp_()
         w.mul_(g)
         if symmetric:
             w[:, : a.shape[0]] *= 0.5
         dot = torch.dot(w.flatten(), t.flatten()) if want_dot else None
-        return w, w.sum(1), w.sum(0), dot
+        row_mass = w.sum(1)
+        return KernelStrip(w, row_mass, w.sum(0), dot, row_mass.sum() if want_total else None)
 
 
 def strip_rows(n_rows: int, n_cols: int, budget: int, multiple: int = 1) -> int:
@@ -214,7 +243,14 @@ class _InfoNCE(torch.autograd.Function):
 
 
 class _LogMeanKernel(torch.autograd.Function):
-    """log mean_ij exp(-||a_i - b_j||^2 / (2 sigma^2)); b None means b = a (symmetric, half the work)."""
+    """log mean_ij exp(-||a_i - b_j||^2 / (2 sigma^2)); b None means b = a (symmetric, half the work).
+
+    With `eager` (grad mode on and a feature needs its gradient) and an offset known in advance
+    (`one_pass_offset`), the forward pass builds the weight strips once, relative to that offset,
+    and keeps the unnormalised feature gradients; backward only rescales them. Otherwise the
+    forward takes log-sum-exps and the backward recomputes the strips (with the same offset, so a
+    second backward through a retained graph matches the first bit for bit).
+    """
 
     @staticmethod
     def forward(
@@ -225,19 +261,30 @@ class _LogMeanKernel(torch.autograd.Function):
         backend: StripBackend,
         rows: int,
         work: torch.dtype,
+        eager: bool,
     ) -> Tensor:
         inv_s2 = 1.0 / float(sigma) ** 2
         sym = b is None
         bb = a if b is None else b
         u = _half_sq_norms(a, work) * -inv_s2  # (N,) -||a||^2 / (2 sigma^2)
         v = u if b is None else _half_sq_norms(bb, work) * -inv_s2
-        parts = []
-        for r0 in range(0, a.shape[0], rows):
-            cols = slice(r0, None) if sym else slice(None)
-            parts.append(backend.kernel_lse(a[r0 : r0 + rows], bb[cols], u[r0 : r0 + rows], v[cols], inv_s2, sym))
-        log_z = torch.logsumexp(torch.stack(parts).to(work), 0) + (LOG2 if sym else 0.0)
+        offset = one_pass_offset(u, v, sym)
+        ctx.kept = None
+        if offset is None or not eager:
+            parts = []
+            for r0 in range(0, a.shape[0], rows):
+                cols = slice(r0, None) if sym else slice(None)
+                parts.append(backend.kernel_lse(a[r0 : r0 + rows], bb[cols], u[r0 : r0 + rows], v[cols], inv_s2, sym))
+            log_z = torch.logsumexp(torch.stack(parts).to(work), 0) + (LOG2 if sym else 0.0)
+        else:
+            da, db, dot, total = kernel_term_grads(
+                backend, a, bb, u, v, inv_s2, offset, 1.0, sym, ctx.needs_input_grad[2], True, rows, work
+            )
+            log_z = total.log() + offset + (LOG2 if sym else 0.0)
+            ctx.kept = (da, db, dot)  # weights exp(l - offset): backward scales by exp(offset - log_z)
         ctx.save_for_backward(a, bb, u, v, log_z)
         ctx.sym, ctx.inv_s2, ctx.sigma, ctx.backend, ctx.rows = sym, inv_s2, float(sigma), backend, rows
+        ctx.offset = offset
         return log_z - math.log(a.shape[0] * bb.shape[0])
 
     @staticmethod
@@ -246,33 +293,85 @@ class _LogMeanKernel(torch.autograd.Function):
         sym, inv_s2, rows, backend = ctx.sym, ctx.inv_s2, ctx.rows, ctx.backend
         want_dot = ctx.needs_input_grad[2]
         lz, g, work = float(log_z), float(grad), u.dtype
-        # sum_j W_ij (b_j - a_i) = (W b)_i - rowsum_i a_i: the GEMMs accumulate in `work` precision
-        # and the row sums are those of the strip as stored, so the difference cancels exactly.
-        da = torch.zeros(a.shape, dtype=work, device=a.device)
-        a_mass = torch.zeros(a.shape[0], dtype=work, device=a.device)
-        db = da if sym else torch.zeros(b.shape, dtype=work, device=a.device)
-        b_mass = a_mass if sym else torch.zeros(b.shape[0], dtype=work, device=a.device)
-        dot = torch.zeros((), dtype=work, device=a.device)
-        ag, bg = a, b  # the operands in the strip's dtype
-        for r0 in range(0, a.shape[0], rows):
-            r1 = min(r0 + rows, a.shape[0])
-            c0 = r0 if sym else 0
-            w, row_mass, col_mass, d = backend.kernel_grad(
-                a[r0:r1], b[c0:], u[r0:r1], v[c0:], inv_s2, lz, g, sym, want_dot
+        offset = lz if ctx.offset is None else ctx.offset
+        if ctx.kept is not None:  # built by the forward pass and taken (scaled in place below)
+            (da, db, dot), ctx.kept = ctx.kept, None
+        else:  # with the forward's offset, so that a retained graph's next backward gives the same bits
+            da, db, dot, _ = kernel_term_grads(
+                backend, a, b, u, v, inv_s2, offset, 1.0, sym, want_dot, False, rows, work
             )
-            if ag.dtype != w.dtype:
-                ag, bg = a.to(w.dtype), b.to(w.dtype)
-            mm_accumulate(da[r0:r1], w, bg[c0:])
-            a_mass[r0:r1] += row_mass
-            mm_accumulate(db[c0:], w.T, ag[r0:r1])
-            b_mass[c0:] += col_mass
-            if d is not None:
-                dot += d
+        factor = g * math.exp(offset - lz)
         # dl_ij/da_i = (b_j - a_i) / sigma^2; the symmetric case sums W + W^T, hence one pass over both.
-        da.addcmul_(a_mass.unsqueeze(1), a, value=-1.0).mul_(2 * inv_s2 if sym else inv_s2)
-        db_out = None if sym else db.addcmul_(b_mass.unsqueeze(1), b, value=-1.0).mul_(inv_s2).to(b.dtype)
-        dsigma = dot * (-2.0 / ctx.sigma) * (2.0 if sym else 1.0) if want_dot else None  # dl/dsigma = -2 l / sigma
-        return da.to(a.dtype), db_out, dsigma, None, None, None
+        da.mul_(factor * (2 * inv_s2 if sym else inv_s2))
+        db_out = None if db is None else db.mul_(factor * inv_s2).to(b.dtype)
+        # dl/dsigma = -2 l / sigma
+        dsigma = dot * (factor * -2.0 / ctx.sigma * (2.0 if sym else 1.0)) if want_dot else None
+        return da.to(a.dtype), db_out, dsigma, None, None, None, None
+
+
+def one_pass_offset(u: Tensor, v: Tensor, symmetric: bool) -> float | None:
+    """An offset for exp(l - offset) known before any strip is seen, or None when there is none.
+
+    The symmetric terms' largest logit is 0 (the diagonal, a_i = a_i). For a_i vs b_j the logits
+    lie in [2 min u + 2 min v, 0] (|a - b|^2 <= 2|a|^2 + 2|b|^2); when that range spans at most
+    80 nats its midpoint keeps every weight within exp(+-40), far from float32's limits.
+    """
+    if symmetric:
+        return 0.0
+    low = 2.0 * float(u.min() + v.min())
+    return 0.5 * low if low >= -MAX_BOUNDED_NATS else None
+
+
+def kernel_term_grads(
+    backend: StripBackend,
+    a: Tensor,
+    b: Tensor,
+    u: Tensor,
+    v: Tensor,
+    inv_s2: float,
+    log_z: float,
+    g: float,
+    symmetric: bool,
+    want_dot: bool,
+    want_total: bool,
+    rows: int,
+    work: torch.dtype,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Strip by strip, sum_j W_ij (b_j - a_i) for each a_i and sum_i W_ij (a_i - b_j) for each b_j.
+
+    W = g * exp(l - log_z) as `StripBackend.kernel_grad` writes it. For `symmetric` (b is a, only
+    strips on and above the diagonal) the two sums fold into one (N, D) result (W + W^T) and the
+    second is None. Also returns sum(W * l) (when want_dot, else 0) and sum(W) (when want_total,
+    else 0), all in `work` precision.
+
+    The GEMMs accumulate (W b)_i and the row masses of the weights *as stored*, so the difference
+    (W b)_i - rowsum_i a_i cancels exactly whatever the strip precision.
+    """
+    da = torch.zeros(a.shape, dtype=work, device=a.device)
+    a_mass = torch.zeros(a.shape[0], dtype=work, device=a.device)
+    db = da if symmetric else torch.zeros(b.shape, dtype=work, device=a.device)
+    b_mass = a_mass if symmetric else torch.zeros(b.shape[0], dtype=work, device=a.device)
+    dot = torch.zeros((), dtype=work, device=a.device)
+    total = torch.zeros((), dtype=work, device=a.device)
+    ag, bg = a, b  # the operands in the strip's dtype
+    for r0 in range(0, a.shape[0], rows):
+        r1 = min(r0 + rows, a.shape[0])
+        c0 = r0 if symmetric else 0
+        st = backend.kernel_grad(a[r0:r1], b[c0:], u[r0:r1], v[c0:], inv_s2, log_z, g, symmetric, want_dot, want_total)
+        if ag.dtype != st.w.dtype:
+            ag, bg = a.to(st.w.dtype), b.to(st.w.dtype)
+        mm_accumulate(da[r0:r1], st.w, bg[c0:])
+        a_mass[r0:r1] += st.row_mass
+        mm_accumulate(db[c0:], st.w.T, ag[r0:r1])
+        b_mass[c0:] += st.col_mass
+        if st.dot is not None:
+            dot += st.dot
+        if st.total is not None:
+            total += st.total
+    da.addcmul_(a_mass.unsqueeze(1), a, value=-1.0)
+    if not symmetric:
+        db.addcmul_(b_mass.unsqueeze(1), b, value=-1.0)
+    return da, None if symmetric else db, dot, total
 
 
 def mm_accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -389,14 +488,18 @@ def streamed_log_mean_kernel(
 ) -> Tensor:
     """log mean_ij k(a_i, b_j) for a (N, D) and b (M, D); b None means b = a and visits half the pairs.
 
-    sigma may be a float or a 0-dim tensor; a tensor that requires grad gets its gradient.
+    sigma may be a float or a 0-dim tensor; a tensor that requires grad gets its gradient. When the
+    features need gradients (grad mode on), the forward pass computes them as it goes where an
+    offset is known in advance (always for b None; for a vs b when the logits span <= 80 nats),
+    which saves the backward pass's second sweep over the strips.
     """
     n_cols = a.shape[0] if b is None else b.shape[0]
     rows = chunk_size or max(MIN_STRIP_ROWS, strip_rows(a.shape[0], n_cols, DEFAULT_STRIP_ELEMENTS))
     work = work or compute_dtype(a, a if b is None else b)
     sig = _as_tensor(sigma, work, a.device)
+    eager = torch.is_grad_enabled() and (a.requires_grad or (b is not None and b.requires_grad))
     out: Tensor = _LogMeanKernel.apply(
-        a.contiguous(), None if b is None else b.contiguous(), sig, backend or TorchStrips(), rows, work
+        a.contiguous(), None if b is None else b.contiguous(), sig, backend or TorchStrips(), rows, work, eager
     )
     return out
 

@@ -6,7 +6,9 @@ elementwise maps of the same dot products. `fused_infonce_cs` computes that Gram
 
 * forward: one kernel gives InfoNCE's row and column log-sum-exp partials and the cross kernel's
   log-sum-exp partial from each tile; the symmetric X X^T and Y Y^T terms use the strip kernels of
-  `triton_kernels` (upper triangle only).
+  `triton_kernels` (upper triangle only). When the features need gradients these write their
+  weight strips right away (offset 0, the diagonal's logit) and keep the (N, D) gradients, so the
+  backward pass does not sweep X X^T and Y Y^T again (see `chunked.kernel_term_grads`).
 * backward: one kernel writes a single weight strip H = s rho_i kappa_j G_ij + W_ij / sigma^2
   (G: InfoNCE's dL/dlogit, W: the kernel weights, rho/kappa: inverse norms) in bfloat16 for half
   inputs, plus per-row and per-column corrections. Two cuBLAS GEMMs apply it:
@@ -34,11 +36,17 @@ import triton.language as tl
 from torch import Tensor
 
 from csaligner._validation import check_features, check_positive, check_same_dim
-from csaligner.kernels.chunked import LOG2, _as_tensor, _half_sq_norms, mm_accumulate, positives
+from csaligner.kernels.chunked import (
+    LOG2,
+    MAX_BOUNDED_NATS,
+    _as_tensor,
+    _half_sq_norms,
+    kernel_term_grads,
+    mm_accumulate,
+    positives,
+)
 from csaligner.kernels.triton_kernels import TritonStrips, _dot_tile, _lse, _tile_coords, strip_dtype
 
-MAX_BOUNDED_NATS = 80.0
-"""exp(-80) ~ 2e-35 is still a normal float32: logits known to lie in [-80, 0] need no max offset."""
 MAX_ONE_EXP_SCALE = MAX_BOUNDED_NATS / 2
 """Up to this InfoNCE scale (temperature >= 0.025) all logits of a tile lie within 2 * scale <= 80
 nats of each other, so one exp per logit with a shared offset stays inside float32's range."""
@@ -152,6 +160,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         pos_w: Tensor,
         tile_pair: tuple[TritonStrips, TritonStrips],
         rows: int,
+        eager: bool,
     ) -> tuple[Tensor, Tensor]:
         s, inv_s2 = float(scale), 1.0 / float(sigma) ** 2
         n, m = x.shape[0], y.shape[0]
@@ -159,7 +168,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         (rho, u), (kappa, v) = _norm_terms(x, inv_s2), _norm_terms(y, inv_s2)
         row_lse = torch.empty(n, dtype=torch.float32, device=x.device)
         col_lse = torch.full((m,), -math.inf, dtype=torch.float32, device=x.device)
-        k_parts, xx_parts, yy_parts = [], [], []
+        k_parts = []
         # Kernel logits >= -(|x| + |y|)^2 / (2 sigma^2): when that is >= -80, tiles need no max.
         bounded = float(1 / rho.min() + 1 / kappa.min()) ** 2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
         for r0 in range(0, n, rows):
@@ -175,17 +184,24 @@ class _PairedInfoNCECS(torch.autograd.Function):
             row_lse[r0:r1] = torch.logsumexp(row_part, 0)
             torch.logaddexp(col_lse, torch.logsumexp(col_part, 0), out=col_lse)
             k_parts.append(torch.logsumexp(k_part, 0))
-            xx_parts.append(tiles.kernel_lse(x[r0:r1], x[r0:], u[r0:r1], u[r0:], inv_s2, True, bounded))
-        for r0 in range(0, m, rows):
-            yy_parts.append(
-                tiles.kernel_lse(y[r0 : r0 + rows], y[r0:], v[r0 : r0 + rows], v[r0:], inv_s2, True, bounded)
-            )
-        log_z = torch.stack(
-            [
-                torch.logsumexp(torch.stack(p), 0) + extra
-                for p, extra in ((k_parts, 0.0), (xx_parts, LOG2), (yy_parts, LOG2))
-            ]
-        )  # log-sums over all pairs: XY, XX, YY (the symmetric ones visited half, hence + log 2)
+        # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
+        # diagonal's 0, a known offset) and keeps sum_j (W + W^T)_ij (x_j - x_i) for the backward.
+        ctx.kept = []
+        sums = [torch.logsumexp(torch.stack(k_parts), 0)]
+        for a, sq in ((x, u), (y, v)):
+            if eager:
+                grad, _, dot, total = kernel_term_grads(
+                    tiles, a, a, sq, sq, inv_s2, 0.0, 1.0, True, ctx.needs_input_grad[3], True, rows, torch.float32
+                )
+                ctx.kept.append((grad, dot))
+                sums.append(total.log() + LOG2)  # the symmetric strips visit half the pairs, hence + log 2
+            else:
+                parts = [
+                    tiles.kernel_lse(a[r0 : r0 + rows], a[r0:], sq[r0 : r0 + rows], sq[r0:], inv_s2, True, bounded)
+                    for r0 in range(0, a.shape[0], rows)
+                ]
+                sums.append(torch.logsumexp(torch.stack(parts), 0) + LOG2)
+        log_z = torch.stack(sums)  # log-sums over all pairs: XY, XX, YY
         pos_logit = _positive_dots(x, y, pos_row) * rho[pos_row] * kappa * s
         info_nce = 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
         cs = log_z[1] + log_z[2] - 2.0 * log_z[0]  # the log(N M) normalisers cancel
@@ -200,14 +216,28 @@ class _PairedInfoNCECS(torch.autograd.Function):
         gn, gc = float(g_nce), float(g_cs)
         lz_xy, lz_xx, lz_yy = (float(t) for t in log_z)
         n, m = x.shape[0], y.shape[0]
+        want_sigma = ctx.needs_input_grad[3]
+        dots = torch.zeros(4, dtype=torch.float32, device=x.device)  # sum G l, sum W k for XY, XX, YY
+        # The symmetric terms first: taken from an eager forward (and scaled in place), else recomputed
+        # with the same offset 0, so that a retained graph's next backward gives the same bits.
+        kept, ctx.kept = ctx.kept or [None, None], []
+        sym_grads = []
+        for slot, (a, sq, lz, k) in enumerate(((x, u, lz_xx, kept[0]), (y, v, lz_yy, kept[1])), start=2):
+            if k is None:
+                grad, _, dot, _ = kernel_term_grads(
+                    tiles, a, a, sq, sq, inv_s2, 0.0, 1.0, True, want_sigma, False, rows, torch.float32
+                )
+            else:
+                grad, dot = k
+            # dD_CS/dl = g_cs, dl/d(x_i.x_j) = 1/sigma^2, x2 for W + W^T; the weights were exp(l - 0).
+            factor = 2.0 * inv_s2 * gc * math.exp(-lz)
+            sym_grads.append(grad.mul_(factor))
+            dots[slot] = dot * factor
+        dx, dy = sym_grads  # float32 accumulators for the X Y^T strips below
         work = strip_dtype(x.dtype)
         xg, yg = x.to(work), y.to(work)  # GEMM operands in the strips' dtype (no copy for bf16/fp32)
-        dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        dy = torch.zeros(y.shape, dtype=torch.float32, device=x.device)
         x_mass = torch.zeros(n, dtype=torch.float32, device=x.device)
         y_mass = torch.zeros(m, dtype=torch.float32, device=x.device)
-        dots = torch.zeros(4, dtype=torch.float32, device=x.device)  # sum G l, sum W k for XY, XX, YY
-        want_sigma = ctx.needs_input_grad[3]
         pw = (pos_w * gn).float().contiguous()
         pos32 = pos_row.to(torch.int32)
         for r0 in range(0, n, rows):
@@ -222,27 +252,12 @@ class _PairedInfoNCECS(torch.autograd.Function):
             x_mass[r0:r1] += r_mass
             y_mass += c_mass
             dots[:2] += d
-        # The symmetric terms: W already carries dD_CS/dl = g_cs and dl/d(x_i.x_j) = 1/sigma^2, x2 for W + W^T.
-        for slot, (raw, feats, sq, grad, mass, lz) in enumerate(
-            ((x, xg, u, dx, x_mass, lz_xx), (y, yg, v, dy, y_mass, lz_yy)), start=2
-        ):
-            for r0 in range(0, raw.shape[0], rows):
-                r1 = min(r0 + rows, raw.shape[0])
-                w, r_mass, c_mass, d = tiles.kernel_grad(
-                    raw[r0:r1], raw[r0:], sq[r0:r1], sq[r0:], inv_s2, lz, 2.0 * inv_s2 * gc, True, want_sigma
-                )
-                mm_accumulate(grad[r0:r1], w, feats[r0:])
-                mm_accumulate(grad[r0:], w.T, feats[r0:r1])
-                mass[r0:r1] += r_mass
-                mass[r0:] += c_mass
-                if d is not None:
-                    dots[slot] += d
         dx.addcmul_(x_mass.unsqueeze(1), x, value=-1.0)
         dy.addcmul_(y_mass.unsqueeze(1), y, value=-1.0)
         d_scale = dots[0] / s if ctx.needs_input_grad[2] else None  # logits are linear in the scale
         # dk/dsigma = -2 k / sigma; the symmetric sums cover half the pairs and carry 2 / sigma^2 (x2 / x1/(2/s2)).
         d_sigma = (dots[1] + (dots[2] + dots[3]) / inv_s2) * (-2.0 / ctx.sigma) if ctx.needs_input_grad[3] else None
-        return dx.to(x.dtype), dy.to(y.dtype), d_scale, d_sigma, None, None, None, None
+        return dx.to(x.dtype), dy.to(y.dtype), d_scale, d_sigma, None, None, None, None, None
 
 
 def _pair_grad(
@@ -332,7 +347,16 @@ def fused_infonce_cs(
     dtype = x.dtype if x.dtype == y.dtype else torch.float32
     scale = 1.0 / _as_tensor(temperature, torch.float32, x.device)
     sig = _as_tensor(sigma, torch.float32, x.device)
+    eager = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     out: tuple[Tensor, Tensor] = _PairedInfoNCECS.apply(
-        x.to(dtype).contiguous(), y.to(dtype).contiguous(), scale, sig, pos_row, pos_w, (tiles, pair_tiles), chunk_size
+        x.to(dtype).contiguous(),
+        y.to(dtype).contiguous(),
+        scale,
+        sig,
+        pos_row,
+        pos_w,
+        (tiles, pair_tiles),
+        chunk_size,
+        eager,
     )
     return out

@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from csaligner.kernels.chunked import KernelStrip
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -232,6 +234,7 @@ def _kernel_grad_kernel(
     ROW_PART,
     COL_PART,
     DOT_PART,
+    TOTAL_PART,
     n_a,
     n_b,
     dim,
@@ -248,6 +251,7 @@ def _kernel_grad_kernel(
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     WANT_DOT: tl.constexpr,
+    WANT_TOTAL: tl.constexpr,
 ):
     tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
@@ -267,6 +271,8 @@ def _kernel_grad_kernel(
     tl.store(COL_PART + tm * n_b + cols, tl.sum(w_st, 0), mask=cols < n_b)
     if WANT_DOT:
         tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * logit, 1), 0))
+    if WANT_TOTAL:  # the unrounded sum: a one-pass forward's value
+        tl.store(TOTAL_PART + tm * n_tn + tn, tl.sum(tl.sum(w, 1), 0))
 
 
 @dataclass(frozen=True)
@@ -395,13 +401,15 @@ class TritonStrips:
         g: float,
         symmetric: bool,
         want_dot: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        want_total: bool = False,
+    ) -> KernelStrip:
         self._check_square(symmetric)
         n_tm, n_tn = self._tiles(a, b)
         w = torch.empty((a.shape[0], b.shape[0]), dtype=strip_dtype(a.dtype), device=a.device)
         row_part = torch.empty((n_tn, a.shape[0]), dtype=torch.float32, device=a.device)
         col_part = torch.empty((n_tm, b.shape[0]), dtype=torch.float32, device=a.device)
         dot = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
+        total = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
         self._launch(
             _kernel_grad_kernel,
             a,
@@ -412,11 +420,19 @@ class TritonStrips:
             row_part,
             col_part,
             dot,
+            total,
             scalars=(inv_s2, log_z, g),
             SYMMETRIC=symmetric,
             WANT_DOT=want_dot,
+            WANT_TOTAL=want_total,
         )
-        return w, row_part.sum(0), col_part.sum(0), dot.sum() if want_dot else None
+        return KernelStrip(
+            w,
+            row_part.sum(0),
+            col_part.sum(0),
+            dot.sum() if want_dot else None,
+            total.sum() if want_total else None,
+        )
 
 
 def strip_dtype(operand: torch.dtype) -> torch.dtype:
