@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from csaligner.kernels.chunked import (
@@ -37,6 +39,7 @@ __all__ = [
     "AUTO_CHUNKED_ABOVE",
     "Impl",
     "StripBackend",
+    "Strips",
     "TorchStrips",
     "all_gather_with_grad",
     "infonce_cs_terms",
@@ -93,6 +96,38 @@ def resolve_impl(impl: str, x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor) 
     return impl
 
 
+@dataclass(frozen=True)
+class Strips:
+    """How a chunked or Triton path walks its strips."""
+
+    backend: StripBackend
+    operand: torch.dtype | None
+    """dtype the strips read (None: the compute dtype, float32 or float64)."""
+    center: bool
+    """D_CS subtracts the pooled mean first (not for half operands: it would re-round them)."""
+    chunk_size: int | None
+    """Rows per strip (None: sized to the batch by the torch path)."""
+
+
+def _strips(path: str, x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, chunk_size: int | None) -> Strips:
+    if path != "triton":
+        return Strips(TorchStrips(), None, True, chunk_size)
+    from csaligner.kernels.triton_kernels import TritonStrips, strip_dtype
+
+    tb = TritonStrips()
+    if chunk_size is None:
+        n_cols = max(y.shape[0], y_all.shape[0], x_all.shape[0])
+        budget = TRITON_STRIP_BYTES // strip_dtype(x.dtype).itemsize
+        chunk_size = strip_rows(max(x.shape[0], x_all.shape[0], y_all.shape[0]), n_cols, budget, tb.block_m)
+    elif chunk_size % tb.block_m:
+        raise ValueError(f"chunk_size must be a multiple of the tile size {tb.block_m} for triton, got {chunk_size}")
+    return Strips(tb, x.dtype, x.dtype == torch.float32, chunk_size)
+
+
+def _world_size(group: Any) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
 def infonce_cs_terms(
     x: Tensor,
     y: Tensor,
@@ -105,6 +140,8 @@ def infonce_cs_terms(
     with_cs: bool = True,
     impl: Impl = "auto",
     chunk_size: int | None = None,
+    shard: bool = False,
+    group: Any = None,
 ) -> dict[str, Tensor]:
     """InfoNCE on the pairs (x, y) and D_CS between the pools x_all and y_all.
 
@@ -122,6 +159,12 @@ def infonce_cs_terms(
             otherwise chunked above 4096^2 logits, dense below).
         chunk_size: rows per strip for chunked/triton (None: sized to the batch; for triton a
             multiple of the tile size).
+        shard: under an initialised torch.distributed process group, the inputs are the global
+            batch, the same on every rank (gathered with `all_gather_with_grad`), and each rank
+            computes only its share of the rows of every Gram matrix (`csaligner.kernels.sharded`);
+            the ranks all-reduce O(M) statistics and return the same terms. "dense" then runs
+            the chunked strips. Without a process group (or with one rank) it changes nothing.
+        group: the process group for `shard` (default: the world).
 
     Returns:
         {"infonce": scalar, "cs": scalar (when with_cs)}, float32 (float64 for float64 inputs).
@@ -130,33 +173,28 @@ def infonce_cs_terms(
     x_all = x if x_all is None else x_all
     y_all = y if y_all is None else y_all
     path = resolve_impl(impl, x, y, x_all, y_all)
+    if shard and _world_size(group) > 1:
+        from csaligner.kernels.sharded import sharded_infonce_cs
+
+        strips = _strips("chunked" if path == "dense" else path, x, y, x_all, y_all, chunk_size)
+        return sharded_infonce_cs(
+            x, y, x_all, y_all, temperature, sigma, text_to_image, with_cs=with_cs, strips=strips, group=group
+        )
     if path == "dense":
         terms = {"infonce": info_nce(x, y, temperature, text_to_image)}
         if with_cs:
             terms["cs"] = cs_divergence(x_all, y_all, sigma)
         return terms
-    backend: StripBackend = TorchStrips()
-    operand: torch.dtype | None = None
-    center = True
-    if path == "triton":
-        from csaligner.kernels.triton_kernels import TritonStrips, strip_dtype
+    strips = _strips(path, x, y, x_all, y_all, chunk_size)
+    backend, operand, center, chunk_size = strips.backend, strips.operand, strips.center, strips.chunk_size
+    if path == "triton" and with_cs and _half(x, y) and x_all is x and y_all is y:
+        # The pools are the pairs: one Gram pass of X Y^T serves both terms.
+        from csaligner.kernels.fused import fused_infonce_cs
+        from csaligner.kernels.triton_kernels import TritonStrips
 
-        tb = TritonStrips()
-        backend, operand = tb, x.dtype
-        center = operand == torch.float32  # centring half inputs would re-round them; unit-norm needs none
-        if chunk_size is None:
-            n_cols = max(y.shape[0], y_all.shape[0], x_all.shape[0])
-            budget = TRITON_STRIP_BYTES // strip_dtype(x.dtype).itemsize
-            chunk_size = strip_rows(max(x.shape[0], x_all.shape[0], y_all.shape[0]), n_cols, budget, tb.block_m)
-        elif chunk_size % tb.block_m:
-            raise ValueError(
-                f"chunk_size must be a multiple of the tile size {tb.block_m} for triton, got {chunk_size}"
-            )
-        if with_cs and _half(x, y) and x_all is x and y_all is y:  # pools are the pairs: one Gram pass for both terms
-            from csaligner.kernels.fused import fused_infonce_cs
-
-            nce, cs = fused_infonce_cs(x, y, temperature, sigma, text_to_image, tiles=tb, chunk_size=chunk_size)
-            return {"infonce": nce, "cs": cs}
+        tiles, rows = cast(TritonStrips, backend), cast(int, chunk_size)  # _strips sets both for triton
+        nce, cs = fused_infonce_cs(x, y, temperature, sigma, text_to_image, tiles=tiles, chunk_size=rows)
+        return {"infonce": nce, "cs": cs}
     terms = {
         "infonce": streamed_info_nce(
             x, y, temperature, text_to_image, backend=backend, chunk_size=chunk_size, operand_dtype=operand

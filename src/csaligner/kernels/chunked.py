@@ -203,14 +203,9 @@ class _InfoNCE(torch.autograd.Function):
         rows: int,
     ) -> Tensor:
         s = float(scale)
-        n, m = x.shape[0], y.shape[0]
-        row_lse = torch.empty(n, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=x.device)
-        col_lse = torch.full((m,), -math.inf, dtype=row_lse.dtype, device=x.device)
-        for r0 in range(0, n, rows):
-            r_lse, c_lse = backend.logits_lse(x[r0 : r0 + rows], y, s)
-            row_lse[r0 : r0 + rows] = r_lse
-            torch.logaddexp(col_lse, c_lse.to(col_lse.dtype), out=col_lse)
-        pos_logit = (x[pos_row].to(row_lse.dtype) * y.to(row_lse.dtype)).sum(1) * s  # (M,) l_{pos(j), j}
+        work = torch.float32 if x.dtype != torch.float64 else x.dtype
+        row_lse, col_lse = nce_row_stats(backend, x, y, s, 0, x.shape[0], rows, work)
+        pos_logit = (x[pos_row].to(work) * y.to(work)).sum(1) * s  # (M,) l_{pos(j), j}
         ctx.save_for_backward(x, y, pos_row, pos_w, row_lse, col_lse)
         ctx.scale, ctx.backend, ctx.rows = s, backend, rows
         return 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
@@ -220,26 +215,68 @@ class _InfoNCE(torch.autograd.Function):
         x, y, pos_row, pos_w, row_lse, col_lse = ctx.saved_tensors
         s, backend, rows = ctx.scale, ctx.backend, ctx.rows
         g, n, m = float(grad), x.shape[0], y.shape[0]
-        want_dot = ctx.needs_input_grad[2]
         dx = torch.empty_like(x)
         dy = torch.zeros(y.shape, dtype=row_lse.dtype, device=y.device)  # accumulated over strips
-        dot = torch.zeros((), dtype=row_lse.dtype, device=x.device)
-        pw = pos_w * g
-        xg, yg = x, y  # the operands in the strip's dtype (a backend may write bf16 strips for fp16 inputs)
-        for r0 in range(0, n, rows):
-            xs = x[r0 : r0 + rows]
-            local = torch.where((pos_row >= r0) & (pos_row < r0 + xs.shape[0]), pos_row - r0, -1)
-            gs, d = backend.logits_grad(
-                xs, y, s, row_lse[r0 : r0 + rows], col_lse, 0.5 * g / n, 0.5 * g / m, local, pw, want_dot
-            )
-            if gs.dtype != yg.dtype:
-                xg, yg = x.to(gs.dtype), y.to(gs.dtype)
-            dx[r0 : r0 + rows] = torch.mm(gs, yg).mul_(s)
-            mm_accumulate(dy, gs.T, xg[r0 : r0 + rows])
-            if d is not None:
-                dot += d
-        dscale = dot / s if want_dot else None  # logits = scale * x.y, so d/dscale = sum(G * logits) / scale
+        weights = (0.5 * g / n, 0.5 * g / m, pos_w * g)
+        want_dot = ctx.needs_input_grad[2]
+        dot = nce_row_grads(backend, x, y, s, row_lse, col_lse, weights, pos_row, want_dot, 0, n, rows, dx, dy)
+        dscale = dot / s if want_dot else None  # logits = scale * x.y: d/dscale = sum(G * l) / scale
         return dx, (dy * s).to(y.dtype), dscale, None, None, None, None
+
+
+def nce_row_stats(
+    backend: StripBackend, x: Tensor, y: Tensor, s: float, lo: int, hi: int, rows: int, work: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Log-sum-exps of rows lo:hi of s * x @ y.T, strip by strip: per row (hi - lo,) and per column (M,)."""
+    row_lse = torch.empty(hi - lo, dtype=work, device=x.device)
+    col_lse = torch.full((y.shape[0],), -math.inf, dtype=work, device=x.device)
+    for r0 in range(lo, hi, rows):
+        r1 = min(r0 + rows, hi)
+        r_lse, c_lse = backend.logits_lse(x[r0:r1], y, s)
+        row_lse[r0 - lo : r1 - lo] = r_lse
+        torch.logaddexp(col_lse, c_lse.to(work), out=col_lse)
+    return row_lse, col_lse
+
+
+def nce_row_grads(
+    backend: StripBackend,
+    x: Tensor,
+    y: Tensor,
+    s: float,
+    row_lse: Tensor,
+    col_lse: Tensor,
+    weights: tuple[float, float, Tensor],
+    pos_row: Tensor,
+    want_dot: bool,
+    lo: int,
+    hi: int,
+    rows: int,
+    dx: Tensor,
+    dy: Tensor,
+) -> Tensor:
+    """InfoNCE's gradient from rows lo:hi of the logits: sets dx[lo:hi], adds into dy / s; returns
+    sum(G * l) (0 unless want_dot).
+
+    weights = (w_row, w_col, pos_w): G = w_row softmax_rows + w_col softmax_cols - pos_w at each
+    text's positive (when that positive's row lies in lo:hi). row_lse holds rows lo:hi only;
+    col_lse is over all rows.
+    """
+    w_row, w_col, pos_w = weights
+    dot = torch.zeros((), dtype=dy.dtype, device=x.device)
+    xg, yg = x, y  # the operands in the strip's dtype (a backend may write bf16 strips for fp16 inputs)
+    for r0 in range(lo, hi, rows):
+        r1 = min(r0 + rows, hi)
+        local = torch.where((pos_row >= r0) & (pos_row < r1), pos_row - r0, -1)
+        gs, d = backend.logits_grad(
+            x[r0:r1], y, s, row_lse[r0 - lo : r1 - lo], col_lse, w_row, w_col, local, pos_w, want_dot
+        )
+        if gs.dtype != yg.dtype:
+            xg, yg = x.to(gs.dtype), y.to(gs.dtype)
+        dx[r0:r1] = torch.mm(gs, yg).mul_(s)
+        mm_accumulate(dy, gs.T, xg[r0:r1])
+        if d is not None:
+            dot += d
+    return dot
 
 
 class _LogMeanKernel(torch.autograd.Function):
@@ -271,11 +308,7 @@ class _LogMeanKernel(torch.autograd.Function):
         offset = one_pass_offset(u, v, sym)
         ctx.kept = None
         if offset is None or not eager:
-            parts = []
-            for r0 in range(0, a.shape[0], rows):
-                cols = slice(r0, None) if sym else slice(None)
-                parts.append(backend.kernel_lse(a[r0 : r0 + rows], bb[cols], u[r0 : r0 + rows], v[cols], inv_s2, sym))
-            log_z = torch.logsumexp(torch.stack(parts).to(work), 0) + (LOG2 if sym else 0.0)
+            log_z = kernel_log_sum(backend, a, bb, u, v, inv_s2, sym, rows, work)
         else:
             da, db, dot, total = kernel_term_grads(
                 backend, a, bb, u, v, inv_s2, offset, 1.0, sym, ctx.needs_input_grad[2], True, rows, work
@@ -307,6 +340,30 @@ class _LogMeanKernel(torch.autograd.Function):
         # dl/dsigma = -2 l / sigma
         dsigma = dot * (factor * -2.0 / ctx.sigma * (2.0 if sym else 1.0)) if want_dot else None
         return da.to(a.dtype), db_out, dsigma, None, None, None, None
+
+
+def kernel_log_sum(
+    backend: StripBackend,
+    a: Tensor,
+    b: Tensor,
+    u: Tensor,
+    v: Tensor,
+    inv_s2: float,
+    symmetric: bool,
+    rows: int,
+    work: torch.dtype,
+) -> Tensor:
+    """log sum_ij exp(l_ij) over all of a (N, D) against b (M, D), strip by strip (-inf for N = 0).
+
+    `symmetric` (b is a): only strips on and above the diagonal are visited, then doubled.
+    """
+    parts = []
+    for r0 in range(0, a.shape[0], rows):
+        cols = slice(r0, None) if symmetric else slice(None)
+        parts.append(backend.kernel_lse(a[r0 : r0 + rows], b[cols], u[r0 : r0 + rows], v[cols], inv_s2, symmetric))
+    if not parts:
+        return torch.tensor(-math.inf, dtype=work, device=a.device)
+    return torch.logsumexp(torch.stack(parts).to(work), 0) + (LOG2 if symmetric else 0.0)
 
 
 def one_pass_offset(u: Tensor, v: Tensor, symmetric: bool) -> float | None:

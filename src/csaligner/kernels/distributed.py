@@ -11,10 +11,10 @@ those gradients over ranks (all-reduce) and returns this rank's slice, i.e. worl
 DistributedDataParallel then averages parameter gradients over ranks, which cancels the factor:
 the update equals the single-process one (open_clip's gather_with_grad does the same).
 
-The gather costs O(global N * D) per rank, and every rank does the full O(N^2 D) loss. For D_CS
-alone a cheaper split exists: each log-mean-kernel term is log of a sum, so ranks could compute
-their rows' partial sums against the gathered columns and all-reduce three scalars; InfoNCE's
-column statistics would need an all-reduced (M,) log-sum-exp the same way. Not implemented here.
+The gather costs O(global N * D) per rank. With `infonce_cs_terms(..., shard=True)` (what the
+training step passes under torchrun) each rank then computes only its share of the rows of every
+Gram matrix and the ranks all-reduce O(N) statistics (`csaligner.kernels.sharded`); without it,
+every rank does the whole O(N^2 D) loss.
 """
 
 from __future__ import annotations

@@ -109,6 +109,7 @@ class AlignmentLoss(nn.Module):
         text_tokens: Tensor | None = None,
         image_token_mask: Tensor | None = None,
         text_token_mask: Tensor | None = None,
+        shard: bool = False,
     ) -> dict[str, Tensor]:
         """Compute the named loss terms.
 
@@ -122,6 +123,10 @@ class AlignmentLoss(nn.Module):
             text_tokens: optional (N, L, D) text tokens (one token set per image sample).
             image_token_mask: optional (N, V) bool, True for real tokens.
             text_token_mask: optional (N, L) bool.
+            shard: the features are the global batch, the same on every rank of an initialised
+                torch.distributed group (gathered with `all_gather_with_grad`): the infonce and
+                cs_aligner objectives then split their Gram matrices by rows across the ranks
+                (`infonce_cs_terms(shard=True)`); the other objectives compute in full on every rank.
 
         Returns:
             dict with "infonce" (if used), the divergence under its name ("cs", "mmd", "kl"),
@@ -145,7 +150,7 @@ class AlignmentLoss(nn.Module):
         xs = x if unpaired_images is None else torch.cat([x, norm(_checked("unpaired_images", unpaired_images))])
         ys = y if unpaired_texts is None else torch.cat([y, norm(_checked("unpaired_texts", unpaired_texts))])
         use_mi = cfg.objective != "l2_prior"
-        terms = self._main_terms(x, y, xs, ys, text_to_image, use_mi)
+        terms = self._main_terms(x, y, xs, ys, text_to_image, use_mi, shard)
         total = terms["infonce"] if use_mi else terms["l2"]
         div_name = {"cs_aligner": "cs", "mmd": "mmd", "kl": "kl"}.get(cfg.objective)
         if div_name is not None:
@@ -163,7 +168,7 @@ class AlignmentLoss(nn.Module):
         return terms
 
     def _main_terms(
-        self, x: Tensor, y: Tensor, xs: Tensor, ys: Tensor, text_to_image: Tensor | None, use_mi: bool
+        self, x: Tensor, y: Tensor, xs: Tensor, ys: Tensor, text_to_image: Tensor | None, use_mi: bool, shard: bool
     ) -> dict[str, Tensor]:
         cfg = self.config
         if cfg.objective in ("cs_aligner", "infonce"):
@@ -180,6 +185,7 @@ class AlignmentLoss(nn.Module):
                 text_to_image=text_to_image,
                 with_cs=cfg.objective == "cs_aligner",
                 impl=cfg.impl,
+                shard=shard,
             )
             return terms
         terms = {"infonce": info_nce(x, y, self.temperature, text_to_image)} if use_mi else {}

@@ -87,8 +87,9 @@ def compute_terms(
 ) -> dict[str, Tensor]:
     """Forward one process's share, all-gather to the global batch, and return the objective's terms.
 
-    Every process returns the same global terms; `loss.backward()` then yields (after DDP's gradient
-    averaging) the gradient of one process on the concatenated batch.
+    Every process returns the same global terms, computing its share of the rows of InfoNCE's and
+    D_CS's Gram matrices; `loss.backward()` then yields (after DDP's gradient averaging) the
+    gradient of one process on the concatenated batch.
     """
     with autocast(info.device, config.train.precision):
         out = model(**model_inputs(feats, batch, config))
@@ -107,7 +108,8 @@ def compute_terms(
         kwargs["text_tokens"] = gather(out["text_tokens"])
         kwargs["image_token_mask"] = _gather_mask(_rows(feats.image_token_mask, batch.token_image_rows))
         kwargs["text_token_mask"] = _gather_mask(_rows(feats.text_token_mask, batch.token_text_rows))
-    return dict(objective(gather(out["image"][:n_img]), gather(out["text"][:n_txt]), **kwargs))
+    # shard: each process takes its share of the Gram matrices' rows (csaligner.kernels.sharded).
+    return dict(objective(gather(out["image"][:n_img]), gather(out["text"][:n_txt]), **kwargs, shard=info.enabled))
 
 
 def _rank_offset(n: int, info: DistInfo) -> int:

@@ -1,0 +1,284 @@
+"""InfoNCE + D_CS on a global batch, with the work split by rows across torch.distributed ranks.
+
+Every rank holds the same global features (gathered with `all_gather_with_grad`). Rank r of W
+takes rows [r N / W, (r + 1) N / W) of each Gram matrix: of X Y^T for InfoNCE, and of
+X_all X_all^T, Y_all Y_all^T and X_all Y_all^T for D_CS, each against all columns. The ranks
+exchange only small statistics:
+
+* InfoNCE: the (M,) column log-sum-exps (an all-reduce of their max, then of a sum) and two
+  scalars, the sums of this rank's row log-sum-exps and of its positive logits;
+* D_CS: one log-sum per kernel term (three scalars, the same max-then-sum all-reduce);
+* backward: the temperature's and sigma's gradients (two scalars, summed).
+
+Backward recomputes this rank's strips with the global normalisers, as `csaligner.kernels.chunked`
+does in one process. It returns world_size x this rank's share of the features' gradients:
+`all_gather_with_grad`'s backward sums those over ranks into world_size x dL/d(local features),
+the convention that DistributedDataParallel's gradient averaging cancels (see
+`csaligner.kernels.distributed`). The temperature and sigma get the full dL/d(.) on every rank,
+so parameters outside DDP stay equal across ranks.
+
+Each rank thus does 1/W of the InfoNCE and cross-term work, against all of it when every rank
+computes the whole loss on the gathered batch. When the features need gradients, the kernel terms
+take one pass (offsets known from the global norms, as in `chunked._LogMeanKernel`; the kept
+gradients are summed into two (N, D) buffers once the log-sums are all-reduced). Not done here:
+the symmetric X X^T and Y Y^T are walked as full rectangles (a rank's rows against all columns),
+so on those the split saves W/2 rather than W; and the fused Triton pair kernels are not used
+(the Triton path runs the separate strips).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from csaligner._validation import check_features, check_positive, check_same_dim
+from csaligner.kernels.chunked import (
+    DEFAULT_STRIP_ELEMENTS,
+    MIN_STRIP_ROWS,
+    _as_tensor,
+    _half_sq_norms,
+    compute_dtype,
+    kernel_log_sum,
+    kernel_term_grads,
+    nce_row_grads,
+    nce_row_stats,
+    one_pass_offset,
+    positives,
+    strip_rows,
+)
+
+if TYPE_CHECKING:
+    from csaligner.kernels import Strips
+
+KERNEL_TERMS = ((0, 0, 1.0), (1, 1, 1.0), (0, 1, -2.0))
+"""(rows, columns, coefficient) of D_CS = log-sum XX + log-sum YY - 2 log-sum XY, with 0 = X_all and
+1 = Y_all (the log(N M) normalisers cancel)."""
+
+
+def share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of n that rank `rank` of `world` takes (contiguous, sizes differ by <= 1)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def all_logsumexp(t: Tensor, group: Any) -> Tensor:
+    """Elementwise log-sum-exp of t over the ranks (-inf where every rank has -inf)."""
+    top = t.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = (t - top).exp()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return top + total.log()
+
+
+class _ShardedInfoNCECS(torch.autograd.Function):
+    """(InfoNCE, D_CS) from this rank's rows; see the module docstring."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        y: Tensor,
+        xa: Tensor,
+        ya: Tensor,
+        scale: Tensor,
+        sigma: Tensor,
+        pos_row: Tensor,
+        pos_w: Tensor,
+        strips: Strips,
+        with_cs: bool,
+        eager: bool,
+        group: Any,
+    ) -> tuple[Tensor, Tensor]:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        s, work, backend = float(scale), pos_w.dtype, strips.backend
+        n, m = x.shape[0], y.shape[0]
+        lo, hi = share(n, rank, world)
+        row_lse, col_part = nce_row_stats(backend, x, y, s, lo, hi, _rows(strips, n, m), work)
+        col_lse = all_logsumexp(col_part, group)
+        mine = (pos_row >= lo) & (pos_row < hi)  # texts whose positive is one of this rank's rows
+        pos_logit = (x[pos_row[mine]].to(work) * y[mine].to(work)).sum(1) * s
+        sums = torch.stack([row_lse.sum(), (pos_w[mine] * pos_logit).sum()])
+        dist.all_reduce(sums, group=group)
+        info_nce = 0.5 * sums[0] / n + 0.5 * col_lse.mean() - sums[1]
+        inv_s2 = 1.0 / float(sigma) ** 2
+        ux, uy = _half_sq_norms(xa, work) * -inv_s2, _half_sq_norms(ya, work) * -inv_s2
+        feats, sq = (xa, ya), (ux, uy)
+        offsets = [one_pass_offset(sq[i], sq[j], i == j) for i, j, _ in KERNEL_TERMS]  # the same on every rank
+        ctx.kept = None
+        if not with_cs:
+            log_z = torch.zeros(3, dtype=work, device=x.device)
+        elif eager and None not in offsets:
+            log_z, ctx.kept = _one_pass_kernel_terms(
+                strips, feats, sq, cast(list[float], offsets), inv_s2, ctx.needs_input_grad[5], group
+            )
+        else:
+            log_z = all_logsumexp(
+                torch.stack(
+                    [
+                        kernel_log_sum(backend, feats[i][r], feats[j], sq[i][r], sq[j], inv_s2, False, rows, work)
+                        for i, j, r, rows in _term_strips(strips, feats, group)
+                    ]
+                ),
+                group,
+            )
+        cs = sum(coef * lz for (_, _, coef), lz in zip(KERNEL_TERMS, log_z, strict=True))
+        ctx.save_for_backward(x, y, xa, ya, pos_row, pos_w, row_lse, col_lse, ux, uy, log_z)
+        ctx.scale, ctx.inv_s2, ctx.sigma = s, inv_s2, float(sigma)
+        ctx.strips, ctx.with_cs, ctx.group = strips, with_cs, group
+        return info_nce, cs
+
+    @staticmethod
+    def backward(ctx: Any, g_nce: Tensor, g_cs: Tensor) -> tuple[Tensor | None, ...]:
+        x, y, xa, ya, pos_row, pos_w, row_lse, col_lse, ux, uy, log_z = ctx.saved_tensors
+        s, inv_s2, strips, group = ctx.scale, ctx.inv_s2, ctx.strips, ctx.group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        gn, gc, work = float(g_nce), float(g_cs), pos_w.dtype
+        n, m = x.shape[0], y.shape[0]
+        lo, hi = share(n, rank, world)
+        dx = torch.zeros_like(x)
+        dy = torch.zeros(y.shape, dtype=work, device=y.device)
+        weights = (0.5 * gn / n, 0.5 * gn / m, pos_w * gn)
+        want_scale, want_sigma = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        rows = _rows(strips, n, m)
+        d_scale = nce_row_grads(
+            strips.backend, x, y, s, row_lse, col_lse, weights, pos_row, want_scale, lo, hi, rows, dx, dy
+        )
+        if ctx.kept is not None:  # built by the forward pass (not modified: a second backward gets the same)
+            dxa, dya, d_sigma = (t * gc for t in ctx.kept)
+        else:
+            dxa = torch.zeros(xa.shape, dtype=work, device=x.device)
+            dya = torch.zeros(ya.shape, dtype=work, device=x.device)
+            d_sigma = torch.zeros((), dtype=work, device=x.device)
+        if ctx.kept is None and ctx.with_cs:
+            feats, sq, grads = (xa, ya), (ux, uy), (dxa, dya)
+            terms = zip(_term_strips(strips, feats, group), KERNEL_TERMS, log_z.tolist(), strict=True)
+            for (i, j, r, rows), (_, _, coef), lz in terms:
+                da, db, dot, _ = kernel_term_grads(
+                    strips.backend, feats[i][r], feats[j], sq[i][r], sq[j], inv_s2, lz, coef * gc, False, want_sigma,
+                    False, rows, work,
+                )  # fmt: skip
+                grads[i][r] += da
+                grads[j].add_(cast(Tensor, db))  # not symmetric: db is a tensor
+                d_sigma += dot
+        # This rank's share, times world_size (what all_gather_with_grad's all-reduce expects);
+        # the scalars' gradients are summed over ranks, so every rank holds the full one.
+        scalars = torch.stack([d_scale / s, d_sigma * (-2.0 / ctx.sigma)])  # dl/dsigma = -2 l / sigma
+        dist.all_reduce(scalars, group=group)
+        return (
+            (dx * world).to(x.dtype),
+            (dy * (s * world)).to(y.dtype),
+            (dxa * (inv_s2 * world)).to(xa.dtype),
+            (dya * (inv_s2 * world)).to(ya.dtype),
+            scalars[0] if want_scale else None,
+            scalars[1] if want_sigma else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _term_strips(strips: Strips, feats: tuple[Tensor, Tensor], group: Any) -> list[tuple[int, int, slice, int]]:
+    """Per kernel term (KERNEL_TERMS order): its row and column pools, this rank's rows, rows per strip."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    out = []
+    for i, j, _ in KERNEL_TERMS:
+        a0, a1 = share(feats[i].shape[0], rank, world)
+        out.append((i, j, slice(a0, a1), _rows(strips, feats[i].shape[0], feats[j].shape[0])))
+    return out
+
+
+def _one_pass_kernel_terms(
+    strips: Strips,
+    feats: tuple[Tensor, Tensor],
+    sq: tuple[Tensor, Tensor],
+    offsets: list[float],
+    inv_s2: float,
+    want_sigma: bool,
+    group: Any,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """The three kernel terms' global log-sums, and this rank's share of dD_CS/d(x_all, y_all)
+    (without the 1/sigma^2 and the upstream gradient) and of sum(softmax * l) for sigma.
+
+    As `chunked._LogMeanKernel`'s one-pass forward: weights exp(l - offset) with offsets known on
+    every rank, the local sums all-reduced, then each term's kept gradient weighted by its
+    coefficient times exp(offset - log-sum) and summed into one buffer per pool.
+    """
+    work = sq[0].dtype
+    parts, built = [], []
+    for (i, j, r, rows), off in zip(_term_strips(strips, feats, group), offsets, strict=True):
+        da, db, dot, total = kernel_term_grads(
+            strips.backend, feats[i][r], feats[j], sq[i][r], sq[j], inv_s2, off, 1.0, False, want_sigma, True, rows,
+            work,
+        )  # fmt: skip
+        parts.append(total.log() + off)
+        built.append((i, j, r, da, cast(Tensor, db), dot))
+    log_z = all_logsumexp(torch.stack(parts), group)
+    grads = tuple(torch.zeros(f.shape, dtype=work, device=f.device) for f in feats)
+    d_sigma = torch.zeros((), dtype=work, device=log_z.device)
+    for (i, j, r, da, db, dot), (_, _, coef), off, lz in zip(built, KERNEL_TERMS, offsets, log_z.tolist(), strict=True):
+        f = coef * math.exp(off - lz)
+        grads[i][r].add_(da, alpha=f)
+        grads[j].add_(db, alpha=f)
+        d_sigma += dot * f
+    return log_z, (grads[0], grads[1], d_sigma)
+
+
+def _rows(strips: Strips, n_rows: int, n_cols: int) -> int:
+    return strips.chunk_size or max(MIN_STRIP_ROWS, strip_rows(n_rows, n_cols, DEFAULT_STRIP_ELEMENTS))
+
+
+def sharded_infonce_cs(
+    x: Tensor,
+    y: Tensor,
+    x_all: Tensor,
+    y_all: Tensor,
+    temperature: float | Tensor,
+    sigma: float | Tensor,
+    text_to_image: Tensor | None,
+    *,
+    with_cs: bool,
+    strips: Strips,
+    group: Any = None,
+) -> dict[str, Tensor]:
+    """`infonce_cs_terms(..., shard=True)`: the global batch on every rank, rows split between ranks.
+
+    Args:
+        x, y, x_all, y_all, temperature, sigma, text_to_image, with_cs: as in `infonce_cs_terms`,
+            and the same on every rank (the gathered global batch).
+        strips: the strip backend, operand dtype, centring and chunk size to use.
+        group: the process group (default: the world); must be initialised.
+
+    Returns:
+        {"infonce", "cs" (when with_cs)}: the single-process values, on every rank.
+    """
+    for name, t in (("x", x), ("y", y), ("x_all", x_all), ("y_all", y_all)):
+        check_features(name, t)
+    check_same_dim("x", x, "y", y)
+    check_same_dim("x_all", x_all, "y_all", y_all)
+    check_positive("temperature", temperature)
+    check_positive("sigma", sigma)
+    work = compute_dtype(x, y, x_all, y_all)
+    pos_row, pos_w = positives(x.shape[0], y.shape[0], text_to_image, x.device, work)
+    op = strips.operand or work
+    xn, yn = (F.normalize(t.to(work), dim=-1).to(op).contiguous() for t in (x, y))
+    xa, ya = x_all.to(work), y_all.to(work)
+    if strips.center:  # D_CS is translation invariant; as in streamed_cs_divergence
+        c = torch.cat([xa, ya]).mean(0).detach()
+        xa, ya = xa - c, ya - c
+    scale = 1.0 / _as_tensor(temperature, work, x.device)
+    sig = _as_tensor(sigma, work, x.device)
+    xa, ya = xa.to(op).contiguous(), ya.to(op).contiguous()
+    eager = torch.is_grad_enabled() and (xa.requires_grad or ya.requires_grad)
+    nce, cs = _ShardedInfoNCECS.apply(xn, yn, xa, ya, scale, sig, pos_row, pos_w, strips, with_cs, eager, group)
+    return {"infonce": nce, "cs": cs} if with_cs else {"infonce": nce}
+
+
+__all__ = ["all_logsumexp", "sharded_infonce_cs", "share"]
