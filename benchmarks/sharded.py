@@ -11,10 +11,8 @@ forward + backward of the loss computed two ways in the same run:
 * sharded: `shard=True`, each rank takes 1/world of the rows of every Gram matrix and the ranks
   all-reduce O(N) statistics.
 
-Reported per N: the slowest rank's time of each (the step waits for it), their ratio, and whether
-the two losses and feature gradients agree. The ideal ratio is below 1/world only on the InfoNCE
-and cross terms; the symmetric X X^T and Y Y^T are walked as full rectangles when sharded (half of
-the full loss's symmetric work per rank at world = 2, the same total as one process).
+Reported per N: the slowest rank's time of each (the step waits for it), their ratio (ideally
+1/world), and how far the two losses and feature gradients differ.
 """
 
 from __future__ import annotations

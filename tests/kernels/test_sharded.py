@@ -6,6 +6,7 @@ image, an unpaired pool in D_CS, a learnable temperature and sigma (parameters o
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csaligner.kernels import Strips, TorchStrips, all_gather_with_grad, infonce_cs_terms
-from csaligner.kernels.sharded import sharded_infonce_cs, share
+from csaligner.kernels.sharded import sharded_infonce_cs, share, triangle_share
 
 WORLD = 3
 T2I = torch.tensor([0, 0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 9, 9])  # sorted: each rank's captions are contiguous
@@ -115,10 +116,25 @@ def test_sharded_loss_and_gradients_equal_single_process(tmp_path: Path) -> None
         for g, w in zip(got["scalars"], want_scalars, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
         # Each rank's strips cover its share of the rows, against all columns.
+        # X X^T and Y Y^T: balanced shares of the upper triangle; X Y^T: even shares of the rows.
         img0, img1 = share(N_IMG, rank, WORLD)
         pool0, pool1 = share(N_IMG + N_UNPAIRED, rank, WORLD)
-        txt0, txt1 = share(N_TXT, rank, WORLD)
-        assert got["rows"] == {"logits": img1 - img0, "kernel": 2 * (pool1 - pool0) + (txt1 - txt0)}
+        tri0, tri1 = triangle_share(N_IMG + N_UNPAIRED, rank, WORLD)
+        ttri0, ttri1 = triangle_share(N_TXT, rank, WORLD)
+        assert got["rows"] == {"logits": img1 - img0, "kernel": (tri1 - tri0) + (ttri1 - ttri0) + (pool1 - pool0)}
+
+
+def test_triangle_shares_balance_the_upper_triangle_and_respect_alignment() -> None:
+    n, world = 1000, 4
+    edges = [triangle_share(n, r, world) for r in range(world)]
+    assert edges[0][0] == 0 and edges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(edges))
+    areas = [sum(n - i for i in range(lo, hi)) for lo, hi in edges]
+    assert max(areas) / min(areas) < 1.01
+    aligned = [triangle_share(n, r, world, align=64) for r in range(world)]
+    assert all(lo % 64 == 0 for lo, _ in aligned) and aligned[-1][1] == n
+    # Fewer tiles than ranks: the last rank takes all the rows, the others none.
+    assert [triangle_share(5, r, 3, align=64) for r in range(3)] == [(0, 0), (0, 0), (0, 5)]
 
 
 def test_shard_without_a_process_group_is_the_plain_loss() -> None:
@@ -135,7 +151,7 @@ def _triton_worker(rank: int, store: str, out: str) -> None:
     try:
         x, y, u = _float32_problem()
         terms = sharded_infonce_cs(
-            x, y, torch.cat([x, u]), y, 0.05, 0.5, T2I, with_cs=True, strips=Strips(SMALL, torch.float32, True, 16)
+            x, y, torch.cat([x, u]), y, 0.05, 0.5, None, with_cs=True, strips=Strips(SMALL, torch.float32, True, 16)
         )
         gx, gy = torch.autograd.grad(terms["infonce"] + 0.5 * terms["cs"], [x, y])
         for g in (gx, gy):
@@ -147,8 +163,10 @@ def _triton_worker(rank: int, store: str, out: str) -> None:
 
 
 def _float32_problem() -> tuple[Tensor, Tensor, Tensor]:
+    """40 pairs and 20 unpaired images: with 16-row tiles the triangle shares of the 60-image pool
+    are (0, 16), (16, 32), (32, 60), so every rank walks symmetric strips."""
     g = torch.Generator().manual_seed(1)
-    x, y, u = (F.normalize(torch.randn(n, 16, generator=g), dim=-1) for n in (N_IMG, N_TXT, N_UNPAIRED))
+    x, y, u = (F.normalize(torch.randn(n, 16, generator=g), dim=-1) for n in (40, 40, 20))
     return x.requires_grad_(), y.requires_grad_(), u
 
 
@@ -158,7 +176,8 @@ def test_sharded_triton_strips_match_dense(tmp_path: Path) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET is not 1")
     x, y, u = _float32_problem()
-    want = infonce_cs_terms(x, y, torch.cat([x, u]), y, temperature=0.05, sigma=0.5, text_to_image=T2I, impl="dense")
+    assert [triangle_share(60, r, WORLD, align=16) for r in range(WORLD)] == [(0, 16), (16, 32), (32, 60)]
+    want = infonce_cs_terms(x, y, torch.cat([x, u]), y, temperature=0.05, sigma=0.5, impl="dense")
     want_grads = torch.autograd.grad(want["infonce"] + 0.5 * want["cs"], [x, y])
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.start_processes(

@@ -70,6 +70,12 @@ class StripBackend(Protocol):
     at any granularity) so that sum over strips of w * P, plus its transpose, is the full matrix.
     """
 
+    @property
+    def symmetric_rows(self) -> int:
+        """A symmetric strip's rows must be a multiple of this unless the strip reaches b's last row
+        (its diagonal block is weighted as a whole)."""
+        ...
+
     def logits_lse(self, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """Row (S,) and column (M,) log-sum-exp of scale * a @ b.T."""
         ...
@@ -122,6 +128,10 @@ class StripBackend(Protocol):
 
 class TorchStrips:
     """Strip arithmetic with plain torch ops (CPU or CUDA); tiles are (S, M) in the input dtype."""
+
+    @property
+    def symmetric_rows(self) -> int:
+        return 1  # the diagonal block is exactly the strip's (S, S) square
 
     def logits_lse(self, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         t = torch.mm(a, b.T).mul_(scale)  # (S, M) logits
@@ -355,7 +365,8 @@ def kernel_log_sum(
 ) -> Tensor:
     """log sum_ij exp(l_ij) over all of a (N, D) against b (M, D), strip by strip (-inf for N = 0).
 
-    `symmetric` (b is a): only strips on and above the diagonal are visited, then doubled.
+    `symmetric` (a is the first rows of b, usually b itself): only strips on and above the diagonal
+    are visited, then doubled.
     """
     parts = []
     for r0 in range(0, a.shape[0], rows):
@@ -396,16 +407,17 @@ def kernel_term_grads(
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Strip by strip, sum_j W_ij (b_j - a_i) for each a_i and sum_i W_ij (a_i - b_j) for each b_j.
 
-    W = g * exp(l - log_z) as `StripBackend.kernel_grad` writes it. For `symmetric` (b is a, only
-    strips on and above the diagonal) the two sums fold into one (N, D) result (W + W^T) and the
-    second is None. Also returns sum(W * l) (when want_dot, else 0) and sum(W) (when want_total,
-    else 0), all in `work` precision.
+    W = g * exp(l - log_z) as `StripBackend.kernel_grad` writes it. For `symmetric` (a is the first
+    rows of b, usually b itself; each strip of a meets b from its own first row on, i.e. the upper
+    triangle) the two sums fold into one result shaped like b (W + W^T) and the second is None.
+    Also returns sum(W * l) (when want_dot, else 0) and sum(W) (when want_total, else 0), all in
+    `work` precision.
 
     The GEMMs accumulate (W b)_i and the row masses of the weights *as stored*, so the difference
     (W b)_i - rowsum_i a_i cancels exactly whatever the strip precision.
     """
-    da = torch.zeros(a.shape, dtype=work, device=a.device)
-    a_mass = torch.zeros(a.shape[0], dtype=work, device=a.device)
+    da = torch.zeros((b if symmetric else a).shape, dtype=work, device=a.device)
+    a_mass = torch.zeros(da.shape[0], dtype=work, device=a.device)
     db = da if symmetric else torch.zeros(b.shape, dtype=work, device=a.device)
     b_mass = a_mass if symmetric else torch.zeros(b.shape[0], dtype=work, device=a.device)
     dot = torch.zeros((), dtype=work, device=a.device)
@@ -425,7 +437,7 @@ def kernel_term_grads(
             dot += st.dot
         if st.total is not None:
             total += st.total
-    da.addcmul_(a_mass.unsqueeze(1), a, value=-1.0)
+    da.addcmul_(a_mass.unsqueeze(1), b if symmetric else a, value=-1.0)
     if not symmetric:
         db.addcmul_(b_mass.unsqueeze(1), b, value=-1.0)
     return da, None if symmetric else db, dot, total

@@ -1,8 +1,9 @@
 """InfoNCE + D_CS on a global batch, with the work split by rows across torch.distributed ranks.
 
 Every rank holds the same global features (gathered with `all_gather_with_grad`). Rank r of W
-takes rows [r N / W, (r + 1) N / W) of each Gram matrix: of X Y^T for InfoNCE, and of
-X_all X_all^T, Y_all Y_all^T and X_all Y_all^T for D_CS, each against all columns. The ranks
+takes an even share of the rows of X Y^T (InfoNCE) and of X_all Y_all^T (the cross kernel term),
+each against all columns, and a balanced share of the upper triangles of X_all X_all^T and
+Y_all Y_all^T (rows [lo, hi) against the columns from lo on, `triangle_share`). The ranks
 exchange only small statistics:
 
 * InfoNCE: the (M,) column log-sum-exps (an all-reduce of their max, then of a sum) and two
@@ -17,13 +18,11 @@ the convention that DistributedDataParallel's gradient averaging cancels (see
 `csaligner.kernels.distributed`). The temperature and sigma get the full dL/d(.) on every rank,
 so parameters outside DDP stay equal across ranks.
 
-Each rank thus does 1/W of the InfoNCE and cross-term work, against all of it when every rank
-computes the whole loss on the gathered batch. When the features need gradients, the kernel terms
-take one pass (offsets known from the global norms, as in `chunked._LogMeanKernel`; the kept
-gradients are summed into two (N, D) buffers once the log-sums are all-reduced). Not done here:
-the symmetric X X^T and Y Y^T are walked as full rectangles (a rank's rows against all columns),
-so on those the split saves W/2 rather than W; and the fused Triton pair kernels are not used
-(the Triton path runs the separate strips).
+Each rank thus does 1/W of the work, against all of it when every rank computes the whole loss on
+the gathered batch. When the features need gradients the kernel terms take one pass (offsets known
+from the global norms, as in `chunked._LogMeanKernel`; the kept gradients are summed into two
+(N, D) buffers once the log-sums are all-reduced). Not done here: the fused Triton pair kernels
+(the Triton path runs the separate strips), and InfoNCE still takes two passes.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from torch import Tensor
 from csaligner._validation import check_features, check_positive, check_same_dim
 from csaligner.kernels.chunked import (
     DEFAULT_STRIP_ELEMENTS,
+    LOG2,
     MIN_STRIP_ROWS,
     _as_tensor,
     _half_sq_norms,
@@ -63,6 +63,19 @@ KERNEL_TERMS = ((0, 0, 1.0), (1, 1, 1.0), (0, 1, -2.0))
 def share(n: int, rank: int, world: int) -> tuple[int, int]:
     """Rows [lo, hi) of n that rank `rank` of `world` takes (contiguous, sizes differ by <= 1)."""
     return n * rank // world, n * (rank + 1) // world
+
+
+def triangle_share(n: int, rank: int, world: int, align: int = 1) -> tuple[int, int]:
+    """Rows [lo, hi) of a symmetric n x n matrix whose upper triangle (row i: columns i..n-1) has
+    about 1/world of the area: the first k rows hold k n - k^2 / 2, so k_r = n (1 - sqrt(1 - r / W)),
+    rounded to a multiple of `align` (the backend's `symmetric_rows`)."""
+
+    def edge(r: int) -> int:
+        if r >= world:
+            return n
+        return min(n, align * round(n * (1.0 - math.sqrt(1.0 - r / world)) / align))
+
+    return edge(rank), edge(rank + 1)
 
 
 def all_logsumexp(t: Tensor, group: Any) -> Tensor:
@@ -120,8 +133,8 @@ class _ShardedInfoNCECS(torch.autograd.Function):
             log_z = all_logsumexp(
                 torch.stack(
                     [
-                        kernel_log_sum(backend, feats[i][r], feats[j], sq[i][r], sq[j], inv_s2, False, rows, work)
-                        for i, j, r, rows in _term_strips(strips, feats, group)
+                        kernel_log_sum(backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, sym, rows, work)
+                        for i, j, r, c, sym, rows in _term_strips(strips, feats, group)
                     ]
                 ),
                 group,
@@ -157,13 +170,12 @@ class _ShardedInfoNCECS(torch.autograd.Function):
         if ctx.kept is None and ctx.with_cs:
             feats, sq, grads = (xa, ya), (ux, uy), (dxa, dya)
             terms = zip(_term_strips(strips, feats, group), KERNEL_TERMS, log_z.tolist(), strict=True)
-            for (i, j, r, rows), (_, _, coef), lz in terms:
+            for (i, j, r, c, sym, rows), (_, _, coef), lz in terms:
                 da, db, dot, _ = kernel_term_grads(
-                    strips.backend, feats[i][r], feats[j], sq[i][r], sq[j], inv_s2, lz, coef * gc, False, want_sigma,
-                    False, rows, work,
+                    strips.backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, lz,
+                    coef * gc * (2.0 if sym else 1.0), sym, want_sigma, False, rows, work,
                 )  # fmt: skip
-                grads[i][r] += da
-                grads[j].add_(cast(Tensor, db))  # not symmetric: db is a tensor
+                _add_term_grads(grads, i, j, r, c, da, db)
                 d_sigma += dot
         # This rank's share, times world_size (what all_gather_with_grad's all-reduce expects);
         # the scalars' gradients are summed over ranks, so every rank holds the full one.
@@ -185,13 +197,23 @@ class _ShardedInfoNCECS(torch.autograd.Function):
         )
 
 
-def _term_strips(strips: Strips, feats: tuple[Tensor, Tensor], group: Any) -> list[tuple[int, int, slice, int]]:
-    """Per kernel term (KERNEL_TERMS order): its row and column pools, this rank's rows, rows per strip."""
+def _term_strips(
+    strips: Strips, feats: tuple[Tensor, Tensor], group: Any
+) -> list[tuple[int, int, slice, slice, bool, int]]:
+    """Per kernel term (KERNEL_TERMS order): its row and column pools, this rank's rows and columns,
+    whether it is symmetric, and rows per strip.
+
+    X X^T and Y Y^T: a balanced share of the upper triangle (rows [lo, hi), columns from lo on, the
+    symmetric strips of `StripBackend`); X Y^T: an even share of the rows, against all columns.
+    """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     out = []
     for i, j, _ in KERNEL_TERMS:
-        a0, a1 = share(feats[i].shape[0], rank, world)
-        out.append((i, j, slice(a0, a1), _rows(strips, feats[i].shape[0], feats[j].shape[0])))
+        sym = i == j
+        n = feats[i].shape[0]
+        a0, a1 = triangle_share(n, rank, world, strips.backend.symmetric_rows) if sym else share(n, rank, world)
+        cols = slice(a0, None) if sym else slice(None)
+        out.append((i, j, slice(a0, a1), cols, sym, _rows(strips, feats[i].shape[0], feats[j].shape[0])))
     return out
 
 
@@ -213,22 +235,39 @@ def _one_pass_kernel_terms(
     """
     work = sq[0].dtype
     parts, built = [], []
-    for (i, j, r, rows), off in zip(_term_strips(strips, feats, group), offsets, strict=True):
+    for (i, j, r, c, sym, rows), off in zip(_term_strips(strips, feats, group), offsets, strict=True):
         da, db, dot, total = kernel_term_grads(
-            strips.backend, feats[i][r], feats[j], sq[i][r], sq[j], inv_s2, off, 1.0, False, want_sigma, True, rows,
-            work,
+            strips.backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, off, 1.0, sym, want_sigma, True,
+            rows, work,
         )  # fmt: skip
-        parts.append(total.log() + off)
-        built.append((i, j, r, da, cast(Tensor, db), dot))
+        parts.append(total.log() + off + (LOG2 if sym else 0.0))  # symmetric strips: half the pairs
+        built.append((i, j, r, c, da, db, dot))
     log_z = all_logsumexp(torch.stack(parts), group)
-    grads = tuple(torch.zeros(f.shape, dtype=work, device=f.device) for f in feats)
+    grads = (
+        torch.zeros(feats[0].shape, dtype=work, device=log_z.device),
+        torch.zeros(feats[1].shape, dtype=work, device=log_z.device),
+    )
     d_sigma = torch.zeros((), dtype=work, device=log_z.device)
-    for (i, j, r, da, db, dot), (_, _, coef), off, lz in zip(built, KERNEL_TERMS, offsets, log_z.tolist(), strict=True):
-        f = coef * math.exp(off - lz)
-        grads[i][r].add_(da, alpha=f)
-        grads[j].add_(db, alpha=f)
+    for (i, j, r, c, da, db, dot), (_, _, coef), off, lz in zip(
+        built, KERNEL_TERMS, offsets, log_z.tolist(), strict=True
+    ):
+        f = coef * math.exp(off - lz) * (2.0 if i == j else 1.0)  # symmetric strips: W + W^T, half the pairs
+        _add_term_grads(grads, i, j, r, c, da.mul_(f), None if db is None else db.mul_(f))
         d_sigma += dot * f
     return log_z, (grads[0], grads[1], d_sigma)
+
+
+def _add_term_grads(
+    grads: tuple[Tensor, Tensor], i: int, j: int, r: slice, c: slice, da: Tensor, db: Tensor | None
+) -> None:
+    """Add one kernel term's `kernel_term_grads` result into the pools' gradients: a symmetric term's
+    single result covers its columns (rows from the share's first on), a cross term's two cover
+    this rank's rows of pool i and all of pool j."""
+    if db is None:
+        grads[i][c] += da
+    else:
+        grads[i][r] += da
+        grads[j].add_(db)
 
 
 def _rows(strips: Strips, n_rows: int, n_cols: int) -> int:

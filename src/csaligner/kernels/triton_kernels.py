@@ -300,6 +300,10 @@ class TritonStrips:
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
 
+    @property
+    def symmetric_rows(self) -> int:
+        return self.block_m  # diagonal tiles are weighted 1/2 as a whole
+
     def _check_square(self, symmetric: bool) -> None:
         if symmetric and self.block_m != self.block_n:
             raise ValueError(
