@@ -230,31 +230,30 @@ def _one_pass_kernel_terms(
     (without the 1/sigma^2 and the upstream gradient) and of sum(softmax * l) for sigma.
 
     As `chunked._LogMeanKernel`'s one-pass forward: weights exp(l - offset) with offsets known on
-    every rank, the local sums all-reduced, then each term's kept gradient weighted by its
-    coefficient times exp(offset - log-sum) and summed into one buffer per pool.
+    every rank; each term's local sum is all-reduced as soon as it is built (two scalar all-reduces
+    per term), so its kept gradient can be weighted by its coefficient times exp(offset - log-sum)
+    and folded into the pools' buffers at once, holding one term's buffers at a time.
     """
     work = sq[0].dtype
-    parts, built = [], []
-    for (i, j, r, c, sym, rows), off in zip(_term_strips(strips, feats, group), offsets, strict=True):
+    grads = (
+        torch.zeros(feats[0].shape, dtype=work, device=sq[0].device),
+        torch.zeros(feats[1].shape, dtype=work, device=sq[0].device),
+    )
+    d_sigma = torch.zeros((), dtype=work, device=sq[0].device)
+    log_z = []
+    for (i, j, r, c, sym, rows), (_, _, coef), off in zip(
+        _term_strips(strips, feats, group), KERNEL_TERMS, offsets, strict=True
+    ):
         da, db, dot, total = kernel_term_grads(
             strips.backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, off, 1.0, sym, want_sigma, True,
             rows, work,
         )  # fmt: skip
-        parts.append(total.log() + off + (LOG2 if sym else 0.0))  # symmetric strips: half the pairs
-        built.append((i, j, r, c, da, db, dot))
-    log_z = all_logsumexp(torch.stack(parts), group)
-    grads = (
-        torch.zeros(feats[0].shape, dtype=work, device=log_z.device),
-        torch.zeros(feats[1].shape, dtype=work, device=log_z.device),
-    )
-    d_sigma = torch.zeros((), dtype=work, device=log_z.device)
-    for (i, j, r, c, da, db, dot), (_, _, coef), off, lz in zip(
-        built, KERNEL_TERMS, offsets, log_z.tolist(), strict=True
-    ):
-        f = coef * math.exp(off - lz) * (2.0 if i == j else 1.0)  # symmetric strips: W + W^T, half the pairs
+        lz = all_logsumexp(total.log() + off + (LOG2 if sym else 0.0), group)  # symmetric strips: half the pairs
+        f = coef * math.exp(off - float(lz)) * (2.0 if sym else 1.0)  # symmetric: W + W^T
         _add_term_grads(grads, i, j, r, c, da.mul_(f), None if db is None else db.mul_(f))
         d_sigma += dot * f
-    return log_z, (grads[0], grads[1], d_sigma)
+        log_z.append(lz)
+    return torch.stack(log_z), (grads[0], grads[1], d_sigma)
 
 
 def _add_term_grads(
