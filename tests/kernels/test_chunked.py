@@ -231,3 +231,18 @@ def test_retained_graph_backward_twice_gives_the_same_bits() -> None:
     second = torch.autograd.grad(loss, [x, y, sigma])
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_does_not_lower_the_strips_precision(dtype: torch.dtype) -> None:
+    """Under autocast the strips still compute in float32: with the cross term's one-pass offset
+    (-1/sigma^2 for unit vectors) float16 weights would overflow (cs = -inf, NaN gradients)."""
+    x, y = unit(64, 16, torch.float32), unit(64, 16, torch.float32, shift=0.3)
+    with torch.autocast("cpu", dtype=dtype):
+        got = infonce_cs_terms(x, y, temperature=0.1, sigma=0.2, impl="chunked", chunk_size=16)
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    want = infonce_cs_terms(x64, y64, temperature=0.1, sigma=0.2, impl="dense")
+    for k in ("infonce", "cs"):
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-5)
+    g, w = grads(got["cs"], [x]), grads(want["cs"], [x64])
+    torch.testing.assert_close(g[0].double(), w[0], rtol=1e-4, atol=1e-4 * float(w[0].abs().max()))

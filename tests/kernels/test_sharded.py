@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from csaligner.kernels import Strips, TorchStrips, all_gather_with_grad, infonce_cs_terms
 from csaligner.kernels.sharded import sharded_infonce_cs, share, triangle_share
+from csaligner.losses import cs_divergence
 
 WORLD = 3
 T2I = torch.tensor([0, 0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 9, 9])  # sorted: each rank's captions are contiguous
@@ -90,7 +91,25 @@ def _worker(rank: int, store: str, out: str) -> None:
             sharded_infonce_cs(
                 x, y, torch.cat([x, u]), y, 0.1, 0.6, T2I, with_cs=True, strips=Strips(spy, None, True, 2)
             )
-        torch.save({"loss": loss.detach(), "grads": grads, "rows": spy.rows, "scalars": scalar_grads}, f"{out}.{rank}")
+        # The one-pass buffers are released by backward; a retained graph's second backward gives the same bits.
+        xd, yd = x.detach().requires_grad_(), y.detach().requires_grad_()
+        terms = infonce_cs_terms(xd, yd, temperature=0.1, sigma=0.6, text_to_image=T2I, impl="chunked", shard=True)
+        first = torch.autograd.grad(terms["infonce"] + terms["cs"], [xd, yd], retain_graph=True)
+        released = terms["cs"].grad_fn.kept is None  # type: ignore[union-attr]
+        second = torch.autograd.grad(terms["infonce"] + terms["cs"], [xd, yd])
+        same_bits = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+        nce_only = infonce_cs_terms(x, y, temperature=0.1, text_to_image=T2I, with_cs=False, shard=True)
+        # sigma = 0.1: the cross term's logits span 200 nats, no offset ahead: two passes, recompute.
+        narrow = infonce_cs_terms(xd, yd, sigma=0.1, text_to_image=T2I, impl="chunked", shard=True)["cs"]
+        narrow_grads = torch.autograd.grad(narrow, [xd, yd])
+        for g in narrow_grads:
+            dist.all_reduce(g)  # world x each rank's share, summed: world x the gradient
+        torch.save(
+            {"loss": loss.detach(), "grads": grads, "rows": spy.rows, "scalars": scalar_grads, "released": released,
+             "same_bits": same_bits, "nce_only": nce_only["infonce"].detach(), "nce_only_keys": sorted(nce_only),
+             "narrow": narrow.detach(), "narrow_grads": [g / WORLD for g in narrow_grads]},
+            f"{out}.{rank}",
+        )  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -103,6 +122,10 @@ def test_sharded_loss_and_gradients_equal_single_process(tmp_path: Path) -> None
         single.loss(*(t.detach() for t in feats), "dense", False), [single.log_t, single.sigma]
     )
     want.backward()
+    want_nce_only = infonce_cs_terms(feats[0], feats[1], temperature=0.1, text_to_image=T2I, with_cs=False)["infonce"]
+    xd, yd = feats[0].detach().requires_grad_(), feats[1].detach().requires_grad_()
+    want_narrow = cs_divergence(xd, yd, 0.1)
+    want_narrow_grads = torch.autograd.grad(want_narrow, [xd, yd])
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     method = "spawn" if torch.cuda.is_available() else "fork"  # see test_distributed.py
     mp.start_processes(
@@ -113,6 +136,12 @@ def test_sharded_loss_and_gradients_equal_single_process(tmp_path: Path) -> None
         torch.testing.assert_close(got["loss"], want.detach(), rtol=1e-12, atol=1e-12)
         for name, q in single.named_parameters():
             torch.testing.assert_close(got["grads"][name], q.grad, rtol=1e-9, atol=1e-12, msg=name)
+        assert got["released"] and got["same_bits"]
+        assert got["nce_only_keys"] == ["infonce"]
+        torch.testing.assert_close(got["narrow"], want_narrow.detach(), rtol=1e-10, atol=1e-10)
+        for g, w in zip(got["narrow_grads"], want_narrow_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(got["nce_only"], want_nce_only, rtol=1e-12, atol=1e-12)
         for g, w in zip(got["scalars"], want_scalars, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
         # Each rank's strips cover its share of the rows, against all columns.

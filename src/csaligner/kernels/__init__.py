@@ -169,6 +169,11 @@ def infonce_cs_terms(
     Returns:
         {"infonce": scalar, "cs": scalar (when with_cs)}, float32 (float64 for float64 inputs).
         bf16/fp16 inputs are computed with float32 statistics and get gradients in their dtype.
+
+    The chunked, Triton and sharded paths ignore an ambient `torch.autocast` (they pick their own
+    precision, as above). Under grad mode, with features that require gradients, their forward
+    pass already computes the D_CS terms' gradients (one sweep instead of two) and keeps them
+    until backward: evaluate under `torch.no_grad()` to skip that work.
     """
     x_all = x if x_all is None else x_all
     y_all = y if y_all is None else y_all

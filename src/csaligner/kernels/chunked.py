@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -192,6 +193,26 @@ class TorchStrips:
         return KernelStrip(w, row_mass, w.sum(0), dot, row_mass.sum() if want_total else None)
 
 
+def autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an autograd Function's forward or backward with autocast off on its tensors' device.
+
+    The strip paths choose their own precision (float32 statistics; half operands only where the
+    inputs are half). Under an ambient autocast, matmuls inside would return float16/bfloat16
+    logits, and the one-pass weights exp(l - offset) overflow float16. The dense reference,
+    by contrast, runs under autocast like any other torch code.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(ctx: Any, *args: Any) -> Any:
+        device = next((a.device for a in args if isinstance(a, Tensor)), None)
+        if device is None or not torch.is_autocast_enabled(device.type):
+            return fn(ctx, *args)
+        with torch.autocast(device.type, enabled=False):
+            return fn(ctx, *args)
+
+    return wrapper
+
+
 def strip_rows(n_rows: int, n_cols: int, budget: int, multiple: int = 1) -> int:
     """Rows per strip so that rows * n_cols <= budget elements (at least `multiple` rows)."""
     rows = max(multiple, budget // max(n_cols, 1) // multiple * multiple)
@@ -202,6 +223,7 @@ class _InfoNCE(torch.autograd.Function):
     """Symmetric InfoNCE from row/column log-sum-exps; see `streamed_info_nce`."""
 
     @staticmethod
+    @autocast_off
     def forward(
         ctx: Any,
         x: Tensor,
@@ -221,6 +243,7 @@ class _InfoNCE(torch.autograd.Function):
         return 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, y, pos_row, pos_w, row_lse, col_lse = ctx.saved_tensors
         s, backend, rows = ctx.scale, ctx.backend, ctx.rows
@@ -300,6 +323,7 @@ class _LogMeanKernel(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(
         ctx: Any,
         a: Tensor,
@@ -331,6 +355,7 @@ class _LogMeanKernel(torch.autograd.Function):
         return log_z - math.log(a.shape[0] * bb.shape[0])
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         a, b, u, v, log_z = ctx.saved_tensors
         sym, inv_s2, rows, backend = ctx.sym, ctx.inv_s2, ctx.rows, ctx.backend

@@ -41,6 +41,7 @@ from csaligner.kernels.chunked import (
     MAX_BOUNDED_NATS,
     _as_tensor,
     _half_sq_norms,
+    autocast_off,
     kernel_term_grads,
     mm_accumulate,
     positives,
@@ -150,6 +151,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
     """(InfoNCE, D_CS) of the same features; see the module docstring."""
 
     @staticmethod
+    @autocast_off
     def forward(
         ctx: Any,
         x: Tensor,
@@ -210,6 +212,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         return info_nce, cs
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g_nce: Tensor, g_cs: Tensor) -> tuple[Tensor | None, ...]:
         x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z = ctx.saved_tensors
         s, inv_s2, (tiles, pair), rows = ctx.scale, ctx.inv_s2, ctx.tiles, ctx.rows

@@ -42,6 +42,7 @@ from csaligner.kernels.chunked import (
     MIN_STRIP_ROWS,
     _as_tensor,
     _half_sq_norms,
+    autocast_off,
     compute_dtype,
     kernel_log_sum,
     kernel_term_grads,
@@ -92,6 +93,7 @@ class _ShardedInfoNCECS(torch.autograd.Function):
     """(InfoNCE, D_CS) from this rank's rows; see the module docstring."""
 
     @staticmethod
+    @autocast_off
     def forward(
         ctx: Any,
         x: Tensor,
@@ -119,33 +121,28 @@ class _ShardedInfoNCECS(torch.autograd.Function):
         dist.all_reduce(sums, group=group)
         info_nce = 0.5 * sums[0] / n + 0.5 * col_lse.mean() - sums[1]
         inv_s2 = 1.0 / float(sigma) ** 2
-        ux, uy = _half_sq_norms(xa, work) * -inv_s2, _half_sq_norms(ya, work) * -inv_s2
-        feats, sq = (xa, ya), (ux, uy)
-        offsets = [one_pass_offset(sq[i], sq[j], i == j) for i, j, _ in KERNEL_TERMS]  # the same on every rank
-        ctx.kept = None
-        if not with_cs:
-            log_z = torch.zeros(3, dtype=work, device=x.device)
-        elif eager and None not in offsets:
-            log_z, ctx.kept = _one_pass_kernel_terms(
-                strips, feats, sq, cast(list[float], offsets), inv_s2, ctx.needs_input_grad[5], group
-            )
-        else:
-            log_z = all_logsumexp(
-                torch.stack(
-                    [
-                        kernel_log_sum(backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, sym, rows, work)
-                        for i, j, r, c, sym, rows in _term_strips(strips, feats, group)
-                    ]
-                ),
-                group,
-            )
-        cs = sum(coef * lz for (_, _, coef), lz in zip(KERNEL_TERMS, log_z, strict=True))
+        ctx.kept, ctx.offsets = None, None
+        ux = uy = log_z = torch.zeros(0, dtype=work, device=x.device)
+        cs = torch.zeros((), dtype=work, device=x.device)
+        if with_cs:
+            ux, uy = _half_sq_norms(xa, work) * -inv_s2, _half_sq_norms(ya, work) * -inv_s2
+            sq = (ux, uy)
+            offsets = [one_pass_offset(sq[i], sq[j], i == j) for i, j, _ in KERNEL_TERMS]  # the same on every rank
+            ctx.offsets = None if None in offsets else cast(list[float], offsets)
+            if eager and ctx.offsets is not None:
+                log_z, ctx.kept = _one_pass_kernel_terms(
+                    strips, (xa, ya), sq, ctx.offsets, inv_s2, ctx.needs_input_grad[5], group
+                )
+            else:
+                log_z = _kernel_log_sums(strips, (xa, ya), sq, inv_s2, group)
+            cs = sum(coef * lz for (_, _, coef), lz in zip(KERNEL_TERMS, log_z, strict=True))
         ctx.save_for_backward(x, y, xa, ya, pos_row, pos_w, row_lse, col_lse, ux, uy, log_z)
         ctx.scale, ctx.inv_s2, ctx.sigma = s, inv_s2, float(sigma)
         ctx.strips, ctx.with_cs, ctx.group = strips, with_cs, group
         return info_nce, cs
 
     @staticmethod
+    @autocast_off
     def backward(ctx: Any, g_nce: Tensor, g_cs: Tensor) -> tuple[Tensor | None, ...]:
         x, y, xa, ya, pos_row, pos_w, row_lse, col_lse, ux, uy, log_z = ctx.saved_tensors
         s, inv_s2, strips, group = ctx.scale, ctx.inv_s2, ctx.strips, ctx.group
@@ -161,31 +158,32 @@ class _ShardedInfoNCECS(torch.autograd.Function):
         d_scale = nce_row_grads(
             strips.backend, x, y, s, row_lse, col_lse, weights, pos_row, want_scale, lo, hi, rows, dx, dy
         )
-        if ctx.kept is not None:  # built by the forward pass (not modified: a second backward gets the same)
-            dxa, dya, d_sigma = (t * gc for t in ctx.kept)
-        else:
-            dxa = torch.zeros(xa.shape, dtype=work, device=x.device)
-            dya = torch.zeros(ya.shape, dtype=work, device=x.device)
-            d_sigma = torch.zeros((), dtype=work, device=x.device)
-        if ctx.kept is None and ctx.with_cs:
-            feats, sq, grads = (xa, ya), (ux, uy), (dxa, dya)
-            terms = zip(_term_strips(strips, feats, group), KERNEL_TERMS, log_z.tolist(), strict=True)
-            for (i, j, r, c, sym, rows), (_, _, coef), lz in terms:
-                da, db, dot, _ = kernel_term_grads(
-                    strips.backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, lz,
-                    coef * gc * (2.0 if sym else 1.0), sym, want_sigma, False, rows, work,
-                )  # fmt: skip
-                _add_term_grads(grads, i, j, r, c, da, db)
-                d_sigma += dot
+        dxa: Tensor | None = None
+        dya: Tensor | None = None
+        d_sigma = torch.zeros((), dtype=work, device=x.device)
+        if ctx.with_cs:
+            if ctx.kept is not None:  # built by the forward pass; taken and scaled in place
+                (dxa, dya, d_sigma), ctx.kept = ctx.kept, None
+            elif ctx.offsets is not None:  # the forward's computation again: a retained graph's next backward
+                _, (dxa, dya, d_sigma) = _one_pass_kernel_terms(
+                    strips, (xa, ya), (ux, uy), ctx.offsets, inv_s2, want_sigma, group
+                )
+            else:
+                dxa, dya, d_sigma = _recomputed_kernel_terms(
+                    strips, (xa, ya), (ux, uy), log_z, inv_s2, want_sigma, group
+                )
+            dxa.mul_(gc * inv_s2 * world)
+            dya.mul_(gc * inv_s2 * world)
+            d_sigma = d_sigma * gc
         # This rank's share, times world_size (what all_gather_with_grad's all-reduce expects);
         # the scalars' gradients are summed over ranks, so every rank holds the full one.
         scalars = torch.stack([d_scale / s, d_sigma * (-2.0 / ctx.sigma)])  # dl/dsigma = -2 l / sigma
         dist.all_reduce(scalars, group=group)
         return (
-            (dx * world).to(x.dtype),
-            (dy * (s * world)).to(y.dtype),
-            (dxa * (inv_s2 * world)).to(xa.dtype),
-            (dya * (inv_s2 * world)).to(ya.dtype),
+            dx.mul_(world).to(x.dtype),
+            dy.mul_(s * world).to(y.dtype),
+            None if dxa is None else dxa.to(xa.dtype),
+            None if dya is None else dya.to(ya.dtype),
             scalars[0] if want_scale else None,
             scalars[1] if want_sigma else None,
             None,
@@ -215,6 +213,46 @@ def _term_strips(
         cols = slice(a0, None) if sym else slice(None)
         out.append((i, j, slice(a0, a1), cols, sym, _rows(strips, feats[i].shape[0], feats[j].shape[0])))
     return out
+
+
+def _kernel_log_sums(
+    strips: Strips, feats: tuple[Tensor, Tensor], sq: tuple[Tensor, Tensor], inv_s2: float, group: Any
+) -> Tensor:
+    """The three kernel terms' global log-sums (KERNEL_TERMS order) from this rank's strips."""
+    work = sq[0].dtype
+    parts = [
+        kernel_log_sum(strips.backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, sym, rows, work)
+        for i, j, r, c, sym, rows in _term_strips(strips, feats, group)
+    ]
+    return all_logsumexp(torch.stack(parts), group)
+
+
+def _recomputed_kernel_terms(
+    strips: Strips,
+    feats: tuple[Tensor, Tensor],
+    sq: tuple[Tensor, Tensor],
+    log_z: Tensor,
+    inv_s2: float,
+    want_sigma: bool,
+    group: Any,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """As `_one_pass_kernel_terms`'s gradients, with the global log-sums known: weights
+    exp(l - log-sum), for a cross term whose logits span more than 80 nats (no offset known ahead)."""
+    work = sq[0].dtype
+    grads = (
+        torch.zeros(feats[0].shape, dtype=work, device=sq[0].device),
+        torch.zeros(feats[1].shape, dtype=work, device=sq[0].device),
+    )
+    d_sigma = torch.zeros((), dtype=work, device=sq[0].device)
+    terms = zip(_term_strips(strips, feats, group), KERNEL_TERMS, log_z.tolist(), strict=True)
+    for (i, j, r, c, sym, rows), (_, _, coef), lz in terms:
+        da, db, dot, _ = kernel_term_grads(
+            strips.backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, lz, coef * (2.0 if sym else 1.0),
+            sym, want_sigma, False, rows, work,
+        )  # fmt: skip
+        _add_term_grads(grads, i, j, r, c, da, db)
+        d_sigma += dot
+    return grads[0], grads[1], d_sigma
 
 
 def _one_pass_kernel_terms(
@@ -307,8 +345,8 @@ def sharded_infonce_cs(
     pos_row, pos_w = positives(x.shape[0], y.shape[0], text_to_image, x.device, work)
     op = strips.operand or work
     xn, yn = (F.normalize(t.to(work), dim=-1).to(op).contiguous() for t in (x, y))
-    xa, ya = x_all.to(work), y_all.to(work)
-    if strips.center:  # D_CS is translation invariant; as in streamed_cs_divergence
+    xa, ya = (x_all.to(work), y_all.to(work)) if with_cs else (xn, yn)  # the latter unused
+    if with_cs and strips.center:  # D_CS is translation invariant; as in streamed_cs_divergence
         c = torch.cat([xa, ya]).mean(0).detach()
         xa, ya = xa - c, ya - c
     scale = 1.0 / _as_tensor(temperature, work, x.device)
