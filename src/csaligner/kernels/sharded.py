@@ -130,8 +130,8 @@ class _ShardedInfoNCECS(torch.autograd.Function):
             offsets = [one_pass_offset(sq[i], sq[j], i == j) for i, j, _ in KERNEL_TERMS]  # the same on every rank
             ctx.offsets = None if None in offsets else cast(list[float], offsets)
             if eager and ctx.offsets is not None:
-                log_z, ctx.kept = _one_pass_kernel_terms(
-                    strips, (xa, ya), sq, ctx.offsets, inv_s2, ctx.needs_input_grad[5], group
+                log_z, ctx.kept = _kernel_term_grads(
+                    strips, (xa, ya), sq, inv_s2, ctx.needs_input_grad[5], group, offsets=ctx.offsets
                 )
             else:
                 log_z = _kernel_log_sums(strips, (xa, ya), sq, inv_s2, group)
@@ -164,13 +164,9 @@ class _ShardedInfoNCECS(torch.autograd.Function):
         if ctx.with_cs:
             if ctx.kept is not None:  # built by the forward pass; taken and scaled in place
                 (dxa, dya, d_sigma), ctx.kept = ctx.kept, None
-            elif ctx.offsets is not None:  # the forward's computation again: a retained graph's next backward
-                _, (dxa, dya, d_sigma) = _one_pass_kernel_terms(
-                    strips, (xa, ya), (ux, uy), ctx.offsets, inv_s2, want_sigma, group
-                )
-            else:
-                dxa, dya, d_sigma = _recomputed_kernel_terms(
-                    strips, (xa, ya), (ux, uy), log_z, inv_s2, want_sigma, group
+            else:  # with the forward's offsets when known: a retained graph's next backward gives the same bits
+                _, (dxa, dya, d_sigma) = _kernel_term_grads(
+                    strips, (xa, ya), (ux, uy), inv_s2, want_sigma, group, ctx.offsets, None if ctx.offsets else log_z
                 )
             dxa.mul_(gc * inv_s2 * world)
             dya.mul_(gc * inv_s2 * world)
@@ -227,50 +223,24 @@ def _kernel_log_sums(
     return all_logsumexp(torch.stack(parts), group)
 
 
-def _recomputed_kernel_terms(
+def _kernel_term_grads(
     strips: Strips,
     feats: tuple[Tensor, Tensor],
     sq: tuple[Tensor, Tensor],
-    log_z: Tensor,
     inv_s2: float,
     want_sigma: bool,
     group: Any,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """As `_one_pass_kernel_terms`'s gradients, with the global log-sums known: weights
-    exp(l - log-sum), for a cross term whose logits span more than 80 nats (no offset known ahead)."""
-    work = sq[0].dtype
-    grads = (
-        torch.zeros(feats[0].shape, dtype=work, device=sq[0].device),
-        torch.zeros(feats[1].shape, dtype=work, device=sq[0].device),
-    )
-    d_sigma = torch.zeros((), dtype=work, device=sq[0].device)
-    terms = zip(_term_strips(strips, feats, group), KERNEL_TERMS, log_z.tolist(), strict=True)
-    for (i, j, r, c, sym, rows), (_, _, coef), lz in terms:
-        da, db, dot, _ = kernel_term_grads(
-            strips.backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, lz, coef * (2.0 if sym else 1.0),
-            sym, want_sigma, False, rows, work,
-        )  # fmt: skip
-        _add_term_grads(grads, i, j, r, c, da, db)
-        d_sigma += dot
-    return grads[0], grads[1], d_sigma
-
-
-def _one_pass_kernel_terms(
-    strips: Strips,
-    feats: tuple[Tensor, Tensor],
-    sq: tuple[Tensor, Tensor],
-    offsets: list[float],
-    inv_s2: float,
-    want_sigma: bool,
-    group: Any,
+    offsets: list[float] | None = None,
+    log_z: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """The three kernel terms' global log-sums, and this rank's share of dD_CS/d(x_all, y_all)
     (without the 1/sigma^2 and the upstream gradient) and of sum(softmax * l) for sigma.
 
-    As `chunked._LogMeanKernel`'s one-pass forward: weights exp(l - offset) with offsets known on
-    every rank; each term's local sum is all-reduced as soon as it is built (two scalar all-reduces
-    per term), so its kept gradient can be weighted by its coefficient times exp(offset - log-sum)
-    and folded into the pools' buffers at once, holding one term's buffers at a time.
+    Give `offsets` (known on every rank: the one pass of `chunked._LogMeanKernel`) or `log_z` (the
+    global log-sums, for a cross term whose logits span more than 80 nats). Weights are
+    exp(l - offset); with offsets each term's local sum is all-reduced as soon as it is built (two
+    scalar all-reduces per term). Each term's gradient is then weighted by its coefficient times
+    exp(offset - log-sum) and folded into the pools' buffers at once, one term's buffers at a time.
     """
     work = sq[0].dtype
     grads = (
@@ -278,20 +248,21 @@ def _one_pass_kernel_terms(
         torch.zeros(feats[1].shape, dtype=work, device=sq[0].device),
     )
     d_sigma = torch.zeros((), dtype=work, device=sq[0].device)
-    log_z = []
-    for (i, j, r, c, sym, rows), (_, _, coef), off in zip(
-        _term_strips(strips, feats, group), KERNEL_TERMS, offsets, strict=True
-    ):
+    sums = []
+    terms = zip(_term_strips(strips, feats, group), KERNEL_TERMS, strict=True)
+    for k, ((i, j, r, c, sym, rows), (_, _, coef)) in enumerate(terms):
+        off = float(log_z[k]) if log_z is not None else cast(list[float], offsets)[k]
         da, db, dot, total = kernel_term_grads(
-            strips.backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, off, 1.0, sym, want_sigma, True,
-            rows, work,
+            strips.backend, feats[i][r], feats[j][c], sq[i][r], sq[j][c], inv_s2, off, 1.0, sym, want_sigma,
+            log_z is None, rows, work,
         )  # fmt: skip
-        lz = all_logsumexp(total.log() + off + (LOG2 if sym else 0.0), group)  # symmetric strips: half the pairs
-        f = coef * math.exp(off - float(lz)) * (2.0 if sym else 1.0)  # symmetric: W + W^T
+        # symmetric strips: half the pairs (+ log 2) and W + W^T in the gradient (x 2)
+        lz = log_z[k] if log_z is not None else all_logsumexp(total.log() + off + (LOG2 if sym else 0.0), group)
+        f = coef * math.exp(off - float(lz)) * (2.0 if sym else 1.0)
         _add_term_grads(grads, i, j, r, c, da.mul_(f), None if db is None else db.mul_(f))
         d_sigma += dot * f
-        log_z.append(lz)
-    return torch.stack(log_z), (grads[0], grads[1], d_sigma)
+        sums.append(lz)
+    return torch.stack(sums), (grads[0], grads[1], d_sigma)
 
 
 def _add_term_grads(
