@@ -1,10 +1,12 @@
-"""Tile configurations of the fused Triton loss, timed against each other in one run (CUDA).
+"""Tile, loading and grid settings of the fused Triton loss, timed against each other in one run (CUDA).
 
-    python benchmarks/tune_tiles.py --n 32768 --dim 1024
+    python benchmarks/tune_tiles.py --n 65536 --dim 1024 --profile
 
 Each row is one pair of `TritonStrips` settings (the X Y^T kernels, then the symmetric ones):
 forward and forward + backward of InfoNCE + 0.01 D_CS through `fused_infonce_cs`, mean of
---repeats calls after one warm-up (which also compiles), and the ratio to the first (default) row.
+--repeats calls after one warm-up (which also compiles), and the ratio to the first row.
+With --profile, one more step per row runs under torch.profiler and the CUDA time of each Triton
+kernel (and of all cuBLAS GEMMs together) is printed below the table.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,24 +28,61 @@ from csaligner.kernels.chunked import strip_rows
 from csaligner.kernels.fused import fused_infonce_cs
 from csaligner.kernels.triton_kernels import TritonStrips
 
-SETTINGS = [  # (X Y^T tiles, X X^T / Y Y^T tiles) as (block_m, block_n, block_k, num_warps, num_stages)
-    ((128, 128, 64, 8, 3), (128, 128, 64, 8, 3)),  # the previous default
-    ((128, 64, 64, 4, 4), (128, 128, 64, 8, 3)),
-    ((128, 64, 64, 4, 3), (128, 128, 64, 8, 4)),
-    ((128, 64, 64, 4, 4), (128, 128, 64, 8, 4)),
-    ((64, 128, 64, 4, 4), (128, 128, 64, 8, 4)),
-    ((128, 64, 32, 4, 5), (128, 128, 64, 8, 4)),
+BASE = TritonStrips(128, 128, 64, 8, 8, 3, tma=False, programs_per_sm=0)  # the tiles of earlier sessions
+
+
+def parse_tiles(spec: str) -> TritonStrips:
+    """'128x128x64:w8:s3:tma:p1' -> block m x n x k, warps, stages, tensor descriptors, programs per SM."""
+    dims, *opts = spec.split(":")
+    bm, bn, bk = (int(v) for v in dims.split("x"))
+    t = replace(BASE, block_m=bm, block_n=bn, block_k=bk)
+    for o in opts:
+        if o == "tma":
+            t = replace(t, tma=True)
+        elif o[0] in "wsp":
+            field = {"w": "num_warps", "s": "num_stages", "p": "programs_per_sm"}[o[0]]
+            t = replace(t, **{field: int(o[1:])})
+        else:
+            raise ValueError(f"unknown tile option {o!r} in {spec!r}")
+    return t
+
+
+SETTINGS = [  # (X Y^T tiles, X X^T / Y Y^T tiles); the first is the reference row
+    ("128x128x64:w8:s3", "128x128x64:w8:s3"),
+    ("128x128x64:w8:s3:tma", "128x128x64:w8:s3:tma"),
+    ("128x128x64:w8:s4:tma:p1", "128x128x64:w8:s4:tma:p1"),
+    ("128x64x64:w4:s4:tma:p2", "128x128x64:w8:s4:tma:p1"),
+    ("256x128x64:w8:s3:tma:p1", "128x128x64:w8:s4:tma:p1"),
+    ("256x128x64:w16:s3:tma:p1", "128x128x64:w8:s4:tma:p1"),
+    ("128x256x64:w8:s3:tma:p1", "128x128x64:w8:s4:tma:p1"),
+    ("128x128x64:w8:s4:tma:p2", "128x128x64:w8:s4:tma:p2"),
+    ("256x64x64:w8:s4:tma:p1", "128x128x64:w8:s3:tma"),
+    ("128x64x64:w4:s3:tma", "128x128x64:w8:s3:tma:p1"),
 ]
 
 
-def timed(fn: object, repeats: int) -> float:
-    fn()  # type: ignore[operator]
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
-        fn()  # type: ignore[operator]
+        fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3 / repeats
+
+
+def kernel_times(step: Callable[[], None]) -> dict[str, float]:
+    """CUDA ms per Triton kernel name, cuBLAS GEMMs summed as 'gemm', the rest as 'other'."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    out: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        ms = ev.self_device_time_total / 1e3
+        name = ev.key
+        key = name if name.startswith("_") else "gemm" if ("nvjet" in name or "gemm" in name) else "other"
+        out[key] += ms
+    return dict(out)
 
 
 def main() -> None:
@@ -48,18 +90,31 @@ def main() -> None:
     p.add_argument("--n", type=int, default=32768)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", default=None, help="comma list of setting numbers (1-based) to run")
+    p.add_argument(
+        "--spec",
+        action="append",
+        default=[],
+        help="extra 'PAIR;SYM' setting, e.g. 128x64x64:w4:s4:tma:p2;128x128x64:w8:s4:tma:p1",
+    )
+    p.add_argument("--profile", action="store_true")
     a = p.parse_args()
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(a.n, a.dim, generator=g), dim=-1).cuda().bfloat16().requires_grad_()
     y = F.normalize(x.detach().float().cpu() + 0.5 * torch.randn(a.n, a.dim, generator=g), dim=-1)
     y = y.cuda().bfloat16().requires_grad_()
     print(f"N = {a.n}, D = {a.dim}, bf16, {torch.cuda.get_device_name()}")
-    print("| pair tiles (m, n, k, warps, stages) | symmetric tiles | forward ms | fwd + bwd ms | vs default |")
-    print("|---|---|---:|---:|---:|")
+    print("| # | setting | forward ms | fwd + bwd ms | vs first |")
+    print("|---:|---|---:|---:|---:|")
+    chosen = {int(i) for i in a.only.split(",")} if a.only else None
     first = None
-    for pair_cfg, sym_cfg in SETTINGS:
-        (pm, pn, pk, pw, ps), (sm, sn, sk, sw, ss) = pair_cfg, sym_cfg
-        pair, sym = TritonStrips(pm, pn, pk, 8, pw, ps), TritonStrips(sm, sn, sk, 8, sw, ss)
+    profiles = {}
+    settings = SETTINGS + [tuple(s.split(";")) for s in a.spec]
+    for i, (pair_spec, sym_spec) in enumerate(settings, start=1):
+        if chosen and i not in chosen:
+            continue
+        name = f"{pair_spec} / {sym_spec}"
+        pair, sym = parse_tiles(pair_spec), parse_tiles(sym_spec)
         rows = strip_rows(a.n, a.n, TRITON_STRIP_BYTES // 2, max(pair.block_m, sym.block_m))
 
         def forward() -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,16 +124,20 @@ def main() -> None:
             nce, cs = forward()
             (nce + 0.01 * cs).backward()
 
-        label = " | ".join(f"{t.block_m}, {t.block_n}, {t.block_k}, {t.num_warps}, {t.num_stages}" for t in (pair, sym))
         try:
             with torch.no_grad():
                 fwd = timed(forward, a.repeats)
             both = timed(step, a.repeats)
+            if a.profile:
+                profiles[i] = kernel_times(step)
         except Exception as err:  # a setting that does not fit (shared memory, registers)
-            print(f"| {label} | {type(err).__name__}: {str(err)[:60]} | | |")
+            print(f"| {i} | {name} | {type(err).__name__}: {str(err)[:80]} | | |")
             continue
         first = first or both
-        print(f"| {label} | {fwd:.1f} | {both:.1f} | {both / first:.2f}x |")
+        print(f"| {i} | {name} | {fwd:.1f} | {both:.1f} | {both / first:.2f}x |", flush=True)
+    for i, times in profiles.items():
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1]))
+        print(f"setting {i} kernel ms: {parts}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ and below 1 / MAX_ONE_EXP_SCALE), several captions per image, features that are 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips witho
 
 # isort: split
 
-from csaligner.kernels import fused, infonce_cs_terms
+from csaligner.kernels import fused, infonce_cs_terms, streamed_cs_divergence, streamed_info_nce
 from csaligner.kernels.chunked import mm_accumulate
 from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs
 from csaligner.kernels.triton_kernels import TritonStrips
@@ -167,3 +169,53 @@ def test_gpu_fused_matches_dense_at_moderate_size(dtype: torch.dtype) -> None:
     got_g = torch.autograd.grad(got["infonce"] + 0.01 * got["cs"], [x, y])
     want_g = torch.autograd.grad(want["infonce"] + 0.01 * want["cs"], [x, y])
     assert_grads_close(list(got_g), list(want_g), rtol=1e-3 if dtype == torch.float32 else 3e-2)
+
+
+# Operand loading (tensor descriptors or pointers) and grid (a program per tile, or a persistent
+# grid of a few programs looping over tiles) must not change a bit of the result's meaning.
+VARIANTS = [
+    replace(SMALL, tma=False, programs_per_sm=0),
+    replace(SMALL, tma=True, programs_per_sm=0),
+    replace(SMALL, tma=True, programs_per_sm=1),
+    replace(SMALL, tma=False, programs_per_sm=3),
+]
+
+
+@pytest.mark.parametrize("tiles", VARIANTS, ids=lambda t: f"tma{int(t.tma)}-pps{t.programs_per_sm}")
+def test_loading_and_grid_variants_match_dense(tiles: TritonStrips) -> None:
+    x, y = feats(45, 16), feats(38, 16, shift=0.3)
+    t2i = torch.cat([torch.arange(38), torch.randint(0, 38, (7,))]).to(DEVICE)[:38]
+    s = torch.tensor(0.4, device=DEVICE, requires_grad=True)
+    nce, cs = fused_infonce_cs(x[:38], y, 0.05, s, t2i, tiles=tiles, chunk_size=32)
+    w_nce, w_cs = dense_pair(x[:38], y, 0.05, s, t2i)
+    assert float(nce) == pytest.approx(float(w_nce), rel=1e-5)
+    assert float(cs) == pytest.approx(float(w_cs), rel=1e-5, abs=1e-6)
+    inputs = [x, y, s]
+    got = torch.autograd.grad(nce + 0.3 * cs, inputs)
+    want = torch.autograd.grad(w_nce + 0.3 * w_cs, inputs)
+    assert_grads_close(list(got), list(want), rtol=1e-4)
+    # The separate strips (unequal pools, InfoNCE alone) through the same variant.
+    xa = torch.cat([x, feats(9, 16)])
+    got_s = streamed_cs_divergence(xa, y, s, backend=tiles, chunk_size=16) + streamed_info_nce(
+        x[:38], y, 0.05, t2i, backend=tiles, chunk_size=16
+    )
+    want_s = cs_divergence(xa, y, s) + info_nce(x[:38], y, 0.05, t2i)
+    assert float(got_s) == pytest.approx(float(want_s), rel=1e-5)
+    assert_grads_close(list(torch.autograd.grad(got_s, inputs)), list(torch.autograd.grad(want_s, inputs)), rtol=1e-4)
+
+
+def test_persistent_grid_has_fewer_programs_than_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The persistent variant really loops: record the launch grids of one call."""
+    grids: list[int] = []
+    original = TritonStrips._launch
+
+    def spy(self: TritonStrips, kernel: object, a: Tensor, b: Tensor, *args: object, **meta: object) -> None:
+        n_tm, n_tn = self._tiles(a, b)
+        grids.append(min(n_tm * n_tn, self.programs_per_sm * 2) if self.programs_per_sm else n_tm * n_tn)
+        original(self, kernel, a, b, *args, **meta)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TritonStrips, "_launch", spy)
+    x, y = feats(45, 16), feats(45, 16, shift=0.3)
+    nce, cs = fused_infonce_cs(x, y, 0.05, 0.4, tiles=VARIANTS[2], chunk_size=48)
+    (nce + cs).backward()
+    assert grids and max(grids) == 2  # 3 x 3 tiles per strip, 2 programs on the interpreter

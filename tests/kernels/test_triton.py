@@ -97,7 +97,7 @@ def test_dispatch_triton_default_tiles_equals_dense() -> None:
 
 @triton.jit
 def _coords_kernel(OUT, n_tm, n_tn, GROUP_M: tl.constexpr):
-    tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
+    tm, tn = _tile_coords(tl.program_id(0), n_tm, n_tn, GROUP_M)
     tl.store(OUT + tl.program_id(0) * 2, tm)
     tl.store(OUT + tl.program_id(0) * 2 + 1, tn)
 

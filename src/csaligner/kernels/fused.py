@@ -55,11 +55,13 @@ nats of each other, so one exp per logit with a shared offset stays inside float
 
 @triton.jit
 def _pair_logits(
-    X, Y, RHO, KAPPA, U, V, rows, cols, n_a, n_b, dim, scale, inv_s2,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    X, Y, RHO, KAPPA, U, V, tm, tn, n_a, n_b, dim, scale, inv_s2,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """InfoNCE logits s * rho_i kappa_j x_i.y_j and kernel logits min(0, x.y / sigma^2 + u_i + v_j)."""
-    dot = _dot_tile(X, Y, rows, cols, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST)
+    rows = tm * BM + tl.arange(0, BM)
+    cols = tn * BN + tl.arange(0, BN)
+    dot = _dot_tile(X, Y, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA)
     rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0) * scale
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
     u = tl.load(U + rows, mask=rows < n_a, other=0.0)
@@ -68,20 +70,25 @@ def _pair_logits(
 
 
 @triton.jit
-def _pair_lse_kernel(
+def _pair_lse_tile(
+    pid,
     X, Y, RHO, KAPPA, U, V, ROW_PART, COL_PART, K_PART,
     n_a, n_b, dim, scale, inv_s2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
+    ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr,
 ):  # fmt: skip
-    tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
+    tm, tn = _tile_coords(pid, n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
     logit, klogit = _pair_logits(
-        X, Y, RHO, KAPPA, U, V, rows, cols, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST
+        X, Y, RHO, KAPPA, U, V, tm, tn, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST, TMA
     )
-    if (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: mask the padding (interior tiles skip this)
-        valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+    if BRANCHLESS:  # noqa: SIM114 (persistent loop body: mask everywhere rather than branch)
+        logit = tl.where(valid, logit, float("-inf"))
+        klogit = tl.where(valid, klogit, float("-inf"))
+    elif (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: mask the padding (interior tiles skip this)
         logit = tl.where(valid, logit, float("-inf"))
         klogit = tl.where(valid, klogit, float("-inf"))
     if ONE_EXP:  # |logit| <= scale <= 40 (unit vectors): one exp per logit, offset by the bound, no max
@@ -104,17 +111,36 @@ def _pair_lse_kernel(
 
 
 @triton.jit
-def _pair_grad_kernel(
+def _pair_lse_kernel(
+    X, Y, RHO, KAPPA, U, V, ROW_PART, COL_PART, K_PART,
+    n_a, n_b, dim, scale, inv_s2, n_tm, n_tn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
+    ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr,
+):  # fmt: skip
+    if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
+        for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
+            _pair_lse_tile(pid, X, Y, RHO, KAPPA, U, V, ROW_PART, COL_PART, K_PART, n_a, n_b, dim, scale, inv_s2,
+                n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, FLATTEN, ONE_EXP, K_BOUNDED)  # fmt: skip
+    else:
+        _pair_lse_tile(tl.program_id(0), X, Y, RHO, KAPPA, U, V, ROW_PART, COL_PART, K_PART, n_a, n_b, dim, scale,
+            inv_s2, n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, FLATTEN, ONE_EXP, K_BOUNDED)  # fmt: skip
+
+
+@triton.jit
+def _pair_grad_tile(
+    pid,
     X, Y, RHO, KAPPA, U, V, ROW_LSE, COL_LSE, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
     n_a, n_b, dim, scale, inv_s2, log_z, g_k, w_row, w_col, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr,
 ):  # fmt: skip
-    tm, tn = _tile_coords(n_tm, n_tn, GROUP_M)
+    tm, tn = _tile_coords(pid, n_tm, n_tn, GROUP_M)
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
     logit, klogit = _pair_logits(
-        X, Y, RHO, KAPPA, U, V, rows, cols, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST
+        X, Y, RHO, KAPPA, U, V, tm, tn, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST, TMA
     )
     r_lse = tl.load(ROW_LSE + rows, mask=rows < n_a, other=0.0)
     c_lse = tl.load(COL_LSE + cols, mask=cols < n_b, other=0.0)
@@ -123,14 +149,25 @@ def _pair_grad_kernel(
     else:
         g = w_row * tl.exp(logit - r_lse[:, None]) + w_col * tl.exp(logit - c_lse[None, :])
     pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
-    if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:  # tile holds positives
-        pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
-        g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)
     w = g_k * tl.exp(klogit - log_z)
-    if (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: zero the padding
-        valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
-        g = tl.where(valid, g, 0.0)
+    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
+    if BRANCHLESS:  # a persistent loop body without branches: fold positives and padding in everywhere
+        g = tl.where(
+            valid,
+            g
+            - tl.where(
+                rows[:, None] == pos_row[None, :], tl.load(POS_W + cols, mask=cols < n_b, other=0.0)[None, :], 0.0
+            ),
+            0.0,
+        )
         w = tl.where(valid, w, 0.0)
+    else:
+        if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:  # tile holds positives
+            pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
+            g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)
+        if (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: zero the padding
+            g = tl.where(valid, g, 0.0)
+            w = tl.where(valid, w, 0.0)
     rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
     nce = g * (scale * rho)[:, None] * kappa[None, :]  # dL/d(x_i.y_j) from InfoNCE
@@ -145,6 +182,25 @@ def _pair_grad_kernel(
         tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, tl.sum(tl.sum(w * klogit, 1), 0))
     else:
         tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, 0.0)
+
+
+@triton.jit
+def _pair_grad_kernel(
+    X, Y, RHO, KAPPA, U, V, ROW_LSE, COL_LSE, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
+    n_a, n_b, dim, scale, inv_s2, log_z, g_k, w_row, w_col, n_tm, n_tn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr,
+):  # fmt: skip
+    if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
+        for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
+            _pair_grad_tile(pid, X, Y, RHO, KAPPA, U, V, ROW_LSE, COL_LSE, POS_ROW, POS_W, H, ROW_PART, COL_PART,
+                DOT_PART, n_a, n_b, dim, scale, inv_s2, log_z, g_k, w_row, w_col, n_tm, n_tn, BM, BN, BK, GROUP_M,
+                PREC, UPCAST, TMA, FLATTEN, ONE_EXP, WANT_SIGMA)  # fmt: skip
+    else:
+        _pair_grad_tile(tl.program_id(0), X, Y, RHO, KAPPA, U, V, ROW_LSE, COL_LSE, POS_ROW, POS_W, H, ROW_PART,
+            COL_PART, DOT_PART, n_a, n_b, dim, scale, inv_s2, log_z, g_k, w_row, w_col, n_tm, n_tn, BM, BN, BK,
+            GROUP_M, PREC, UPCAST, TMA, FLATTEN, ONE_EXP, WANT_SIGMA)  # fmt: skip
 
 
 class _PairedInfoNCECS(torch.autograd.Function):
