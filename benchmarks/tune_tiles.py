@@ -90,7 +90,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=32768)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--only", default=None, help="comma list of setting numbers (1-based) to run")
+    p.add_argument(
+        "--only", default=None, help="comma list of setting numbers (1-based) to run; --spec rows always run"
+    )
     p.add_argument(
         "--spec",
         action="append",
@@ -111,7 +113,7 @@ def main() -> None:
     profiles = {}
     settings = SETTINGS + [tuple(s.split(";")) for s in a.spec]
     for i, (pair_spec, sym_spec) in enumerate(settings, start=1):
-        if chosen and i not in chosen:
+        if chosen and i not in chosen and i <= len(SETTINGS):
             continue
         name = f"{pair_spec} / {sym_spec}"
         pair, sym = parse_tiles(pair_spec), parse_tiles(sym_spec)

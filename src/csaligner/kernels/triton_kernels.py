@@ -350,13 +350,17 @@ class TritonStrips:
     def _launch(self, kernel: triton.JITFunction, a: Tensor, b: Tensor, *args: object, **meta: object) -> None:
         n_tm, n_tn = self._tiles(a, b)
         half = a.dtype in (torch.bfloat16, torch.float16)
-        tma = self.tma and _tma_ok(a) and _tma_ok(b)
+        # Float32 operands (exact "ieee" dots on CUDA cores) keep pointer loads and a program per tile:
+        # with descriptors and the persistent loop they ran 15x slower on an H100 (docs/BENCHMARKS.md).
+        fast = half or INTERPRETING
+        tma = fast and self.tma and _tma_ok(a) and _tma_ok(b)
+        per_sm = self.programs_per_sm if fast else 0
         if tma:  # descriptors of the (BM, BK) / (BN, BK) blocks the K loop reads
             a_op, b_op = _descriptor(a, self.block_m, self.block_k), _descriptor(b, self.block_n, self.block_k)
         else:
             a_op, b_op = a, b
         n_tiles = n_tm * n_tn
-        programs = min(n_tiles, self.programs_per_sm * _multiprocessors(a.device)) if self.programs_per_sm else n_tiles
+        programs = min(n_tiles, per_sm * _multiprocessors(a.device)) if per_sm else n_tiles
         kernel[(programs,)](
             a_op,
             b_op,
@@ -374,7 +378,7 @@ class TritonStrips:
             PREC="tf32" if half else "ieee",
             UPCAST=INTERPRETING and half,
             TMA=tma,
-            FLATTEN=bool(self.programs_per_sm),
+            FLATTEN=bool(per_sm),
             num_warps=self.num_warps,
             num_stages=self.num_stages or (4 if half else 3),
             **meta,
