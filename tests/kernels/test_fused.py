@@ -20,7 +20,7 @@ from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips witho
 from csaligner.kernels import fused, infonce_cs_terms, streamed_cs_divergence, streamed_info_nce
 from csaligner.kernels.chunked import mm_accumulate
 from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs
-from csaligner.kernels.triton_kernels import TritonStrips
+from csaligner.kernels.triton_kernels import TritonStrips, _multiprocessors
 from csaligner.losses import cs_divergence, info_nce
 
 
@@ -177,17 +177,18 @@ VARIANTS = [
     replace(SMALL, tma=False, programs_per_sm=0),
     replace(SMALL, tma=True, programs_per_sm=0),
     replace(SMALL, tma=True, programs_per_sm=1),
-    replace(SMALL, tma=False, programs_per_sm=3),
+    replace(SMALL, tma=False, programs_per_sm=1),
 ]
 
 
 @pytest.mark.parametrize("tiles", VARIANTS, ids=lambda t: f"tma{int(t.tma)}-pps{t.programs_per_sm}")
 def test_loading_and_grid_variants_match_dense(tiles: TritonStrips) -> None:
     x, y = feats(45, 16), feats(38, 16, shift=0.3)
-    t2i = torch.cat([torch.arange(38), torch.randint(0, 38, (7,))]).to(DEVICE)[:38]
+    # 31 images, 38 texts: every image has a caption, 7 images have a second one (off the diagonal).
+    t2i = torch.cat([torch.arange(31), torch.randint(0, 31, (7,))]).to(DEVICE)
     s = torch.tensor(0.4, device=DEVICE, requires_grad=True)
-    nce, cs = fused_infonce_cs(x[:38], y, 0.05, s, t2i, tiles=tiles, chunk_size=32)
-    w_nce, w_cs = dense_pair(x[:38], y, 0.05, s, t2i)
+    nce, cs = fused_infonce_cs(x[:31], y, 0.05, s, t2i, tiles=tiles, chunk_size=32)
+    w_nce, w_cs = dense_pair(x[:31], y, 0.05, s, t2i)
     assert float(nce) == pytest.approx(float(w_nce), rel=1e-5)
     assert float(cs) == pytest.approx(float(w_cs), rel=1e-5, abs=1e-6)
     inputs = [x, y, s]
@@ -197,25 +198,56 @@ def test_loading_and_grid_variants_match_dense(tiles: TritonStrips) -> None:
     # The separate strips (unequal pools, InfoNCE alone) through the same variant.
     xa = torch.cat([x, feats(9, 16)])
     got_s = streamed_cs_divergence(xa, y, s, backend=tiles, chunk_size=16) + streamed_info_nce(
-        x[:38], y, 0.05, t2i, backend=tiles, chunk_size=16
+        x[:31], y, 0.05, t2i, backend=tiles, chunk_size=16
     )
-    want_s = cs_divergence(xa, y, s) + info_nce(x[:38], y, 0.05, t2i)
+    want_s = cs_divergence(xa, y, s) + info_nce(x[:31], y, 0.05, t2i)
     assert float(got_s) == pytest.approx(float(want_s), rel=1e-5)
     assert_grads_close(list(torch.autograd.grad(got_s, inputs)), list(torch.autograd.grad(want_s, inputs)), rtol=1e-4)
 
 
 def test_persistent_grid_has_fewer_programs_than_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The persistent variant really loops: record the launch grids of one call."""
-    grids: list[int] = []
-    original = TritonStrips._launch
+    """The persistent variants really loop: record the grids that `_launch` takes from `_grid`."""
+    grids: list[tuple[int, int, bool, bool]] = []
+    original = TritonStrips._grid
 
-    def spy(self: TritonStrips, kernel: object, a: Tensor, b: Tensor, *args: object, **meta: object) -> None:
-        n_tm, n_tn = self._tiles(a, b)
-        grids.append(min(n_tm * n_tn, self.programs_per_sm * 2) if self.programs_per_sm else n_tm * n_tn)
-        original(self, kernel, a, b, *args, **meta)  # type: ignore[arg-type]
+    def spy(self: TritonStrips, n_tiles: int, a: Tensor, b: Tensor) -> tuple[int, bool, bool]:
+        out = original(self, n_tiles, a, b)
+        grids.append((n_tiles, *out))
+        return out
 
-    monkeypatch.setattr(TritonStrips, "_launch", spy)
-    x, y = feats(45, 16), feats(45, 16, shift=0.3)
-    nce, cs = fused_infonce_cs(x, y, 0.05, 0.4, tiles=VARIANTS[2], chunk_size=48)
-    (nce + cs).backward()
-    assert grids and max(grids) == 2  # 3 x 3 tiles per strip, 2 programs on the interpreter
+    monkeypatch.setattr(TritonStrips, "_grid", spy)
+    dtype = torch.bfloat16 if CUDA else torch.float32  # on CUDA float32 keeps a program per tile
+    x, y = feats(45, 16, dtype), feats(45, 16, dtype, shift=0.3)
+    sms = _multiprocessors(x.device)
+    has_tma = not CUDA or torch.cuda.get_device_capability()[0] >= 9
+    for tiles in VARIANTS:
+        grids.clear()
+        nce, cs = fused_infonce_cs(x, y, 0.05, 0.4, tiles=tiles, chunk_size=48)
+        (nce + cs).backward()
+        assert grids
+        for n_tiles, programs, tma, persistent in grids:
+            assert tma == (tiles.tma and has_tma)
+            assert persistent == (tiles.programs_per_sm > 0)
+            assert programs == (min(n_tiles, tiles.programs_per_sm * sms) if persistent else n_tiles)
+        if tiles.programs_per_sm and not CUDA:
+            assert max(n for n, *_ in grids) > tiles.programs_per_sm * sms  # more tiles than programs: it loops
+    if CUDA:  # float32 operands: pointer loads, a program per tile, whatever the settings
+        grids.clear()
+        fused_infonce_cs(x.float(), y.float(), 0.05, 0.4, tiles=VARIANTS[2], chunk_size=48)
+        assert grids and all(not tma and not persistent and p == n for n, p, tma, persistent in grids)
+
+
+def test_tile_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="programs_per_sm"):
+        replace(SMALL, programs_per_sm=-1)
+    with pytest.raises(ValueError, match="num_stages"):
+        replace(SMALL, num_stages=0)
+
+
+def test_symmetric_strips_must_start_on_tile_rows() -> None:
+    """A strip boundary inside a tile would halve pairs whose mirror tile is never visited."""
+    x, y = feats(45, 16), feats(38, 16, shift=0.3)
+    with pytest.raises(ValueError, match="multiple of the backend's tile rows"):
+        streamed_cs_divergence(x, y, 0.5, backend=SMALL, chunk_size=24)
+    got = streamed_cs_divergence(x, y, 0.5, backend=SMALL)  # default strips: rounded to tile rows
+    assert float(got) == pytest.approx(float(cs_divergence(x, y, 0.5)), rel=1e-5, abs=1e-6)

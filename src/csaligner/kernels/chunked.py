@@ -587,13 +587,21 @@ def streamed_log_mean_kernel(
     offset is known in advance (always for b None; for a vs b when the logits span <= 80 nats),
     which saves the backward pass's second sweep over the strips.
     """
+    backend = backend or TorchStrips()
     n_cols = a.shape[0] if b is None else b.shape[0]
-    rows = chunk_size or max(MIN_STRIP_ROWS, strip_rows(a.shape[0], n_cols, DEFAULT_STRIP_ELEMENTS))
+    # The symmetric term weights whole diagonal tiles by 1/2: its strips must start on tile rows.
+    multiple = backend.symmetric_rows if b is None else 1
+    if chunk_size is not None and chunk_size % multiple:
+        raise ValueError(
+            f"chunk_size must be a multiple of the backend's tile rows ({multiple}) for a symmetric "
+            f"kernel term, got {chunk_size}"
+        )
+    rows = chunk_size or max(MIN_STRIP_ROWS, strip_rows(a.shape[0], n_cols, DEFAULT_STRIP_ELEMENTS, multiple))
     work = work or compute_dtype(a, a if b is None else b)
     sig = _as_tensor(sigma, work, a.device)
     eager = torch.is_grad_enabled() and (a.requires_grad or (b is not None and b.requires_grad))
     out: Tensor = _LogMeanKernel.apply(
-        a.contiguous(), None if b is None else b.contiguous(), sig, backend or TorchStrips(), rows, work, eager
+        a.contiguous(), None if b is None else b.contiguous(), sig, backend, rows, work, eager
     )
     return out
 

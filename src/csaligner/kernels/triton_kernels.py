@@ -1,7 +1,10 @@
 """Triton tile kernels for the strip backend of `csaligner.kernels.chunked` (CUDA, or the interpreter).
 
-Each kernel program owns one (BLOCK_M, BLOCK_N) tile of a strip's logits: it computes the tile's
-dot products with a K loop (fp32 accumulator, bf16/fp16 tensor cores for half inputs), and then
+Each kernel handles (BLOCK_M, BLOCK_N) tiles of a strip's logits, one tile per program or, with
+a persistent grid (`TritonStrips.programs_per_sm`), a few programs per multiprocessor that loop
+over the tiles. A tile's dot products come from a K loop (fp32 accumulator, bf16/fp16 tensor
+cores for half inputs; operand tiles read through tensor descriptors where the device has the
+bulk copy engine), and then
 
 * forward, InfoNCE: the tile's row and column log-sum-exp (max + sum of exp, i.e. one online step)
   go to small partial buffers (S x M/BLOCK_N and S/BLOCK_M x M), merged with `logsumexp`;
@@ -11,9 +14,10 @@ dot products with a K loop (fp32 accumulator, bf16/fp16 tensor cores for half in
   the temperature / bandwidth. cuBLAS then applies the strip with two matmuls (N x D gradients),
   which keeps any feature dimension D efficient without holding a (BLOCK_M, D) accumulator.
 
-The symmetric XX^T and YY^T terms launch only the tiles on or above the diagonal in effect: tiles
-below it get log-weight -inf, diagonal tiles -log 2 (see `StripBackend`). Programs are ordered in
-groups of GROUP_M tile rows so consecutive programs reuse the same column tiles from L2.
+The symmetric XX^T and YY^T terms compute only the tiles on or above the diagonal: tiles below
+it skip their dot products (zero weights, neutral partials), diagonal tiles are weighted 1/2
+(-log 2; see `StripBackend`). Tiles are ordered in groups of GROUP_M tile rows so consecutive
+programs reuse the same column tiles from L2.
 
 Import is lazy (only `impl="triton"` imports this module). With TRITON_INTERPRET=1 set before the
 first import, the kernels run on CPU tensors in Triton's interpreter, which is how the tests check
@@ -31,13 +35,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.3, as is tl.range(flatten=)
 
 from csaligner.kernels.chunked import KernelStrip
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # triton < 3.3: pointer loads only
-    TensorDescriptor = None
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -324,18 +324,24 @@ class TritonStrips:
     128 x 128 x 64 tiles take 64 KiB of shared memory per stage)."""
     tma: bool = True
     """Load operand tiles through tensor descriptors (the bulk copy engine) where the device has one
-    (compute capability >= 9) and the operands are 16-byte aligned; pointer loads otherwise."""
+    (compute capability >= 9) and the operands are 16-byte aligned; pointer loads otherwise.
+    Half operands only on CUDA: float32 always uses pointer loads there (see `_grid`)."""
     programs_per_sm: int = 1
     """0: one program per tile. k > 0: a persistent grid of k programs per multiprocessor, each
     looping over tiles, so that one tile's loads are issued while the previous tile's epilogue runs.
     Measured on an H100 at N = 65,536 (docs/BENCHMARKS.md): 1 with tensor descriptors and 4 stages
-    took the fused loss from 164.6 ms (pointers, a program per tile) to 144.3 ms."""
+    took the fused loss from 164.6 ms (pointers, a program per tile) to 144.3 ms. Half operands
+    only on CUDA: float32 always runs a program per tile there."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
+        if self.programs_per_sm < 0:
+            raise ValueError(f"programs_per_sm must be >= 0 (0: a program per tile), got {self.programs_per_sm}")
+        if self.num_stages is not None and self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1 or None (by dtype), got {self.num_stages}")
 
     @property
     def symmetric_rows(self) -> int:
@@ -347,20 +353,26 @@ class TritonStrips:
                 f"the symmetric XX^T / YY^T terms need square tiles, got block_m={self.block_m}, block_n={self.block_n}"
             )
 
+    def _grid(self, n_tiles: int, a: Tensor, b: Tensor) -> tuple[int, bool, bool]:
+        """(programs, tensor descriptors?, persistent?) of one launch over n_tiles tiles.
+
+        Float32 operands on CUDA (exact "ieee" dots on CUDA cores) keep pointer loads and a program
+        per tile: with descriptors and the persistent loop they ran 15x slower on an H100
+        (docs/BENCHMARKS.md). The interpreter runs every variant for every dtype (the tests)."""
+        fast = a.dtype in (torch.bfloat16, torch.float16) or INTERPRETING
+        tma = fast and self.tma and _tma_ok(a) and _tma_ok(b)
+        per_sm = self.programs_per_sm if fast else 0
+        programs = min(n_tiles, per_sm * _multiprocessors(a.device)) if per_sm else n_tiles
+        return programs, tma, per_sm > 0
+
     def _launch(self, kernel: triton.JITFunction, a: Tensor, b: Tensor, *args: object, **meta: object) -> None:
         n_tm, n_tn = self._tiles(a, b)
         half = a.dtype in (torch.bfloat16, torch.float16)
-        # Float32 operands (exact "ieee" dots on CUDA cores) keep pointer loads and a program per tile:
-        # with descriptors and the persistent loop they ran 15x slower on an H100 (docs/BENCHMARKS.md).
-        fast = half or INTERPRETING
-        tma = fast and self.tma and _tma_ok(a) and _tma_ok(b)
-        per_sm = self.programs_per_sm if fast else 0
+        programs, tma, persistent = self._grid(n_tm * n_tn, a, b)
         if tma:  # descriptors of the (BM, BK) / (BN, BK) blocks the K loop reads
             a_op, b_op = _descriptor(a, self.block_m, self.block_k), _descriptor(b, self.block_n, self.block_k)
         else:
             a_op, b_op = a, b
-        n_tiles = n_tm * n_tn
-        programs = min(n_tiles, per_sm * _multiprocessors(a.device)) if per_sm else n_tiles
         kernel[(programs,)](
             a_op,
             b_op,
@@ -378,9 +390,9 @@ class TritonStrips:
             PREC="tf32" if half else "ieee",
             UPCAST=INTERPRETING and half,
             TMA=tma,
-            FLATTEN=bool(per_sm),
+            FLATTEN=persistent,
             num_warps=self.num_warps,
-            num_stages=self.num_stages or (4 if half else 3),
+            num_stages=self.num_stages if self.num_stages is not None else (4 if half else 3),
             **meta,
         )
 
@@ -492,7 +504,7 @@ class TritonStrips:
 def _tma_ok(t: Tensor) -> bool:
     """Tensor descriptors need a device with the copy engine (or the interpreter), 16-byte aligned
     rows and base, and a unit inner stride."""
-    if TensorDescriptor is None or t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+    if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
         return False
     return INTERPRETING or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
 
@@ -503,7 +515,8 @@ def _descriptor(t: Tensor, rows: int, cols: int) -> object:
 
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 2 in the interpreter (to exercise the tile loop)."""
+    """Streaming multiprocessors of a CUDA device; 2 for any other (the interpreter: a persistent
+    grid of 2 programs per SM-multiple, so the tests exercise the tile loop)."""
     if device.type != "cuda":
         return 2
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
