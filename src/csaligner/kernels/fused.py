@@ -46,7 +46,7 @@ from csaligner.kernels.chunked import (
     mm_accumulate,
     positives,
 )
-from csaligner.kernels.triton_kernels import TritonStrips, _dot_tile, _lse, _tile_coords, strip_dtype
+from csaligner.kernels.triton_kernels import TritonStrips, _dot_tile, _lse, _tile_span, strip_dtype
 
 MAX_ONE_EXP_SCALE = MAX_BOUNDED_NATS / 2
 """Up to this InfoNCE scale (temperature >= 0.025) all logits of a tile lie within 2 * scale <= 80
@@ -78,9 +78,7 @@ def _pair_lse_tile(
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
     ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr,
 ):  # fmt: skip
-    tm, tn = _tile_coords(pid, n_tm, n_tn, GROUP_M)
-    rows = tm * BM + tl.arange(0, BM)
-    cols = tn * BN + tl.arange(0, BN)
+    tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     logit, klogit = _pair_logits(
         X, Y, RHO, KAPPA, U, V, tm, tn, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST, TMA
     )
@@ -136,9 +134,7 @@ def _pair_grad_tile(
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
     ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr,
 ):  # fmt: skip
-    tm, tn = _tile_coords(pid, n_tm, n_tn, GROUP_M)
-    rows = tm * BM + tl.arange(0, BM)
-    cols = tn * BN + tl.arange(0, BN)
+    tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     logit, klogit = _pair_logits(
         X, Y, RHO, KAPPA, U, V, tm, tn, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST, TMA
     )

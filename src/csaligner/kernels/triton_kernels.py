@@ -54,6 +54,13 @@ def _tile_coords(pid, n_tm, n_tn, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_span(pid, n_tm, n_tn, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile `pid`'s coordinates (grouped order) and its row and column indices."""
+    tm, tn = _tile_coords(pid, n_tm, n_tn, GROUP_M)
+    return tm, tn, tm * BM + tl.arange(0, BM), tn * BN + tl.arange(0, BN)
+
+
+@triton.jit
 def _dot_tile(
     A,
     B,
@@ -140,9 +147,7 @@ def _logits_lse_tile(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
 ):  # fmt: skip
-    tm, tn = _tile_coords(pid, n_tm, n_tn, GROUP_M)
-    rows = tm * BM + tl.arange(0, BM)
-    cols = tn * BN + tl.arange(0, BN)
+    tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     logit = _dot_tile(A, B, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA) * scale
     logit = tl.where((rows[:, None] < n_a) & (cols[None, :] < n_b), logit, float("-inf"))
     tl.store(ROW_PART + tn * n_a + rows, _lse(logit, 1), mask=rows < n_a)
@@ -171,9 +176,7 @@ def _logits_grad_tile(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
 ):  # fmt: skip
-    tm, tn = _tile_coords(pid, n_tm, n_tn, GROUP_M)
-    rows = tm * BM + tl.arange(0, BM)
-    cols = tn * BN + tl.arange(0, BN)
+    tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
     logit = _dot_tile(A, B, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA) * scale
     r_lse = tl.load(ROW_LSE + rows, mask=rows < n_a, other=0.0)
@@ -203,18 +206,16 @@ def _logits_grad_kernel(
 
 
 @triton.jit
-def _tile_lse_tile(
+def _kernel_lse_tile(
     pid,
     A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr, BOUNDED: tl.constexpr,
 ):  # fmt: skip
-    tm, tn = _tile_coords(pid, n_tm, n_tn, GROUP_M)
+    tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     if _below_diagonal(tm, tn, SYMMETRIC):
         tl.store(TILE_PART + tm * n_tn + tn, float("-inf"))
     else:
-        rows = tm * BM + tl.arange(0, BM)
-        cols = tn * BN + tl.arange(0, BN)
         logit, log_w = _kernel_logits(
             A, B, U, V, tm, tn, n_a, n_b, dim, inv_s2, BM, BN, BK, SYMMETRIC, PREC, UPCAST, TMA
         )
@@ -238,24 +239,22 @@ def _kernel_lse_kernel(
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _tile_lse_tile(pid, A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn, BM, BN, BK, GROUP_M,
+            _kernel_lse_tile(pid, A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn, BM, BN, BK, GROUP_M,
                 SYMMETRIC, PREC, UPCAST, TMA, FLATTEN, BOUNDED)  # fmt: skip
     else:
-        _tile_lse_tile(tl.program_id(0), A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn, BM, BN, BK,
+        _kernel_lse_tile(tl.program_id(0), A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn, BM, BN, BK,
             GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, FLATTEN, BOUNDED)  # fmt: skip
 
 
 @triton.jit
-def _tile_grad_tile(
+def _kernel_grad_tile(
     pid,
     A, B, U, V, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, inv_s2, log_z, g, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
     WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr,
 ):  # fmt: skip
-    tm, tn = _tile_coords(pid, n_tm, n_tn, GROUP_M)
-    rows = tm * BM + tl.arange(0, BM)
-    cols = tn * BN + tl.arange(0, BN)
+    tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
     if _below_diagonal(tm, tn, SYMMETRIC):  # zeros for the GEMMs; no dot products
         tl.store(W + rows[:, None] * n_b + cols[None, :], tl.zeros((BM, BN), W.dtype.element_ty), mask=valid)
@@ -293,11 +292,11 @@ def _kernel_grad_kernel(
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _tile_grad_tile(pid, A, B, U, V, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, inv_s2,
+            _kernel_grad_tile(pid, A, B, U, V, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, inv_s2,
                 log_z, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, FLATTEN, WANT_DOT,
                 WANT_TOTAL)  # fmt: skip
     else:
-        _tile_grad_tile(tl.program_id(0), A, B, U, V, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim,
+        _kernel_grad_tile(tl.program_id(0), A, B, U, V, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim,
             inv_s2, log_z, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, FLATTEN, WANT_DOT,
             WANT_TOTAL)  # fmt: skip
 
