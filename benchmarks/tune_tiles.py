@@ -2,7 +2,8 @@
 
     python benchmarks/tune_tiles.py --n 65536 --dim 1024 --profile
 
-Each row is one pair of `TritonStrips` settings (the X Y^T kernels, then the symmetric ones):
+Each row is a set of `TritonStrips` settings (the X Y^T kernels, the symmetric ones, and optionally
+a third for the forward X Y^T kernel alone, which otherwise takes the first):
 forward and forward + backward of InfoNCE + 0.01 D_CS through `fused_infonce_cs`, mean of
 --repeats calls after one warm-up (which also compiles), and the ratio to the first row.
 With --profile, one more step per row runs under torch.profiler and the CUDA time of each Triton
@@ -32,13 +33,16 @@ BASE = TritonStrips(128, 128, 64, 8, 8, 3, tma=False, programs_per_sm=0)  # the 
 
 
 def parse_tiles(spec: str) -> TritonStrips:
-    """'128x128x64:w8:s3:tma:p1' -> block m x n x k, warps, stages, tensor descriptors, programs per SM."""
+    """'128x128x64:w8:s3:tma:st:p1' -> block m x n x k, warps, stages, tensor descriptors (loads; 'st':
+    stores too), programs per SM."""
     dims, *opts = spec.split(":")
     bm, bn, bk = (int(v) for v in dims.split("x"))
     t = replace(BASE, block_m=bm, block_n=bn, block_k=bk)
     for o in opts:
         if o == "tma":
             t = replace(t, tma=True)
+        elif o == "st":
+            t = replace(t, tma_store=True)
         elif o[0] in "wsp":
             field = {"w": "num_warps", "s": "num_stages", "p": "programs_per_sm"}[o[0]]
             t = replace(t, **{field: int(o[1:])})
@@ -47,7 +51,7 @@ def parse_tiles(spec: str) -> TritonStrips:
     return t
 
 
-SETTINGS = [  # (X Y^T tiles, X X^T / Y Y^T tiles); the first is the reference row
+SETTINGS: list[tuple[str, ...]] = [  # (X Y^T, X X^T / Y Y^T[, forward X Y^T]); the first is the reference
     ("128x128x64:w8:s3", "128x128x64:w8:s3"),
     ("128x128x64:w8:s3:tma", "128x128x64:w8:s3:tma"),
     ("128x128x64:w8:s4:tma:p1", "128x128x64:w8:s4:tma:p1"),
@@ -58,6 +62,7 @@ SETTINGS = [  # (X Y^T tiles, X X^T / Y Y^T tiles); the first is the reference r
     ("128x128x64:w8:s4:tma:p2", "128x128x64:w8:s4:tma:p2"),
     ("256x64x64:w8:s4:tma:p1", "128x128x64:w8:s3:tma"),
     ("128x64x64:w4:s3:tma", "128x128x64:w8:s3:tma:p1"),
+    ("128x128x64:w8:s4:tma:p1", "128x128x64:w4:s3:tma:p2", "128x128x64:w4:s3:tma:p2"),  # the defaults
 ]
 
 
@@ -97,7 +102,7 @@ def main() -> None:
         "--spec",
         action="append",
         default=[],
-        help="extra 'PAIR;SYM' setting, e.g. 128x64x64:w4:s4:tma:p2;128x128x64:w8:s4:tma:p1",
+        help="extra 'PAIR;SYM[;FORWARD]' setting, e.g. 128x64x64:w4:s4:tma:p2;128x128x64:w8:s4:tma:p1",
     )
     p.add_argument("--profile", action="store_true")
     a = p.parse_args()
@@ -112,15 +117,18 @@ def main() -> None:
     first = None
     profiles = {}
     settings = SETTINGS + [tuple(s.split(";")) for s in a.spec]
-    for i, (pair_spec, sym_spec) in enumerate(settings, start=1):
+    for i, (pair_spec, sym_spec, *fwd_spec) in enumerate(settings, start=1):
         if chosen and i not in chosen and i <= len(SETTINGS):
             continue
-        name = f"{pair_spec} / {sym_spec}"
+        name = " / ".join([pair_spec, sym_spec, *fwd_spec])
         pair, sym = parse_tiles(pair_spec), parse_tiles(sym_spec)
+        fwd_tiles = parse_tiles(fwd_spec[0]) if fwd_spec else pair
         rows = strip_rows(a.n, a.n, TRITON_STRIP_BYTES // 2, max(pair.block_m, sym.block_m))
 
-        def forward() -> tuple[torch.Tensor, torch.Tensor]:
-            return fused_infonce_cs(x, y, 0.07, 0.5, tiles=sym, pair_tiles=pair, chunk_size=rows)  # noqa: B023
+        def forward(
+            sym: TritonStrips = sym, pair: TritonStrips = pair, fwd: TritonStrips = fwd_tiles, rows: int = rows
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return fused_infonce_cs(x, y, 0.07, 0.5, tiles=sym, pair_tiles=pair, forward_tiles=fwd, chunk_size=rows)
 
         def step() -> None:
             nce, cs = forward()

@@ -195,10 +195,9 @@ def infonce_cs_terms(
     if path == "triton" and with_cs and _half(x, y) and x_all is x and y_all is y:
         # The pools are the pairs: one Gram pass of X Y^T serves both terms.
         from csaligner.kernels.fused import fused_infonce_cs
-        from csaligner.kernels.triton_kernels import TritonStrips
 
-        tiles, rows = cast(TritonStrips, backend), cast(int, chunk_size)  # _strips sets both for triton
-        nce, cs = fused_infonce_cs(x, y, temperature, sigma, text_to_image, tiles=tiles, chunk_size=rows)
+        # Each kernel takes its own measured tiles (see fused.py); all have block_m 128, as the strips.
+        nce, cs = fused_infonce_cs(x, y, temperature, sigma, text_to_image, chunk_size=cast(int, chunk_size))
         return {"infonce": nce, "cs": cs}
     terms = {
         "infonce": streamed_info_nce(

@@ -46,157 +46,168 @@ from csaligner.kernels.chunked import (
     mm_accumulate,
     positives,
 )
-from csaligner.kernels.triton_kernels import TritonStrips, _dot_tile, _lse, _tile_span, strip_dtype
+from csaligner.kernels.triton_kernels import (
+    _LN2,
+    LOG2E,
+    TritonStrips,
+    _cast_out,
+    _dot_tile,
+    _exp2,
+    _lse2,
+    _store_tile,
+    _tile_span,
+    _valid,
+    strip_dtype,
+)
 
 MAX_ONE_EXP_SCALE = MAX_BOUNDED_NATS / 2
 """Up to this InfoNCE scale (temperature >= 0.025) all logits of a tile lie within 2 * scale <= 80
 nats of each other, so one exp per logit with a shared offset stays inside float32's range."""
 
+FORWARD_PAIR_TILES = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2)
+"""The forward X Y^T kernel's tiles: one warpgroup per 128 x 128 tile and two programs per SM, so
+that one program's epilogue (two exps and three sums per logit) runs while the other's tensor-core
+products do (measured on an H100 at N = 65,536: 17.8 ms with 8 warps and one program, 13.8 ms so)."""
+SYMMETRIC_TILES = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2)
+"""The X X^T / Y Y^T kernels' tiles, for the same reason (22.8 ms -> 21.4-22.0 ms)."""
+BACKWARD_PAIR_TILES = TritonStrips(tma_store=True)
+"""The backward X Y^T kernel's tiles: its epilogue needs too many registers for one warpgroup per
+tile (with 4 warps it spills and takes 81 ms instead of 25 ms), so 8 warps and one program per SM;
+the weight strip goes out through the copy engine (25.3 -> 23.2 ms; the symmetric kernels, two
+programs per SM, got slower with it: 22.7 -> 26.2 ms)."""
+
 
 @triton.jit
-def _pair_logits(
-    X, Y, RHO, KAPPA, U, V, tm, tn, n_a, n_b, dim, scale, inv_s2,
+def _pair_logits2(
+    X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, k_off,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """InfoNCE logits s * rho_i kappa_j x_i.y_j and kernel logits min(0, x.y / sigma^2 + u_i + v_j)."""
+    """Base-2 logits of a tile, offsets included (each exp is then one MUFU.EX2):
+
+    t = r2_i kappa_j x_i.y_j + t_off  (r2 = log2(e) s rho: InfoNCE's logit times log2(e)),
+    k = min(c2 x_i.y_j + u2_i + v2_j, k_off)  (the kernel logit times log2(e), plus k_off: U2 holds
+    log2(e) (u - ...) + k_off, c2 = log2(e) / sigma^2)."""
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
     dot = _dot_tile(X, Y, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA)
-    rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0) * scale
+    r2 = tl.load(R2 + rows, mask=rows < n_a, other=0.0)
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
-    u = tl.load(U + rows, mask=rows < n_a, other=0.0)
-    v = tl.load(V + cols, mask=cols < n_b, other=0.0)
-    return dot * rho[:, None] * kappa[None, :], tl.minimum(dot * inv_s2 + u[:, None] + v[None, :], 0.0)
+    u2 = tl.load(U2 + rows, mask=rows < n_a, other=0.0)
+    v2 = tl.load(V2 + cols, mask=cols < n_b, other=0.0)
+    return dot * r2[:, None] * kappa[None, :] + t_off, tl.minimum(dot * c2 + u2[:, None] + v2[None, :], k_off)
 
 
 @triton.jit
 def _pair_lse_tile(
     pid,
-    X, Y, RHO, KAPPA, U, V, ROW_PART, COL_PART, K_PART,
-    n_a, n_b, dim, scale, inv_s2, n_tm, n_tn,
+    X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART,
+    n_a, n_b, dim, s2, c2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
     ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
-    logit, klogit = _pair_logits(
-        X, Y, RHO, KAPPA, U, V, tm, tn, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST, TMA
-    )
-    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
-    if BRANCHLESS:  # noqa: SIM114 (persistent loop body: mask everywhere rather than branch)
-        logit = tl.where(valid, logit, float("-inf"))
-        klogit = tl.where(valid, klogit, float("-inf"))
-    elif (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: mask the padding (interior tiles skip this)
-        logit = tl.where(valid, logit, float("-inf"))
-        klogit = tl.where(valid, klogit, float("-inf"))
-    if ONE_EXP:  # |logit| <= scale <= 40 (unit vectors): one exp per logit, offset by the bound, no max
-        e = tl.exp(logit - scale)
-        r_sum = tl.sum(e, 1)
-        c_sum = tl.sum(e, 0)
-        r_lse = tl.where(r_sum > 0, scale + tl.log(tl.where(r_sum > 0, r_sum, 1.0)), float("-inf"))
-        c_lse = tl.where(c_sum > 0, scale + tl.log(tl.where(c_sum > 0, c_sum, 1.0)), float("-inf"))
+    # ONE_EXP: |logit| <= s <= 40 (unit vectors): one exp per logit, offset by the bound s, no max.
+    t_off = -s2 if ONE_EXP else 0.0
+    t, k = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, 0.0, BM, BN, BK, PREC, UPCAST, TMA)
+    if not EVEN:
+        valid = _valid(rows, cols, n_a, n_b)
+        t = tl.where(valid, t, float("-inf"))
+        k = tl.where(valid, k, float("-inf"))
+    # Partials: linear sums where no max offset is needed (the caller takes the logs: a log per
+    # column here would be a polynomial per element of the tile), else log-sum-exps in nats.
+    if ONE_EXP:
+        e = _exp2(t)
+        r_part = tl.sum(e, 1)
+        c_part = tl.sum(e, 0)
     else:
-        r_lse = _lse(logit, 1)
-        c_lse = _lse(logit, 0)
-    tl.store(ROW_PART + tn * n_a + rows, r_lse, mask=rows < n_a)
-    tl.store(COL_PART + tm * n_b + cols, c_lse, mask=cols < n_b)
-    if K_BOUNDED:  # every kernel logit lies in [-80, 0]: sum exp directly, no max
-        k_sum = tl.sum(tl.sum(tl.exp(klogit), 1), 0)
-        k_lse = tl.where(k_sum > 0, tl.log(tl.where(k_sum > 0, k_sum, 1.0)), float("-inf"))
+        r_part = _lse2(t, 1) * _LN2
+        c_part = _lse2(t, 0) * _LN2
+    tl.store(ROW_PART + tn * n_a + rows, r_part, mask=rows < n_a)
+    tl.store(COL_PART + tm * n_b + cols, c_part, mask=cols < n_b)
+    if K_BOUNDED:  # noqa: SIM108 (every kernel logit lies in [-80, 0] nats: sum exp directly, no max)
+        k_part = tl.sum(tl.sum(_exp2(k), 1), 0)
     else:
-        k_lse = _lse(tl.reshape(klogit, (BM * BN,)), 0)
-    tl.store(K_PART + tm * n_tn + tn, k_lse)
+        k_part = _lse2(tl.reshape(k, (BM * BN,)), 0) * _LN2
+    tl.store(K_PART + tm * n_tn + tn, k_part)
 
 
 @triton.jit
 def _pair_lse_kernel(
-    X, Y, RHO, KAPPA, U, V, ROW_PART, COL_PART, K_PART,
-    n_a, n_b, dim, scale, inv_s2, n_tm, n_tn,
+    X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART,
+    n_a, n_b, dim, s2, c2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
     ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr,
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _pair_lse_tile(pid, X, Y, RHO, KAPPA, U, V, ROW_PART, COL_PART, K_PART, n_a, n_b, dim, scale, inv_s2,
-                n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, FLATTEN, ONE_EXP, K_BOUNDED)  # fmt: skip
+            _pair_lse_tile(pid, X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART, n_a, n_b, dim, s2, c2,
+                n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, K_BOUNDED)  # fmt: skip
     else:
-        _pair_lse_tile(tl.program_id(0), X, Y, RHO, KAPPA, U, V, ROW_PART, COL_PART, K_PART, n_a, n_b, dim, scale,
-            inv_s2, n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, FLATTEN, ONE_EXP, K_BOUNDED)  # fmt: skip
+        _pair_lse_tile(tl.program_id(0), X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART, n_a, n_b, dim, s2,
+            c2, n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, K_BOUNDED)  # fmt: skip
 
 
 @triton.jit
 def _pair_grad_tile(
     pid,
-    X, Y, RHO, KAPPA, U, V, ROW_LSE, COL_LSE, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, scale, inv_s2, log_z, g_k, w_row, w_col, n_tm, n_tn,
+    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, H, ROW_PART, COL_PART, DOT_PART,
+    n_a, n_b, dim, s, s2, c2, k_off, k_sign, w_row, w_col, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
-    logit, klogit = _pair_logits(
-        X, Y, RHO, KAPPA, U, V, tm, tn, n_a, n_b, dim, scale, inv_s2, BM, BN, BK, PREC, UPCAST, TMA
+    t_off = -s2 if ONE_EXP else 0.0
+    t, k = _pair_logits2(
+        X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, k_off, BM, BN, BK, PREC, UPCAST, TMA
     )
-    r_lse = tl.load(ROW_LSE + rows, mask=rows < n_a, other=0.0)
-    c_lse = tl.load(COL_LSE + cols, mask=cols < n_b, other=0.0)
-    if ONE_EXP:  # exp(l - r) = exp(l - s) exp(s - r); both factors in range for s <= 40
-        g = tl.exp(logit - scale) * (w_row * tl.exp(scale - r_lse)[:, None] + w_col * tl.exp(scale - c_lse)[None, :])
-    else:
-        g = w_row * tl.exp(logit - r_lse[:, None]) + w_col * tl.exp(logit - c_lse[None, :])
-    pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
-    w = g_k * tl.exp(klogit - log_z)
-    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
-    if BRANCHLESS:  # a persistent loop body without branches: fold positives and padding in everywhere
-        g = tl.where(
-            valid,
-            g
-            - tl.where(
-                rows[:, None] == pos_row[None, :], tl.load(POS_W + cols, mask=cols < n_b, other=0.0)[None, :], 0.0
-            ),
-            0.0,
-        )
+    row_a = tl.load(ROW_A + rows, mask=rows < n_a, other=0.0)
+    col_b = tl.load(COL_B + cols, mask=cols < n_b, other=0.0)
+    if ONE_EXP:  # exp(l - r_i) = exp(l - s) exp(s - r_i): row_a = w_row exp(s - r), col_b = w_col exp(s - c)
+        g = _exp2(t) * (row_a[:, None] + col_b[None, :])
+    else:  # row_a, col_b: the log-sum-exps times log2(e)
+        g = w_row * _exp2(t - row_a[:, None]) + w_col * _exp2(t - col_b[None, :])
+    w = _exp2(k)  # |g_k| exp(kernel logit - log_z); its sign and 1 / sigma^2 are in k_sign
+    if not EVEN:
+        valid = _valid(rows, cols, n_a, n_b)
+        g = tl.where(valid, g, 0.0)
         w = tl.where(valid, w, 0.0)
-    else:
-        if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:  # tile holds positives
-            pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
-            g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)
-        if (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: zero the padding
-            g = tl.where(valid, g, 0.0)
-            w = tl.where(valid, w, 0.0)
     rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
-    nce = g * (scale * rho)[:, None] * kappa[None, :]  # dL/d(x_i.y_j) from InfoNCE
-    stored = (nce + inv_s2 * w).to(H.dtype.element_ty)
-    tl.store(H + rows[:, None] * n_b + cols[None, :], stored, mask=(rows[:, None] < n_a) & (cols[None, :] < n_b))
+    nce = g * (s * rho)[:, None] * kappa[None, :]  # dL/d(x_i.y_j) from InfoNCE (positives: by the caller)
+    stored = _cast_out(H, nce + k_sign * w, STORE_TMA)
+    _store_tile(H, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA)
     resid = stored.to(tl.float32) - nce  # the kernel mass as stored, rounding included
-    gl = g * logit
-    tl.store(ROW_PART + tn * n_a + rows, tl.sum(resid, 1) + rho * rho * tl.sum(gl, 1), mask=rows < n_a)
-    tl.store(COL_PART + tm * n_b + cols, tl.sum(resid, 0) + kappa * kappa * tl.sum(gl, 0), mask=cols < n_b)
-    tl.store(DOT_PART + 2 * (tm * n_tn + tn), tl.sum(tl.sum(gl, 1), 0))
-    if WANT_SIGMA:
-        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, tl.sum(tl.sum(w * klogit, 1), 0))
+    gl = g * (t * _LN2 - t_off * _LN2)  # G times the natural InfoNCE logit
+    row_gl = tl.sum(gl, 1)
+    tl.store(ROW_PART + tn * n_a + rows, tl.sum(resid, 1) + rho * rho * row_gl, mask=rows < n_a)
+    tl.store(COL_PART + tm * n_b + cols, tl.sum(resid + (kappa * kappa)[None, :] * gl, 0), mask=cols < n_b)
+    tl.store(DOT_PART + 2 * (tm * n_tn + tn), tl.sum(row_gl, 0))
+    if WANT_SIGMA:  # sum of |W| times the natural kernel logit (k - k_off) ln 2
+        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, tl.sum(tl.sum(w * (k - k_off), 1), 0) * _LN2)
     else:
         tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, 0.0)
 
 
 @triton.jit
 def _pair_grad_kernel(
-    X, Y, RHO, KAPPA, U, V, ROW_LSE, COL_LSE, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, scale, inv_s2, log_z, g_k, w_row, w_col, n_tm, n_tn,
+    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, H, ROW_PART, COL_PART, DOT_PART,
+    n_a, n_b, dim, s, s2, c2, k_off, k_sign, w_row, w_col, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr,
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _pair_grad_tile(pid, X, Y, RHO, KAPPA, U, V, ROW_LSE, COL_LSE, POS_ROW, POS_W, H, ROW_PART, COL_PART,
-                DOT_PART, n_a, n_b, dim, scale, inv_s2, log_z, g_k, w_row, w_col, n_tm, n_tn, BM, BN, BK, GROUP_M,
-                PREC, UPCAST, TMA, FLATTEN, ONE_EXP, WANT_SIGMA)  # fmt: skip
+            _pair_grad_tile(pid, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, H, ROW_PART, COL_PART, DOT_PART,
+                n_a, n_b, dim, s, s2, c2, k_off, k_sign, w_row, w_col, n_tm, n_tn, BM, BN, BK, GROUP_M,
+                PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA)  # fmt: skip
     else:
-        _pair_grad_tile(tl.program_id(0), X, Y, RHO, KAPPA, U, V, ROW_LSE, COL_LSE, POS_ROW, POS_W, H, ROW_PART,
-            COL_PART, DOT_PART, n_a, n_b, dim, scale, inv_s2, log_z, g_k, w_row, w_col, n_tm, n_tn, BM, BN, BK,
-            GROUP_M, PREC, UPCAST, TMA, FLATTEN, ONE_EXP, WANT_SIGMA)  # fmt: skip
+        _pair_grad_tile(tl.program_id(0), X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, H, ROW_PART, COL_PART,
+            DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_sign, w_row, w_col, n_tm, n_tn, BM, BN, BK, GROUP_M,
+            PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA)  # fmt: skip
 
 
 class _PairedInfoNCECS(torch.autograd.Function):
@@ -212,19 +223,24 @@ class _PairedInfoNCECS(torch.autograd.Function):
         sigma: Tensor,
         pos_row: Tensor,
         pos_w: Tensor,
-        tile_pair: tuple[TritonStrips, TritonStrips],
+        tile_set: tuple[TritonStrips, TritonStrips, TritonStrips],
         rows: int,
         eager: bool,
+        identity: bool,
     ) -> tuple[Tensor, Tensor]:
-        s, inv_s2 = float(scale), 1.0 / float(sigma) ** 2
+        # Host scalars, read once here: a read after the strips are queued would wait for all of them
+        # and leave the GPU idle while the caller builds the loss and starts the backward pass.
+        s, sigma_f = float(scale), float(sigma)
+        inv_s2 = 1.0 / sigma_f**2
         n, m = x.shape[0], y.shape[0]
-        tiles, pair = tile_pair
+        tiles, pair, _ = tile_set  # symmetric, forward X Y^T (, backward X Y^T)
         (rho, u), (kappa, v) = _norm_terms(x, inv_s2), _norm_terms(y, inv_s2)
         row_lse = torch.empty(n, dtype=torch.float32, device=x.device)
         col_lse = torch.full((m,), -math.inf, dtype=torch.float32, device=x.device)
         k_parts = []
         # Kernel logits >= -(|x| + |y|)^2 / (2 sigma^2): when that is >= -80, tiles need no max.
         bounded = float(1 / rho.min() + 1 / kappa.min()) ** 2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
+        r2, u2, v2 = rho * (s * LOG2E), u * LOG2E, v * LOG2E  # base-2 logits in the kernels
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             n_tm, n_tn = pair._tiles(x[r0:r1], y)
@@ -232,12 +248,14 @@ class _PairedInfoNCECS(torch.autograd.Function):
             col_part = torch.empty((n_tm, m), dtype=torch.float32, device=x.device)
             k_part = torch.empty(n_tm * n_tn, dtype=torch.float32, device=x.device)
             pair._launch(
-                _pair_lse_kernel, x[r0:r1], y, rho[r0:r1], kappa, u[r0:r1], v, row_part, col_part, k_part,
-                scalars=(s, inv_s2), ONE_EXP=s <= MAX_ONE_EXP_SCALE, K_BOUNDED=bounded,
+                _pair_lse_kernel, x[r0:r1], y, r2[r0:r1], kappa, u2[r0:r1], v2, row_part, col_part, k_part,
+                scalars=(s * LOG2E, inv_s2 * LOG2E), ONE_EXP=s <= MAX_ONE_EXP_SCALE, K_BOUNDED=bounded,
             )  # fmt: skip
-            row_lse[r0:r1] = torch.logsumexp(row_part, 0)
-            torch.logaddexp(col_lse, torch.logsumexp(col_part, 0), out=col_lse)
-            k_parts.append(torch.logsumexp(k_part, 0))
+            one_exp = s <= MAX_ONE_EXP_SCALE  # the partials are sums of exp(l - s), else log-sum-exps
+            row_lse[r0:r1] = row_part.sum(0).log_().add_(s) if one_exp else torch.logsumexp(row_part, 0)
+            strip_col = col_part.sum(0).log_().add_(s) if one_exp else torch.logsumexp(col_part, 0)
+            torch.logaddexp(col_lse, strip_col, out=col_lse)
+            k_parts.append(k_part.sum().log() if bounded else torch.logsumexp(k_part, 0))
         # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
         # diagonal's 0, a known offset) and keeps sum_j (W + W^T)_ij (x_j - x_i) for the backward.
         ctx.kept = []
@@ -256,18 +274,19 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 ]
                 sums.append(torch.logsumexp(torch.stack(parts), 0) + LOG2)
         log_z = torch.stack(sums)  # log-sums over all pairs: XY, XX, YY
-        pos_logit = _positive_dots(x, y, pos_row) * rho[pos_row] * kappa * s
+        pos_logit = _positive_dots(x, y, pos_row, identity) * rho[pos_row] * kappa * s
         info_nce = 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
         cs = log_z[1] + log_z[2] - 2.0 * log_z[0]  # the log(N M) normalisers cancel
-        ctx.save_for_backward(x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z)
-        ctx.scale, ctx.inv_s2, ctx.sigma, ctx.tiles, ctx.rows = s, inv_s2, float(sigma), tile_pair, rows
+        ctx.save_for_backward(x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z, pos_logit)
+        ctx.identity = identity
+        ctx.scale, ctx.inv_s2, ctx.sigma, ctx.tiles, ctx.rows = s, inv_s2, sigma_f, tile_set, rows
         return info_nce, cs
 
     @staticmethod
     @autocast_off
     def backward(ctx: Any, g_nce: Tensor, g_cs: Tensor) -> tuple[Tensor | None, ...]:
-        x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z = ctx.saved_tensors
-        s, inv_s2, (tiles, pair), rows = ctx.scale, ctx.inv_s2, ctx.tiles, ctx.rows
+        x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z, pos_logit = ctx.saved_tensors
+        s, inv_s2, (tiles, _, pair), rows = ctx.scale, ctx.inv_s2, ctx.tiles, ctx.rows
         gn, gc = float(g_nce), float(g_cs)
         lz_xy, lz_xx, lz_yy = (float(t) for t in log_z)
         n, m = x.shape[0], y.shape[0]
@@ -293,62 +312,96 @@ class _PairedInfoNCECS(torch.autograd.Function):
         xg, yg = x.to(work), y.to(work)  # GEMM operands in the strips' dtype (no copy for bf16/fp32)
         x_mass = torch.zeros(n, dtype=torch.float32, device=x.device)
         y_mass = torch.zeros(m, dtype=torch.float32, device=x.device)
-        pw = (pos_w * gn).float().contiguous()
-        pos32 = pos_row.to(torch.int32)
+        # Per-row and per-column vectors of the strip kernel (base-2 logits, see _pair_grad_tile).
+        w_row, w_col, g_k = 0.5 * gn / n, 0.5 * gn / m, -2.0 * gc
+        one_exp = s <= MAX_ONE_EXP_SCALE
+        if one_exp:
+            row_a, col_b = w_row * torch.exp(s - row_lse), w_col * torch.exp(s - col_lse)
+        else:
+            row_a, col_b = row_lse * LOG2E, col_lse * LOG2E
+        # |g_k| exp(l - log_z) = 2^(log2(e) l + k_off2); g_k's sign and 1 / sigma^2 multiply in-kernel.
+        k_off = (math.log(abs(g_k)) if g_k else 0.0) - lz_xy
+        k_sign = math.copysign(inv_s2, g_k) if g_k else 0.0
+        r2, u2, v2 = rho * (s * LOG2E), (u + k_off) * LOG2E, v * LOG2E
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            local = torch.where((pos32 >= r0) & (pos32 < r1), pos32 - r0, -1)
             h, r_mass, c_mass, d = _pair_grad(
-                pair, x[r0:r1], y, rho[r0:r1], kappa, u[r0:r1], v, row_lse[r0:r1], col_lse, local, pw,
-                (s, inv_s2, lz_xy, -2.0 * gc, 0.5 * gn / n, 0.5 * gn / m), want_sigma,
+                pair, x[r0:r1], y, r2[r0:r1], rho[r0:r1], kappa, u2[r0:r1], v2, row_a[r0:r1], col_b,
+                (s, s * LOG2E, inv_s2 * LOG2E, k_off * LOG2E, k_sign, w_row, w_col), one_exp, want_sigma,
             )  # fmt: skip
             mm_accumulate(dx[r0:r1], h, yg)
             mm_accumulate(dy, h.T, xg[r0:r1])
             x_mass[r0:r1] += r_mass
             y_mass += c_mass
             dots[:2] += d
+        dots[1] *= k_sign / inv_s2  # the strips summed |W| l: W's sign
+        # The positives, -pw_j at (p_j, j) of G, stay out of the strips: applied here in float32.
+        pos_g = -(pos_w * gn).float()
+        _positive_grads(x, y, pos_row, pos_g * s * rho[pos_row] * kappa, dx, dy, identity=ctx.identity)
+        pos_gl = pos_g * pos_logit
+        x_mass.index_add_(0, pos_row, pos_gl * rho[pos_row] ** 2)
+        y_mass += pos_gl * kappa**2
+        dots[0] += pos_gl.sum()
         dx.addcmul_(x_mass.unsqueeze(1), x, value=-1.0)
         dy.addcmul_(y_mass.unsqueeze(1), y, value=-1.0)
         d_scale = dots[0] / s if ctx.needs_input_grad[2] else None  # logits are linear in the scale
         # dk/dsigma = -2 k / sigma; the symmetric sums cover half the pairs and carry 2 / sigma^2 (x2 / x1/(2/s2)).
         d_sigma = (dots[1] + (dots[2] + dots[3]) / inv_s2) * (-2.0 / ctx.sigma) if ctx.needs_input_grad[3] else None
-        return dx.to(x.dtype), dy.to(y.dtype), d_scale, d_sigma, None, None, None, None, None
+        return dx.to(x.dtype), dy.to(y.dtype), d_scale, d_sigma, None, None, None, None, None, None
 
 
 def _pair_grad(
     tiles: TritonStrips,
     x: Tensor,
     y: Tensor,
+    r2: Tensor,
     rho: Tensor,
     kappa: Tensor,
-    u: Tensor,
-    v: Tensor,
-    row_lse: Tensor,
-    col_lse: Tensor,
-    pos_row: Tensor,
-    pos_w: Tensor,
+    u2: Tensor,
+    v2: Tensor,
+    row_a: Tensor,
+    col_b: Tensor,
     scalars: tuple[float, ...],
+    one_exp: bool,
     want_sigma: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum W k)."""
+    """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum |W| k)."""
     n_tm, n_tn = tiles._tiles(x, y)
     h = torch.empty((x.shape[0], y.shape[0]), dtype=strip_dtype(x.dtype), device=x.device)
     row_part = torch.empty((n_tn, x.shape[0]), dtype=torch.float32, device=x.device)
     col_part = torch.empty((n_tm, y.shape[0]), dtype=torch.float32, device=x.device)
     dots = torch.empty((n_tm * n_tn, 2), dtype=torch.float32, device=x.device)
+    h_arg, store_tma = tiles._out_operand(h, x, y)
     tiles._launch(
-        _pair_grad_kernel, x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, h, row_part, col_part, dots,
-        scalars=scalars, ONE_EXP=scalars[0] <= MAX_ONE_EXP_SCALE, WANT_SIGMA=want_sigma,
+        _pair_grad_kernel, x, y, r2, rho, kappa, u2, v2, row_a, col_b, h_arg, row_part, col_part, dots,
+        scalars=scalars, ONE_EXP=one_exp, WANT_SIGMA=want_sigma, STORE_TMA=store_tma,
     )  # fmt: skip
     return h, row_part.sum(0), col_part.sum(0), dots.sum(0)
 
 
-def _positive_dots(x: Tensor, y: Tensor, pos_row: Tensor, rows: int = 8192) -> Tensor:
-    """(M,) x[pos_row[j]] . y_j in float32, a few thousand rows at a time (no (M, D) float32 copies)."""
+def _positive_grads(
+    x: Tensor, y: Tensor, pos_row: Tensor, coef: Tensor, dx: Tensor, dy: Tensor, identity: bool, rows: int = 8192
+) -> None:
+    """dx[pos_row[j]] += coef_j y_j and dy_j += coef_j x[pos_row[j]] in float32; in place when the
+    positives are the diagonal (`identity`), else a few thousand rows at a time."""
+    if identity:
+        dx.addcmul_(coef.unsqueeze(1), y)
+        dy.addcmul_(coef.unsqueeze(1), x)
+        return
+    for r0 in range(0, y.shape[0], rows):
+        sl = slice(r0, r0 + rows)
+        c = coef[sl].unsqueeze(1)
+        dx.index_add_(0, pos_row[sl], c * y[sl].float())
+        dy[sl] += c * x[pos_row[sl]].float()
+
+
+def _positive_dots(x: Tensor, y: Tensor, pos_row: Tensor, identity: bool, rows: int = 8192) -> Tensor:
+    """(M,) x[pos_row[j]] . y_j in float32, a few thousand rows at a time (no (M, D) float32 copies);
+    `identity`: pos_row is arange(M), no gather."""
     out = torch.empty(y.shape[0], dtype=torch.float32, device=y.device)
     for r0 in range(0, y.shape[0], rows):
         sl = slice(r0, r0 + rows)
-        out[sl] = (x[pos_row[sl]].float() * y[sl].float()).sum(1)
+        out[sl] = ((x[sl] if identity else x[pos_row[sl]]).float() * y[sl].float()).sum(1)
     return out
 
 
@@ -368,6 +421,7 @@ def fused_infonce_cs(
     *,
     tiles: TritonStrips | None = None,
     pair_tiles: TritonStrips | None = None,
+    forward_tiles: TritonStrips | None = None,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
     """InfoNCE(x, y) and D_CS(x, y) with one Gram pass per product; equal to the dense pair.
@@ -378,10 +432,12 @@ def fused_infonce_cs(
         y: (M, D) text features; M == N unless text_to_image is given.
         temperature, sigma: > 0, floats or 0-dim tensors (learnable ones get gradients).
         text_to_image: optional (M,) image row of each text.
-        tiles: tile configuration (default `TritonStrips()`).
-        pair_tiles: tile configuration of the two X Y^T kernels (default: `tiles`); its block_m
-            must divide chunk_size.
-        chunk_size: rows per strip, a multiple of the tile size.
+        tiles: tile configuration of every kernel unless the two below are given; without any,
+            each kernel takes its measured default (`SYMMETRIC_TILES` for X X^T and Y Y^T,
+            `FORWARD_PAIR_TILES` and `BACKWARD_PAIR_TILES` for X Y^T).
+        pair_tiles: tile configuration of the two X Y^T kernels (default: `tiles`).
+        forward_tiles: tile configuration of the forward X Y^T kernel (default: `pair_tiles`).
+        chunk_size: rows per strip, a multiple of every configuration's block_m.
 
     Returns:
         (info_nce, cs) float32 scalars; gradients come back in the inputs' dtype.
@@ -393,9 +449,10 @@ def fused_infonce_cs(
     check_positive("sigma", sigma)
     if x.dtype == torch.float64 or y.dtype == torch.float64:
         raise ValueError("the fused Triton path computes in float32; use impl='chunked' for float64 inputs")
-    tiles = tiles or TritonStrips()
-    pair_tiles = pair_tiles or tiles
-    for t in (tiles, pair_tiles):
+    sym = tiles or SYMMETRIC_TILES
+    back = pair_tiles or tiles or BACKWARD_PAIR_TILES
+    fwd = forward_tiles or pair_tiles or tiles or FORWARD_PAIR_TILES
+    for t in (sym, fwd, back):
         if chunk_size % t.block_m:
             raise ValueError(f"chunk_size must be a multiple of the tile size {t.block_m}, got {chunk_size}")
     pos_row, pos_w = positives(x.shape[0], y.shape[0], text_to_image, x.device, torch.float32)
@@ -410,8 +467,9 @@ def fused_infonce_cs(
         sig,
         pos_row,
         pos_w,
-        (tiles, pair_tiles),
+        (sym, fwd, back),
         chunk_size,
         eager,
+        text_to_image is None,  # positives on the diagonal
     )
     return out

@@ -35,11 +35,16 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.3, as is tl.range(flatten=)
 
 from csaligner.kernels.chunked import KernelStrip
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_FTZ_EXP2 = tl.constexpr(not INTERPRETING)
+_LN2 = tl.constexpr(LN2)  # for the kernels (Triton reads constexpr globals only)
 
 
 @triton.jit
@@ -104,31 +109,79 @@ def _dot_tile(
 
 
 @triton.jit
-def _lse(t, AXIS: tl.constexpr):
-    """log-sum-exp along AXIS; rows that are all -inf give -inf (not NaN)."""
-    m = tl.max(t, AXIS)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.exp(t - tl.expand_dims(m, AXIS)), AXIS)
-    return tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+def _exp2(x):
+    """2^x: on CUDA libdevice's flush-to-zero form, one MUFU.EX2 (results below 2^-126 become 0;
+    tl.exp2 spends four more instructions per element on subnormal results). tl.exp2 in the
+    interpreter, which has no libdevice."""
+    if _FTZ_EXP2:
+        return libdevice.exp2(x)
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
-def _kernel_logits(
-    A, B, U, V, tm, tn, n_a, n_b, dim, inv_s2,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SYMMETRIC: tl.constexpr,
+def _lse2(t, AXIS: tl.constexpr):
+    """log2-sum-exp2 along AXIS; rows that are all -inf give -inf (not NaN)."""
+    m = tl.max(t, AXIS)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(_exp2(t - tl.expand_dims(m, AXIS)), AXIS)
+    return tl.where(total > 0, m + tl.log2(tl.where(total > 0, total, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _valid(rows, cols, n_a, n_b):
+    return (rows[:, None] < n_a) & (cols[None, :] < n_b)
+
+
+@triton.jit
+def _kernel_logits2(
+    A, B, U2, V2, tm, tn, n_a, n_b, dim, c2, off2,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """-||a - b||^2 / (2 sigma^2) (clamped at 0) and the tile's log-weight (0, or -log 2 on the diagonal)."""
+    """log2(e) * (min(0, -||a - b||^2 / (2 sigma^2)) + offset), as min(a.b c2 + u2 + v2 + off2, off2):
+    U2, V2 are the squared-norm terms times log2(e) and c2 = log2(e) / sigma^2 (base-2 logits, so
+    that each exp is one MUFU.EX2 with no multiply)."""
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
     dot = _dot_tile(A, B, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA)
-    u = tl.load(U + rows, mask=rows < n_a, other=0.0)
-    v = tl.load(V + cols, mask=cols < n_b, other=0.0)
-    logit = tl.minimum(dot * inv_s2 + u[:, None] + v[None, :], 0.0)
-    log_w = 0.0
+    u2 = tl.load(U2 + rows, mask=rows < n_a, other=0.0) + off2
+    v2 = tl.load(V2 + cols, mask=cols < n_b, other=0.0)
+    return tl.minimum(dot * c2 + u2[:, None] + v2[None, :], off2)
+
+
+@triton.jit
+def _cast_out(OUT, v, STORE_TMA: tl.constexpr):
+    """v in the element type of OUT, a pointer or (STORE_TMA) a tensor descriptor."""
+    if STORE_TMA:
+        return v.to(OUT.dtype)
+    else:
+        return v.to(OUT.dtype.element_ty)
+
+
+@triton.jit
+def _store_tile(OUT, v, tm, tn, n_a, n_b, BM: tl.constexpr, BN: tl.constexpr, EVEN: tl.constexpr,
+                STORE_TMA: tl.constexpr):  # fmt: skip
+    """Write a (BM, BN) tile of a row-major (n_a, n_b) strip: through the bulk copy engine (STORE_TMA:
+    one store of the staged tile), else per thread, masked at the edges unless EVEN."""
+    if STORE_TMA:
+        OUT.store([tm * BM, tn * BN], v)
+    else:
+        rows = tm * BM + tl.arange(0, BM)
+        cols = tn * BN + tl.arange(0, BN)
+        if EVEN:
+            tl.store(OUT + rows[:, None] * n_b + cols[None, :], v)
+        else:
+            tl.store(OUT + rows[:, None] * n_b + cols[None, :], v, mask=_valid(rows, cols, n_a, n_b))
+
+
+@triton.jit
+def _diagonal_log2_weight(tm, tn, SYMMETRIC: tl.constexpr):
+    """log2 of a tile's weight: -1 (a half) for a symmetric term's diagonal tiles, else 0."""
+    log_w2 = 0.0
     if SYMMETRIC:
-        log_w = tl.where(tn == tm, -0.6931471805599453, 0.0)
-    return logit, log_w
+        log_w2 = tl.where(tn == tm, -1.0, 0.0)
+    return log_w2
 
 
 @triton.jit
@@ -143,162 +196,160 @@ def _below_diagonal(tm, tn, SYMMETRIC: tl.constexpr):
 @triton.jit
 def _logits_lse_tile(
     pid,
-    A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale, n_tm, n_tn,
+    A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
-    logit = _dot_tile(A, B, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA) * scale
-    logit = tl.where((rows[:, None] < n_a) & (cols[None, :] < n_b), logit, float("-inf"))
-    tl.store(ROW_PART + tn * n_a + rows, _lse(logit, 1), mask=rows < n_a)
-    tl.store(COL_PART + tm * n_b + cols, _lse(logit, 0), mask=cols < n_b)
+    t = _dot_tile(A, B, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA) * scale2  # log2 units
+    if not EVEN:
+        t = tl.where(_valid(rows, cols, n_a, n_b), t, float("-inf"))
+    tl.store(ROW_PART + tn * n_a + rows, _lse2(t, 1) * _LN2, mask=rows < n_a)
+    tl.store(COL_PART + tm * n_b + cols, _lse2(t, 0) * _LN2, mask=cols < n_b)
 
 
 @triton.jit
 def _logits_lse_kernel(
-    A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale, n_tm, n_tn,
+    A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _logits_lse_tile(pid, A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale, n_tm, n_tn, BM, BN, BK, GROUP_M,
-                PREC, UPCAST, TMA, FLATTEN)  # fmt: skip
+            _logits_lse_tile(pid, A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale2, n_tm, n_tn, BM, BN, BK, GROUP_M,
+                PREC, UPCAST, TMA, EVEN)  # fmt: skip
     else:
-        _logits_lse_tile(tl.program_id(0), A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale, n_tm, n_tn, BM, BN, BK,
-            GROUP_M, PREC, UPCAST, TMA, FLATTEN)  # fmt: skip
+        _logits_lse_tile(tl.program_id(0), A, B, ROW_PART, COL_PART, n_a, n_b, dim, scale2, n_tm, n_tn, BM, BN, BK,
+            GROUP_M, PREC, UPCAST, TMA, EVEN)  # fmt: skip
 
 
 @triton.jit
 def _logits_grad_tile(
     pid,
-    A, B, ROW_LSE, COL_LSE, POS_ROW, POS_W, G, DOT_PART, n_a, n_b, dim, scale, w_row, w_col, n_tm, n_tn,
+    A, B, ROW_LSE2, COL_LSE2, POS_ROW, POS_W, G, DOT_PART, n_a, n_b, dim, scale2, w_row, w_col, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
-    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
-    logit = _dot_tile(A, B, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA) * scale
-    r_lse = tl.load(ROW_LSE + rows, mask=rows < n_a, other=0.0)
-    c_lse = tl.load(COL_LSE + cols, mask=cols < n_b, other=0.0)
+    t = _dot_tile(A, B, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA) * scale2  # log2 units
+    r_lse2 = tl.load(ROW_LSE2 + rows, mask=rows < n_a, other=0.0)
+    c_lse2 = tl.load(COL_LSE2 + cols, mask=cols < n_b, other=0.0)
     pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
     pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
-    g = w_row * tl.exp(logit - r_lse[:, None]) + w_col * tl.exp(logit - c_lse[None, :])
+    g = w_row * _exp2(t - r_lse2[:, None]) + w_col * _exp2(t - c_lse2[None, :])
     g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)  # positives folded in
-    g = tl.where(valid, g, 0.0).to(G.dtype.element_ty)
-    tl.store(G + rows[:, None] * n_b + cols[None, :], g, mask=valid)
-    tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(g.to(tl.float32) * logit, 1), 0))
+    if EVEN:
+        g = g.to(G.dtype.element_ty)
+        tl.store(G + rows[:, None] * n_b + cols[None, :], g)
+    else:
+        valid = _valid(rows, cols, n_a, n_b)
+        g = tl.where(valid, g, 0.0).to(G.dtype.element_ty)
+        tl.store(G + rows[:, None] * n_b + cols[None, :], g, mask=valid)
+    tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(g.to(tl.float32) * t, 1), 0) * _LN2)
 
 
 @triton.jit
 def _logits_grad_kernel(
-    A, B, ROW_LSE, COL_LSE, POS_ROW, POS_W, G, DOT_PART, n_a, n_b, dim, scale, w_row, w_col, n_tm, n_tn,
+    A, B, ROW_LSE2, COL_LSE2, POS_ROW, POS_W, G, DOT_PART, n_a, n_b, dim, scale2, w_row, w_col, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _logits_grad_tile(pid, A, B, ROW_LSE, COL_LSE, POS_ROW, POS_W, G, DOT_PART, n_a, n_b, dim, scale, w_row,
-                w_col, n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, FLATTEN)  # fmt: skip
+            _logits_grad_tile(pid, A, B, ROW_LSE2, COL_LSE2, POS_ROW, POS_W, G, DOT_PART, n_a, n_b, dim, scale2,
+                w_row, w_col, n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, EVEN)  # fmt: skip
     else:
-        _logits_grad_tile(tl.program_id(0), A, B, ROW_LSE, COL_LSE, POS_ROW, POS_W, G, DOT_PART, n_a, n_b, dim, scale,
-            w_row, w_col, n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, FLATTEN)  # fmt: skip
+        _logits_grad_tile(tl.program_id(0), A, B, ROW_LSE2, COL_LSE2, POS_ROW, POS_W, G, DOT_PART, n_a, n_b, dim,
+            scale2, w_row, w_col, n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, EVEN)  # fmt: skip
 
 
 @triton.jit
 def _kernel_lse_tile(
     pid,
-    A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn,
+    A, B, U2, V2, TILE_PART, n_a, n_b, dim, c2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr, BOUNDED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr, BOUNDED: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     if _below_diagonal(tm, tn, SYMMETRIC):
-        tl.store(TILE_PART + tm * n_tn + tn, float("-inf"))
+        tl.store(TILE_PART + tm * n_tn + tn, 0.0 if BOUNDED else float("-inf"))
     else:
-        logit, log_w = _kernel_logits(
-            A, B, U, V, tm, tn, n_a, n_b, dim, inv_s2, BM, BN, BK, SYMMETRIC, PREC, UPCAST, TMA
-        )
-        if BRANCHLESS:  # noqa: SIM114 (persistent loop body: mask everywhere rather than branch)
-            logit = tl.where((rows[:, None] < n_a) & (cols[None, :] < n_b), logit, float("-inf"))
-        elif (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: mask the padding
-            logit = tl.where((rows[:, None] < n_a) & (cols[None, :] < n_b), logit, float("-inf"))
-        if BOUNDED:  # all logits in [-80, 0]: no max offset needed
-            total = tl.sum(tl.sum(tl.exp(logit), 1), 0)
-            lse = tl.where(total > 0, tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+        t = _kernel_logits2(A, B, U2, V2, tm, tn, n_a, n_b, dim, c2, 0.0, BM, BN, BK, PREC, UPCAST, TMA)
+        if not EVEN:
+            t = tl.where(_valid(rows, cols, n_a, n_b), t, float("-inf"))
+        if BOUNDED:  # all logits in [-80, 0] nats: no max offset; a linear sum (the caller takes the log)
+            part = tl.sum(tl.sum(_exp2(t), 1), 0) * tl.exp2(_diagonal_log2_weight(tm, tn, SYMMETRIC))
         else:
-            lse = _lse(tl.reshape(logit, (BM * BN,)), 0)
-        tl.store(TILE_PART + tm * n_tn + tn, lse + log_w)
+            part = (_lse2(tl.reshape(t, (BM * BN,)), 0) + _diagonal_log2_weight(tm, tn, SYMMETRIC)) * _LN2
+        tl.store(TILE_PART + tm * n_tn + tn, part)
 
 
 @triton.jit
 def _kernel_lse_kernel(
-    A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn,
+    A, B, U2, V2, TILE_PART, n_a, n_b, dim, c2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, BOUNDED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
+    BOUNDED: tl.constexpr,
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _kernel_lse_tile(pid, A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn, BM, BN, BK, GROUP_M,
-                SYMMETRIC, PREC, UPCAST, TMA, FLATTEN, BOUNDED)  # fmt: skip
+            _kernel_lse_tile(pid, A, B, U2, V2, TILE_PART, n_a, n_b, dim, c2, n_tm, n_tn, BM, BN, BK, GROUP_M,
+                SYMMETRIC, PREC, UPCAST, TMA, EVEN, BOUNDED)  # fmt: skip
     else:
-        _kernel_lse_tile(tl.program_id(0), A, B, U, V, TILE_PART, n_a, n_b, dim, inv_s2, n_tm, n_tn, BM, BN, BK,
-            GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, FLATTEN, BOUNDED)  # fmt: skip
+        _kernel_lse_tile(tl.program_id(0), A, B, U2, V2, TILE_PART, n_a, n_b, dim, c2, n_tm, n_tn, BM, BN, BK,
+            GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, BOUNDED)  # fmt: skip
 
 
 @triton.jit
 def _kernel_grad_tile(
     pid,
-    A, B, U, V, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, inv_s2, log_z, g, n_tm, n_tn,
+    A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, c2, neg_lz2, g, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BRANCHLESS: tl.constexpr,
-    WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
+    WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
-    valid = (rows[:, None] < n_a) & (cols[None, :] < n_b)
     if _below_diagonal(tm, tn, SYMMETRIC):  # zeros for the GEMMs; no dot products
-        tl.store(W + rows[:, None] * n_b + cols[None, :], tl.zeros((BM, BN), W.dtype.element_ty), mask=valid)
+        zeros = _cast_out(W, tl.zeros((BM, BN), tl.float32), STORE_TMA)
+        _store_tile(W, zeros, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA)
         tl.store(ROW_PART + tn * n_a + rows, tl.zeros((BM,), tl.float32), mask=rows < n_a)
         tl.store(COL_PART + tm * n_b + cols, tl.zeros((BN,), tl.float32), mask=cols < n_b)
         tl.store(DOT_PART + tm * n_tn + tn, 0.0)
         tl.store(TOTAL_PART + tm * n_tn + tn, 0.0)
     else:
-        logit, log_w = _kernel_logits(
-            A, B, U, V, tm, tn, n_a, n_b, dim, inv_s2, BM, BN, BK, SYMMETRIC, PREC, UPCAST, TMA
-        )
-        w = g * tl.exp(logit + (log_w - log_z))
-        if BRANCHLESS:  # noqa: SIM114 (persistent loop body: mask everywhere rather than branch)
-            w = tl.where(valid, w, 0.0)
-        elif (tm + 1) * BM > n_a or (tn + 1) * BN > n_b:  # edge tile: zero the padding
-            w = tl.where(valid, w, 0.0)
-        stored = w.to(W.dtype.element_ty)
-        tl.store(W + rows[:, None] * n_b + cols[None, :], stored, mask=valid)
+        off2 = neg_lz2 + _diagonal_log2_weight(tm, tn, SYMMETRIC)  # log2(w_tile) - log_z log2(e)
+        t = _kernel_logits2(A, B, U2, V2, tm, tn, n_a, n_b, dim, c2, off2, BM, BN, BK, PREC, UPCAST, TMA)
+        w = g * _exp2(t)
+        if not EVEN:
+            w = tl.where(_valid(rows, cols, n_a, n_b), w, 0.0)
+        stored = _cast_out(W, w, STORE_TMA)
+        _store_tile(W, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA)
         # Sums of the weights as stored (rounded): the caller's W b - rowsum(W) a then cancels exactly.
         w_st = stored.to(tl.float32)
         tl.store(ROW_PART + tn * n_a + rows, tl.sum(w_st, 1), mask=rows < n_a)
         tl.store(COL_PART + tm * n_b + cols, tl.sum(w_st, 0), mask=cols < n_b)
-        if WANT_DOT:
-            tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * logit, 1), 0))
+        if WANT_DOT:  # the natural logit is (t - off2) ln 2
+            tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * (t - off2), 1), 0) * _LN2)
         if WANT_TOTAL:  # the unrounded sum: a one-pass forward's value
             tl.store(TOTAL_PART + tm * n_tn + tn, tl.sum(tl.sum(w, 1), 0))
 
 
 @triton.jit
 def _kernel_grad_kernel(
-    A, B, U, V, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, inv_s2, log_z, g, n_tm, n_tn,
+    A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, c2, neg_lz2, g, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
-    WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
+    WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr,
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _kernel_grad_tile(pid, A, B, U, V, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, inv_s2,
-                log_z, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, FLATTEN, WANT_DOT,
-                WANT_TOTAL)  # fmt: skip
+            _kernel_grad_tile(pid, A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, c2,
+                neg_lz2, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, WANT_DOT,
+                WANT_TOTAL, STORE_TMA)  # fmt: skip
     else:
-        _kernel_grad_tile(tl.program_id(0), A, B, U, V, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim,
-            inv_s2, log_z, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, FLATTEN, WANT_DOT,
-            WANT_TOTAL)  # fmt: skip
+        _kernel_grad_tile(tl.program_id(0), A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim,
+            c2, neg_lz2, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, WANT_DOT,
+            WANT_TOTAL, STORE_TMA)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -325,6 +376,9 @@ class TritonStrips:
     """Load operand tiles through tensor descriptors (the bulk copy engine) where the device has one
     (compute capability >= 9) and the operands are 16-byte aligned; pointer loads otherwise.
     Half operands only on CUDA: float32 always uses pointer loads there (see `_grid`)."""
+    tma_store: bool = False
+    """Write weight strips through tensor descriptors (each tile staged in shared memory, then one
+    bulk store) where the operands use them; per-thread stores otherwise."""
     programs_per_sm: int = 1
     """0: one program per tile. k > 0: a persistent grid of k programs per multiprocessor, each
     looping over tiles, so that one tile's loads are issued while the previous tile's epilogue runs.
@@ -390,10 +444,18 @@ class TritonStrips:
             UPCAST=INTERPRETING and half,
             TMA=tma,
             FLATTEN=persistent,
+            EVEN=a.shape[0] % self.block_m == 0 and b.shape[0] % self.block_n == 0,  # no masks anywhere
             num_warps=self.num_warps,
             num_stages=self.num_stages if self.num_stages is not None else (4 if half else 3),
             **meta,
         )
+
+    def _out_operand(self, out: Tensor, a: Tensor, b: Tensor) -> tuple[object, bool]:
+        """The strip `out` as a kernel argument: a tensor descriptor of (BM, BN) tiles when stores go
+        through the copy engine (`tma_store`, operands on descriptors), else the tensor itself."""
+        if self.tma_store and self._grid(1, a, b)[1] and _tma_ok(out):
+            return _descriptor(out, self.block_m, self.block_n), True
+        return out, False
 
     def _tiles(self, a: Tensor, b: Tensor) -> tuple[int, int]:
         return triton.cdiv(a.shape[0], self.block_m), triton.cdiv(b.shape[0], self.block_n)
@@ -402,7 +464,7 @@ class TritonStrips:
         n_tm, n_tn = self._tiles(a, b)
         row_part = torch.empty((n_tn, a.shape[0]), dtype=torch.float32, device=a.device)
         col_part = torch.empty((n_tm, b.shape[0]), dtype=torch.float32, device=a.device)
-        self._launch(_logits_lse_kernel, a, b, row_part, col_part, scalars=(scale,))
+        self._launch(_logits_lse_kernel, a, b, row_part, col_part, scalars=(scale * LOG2E,))
         return torch.logsumexp(row_part, 0), torch.logsumexp(col_part, 0)
 
     def logits_grad(
@@ -425,13 +487,13 @@ class TritonStrips:
             _logits_grad_kernel,
             a,
             b,
-            row_lse.float().contiguous(),
-            col_lse.float().contiguous(),
+            row_lse.float() * LOG2E,
+            col_lse.float() * LOG2E,
             pos_row.to(torch.int32).contiguous(),
             pos_w.float().contiguous(),
             g,
             dot,
-            scalars=(scale, w_row, w_col),
+            scalars=(scale * LOG2E, w_row, w_col),
         )
         return g, dot.sum() if want_dot else None
 
@@ -446,14 +508,14 @@ class TritonStrips:
             _kernel_lse_kernel,
             a,
             b,
-            u.float().contiguous(),
-            v.float().contiguous(),
+            u.float() * LOG2E,
+            v.float() * LOG2E,
             part,
-            scalars=(inv_s2,),
+            scalars=(inv_s2 * LOG2E,),
             SYMMETRIC=symmetric,
             BOUNDED=bounded,
         )
-        return torch.logsumexp(part, 0)
+        return part.sum().log() if bounded else torch.logsumexp(part, 0)
 
     def kernel_grad(
         self,
@@ -475,21 +537,23 @@ class TritonStrips:
         col_part = torch.empty((n_tm, b.shape[0]), dtype=torch.float32, device=a.device)
         dot = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
         total = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
+        w_arg, store_tma = self._out_operand(w, a, b)
         self._launch(
             _kernel_grad_kernel,
             a,
             b,
-            u.float().contiguous(),
-            v.float().contiguous(),
-            w,
+            u.float() * LOG2E,
+            v.float() * LOG2E,
+            w_arg,
             row_part,
             col_part,
             dot,
             total,
-            scalars=(inv_s2, log_z, g),
+            scalars=(inv_s2 * LOG2E, -log_z * LOG2E, g),
             SYMMETRIC=symmetric,
             WANT_DOT=want_dot,
             WANT_TOTAL=want_total,
+            STORE_TMA=store_tma,
         )
         return KernelStrip(
             w,
