@@ -62,7 +62,7 @@ SETTINGS: list[tuple[str, ...]] = [  # (X Y^T, X X^T / Y Y^T[, forward X Y^T]); 
     ("128x128x64:w8:s4:tma:p2", "128x128x64:w8:s4:tma:p2"),
     ("256x64x64:w8:s4:tma:p1", "128x128x64:w8:s3:tma"),
     ("128x64x64:w4:s3:tma", "128x128x64:w8:s3:tma:p1"),
-    ("128x128x64:w8:s4:tma:p1", "128x128x64:w4:s3:tma:p2", "128x128x64:w4:s3:tma:p2"),  # the defaults
+    ("128x128x64:w8:s4:tma:st:p1", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),  # the defaults
 ]
 
 

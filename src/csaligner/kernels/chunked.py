@@ -468,18 +468,20 @@ def kernel_term_grads(
     return da, None if symmetric else db, dot, total
 
 
-def mm_accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, with acc in float32/float64 and a, b possibly half precision.
+def mm_accumulate(acc: Tensor, a: Tensor, b: Tensor, beta: float = 1.0) -> None:
+    """acc = beta * acc + a @ b, with acc in float32/float64 and a, b possibly half precision.
 
     Half operands keep the tensor cores and accumulate into acc's precision without rounding the
     product to half first: on CUDA through `torch.addmm(..., out_dtype=float32)` (torch >= 2.9),
     elsewhere by upcasting (the interpreter tests on CPU).
     """
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif acc.is_cuda and acc.dtype == torch.float32 and _fp32_out_gemm():
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
     else:
+        if beta != 1.0:
+            acc.mul_(beta)
         acc += torch.mm(a.to(acc.dtype), b.to(acc.dtype))
 
 

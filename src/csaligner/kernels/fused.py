@@ -68,8 +68,11 @@ FORWARD_PAIR_TILES = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2)
 """The forward X Y^T kernel's tiles: one warpgroup per 128 x 128 tile and two programs per SM, so
 that one program's epilogue (two exps and three sums per logit) runs while the other's tensor-core
 products do (measured on an H100 at N = 65,536: 17.8 ms with 8 warps and one program, 13.8 ms so)."""
-SYMMETRIC_TILES = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2)
-"""The X X^T / Y Y^T kernels' tiles, for the same reason (22.8 ms -> 21.4-22.0 ms)."""
+SYMMETRIC_TILES = TritonStrips(block_k=32, num_warps=4, num_stages=4, programs_per_sm=2, tma_store=True)
+"""The X X^T / Y Y^T kernels' tiles, for the same reason. These write a weight strip, whose staging
+takes 32 KiB of shared memory: with 64-wide K steps two programs no longer fit in an SM, with 32-wide
+ones and four stages they do (H100, N = 65,536: 23.1 ms with 8 warps, 21.5 ms with 4 warps and
+64-wide steps, 20.2 ms so; docs/BENCHMARKS.md)."""
 BACKWARD_PAIR_TILES = TritonStrips(tma_store=True)
 """The backward X Y^T kernel's tiles: its epilogue needs too many registers for one warpgroup per
 tile (with 4 warps it spills and takes 81 ms instead of 25 ms), so 8 warps and one program per SM;
@@ -228,18 +231,19 @@ class _PairedInfoNCECS(torch.autograd.Function):
         eager: bool,
         identity: bool,
     ) -> tuple[Tensor, Tensor]:
-        # Host scalars, read once here: a read after the strips are queued would wait for all of them
-        # and leave the GPU idle while the caller builds the loss and starts the backward pass.
-        s, sigma_f = float(scale), float(sigma)
-        inv_s2 = 1.0 / sigma_f**2
         n, m = x.shape[0], y.shape[0]
         tiles, pair, _ = tile_set  # symmetric, forward X Y^T (, backward X Y^T)
-        (rho, u), (kappa, v) = _norm_terms(x, inv_s2), _norm_terms(y, inv_s2)
+        (rho, hx), (kappa, hy) = _norm_terms(x), _norm_terms(y)
+        # Host scalars, read in one transfer before any strip is queued: a read after them would wait
+        # for all of them and leave the GPU idle while the caller starts the backward pass.
+        s, sigma_f, max_inv_norms = torch.stack([scale, sigma, 1 / rho.min() + 1 / kappa.min()]).tolist()
+        inv_s2 = 1.0 / sigma_f**2
+        u, v = hx * -inv_s2, hy * -inv_s2  # -|a|^2 / (2 sigma^2)
         row_lse = torch.empty(n, dtype=torch.float32, device=x.device)
         col_lse = torch.full((m,), -math.inf, dtype=torch.float32, device=x.device)
         k_parts = []
         # Kernel logits >= -(|x| + |y|)^2 / (2 sigma^2): when that is >= -80, tiles need no max.
-        bounded = float(1 / rho.min() + 1 / kappa.min()) ** 2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
+        bounded = max_inv_norms**2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
         r2, u2, v2 = rho * (s * LOG2E), u * LOG2E, v * LOG2E  # base-2 logits in the kernels
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
@@ -287,8 +291,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
     def backward(ctx: Any, g_nce: Tensor, g_cs: Tensor) -> tuple[Tensor | None, ...]:
         x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z, pos_logit = ctx.saved_tensors
         s, inv_s2, (tiles, _, pair), rows = ctx.scale, ctx.inv_s2, ctx.tiles, ctx.rows
-        gn, gc = float(g_nce), float(g_cs)
-        lz_xy, lz_xx, lz_yy = (float(t) for t in log_z)
+        gn, gc, lz_xy, lz_xx, lz_yy = torch.cat([g_nce.reshape(1), g_cs.reshape(1), log_z]).tolist()  # one sync
         n, m = x.shape[0], y.shape[0]
         want_sigma = ctx.needs_input_grad[3]
         dots = torch.zeros(4, dtype=torch.float32, device=x.device)  # sum G l, sum W k for XY, XX, YY
@@ -305,9 +308,9 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 grad, dot = k
             # dD_CS/dl = g_cs, dl/d(x_i.x_j) = 1/sigma^2, x2 for W + W^T; the weights were exp(l - 0).
             factor = 2.0 * inv_s2 * gc * math.exp(-lz)
-            sym_grads.append(grad.mul_(factor))
+            sym_grads.append((grad, factor))  # scaled by the first X Y^T GEMM on it (beta), no extra pass
             dots[slot] = dot * factor
-        dx, dy = sym_grads  # float32 accumulators for the X Y^T strips below
+        (dx, fx), (dy, fy) = sym_grads  # float32 accumulators for the X Y^T strips below
         work = strip_dtype(x.dtype)
         xg, yg = x.to(work), y.to(work)  # GEMM operands in the strips' dtype (no copy for bf16/fp32)
         x_mass = torch.zeros(n, dtype=torch.float32, device=x.device)
@@ -329,8 +332,8 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 pair, x[r0:r1], y, r2[r0:r1], rho[r0:r1], kappa, u2[r0:r1], v2, row_a[r0:r1], col_b,
                 (s, s * LOG2E, inv_s2 * LOG2E, k_off * LOG2E, k_sign, w_row, w_col), one_exp, want_sigma,
             )  # fmt: skip
-            mm_accumulate(dx[r0:r1], h, yg)
-            mm_accumulate(dy, h.T, xg[r0:r1])
+            mm_accumulate(dx[r0:r1], h, yg, beta=fx)  # each row block of dx meets one strip
+            mm_accumulate(dy, h.T, xg[r0:r1], beta=fy if r0 == 0 else 1.0)
             x_mass[r0:r1] += r_mass
             y_mass += c_mass
             dots[:2] += d
@@ -405,11 +408,11 @@ def _positive_dots(x: Tensor, y: Tensor, pos_row: Tensor, identity: bool, rows: 
     return out
 
 
-def _norm_terms(a: Tensor, inv_s2: float) -> tuple[Tensor, Tensor]:
-    """(N,) 1 / max(|a_i|, 1e-12) (as F.normalize divides) and -|a_i|^2 / (2 sigma^2), float32,
-    from one pass over a (one float32 copy of a at a time)."""
+def _norm_terms(a: Tensor) -> tuple[Tensor, Tensor]:
+    """(N,) 1 / max(|a_i|, 1e-12) (as F.normalize divides) and |a_i|^2 / 2, float32, from one pass
+    over a (one float32 copy of a at a time)."""
     half_sq = _half_sq_norms(a, torch.float32)
-    return (2.0 * half_sq).sqrt_().clamp_min_(1e-12).reciprocal_(), half_sq * -inv_s2
+    return (2.0 * half_sq).sqrt().clamp_min_(1e-12).reciprocal_(), half_sq
 
 
 def fused_infonce_cs(
