@@ -476,7 +476,11 @@ def mm_accumulate(acc: Tensor, a: Tensor, b: Tensor, beta: float = 1.0) -> None:
     elsewhere by upcasting (the interpreter tests on CPU).
     """
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b, beta=beta)
+        # beta as a separate pass: on an H100, float32 addmm_ with beta != 1 on small shapes did not
+        # give the same bits twice (a retained graph's second backward differed); this did.
+        if beta != 1.0:
+            acc.mul_(beta)
+        acc.addmm_(a, b)
     elif acc.is_cuda and acc.dtype == torch.float32 and _fp32_out_gemm():
         torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
     else:
