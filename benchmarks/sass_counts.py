@@ -1,0 +1,156 @@
+"""Compile the fused loss's Gram kernels for an H100 (sm_90a) on a machine without a GPU and count
+their machine instructions: registers, spill stack, exps, float32 ops, all instructions.
+
+    python benchmarks/sass_counts.py
+
+Static counts of the whole kernel (a persistent kernel's tile body can appear more than once), so
+compare versions and tile settings with it, not against a profiler's executed counts. Triton's
+runtime wants a GPU to launch, so this swaps in a stand-in driver that reports compute capability
+9.0 and stops each launch after compiling; the cubin is read with Triton's bundled cuobjdump.
+Needs the Triton wheel's CUDA tools (triton >= 3.3); uses Triton internals, so a future Triton
+may break it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+TARGET = GPUTarget("cuda", 90, 32)
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+FP32_OPS = ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP")
+
+
+class _Stop(Exception):
+    """Raised after compiling, instead of launching."""
+
+
+class _Hopper:
+    """A stand-in for Triton's CUDA driver: enough for the JIT to pick sm_90 and compile."""
+
+    def get_current_target(self) -> GPUTarget:
+        return TARGET
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+_compiled: list[Any] = []
+
+
+def _compile_only(self: JITFunction, key, signature, device, constexprs, options, attrs, warmup):  # type: ignore[no-untyped-def]
+    from triton.compiler import ASTSource, compile
+
+    _compiled.append(compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__))
+    raise _Stop
+
+
+def compiled(launch: Callable[[], object]) -> Any:
+    """The CompiledKernel of the first kernel `launch` starts."""
+    _compiled.clear()
+    with contextlib.suppress(_Stop):
+        launch()
+    return _compiled[-1]
+
+
+def counts(kernel: Any) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        Path(path).write_bytes(kernel.asm["cubin"])
+        res = subprocess.run([TOOLS / "cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([TOOLS / "cuobjdump", "-sass", path], capture_output=True, text=True).stdout
+    ops: collections.Counter[str] = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]+)?", line)
+        if m:
+            ops[m.group(1) + (".EX2" if m.group(2) and m.group(2).startswith(".EX2") else "")] += 1
+    reg = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    return {
+        "registers": int(reg.group(1)) if reg else -1,
+        "stack bytes": int(stack.group(1)) if stack else -1,
+        "MUFU.EX2": ops["MUFU.EX2"],
+        "fp32 ops": sum(ops[k] for k in FP32_OPS),
+        "all": sum(ops.values()),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--n", type=int, default=65536)
+    p.add_argument("--dim", type=int, default=1024)
+    a = p.parse_args()
+    driver.set_active(_Hopper())  # type: ignore[arg-type]
+    JITFunction._do_compile = _compile_only  # type: ignore[method-assign]
+    from csaligner.kernels import triton_kernels as tk
+
+    tk._tma_ok = lambda t: True  # type: ignore[assignment]  # no device to ask
+    tk._multiprocessors = lambda device: 132  # type: ignore[assignment]
+    from csaligner.kernels.fused import (
+        BACKWARD_PAIR_TILES,
+        FORWARD_PAIR_TILES,
+        SYMMETRIC_TILES,
+        _pair_grad,
+        _pair_lse_kernel,
+    )
+
+    s, n, d = a.rows, a.n, a.dim
+    x, y = torch.zeros(s, d, dtype=torch.bfloat16), torch.zeros(n, d, dtype=torch.bfloat16)
+    vec = torch.zeros
+    wide = tk.TritonStrips()
+    rows = [
+        ("forward X Y^T", "FORWARD_PAIR_TILES", FORWARD_PAIR_TILES),
+        ("forward X Y^T", "8 warps, 1 program/SM", wide),
+        ("backward X Y^T", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
+        ("kernel weights (symmetric)", "SYMMETRIC_TILES", SYMMETRIC_TILES),
+        ("kernel weights (symmetric)", "8 warps, 1 program/SM", wide),
+    ]
+    print(f"Triton {triton.__version__}, sm_90a, strip {s} x {n}, D = {d}, bf16 (static counts)")
+    print("| kernel | tiles | registers | stack bytes | MUFU.EX2 | fp32 ops | all instructions |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for kernel, label, t in rows:
+        if kernel.startswith("forward"):
+
+            def launch(t: tk.TritonStrips = t) -> None:
+                n_tm, n_tn = t._tiles(x, y)
+                args = (x, y, vec(s), vec(n), vec(s), vec(n), vec(n_tn, s), vec(n_tm, n), vec(n_tm * n_tn))
+                t._launch(_pair_lse_kernel, *args, scalars=(20.0, 5.8), ONE_EXP=True, K_BOUNDED=True)
+
+        elif kernel.startswith("backward"):
+
+            def launch(t: tk.TritonStrips = t) -> None:
+                vectors = (vec(s), vec(s), vec(n), vec(s), vec(n), vec(s), vec(n))
+                _pair_grad(t, x, y, *vectors, (14.0, 20.0, 5.8, -29.0, 4.0, 1e-5, 1e-5), True, False)
+
+        else:
+
+            def launch(t: tk.TritonStrips = t) -> None:
+                t.kernel_grad(x, x, vec(s), vec(s), 4.0, 0.0, 1.0, True, False, True)
+
+        c = counts(compiled(launch))
+        print(f"| {kernel} | {label} | " + " | ".join(str(v) for v in c.values()) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
