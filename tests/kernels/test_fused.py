@@ -283,3 +283,23 @@ def test_tma_stores_and_a_tile_setting_per_kernel_match_dense(n: int, monkeypatc
     assert_grads_close(list(got), list(want), rtol=1e-4)
     # Every weight strip went through a descriptor (on CUDA float32 keeps pointers: see TritonStrips._grid).
     assert stores and (all(stores) or (CUDA and not any(stores)))
+
+
+@pytest.mark.parametrize("which", ["infonce", "cs"])
+def test_one_term_alone_backward_matches_dense(which: str) -> None:
+    """A zero incoming gradient for the other term (its weights drop out of the strip: the kernel
+    part's sign factor is 0, the InfoNCE part's weights are 0) still gives the dense gradients."""
+    x, y = feats(40, 16), feats(40, 16, shift=0.3)
+    s = torch.tensor(0.3, device=DEVICE, requires_grad=True)
+    t = torch.tensor(0.05, device=DEVICE, requires_grad=True)
+    got = dict(zip(("infonce", "cs"), fused_infonce_cs(x, y, t, s, tiles=SMALL, chunk_size=16), strict=True))
+    want = dict(zip(("infonce", "cs"), dense_pair(x, y, t, s), strict=True))
+    inputs = [x, y, t, s]
+    g = torch.autograd.grad(got[which], inputs, allow_unused=True)
+    w = torch.autograd.grad(want[which], inputs, allow_unused=True)
+    for a, b in zip(g, w, strict=True):
+        if b is None:
+            assert a is None or float(a.abs().max()) == 0.0
+        else:
+            assert a is not None
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4 * float(b.abs().max()))
