@@ -4,13 +4,15 @@ When the CS pools are the paired features themselves (no unpaired extras), InfoN
 s * x_i.y_j / (|x_i| |y_j|) and the cross kernel's logits -|x_i - y_j|^2 / (2 sigma^2) are two
 elementwise maps of the same dot products. `fused_infonce_cs` computes that Gram tile once:
 
-* forward: one kernel gives InfoNCE's row and column log-sum-exp partials and the cross kernel's
-  log-sum-exp partial from each tile; the symmetric X X^T and Y Y^T terms use the strip kernels of
-  `triton_kernels` (upper triangle only). When the features need gradients these write their
+* forward: one kernel gives InfoNCE's row and column partials and the cross kernel's partial from
+  each tile (sums of exps where no max offset is needed, else log-sum-exps); the symmetric X X^T
+  and Y Y^T terms use the strip kernels of `triton_kernels` (upper triangle only). When the
+  features need gradients these write their
   weight strips right away (offset 0, the diagonal's logit) and keep the (N, D) gradients, so the
   backward pass does not sweep X X^T and Y Y^T again (see `chunked.kernel_term_grads`).
 * backward: one kernel writes a single weight strip H = s rho_i kappa_j G_ij + W_ij / sigma^2
-  (G: InfoNCE's dL/dlogit, W: the kernel weights, rho/kappa: inverse norms) in bfloat16 for half
+  (G: InfoNCE's dL/dlogit without the positives' -pos_w, which the caller adds in float32 as a
+  sparse correction; W: the kernel weights; rho/kappa: inverse norms) in bfloat16 for half
   inputs, plus per-row and per-column corrections. Two cuBLAS GEMMs apply it:
 
       dX_i = sum_j H_ij y_j - x_i R_i,   dY_j = sum_i H_ij x_i - y_j C_j,

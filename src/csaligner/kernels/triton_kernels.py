@@ -8,11 +8,17 @@ bulk copy engine), and then
 
 * forward, InfoNCE: the tile's row and column log-sum-exp (max + sum of exp, i.e. one online step)
   go to small partial buffers (S x M/BLOCK_N and S/BLOCK_M x M), merged with `logsumexp`;
-* forward, kernel terms: one scalar log-sum-exp per tile;
+* forward, kernel terms: one scalar per tile, a plain sum of exps when every logit is known to lie
+  within 80 nats of 0 (the caller takes the log), else a log-sum-exp;
 * backward: the tile of weights dL/dlogit (softmax minus positives, or the kernel's softmax) is
   written to the (S, M) strip, plus a per-tile partial of sum(weight * logit) for the gradient of
   the temperature / bandwidth. cuBLAS then applies the strip with two matmuls (N x D gradients),
   which keeps any feature dimension D efficient without holding a (BLOCK_M, D) accumulator.
+
+Logits are formed in base 2 (log2(e) folded into the per-row and per-column vectors and scalars
+the host passes), so that each exp is a single MUFU.EX2 (`_exp2`); sizes that are multiples of the
+tile compile without any masks (EVEN). Weight strips can be written through tensor descriptors
+(`TritonStrips.tma_store`). docs/BENCHMARKS.md has the measurements behind each of these.
 
 The symmetric XX^T and YY^T terms compute only the tiles on or above the diagonal: tiles below
 it skip their dot products (zero weights, neutral partials), diagonal tiles are weighted 1/2
