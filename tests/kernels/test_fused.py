@@ -303,3 +303,38 @@ def test_one_term_alone_backward_matches_dense(which: str) -> None:
         else:
             assert a is not None
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "temperature"), [(torch.bfloat16, 0.07), (torch.float32, 0.07), (torch.float32, 0.01)]
+)
+def test_well_aligned_pairs_keep_their_small_gradients(dtype: torch.dtype, temperature: float) -> None:
+    """At a low loss the softmax at a positive is ~its weight and the gradient is their small
+    difference: it must be formed before any rounding (a bf16 strip holding the softmax alone,
+    corrected afterwards, lost half of it), and the temperature gradient with it."""
+    g = torch.Generator().manual_seed(0)
+    x0 = F.normalize(torch.randn(64, 32, generator=g), dim=-1)
+    y0 = F.normalize(x0 + 0.2 * torch.randn(64, 32, generator=g) / 32**0.5, dim=-1)
+    x, y = x0.to(DEVICE, dtype).requires_grad_(), y0.to(DEVICE, dtype).requires_grad_()
+    t = torch.tensor(temperature, device=DEVICE, requires_grad=True)
+    nce, _ = fused_infonce_cs(x, y, t, 1.0, tiles=SMALL, chunk_size=32)
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    t64 = torch.tensor(temperature, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    gx, gt = torch.autograd.grad(nce, [x, t])
+    wx, wt = torch.autograd.grad(info_nce(x64, y64, t64), [x64, t64])
+    assert float((gx.double() - wx).abs().max()) <= 2e-2 * float(wx.abs().max())
+    assert float(gt) == pytest.approx(float(wt), rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3, -0.7])
+def test_small_sigma_cs_gradient_does_not_depend_on_the_loss_weight(weight: float) -> None:
+    """sigma = 0.02: logits of -2500 nats. The backward's weights use the forward's own base-2
+    log-sum (not one rebuilt from nats, nor with the loss weight folded into the exponent)."""
+    x0, y0 = feats(45, 16).detach(), feats(45, 16).detach()
+    x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+    _, cs = fused_infonce_cs(x, y, 0.07, 0.02, tiles=SMALL, chunk_size=16)
+    x64, y64 = x0.double().requires_grad_(), y0.double().requires_grad_()
+    got = torch.autograd.grad(weight * cs, [x, y])
+    want = torch.autograd.grad(weight * cs_divergence(x64, y64, 0.02), [x64, y64])
+    for a, b in zip(got, want, strict=True):
+        assert float((a.double() - b).abs().max()) <= 1e-6 * float(b.abs().max())

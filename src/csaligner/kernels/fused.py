@@ -50,6 +50,7 @@ from csaligner.kernels.chunked import (
 )
 from csaligner.kernels.triton_kernels import (
     _LN2,
+    LN2,
     LOG2E,
     TritonStrips,
     _cast_out,
@@ -120,20 +121,21 @@ def _pair_lse_tile(
         t = tl.where(valid, t, float("-inf"))
         k = tl.where(valid, k, float("-inf"))
     # Partials: linear sums where no max offset is needed (the caller takes the logs: a log per
-    # column here would be a polynomial per element of the tile), else log-sum-exps in nats.
+    # column here would be a polynomial per element of the tile), else log2-sum-exp2s. Both stay in
+    # base 2 up to the loss value, so the backward's offsets match these logits to the last bits.
     if ONE_EXP:
         e = _exp2(t)
         r_part = tl.sum(e, 1)
         c_part = tl.sum(e, 0)
     else:
-        r_part = _lse2(t, 1) * _LN2
-        c_part = _lse2(t, 0) * _LN2
+        r_part = _lse2(t, 1)
+        c_part = _lse2(t, 0)
     tl.store(ROW_PART + tn * n_a + rows, r_part, mask=rows < n_a)
     tl.store(COL_PART + tm * n_b + cols, c_part, mask=cols < n_b)
     if K_BOUNDED:  # noqa: SIM108 (every kernel logit lies in [-80, 0] nats: sum exp directly, no max)
         k_part = tl.sum(tl.sum(_exp2(k), 1), 0)
     else:
-        k_part = _lse2(tl.reshape(k, (BM * BN,)), 0) * _LN2
+        k_part = _lse2(tl.reshape(k, (BM * BN,)), 0)
     tl.store(K_PART + tm * n_tn + tn, k_part)
 
 
@@ -157,32 +159,41 @@ def _pair_lse_kernel(
 @triton.jit
 def _pair_grad_tile(
     pid,
-    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, s, s2, c2, k_off, k_sign, w_row, w_col, n_tm, n_tn,
+    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
+    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, DIAGONAL: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     t_off = -s2 if ONE_EXP else 0.0
-    t, k = _pair_logits2(
-        X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, k_off, BM, BN, BK, PREC, UPCAST, TMA
-    )
+    t, k = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, 0.0, BM, BN, BK, PREC, UPCAST, TMA)
     row_a = tl.load(ROW_A + rows, mask=rows < n_a, other=0.0)
     col_b = tl.load(COL_B + cols, mask=cols < n_b, other=0.0)
     if ONE_EXP:  # exp(l - r_i) = exp(l - s) exp(s - r_i): row_a = w_row exp(s - r), col_b = w_col exp(s - c)
         g = _exp2(t) * (row_a[:, None] + col_b[None, :])
     else:  # row_a, col_b: the log-sum-exps times log2(e)
         g = w_row * _exp2(t - row_a[:, None]) + w_col * _exp2(t - col_b[None, :])
-    w = _exp2(k)  # |g_k| exp(kernel logit - log_z); its sign and 1 / sigma^2 are in k_sign
+    # The positives' -pos_w, in float32 before anything is rounded: at a low loss the softmax at a
+    # positive is ~pos_w, and only the difference may reach the bf16 strip (and sum(G l)).
+    if DIAGONAL:  # positive of column j is row j - r0 (strip-local): only tiles on the diagonal hold one
+        if (r0 + tm * BM < tn * BN + BN) & (tn * BN < r0 + tm * BM + BM):
+            pw = tl.load(POS_W + r0 + rows, mask=(rows < n_a) & (r0 + rows < n_b), other=0.0)
+            g = tl.where((r0 + rows)[:, None] == cols[None, :], g - pw[:, None], g)
+    else:  # any rows: POS_ROW[j] is column j's strip-local positive row or -1
+        pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
+        if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:
+            pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
+            g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)
+    w = _exp2(k + k_off)  # exp(kernel logit - log_z); g_k / sigma^2 is k_scale
     if not EVEN:
         valid = _valid(rows, cols, n_a, n_b)
         g = tl.where(valid, g, 0.0)
         w = tl.where(valid, w, 0.0)
     rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
-    nce = g * (s * rho)[:, None] * kappa[None, :]  # dL/d(x_i.y_j) from InfoNCE (positives: by the caller)
-    stored = _cast_out(H, nce + k_sign * w, STORE_TMA)
+    nce = g * (s * rho)[:, None] * kappa[None, :]  # dL/d(x_i.y_j) from InfoNCE
+    stored = _cast_out(H, nce + k_scale * w, STORE_TMA)
     _store_tile(H, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA)
     resid = stored.to(tl.float32) - nce  # the kernel mass as stored, rounding included
     gl = g * (t * _LN2 - t_off * _LN2)  # G times the natural InfoNCE logit
@@ -190,29 +201,29 @@ def _pair_grad_tile(
     tl.store(ROW_PART + tn * n_a + rows, tl.sum(resid, 1) + rho * rho * row_gl, mask=rows < n_a)
     tl.store(COL_PART + tm * n_b + cols, tl.sum(resid + (kappa * kappa)[None, :] * gl, 0), mask=cols < n_b)
     tl.store(DOT_PART + 2 * (tm * n_tn + tn), tl.sum(row_gl, 0))
-    if WANT_SIGMA:  # sum of |W| times the natural kernel logit (k - k_off) ln 2
-        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, tl.sum(tl.sum(w * (k - k_off), 1), 0) * _LN2)
+    if WANT_SIGMA:  # sum of the weights times the natural kernel logit k ln 2 (k is offset-free)
+        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, tl.sum(tl.sum(w * k, 1), 0) * _LN2)
     else:
         tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, 0.0)
 
 
 @triton.jit
 def _pair_grad_kernel(
-    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, s, s2, c2, k_off, k_sign, w_row, w_col, n_tm, n_tn,
+    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
+    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, DIAGONAL: tl.constexpr,
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _pair_grad_tile(pid, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, H, ROW_PART, COL_PART, DOT_PART,
-                n_a, n_b, dim, s, s2, c2, k_off, k_sign, w_row, w_col, n_tm, n_tn, BM, BN, BK, GROUP_M,
-                PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA)  # fmt: skip
+            _pair_grad_tile(pid, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART,
+                DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK, GROUP_M,
+                PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, DIAGONAL)  # fmt: skip
     else:
-        _pair_grad_tile(tl.program_id(0), X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, H, ROW_PART, COL_PART,
-            DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_sign, w_row, w_col, n_tm, n_tn, BM, BN, BK, GROUP_M,
-            PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA)  # fmt: skip
+        _pair_grad_tile(tl.program_id(0), X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART,
+            COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK,
+            GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, DIAGONAL)  # fmt: skip
 
 
 class _PairedInfoNCECS(torch.autograd.Function):
@@ -241,12 +252,14 @@ class _PairedInfoNCECS(torch.autograd.Function):
         s, sigma_f, max_inv_norms = torch.stack([scale, sigma, 1 / rho.min() + 1 / kappa.min()]).tolist()
         inv_s2 = 1.0 / sigma_f**2
         u, v = hx * -inv_s2, hy * -inv_s2  # -|a|^2 / (2 sigma^2)
-        row_lse = torch.empty(n, dtype=torch.float32, device=x.device)
-        col_lse = torch.full((m,), -math.inf, dtype=torch.float32, device=x.device)
-        k_parts = []
+        s2 = s * LOG2E
+        row_lse2 = torch.empty(n, dtype=torch.float32, device=x.device)  # log-sum-exps in base 2
+        col_lse2 = torch.full((m,), -math.inf, dtype=torch.float32, device=x.device)
+        k_parts2 = []
         # Kernel logits >= -(|x| + |y|)^2 / (2 sigma^2): when that is >= -80, tiles need no max.
         bounded = max_inv_norms**2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
-        r2, u2, v2 = rho * (s * LOG2E), u * LOG2E, v * LOG2E  # base-2 logits in the kernels
+        one_exp = s <= MAX_ONE_EXP_SCALE  # the InfoNCE partials are sums of 2^(l log2(e) - s2)
+        r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # base-2 logits in the kernels
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             n_tm, n_tn = pair._tiles(x[r0:r1], y)
@@ -255,17 +268,18 @@ class _PairedInfoNCECS(torch.autograd.Function):
             k_part = torch.empty(n_tm * n_tn, dtype=torch.float32, device=x.device)
             pair._launch(
                 _pair_lse_kernel, x[r0:r1], y, r2[r0:r1], kappa, u2[r0:r1], v2, row_part, col_part, k_part,
-                scalars=(s * LOG2E, inv_s2 * LOG2E), ONE_EXP=s <= MAX_ONE_EXP_SCALE, K_BOUNDED=bounded,
+                scalars=(s2, inv_s2 * LOG2E), ONE_EXP=one_exp, K_BOUNDED=bounded,
             )  # fmt: skip
-            one_exp = s <= MAX_ONE_EXP_SCALE  # the partials are sums of exp(l - s), else log-sum-exps
-            row_lse[r0:r1] = row_part.sum(0).log_().add_(s) if one_exp else torch.logsumexp(row_part, 0)
-            strip_col = col_part.sum(0).log_().add_(s) if one_exp else torch.logsumexp(col_part, 0)
-            torch.logaddexp(col_lse, strip_col, out=col_lse)
-            k_parts.append(k_part.sum().log() if bounded else torch.logsumexp(k_part, 0))
+            row_lse2[r0:r1] = row_part.sum(0).log2_().add_(s2) if one_exp else _logsumexp2(row_part, 0)
+            strip_col = col_part.sum(0).log2_().add_(s2) if one_exp else _logsumexp2(col_part, 0)
+            torch.logaddexp2(col_lse2, strip_col, out=col_lse2)
+            k_parts2.append(k_part.sum().log2() if bounded else _logsumexp2(k_part, 0))
+        lz2_xy = _logsumexp2(torch.stack(k_parts2), 0)
+        row_lse, col_lse = row_lse2 * LN2, col_lse2 * LN2
         # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
         # diagonal's 0, a known offset) and keeps sum_j (W + W^T)_ij (x_j - x_i) for the backward.
         ctx.kept = []
-        sums = [torch.logsumexp(torch.stack(k_parts), 0)]
+        sums = [lz2_xy * LN2]
         for a, sq in ((x, u), (y, v)):
             if eager:
                 grad, _, dot, total = kernel_term_grads(
@@ -283,7 +297,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         pos_logit = _positive_dots(x, y, pos_row, identity) * rho[pos_row] * kappa * s
         info_nce = 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
         cs = log_z[1] + log_z[2] - 2.0 * log_z[0]  # the log(N M) normalisers cancel
-        ctx.save_for_backward(x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z, pos_logit)
+        ctx.save_for_backward(x, y, rho, kappa, u, v, row_lse2, col_lse2, pos_row, pos_w, log_z, lz2_xy)
         ctx.identity = identity
         ctx.scale, ctx.inv_s2, ctx.sigma, ctx.tiles, ctx.rows = s, inv_s2, sigma_f, tile_set, rows
         return info_nce, cs
@@ -291,9 +305,10 @@ class _PairedInfoNCECS(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def backward(ctx: Any, g_nce: Tensor, g_cs: Tensor) -> tuple[Tensor | None, ...]:
-        x, y, rho, kappa, u, v, row_lse, col_lse, pos_row, pos_w, log_z, pos_logit = ctx.saved_tensors
+        x, y, rho, kappa, u, v, row_lse2, col_lse2, pos_row, pos_w, log_z, lz2_xy = ctx.saved_tensors
         s, inv_s2, (tiles, _, pair), rows = ctx.scale, ctx.inv_s2, ctx.tiles, ctx.rows
-        gn, gc, lz_xy, lz_xx, lz_yy = torch.cat([g_nce.reshape(1), g_cs.reshape(1), log_z]).tolist()  # one sync
+        scalars = torch.cat([g_nce.reshape(1), g_cs.reshape(1), log_z[1:], lz2_xy.reshape(1)])
+        gn, gc, lz_xx, lz_yy, lz2 = scalars.tolist()  # one sync
         n, m = x.shape[0], y.shape[0]
         want_sigma = ctx.needs_input_grad[3]
         dots = torch.zeros(4, dtype=torch.float32, device=x.device)  # sum G l, sum W k for XY, XX, YY
@@ -320,33 +335,31 @@ class _PairedInfoNCECS(torch.autograd.Function):
         # Per-row and per-column vectors of the strip kernel (base-2 logits, see _pair_grad_tile).
         w_row, w_col, g_k = 0.5 * gn / n, 0.5 * gn / m, -2.0 * gc
         one_exp = s <= MAX_ONE_EXP_SCALE
-        if one_exp:
-            row_a, col_b = w_row * torch.exp(s - row_lse), w_col * torch.exp(s - col_lse)
+        s2 = s * LOG2E
+        if one_exp:  # exp(l - r) = 2^(t) 2^(s2 - r2), t the kernel's offset base-2 logit
+            row_a, col_b = w_row * torch.exp2(s2 - row_lse2), w_col * torch.exp2(s2 - col_lse2)
         else:
-            row_a, col_b = row_lse * LOG2E, col_lse * LOG2E
-        # |g_k| exp(l - log_z) = 2^(log2(e) l + k_off2); g_k's sign and 1 / sigma^2 multiply in-kernel.
-        k_off = (math.log(abs(g_k)) if g_k else 0.0) - lz_xy
-        k_sign = math.copysign(inv_s2, g_k) if g_k else 0.0
-        r2, u2, v2 = rho * (s * LOG2E), (u + k_off) * LOG2E, v * LOG2E
+            row_a, col_b = row_lse2, col_lse2
+        # The kernel weights exp(l - log_z) = 2^(log2(e) l - lz2), with the forward's own lz2 (exactly
+        # the offset its logits were summed under); g_k / sigma^2 multiplies in-kernel (k_scale).
+        k_off2, k_scale = -lz2, g_k * inv_s2
+        r2, u2, v2 = rho * (s * LOG2E), u * LOG2E, v * LOG2E  # the forward's vectors: the same logits
+        pw = (pos_w * gn).float().contiguous()
+        pos32 = pos_row.to(torch.int32)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
+            local = pos32 if ctx.identity else torch.where((pos32 >= r0) & (pos32 < r1), pos32 - r0, -1)
             h, r_mass, c_mass, d = _pair_grad(
-                pair, x[r0:r1], y, r2[r0:r1], rho[r0:r1], kappa, u2[r0:r1], v2, row_a[r0:r1], col_b,
-                (s, s * LOG2E, inv_s2 * LOG2E, k_off * LOG2E, k_sign, w_row, w_col), one_exp, want_sigma,
+                pair, x[r0:r1], y, r2[r0:r1], rho[r0:r1], kappa, u2[r0:r1], v2, row_a[r0:r1], col_b, local, pw,
+                (s, s2, inv_s2 * LOG2E, k_off2, k_scale, w_row, w_col, r0), one_exp, want_sigma,
+                ctx.identity,
             )  # fmt: skip
             mm_accumulate(dx[r0:r1], h, yg, beta=fx)  # each row block of dx meets one strip
             mm_accumulate(dy, h.T, xg[r0:r1], beta=fy if r0 == 0 else 1.0)
             x_mass[r0:r1] += r_mass
             y_mass += c_mass
             dots[:2] += d
-        dots[1] *= k_sign / inv_s2  # the strips summed |W| l: W's sign
-        # The positives, -pw_j at (p_j, j) of G, stay out of the strips: applied here in float32.
-        pos_g = -(pos_w * gn).float()
-        _positive_grads(x, y, pos_row, pos_g * s * rho[pos_row] * kappa, dx, dy, identity=ctx.identity)
-        pos_gl = pos_g * pos_logit
-        x_mass.index_add_(0, pos_row, pos_gl * rho[pos_row] ** 2)
-        y_mass += pos_gl * kappa**2
-        dots[0] += pos_gl.sum()
+        dots[1] *= g_k  # the strips summed exp(l - log_z) l
         dx.addcmul_(x_mass.unsqueeze(1), x, value=-1.0)
         dy.addcmul_(y_mass.unsqueeze(1), y, value=-1.0)
         d_scale = dots[0] / s if ctx.needs_input_grad[2] else None  # logits are linear in the scale
@@ -366,11 +379,17 @@ def _pair_grad(
     v2: Tensor,
     row_a: Tensor,
     col_b: Tensor,
+    pos_row: Tensor,
+    pos_w: Tensor,
     scalars: tuple[float, ...],
     one_exp: bool,
     want_sigma: bool,
+    diagonal: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum |W| k)."""
+    """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum |W| k).
+
+    Positives: with `diagonal`, column j's positive is the strip's row j - r0 (r0, the strip's
+    first row, is the last of `scalars`); else pos_row[j] is its strip-local row or -1."""
     n_tm, n_tn = tiles._tiles(x, y)
     h = torch.empty((x.shape[0], y.shape[0]), dtype=strip_dtype(x.dtype), device=x.device)
     row_part = torch.empty((n_tn, x.shape[0]), dtype=torch.float32, device=x.device)
@@ -378,26 +397,17 @@ def _pair_grad(
     dots = torch.empty((n_tm * n_tn, 2), dtype=torch.float32, device=x.device)
     h_arg, store_tma = tiles._out_operand(h, x, y)
     tiles._launch(
-        _pair_grad_kernel, x, y, r2, rho, kappa, u2, v2, row_a, col_b, h_arg, row_part, col_part, dots,
-        scalars=scalars, ONE_EXP=one_exp, WANT_SIGMA=want_sigma, STORE_TMA=store_tma,
+        _pair_grad_kernel, x, y, r2, rho, kappa, u2, v2, row_a, col_b, pos_row, pos_w, h_arg, row_part, col_part,
+        dots, scalars=scalars, ONE_EXP=one_exp, WANT_SIGMA=want_sigma, STORE_TMA=store_tma, DIAGONAL=diagonal,
     )  # fmt: skip
     return h, row_part.sum(0), col_part.sum(0), dots.sum(0)
 
 
-def _positive_grads(
-    x: Tensor, y: Tensor, pos_row: Tensor, coef: Tensor, dx: Tensor, dy: Tensor, identity: bool, rows: int = 8192
-) -> None:
-    """dx[pos_row[j]] += coef_j y_j and dy_j += coef_j x[pos_row[j]] in float32; in place when the
-    positives are the diagonal (`identity`), else a few thousand rows at a time."""
-    if identity:
-        dx.addcmul_(coef.unsqueeze(1), y)
-        dy.addcmul_(coef.unsqueeze(1), x)
-        return
-    for r0 in range(0, y.shape[0], rows):
-        sl = slice(r0, r0 + rows)
-        c = coef[sl].unsqueeze(1)
-        dx.index_add_(0, pos_row[sl], c * y[sl].float())
-        dy[sl] += c * x[pos_row[sl]].float()
+def _logsumexp2(p: Tensor, dim: int) -> Tensor:
+    """log2 sum 2^p along dim (all -inf gives -inf)."""
+    m = p.amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (m + torch.exp2(p - m).sum(dim, keepdim=True).log2()).squeeze(dim)
 
 
 def _positive_dots(x: Tensor, y: Tensor, pos_row: Tensor, identity: bool, rows: int = 8192) -> Tensor:
