@@ -11,9 +11,9 @@ elementwise maps of the same dot products. `fused_infonce_cs` computes that Gram
   weight strips right away (offset 0, the diagonal's logit) and keep the (N, D) gradients, so the
   backward pass does not sweep X X^T and Y Y^T again (see `chunked.kernel_term_grads`).
 * backward: one kernel writes a single weight strip H = s rho_i kappa_j G_ij + W_ij / sigma^2
-  (G: InfoNCE's dL/dlogit without the positives' -pos_w, which the caller adds in float32 as a
-  sparse correction; W: the kernel weights; rho/kappa: inverse norms) in bfloat16 for half
-  inputs, plus per-row and per-column corrections. Two cuBLAS GEMMs apply it:
+  (G: InfoNCE's dL/dlogit, the positives' -pos_w included in float32 before rounding; W: the
+  kernel weights; rho/kappa: inverse norms) in bfloat16 for half inputs, plus per-row and
+  per-column corrections. Two cuBLAS GEMMs apply it:
 
       dX_i = sum_j H_ij y_j - x_i R_i,   dY_j = sum_i H_ij x_i - y_j C_j,
 
