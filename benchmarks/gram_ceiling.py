@@ -125,12 +125,12 @@ def main() -> None:
     report("forward X Y^T (FORWARD_PAIR_TILES)", timed(forward, a.repeats))
     row_a = torch.full((s_rows,), 1e-9, device=device)
     col_b = torch.full((a.n,), 1e-9, device=device)
-    k_off2 = -20.0 * LOG2E
-    grad_args = (xs, y, r2[:s_rows], rho[:s_rows], kappa, u2[:s_rows] + k_off2, v2, row_a, col_b)
-    scalars = (s, s * LOG2E, inv_s2 * LOG2E, k_off2, -inv_s2, 1e-5, 1e-5)
+    positives = (torch.arange(a.n, device=device, dtype=torch.int32), torch.full((a.n,), 1e-5, device=device))
+    grad_args = (xs, y, r2[:s_rows], rho[:s_rows], kappa, u2[:s_rows], v2, row_a, col_b, *positives)
+    scalars = (s, s * LOG2E, inv_s2 * LOG2E, -20.0 * LOG2E, -0.02 * inv_s2, 1e-5, 1e-5, 0)
 
-    def backward() -> None:
-        _pair_grad(BACKWARD_PAIR_TILES, *grad_args, scalars, True, False)
+    def backward() -> None:  # the first strip: positives on its diagonal tiles
+        _pair_grad(BACKWARD_PAIR_TILES, *grad_args, scalars, True, False, True)
 
     report("backward X Y^T (BACKWARD_PAIR_TILES)", timed(backward, a.repeats))
 

@@ -157,15 +157,14 @@ def _pair_lse_kernel(
 
 
 @triton.jit
-def _pair_grad_tile(
-    pid,
+def _pair_grad_body(
+    tm, tn, rows, cols,
     X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, DIAGONAL: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POS_STEP: tl.constexpr,
 ):  # fmt: skip
-    tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     t_off = -s2 if ONE_EXP else 0.0
     t, k = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, 0.0, BM, BN, BK, PREC, UPCAST, TMA)
     row_a = tl.load(ROW_A + rows, mask=rows < n_a, other=0.0)
@@ -175,12 +174,11 @@ def _pair_grad_tile(
     else:  # row_a, col_b: the log-sum-exps times log2(e)
         g = w_row * _exp2(t - row_a[:, None]) + w_col * _exp2(t - col_b[None, :])
     # The positives' -pos_w, in float32 before anything is rounded: at a low loss the softmax at a
-    # positive is ~pos_w, and only the difference may reach the bf16 strip (and sum(G l)).
-    if DIAGONAL:  # positive of column j is row j - r0 (strip-local): only tiles on the diagonal hold one
-        if (r0 + tm * BM < tn * BN + BN) & (tn * BN < r0 + tm * BM + BM):
-            pw = tl.load(POS_W + r0 + rows, mask=(rows < n_a) & (r0 + rows < n_b), other=0.0)
-            g = tl.where((r0 + rows)[:, None] == cols[None, :], g - pw[:, None], g)
-    else:  # any rows: POS_ROW[j] is column j's strip-local positive row or -1
+    # positive is ~pos_w, and only their difference may reach the bf16 strip (and sum(G l)).
+    if POS_STEP == 1:  # a diagonal tile: column j's positive is the strip's row j - r0
+        pw = tl.load(POS_W + r0 + rows, mask=(rows < n_a) & (r0 + rows < n_b), other=0.0)
+        g = tl.where((r0 + rows)[:, None] == cols[None, :], g - pw[:, None], g)
+    elif POS_STEP == 2:  # POS_ROW[j]: column j's strip-local positive row, or -1
         pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
         if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:
             pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
@@ -208,22 +206,56 @@ def _pair_grad_tile(
 
 
 @triton.jit
+def _pair_grad_tile(
+    pid,
+    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
+    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
+):  # fmt: skip
+    """POSITIVES: 0, every tile without positives; 1, tile `pid` of the strip's diagonal (which
+    holds them all) again, positives applied, overwriting what 0 wrote there; 2, any tile,
+    positives from POS_ROW. 0 then 1 keeps the extra registers of the positives off the main
+    launch (its tiles would spill) for the cost of recomputing one tile in N / 128."""
+    if POSITIVES == 1:
+        tm = pid
+        tn = pid + r0 // BN
+        rows = tm * BM + tl.arange(0, BM)
+        cols = tn * BN + tl.arange(0, BN)
+        _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
+            ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
+            BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, 1)  # fmt: skip
+    else:
+        tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
+        if POSITIVES == 2:
+            _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
+                ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
+                BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, 2)  # fmt: skip
+        else:
+            _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
+                ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
+                BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, 0)  # fmt: skip
+
+
+@triton.jit
 def _pair_grad_kernel(
     X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
     n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, DIAGONAL: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
 ):  # fmt: skip
+    n_tiles = n_tm if POSITIVES == 1 else n_tm * n_tn
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
-        for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
+        for pid in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
             _pair_grad_tile(pid, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART,
                 DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK, GROUP_M,
-                PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, DIAGONAL)  # fmt: skip
+                PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
     else:
         _pair_grad_tile(tl.program_id(0), X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART,
             COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK,
-            GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, DIAGONAL)  # fmt: skip
+            GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
 
 
 class _PairedInfoNCECS(torch.autograd.Function):
@@ -348,7 +380,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         pos32 = pos_row.to(torch.int32)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            local = pos32 if ctx.identity else torch.where((pos32 >= r0) & (pos32 < r1), pos32 - r0, -1)
+            local = torch.where((pos32 >= r0) & (pos32 < r1), pos32 - r0, -1)
             h, r_mass, c_mass, d = _pair_grad(
                 pair, x[r0:r1], y, r2[r0:r1], rho[r0:r1], kappa, u2[r0:r1], v2, row_a[r0:r1], col_b, local, pw,
                 (s, s2, inv_s2 * LOG2E, k_off2, k_scale, w_row, w_col, r0), one_exp, want_sigma,
@@ -388,18 +420,29 @@ def _pair_grad(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum |W| k).
 
-    Positives: with `diagonal`, column j's positive is the strip's row j - r0 (r0, the strip's
-    first row, is the last of `scalars`); else pos_row[j] is its strip-local row or -1."""
+    Positives: pos_row[j] is column j's strip-local positive row or -1; with `diagonal` it is
+    j - r0 (r0, the strip's first row, is the last of `scalars`), and square tiles take them from
+    the diagonal tiles alone."""
     n_tm, n_tn = tiles._tiles(x, y)
     h = torch.empty((x.shape[0], y.shape[0]), dtype=strip_dtype(x.dtype), device=x.device)
     row_part = torch.empty((n_tn, x.shape[0]), dtype=torch.float32, device=x.device)
     col_part = torch.empty((n_tm, y.shape[0]), dtype=torch.float32, device=x.device)
     dots = torch.empty((n_tm * n_tn, 2), dtype=torch.float32, device=x.device)
     h_arg, store_tma = tiles._out_operand(h, x, y)
-    tiles._launch(
-        _pair_grad_kernel, x, y, r2, rho, kappa, u2, v2, row_a, col_b, pos_row, pos_w, h_arg, row_part, col_part,
-        dots, scalars=scalars, ONE_EXP=one_exp, WANT_SIGMA=want_sigma, STORE_TMA=store_tma, DIAGONAL=diagonal,
-    )  # fmt: skip
+    args = (r2, rho, kappa, u2, v2, row_a, col_b, pos_row, pos_w, h_arg, row_part, col_part, dots)
+
+    def launch(positives: int, n_tiles: int | None = None) -> None:
+        tiles._launch(
+            _pair_grad_kernel, x, y, *args, scalars=scalars, n_tiles=n_tiles, ONE_EXP=one_exp,
+            WANT_SIGMA=want_sigma, STORE_TMA=store_tma, POSITIVES=positives,
+        )  # fmt: skip
+
+    r0 = int(scalars[-1])
+    if diagonal and tiles.block_m == tiles.block_n and r0 % tiles.block_m == 0:
+        launch(0)  # every tile, without positives
+        launch(1, n_tiles=n_tm)  # the diagonal tiles again, with their positives
+    else:
+        launch(2)
     return h, row_part.sum(0), col_part.sum(0), dots.sum(0)
 
 

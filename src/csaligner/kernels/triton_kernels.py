@@ -424,10 +424,20 @@ class TritonStrips:
         programs = min(n_tiles, per_sm * _multiprocessors(a.device)) if per_sm else n_tiles
         return programs, tma, per_sm > 0
 
-    def _launch(self, kernel: triton.JITFunction, a: Tensor, b: Tensor, *args: object, **meta: object) -> None:
+    def _launch(
+        self,
+        kernel: triton.JITFunction,
+        a: Tensor,
+        b: Tensor,
+        *args: object,
+        n_tiles: int | None = None,
+        **meta: object,
+    ) -> None:
+        """Launch over the (a rows) x (b rows) tiles, or over `n_tiles` of them (a kernel that maps
+        its own few tiles)."""
         n_tm, n_tn = self._tiles(a, b)
         half = a.dtype in (torch.bfloat16, torch.float16)
-        programs, tma, persistent = self._grid(n_tm * n_tn, a, b)
+        programs, tma, persistent = self._grid(n_tm * n_tn if n_tiles is None else n_tiles, a, b)
         if tma:  # descriptors of the (BM, BK) / (BN, BK) blocks the K loop reads
             a_op, b_op = _descriptor(a, self.block_m, self.block_k), _descriptor(b, self.block_n, self.block_k)
         else:
