@@ -142,7 +142,7 @@ def main() -> None:
             def launch(t: tk.TritonStrips = t) -> None:
                 vectors = (vec(s), vec(s), vec(n), vec(s), vec(n), vec(s), vec(n))
                 positives = (torch.zeros(n, dtype=torch.int32), vec(n))
-                scalars = (14.0, 20.0, 5.8, -29.0, 4.0, 1e-5, 1e-5, 4096)
+                scalars = (14.0, 20.0, 5.8, -29.0, 4.0, 1e-5, 1e-5, 0)  # the first strip
                 _pair_grad(t, x, y, *vectors, *positives, scalars, True, False, True)
 
         else:

@@ -338,3 +338,35 @@ def test_small_sigma_cs_gradient_does_not_depend_on_the_loss_weight(weight: floa
     want = torch.autograd.grad(weight * cs_divergence(x64, y64, 0.02), [x64, y64])
     for a, b in zip(got, want, strict=True):
         assert float((a.double() - b).abs().max()) <= 1e-6 * float(b.abs().max())
+
+
+@pytest.mark.parametrize("tiles", VARIANTS, ids=lambda t: f"tma{int(t.tma)}-pps{t.programs_per_sm}")
+def test_diagonal_positives_two_launches_with_descriptor_stores(tiles: TritonStrips) -> None:
+    """Positives on the diagonal with square tiles: the backward's main launch writes every tile
+    without them, a second launch rewrites the diagonal tiles with them (through tensor-descriptor
+    stores here, as the default backward tiles do)."""
+    x, y = feats(48, 16), feats(48, 16, shift=0.3)
+    s = torch.tensor(0.4, device=DEVICE, requires_grad=True)
+    t = torch.tensor(0.05, device=DEVICE, requires_grad=True)
+    nce, cs = fused_infonce_cs(x, y, t, s, tiles=replace(tiles, tma_store=True), chunk_size=32)
+    w_nce, w_cs = dense_pair(x, y, t, s)
+    inputs = [x, y, t, s]
+    got = torch.autograd.grad(nce + 0.3 * cs, inputs)
+    want = torch.autograd.grad(w_nce + 0.3 * w_cs, inputs)
+    assert_grads_close(list(got), list(want), rtol=1e-4)
+
+
+def test_positives_in_a_tiles_first_and_last_rows() -> None:
+    """Several captions per image: with 16-row tiles, texts 16..31 have one positive among images
+    0..15 (image 15, a tile's last row) and texts 0..15 one among images 16..31 (image 16, a
+    tile's first row); those tiles must still subtract it."""
+    perm = torch.arange(40)
+    perm[15], perm[16] = 16, 15
+    t2i = torch.cat([perm, torch.tensor([33, 34, 35, 36, 37, 38])]).to(DEVICE)
+    x, y = feats(40, 16), feats(46, 16, shift=0.3)
+    t = torch.tensor(0.05, device=DEVICE, requires_grad=True)
+    nce, _ = fused_infonce_cs(x, y, t, 0.5, t2i, tiles=SMALL, chunk_size=16)
+    want = info_nce(x, y, t, t2i)
+    got_g = torch.autograd.grad(nce, [x, y, t])
+    want_g = torch.autograd.grad(want, [x, y, t])
+    assert_grads_close(list(got_g), list(want_g), rtol=1e-4)

@@ -302,12 +302,15 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 _pair_lse_kernel, x[r0:r1], y, r2[r0:r1], kappa, u2[r0:r1], v2, row_part, col_part, k_part,
                 scalars=(s2, inv_s2 * LOG2E), ONE_EXP=one_exp, K_BOUNDED=bounded,
             )  # fmt: skip
-            row_lse2[r0:r1] = row_part.sum(0).log2_().add_(s2) if one_exp else _logsumexp2(row_part, 0)
-            strip_col = col_part.sum(0).log2_().add_(s2) if one_exp else _logsumexp2(col_part, 0)
+            # one_exp: log2 of the sums of 2^(t), t = log2(e) l - s2 (so without + s2: adding it here
+            # and taking it off in the backward would round every softmax at the scale of s2).
+            row_lse2[r0:r1] = row_part.sum(0).log2_() if one_exp else _logsumexp2(row_part, 0)
+            strip_col = col_part.sum(0).log2_() if one_exp else _logsumexp2(col_part, 0)
             torch.logaddexp2(col_lse2, strip_col, out=col_lse2)
             k_parts2.append(k_part.sum().log2() if bounded else _logsumexp2(k_part, 0))
         lz2_xy = _logsumexp2(torch.stack(k_parts2), 0)
-        row_lse, col_lse = row_lse2 * LN2, col_lse2 * LN2
+        offset2 = s2 if one_exp else 0.0
+        row_lse, col_lse = (row_lse2 + offset2) * LN2, (col_lse2 + offset2) * LN2
         # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
         # diagonal's 0, a known offset) and keeps sum_j (W + W^T)_ij (x_j - x_i) for the backward.
         ctx.kept = []
@@ -368,8 +371,8 @@ class _PairedInfoNCECS(torch.autograd.Function):
         w_row, w_col, g_k = 0.5 * gn / n, 0.5 * gn / m, -2.0 * gc
         one_exp = s <= MAX_ONE_EXP_SCALE
         s2 = s * LOG2E
-        if one_exp:  # exp(l - r) = 2^(t) 2^(s2 - r2), t the kernel's offset base-2 logit
-            row_a, col_b = w_row * torch.exp2(s2 - row_lse2), w_col * torch.exp2(s2 - col_lse2)
+        if one_exp:  # exp(l - r) = 2^(t) / sum_j 2^(t_j), t the kernel's offset base-2 logit
+            row_a, col_b = w_row * torch.exp2(-row_lse2), w_col * torch.exp2(-col_lse2)
         else:
             row_a, col_b = row_lse2, col_lse2
         # The kernel weights exp(l - log_z) = 2^(log2(e) l - lz2), with the forward's own lz2 (exactly
@@ -438,6 +441,8 @@ def _pair_grad(
         )  # fmt: skip
 
     r0 = int(scalars[-1])
+    if diagonal and r0 + x.shape[0] > y.shape[0]:
+        raise ValueError(f"diagonal positives need the strip's rows {r0}..{r0 + x.shape[0]} within y's {y.shape[0]}")
     if diagonal and tiles.block_m == tiles.block_n and r0 % tiles.block_m == 0:
         launch(0)  # every tile, without positives
         launch(1, n_tiles=n_tm)  # the diagonal tiles again, with their positives
