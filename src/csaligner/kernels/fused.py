@@ -7,9 +7,9 @@ elementwise maps of the same dot products. `fused_infonce_cs` computes that Gram
 * forward: one kernel gives InfoNCE's row and column partials and the cross kernel's partial from
   each tile (sums of exps where no max offset is needed, else log-sum-exps); the symmetric X X^T
   and Y Y^T terms use the strip kernels of `triton_kernels` (upper triangle only). When the
-  features need gradients these write their
-  weight strips right away (offset 0, the diagonal's logit) and keep the (N, D) gradients, so the
-  backward pass does not sweep X X^T and Y Y^T again (see `chunked.kernel_term_grads`).
+  features need gradients these write their weight strips right away (offset 0, the diagonal's
+  logit) and keep the (N, D) gradients, so the backward pass does not sweep X X^T and Y Y^T again
+  (see `chunked.kernel_term_grads`).
 * backward: one kernel writes a single weight strip H = s rho_i kappa_j G_ij + W_ij / sigma^2
   (G: InfoNCE's dL/dlogit, the positives' -pos_w included in float32 before rounding; W: the
   kernel weights; rho/kappa: inverse norms) in bfloat16 for half inputs, plus per-row and
@@ -85,14 +85,14 @@ programs per SM, got slower with it: 22.7 -> 26.2 ms)."""
 
 @triton.jit
 def _pair_logits2(
-    X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, k_off,
+    X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """Base-2 logits of a tile, offsets included (each exp is then one MUFU.EX2):
 
     t = r2_i kappa_j x_i.y_j + t_off  (r2 = log2(e) s rho: InfoNCE's logit times log2(e)),
-    k = min(c2 x_i.y_j + u2_i + v2_j, k_off)  (the kernel logit times log2(e), plus k_off: U2 holds
-    log2(e) (u - ...) + k_off, c2 = log2(e) / sigma^2)."""
+    k = min(c2 x_i.y_j + u2_i + v2_j, 0)  (the kernel logit times log2(e): u2, v2 = log2(e) u, v and
+    c2 = log2(e) / sigma^2)."""
     rows = tm * BM + tl.arange(0, BM)
     cols = tn * BN + tl.arange(0, BN)
     dot = _dot_tile(X, Y, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA)
@@ -100,7 +100,7 @@ def _pair_logits2(
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
     u2 = tl.load(U2 + rows, mask=rows < n_a, other=0.0)
     v2 = tl.load(V2 + cols, mask=cols < n_b, other=0.0)
-    return dot * r2[:, None] * kappa[None, :] + t_off, tl.minimum(dot * c2 + u2[:, None] + v2[None, :], k_off)
+    return dot * r2[:, None] * kappa[None, :] + t_off, tl.minimum(dot * c2 + u2[:, None] + v2[None, :], 0.0)
 
 
 @triton.jit
@@ -115,7 +115,7 @@ def _pair_lse_tile(
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     # ONE_EXP: |logit| <= s <= 40 (unit vectors): one exp per logit, offset by the bound s, no max.
     t_off = -s2 if ONE_EXP else 0.0
-    t, k = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, 0.0, BM, BN, BK, PREC, UPCAST, TMA)
+    t, k = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
     if not EVEN:
         valid = _valid(rows, cols, n_a, n_b)
         t = tl.where(valid, t, float("-inf"))
@@ -163,10 +163,10 @@ def _pair_grad_body(
     n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POS_STEP: tl.constexpr,
+    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
 ):  # fmt: skip
     t_off = -s2 if ONE_EXP else 0.0
-    t, k = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, 0.0, BM, BN, BK, PREC, UPCAST, TMA)
+    t, k = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
     row_a = tl.load(ROW_A + rows, mask=rows < n_a, other=0.0)
     col_b = tl.load(COL_B + cols, mask=cols < n_b, other=0.0)
     if ONE_EXP:  # exp(l - r_i) = exp(l - s) exp(s - r_i): row_a = w_row exp(s - r), col_b = w_col exp(s - c)
@@ -175,10 +175,10 @@ def _pair_grad_body(
         g = w_row * _exp2(t - row_a[:, None]) + w_col * _exp2(t - col_b[None, :])
     # The positives' -pos_w, in float32 before anything is rounded: at a low loss the softmax at a
     # positive is ~pos_w, and only their difference may reach the bf16 strip (and sum(G l)).
-    if POS_STEP == 1:  # a diagonal tile: column j's positive is the strip's row j - r0
+    if POSITIVES == 1:  # a diagonal tile: column j's positive is the strip's row j - r0
         pw = tl.load(POS_W + r0 + rows, mask=(rows < n_a) & (r0 + rows < n_b), other=0.0)
         g = tl.where((r0 + rows)[:, None] == cols[None, :], g - pw[:, None], g)
-    elif POS_STEP == 2:  # POS_ROW[j]: column j's strip-local positive row, or -1
+    elif POSITIVES == 2:  # POS_ROW[j]: column j's strip-local positive row, or -1
         pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
         if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:
             pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
@@ -223,19 +223,11 @@ def _pair_grad_tile(
         tn = pid + r0 // BN
         rows = tm * BM + tl.arange(0, BM)
         cols = tn * BN + tl.arange(0, BN)
-        _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
-            ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
-            BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, 1)  # fmt: skip
     else:
         tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
-        if POSITIVES == 2:
-            _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
-                ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
-                BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, 2)  # fmt: skip
-        else:
-            _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
-                ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
-                BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, 0)  # fmt: skip
+    _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
+        ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
+        BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
 
 
 @triton.jit
@@ -378,7 +370,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         # The kernel weights exp(l - log_z) = 2^(log2(e) l - lz2), with the forward's own lz2 (exactly
         # the offset its logits were summed under); g_k / sigma^2 multiplies in-kernel (k_scale).
         k_off2, k_scale = -lz2, g_k * inv_s2
-        r2, u2, v2 = rho * (s * LOG2E), u * LOG2E, v * LOG2E  # the forward's vectors: the same logits
+        r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # the forward's vectors: the same logits
         pw = (pos_w * gn).float().contiguous()
         pos32 = pos_row.to(torch.int32)
         for r0 in range(0, n, rows):
@@ -421,7 +413,8 @@ def _pair_grad(
     want_sigma: bool,
     diagonal: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum |W| k).
+    """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum w k)
+    with w = exp(k - log_z) the kernel weights before their factor g_k.
 
     Positives: pos_row[j] is column j's strip-local positive row or -1; with `diagonal` it is
     j - r0 (r0, the strip's first row, is the last of `scalars`), and square tiles take them from

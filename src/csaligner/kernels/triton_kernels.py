@@ -244,13 +244,10 @@ def _logits_grad_tile(
     pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
     g = w_row * _exp2(t - r_lse2[:, None]) + w_col * _exp2(t - c_lse2[None, :])
     g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)  # positives folded in
-    if EVEN:
-        g = g.to(G.dtype.element_ty)
-        tl.store(G + rows[:, None] * n_b + cols[None, :], g)
-    else:
-        valid = _valid(rows, cols, n_a, n_b)
-        g = tl.where(valid, g, 0.0).to(G.dtype.element_ty)
-        tl.store(G + rows[:, None] * n_b + cols[None, :], g, mask=valid)
+    if not EVEN:
+        g = tl.where(_valid(rows, cols, n_a, n_b), g, 0.0)
+    g = g.to(G.dtype.element_ty)
+    _store_tile(G, g, tm, tn, n_a, n_b, BM, BN, EVEN, False)
     tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(g.to(tl.float32) * t, 1), 0) * _LN2)
 
 
