@@ -122,6 +122,7 @@ def main() -> None:
     rows = [
         ("forward X Y^T", "FORWARD_PAIR_TILES", FORWARD_PAIR_TILES),
         ("forward X Y^T", "8 warps, 1 program/SM", wide),
+        ("forward t_ii (diagonal tiles, value only)", "FORWARD_PAIR_TILES", FORWARD_PAIR_TILES),
         ("backward X Y^T", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
         ("kernel weights (symmetric)", "SYMMETRIC_TILES", SYMMETRIC_TILES),
         ("kernel weights (symmetric)", "8 warps, 1 program/SM", wide),
@@ -132,10 +133,11 @@ def main() -> None:
     for kernel, label, t in rows:
         if kernel.startswith("forward"):
 
-            def launch(t: tk.TritonStrips = t) -> None:
+            def launch(t: tk.TritonStrips = t, diagonal: bool = "diagonal" in kernel) -> None:
                 n_tm, n_tn = t._tiles(x, y)
                 args = (x, y, vec(s), vec(n), vec(s), vec(n), vec(n_tn, s), vec(n_tm, n), vec(n_tm * n_tn))
-                t._launch(_pair_lse_kernel, *args, scalars=(20.0, 5.8), ONE_EXP=True, K_BOUNDED=True)
+                diag = {"n_tiles": n_tm, "DIAGONAL": True} if diagonal else {}
+                t._launch(_pair_lse_kernel, *args, scalars=(20.0, 5.8), ONE_EXP=True, K_BOUNDED=True, **diag)  # type: ignore[arg-type]
 
         elif kernel.startswith("backward"):
 

@@ -370,3 +370,18 @@ def test_positives_in_a_tiles_first_and_last_rows() -> None:
     got_g = torch.autograd.grad(nce, [x, y, t])
     want_g = torch.autograd.grad(want, [x, y, t])
     assert_grads_close(list(got_g), list(want_g), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("temperature", "noise"), [(0.05, 0.02), (0.01, 0.3)])
+def test_loss_value_near_zero_keeps_float32_precision(dtype: torch.dtype, temperature: float, noise: float) -> None:
+    """The value subtracts each positive's logit as the tiles computed it (not a host dot of the
+    same pair, ~1e-7 s apart), in float64 on the row and column sums: ~1e-7 absolute at a loss of
+    1e-5 (it was ~1e-6 there, and 5e-6 at T = 0.01), both exp modes, a partial last tile."""
+    g = torch.Generator().manual_seed(1)
+    x0 = F.normalize(torch.randn(75, 32, generator=g), dim=-1)
+    y0 = F.normalize(x0 + noise * torch.randn(75, 32, generator=g), dim=-1)
+    x, y = x0.to(DEVICE, dtype), y0.to(DEVICE, dtype)
+    nce, _ = fused_infonce_cs(x, y, temperature, 0.5, tiles=SMALL, chunk_size=32)
+    want = float(info_nce(x.double(), y.double(), temperature))
+    assert abs(float(nce) - want) <= 5e-7 * max(1.0, want)

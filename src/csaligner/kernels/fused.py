@@ -9,7 +9,9 @@ elementwise maps of the same dot products. `fused_infonce_cs` computes that Gram
   and Y Y^T terms use the strip kernels of `triton_kernels` (upper triangle only). When the
   features need gradients these write their weight strips right away (offset 0, the diagonal's
   logit) and keep the (N, D) gradients, so the backward pass does not sweep X X^T and Y Y^T again
-  (see `chunked.kernel_term_grads`).
+  (see `chunked.kernel_term_grads`). With positives on the diagonal, a launch over the n / 128
+  diagonal tiles returns each positive's logit exactly as the tiles computed it, so that InfoNCE's
+  value is a difference of consistent numbers (precise near a zero loss; `_info_nce_value`).
 * backward: one kernel writes a single weight strip H = s rho_i kappa_j G_ij + W_ij / sigma^2
   (G: InfoNCE's dL/dlogit, the positives' -pos_w included in float32 before rounding; W: the
   kernel weights; rho/kappa: inverse norms) in bfloat16 for half inputs, plus per-row and
@@ -140,14 +142,36 @@ def _pair_lse_tile(
 
 
 @triton.jit
+def _pair_diagonal_tile(
+    pid, X, Y, R2, KAPPA, U2, V2, OUT, n_a, n_b, dim, s2, c2,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, ONE_EXP: tl.constexpr,
+):  # fmt: skip
+    """OUT[i] = t_ii of diagonal tile `pid` (BM == BN), the very float32 the forward tile exponentiated:
+    the loss value subtracts it from the row and column sums, so the positive's rounding cancels."""
+    t_off = -s2 if ONE_EXP else 0.0
+    t, _ = _pair_logits2(X, Y, R2, KAPPA, U2, V2, pid, pid, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
+    rows = pid * BM + tl.arange(0, BM)
+    cols = pid * BN + tl.arange(0, BN)
+    diag = tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), 1)
+    tl.store(OUT + rows, diag, mask=rows < n_a)
+
+
+@triton.jit
 def _pair_lse_kernel(
     X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART,
     n_a, n_b, dim, s2, c2, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr,
+    ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr, DIAGONAL: tl.constexpr = False,
 ):  # fmt: skip
-    if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
+    """DIAGONAL: only the n_tm diagonal tiles, each writing its t_ii into ROW_PART (N,) (a separate
+    compile: the main launch's code does not change)."""
+    if DIAGONAL:
+        for pid in tl.range(tl.program_id(0), n_tm, tl.num_programs(0)):
+            _pair_diagonal_tile(pid, X, Y, R2, KAPPA, U2, V2, ROW_PART, n_a, n_b, dim, s2, c2, BM, BN, BK, PREC,
+                UPCAST, TMA, ONE_EXP)  # fmt: skip
+    elif FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
             _pair_lse_tile(pid, X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART, n_a, n_b, dim, s2, c2,
                 n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, K_BOUNDED)  # fmt: skip
@@ -277,12 +301,14 @@ class _PairedInfoNCECS(torch.autograd.Function):
         inv_s2 = 1.0 / sigma_f**2
         u, v = hx * -inv_s2, hy * -inv_s2  # -|a|^2 / (2 sigma^2)
         s2 = s * LOG2E
-        row_lse2 = torch.empty(n, dtype=torch.float32, device=x.device)  # log-sum-exps in base 2
-        col_lse2 = torch.full((m,), -math.inf, dtype=torch.float32, device=x.device)
         k_parts2 = []
         # Kernel logits >= -(|x| + |y|)^2 / (2 sigma^2): when that is >= -80, tiles need no max.
         bounded = max_inv_norms**2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
         one_exp = s <= MAX_ONE_EXP_SCALE  # the InfoNCE partials are sums of 2^(l log2(e) - s2)
+        # one_exp: linear sums of 2^t (t <= 0 and >= -2 s2 >= -116: no float32 under- or overflow,
+        # so the columns add up across strips without logs), else log2-sum-exp2s.
+        row_acc = torch.empty(n, dtype=torch.float32, device=x.device)
+        col_acc = torch.full((m,), 0.0 if one_exp else -math.inf, dtype=torch.float32, device=x.device)
         r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # base-2 logits in the kernels
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
@@ -294,15 +320,26 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 _pair_lse_kernel, x[r0:r1], y, r2[r0:r1], kappa, u2[r0:r1], v2, row_part, col_part, k_part,
                 scalars=(s2, inv_s2 * LOG2E), ONE_EXP=one_exp, K_BOUNDED=bounded,
             )  # fmt: skip
-            # one_exp: log2 of the sums of 2^(t), t = log2(e) l - s2 (so without + s2: adding it here
-            # and taking it off in the backward would round every softmax at the scale of s2).
-            row_lse2[r0:r1] = row_part.sum(0).log2_() if one_exp else _logsumexp2(row_part, 0)
-            strip_col = col_part.sum(0).log2_() if one_exp else _logsumexp2(col_part, 0)
-            torch.logaddexp2(col_lse2, strip_col, out=col_lse2)
+            if one_exp:
+                row_acc[r0:r1] = row_part.sum(0)
+                col_acc += col_part.sum(0)
+            else:
+                row_acc[r0:r1] = _logsumexp2(row_part, 0)
+                torch.logaddexp2(col_acc, _logsumexp2(col_part, 0), out=col_acc)
             k_parts2.append(k_part.sum().log2() if bounded else _logsumexp2(k_part, 0))
         lz2_xy = _logsumexp2(torch.stack(k_parts2), 0)
-        offset2 = s2 if one_exp else 0.0
-        row_lse, col_lse = (row_lse2 + offset2) * LN2, (col_lse2 + offset2) * LN2
+        # The backward's softmax normalisers, base 2; one_exp: log2 of the sums of 2^(t), t = log2(e) l - s2
+        # (so without + s2: adding it here and taking it off there would round every softmax at s2's scale).
+        row_lse2, col_lse2 = (row_acc.log2(), col_acc.log2()) if one_exp else (row_acc, col_acc)
+        diag2 = None
+        if identity and pair.block_m == pair.block_n:  # the positives' t_ii, as the tiles computed them
+            diag2 = torch.empty(n, dtype=torch.float32, device=x.device)
+            pair._launch(
+                _pair_lse_kernel, x, y, r2, kappa, u2, v2, diag2, diag2, diag2, scalars=(s2, inv_s2 * LOG2E),
+                n_tiles=triton.cdiv(n, pair.block_m), ONE_EXP=one_exp, K_BOUNDED=bounded, DIAGONAL=True,
+            )  # fmt: skip
+        pos_args = (x, y, rho, kappa, pos_row, pos_w, identity, s)
+        info_nce = _info_nce_value(row_acc, col_acc, one_exp, s2, diag2, pos_args)
         # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
         # diagonal's 0, a known offset) and keeps sum_j (W + W^T)_ij (x_j - x_i) for the backward.
         ctx.kept = []
@@ -321,8 +358,6 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 ]
                 sums.append(torch.logsumexp(torch.stack(parts), 0) + LOG2)
         log_z = torch.stack(sums)  # log-sums over all pairs: XY, XX, YY
-        pos_logit = _positive_dots(x, y, pos_row, identity) * rho[pos_row] * kappa * s
-        info_nce = 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
         cs = log_z[1] + log_z[2] - 2.0 * log_z[0]  # the log(N M) normalisers cancel
         ctx.save_for_backward(x, y, rho, kappa, u, v, row_lse2, col_lse2, pos_row, pos_w, log_z, lz2_xy)
         ctx.identity = identity
@@ -442,6 +477,36 @@ def _pair_grad(
     else:
         launch(2)
     return h, row_part.sum(0), col_part.sum(0), dots.sum(0)
+
+
+def _info_nce_value(
+    row_acc: Tensor,
+    col_acc: Tensor,
+    one_exp: bool,
+    s2: float,
+    diag2: Tensor | None,
+    positives_of: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float],
+) -> Tensor:
+    """InfoNCE's value from the forward's row and column accumulators (one_exp: float32 sums of 2^t,
+    t = log2(e) l - s2; else log2-sum-exp2s of log2(e) l), in float64 on (N,) vectors.
+
+    With diag2 (each row's and column's positive logit t_ii, the float32 the tiles exponentiated)
+    the loss is mean log2(sum_j 2^(t_ij)) - t_ii per row and column: the positive's own rounding
+    cancels and a loss near 0 keeps ~1e-7 absolute precision (one_exp), as dense float32 does by
+    offsetting with the row maximum. Otherwise (captions mapped by text_to_image) the positives'
+    logits come from a float32 dot on the host, which differs from the tiles' by ~1e-7 s."""
+    f64 = torch.float64
+    r, c = row_acc.to(f64), col_acc.to(f64)
+    if one_exp:
+        r, c = r.log2(), c.log2()
+    if diag2 is not None:
+        d = diag2.to(f64)
+        return ((0.5 * (r - d).mean() + 0.5 * (c - d).mean()) * LN2).float()
+    x, y, rho, kappa, pos_row, pos_w, identity, s = positives_of
+    pos_logit = _positive_dots(x, y, pos_row, identity).to(f64) * rho[pos_row].to(f64) * kappa.to(f64) * s
+    offset2 = s2 if one_exp else 0.0
+    lse = 0.5 * r.mean() + 0.5 * c.mean()
+    return ((lse + offset2) * LN2 - (pos_w.to(f64) * pos_logit).sum()).float()
 
 
 def _logsumexp2(p: Tensor, dim: int) -> Tensor:
