@@ -111,6 +111,7 @@ def main() -> None:
         BACKWARD_PAIR_TILES,
         FORWARD_PAIR_TILES,
         SYMMETRIC_TILES,
+        _finish_grad,
         _pair_grad,
         _pair_lse_kernel,
     )
@@ -126,6 +127,7 @@ def main() -> None:
         ("backward X Y^T", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
         ("kernel weights (symmetric)", "SYMMETRIC_TILES", SYMMETRIC_TILES),
         ("kernel weights (symmetric)", "8 warps, 1 program/SM", wide),
+        ("gradient finish (elementwise, (N, D))", "4 warps, 4096 elements", wide),
     ]
     print(f"Triton {triton.__version__}, sm_90a, strip {s} x {n}, D = {d}, bf16 (static counts)")
     print("| kernel | tiles | registers | stack bytes | MUFU.EX2 | fp32 ops | all instructions |")
@@ -146,6 +148,11 @@ def main() -> None:
                 positives = (torch.zeros(n, dtype=torch.int32), vec(n))
                 scalars = (14.0, 20.0, 5.8, -29.0, 4.0, 1e-5, 1e-5, 0)  # the first strip
                 _pair_grad(t, x, y, *vectors, *positives, scalars, True, False, True)
+
+        elif kernel.startswith("gradient"):
+
+            def launch(t: tk.TritonStrips = t) -> None:
+                _finish_grad(torch.zeros(n, d), vec(n), y)
 
         else:
 

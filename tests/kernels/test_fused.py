@@ -385,3 +385,20 @@ def test_loss_value_near_zero_keeps_float32_precision(dtype: torch.dtype, temper
     nce, _ = fused_infonce_cs(x, y, temperature, 0.5, tiles=SMALL, chunk_size=32)
     want = float(info_nce(x.double(), y.double(), temperature))
     assert abs(float(nce) - want) <= 5e-7 * max(1.0, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "d", "block"), [(1, 1, 64), (7, 13, 64), (16, 32, 128), (5, 40, 4096)])
+def test_finish_grad_is_addcmul_then_cast(dtype: torch.dtype, n: int, d: int, block: int) -> None:
+    g = torch.Generator().manual_seed(n * d)
+    acc = torch.randn(n, d, generator=g).to(DEVICE)
+    mass = torch.randn(n, generator=g).to(DEVICE)
+    a = torch.randn(n, d, generator=g).to(DEVICE, dtype)
+    want = acc.double() - mass.double().unsqueeze(1) * a.double()
+    eps = torch.finfo(dtype).eps  # one rounding to dtype (float32: two, a product and a difference)
+    got = fused._finish_grad(acc, mass, a, block=block)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=eps, atol=eps * 4)
+    wide = torch.empty_like(a)  # the int64 offsets of arrays over 2^31 elements, on a small one
+    fused._finish_grad_kernel[(-(-n * d // block),)](acc, mass, a, wide, n, d, BLOCK=block, EVEN=False, WIDE=True)
+    assert torch.equal(wide, got)

@@ -441,6 +441,33 @@ def kernel_term_grads(
     The GEMMs accumulate (W b)_i and the row masses of the weights *as stored*, so the difference
     (W b)_i - rowsum_i a_i cancels exactly whatever the strip precision.
     """
+    da, db, a_mass, b_mass, dot, total = kernel_term_sums(
+        backend, a, b, u, v, inv_s2, log_z, g, symmetric, want_dot, want_total, rows, work
+    )
+    da.addcmul_(a_mass.unsqueeze(1), b if symmetric else a, value=-1.0)
+    if db is not None:
+        db.addcmul_(b_mass.unsqueeze(1), b, value=-1.0)
+    return da, db, dot, total
+
+
+def kernel_term_sums(
+    backend: StripBackend,
+    a: Tensor,
+    b: Tensor,
+    u: Tensor,
+    v: Tensor,
+    inv_s2: float,
+    log_z: float,
+    g: float,
+    symmetric: bool,
+    want_dot: bool,
+    want_total: bool,
+    rows: int,
+    work: torch.dtype,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """`kernel_term_grads` before its last pass: (W b, W^T a or None, row masses, column masses, dot,
+    total), so that a caller with more terms subtracts all masses times the features in one pass.
+    For `symmetric` the first result is (W + W^T) b and both masses are the same tensor."""
     da = torch.zeros((b if symmetric else a).shape, dtype=work, device=a.device)
     a_mass = torch.zeros(da.shape[0], dtype=work, device=a.device)
     db = da if symmetric else torch.zeros(b.shape, dtype=work, device=a.device)
@@ -462,10 +489,7 @@ def kernel_term_grads(
             dot += st.dot
         if st.total is not None:
             total += st.total
-    da.addcmul_(a_mass.unsqueeze(1), b if symmetric else a, value=-1.0)
-    if not symmetric:
-        db.addcmul_(b_mass.unsqueeze(1), b, value=-1.0)
-    return da, None if symmetric else db, dot, total
+    return da, None if symmetric else db, a_mass, b_mass, dot, total
 
 
 def mm_accumulate(acc: Tensor, a: Tensor, b: Tensor, beta: float = 1.0) -> None:

@@ -46,7 +46,7 @@ from csaligner.kernels.chunked import (
     _as_tensor,
     _half_sq_norms,
     autocast_off,
-    kernel_term_grads,
+    kernel_term_sums,
     mm_accumulate,
     positives,
 )
@@ -341,15 +341,15 @@ class _PairedInfoNCECS(torch.autograd.Function):
         pos_args = (x, y, rho, kappa, pos_row, pos_w, identity, s)
         info_nce = _info_nce_value(row_acc, col_acc, one_exp, s2, diag2, pos_args)
         # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
-        # diagonal's 0, a known offset) and keeps sum_j (W + W^T)_ij (x_j - x_i) for the backward.
+        # diagonal's 0, a known offset) and keeps ((W + W^T) x)_i and its row masses for the backward.
         ctx.kept = []
         sums = [lz2_xy * LN2]
         for a, sq in ((x, u), (y, v)):
             if eager:
-                grad, _, dot, total = kernel_term_grads(
+                grad, _, mass, _, dot, total = kernel_term_sums(
                     tiles, a, a, sq, sq, inv_s2, 0.0, 1.0, True, ctx.needs_input_grad[3], True, rows, torch.float32
                 )
-                ctx.kept.append((grad, dot))
+                ctx.kept.append((grad, mass, dot))
                 sums.append(total.log() + LOG2)  # the symmetric strips visit half the pairs, hence + log 2
             else:
                 parts = [
@@ -380,20 +380,20 @@ class _PairedInfoNCECS(torch.autograd.Function):
         sym_grads = []
         for slot, (a, sq, lz, k) in enumerate(((x, u, lz_xx, kept[0]), (y, v, lz_yy, kept[1])), start=2):
             if k is None:
-                grad, _, dot, _ = kernel_term_grads(
+                grad, _, mass, _, dot, _ = kernel_term_sums(
                     tiles, a, a, sq, sq, inv_s2, 0.0, 1.0, True, want_sigma, False, rows, torch.float32
                 )
             else:
-                grad, dot = k
+                grad, mass, dot = k
             # dD_CS/dl = g_cs, dl/d(x_i.x_j) = 1/sigma^2, x2 for W + W^T; the weights were exp(l - 0).
             factor = 2.0 * inv_s2 * gc * math.exp(-lz)
-            sym_grads.append((grad, factor))  # scaled by the first X Y^T GEMM on it (beta), no extra pass
+            # grad is scaled by the first X Y^T GEMM on it (beta) and its masses join the X Y^T
+            # strips' in one last pass (`_finish_grad`): no extra (N, D) passes for these terms.
+            sym_grads.append((grad, mass * factor, factor))
             dots[slot] = dot * factor
-        (dx, fx), (dy, fy) = sym_grads  # float32 accumulators for the X Y^T strips below
+        (dx, x_mass, fx), (dy, y_mass, fy) = sym_grads  # float32 accumulators for the X Y^T strips below
         work = strip_dtype(x.dtype)
         xg, yg = x.to(work), y.to(work)  # GEMM operands in the strips' dtype (no copy for bf16/fp32)
-        x_mass = torch.zeros(n, dtype=torch.float32, device=x.device)
-        y_mass = torch.zeros(m, dtype=torch.float32, device=x.device)
         # Per-row and per-column vectors of the strip kernel (base-2 logits, see _pair_grad_tile).
         w_row, w_col, g_k = 0.5 * gn / n, 0.5 * gn / m, -2.0 * gc
         one_exp = s <= MAX_ONE_EXP_SCALE
@@ -422,12 +422,41 @@ class _PairedInfoNCECS(torch.autograd.Function):
             y_mass += c_mass
             dots[:2] += d
         dots[1] *= g_k  # the strips summed exp(l - log_z) l
-        dx.addcmul_(x_mass.unsqueeze(1), x, value=-1.0)
-        dy.addcmul_(y_mass.unsqueeze(1), y, value=-1.0)
         d_scale = dots[0] / s if ctx.needs_input_grad[2] else None  # logits are linear in the scale
         # dk/dsigma = -2 k / sigma; the symmetric sums cover half the pairs and carry 2 / sigma^2 (x2 / x1/(2/s2)).
         d_sigma = (dots[1] + (dots[2] + dots[3]) / inv_s2) * (-2.0 / ctx.sigma) if ctx.needs_input_grad[3] else None
-        return dx.to(x.dtype), dy.to(y.dtype), d_scale, d_sigma, None, None, None, None, None, None
+        dx, dy = _finish_grad(dx, x_mass, x), _finish_grad(dy, y_mass, y)
+        return dx, dy, d_scale, d_sigma, None, None, None, None, None, None
+
+
+@triton.jit
+def _finish_grad_kernel(G, MASS, A, OUT, n, d, BLOCK: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr):
+    """OUT = G - MASS[:, None] * A over BLOCK elements of the flattened (n, d) arrays."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK if WIDE else tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if EVEN:
+        g = tl.load(G + offs)
+        a = tl.load(A + offs).to(tl.float32)
+        mass = tl.load(MASS + offs // d)
+        tl.store(OUT + offs, (g - mass * a).to(OUT.dtype.element_ty))
+    else:
+        ok = offs < n * d
+        g = tl.load(G + offs, mask=ok, other=0.0)
+        a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
+        mass = tl.load(MASS + offs // d, mask=ok, other=0.0)
+        tl.store(OUT + offs, (g - mass * a).to(OUT.dtype.element_ty), mask=ok)
+
+
+def _finish_grad(g: Tensor, mass: Tensor, a: Tensor, block: int = 4096) -> Tensor:
+    """(g - mass[:, None] * a) in a's dtype, one read of the float32 g and one write: replaces an
+    in-place addcmul (a broadcast over mixed dtypes, which torch runs unvectorised) and a cast."""
+    out = torch.empty_like(a)
+    n, d = a.shape
+    if n * d:
+        _finish_grad_kernel[(triton.cdiv(n * d, block),)](
+            g, mass, a, out, n, d, BLOCK=block, EVEN=n * d % block == 0, WIDE=n * d + block >= 2**31, num_warps=4
+        )
+    return out
 
 
 def _pair_grad(
