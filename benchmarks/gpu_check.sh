@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Everything a lent GPU session needs for the large-batch loss (issue 6), in one device call
+# (a fresh machine costs minutes of the session's 30; few full calls cost less than many):
+#
+#   1. the GPU tests of the kernels and losses,
+#   2. benchmarks/loss.py at D = 1024, bf16, N = 4k..65k: dense, Triton and Inf-CL in one run,
+#   3. if .ref/src exists (an older tree, e.g. `git archive REV src | tar -x -C .ref`), the same
+#      Triton timings of that tree right after, on the same card: an A/B of one lease,
+#   4. the torch.profiler table of one 65k step.
+#
+# From the repository root on the device machine: `bash benchmarks/gpu_check.sh`, or a subset:
+# `STEPS="bench ab" bash benchmarks/gpu_check.sh` (steps: tests bench ab profile; the timeouts add
+# up to the device's 10 minutes a call). Results go to $OUT (the device tool's folder), else
+# /tmp/gpu_check. Inf-CL comes from .whl/ when carried
+# (`pip download --no-deps -d .whl inf-cl==1.2.1` here; the device has no network).
+set -u
+STEPS=${STEPS:-tests bench ab profile}
+has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+SITE=/tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then
+    pip install -q --no-deps --target "$SITE" .whl/*.whl >/dev/null 2>&1 || echo "Inf-CL wheel did not install"
+fi
+export PYTHONPATH="src:$SITE"
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv
+    python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} >"$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+if has tests; then
+    echo "== tests"
+    timeout 180 python -m pytest -q -p no:cacheprovider tests/kernels tests/losses >"$OUT/tests.txt" 2>&1
+    tail -n 4 "$OUT/tests.txt"
+fi
+
+if has bench; then
+    echo "== loss benchmark"
+    timeout 230 python benchmarks/loss.py --device cuda --dim 1024 --sizes 4096,16384,32768,65536 --dtypes bf16 \
+        --impls dense,triton,infcl --repeats 3 --json "$OUT/loss.json" >"$OUT/loss.txt" 2>&1
+    grep -v Warning "$OUT/loss.txt" | tail -n 20
+fi
+
+if has ab && [ -d .ref/src ]; then
+    echo "== the same Triton timings of .ref (then this tree again, to bracket the card's drift)"
+    for tree in .ref/src src; do
+        echo "-- $tree"
+        PYTHONPATH="$tree:$SITE" timeout 60 python benchmarks/loss.py --device cuda --dim 1024 --sizes 32768,65536 \
+            --dtypes bf16 --impls triton --repeats 5 2>&1 | grep -v Warning | tail -n 4
+    done | tee "$OUT/ab.txt"
+fi
+
+if has profile; then
+    echo "== profile at 65k"
+    timeout 60 python benchmarks/profile_loss.py --n 65536 --rows 16 >"$OUT/profile.txt" 2>&1
+    grep -v Warning "$OUT/profile.txt" | head -n 24
+fi
