@@ -4,8 +4,9 @@
 #
 #   1. the GPU tests of the kernels and losses,
 #   2. benchmarks/loss.py at D = 1024, bf16, N = 4k..65k: dense, Triton and Inf-CL in one run,
-#   3. if .ref/src exists (an older tree, e.g. `git archive REV src | tar -x -C .ref`), the same
-#      Triton timings of that tree right after, on the same card: an A/B of one lease,
+#   3. if .ref/ holds an older tree (`mkdir .ref && git archive REV src benchmarks | tar -x -C .ref`,
+#      carried as `.ref`), the same Triton timings of that tree and of this one again, on the same
+#      card: an A/B within one lease (each benchmark script imports its own tree's src),
 #   4. the torch.profiler table of one 65k step.
 #
 # From the repository root on the device machine: `bash benchmarks/gpu_check.sh`, or a subset:
@@ -43,11 +44,11 @@ if has bench; then
     grep -v Warning "$OUT/loss.txt" | tail -n 20
 fi
 
-if has ab && [ -d .ref/src ]; then
-    echo "== the same Triton timings of .ref (then this tree again, to bracket the card's drift)"
-    for tree in .ref/src src; do
+if has ab && [ -f .ref/benchmarks/loss.py ]; then
+    echo "== the same Triton timings of .ref, then of this tree again"
+    for tree in .ref .; do
         echo "-- $tree"
-        PYTHONPATH="$tree:$SITE" timeout 60 python benchmarks/loss.py --device cuda --dim 1024 --sizes 32768,65536 \
+        timeout 60 python "$tree/benchmarks/loss.py" --device cuda --dim 1024 --sizes 32768,65536 \
             --dtypes bf16 --impls triton --repeats 5 2>&1 | grep -v Warning | tail -n 4
     done | tee "$OUT/ab.txt"
 fi

@@ -81,6 +81,16 @@ class StripBackend(Protocol):
         """Row (S,) and column (M,) log-sum-exp of scale * a @ b.T."""
         ...
 
+    def logits_lse_split(
+        self, a: Tensor, b: Tensor, scale: float, pos_row: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """`logits_lse` as (row max, row log-sum-exp minus it, column max, column ...), and the
+        logits at the positives, l[pos_row[j], j] where pos_row[j] >= 0 (strip-local rows; other
+        entries unspecified), the very floats the maxima were taken over: a loss near 0 is then a
+        difference of equal numbers plus a small log-sum, not two rounded ~scale-sized values.
+        None instead of the positives where a backend cannot gather them."""
+        ...
+
     def logits_grad(
         self,
         a: Tensor,
@@ -137,6 +147,20 @@ class TorchStrips:
     def logits_lse(self, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         t = torch.mm(a, b.T).mul_(scale)  # (S, M) logits
         return torch.logsumexp(t, 1), torch.logsumexp(t, 0)
+
+    def logits_lse_split(
+        self, a: Tensor, b: Tensor, scale: float, pos_row: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        t = torch.mm(a, b.T).mul_(scale)
+        row_max, col_max = t.amax(1), t.amax(0)  # finite: unit vectors, a finite scale
+        e = torch.sub(t, row_max.unsqueeze(1)).exp_()
+        row_log = e.sum(1).log_()
+        torch.sub(t, col_max.unsqueeze(0), out=e).exp_()
+        col_log = e.sum(0).log_()
+        cols = (pos_row >= 0).nonzero().squeeze(1)
+        pos = torch.zeros_like(col_max)
+        pos[cols] = t[pos_row[cols], cols]
+        return row_max, row_log, col_max, col_log, pos
 
     def logits_grad(
         self,
@@ -236,11 +260,10 @@ class _InfoNCE(torch.autograd.Function):
     ) -> Tensor:
         s = float(scale)
         work = torch.float32 if x.dtype != torch.float64 else x.dtype
-        row_lse, col_lse = nce_row_stats(backend, x, y, s, 0, x.shape[0], rows, work)
-        pos_logit = (x[pos_row].to(work) * y.to(work)).sum(1) * s  # (M,) l_{pos(j), j}
+        row_lse, col_lse, value = nce_stats_and_value(backend, x, y, s, rows, work, pos_row, pos_w)
         ctx.save_for_backward(x, y, pos_row, pos_w, row_lse, col_lse)
         ctx.scale, ctx.backend, ctx.rows = s, backend, rows
-        return 0.5 * row_lse.mean() + 0.5 * col_lse.mean() - (pos_w * pos_logit).sum()
+        return value
 
     @staticmethod
     @autocast_off
@@ -269,6 +292,56 @@ def nce_row_stats(
         row_lse[r0 - lo : r1 - lo] = r_lse
         torch.logaddexp(col_lse, c_lse.to(work), out=col_lse)
     return row_lse, col_lse
+
+
+def nce_stats_and_value(
+    backend: StripBackend,
+    x: Tensor,
+    y: Tensor,
+    s: float,
+    rows: int,
+    work: torch.dtype,
+    pos_row: Tensor,
+    pos_w: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`nce_row_stats` over all rows, and InfoNCE's value.
+
+    The value is sum_j (col_lse_j - l_pj,j) / 2M + sum_i (row_lse_i - mean_{j in P_i} l_ij) / 2N,
+    each log-sum-exp kept as (max, log-sum minus max) across strips and the positives' logits taken
+    from the strips themselves (`logits_lse_split`): where a positive is its row's or column's
+    largest logit the difference is exactly 0 plus a small log-sum, so a loss near 0 keeps float32's
+    ~1e-7 absolute precision instead of rounding at the scale s. Backends that cannot gather the
+    positives get a float32 dot of each pair (~1e-7 s apart from the strip's logit).
+    """
+    n, m = x.shape[0], y.shape[0]
+    row_max = torch.empty(n, dtype=work, device=x.device)
+    row_log = torch.empty(n, dtype=work, device=x.device)
+    col_max = torch.full((m,), -math.inf, dtype=work, device=x.device)
+    col_log = torch.zeros(m, dtype=work, device=x.device)
+    pos: Tensor | None = torch.zeros(m, dtype=work, device=x.device)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        local = torch.where((pos_row >= r0) & (pos_row < r1), pos_row - r0, -1)
+        r_max, r_log, c_max, c_log, p = backend.logits_lse_split(x[r0:r1], y, s, local)
+        row_max[r0:r1], row_log[r0:r1] = r_max, r_log
+        c_max, c_log = c_max.to(work), c_log.to(work)
+        top = torch.maximum(col_max, c_max)  # finite from the first strip on
+        col_log = torch.log(torch.exp(col_max - top + col_log) + torch.exp(c_max - top + c_log))
+        col_max = top
+        pos = None if p is None or pos is None else torch.where(local >= 0, p.to(work), pos)
+    f64 = torch.float64
+    if pos is not None:
+        counts = torch.bincount(pos_row, minlength=n).to(f64)
+        pos_sum = torch.zeros(n, dtype=f64, device=x.device).index_add_(0, pos_row, pos.to(f64))
+        row_pos = torch.where(counts > 0, pos_sum / counts.clamp_min(1.0), 0.0)  # images without captions: 0
+        row_term = (row_max.to(f64) - row_pos) + row_log.to(f64)
+        col_term = (col_max.to(f64) - pos.to(f64)) + col_log.to(f64)
+        value = 0.5 * row_term.mean() + 0.5 * col_term.mean()
+    else:
+        pos_logit = (x[pos_row].to(f64) * y.to(f64)).sum(1) * s  # (M,) l_{pos(j), j}
+        lse = 0.5 * (row_max + row_log).to(f64).mean() + 0.5 * (col_max + col_log).to(f64).mean()
+        value = lse - (pos_w.to(f64) * pos_logit).sum()
+    return row_max + row_log, col_max + col_log, value.to(work)
 
 
 def nce_row_grads(

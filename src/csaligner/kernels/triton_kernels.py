@@ -480,6 +480,14 @@ class TritonStrips:
         self._launch(_logits_lse_kernel, a, b, row_part, col_part, scalars=(scale * LOG2E,))
         return torch.logsumexp(row_part, 0), torch.logsumexp(col_part, 0)
 
+    def logits_lse_split(
+        self, a: Tensor, b: Tensor, scale: float, pos_row: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """The tile kernels keep log-sum-exps only: (lse, 0, lse, 0) and no positives (the caller
+        takes a dot per pair; the fused kernels gather theirs, see `fused._info_nce_value`)."""
+        row, col = self.logits_lse(a, b, scale)
+        return row, torch.zeros_like(row), col, torch.zeros_like(col), None
+
     def logits_grad(
         self,
         a: Tensor,
