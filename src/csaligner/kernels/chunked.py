@@ -157,9 +157,7 @@ class TorchStrips:
         row_log = e.sum(1).log_()
         torch.sub(t, col_max.unsqueeze(0), out=e).exp_()
         col_log = e.sum(0).log_()
-        cols = (pos_row >= 0).nonzero().squeeze(1)
-        pos = torch.zeros_like(col_max)
-        pos[cols] = t[pos_row[cols], cols]
+        pos = t.gather(0, pos_row.clamp_min(0).unsqueeze(0)).squeeze(0)  # no host sync (nonzero would)
         return row_max, row_log, col_max, col_log, pos
 
     def logits_grad(
@@ -331,7 +329,7 @@ def nce_stats_and_value(
         pos = None if p is None or pos is None else torch.where(local >= 0, p.to(work), pos)
     f64 = torch.float64
     if pos is not None:
-        counts = torch.bincount(pos_row, minlength=n).to(f64)
+        counts = torch.zeros(n, dtype=f64, device=x.device).index_add_(0, pos_row, torch.ones_like(pos, dtype=f64))
         pos_sum = torch.zeros(n, dtype=f64, device=x.device).index_add_(0, pos_row, pos.to(f64))
         row_pos = torch.where(counts > 0, pos_sum / counts.clamp_min(1.0), 0.0)  # images without captions: 0
         row_term = (row_max.to(f64) - row_pos) + row_log.to(f64)
