@@ -61,6 +61,7 @@ from csaligner.kernels.triton_kernels import (
     _lse2,
     _store_tile,
     _tile_span,
+    _to,
     _valid,
     strip_dtype,
 )
@@ -438,13 +439,13 @@ def _finish_grad_kernel(G, MASS, A, OUT, n, d, BLOCK: tl.constexpr, EVEN: tl.con
         g = tl.load(G + offs)
         a = tl.load(A + offs).to(tl.float32)
         mass = tl.load(MASS + offs // d)
-        tl.store(OUT + offs, (g - mass * a).to(OUT.dtype.element_ty))
+        tl.store(OUT + offs, _to(g - mass * a, OUT.dtype.element_ty))
     else:
         ok = offs < n * d
         g = tl.load(G + offs, mask=ok, other=0.0)
         a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
         mass = tl.load(MASS + offs // d, mask=ok, other=0.0)
-        tl.store(OUT + offs, (g - mass * a).to(OUT.dtype.element_ty), mask=ok)
+        tl.store(OUT + offs, _to(g - mass * a, OUT.dtype.element_ty), mask=ok)
 
 
 def _finish_grad(g: Tensor, mass: Tensor, a: Tensor, block: int = 4096) -> Tensor:

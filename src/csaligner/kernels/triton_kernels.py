@@ -50,6 +50,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _FTZ_EXP2 = tl.constexpr(not INTERPRETING)
+_INTERPRETER_RTNE = tl.constexpr(INTERPRETING)
 _LN2 = tl.constexpr(LN2)  # for the kernels (Triton reads constexpr globals only)
 
 
@@ -157,12 +158,24 @@ def _kernel_logits2(
 
 
 @triton.jit
+def _to(v, dtype: tl.constexpr):
+    """v.to(dtype), rounded to nearest even as on a GPU: the interpreter (Triton 3.9) truncates float32
+    to bfloat16 whatever the rounding mode asked, so it rounds the bits first there (compiled code
+    never takes that branch)."""
+    if _INTERPRETER_RTNE and dtype == tl.bfloat16 and v.dtype == tl.float32:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
 def _cast_out(OUT, v, STORE_TMA: tl.constexpr):
     """v in the element type of OUT, a pointer or (STORE_TMA) a tensor descriptor."""
     if STORE_TMA:
-        return v.to(OUT.dtype)
+        return _to(v, OUT.dtype)
     else:
-        return v.to(OUT.dtype.element_ty)
+        return _to(v, OUT.dtype.element_ty)
 
 
 @triton.jit
