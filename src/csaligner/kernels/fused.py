@@ -103,7 +103,8 @@ def _pair_logits2(
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
     u2 = tl.load(U2 + rows, mask=rows < n_a, other=0.0)
     v2 = tl.load(V2 + cols, mask=cols < n_b, other=0.0)
-    return dot * r2[:, None] * kappa[None, :] + t_off, tl.minimum(dot * c2 + u2[:, None] + v2[None, :], 0.0)
+    t = dot * r2[:, None] * kappa[None, :] + t_off
+    return t, tl.minimum(dot * c2 + u2[:, None] + v2[None, :], 0.0), dot
 
 
 @triton.jit
@@ -118,7 +119,7 @@ def _pair_lse_tile(
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     # ONE_EXP: |logit| <= s <= 40 (unit vectors): one exp per logit, offset by the bound s, no max.
     t_off = -s2 if ONE_EXP else 0.0
-    t, k = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
+    t, k, _ = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
     if not EVEN:
         valid = _valid(rows, cols, n_a, n_b)
         t = tl.where(valid, t, float("-inf"))
@@ -151,7 +152,7 @@ def _pair_diagonal_tile(
     """OUT[i] = t_ii of diagonal tile `pid` (BM == BN), the very float32 the forward tile exponentiated:
     the loss value subtracts it from the row and column sums, so the positive's rounding cancels."""
     t_off = -s2 if ONE_EXP else 0.0
-    t, _ = _pair_logits2(X, Y, R2, KAPPA, U2, V2, pid, pid, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
+    t, _, _ = _pair_logits2(X, Y, R2, KAPPA, U2, V2, pid, pid, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
     rows = pid * BM + tl.arange(0, BM)
     cols = pid * BN + tl.arange(0, BN)
     diag = tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), 1)
@@ -191,35 +192,37 @@ def _pair_grad_body(
     ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
 ):  # fmt: skip
     t_off = -s2 if ONE_EXP else 0.0
-    t, k = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
+    t, k, dot = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
     row_a = tl.load(ROW_A + rows, mask=rows < n_a, other=0.0)
     col_b = tl.load(COL_B + cols, mask=cols < n_b, other=0.0)
-    if ONE_EXP:  # exp(l - r_i) = exp(l - s) exp(s - r_i): row_a = w_row exp(s - r), col_b = w_col exp(s - c)
-        g = _exp2(t) * (row_a[:, None] + col_b[None, :])
+    rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
+    kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
+    sr = s * rho
+    # nce = dL/d(x_i.y_j) from InfoNCE = G_ij s rho_i kappa_j. The positives' -pos_w go in, in float32,
+    # before anything is rounded: at a low loss the softmax at a positive is ~pos_w, and only their
+    # difference may reach the bf16 strip (and sum(G l)).
+    if ONE_EXP:  # G = 2^t (row_a_i + col_b_j): row_a = w_row exp(s - r), col_b = w_col exp(s - c)
+        nce = _exp2(t) * ((row_a * sr)[:, None] * kappa[None, :] + sr[:, None] * (col_b * kappa)[None, :])
     else:  # row_a, col_b: the log-sum-exps times log2(e)
         g = w_row * _exp2(t - row_a[:, None]) + w_col * _exp2(t - col_b[None, :])
-    # The positives' -pos_w, in float32 before anything is rounded: at a low loss the softmax at a
-    # positive is ~pos_w, and only their difference may reach the bf16 strip (and sum(G l)).
+        nce = g * sr[:, None] * kappa[None, :]
     if POSITIVES == 1:  # a diagonal tile: column j's positive is the strip's row j - r0
         pw = tl.load(POS_W + r0 + rows, mask=(rows < n_a) & (r0 + rows < n_b), other=0.0)
-        g = tl.where((r0 + rows)[:, None] == cols[None, :], g - pw[:, None], g)
+        nce = tl.where((r0 + rows)[:, None] == cols[None, :], nce - (pw * sr)[:, None] * kappa[None, :], nce)
     elif POSITIVES == 2:  # POS_ROW[j]: column j's strip-local positive row, or -1
         pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
         if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:
             pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
-            g -= tl.where(rows[:, None] == pos_row[None, :], pos_w[None, :], 0.0)
+            nce -= tl.where(rows[:, None] == pos_row[None, :], sr[:, None] * (pos_w * kappa)[None, :], 0.0)
     w = _exp2(k + k_off)  # exp(kernel logit - log_z); g_k / sigma^2 is k_scale
     if not EVEN:
         valid = _valid(rows, cols, n_a, n_b)
-        g = tl.where(valid, g, 0.0)
+        nce = tl.where(valid, nce, 0.0)
         w = tl.where(valid, w, 0.0)
-    rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
-    kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
-    nce = g * (s * rho)[:, None] * kappa[None, :]  # dL/d(x_i.y_j) from InfoNCE
     stored = _cast_out(H, nce + k_scale * w, STORE_TMA)
     _store_tile(H, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA)
     resid = stored.to(tl.float32) - nce  # the kernel mass as stored, rounding included
-    gl = g * (t * _LN2 - t_off * _LN2)  # G times the natural InfoNCE logit
+    gl = nce * dot  # G times the natural InfoNCE logit l = s rho_i kappa_j x_i.y_j (one product)
     row_gl = tl.sum(gl, 1)
     tl.store(ROW_PART + tn * n_a + rows, tl.sum(resid, 1) + rho * rho * row_gl, mask=rows < n_a)
     tl.store(COL_PART + tm * n_b + cols, tl.sum(resid + (kappa * kappa)[None, :] * gl, 0), mask=cols < n_b)
