@@ -322,7 +322,7 @@ def _kernel_grad_tile(
     A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, c2, neg_lz2, g, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
-    WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr,
+    WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr, UNIT_G: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     if _below_diagonal(tm, tn, SYMMETRIC):  # zeros for the GEMMs; no dot products
@@ -335,7 +335,7 @@ def _kernel_grad_tile(
     else:
         off2 = neg_lz2 + _diagonal_log2_weight(tm, tn, SYMMETRIC)  # log2(w_tile) - log_z log2(e)
         t = _kernel_logits2(A, B, U2, V2, tm, tn, n_a, n_b, dim, c2, off2, BM, BN, BK, PREC, UPCAST, TMA)
-        w = g * _exp2(t)
+        w = _exp2(t) if UNIT_G else g * _exp2(t)  # UNIT_G: g == 1, one multiply per weight less
         if not EVEN:
             w = tl.where(_valid(rows, cols, n_a, n_b), w, 0.0)
         stored = _cast_out(W, w, STORE_TMA)
@@ -355,17 +355,17 @@ def _kernel_grad_kernel(
     A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, c2, neg_lz2, g, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
-    WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr,
+    WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr, UNIT_G: tl.constexpr = False,
 ):  # fmt: skip
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
             _kernel_grad_tile(pid, A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, c2,
                 neg_lz2, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, WANT_DOT,
-                WANT_TOTAL, STORE_TMA)  # fmt: skip
+                WANT_TOTAL, STORE_TMA, UNIT_G)  # fmt: skip
     else:
         _kernel_grad_tile(tl.program_id(0), A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim,
             c2, neg_lz2, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, WANT_DOT,
-            WANT_TOTAL, STORE_TMA)  # fmt: skip
+            WANT_TOTAL, STORE_TMA, UNIT_G)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -588,6 +588,7 @@ class TritonStrips:
             WANT_DOT=want_dot,
             WANT_TOTAL=want_total,
             STORE_TMA=store_tma,
+            UNIT_G=g == 1.0,
         )
         return KernelStrip(
             w,
