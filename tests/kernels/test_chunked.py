@@ -265,3 +265,34 @@ def test_float32_loss_value_near_zero_is_as_precise_as_dense(several: bool, temp
     want = float(info_nce(x.double(), y.double(), temperature, t2i))
     dense32 = float(info_nce(x, y, temperature, t2i))
     assert abs(got - want) <= max(2.0 * abs(dense32 - want), 1e-7 * max(1.0, want))
+
+
+class _LseOnly:
+    """A strip backend written before `logits_lse_split`: everything else from TorchStrips."""
+
+    def __init__(self) -> None:
+        self._t = TorchStrips()
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        if name == "logits_lse_split":
+            raise AttributeError(name)
+        return getattr(self._t, name)
+
+
+def test_a_backend_without_the_split_log_sum_exps_still_works() -> None:
+    x, y = unit(37, 16), unit(37, 16)
+    want = info_nce(x, y, 0.07)
+    got = streamed_info_nce(x, y, 0.07, backend=_LseOnly(), chunk_size=8)  # type: ignore[arg-type]
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    assert_close_all(grads(got, [x, y]), grads(want, [x, y]), rtol=1e-9, atol=1e-12)
+
+
+def test_bfloat16_operands_with_a_learnable_temperature() -> None:
+    """sum(G * l) of bf16 logits against float32 G (torch.dot refused the mixed dtypes)."""
+    x, y = unit(40, 16, torch.float32), unit(40, 16, torch.float32)
+    t = torch.tensor(0.07, requires_grad=True)
+    got = streamed_info_nce(x, y, t, chunk_size=16, operand_dtype=torch.bfloat16)
+    (gt,) = torch.autograd.grad(got, [t])
+    t64 = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+    (wt,) = torch.autograd.grad(info_nce(x.double(), y.double(), t64), [t64])
+    assert float(gt) == pytest.approx(float(wt), rel=2e-2)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from csaligner.kernels import Strips, TorchStrips, all_gather_with_grad, infonce_cs_terms
 from csaligner.kernels.sharded import sharded_infonce_cs, share, triangle_share
-from csaligner.losses import cs_divergence
+from csaligner.losses import cs_divergence, info_nce
 
 WORLD = 3
 T2I = torch.tensor([0, 0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8, 9, 9])  # sorted: each rank's captions are contiguous
@@ -66,9 +66,19 @@ class RowCounting(TorchStrips):
         self.rows["logits"] += a.shape[0]
         return super().logits_lse(a, b, scale)
 
+    def logits_lse_split(self, a, b, scale, pos_row):  # type: ignore[no-untyped-def]
+        self.rows["logits"] += a.shape[0]
+        return super().logits_lse_split(a, b, scale, pos_row)
+
     def kernel_lse(self, a, b, u, v, inv_s2, symmetric):  # type: ignore[no-untyped-def]
         self.rows["kernel"] += a.shape[0]
         return super().kernel_lse(a, b, u, v, inv_s2, symmetric)
+
+
+def low_loss_pairs() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(5)
+    x = F.normalize(torch.randn(60, 32, generator=g), dim=-1)
+    return x, F.normalize(x + 0.02 * torch.randn(60, 32, generator=g), dim=-1)
 
 
 def _worker(rank: int, store: str, out: str) -> None:
@@ -104,10 +114,13 @@ def _worker(rank: int, store: str, out: str) -> None:
         narrow_grads = torch.autograd.grad(narrow, [xd, yd])
         for g in narrow_grads:
             dist.all_reduce(g)  # world x each rank's share, summed: world x the gradient
+        xl, yl = low_loss_pairs()  # float32, a loss near 0: the value from consistent positives across ranks
+        low = infonce_cs_terms(xl, yl, temperature=0.05, with_cs=False, impl="chunked", chunk_size=16, shard=True)
         torch.save(
             {"loss": loss.detach(), "grads": grads, "rows": spy.rows, "scalars": scalar_grads, "released": released,
              "same_bits": same_bits, "nce_only": nce_only["infonce"].detach(), "nce_only_keys": sorted(nce_only),
-             "narrow": narrow.detach(), "narrow_grads": [g / WORLD for g in narrow_grads]},
+             "narrow": narrow.detach(), "narrow_grads": [g / WORLD for g in narrow_grads],
+             "low": low["infonce"].detach()},
             f"{out}.{rank}",
         )  # fmt: skip
     finally:
@@ -122,6 +135,8 @@ def test_sharded_loss_and_gradients_equal_single_process(tmp_path: Path) -> None
         single.loss(*(t.detach() for t in feats), "dense", False), [single.log_t, single.sigma]
     )
     want.backward()
+    xl, yl = low_loss_pairs()
+    want_low = float(info_nce(xl.double(), yl.double(), 0.05))
     want_nce_only = infonce_cs_terms(feats[0], feats[1], temperature=0.1, text_to_image=T2I, with_cs=False)["infonce"]
     xd, yd = feats[0].detach().requires_grad_(), feats[1].detach().requires_grad_()
     want_narrow = cs_divergence(xd, yd, 0.1)
@@ -138,6 +153,7 @@ def test_sharded_loss_and_gradients_equal_single_process(tmp_path: Path) -> None
             torch.testing.assert_close(got["grads"][name], q.grad, rtol=1e-9, atol=1e-12, msg=name)
         assert got["released"] and got["same_bits"]
         assert got["nce_only_keys"] == ["infonce"]
+        assert abs(float(got["low"]) - want_low) <= 1e-7 * max(1.0, want_low)  # was ~1e-6 off at 1e-5
         torch.testing.assert_close(got["narrow"], want_narrow.detach(), rtol=1e-10, atol=1e-10)
         for g, w in zip(got["narrow_grads"], want_narrow_grads, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)

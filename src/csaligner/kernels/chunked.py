@@ -154,9 +154,9 @@ class TorchStrips:
         t = torch.mm(a, b.T).mul_(scale)
         row_max, col_max = t.amax(1), t.amax(0)  # finite: unit vectors, a finite scale
         e = torch.sub(t, row_max.unsqueeze(1)).exp_()
-        row_log = e.sum(1).log_()
+        row_log = e.sum(1, dtype=torch.float32).log_() if t.dtype.itemsize < 4 else e.sum(1).log_()  # half: no inf
         torch.sub(t, col_max.unsqueeze(0), out=e).exp_()
-        col_log = e.sum(0).log_()
+        col_log = e.sum(0, dtype=torch.float32).log_() if t.dtype.itemsize < 4 else e.sum(0).log_()
         pos = t.gather(0, pos_row.clamp_min(0).unsqueeze(0)).squeeze(0)  # no host sync (nonzero would)
         return row_max, row_log, col_max, col_log, pos
 
@@ -178,7 +178,7 @@ class TorchStrips:
         g += (t - col_lse.unsqueeze(0)).exp_().mul_(w_col)
         cols = (pos_row >= 0).nonzero().squeeze(1)
         g.index_put_((pos_row[cols], cols), -pos_w[cols], accumulate=True)
-        dot = torch.dot(g.flatten(), t.flatten()) if want_dot else None
+        dot = torch.dot(g.flatten(), t.flatten().to(g.dtype)) if want_dot else None  # t: half operands' logits
         return g, dot
 
     def _kernel_logits(self, a: Tensor, b: Tensor, u: Tensor, v: Tensor, inv_s2: float) -> Tensor:
@@ -292,6 +292,81 @@ def nce_row_stats(
     return row_lse, col_lse
 
 
+class NceSplit(NamedTuple):
+    """InfoNCE's log-sum-exps over rows lo:hi of the logits, as (max, log-sum minus max)."""
+
+    row_max: Tensor
+    """(hi - lo,)"""
+    row_log: Tensor
+    col_max: Tensor
+    """(M,) over rows lo:hi only"""
+    col_log: Tensor
+    pos: Tensor | None
+    """(M,) the logits at the positives whose row lies in lo:hi, as the strips computed them (0
+    elsewhere); None where the backend cannot gather them."""
+
+
+def nce_split_stats(
+    backend: StripBackend, x: Tensor, y: Tensor, s: float, lo: int, hi: int, rows: int, work: torch.dtype,
+    pos_row: Tensor,
+) -> NceSplit:  # fmt: skip
+    """`nce_row_stats` in split form (`logits_lse_split`), merged across strips: the maxima are
+    logits as computed, the log-sums stay small, so that `nce_value_terms` can subtract the positives'
+    logits exactly."""
+    n, m = hi - lo, y.shape[0]
+    row_max = torch.empty(n, dtype=work, device=x.device)
+    row_log = torch.empty(n, dtype=work, device=x.device)
+    col_max = torch.full((m,), -math.inf, dtype=work, device=x.device)
+    col_log = torch.zeros(m, dtype=work, device=x.device)
+    pos: Tensor | None = torch.zeros(m, dtype=work, device=x.device)
+    for r0 in range(lo, hi, rows):
+        r1 = min(r0 + rows, hi)
+        local = torch.where((pos_row >= r0) & (pos_row < r1), pos_row - r0, -1)
+        r_max, r_log, c_max, c_log, p = _lse_split(backend, x[r0:r1], y, s, local)
+        row_max[r0 - lo : r1 - lo], row_log[r0 - lo : r1 - lo] = r_max, r_log
+        col_max, col_log = merge_split(col_max, col_log, c_max.to(work), c_log.to(work))
+        pos = None if p is None or pos is None else torch.where(local >= 0, p.to(work), pos)
+    return NceSplit(row_max, row_log, col_max, col_log, pos)
+
+
+def _lse_split(
+    backend: StripBackend, a: Tensor, b: Tensor, s: float, pos_row: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """`backend.logits_lse_split`, or for a backend written before it (only `logits_lse`) the
+    log-sum-exps as maxima with zero log-sums and no positives."""
+    split = getattr(backend, "logits_lse_split", None)
+    if split is not None:
+        out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None] = split(a, b, s, pos_row)
+        return out
+    row, col = backend.logits_lse(a, b, s)
+    return row, torch.zeros_like(row), col, torch.zeros_like(col), None
+
+
+def merge_split(m1: Tensor, l1: Tensor, m2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """(max, log-sum minus max) of two such pairs, elementwise; -inf maxima allowed on one side."""
+    top = torch.maximum(m1, m2)
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top, torch.log(torch.exp(m1 - safe + l1) + torch.exp(m2 - safe + l2))
+
+
+def nce_value_terms(st: NceSplit, pos: Tensor, pos_row: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """float64 (sum over rows lo:hi of row_lse_i - mean_{j in P_i} l_ij, and the (M,) col_lse_j - l_pj,j).
+
+    `st` holds rows lo:hi, its column statistics and `pos` must be over all rows (the caller merges
+    ranks). InfoNCE = 0.5 row_sum / N + 0.5 mean(col_terms). Where a positive is its row's or column's
+    largest logit the difference is exactly 0 plus a small log-sum: a loss near 0 keeps float32's
+    ~1e-7 absolute precision, as dense float32 does, instead of rounding at the scale s."""
+    f64, dev, n = torch.float64, pos.device, hi - lo
+    mine = (pos_row >= lo) & (pos_row < hi)
+    idx = torch.where(mine, pos_row - lo, 0)
+    counts = torch.zeros(n, dtype=f64, device=dev).index_add_(0, idx, mine.to(f64))
+    pos_sum = torch.zeros(n, dtype=f64, device=dev).index_add_(0, idx, torch.where(mine, pos.to(f64), 0.0))
+    row_pos = torch.where(counts > 0, pos_sum / counts.clamp_min(1.0), 0.0)  # images without captions: 0
+    row_terms = (st.row_max.to(f64) - row_pos) + st.row_log.to(f64)
+    col_terms = (st.col_max.to(f64) - pos.to(f64)) + st.col_log.to(f64)
+    return row_terms.sum(), col_terms
+
+
 def nce_stats_and_value(
     backend: StripBackend,
     x: Tensor,
@@ -302,44 +377,32 @@ def nce_stats_and_value(
     pos_row: Tensor,
     pos_w: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`nce_row_stats` over all rows, and InfoNCE's value.
-
-    The value is sum_j (col_lse_j - l_pj,j) / 2M + sum_i (row_lse_i - mean_{j in P_i} l_ij) / 2N,
-    each log-sum-exp kept as (max, log-sum minus max) across strips and the positives' logits taken
-    from the strips themselves (`logits_lse_split`): where a positive is its row's or column's
-    largest logit the difference is exactly 0 plus a small log-sum, so a loss near 0 keeps float32's
-    ~1e-7 absolute precision instead of rounding at the scale s. Backends that cannot gather the
-    positives get a float32 dot of each pair (~1e-7 s apart from the strip's logit).
-    """
-    n, m = x.shape[0], y.shape[0]
-    row_max = torch.empty(n, dtype=work, device=x.device)
-    row_log = torch.empty(n, dtype=work, device=x.device)
-    col_max = torch.full((m,), -math.inf, dtype=work, device=x.device)
-    col_log = torch.zeros(m, dtype=work, device=x.device)
-    pos: Tensor | None = torch.zeros(m, dtype=work, device=x.device)
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        local = torch.where((pos_row >= r0) & (pos_row < r1), pos_row - r0, -1)
-        r_max, r_log, c_max, c_log, p = backend.logits_lse_split(x[r0:r1], y, s, local)
-        row_max[r0:r1], row_log[r0:r1] = r_max, r_log
-        c_max, c_log = c_max.to(work), c_log.to(work)
-        top = torch.maximum(col_max, c_max)  # finite from the first strip on
-        col_log = torch.log(torch.exp(col_max - top + col_log) + torch.exp(c_max - top + c_log))
-        col_max = top
-        pos = None if p is None or pos is None else torch.where(local >= 0, p.to(work), pos)
-    f64 = torch.float64
-    if pos is not None:
-        counts = torch.zeros(n, dtype=f64, device=x.device).index_add_(0, pos_row, torch.ones_like(pos, dtype=f64))
-        pos_sum = torch.zeros(n, dtype=f64, device=x.device).index_add_(0, pos_row, pos.to(f64))
-        row_pos = torch.where(counts > 0, pos_sum / counts.clamp_min(1.0), 0.0)  # images without captions: 0
-        row_term = (row_max.to(f64) - row_pos) + row_log.to(f64)
-        col_term = (col_max.to(f64) - pos.to(f64)) + col_log.to(f64)
-        value = 0.5 * row_term.mean() + 0.5 * col_term.mean()
+    """`nce_row_stats` over all rows, and InfoNCE's value (see `nce_value_terms`). Backends that
+    cannot gather the positives get a float32 dot of each pair (~1e-7 s from the strip's logit)."""
+    n = x.shape[0]
+    st = nce_split_stats(backend, x, y, s, 0, n, rows, work, pos_row)
+    row_lse, col_lse = st.row_max + st.row_log, st.col_max + st.col_log
+    if st.pos is not None:
+        row_sum, col_terms = nce_value_terms(st, st.pos, pos_row, 0, n)
+        value = 0.5 * row_sum / n + 0.5 * col_terms.mean()
     else:
-        pos_logit = (x[pos_row].to(f64) * y.to(f64)).sum(1) * s  # (M,) l_{pos(j), j}
-        lse = 0.5 * (row_max + row_log).to(f64).mean() + 0.5 * (col_max + col_log).to(f64).mean()
+        f64 = torch.float64
+        pos_logit = positive_dots(x, y, pos_row, False, work).to(f64) * s  # (M,) l_{pos(j), j}
+        lse = 0.5 * row_lse.to(f64).mean() + 0.5 * col_lse.to(f64).mean()
         value = lse - (pos_w.to(f64) * pos_logit).sum()
-    return row_max + row_log, col_max + col_log, value.to(work)
+    return row_lse, col_lse, value.to(work)
+
+
+def positive_dots(
+    x: Tensor, y: Tensor, pos_row: Tensor, identity: bool, work: torch.dtype = torch.float32, rows: int = 8192
+) -> Tensor:
+    """(M,) x[pos_row[j]] . y_j in `work` precision, a few thousand rows at a time (no (M, D) copies
+    in `work`); `identity`: pos_row is arange(M), no gather."""
+    out = torch.empty(y.shape[0], dtype=work, device=y.device)
+    for r0 in range(0, y.shape[0], rows):
+        sl = slice(r0, r0 + rows)
+        out[sl] = ((x[sl] if identity else x[pos_row[sl]]).to(work) * y[sl].to(work)).sum(1)
+    return out
 
 
 def nce_row_grads(

@@ -48,6 +48,7 @@ from csaligner.kernels.chunked import (
     autocast_off,
     kernel_term_sums,
     mm_accumulate,
+    positive_dots,
     positives,
 )
 from csaligner.kernels.triton_kernels import (
@@ -434,8 +435,9 @@ class _PairedInfoNCECS(torch.autograd.Function):
 
 
 @triton.jit
-def _finish_grad_kernel(G, MASS, A, OUT, n, d, BLOCK: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr):
-    """OUT = G - MASS[:, None] * A over BLOCK elements of the flattened (n, d) arrays."""
+def _finish_grad_kernel(G, MASS, A, OUT, numel, d, BLOCK: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr):
+    """OUT = G - MASS[:, None] * A over BLOCK elements of the flattened (numel / d, d) arrays (numel
+    from the host: an int64 argument when over 2^31, where n * d in the kernel would wrap)."""
     start = tl.program_id(0).to(tl.int64) * BLOCK if WIDE else tl.program_id(0) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     if EVEN:
@@ -444,7 +446,7 @@ def _finish_grad_kernel(G, MASS, A, OUT, n, d, BLOCK: tl.constexpr, EVEN: tl.con
         mass = tl.load(MASS + offs // d)
         tl.store(OUT + offs, _to(g - mass * a, OUT.dtype.element_ty))
     else:
-        ok = offs < n * d
+        ok = offs < numel
         g = tl.load(G + offs, mask=ok, other=0.0)
         a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
         mass = tl.load(MASS + offs // d, mask=ok, other=0.0)
@@ -458,7 +460,7 @@ def _finish_grad(g: Tensor, mass: Tensor, a: Tensor, block: int = 4096) -> Tenso
     n, d = a.shape
     if n * d:
         _finish_grad_kernel[(triton.cdiv(n * d, block),)](
-            g, mass, a, out, n, d, BLOCK=block, EVEN=n * d % block == 0, WIDE=n * d + block >= 2**31, num_warps=4
+            g, mass, a, out, n * d, d, BLOCK=block, EVEN=n * d % block == 0, WIDE=n * d + block >= 2**31, num_warps=4
         )
     return out
 
@@ -536,7 +538,7 @@ def _info_nce_value(
         d = diag2.to(f64)
         return ((0.5 * (r - d).mean() + 0.5 * (c - d).mean()) * LN2).float()
     x, y, rho, kappa, pos_row, pos_w, identity, s = positives_of
-    pos_logit = _positive_dots(x, y, pos_row, identity).to(f64) * rho[pos_row].to(f64) * kappa.to(f64) * s
+    pos_logit = positive_dots(x, y, pos_row, identity).to(f64) * rho[pos_row].to(f64) * kappa.to(f64) * s
     offset2 = s2 if one_exp else 0.0
     lse = 0.5 * r.mean() + 0.5 * c.mean()
     return ((lse + offset2) * LN2 - (pos_w.to(f64) * pos_logit).sum()).float()
@@ -547,16 +549,6 @@ def _logsumexp2(p: Tensor, dim: int) -> Tensor:
     m = p.amax(dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     return (m + torch.exp2(p - m).sum(dim, keepdim=True).log2()).squeeze(dim)
-
-
-def _positive_dots(x: Tensor, y: Tensor, pos_row: Tensor, identity: bool, rows: int = 8192) -> Tensor:
-    """(M,) x[pos_row[j]] . y_j in float32, a few thousand rows at a time (no (M, D) float32 copies);
-    `identity`: pos_row is arange(M), no gather."""
-    out = torch.empty(y.shape[0], dtype=torch.float32, device=y.device)
-    for r0 in range(0, y.shape[0], rows):
-        sl = slice(r0, r0 + rows)
-        out[sl] = ((x[sl] if identity else x[pos_row[sl]]).float() * y[sl].float()).sum(1)
-    return out
 
 
 def _norm_terms(a: Tensor) -> tuple[Tensor, Tensor]:

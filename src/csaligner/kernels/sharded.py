@@ -6,8 +6,9 @@ each against all columns, and a balanced share of the upper triangles of X_all X
 Y_all Y_all^T (rows [lo, hi) against the columns from lo on, `triangle_share`). The ranks
 exchange only small statistics:
 
-* InfoNCE: the (M,) column log-sum-exps (an all-reduce of their max, then of a sum) and two
-  scalars, the sums of this rank's row log-sum-exps and of its positive logits;
+* InfoNCE: the (M,) column log-sum-exps (an all-reduce of their max, then of a sum), the (M,)
+  positives' logits as the strips computed them (each from the rank holding its row; summed), and
+  one float64 scalar, this rank's sum of row terms (`chunked.nce_value_terms`);
 * D_CS: one log-sum per kernel term (three scalars, the same max-then-sum all-reduce);
 * backward: the temperature's and sigma's gradients (two scalars, summed).
 
@@ -47,7 +48,8 @@ from csaligner.kernels.chunked import (
     kernel_log_sum,
     kernel_term_grads,
     nce_row_grads,
-    nce_row_stats,
+    nce_split_stats,
+    nce_value_terms,
     one_pass_offset,
     positives,
     strip_rows,
@@ -113,13 +115,24 @@ class _ShardedInfoNCECS(torch.autograd.Function):
         s, work, backend = float(scale), pos_w.dtype, strips.backend
         n, m = x.shape[0], y.shape[0]
         lo, hi = share(n, rank, world)
-        row_lse, col_part = nce_row_stats(backend, x, y, s, lo, hi, _rows(strips, n, m), work)
-        col_lse = all_logsumexp(col_part, group)
-        mine = (pos_row >= lo) & (pos_row < hi)  # texts whose positive is one of this rank's rows
-        pos_logit = (x[pos_row[mine]].to(work) * y[mine].to(work)).sum(1) * s
-        sums = torch.stack([row_lse.sum(), (pos_w[mine] * pos_logit).sum()])
-        dist.all_reduce(sums, group=group)
-        info_nce = 0.5 * sums[0] / n + 0.5 * col_lse.mean() - sums[1]
+        st = nce_split_stats(backend, x, y, s, lo, hi, _rows(strips, n, m), work, pos_row)
+        top = st.col_max.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)  # finite: every rank has rows
+        col_sum = torch.exp(st.col_max - top + st.col_log)
+        dist.all_reduce(col_sum, group=group)
+        glob = st._replace(col_max=top, col_log=col_sum.log())
+        row_lse, col_lse = st.row_max + st.row_log, glob.col_max + glob.col_log
+        if st.pos is not None:  # each text's positive lies in one rank's rows: the sum gathers them
+            dist.all_reduce(st.pos, group=group)
+            row_sum, col_terms = nce_value_terms(glob, st.pos, pos_row, lo, hi)
+            dist.all_reduce(row_sum, group=group)
+            info_nce = (0.5 * row_sum / n + 0.5 * col_terms.mean()).to(work)
+        else:
+            mine = (pos_row >= lo) & (pos_row < hi)  # texts whose positive is one of this rank's rows
+            pos_logit = (x[pos_row[mine]].to(work) * y[mine].to(work)).sum(1) * s
+            sums = torch.stack([row_lse.sum(), (pos_w[mine] * pos_logit).sum()])
+            dist.all_reduce(sums, group=group)
+            info_nce = 0.5 * sums[0] / n + 0.5 * col_lse.mean() - sums[1]
         inv_s2 = 1.0 / float(sigma) ** 2
         ctx.kept, ctx.offsets = None, None
         ux = uy = log_z = torch.zeros(0, dtype=work, device=x.device)
