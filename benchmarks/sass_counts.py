@@ -120,11 +120,13 @@ def main() -> None:
     x, y = torch.zeros(s, d, dtype=torch.bfloat16), torch.zeros(n, d, dtype=torch.bfloat16)
     vec = torch.zeros
     wide = tk.TritonStrips()
+    four_warps = tk.TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2, tma_store=True)
     rows = [
         ("forward X Y^T", "FORWARD_PAIR_TILES", FORWARD_PAIR_TILES),
         ("forward X Y^T", "8 warps, 1 program/SM", wide),
         ("forward t_ii (diagonal tiles, value only)", "FORWARD_PAIR_TILES", FORWARD_PAIR_TILES),
         ("backward X Y^T", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
+        ("backward X Y^T", "4 warps, 2 programs/SM, descriptor stores", four_warps),
         ("kernel weights (symmetric)", "SYMMETRIC_TILES", SYMMETRIC_TILES),
         ("kernel weights (symmetric)", "8 warps, 1 program/SM", wide),
         ("gradient finish (elementwise, (N, D))", "4 warps, 4096 elements", wide),
