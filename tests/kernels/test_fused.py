@@ -402,7 +402,8 @@ def test_finish_grad_is_addcmul_then_cast(dtype: torch.dtype, n: int, d: int, bl
     if not CUDA:  # the interpreter rounds to nearest even like torch (a GPU may fuse the product: 1 ulp)
         assert torch.equal(got, (acc - mass.unsqueeze(1) * a.float()).to(dtype))
     wide = torch.empty_like(a)  # the int64 offsets of arrays over 2^31 elements, on a small one
-    fused._finish_grad_kernel[(-(-n * d // block),)](acc, mass, a, wide, n * d, d, BLOCK=block, EVEN=False, WIDE=True)
+    grid = (-(-n * d // block),)
+    fused._finish_grad_kernel[grid](acc, mass, a, wide, n * d, d, 1.0, BLOCK=block, EVEN=False, WIDE=True)
     assert torch.equal(wide, got)
 
 
@@ -413,5 +414,5 @@ def test_finish_grad_masks_by_a_size_over_2_to_31() -> None:
     g = torch.Generator().manual_seed(0)
     acc, mass, a = (torch.randn(block, generator=g).to(DEVICE) for _ in range(3))
     out = torch.full((block,), 12345.0, device=DEVICE)
-    fused._finish_grad_kernel[(1,)](acc, mass, a, out, n * d, d, BLOCK=block, EVEN=False, WIDE=True)
+    fused._finish_grad_kernel[(1,)](acc, mass, a, out, n * d, d, 1.0, BLOCK=block, EVEN=False, WIDE=True)
     torch.testing.assert_close(out, acc - mass[0] * a)

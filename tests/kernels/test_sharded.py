@@ -234,3 +234,143 @@ def test_sharded_triton_strips_match_dense(tmp_path: Path) -> None:
         assert float(got["terms"][k]) == pytest.approx(float(want[k]), rel=1e-5, abs=1e-6)
     for g, w in zip(got["grads"], want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+
+
+FUSED_CASES = [
+    (torch.float32, 0.07, 0.5, False, 64),
+    (torch.bfloat16, 0.07, 0.5, False, 64),
+    (torch.float32, 0.01, 0.1, True, 64),
+    (torch.float32, 0.07, 0.5, False, 20),
+]
+"""(dtype, temperature, sigma, several captions, images): one exp per logit and max-offset tiles;
+20 images make row shares (0, 0), (0, 16), (16, 20): a rank with none."""
+
+
+def _fused_problem(dtype: torch.dtype, several: bool, n: int = 64) -> tuple[Tensor, Tensor, Tensor | None]:
+    """64 images: with 16-row tiles the row shares are (0, 16), (16, 48), (48, 64) and the triangle
+    shares (0, 16), (16, 32), (32, 64). Several captions: 16 more texts, second captions."""
+    g = torch.Generator().manual_seed(3)
+    x = F.normalize(torch.randn(n, 16, generator=g), dim=-1)
+    y = F.normalize(x + 0.5 * torch.randn(n, 16, generator=g), dim=-1)
+    t2i = None
+    if several:
+        y = torch.cat([y, F.normalize(x[:16] + 0.5 * torch.randn(16, 16, generator=g), dim=-1)])
+        t2i = torch.cat([torch.arange(n), torch.arange(16)])
+    return x.to(dtype), y.to(dtype), t2i
+
+
+def _fused_terms(dtype: torch.dtype, t: float, sig: float, several: bool, n: int, group: bool):  # type: ignore[no-untyped-def]
+    from csaligner.kernels.fused import fused_infonce_cs
+    from tests.kernels.triton_setup import SMALL
+
+    x0, y0, t2i = _fused_problem(dtype, several, n)
+    x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+    temp, sigma = torch.tensor(t, requires_grad=True), torch.tensor(sig, requires_grad=True)
+    kw = {"tiles": SMALL, "chunk_size": 16, "group": dist.group.WORLD if group else None}
+    nce, cs = fused_infonce_cs(x, y, temp, sigma, t2i, **kw)
+    grads = list(torch.autograd.grad(nce + 0.3 * cs, [x, y, temp, sigma]))
+    with torch.no_grad():  # the two-pass symmetric terms (no gradients kept)
+        nce_ng, cs_ng = fused_infonce_cs(x0, y0, t, sig, t2i, **kw)
+    return [nce.detach(), cs.detach(), nce_ng, cs_ng], grads
+
+
+def _fused_worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        results = []
+        for case in FUSED_CASES:
+            values, grads = _fused_terms(*case, group=True)
+            for g in grads[:2]:  # world x each rank's share: the sum over ranks is world x the gradient
+                g32 = g.float()
+                dist.all_reduce(g32)
+                g.copy_(g32 / WORLD)
+            results.append((values, grads))
+        # shard=True with bf16 pairs on the Triton path: the dispatcher takes the fused kernels.
+        from csaligner.kernels import fused
+
+        real, calls = fused.fused_infonce_cs, []
+
+        def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(kwargs.get("group"))
+            return real(*args, **kwargs)
+
+        fused.fused_infonce_cs = spy  # type: ignore[assignment]
+        x, y, _ = _fused_problem(torch.bfloat16, False)
+        terms = infonce_cs_terms(x, y, temperature=0.07, sigma=0.5, impl="triton", shard=True)
+        fused.fused_infonce_cs = real  # type: ignore[assignment]
+        if rank == 0:
+            torch.save((results, len(calls), {k: float(v) for k, v in terms.items()}), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter run (CPU); CUDA runs test the kernels")
+def test_sharded_fused_kernels_equal_one_process(tmp_path: Path) -> None:
+    """`fused_infonce_cs(group=...)` on 3 ranks: the values of one process and, summed over the ranks,
+    its gradients, with and without kept symmetric gradients, learnable temperature and sigma."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET is not 1")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.start_processes(
+        _fused_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True,
+        start_method="fork",
+    )  # fmt: skip
+    got, n_calls, dispatched = torch.load(tmp_path / "out")
+    x, y, _ = _fused_problem(torch.bfloat16, False)
+    assert n_calls == 1
+    for k, want in infonce_cs_terms(x.double(), y.double(), temperature=0.07, sigma=0.5, impl="dense").items():
+        assert dispatched[k] == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    for case, (values, grads) in zip(FUSED_CASES, got, strict=True):
+        want_values, want_grads = _fused_terms(*case, group=False)
+        half = case[0] == torch.bfloat16
+        for a, b in zip(values, want_values, strict=True):
+            assert float(a) == pytest.approx(float(b), rel=1e-6, abs=1e-6), case
+        for a, b in zip(grads, want_grads, strict=True):
+            tol = 2e-2 if half and a.dim() else 1e-5  # bf16 gradients: each rank's share rounded once more
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * float(b.abs().max()), msg=str(case))
+
+
+def _empty_share_worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        x, y, t2i = _two_images()
+        t = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        terms = infonce_cs_terms(x, y, temperature=t, sigma=0.7, text_to_image=t2i, impl="chunked", shard=True)
+        grads = list(torch.autograd.grad(terms["infonce"] + terms["cs"], [x, y, t]))
+        for g in grads[:2]:
+            dist.all_reduce(g)
+            g /= WORLD
+        torch.save({"terms": {k: v.detach() for k, v in terms.items()}, "grads": grads}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_images() -> tuple[Tensor, Tensor, Tensor]:
+    """2 images, 5 captions: with 3 ranks the row shares are (0, 0), (0, 1), (1, 2)."""
+    g = torch.Generator().manual_seed(4)
+    x = F.normalize(torch.randn(2, 8, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    y = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    return x, y, torch.tensor([0, 1, 1, 0, 1])
+
+
+def test_a_rank_without_rows_takes_part_in_every_collective(tmp_path: Path) -> None:
+    """More ranks than images: the empty rank issues the same all-reduces and all ranks return the
+    single-process terms (it failed on index 0 of an empty row share)."""
+    x, y, t2i = _two_images()
+    t = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    want = {"infonce": info_nce(x, y, t, t2i), "cs": cs_divergence(x, y, 0.7)}
+    want_grads = torch.autograd.grad(want["infonce"] + want["cs"], [x, y, t])
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.start_processes(
+        _empty_share_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True,
+        start_method="fork",
+    )  # fmt: skip
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"out.{rank}")
+        for k in ("infonce", "cs"):
+            assert float(got["terms"][k]) == pytest.approx(float(want[k]), rel=1e-12, abs=1e-12)
+        for a, b in zip(got["grads"], want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

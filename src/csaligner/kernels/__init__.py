@@ -163,7 +163,8 @@ def infonce_cs_terms(
             batch, the same on every rank (gathered with `all_gather_with_grad`), and each rank
             computes only its share of the rows of every Gram matrix (`csaligner.kernels.sharded`);
             the ranks all-reduce O(M) statistics and return the same terms. "dense" then runs
-            the chunked strips. Without a process group (or with one rank) it changes nothing.
+            the chunked strips; bf16/fp16 pairs on CUDA (pools = pairs) run the fused kernels so.
+            Without a process group (or with one rank) it changes nothing.
         group: the process group for `shard` (default: the world).
 
     Returns:
@@ -178,10 +179,18 @@ def infonce_cs_terms(
     x_all = x if x_all is None else x_all
     y_all = y if y_all is None else y_all
     path = resolve_impl(impl, x, y, x_all, y_all)
+    fused = path == "triton" and with_cs and _half(x, y) and x_all is x and y_all is y
     if shard and _world_size(group) > 1:
         from csaligner.kernels.sharded import sharded_infonce_cs
 
         strips = _strips("chunked" if path == "dense" else path, x, y, x_all, y_all, chunk_size)
+        if fused:  # the fused kernels, each rank on its share of the rows (see fused_infonce_cs)
+            from csaligner.kernels.fused import fused_infonce_cs
+
+            nce, cs = fused_infonce_cs(
+                x, y, temperature, sigma, text_to_image, chunk_size=cast(int, strips.chunk_size), group=group
+            )
+            return {"infonce": nce, "cs": cs}
         return sharded_infonce_cs(
             x, y, x_all, y_all, temperature, sigma, text_to_image, with_cs=with_cs, strips=strips, group=group
         )
@@ -192,7 +201,7 @@ def infonce_cs_terms(
         return terms
     strips = _strips(path, x, y, x_all, y_all, chunk_size)
     backend, operand, center, chunk_size = strips.backend, strips.operand, strips.center, strips.chunk_size
-    if path == "triton" and with_cs and _half(x, y) and x_all is x and y_all is y:
+    if fused:
         # The pools are the pairs: one Gram pass of X Y^T serves both terms.
         from csaligner.kernels.fused import fused_infonce_cs
 

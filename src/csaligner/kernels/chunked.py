@@ -77,6 +77,10 @@ class StripBackend(Protocol):
         (its diagonal block is weighted as a whole)."""
         ...
 
+    gathers_positives: bool
+    """Whether `logits_lse_split` returns the positives' logits (a backend without the attribute:
+    no, and InfoNCE's value takes a separate dot per pair)."""
+
     def logits_lse(self, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """Row (S,) and column (M,) log-sum-exp of scale * a @ b.T."""
         ...
@@ -139,6 +143,8 @@ class StripBackend(Protocol):
 
 class TorchStrips:
     """Strip arithmetic with plain torch ops (CPU or CUDA); tiles are (S, M) in the input dtype."""
+
+    gathers_positives = True
 
     @property
     def symmetric_rows(self) -> int:
@@ -318,14 +324,19 @@ def nce_split_stats(
     row_log = torch.empty(n, dtype=work, device=x.device)
     col_max = torch.full((m,), -math.inf, dtype=work, device=x.device)
     col_log = torch.zeros(m, dtype=work, device=x.device)
-    pos: Tensor | None = torch.zeros(m, dtype=work, device=x.device)
+    # Whether positives come back is the backend's property, not the rows': every rank decides alike.
+    gathers = getattr(backend, "gathers_positives", False) and hasattr(backend, "logits_lse_split")
+    pos = torch.zeros(m, dtype=work, device=x.device) if gathers else None
     for r0 in range(lo, hi, rows):
         r1 = min(r0 + rows, hi)
         local = torch.where((pos_row >= r0) & (pos_row < r1), pos_row - r0, -1)
         r_max, r_log, c_max, c_log, p = _lse_split(backend, x[r0:r1], y, s, local)
         row_max[r0 - lo : r1 - lo], row_log[r0 - lo : r1 - lo] = r_max, r_log
         col_max, col_log = merge_split(col_max, col_log, c_max.to(work), c_log.to(work))
-        pos = None if p is None or pos is None else torch.where(local >= 0, p.to(work), pos)
+        if pos is not None:
+            if p is None:
+                raise TypeError(f"{type(backend).__name__}.gathers_positives is True but logits_lse_split gave none")
+            pos = torch.where(local >= 0, p.to(work), pos)
     return NceSplit(row_max, row_log, col_max, col_log, pos)
 
 
@@ -357,13 +368,15 @@ def nce_value_terms(st: NceSplit, pos: Tensor, pos_row: Tensor, lo: int, hi: int
     largest logit the difference is exactly 0 plus a small log-sum: a loss near 0 keeps float32's
     ~1e-7 absolute precision, as dense float32 does, instead of rounding at the scale s."""
     f64, dev, n = torch.float64, pos.device, hi - lo
+    col_terms = (st.col_max.to(f64) - pos.to(f64)) + st.col_log.to(f64)
+    if n == 0:  # an empty row share (more ranks than rows): no index to add at
+        return torch.zeros((), dtype=f64, device=dev), col_terms
     mine = (pos_row >= lo) & (pos_row < hi)
     idx = torch.where(mine, pos_row - lo, 0)
     counts = torch.zeros(n, dtype=f64, device=dev).index_add_(0, idx, mine.to(f64))
     pos_sum = torch.zeros(n, dtype=f64, device=dev).index_add_(0, idx, torch.where(mine, pos.to(f64), 0.0))
     row_pos = torch.where(counts > 0, pos_sum / counts.clamp_min(1.0), 0.0)  # images without captions: 0
     row_terms = (st.row_max.to(f64) - row_pos) + st.row_log.to(f64)
-    col_terms = (st.col_max.to(f64) - pos.to(f64)) + st.col_log.to(f64)
     return row_terms.sum(), col_terms
 
 

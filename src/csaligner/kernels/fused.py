@@ -296,9 +296,11 @@ class _PairedInfoNCECS(torch.autograd.Function):
         rows: int,
         eager: bool,
         identity: bool,
+        ranks: _Ranks,
     ) -> tuple[Tensor, Tensor]:
         n, m = x.shape[0], y.shape[0]
         tiles, pair, _ = tile_set  # symmetric, forward X Y^T (, backward X Y^T)
+        lo, hi = ranks.share(n, pair.block_m)  # this rank's rows of X Y^T (all of them in one process)
         (rho, hx), (kappa, hy) = _norm_terms(x), _norm_terms(y)
         # Host scalars, read in one transfer before any strip is queued: a read after them would wait
         # for all of them and leave the GPU idle while the caller starts the backward pass.
@@ -312,11 +314,11 @@ class _PairedInfoNCECS(torch.autograd.Function):
         one_exp = s <= MAX_ONE_EXP_SCALE  # the InfoNCE partials are sums of 2^(l log2(e) - s2)
         # one_exp: linear sums of 2^t (t <= 0 and >= -2 s2 >= -116: no float32 under- or overflow,
         # so the columns add up across strips without logs), else log2-sum-exp2s.
-        row_acc = torch.empty(n, dtype=torch.float32, device=x.device)
+        row_acc = torch.empty(hi - lo, dtype=torch.float32, device=x.device)
         col_acc = torch.full((m,), 0.0 if one_exp else -math.inf, dtype=torch.float32, device=x.device)
         r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # base-2 logits in the kernels
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
+        for r0 in range(lo, hi, rows):
+            r1 = min(r0 + rows, hi)
             n_tm, n_tn = pair._tiles(x[r0:r1], y)
             row_part = torch.empty((n_tn, r1 - r0), dtype=torch.float32, device=x.device)
             col_part = torch.empty((n_tm, m), dtype=torch.float32, device=x.device)
@@ -326,13 +328,14 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 scalars=(s2, inv_s2 * LOG2E), ONE_EXP=one_exp, K_BOUNDED=bounded,
             )  # fmt: skip
             if one_exp:
-                row_acc[r0:r1] = row_part.sum(0)
+                row_acc[r0 - lo : r1 - lo] = row_part.sum(0)
                 col_acc += col_part.sum(0)
             else:
-                row_acc[r0:r1] = _logsumexp2(row_part, 0)
+                row_acc[r0 - lo : r1 - lo] = _logsumexp2(row_part, 0)
                 torch.logaddexp2(col_acc, _logsumexp2(col_part, 0), out=col_acc)
             k_parts2.append(k_part.sum().log2() if bounded else _logsumexp2(k_part, 0))
-        lz2_xy = _logsumexp2(torch.stack(k_parts2), 0)
+        col_acc = ranks.sum_(col_acc) if one_exp else ranks.logsumexp(col_acc, base2=True)
+        lz2_xy = ranks.logsumexp(_logsumexp2(torch.stack(k_parts2), 0) if k_parts2 else _minus_inf(x), base2=True)
         # The backward's softmax normalisers, base 2; one_exp: log2 of the sums of 2^(t), t = log2(e) l - s2
         # (so without + s2: adding it here and taking it off there would round every softmax at s2's scale).
         row_lse2, col_lse2 = (row_acc.log2(), col_acc.log2()) if one_exp else (row_acc, col_acc)
@@ -344,28 +347,34 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 n_tiles=triton.cdiv(n, pair.block_m), ONE_EXP=one_exp, K_BOUNDED=bounded, DIAGONAL=True,
             )  # fmt: skip
         pos_args = (x, y, rho, kappa, pos_row, pos_w, identity, s)
-        info_nce = _info_nce_value(row_acc, col_acc, one_exp, s2, diag2, pos_args)
+        info_nce = _info_nce_value(row_acc, col_acc, one_exp, s2, diag2, pos_args, lo, ranks)
         # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
         # diagonal's 0, a known offset) and keeps ((W + W^T) x)_i and its row masses for the backward.
         ctx.kept = []
         sums = [lz2_xy * LN2]
         for a, sq in ((x, u), (y, v)):
+            a0, a1 = ranks.triangle(a.shape[0], tiles.block_m)  # this rank's share of the upper triangle
             if eager:
                 grad, _, mass, _, dot, total = kernel_term_sums(
-                    tiles, a, a, sq, sq, inv_s2, 0.0, 1.0, True, ctx.needs_input_grad[3], True, rows, torch.float32
-                )
-                ctx.kept.append((grad, mass, dot))
-                sums.append(total.log() + LOG2)  # the symmetric strips visit half the pairs, hence + log 2
+                    tiles, a[a0:a1], a[a0:], sq[a0:a1], sq[a0:], inv_s2, 0.0, 1.0, True, ctx.needs_input_grad[3],
+                    True, rows, torch.float32,
+                )  # fmt: skip
+                ctx.kept.append((_rows_from(grad, a0), _rows_from(mass, a0), dot))
+                # The symmetric strips visit half the pairs, hence + log 2; the weights exp(l - 0) <= 1 add up.
+                sums.append(ranks.sum_(total).log() + LOG2)
             else:
                 parts = [
-                    tiles.kernel_lse(a[r0 : r0 + rows], a[r0:], sq[r0 : r0 + rows], sq[r0:], inv_s2, True, bounded)
-                    for r0 in range(0, a.shape[0], rows)
+                    tiles.kernel_lse(
+                        a[r0 : min(r0 + rows, a1)], a[r0:], sq[r0 : min(r0 + rows, a1)], sq[r0:], inv_s2, True, bounded
+                    )
+                    for r0 in range(a0, a1, rows)
                 ]
-                sums.append(torch.logsumexp(torch.stack(parts), 0) + LOG2)
+                local = torch.logsumexp(torch.stack(parts), 0) if parts else _minus_inf(x)
+                sums.append(ranks.logsumexp(local) + LOG2)
         log_z = torch.stack(sums)  # log-sums over all pairs: XY, XX, YY
         cs = log_z[1] + log_z[2] - 2.0 * log_z[0]  # the log(N M) normalisers cancel
         ctx.save_for_backward(x, y, rho, kappa, u, v, row_lse2, col_lse2, pos_row, pos_w, log_z, lz2_xy)
-        ctx.identity = identity
+        ctx.identity, ctx.ranks, ctx.share = identity, ranks, (lo, hi)
         ctx.scale, ctx.inv_s2, ctx.sigma, ctx.tiles, ctx.rows = s, inv_s2, sigma_f, tile_set, rows
         return info_nce, cs
 
@@ -383,11 +392,15 @@ class _PairedInfoNCECS(torch.autograd.Function):
         # with the same offset 0, so that a retained graph's next backward gives the same bits.
         kept, ctx.kept = ctx.kept or [None, None], []
         sym_grads = []
+        ranks, (lo, hi) = ctx.ranks, ctx.share
         for slot, (a, sq, lz, k) in enumerate(((x, u, lz_xx, kept[0]), (y, v, lz_yy, kept[1])), start=2):
             if k is None:
+                a0, a1 = ranks.triangle(a.shape[0], tiles.block_m)
                 grad, _, mass, _, dot, _ = kernel_term_sums(
-                    tiles, a, a, sq, sq, inv_s2, 0.0, 1.0, True, want_sigma, False, rows, torch.float32
-                )
+                    tiles, a[a0:a1], a[a0:], sq[a0:a1], sq[a0:], inv_s2, 0.0, 1.0, True, want_sigma, False, rows,
+                    torch.float32,
+                )  # fmt: skip
+                grad, mass = _rows_from(grad, a0), _rows_from(mass, a0)
             else:
                 grad, mass, dot = k
             # dD_CS/dl = g_cs, dl/d(x_i.x_j) = 1/sigma^2, x2 for W + W^T; the weights were exp(l - 0).
@@ -397,6 +410,10 @@ class _PairedInfoNCECS(torch.autograd.Function):
             sym_grads.append((grad, mass * factor, factor))
             dots[slot] = dot * factor
         (dx, x_mass, fx), (dy, y_mass, fy) = sym_grads  # float32 accumulators for the X Y^T strips below
+        if ranks.world > 1:  # rows outside this rank's X Y^T strips never meet a GEMM's beta
+            dx.mul_(fx)
+            dy.mul_(fy)
+            fx = fy = 1.0
         work = strip_dtype(x.dtype)
         xg, yg = x.to(work), y.to(work)  # GEMM operands in the strips' dtype (no copy for bf16/fp32)
         # Per-row and per-column vectors of the strip kernel (base-2 logits, see _pair_grad_tile).
@@ -413,30 +430,33 @@ class _PairedInfoNCECS(torch.autograd.Function):
         r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # the forward's vectors: the same logits
         pw = (pos_w * gn).float().contiguous()
         pos32 = pos_row.to(torch.int32)
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
+        for r0 in range(lo, hi, rows):
+            r1 = min(r0 + rows, hi)
             local = torch.where((pos32 >= r0) & (pos32 < r1), pos32 - r0, -1)
             h, r_mass, c_mass, d = _pair_grad(
-                pair, x[r0:r1], y, r2[r0:r1], rho[r0:r1], kappa, u2[r0:r1], v2, row_a[r0:r1], col_b, local, pw,
+                pair, x[r0:r1], y, r2[r0:r1], rho[r0:r1], kappa, u2[r0:r1], v2, row_a[r0 - lo : r1 - lo], col_b, local,
+                pw,
                 (s, s2, inv_s2 * LOG2E, k_off2, k_scale, w_row, w_col, r0), one_exp, want_sigma,
                 ctx.identity,
             )  # fmt: skip
             mm_accumulate(dx[r0:r1], h, yg, beta=fx)  # each row block of dx meets one strip
-            mm_accumulate(dy, h.T, xg[r0:r1], beta=fy if r0 == 0 else 1.0)
+            mm_accumulate(dy, h.T, xg[r0:r1], beta=fy if r0 == lo else 1.0)
             x_mass[r0:r1] += r_mass
             y_mass += c_mass
             dots[:2] += d
         dots[1] *= g_k  # the strips summed exp(l - log_z) l
+        ranks.sum_(dots)  # the scalars' gradients: whole on every rank
         d_scale = dots[0] / s if ctx.needs_input_grad[2] else None  # logits are linear in the scale
         # dk/dsigma = -2 k / sigma; the symmetric sums cover half the pairs and carry 2 / sigma^2 (x2 / x1/(2/s2)).
         d_sigma = (dots[1] + (dots[2] + dots[3]) / inv_s2) * (-2.0 / ctx.sigma) if ctx.needs_input_grad[3] else None
-        dx, dy = _finish_grad(dx, x_mass, x), _finish_grad(dy, y_mass, y)
-        return dx, dy, d_scale, d_sigma, None, None, None, None, None, None
+        # Sharded: world x this rank's share, what all_gather_with_grad's backward sums over ranks.
+        dx, dy = _finish_grad(dx, x_mass, x, ranks.world), _finish_grad(dy, y_mass, y, ranks.world)
+        return dx, dy, d_scale, d_sigma, None, None, None, None, None, None, None
 
 
 @triton.jit
-def _finish_grad_kernel(G, MASS, A, OUT, numel, d, BLOCK: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr):
-    """OUT = G - MASS[:, None] * A over BLOCK elements of the flattened (numel / d, d) arrays (numel
+def _finish_grad_kernel(G, MASS, A, OUT, numel, d, scale, BLOCK: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr):
+    """OUT = (G - MASS[:, None] * A) * scale over BLOCK elements of the flattened (numel / d, d) arrays (numel
     from the host: an int64 argument when over 2^31, where n * d in the kernel would wrap)."""
     start = tl.program_id(0).to(tl.int64) * BLOCK if WIDE else tl.program_id(0) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -444,24 +464,25 @@ def _finish_grad_kernel(G, MASS, A, OUT, numel, d, BLOCK: tl.constexpr, EVEN: tl
         g = tl.load(G + offs)
         a = tl.load(A + offs).to(tl.float32)
         mass = tl.load(MASS + offs // d)
-        tl.store(OUT + offs, _to(g - mass * a, OUT.dtype.element_ty))
+        tl.store(OUT + offs, _to((g - mass * a) * scale, OUT.dtype.element_ty))
     else:
         ok = offs < numel
         g = tl.load(G + offs, mask=ok, other=0.0)
         a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
         mass = tl.load(MASS + offs // d, mask=ok, other=0.0)
-        tl.store(OUT + offs, _to(g - mass * a, OUT.dtype.element_ty), mask=ok)
+        tl.store(OUT + offs, _to((g - mass * a) * scale, OUT.dtype.element_ty), mask=ok)
 
 
-def _finish_grad(g: Tensor, mass: Tensor, a: Tensor, block: int = 4096) -> Tensor:
-    """(g - mass[:, None] * a) in a's dtype, one read of the float32 g and one write: replaces an
+def _finish_grad(g: Tensor, mass: Tensor, a: Tensor, scale: float = 1.0, block: int = 4096) -> Tensor:
+    """(g - mass[:, None] * a) * scale in a's dtype, one read of the float32 g and one write: replaces an
     in-place addcmul (a broadcast over mixed dtypes, which torch runs unvectorised) and a cast."""
     out = torch.empty_like(a)
     n, d = a.shape
     if n * d:
         _finish_grad_kernel[(triton.cdiv(n * d, block),)](
-            g, mass, a, out, n * d, d, BLOCK=block, EVEN=n * d % block == 0, WIDE=n * d + block >= 2**31, num_warps=4
-        )
+            g, mass, a, out, n * d, d, float(scale),
+            BLOCK=block, EVEN=n * d % block == 0, WIDE=n * d + block >= 2**31, num_warps=4,
+        )  # fmt: skip
     return out
 
 
@@ -521,6 +542,8 @@ def _info_nce_value(
     s2: float,
     diag2: Tensor | None,
     positives_of: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float],
+    lo: int,
+    ranks: _Ranks,
 ) -> Tensor:
     """InfoNCE's value from the forward's row and column accumulators (one_exp: float32 sums of 2^t,
     t = log2(e) l - s2; else log2-sum-exp2s of log2(e) l), in float64 on (N,) vectors.
@@ -529,19 +552,87 @@ def _info_nce_value(
     the loss is mean log2(sum_j 2^(t_ij)) - t_ii per row and column: the positive's own rounding
     cancels and a loss near 0 keeps ~1e-7 absolute precision (one_exp), as dense float32 does by
     offsetting with the row maximum. Otherwise (captions mapped by text_to_image) the positives'
-    logits come from a float32 dot on the host, which differs from the tiles' by ~1e-7 s."""
+    logits come from a float32 dot on the host, which differs from the tiles' by ~1e-7 s.
+
+    Sharded, row_acc holds this rank's rows from `lo` on (their sum is all-reduced) and col_acc the
+    columns' totals over all ranks."""
     f64 = torch.float64
+    x, y, rho, kappa, pos_row, pos_w, identity, s = positives_of
+    n = x.shape[0]
     r, c = row_acc.to(f64), col_acc.to(f64)
     if one_exp:
         r, c = r.log2(), c.log2()
     if diag2 is not None:
         d = diag2.to(f64)
-        return ((0.5 * (r - d).mean() + 0.5 * (c - d).mean()) * LN2).float()
-    x, y, rho, kappa, pos_row, pos_w, identity, s = positives_of
+        row_sum = ranks.sum_((r - d[lo : lo + r.shape[0]]).sum())
+        return ((0.5 * row_sum / n + 0.5 * (c - d).mean()) * LN2).float()
     pos_logit = positive_dots(x, y, pos_row, identity).to(f64) * rho[pos_row].to(f64) * kappa.to(f64) * s
     offset2 = s2 if one_exp else 0.0
-    lse = 0.5 * r.mean() + 0.5 * c.mean()
+    lse = 0.5 * ranks.sum_(r.sum()) / n + 0.5 * c.mean()
     return ((lse + offset2) * LN2 - (pos_w.to(f64) * pos_logit).sum()).float()
+
+
+class _Ranks:
+    """The ranks that share one fused loss (`fused_infonce_cs(group=...)`), or a single process.
+
+    Every rank holds the same global batch; rank r takes rows [lo, hi) of X Y^T and a balanced
+    share of the upper triangles of X X^T and Y Y^T (tile-aligned, as `sharded` splits them), and the
+    ranks add their column sums, log-sums and the scalars' gradients. One process: no collectives."""
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        on = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.world = dist.get_world_size(group) if on else 1
+        self.rank = dist.get_rank(group) if on else 0
+
+    def share(self, n: int, align: int) -> tuple[int, int]:
+        """Rows [lo, hi) of n, in multiples of `align` (the strips' tiles) but the last."""
+
+        def edge(r: int) -> int:
+            return n if r >= self.world else min(n, align * round(n * r / self.world / align))
+
+        return edge(self.rank), edge(self.rank + 1)
+
+    def triangle(self, n: int, align: int) -> tuple[int, int]:
+        from csaligner.kernels.sharded import triangle_share
+
+        return triangle_share(n, self.rank, self.world, align)
+
+    def sum_(self, t: Tensor) -> Tensor:
+        """t summed over the ranks, in place (float32 or float64)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def logsumexp(self, t: Tensor, base2: bool = False) -> Tensor:
+        """Elementwise log-sum-exp (base 2: log2-sum-exp2) of t over the ranks; -inf everywhere stays -inf."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        top = t.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        total = torch.exp2(t - top) if base2 else torch.exp(t - top)
+        dist.all_reduce(total, group=self.group)
+        return top + (total.log2() if base2 else total.log())
+
+
+def _minus_inf(like: Tensor) -> Tensor:
+    return torch.full((), -math.inf, dtype=torch.float32, device=like.device)
+
+
+def _rows_from(t: Tensor, a0: int) -> Tensor:
+    """t (the rows from a0 on) as the whole: zeros before a0 (a rank's symmetric share)."""
+    if a0 == 0:
+        return t
+    out = torch.zeros((a0 + t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    out[a0:] = t
+    return out
 
 
 def _logsumexp2(p: Tensor, dim: int) -> Tensor:
@@ -569,6 +660,7 @@ def fused_infonce_cs(
     pair_tiles: TritonStrips | None = None,
     forward_tiles: TritonStrips | None = None,
     chunk_size: int,
+    group: Any = None,
 ) -> tuple[Tensor, Tensor]:
     """InfoNCE(x, y) and D_CS(x, y) with one Gram pass per product; equal to the dense pair.
 
@@ -584,6 +676,11 @@ def fused_infonce_cs(
         pair_tiles: tile configuration of the two X Y^T kernels (default: `tiles`).
         forward_tiles: tile configuration of the forward X Y^T kernel (default: `pair_tiles`).
         chunk_size: rows per strip, a multiple of every configuration's block_m.
+        group: with an initialised torch.distributed process group of several ranks, x and y are the
+            global batch, the same on every rank (`all_gather_with_grad`): each rank computes its
+            share of the rows of X Y^T and of the triangles of X X^T and Y Y^T, the ranks add O(M)
+            statistics, and the gradients come back as world_size x this rank's share (the
+            convention of `csaligner.kernels.sharded`). Without one (the default) nothing changes.
 
     Returns:
         (info_nce, cs) float32 scalars; gradients come back in the inputs' dtype.
@@ -617,5 +714,6 @@ def fused_infonce_cs(
         chunk_size,
         eager,
         text_to_image is None,  # positives on the diagonal
+        _Ranks(group),
     )
     return out

@@ -22,8 +22,9 @@ so parameters outside DDP stay equal across ranks.
 Each rank thus does 1/W of the work, against all of it when every rank computes the whole loss on
 the gathered batch. When the features need gradients the kernel terms take one pass (offsets known
 from the global norms, as in `chunked._LogMeanKernel`; the kept gradients are summed into two
-(N, D) buffers once the log-sums are all-reduced). Not done here: the fused Triton pair kernels
-(the Triton path runs the separate strips), and InfoNCE still takes two passes.
+(N, D) buffers once the log-sums are all-reduced). InfoNCE still takes two passes. When the pools
+are the pairs and the features are bf16/fp16 on the Triton path, `infonce_cs_terms(shard=True)`
+runs the fused kernels instead, split the same way (`fused.fused_infonce_cs(group=...)`).
 """
 
 from __future__ import annotations
@@ -117,12 +118,13 @@ class _ShardedInfoNCECS(torch.autograd.Function):
         lo, hi = share(n, rank, world)
         st = nce_split_stats(backend, x, y, s, lo, hi, _rows(strips, n, m), work, pos_row)
         top = st.col_max.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)  # finite: every rank has rows
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)  # finite: some rank has rows
         col_sum = torch.exp(st.col_max - top + st.col_log)
         dist.all_reduce(col_sum, group=group)
         glob = st._replace(col_max=top, col_log=col_sum.log())
         row_lse, col_lse = st.row_max + st.row_log, glob.col_max + glob.col_log
-        if st.pos is not None:  # each text's positive lies in one rank's rows: the sum gathers them
+        if st.pos is not None:  # (the backend's property: alike on every rank) each text's positive
+            # lies in one rank's rows, so the sum gathers them
             dist.all_reduce(st.pos, group=group)
             row_sum, col_terms = nce_value_terms(glob, st.pos, pos_row, lo, hi)
             dist.all_reduce(row_sum, group=group)

@@ -164,8 +164,9 @@ def _to(v, dtype: tl.constexpr):
     never takes that branch)."""
     if _INTERPRETER_RTNE and dtype == tl.bfloat16 and v.dtype == tl.float32:
         bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        top = tl.where(v != v, (bits >> 16) | 0x40, rounded)  # NaNs stay NaN (a carry could make them inf)
+        return top.to(tl.uint16).to(dtype, bitcast=True)  # the bits themselves: subnormals too
     return v.to(dtype)
 
 
@@ -492,6 +493,8 @@ class TritonStrips:
         col_part = torch.empty((n_tm, b.shape[0]), dtype=torch.float32, device=a.device)
         self._launch(_logits_lse_kernel, a, b, row_part, col_part, scalars=(scale * LOG2E,))
         return torch.logsumexp(row_part, 0), torch.logsumexp(col_part, 0)
+
+    gathers_positives = False  # see logits_lse_split
 
     def logits_lse_split(
         self, a: Tensor, b: Tensor, scale: float, pos_row: Tensor
