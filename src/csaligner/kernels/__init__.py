@@ -185,11 +185,14 @@ def infonce_cs_terms(
 
         strips = _strips("chunked" if path == "dense" else path, x, y, x_all, y_all, chunk_size)
         if fused:  # the fused kernels, each rank on its share of the rows (see fused_infonce_cs)
+            import torch.distributed as dist
+
             from csaligner.kernels.fused import fused_infonce_cs
 
             nce, cs = fused_infonce_cs(
-                x, y, temperature, sigma, text_to_image, chunk_size=cast(int, strips.chunk_size), group=group
-            )
+                x, y, temperature, sigma, text_to_image, chunk_size=cast(int, strips.chunk_size),
+                group=dist.group.WORLD if group is None else group,
+            )  # fmt: skip
             return {"infonce": nce, "cs": cs}
         return sharded_infonce_cs(
             x, y, x_all, y_all, temperature, sigma, text_to_image, with_cs=with_cs, strips=strips, group=group

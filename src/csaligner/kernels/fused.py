@@ -573,7 +573,7 @@ def _info_nce_value(
 
 
 class _Ranks:
-    """The ranks that share one fused loss (`fused_infonce_cs(group=...)`), or a single process.
+    """The ranks that share one fused loss (`fused_infonce_cs(group=...)`), or (group None) this process.
 
     Every rank holds the same global batch; rank r takes rows [lo, hi) of X Y^T and a balanced
     share of the upper triangles of X X^T and Y Y^T (tile-aligned, as `sharded` splits them), and the
@@ -582,7 +582,7 @@ class _Ranks:
     def __init__(self, group: Any = None) -> None:
         import torch.distributed as dist
 
-        on = dist.is_available() and dist.is_initialized()
+        on = group is not None and dist.is_available() and dist.is_initialized()  # None: this process alone
         self.group = group
         self.world = dist.get_world_size(group) if on else 1
         self.rank = dist.get_rank(group) if on else 0
@@ -676,11 +676,12 @@ def fused_infonce_cs(
         pair_tiles: tile configuration of the two X Y^T kernels (default: `tiles`).
         forward_tiles: tile configuration of the forward X Y^T kernel (default: `pair_tiles`).
         chunk_size: rows per strip, a multiple of every configuration's block_m.
-        group: with an initialised torch.distributed process group of several ranks, x and y are the
+        group: a torch.distributed process group (e.g. `dist.group.WORLD`) of several ranks: x and y are the
             global batch, the same on every rank (`all_gather_with_grad`): each rank computes its
             share of the rows of X Y^T and of the triangles of X X^T and Y Y^T, the ranks add O(M)
             statistics, and the gradients come back as world_size x this rank's share (the
-            convention of `csaligner.kernels.sharded`). Without one (the default) nothing changes.
+            convention of `csaligner.kernels.sharded`). None (the default): this process alone, even
+            under an initialised process group.
 
     Returns:
         (info_nce, cs) float32 scalars; gradients come back in the inputs' dtype.
