@@ -127,6 +127,7 @@ def main() -> None:
         ("forward t_ii (diagonal tiles, value only)", "FORWARD_PAIR_TILES", FORWARD_PAIR_TILES),
         ("backward X Y^T", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
         ("backward X Y^T", "4 warps, 2 programs/SM, descriptor stores", four_warps),
+        ("backward X Y^T, float32 operands", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
         ("kernel weights (symmetric)", "SYMMETRIC_TILES", SYMMETRIC_TILES),
         ("kernel weights (symmetric)", "8 warps, 1 program/SM", wide),
         ("gradient finish (elementwise, (N, D))", "4 warps, 4096 elements", wide),
@@ -145,11 +146,12 @@ def main() -> None:
 
         elif kernel.startswith("backward"):
 
-            def launch(t: tk.TritonStrips = t) -> None:
+            def launch(t: tk.TritonStrips = t, fp32: bool = "float32" in kernel) -> None:
                 vectors = (vec(s), vec(s), vec(n), vec(s), vec(n), vec(s), vec(n))
                 positives = (torch.zeros(n, dtype=torch.int32), vec(n))
                 scalars = (14.0, 20.0, 5.8, -29.0, 4.0, 1e-5, 1e-5, 0)  # the first strip
-                _pair_grad(t, x, y, *vectors, *positives, scalars, True, False, True)
+                a, b = (x.float(), y.float()) if fp32 else (x, y)
+                _pair_grad(t, a, b, *vectors, *positives, scalars, True, False, True)
 
         elif kernel.startswith("gradient"):
 
