@@ -284,20 +284,6 @@ class _InfoNCE(torch.autograd.Function):
         return dx, (dy * s).to(y.dtype), dscale, None, None, None, None
 
 
-def nce_row_stats(
-    backend: StripBackend, x: Tensor, y: Tensor, s: float, lo: int, hi: int, rows: int, work: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Log-sum-exps of rows lo:hi of s * x @ y.T, strip by strip: per row (hi - lo,) and per column (M,)."""
-    row_lse = torch.empty(hi - lo, dtype=work, device=x.device)
-    col_lse = torch.full((y.shape[0],), -math.inf, dtype=work, device=x.device)
-    for r0 in range(lo, hi, rows):
-        r1 = min(r0 + rows, hi)
-        r_lse, c_lse = backend.logits_lse(x[r0:r1], y, s)
-        row_lse[r0 - lo : r1 - lo] = r_lse
-        torch.logaddexp(col_lse, c_lse.to(work), out=col_lse)
-    return row_lse, col_lse
-
-
 class NceSplit(NamedTuple):
     """InfoNCE's log-sum-exps over rows lo:hi of the logits, as (max, log-sum minus max)."""
 
@@ -316,9 +302,9 @@ def nce_split_stats(
     backend: StripBackend, x: Tensor, y: Tensor, s: float, lo: int, hi: int, rows: int, work: torch.dtype,
     pos_row: Tensor,
 ) -> NceSplit:  # fmt: skip
-    """`nce_row_stats` in split form (`logits_lse_split`), merged across strips: the maxima are
-    logits as computed, the log-sums stay small, so that `nce_value_terms` can subtract the positives'
-    logits exactly."""
+    """InfoNCE's row and column log-sum-exps over rows lo:hi of s * x @ y.T, strip by strip, in split
+    form (`logits_lse_split`) merged across strips: the maxima are logits as computed and the
+    log-sums stay small, so that `nce_value_terms` can subtract the positives' logits exactly."""
     n, m = hi - lo, y.shape[0]
     row_max = torch.empty(n, dtype=work, device=x.device)
     row_log = torch.empty(n, dtype=work, device=x.device)
@@ -390,7 +376,7 @@ def nce_stats_and_value(
     pos_row: Tensor,
     pos_w: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`nce_row_stats` over all rows, and InfoNCE's value (see `nce_value_terms`). Backends that
+    """`nce_split_stats` over all rows as log-sum-exps, and InfoNCE's value (see `nce_value_terms`). Backends that
     cannot gather the positives get a float32 dot of each pair (~1e-7 s from the strip's logit)."""
     n = x.shape[0]
     st = nce_split_stats(backend, x, y, s, 0, n, rows, work, pos_row)

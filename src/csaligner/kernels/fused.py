@@ -620,14 +620,9 @@ class _Ranks:
         """Elementwise log-sum-exp (base 2: log2-sum-exp2) of t over the ranks; -inf everywhere stays -inf."""
         if self.world == 1:
             return t
-        import torch.distributed as dist
+        from csaligner.kernels.sharded import all_logsumexp
 
-        top = t.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        total = torch.exp2(t - top) if base2 else torch.exp(t - top)
-        dist.all_reduce(total, group=self.group)
-        return top + (total.log2() if base2 else total.log())
+        return all_logsumexp(t, self.group, base2)
 
 
 def _minus_inf(like: Tensor) -> Tensor:

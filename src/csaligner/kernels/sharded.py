@@ -82,14 +82,14 @@ def triangle_share(n: int, rank: int, world: int, align: int = 1) -> tuple[int, 
     return edge(rank), edge(rank + 1)
 
 
-def all_logsumexp(t: Tensor, group: Any) -> Tensor:
-    """Elementwise log-sum-exp of t over the ranks (-inf where every rank has -inf)."""
+def all_logsumexp(t: Tensor, group: Any, base2: bool = False) -> Tensor:
+    """Elementwise log-sum-exp (base2: log2-sum-exp2) of t over the ranks (-inf where every rank has -inf)."""
     top = t.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = (t - top).exp()
+    total = torch.exp2(t - top) if base2 else torch.exp(t - top)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return top + total.log()
+    return top + (total.log2() if base2 else total.log())
 
 
 class _ShardedInfoNCECS(torch.autograd.Function):
