@@ -256,7 +256,8 @@ def _fused_problem(dtype: torch.dtype, several: bool, n: int = 64) -> tuple[Tens
     if several:
         y = torch.cat([y, F.normalize(x[:16] + 0.5 * torch.randn(16, 16, generator=g), dim=-1)])
         t2i = torch.cat([torch.arange(n), torch.arange(16)])
-    return x.to(dtype), y.to(dtype), t2i
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernels on a GPU, else the interpreter
+    return x.to(dev, dtype), y.to(dev, dtype), None if t2i is None else t2i.to(dev)
 
 
 def _fused_terms(dtype: torch.dtype, t: float, sig: float, several: bool, n: int, group: bool):  # type: ignore[no-untyped-def]
@@ -265,7 +266,7 @@ def _fused_terms(dtype: torch.dtype, t: float, sig: float, several: bool, n: int
 
     x0, y0, t2i = _fused_problem(dtype, several, n)
     x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
-    temp, sigma = torch.tensor(t, requires_grad=True), torch.tensor(sig, requires_grad=True)
+    temp, sigma = (torch.tensor(v, device=x.device, requires_grad=True) for v in (t, sig))
     kw = {"tiles": SMALL, "chunk_size": 16, "group": dist.group.WORLD if group else None}
     nce, cs = fused_infonce_cs(x, y, temp, sigma, t2i, **kw)
     grads = list(torch.autograd.grad(nce + 0.3 * cs, [x, y, temp, sigma]))
@@ -276,6 +277,8 @@ def _fused_terms(dtype: torch.dtype, t: float, sig: float, several: bool, n: int
 
 def _fused_worker(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)  # three ranks on one GPU: gloo reduces CUDA tensors too
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         results = []
@@ -310,17 +313,17 @@ def _fused_worker(rank: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter run (CPU); CUDA runs test the kernels")
 def test_sharded_fused_kernels_equal_one_process(tmp_path: Path) -> None:
     """`fused_infonce_cs(group=...)` on 3 ranks: the values of one process and, summed over the ranks,
-    its gradients, with and without kept symmetric gradients, learnable temperature and sigma."""
+    its gradients, with and without kept symmetric gradients, learnable temperature and sigma. On a
+    GPU the three ranks share it (gloo), so the compiled kernels are checked too."""
     pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("TRITON_INTERPRET is not 1")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.start_processes(
         _fused_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True,
-        start_method="fork",
+        start_method="spawn" if torch.cuda.is_available() else "fork",  # see test_distributed.py
     )  # fmt: skip
     from csaligner.kernels.fused import fused_infonce_cs
     from tests.kernels.triton_setup import SMALL
