@@ -243,11 +243,11 @@ FUSED_CASES = [
     (torch.float32, 0.07, 0.5, False, 20),
 ]
 """(dtype, temperature, sigma, several captions, images): one exp per logit and max-offset tiles;
-20 images make row shares (0, 0), (0, 16), (16, 20): a rank with none."""
+20 images make row shares (0, 0), (0, 0), (0, 20): ranks with none."""
 
 
 def _fused_problem(dtype: torch.dtype, several: bool, n: int = 64) -> tuple[Tensor, Tensor, Tensor | None]:
-    """64 images: with 16-row tiles the row shares are (0, 16), (16, 48), (48, 64) and the triangle
+    """64 images: with 16-row tiles the row shares are (0, 16), (16, 32), (32, 64) and the triangle
     shares (0, 16), (16, 32), (32, 64). Several captions: 16 more texts, second captions."""
     g = torch.Generator().manual_seed(3)
     x = F.normalize(torch.randn(n, 16, generator=g), dim=-1)

@@ -596,12 +596,10 @@ class _Ranks:
         self.rank = dist.get_rank(group) if on else 0
 
     def share(self, n: int, align: int) -> tuple[int, int]:
-        """Rows [lo, hi) of n, in multiples of `align` (the strips' tiles) but the last."""
+        """Rows [lo, hi) of n, starting on multiples of `align` (the strips' tiles)."""
+        from csaligner.kernels.sharded import share
 
-        def edge(r: int) -> int:
-            return n if r >= self.world else min(n, align * round(n * r / self.world / align))
-
-        return edge(self.rank), edge(self.rank + 1)
+        return share(n, self.rank, self.world, align)
 
     def triangle(self, n: int, align: int) -> tuple[int, int]:
         from csaligner.kernels.sharded import triangle_share

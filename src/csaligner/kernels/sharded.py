@@ -64,9 +64,14 @@ KERNEL_TERMS = ((0, 0, 1.0), (1, 1, 1.0), (0, 1, -2.0))
 1 = Y_all (the log(N M) normalisers cancel)."""
 
 
-def share(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [lo, hi) of n that rank `rank` of `world` takes (contiguous, sizes differ by <= 1)."""
-    return n * rank // world, n * (rank + 1) // world
+def share(n: int, rank: int, world: int, align: int = 1) -> tuple[int, int]:
+    """Rows [lo, hi) of n that rank `rank` of `world` takes: contiguous, starting on multiples of
+    `align` (a Triton path's tiles); with align 1 the sizes differ by <= 1."""
+
+    def edge(r: int) -> int:
+        return n if r >= world else align * (n * r // (world * align))
+
+    return edge(rank), edge(rank + 1)
 
 
 def triangle_share(n: int, rank: int, world: int, align: int = 1) -> tuple[int, int]:
