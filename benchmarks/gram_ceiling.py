@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tune_tiles import parse_tiles
 
-from csaligner.kernels.fused import (
+from csaligner.kernels.fused import _norm_terms
+from csaligner.kernels.fused_kernels import (
     BACKWARD_PAIR_TILES,
     FORWARD_PAIR_TILES,
     SYMMETRIC_TILES,
-    _norm_terms,
     _pair_grad,
     _pair_lse_kernel,
 )

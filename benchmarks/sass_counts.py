@@ -103,11 +103,11 @@ def main() -> None:
     a = p.parse_args()
     driver.set_active(_Hopper())  # type: ignore[arg-type]
     JITFunction._do_compile = _compile_only  # type: ignore[method-assign]
-    from csaligner.kernels import triton_kernels as tk
+    from csaligner.kernels import triton_strips as tk
 
     tk._tma_ok = lambda t: True  # type: ignore[assignment]  # no device to ask
     tk._multiprocessors = lambda device: 132  # type: ignore[assignment]
-    from csaligner.kernels.fused import (
+    from csaligner.kernels.fused_kernels import (
         BACKWARD_PAIR_TILES,
         FORWARD_PAIR_TILES,
         SYMMETRIC_TILES,

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from csaligner.kernels import TRITON_STRIP_BYTES
-from csaligner.kernels.chunked import strip_rows
 from csaligner.kernels.fused import fused_infonce_cs
-from csaligner.kernels.triton_kernels import TritonStrips
+from csaligner.kernels.strips import strip_rows
+from csaligner.kernels.triton_strips import TritonStrips
 
 BASE = TritonStrips(128, 128, 64, 8, 8, 3, tma=False, programs_per_sm=0)  # the tiles of earlier sessions
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from csaligner.kernels import streamed_info_nce
 from csaligner.kernels.fused import fused_infonce_cs
-from csaligner.kernels.triton_kernels import TritonStrips
+from csaligner.kernels.triton_strips import TritonStrips
 from csaligner.losses import info_nce
 
 CASES = [(0.05, 0.02), (0.03, 0.05), (0.01, 0.02), (0.01, 0.3), (0.03, 0.6), (0.01, 1.0)]

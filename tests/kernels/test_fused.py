@@ -17,10 +17,10 @@ from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips witho
 
 # isort: split
 
-from csaligner.kernels import fused, infonce_cs_terms, streamed_cs_divergence, streamed_info_nce
-from csaligner.kernels.chunked import mm_accumulate
+from csaligner.kernels import fused, fused_kernels, infonce_cs_terms, streamed_cs_divergence, streamed_info_nce
 from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs
-from csaligner.kernels.triton_kernels import TritonStrips, _multiprocessors
+from csaligner.kernels.strips import mm_accumulate
+from csaligner.kernels.triton_strips import TritonStrips, _multiprocessors
 from csaligner.losses import cs_divergence, info_nce
 
 
@@ -396,14 +396,14 @@ def test_finish_grad_is_addcmul_then_cast(dtype: torch.dtype, n: int, d: int, bl
     a = torch.randn(n, d, generator=g).to(DEVICE, dtype)
     want = acc.double() - mass.double().unsqueeze(1) * a.double()
     eps = torch.finfo(dtype).eps  # one rounding to dtype (float32: two, a product and a difference)
-    got = fused._finish_grad(acc, mass, a, block=block)
+    got = fused_kernels._finish_grad(acc, mass, a, block=block)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, rtol=eps, atol=eps * 4)
     if not CUDA:  # the interpreter rounds to nearest even like torch (a GPU may fuse the product: 1 ulp)
         assert torch.equal(got, (acc - mass.unsqueeze(1) * a.float()).to(dtype))
     wide = torch.empty_like(a)  # the int64 offsets of arrays over 2^31 elements, on a small one
     grid = (-(-n * d // block),)
-    fused._finish_grad_kernel[grid](acc, mass, a, wide, n * d, d, 1.0, BLOCK=block, EVEN=False, WIDE=True)
+    fused_kernels._finish_grad_kernel[grid](acc, mass, a, wide, n * d, d, 1.0, BLOCK=block, EVEN=False, WIDE=True)
     assert torch.equal(wide, got)
 
 
@@ -414,5 +414,5 @@ def test_finish_grad_masks_by_a_size_over_2_to_31() -> None:
     g = torch.Generator().manual_seed(0)
     acc, mass, a = (torch.randn(block, generator=g).to(DEVICE) for _ in range(3))
     out = torch.full((block,), 12345.0, device=DEVICE)
-    fused._finish_grad_kernel[(1,)](acc, mass, a, out, n * d, d, 1.0, BLOCK=block, EVEN=False, WIDE=True)
+    fused_kernels._finish_grad_kernel[(1,)](acc, mass, a, out, n * d, d, 1.0, BLOCK=block, EVEN=False, WIDE=True)
     torch.testing.assert_close(out, acc - mass[0] * a)

@@ -2,9 +2,10 @@
 
 `infonce_cs_terms` is what `CSAlignerLoss` calls. Every path returns the same named terms and
 gradients as the dense reference (tests check this). The chunked and Triton paths share the
-autograd Functions of `csaligner.kernels.chunked`; only the per-strip arithmetic differs. When the
-CS pools are the paired features (no unpaired extras), Triton uses `csaligner.kernels.fused`,
-which computes X Y^T once for both InfoNCE and the cross kernel term.
+autograd Functions of `csaligner.kernels.nce` and `csaligner.kernels.chunked`; only the per-strip
+arithmetic (`csaligner.kernels.strips`) differs. When the CS pools are the paired features (no
+unpaired extras), Triton uses `csaligner.kernels.fused`, which computes X Y^T once for both
+InfoNCE and the cross kernel term.
 """
 
 from __future__ import annotations
@@ -18,14 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from csaligner.kernels.chunked import (
-    StripBackend,
-    TorchStrips,
-    streamed_cs_divergence,
-    streamed_info_nce,
-    strip_rows,
-)
+from csaligner.kernels.chunked import streamed_cs_divergence
 from csaligner.kernels.distributed import all_gather_with_grad
+from csaligner.kernels.nce import streamed_info_nce
+from csaligner.kernels.strips import StripBackend, TorchStrips, strip_rows
 from csaligner.losses.contrastive import info_nce
 from csaligner.losses.divergence import cs_divergence
 
@@ -112,7 +109,7 @@ class Strips:
 def _strips(path: str, x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, chunk_size: int | None) -> Strips:
     if path != "triton":
         return Strips(TorchStrips(), None, True, chunk_size)
-    from csaligner.kernels.triton_kernels import TritonStrips, strip_dtype
+    from csaligner.kernels.triton_strips import TritonStrips, strip_dtype
 
     tb = TritonStrips()
     if chunk_size is None:
@@ -208,7 +205,7 @@ def infonce_cs_terms(
         # The pools are the pairs: one Gram pass of X Y^T serves both terms.
         from csaligner.kernels.fused import fused_infonce_cs
 
-        # Each kernel takes its own measured tiles (see fused.py); all have block_m 128, as the strips.
+        # Each kernel takes its own measured tiles (see fused_kernels.py); all have block_m 128, as the strips.
         nce, cs = fused_infonce_cs(x, y, temperature, sigma, text_to_image, chunk_size=cast(int, chunk_size))
         return {"infonce": nce, "cs": cs}
     terms = {

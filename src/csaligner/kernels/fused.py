@@ -36,255 +36,24 @@ from typing import Any
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
 from csaligner._validation import check_features, check_positive, check_same_dim
-from csaligner.kernels.chunked import (
-    LOG2,
-    MAX_BOUNDED_NATS,
-    _as_tensor,
-    _half_sq_norms,
-    autocast_off,
-    kernel_term_sums,
-    mm_accumulate,
-    positive_dots,
-    positives,
+from csaligner.kernels.chunked import kernel_term_sums
+from csaligner.kernels.fused_kernels import (
+    BACKWARD_PAIR_TILES,
+    FORWARD_PAIR_TILES,
+    MAX_ONE_EXP_SCALE,
+    SYMMETRIC_TILES,
+    _finish_grad,
+    _pair_grad,
+    _pair_lse_kernel,
 )
-from csaligner.kernels.triton_kernels import (
-    _LN2,
-    LN2,
-    LOG2E,
-    TritonStrips,
-    _cast_out,
-    _dot_tile,
-    _exp2,
-    _lse2,
-    _store_tile,
-    _tile_span,
-    _to,
-    _valid,
-    strip_dtype,
-)
-
-MAX_ONE_EXP_SCALE = MAX_BOUNDED_NATS / 2
-"""Up to this InfoNCE scale (temperature >= 0.025) all logits of a tile lie within 2 * scale <= 80
-nats of each other, so one exp per logit with a shared offset stays inside float32's range."""
-
-FORWARD_PAIR_TILES = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2)
-"""The forward X Y^T kernel's tiles: one warpgroup per 128 x 128 tile and two programs per SM, so
-that one program's epilogue (two exps and three sums per logit) runs while the other's tensor-core
-products do (measured on an H100 at N = 65,536: 17.8 ms with 8 warps and one program, 13.8 ms so)."""
-SYMMETRIC_TILES = TritonStrips(block_k=32, num_warps=4, num_stages=4, programs_per_sm=2, tma_store=True)
-"""The X X^T / Y Y^T kernels' tiles, for the same reason. These write a weight strip, whose staging
-takes 32 KiB of shared memory: with 64-wide K steps two programs no longer fit in an SM, with 32-wide
-ones and four stages they do (H100, N = 65,536: 23.1 ms with 8 warps, 21.5 ms with 4 warps and
-64-wide steps, 20.2 ms so; docs/BENCHMARKS.md)."""
-BACKWARD_PAIR_TILES = TritonStrips(tma_store=True)
-"""The backward X Y^T kernel's tiles: its epilogue needs too many registers for one warpgroup per
-tile (with 4 warps it spills and takes 81 ms instead of 25 ms), so 8 warps and one program per SM;
-the weight strip goes out through the copy engine (25.3 -> 23.2 ms; the symmetric kernels, two
-programs per SM, got slower with it: 22.7 -> 26.2 ms)."""
-
-
-@triton.jit
-def _pair_logits2(
-    X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-):  # fmt: skip
-    """Base-2 logits of a tile, offsets included (each exp is then one MUFU.EX2):
-
-    t = r2_i kappa_j x_i.y_j + t_off  (r2 = log2(e) s rho: InfoNCE's logit times log2(e)),
-    k = min(c2 x_i.y_j + u2_i + v2_j, 0)  (the kernel logit times log2(e): u2, v2 = log2(e) u, v and
-    c2 = log2(e) / sigma^2)."""
-    rows = tm * BM + tl.arange(0, BM)
-    cols = tn * BN + tl.arange(0, BN)
-    dot = _dot_tile(X, Y, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA)
-    r2 = tl.load(R2 + rows, mask=rows < n_a, other=0.0)
-    kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
-    u2 = tl.load(U2 + rows, mask=rows < n_a, other=0.0)
-    v2 = tl.load(V2 + cols, mask=cols < n_b, other=0.0)
-    t = dot * r2[:, None] * kappa[None, :] + t_off
-    return t, tl.minimum(dot * c2 + u2[:, None] + v2[None, :], 0.0), dot
-
-
-@triton.jit
-def _pair_lse_tile(
-    pid,
-    X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART,
-    n_a, n_b, dim, s2, c2, n_tm, n_tn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr,
-):  # fmt: skip
-    tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
-    # ONE_EXP: |logit| <= s <= 40 (unit vectors): one exp per logit, offset by the bound s, no max.
-    t_off = -s2 if ONE_EXP else 0.0
-    t, k, _ = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
-    if not EVEN:
-        valid = _valid(rows, cols, n_a, n_b)
-        t = tl.where(valid, t, float("-inf"))
-        k = tl.where(valid, k, float("-inf"))
-    # Partials: linear sums where no max offset is needed (the caller takes the logs: a log per
-    # column here would be a polynomial per element of the tile), else log2-sum-exp2s. Both stay in
-    # base 2 up to the loss value, so the backward's offsets match these logits to the last bits.
-    if ONE_EXP:
-        e = _exp2(t)
-        r_part = tl.sum(e, 1)
-        c_part = tl.sum(e, 0)
-    else:
-        r_part = _lse2(t, 1)
-        c_part = _lse2(t, 0)
-    tl.store(ROW_PART + tn * n_a + rows, r_part, mask=rows < n_a)
-    tl.store(COL_PART + tm * n_b + cols, c_part, mask=cols < n_b)
-    if K_BOUNDED:  # noqa: SIM108 (every kernel logit lies in [-80, 0] nats: sum exp directly, no max)
-        k_part = tl.sum(tl.sum(_exp2(k), 1), 0)
-    else:
-        k_part = _lse2(tl.reshape(k, (BM * BN,)), 0)
-    tl.store(K_PART + tm * n_tn + tn, k_part)
-
-
-@triton.jit
-def _pair_diagonal_tile(
-    pid, X, Y, R2, KAPPA, U2, V2, OUT, n_a, n_b, dim, s2, c2,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, ONE_EXP: tl.constexpr,
-):  # fmt: skip
-    """OUT[i] = t_ii of diagonal tile `pid` (BM == BN), the very float32 the forward tile exponentiated:
-    the loss value subtracts it from the row and column sums, so the positive's rounding cancels."""
-    t_off = -s2 if ONE_EXP else 0.0
-    t, _, _ = _pair_logits2(X, Y, R2, KAPPA, U2, V2, pid, pid, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
-    rows = pid * BM + tl.arange(0, BM)
-    cols = pid * BN + tl.arange(0, BN)
-    diag = tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), 1)
-    tl.store(OUT + rows, diag, mask=rows < n_a)
-
-
-@triton.jit
-def _pair_lse_kernel(
-    X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART,
-    n_a, n_b, dim, s2, c2, n_tm, n_tn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, K_BOUNDED: tl.constexpr, DIAGONAL: tl.constexpr = False,
-):  # fmt: skip
-    """DIAGONAL: only the n_tm diagonal tiles, each writing its t_ii into ROW_PART (N,) (a separate
-    compile: the main launch's code does not change)."""
-    if DIAGONAL:
-        for pid in tl.range(tl.program_id(0), n_tm, tl.num_programs(0)):
-            _pair_diagonal_tile(pid, X, Y, R2, KAPPA, U2, V2, ROW_PART, n_a, n_b, dim, s2, c2, BM, BN, BK, PREC,
-                UPCAST, TMA, ONE_EXP)  # fmt: skip
-    elif FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
-        for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
-            _pair_lse_tile(pid, X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART, n_a, n_b, dim, s2, c2,
-                n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, K_BOUNDED)  # fmt: skip
-    else:
-        _pair_lse_tile(tl.program_id(0), X, Y, R2, KAPPA, U2, V2, ROW_PART, COL_PART, K_PART, n_a, n_b, dim, s2,
-            c2, n_tm, n_tn, BM, BN, BK, GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, K_BOUNDED)  # fmt: skip
-
-
-@triton.jit
-def _pair_grad_body(
-    tm, tn, rows, cols,
-    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
-):  # fmt: skip
-    t_off = -s2 if ONE_EXP else 0.0
-    t, k, dot = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
-    row_a = tl.load(ROW_A + rows, mask=rows < n_a, other=0.0)
-    col_b = tl.load(COL_B + cols, mask=cols < n_b, other=0.0)
-    rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
-    kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
-    sr = s * rho
-    # nce = dL/d(x_i.y_j) from InfoNCE = G_ij s rho_i kappa_j. The positives' -pos_w go in, in float32,
-    # before anything is rounded: at a low loss the softmax at a positive is ~pos_w, and only their
-    # difference may reach the bf16 strip (and sum(G l)).
-    if ONE_EXP:  # G = 2^t (row_a_i + col_b_j): row_a = w_row exp(s - r), col_b = w_col exp(s - c)
-        nce = _exp2(t) * ((row_a * sr)[:, None] * kappa[None, :] + sr[:, None] * (col_b * kappa)[None, :])
-    else:  # row_a, col_b: the log-sum-exps times log2(e)
-        g = w_row * _exp2(t - row_a[:, None]) + w_col * _exp2(t - col_b[None, :])
-        nce = g * sr[:, None] * kappa[None, :]
-    if POSITIVES == 1:  # a diagonal tile: column j's positive is the strip's row j - r0
-        pw = tl.load(POS_W + r0 + rows, mask=(rows < n_a) & (r0 + rows < n_b), other=0.0)
-        nce = tl.where((r0 + rows)[:, None] == cols[None, :], nce - (pw * sr)[:, None] * kappa[None, :], nce)
-    elif POSITIVES == 2:  # POS_ROW[j]: column j's strip-local positive row, or -1
-        pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
-        if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:
-            pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
-            nce -= tl.where(rows[:, None] == pos_row[None, :], sr[:, None] * (pos_w * kappa)[None, :], 0.0)
-    w = _exp2(k + k_off)  # exp(kernel logit - log_z); g_k / sigma^2 is k_scale
-    if not EVEN:
-        valid = _valid(rows, cols, n_a, n_b)
-        nce = tl.where(valid, nce, 0.0)
-        w = tl.where(valid, w, 0.0)
-    stored = _cast_out(H, nce + k_scale * w, STORE_TMA)
-    _store_tile(H, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA)
-    resid = stored.to(tl.float32) - nce  # the kernel mass as stored, rounding included
-    # G times the natural InfoNCE logit l = s rho_i kappa_j x_i.y_j, i.e. nce x_i.y_j: one product with
-    # the dot tile. Float32 operands (CUDA-core dots) take x_i.y_j back from t instead: keeping their
-    # dot tile alive made the sm_90a compile spill 5.9 KB. Masked rows and columns have rho, kappa 0.
-    if PREC == "ieee":
-        inv_r = tl.where(rho > 0, (_LN2 / s) / tl.where(rho > 0, rho, 1.0), 0.0)
-        inv_k = tl.where(kappa > 0, 1.0 / tl.where(kappa > 0, kappa, 1.0), 0.0)
-        gl = nce * (t - t_off) * inv_r[:, None] * inv_k[None, :]
-    else:
-        gl = nce * dot
-    row_gl = tl.sum(gl, 1)
-    tl.store(ROW_PART + tn * n_a + rows, tl.sum(resid, 1) + rho * rho * row_gl, mask=rows < n_a)
-    tl.store(COL_PART + tm * n_b + cols, tl.sum(resid + (kappa * kappa)[None, :] * gl, 0), mask=cols < n_b)
-    tl.store(DOT_PART + 2 * (tm * n_tn + tn), tl.sum(row_gl, 0))
-    if WANT_SIGMA:  # sum of the weights times the natural kernel logit k ln 2 (k is offset-free)
-        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, tl.sum(tl.sum(w * k, 1), 0) * _LN2)
-    else:
-        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, 0.0)
-
-
-@triton.jit
-def _pair_grad_tile(
-    pid,
-    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
-):  # fmt: skip
-    """POSITIVES: 0, every tile without positives; 1, tile `pid` of the strip's diagonal (which
-    holds them all) again, positives applied, overwriting what 0 wrote there; 2, any tile,
-    positives from POS_ROW. 0 then 1 keeps the extra registers of the positives off the main
-    launch (its tiles would spill) for the cost of recomputing one tile in N / 128."""
-    if POSITIVES == 1:
-        tm = pid
-        tn = pid + r0 // BN
-        rows = tm * BM + tl.arange(0, BM)
-        cols = tn * BN + tl.arange(0, BN)
-    else:
-        tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
-    _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
-        ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
-        BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
-
-
-@triton.jit
-def _pair_grad_kernel(
-    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
-    ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
-):  # fmt: skip
-    n_tiles = n_tm if POSITIVES == 1 else n_tm * n_tn
-    if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
-        for pid in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
-            _pair_grad_tile(pid, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART,
-                DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK, GROUP_M,
-                PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
-    else:
-        _pair_grad_tile(tl.program_id(0), X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART,
-            COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK,
-            GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
+from csaligner.kernels.nce import positive_dots, positives
+from csaligner.kernels.sharded import Ranks
+from csaligner.kernels.strips import LOG2, MAX_BOUNDED_NATS, as_tensor, autocast_off, half_sq_norms, mm_accumulate
+from csaligner.kernels.triton_kernels import LN2, LOG2E
+from csaligner.kernels.triton_strips import TritonStrips, strip_dtype
 
 
 class _PairedInfoNCECS(torch.autograd.Function):
@@ -304,7 +73,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         rows: int,
         eager: bool,
         identity: bool,
-        ranks: _Ranks,
+        ranks: Ranks,
     ) -> tuple[Tensor, Tensor]:
         n, m = x.shape[0], y.shape[0]
         tiles, pair, _ = tile_set  # symmetric, forward X Y^T (, backward X Y^T)
@@ -462,87 +231,6 @@ class _PairedInfoNCECS(torch.autograd.Function):
         return dx, dy, d_scale, d_sigma, None, None, None, None, None, None, None
 
 
-@triton.jit
-def _finish_grad_kernel(G, MASS, A, OUT, numel, d, scale, BLOCK: tl.constexpr, EVEN: tl.constexpr, WIDE: tl.constexpr):
-    """OUT = (G - MASS[:, None] * A) * scale over BLOCK elements of the flattened (numel / d, d) arrays (numel
-    from the host: an int64 argument when over 2^31, where n * d in the kernel would wrap)."""
-    start = tl.program_id(0).to(tl.int64) * BLOCK if WIDE else tl.program_id(0) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    if EVEN:
-        g = tl.load(G + offs)
-        a = tl.load(A + offs).to(tl.float32)
-        mass = tl.load(MASS + offs // d)
-        tl.store(OUT + offs, _to((g - mass * a) * scale, OUT.dtype.element_ty))
-    else:
-        ok = offs < numel
-        g = tl.load(G + offs, mask=ok, other=0.0)
-        a = tl.load(A + offs, mask=ok, other=0.0).to(tl.float32)
-        mass = tl.load(MASS + offs // d, mask=ok, other=0.0)
-        tl.store(OUT + offs, _to((g - mass * a) * scale, OUT.dtype.element_ty), mask=ok)
-
-
-def _finish_grad(g: Tensor, mass: Tensor, a: Tensor, scale: float = 1.0, block: int = 4096) -> Tensor:
-    """(g - mass[:, None] * a) * scale in a's dtype, one read of the float32 g and one write: replaces an
-    in-place addcmul (a broadcast over mixed dtypes, which torch runs unvectorised) and a cast."""
-    out = torch.empty_like(a)
-    n, d = a.shape
-    if n * d:
-        _finish_grad_kernel[(triton.cdiv(n * d, block),)](
-            g, mass, a, out, n * d, d, float(scale),
-            BLOCK=block, EVEN=n * d % block == 0, WIDE=n * d + block >= 2**31, num_warps=4,
-        )  # fmt: skip
-    return out
-
-
-def _pair_grad(
-    tiles: TritonStrips,
-    x: Tensor,
-    y: Tensor,
-    r2: Tensor,
-    rho: Tensor,
-    kappa: Tensor,
-    u2: Tensor,
-    v2: Tensor,
-    row_a: Tensor,
-    col_b: Tensor,
-    pos_row: Tensor,
-    pos_w: Tensor,
-    scalars: tuple[float, ...],
-    one_exp: bool,
-    want_sigma: bool,
-    diagonal: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum w k)
-    with w = exp(k - log_z) the kernel weights before their factor g_k.
-
-    Positives: pos_row[j] is column j's strip-local positive row or -1; with `diagonal` it is
-    j - r0 (r0, the strip's first row, is the last of `scalars`), and square tiles take them from
-    the diagonal tiles alone."""
-    n_tm, n_tn = tiles._tiles(x, y)
-    h = torch.empty((x.shape[0], y.shape[0]), dtype=strip_dtype(x.dtype), device=x.device)
-    row_part = torch.empty((n_tn, x.shape[0]), dtype=torch.float32, device=x.device)
-    col_part = torch.empty((n_tm, y.shape[0]), dtype=torch.float32, device=x.device)
-    dots = torch.empty((n_tm * n_tn, 2), dtype=torch.float32, device=x.device)
-    h_arg, store_tma = tiles._out_operand(h, x, y)
-    args = (r2, rho, kappa, u2, v2, row_a, col_b, pos_row, pos_w, h_arg, row_part, col_part, dots)
-
-    def launch(positives: int, n_tiles: int | None = None) -> None:
-        tiles._launch(
-            _pair_grad_kernel, x, y, *args, scalars=scalars, n_tiles=n_tiles, ONE_EXP=one_exp,
-            WANT_SIGMA=want_sigma, STORE_TMA=store_tma, POSITIVES=positives,
-        )  # fmt: skip
-
-    r0 = int(scalars[-1])
-    if diagonal and r0 + x.shape[0] > y.shape[0]:
-        raise ValueError(f"diagonal positives need the strip's rows {r0}..{r0 + x.shape[0]} within y's {y.shape[0]}")
-    if diagonal and tiles.block_m == tiles.block_n and r0 % tiles.block_m == 0:
-        launch(0)  # every tile, without positives
-        launch(1, n_tiles=n_tm)  # the diagonal tiles again, with their positives
-    else:
-        launch(2)
-    return h, row_part.sum(0), col_part.sum(0), dots.sum(0)
-
-
 def _info_nce_value(
     row_acc: Tensor,
     col_acc: Tensor,
@@ -551,7 +239,7 @@ def _info_nce_value(
     diag2: Tensor | None,
     positives_of: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float],
     lo: int,
-    ranks: _Ranks,
+    ranks: Ranks,
 ) -> Tensor:
     """InfoNCE's value from the forward's row and column accumulators (one_exp: float32 sums of 2^t,
     t = log2(e) l - s2; else log2-sum-exp2s of log2(e) l), in float64 on (N,) vectors.
@@ -580,49 +268,6 @@ def _info_nce_value(
     return ((lse + offset2) * LN2 - (pos_w.to(f64) * pos_logit).sum()).float()
 
 
-class _Ranks:
-    """The ranks that share one fused loss (`fused_infonce_cs(group=...)`), or (group None) this process.
-
-    Every rank holds the same global batch; rank r takes rows [lo, hi) of X Y^T and a balanced
-    share of the upper triangles of X X^T and Y Y^T (tile-aligned, as `sharded` splits them), and the
-    ranks add their column sums, log-sums and the scalars' gradients. One process: no collectives."""
-
-    def __init__(self, group: Any = None) -> None:
-        import torch.distributed as dist
-
-        on = group is not None and dist.is_available() and dist.is_initialized()  # None: this process alone
-        self.group = group
-        self.world = dist.get_world_size(group) if on else 1
-        self.rank = dist.get_rank(group) if on else 0
-
-    def share(self, n: int, align: int) -> tuple[int, int]:
-        """Rows [lo, hi) of n, starting on multiples of `align` (the strips' tiles)."""
-        from csaligner.kernels.sharded import share
-
-        return share(n, self.rank, self.world, align)
-
-    def triangle(self, n: int, align: int) -> tuple[int, int]:
-        from csaligner.kernels.sharded import triangle_share
-
-        return triangle_share(n, self.rank, self.world, align)
-
-    def sum_(self, t: Tensor) -> Tensor:
-        """t summed over the ranks, in place (float32 or float64)."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, group=self.group)
-        return t
-
-    def logsumexp(self, t: Tensor, base2: bool = False) -> Tensor:
-        """Elementwise log-sum-exp (base 2: log2-sum-exp2) of t over the ranks; -inf everywhere stays -inf."""
-        if self.world == 1:
-            return t
-        from csaligner.kernels.sharded import all_logsumexp
-
-        return all_logsumexp(t, self.group, base2)
-
-
 def _minus_inf(like: Tensor) -> Tensor:
     return torch.full((), -math.inf, dtype=torch.float32, device=like.device)
 
@@ -646,7 +291,7 @@ def _logsumexp2(p: Tensor, dim: int) -> Tensor:
 def _norm_terms(a: Tensor) -> tuple[Tensor, Tensor]:
     """(N,) 1 / max(|a_i|, 1e-12) (as F.normalize divides) and |a_i|^2 / 2, float32, from one pass
     over a (one float32 copy of a at a time)."""
-    half_sq = _half_sq_norms(a, torch.float32)
+    half_sq = half_sq_norms(a, torch.float32)
     return (2.0 * half_sq).sqrt().clamp_min_(1e-12).reciprocal_(), half_sq
 
 
@@ -702,8 +347,8 @@ def fused_infonce_cs(
             raise ValueError(f"chunk_size must be a multiple of the tile size {t.block_m}, got {chunk_size}")
     pos_row, pos_w = positives(x.shape[0], y.shape[0], text_to_image, x.device, torch.float32)
     dtype = x.dtype if x.dtype == y.dtype else torch.float32
-    scale = 1.0 / _as_tensor(temperature, torch.float32, x.device)
-    sig = _as_tensor(sigma, torch.float32, x.device)
+    scale = 1.0 / as_tensor(temperature, torch.float32, x.device)
+    sig = as_tensor(sigma, torch.float32, x.device)
     eager = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     out: tuple[Tensor, Tensor] = _PairedInfoNCECS.apply(
         x.to(dtype).contiguous(),
@@ -716,6 +361,6 @@ def fused_infonce_cs(
         chunk_size,
         eager,
         text_to_image is None,  # positives on the diagonal
-        _Ranks(group),
+        Ranks(group),
     )
     return out

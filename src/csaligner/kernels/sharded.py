@@ -8,7 +8,7 @@ exchange only small statistics:
 
 * InfoNCE: the (M,) column log-sum-exps (an all-reduce of their max, then of a sum), the (M,)
   positives' logits as the strips computed them (each from the rank holding its row; summed), and
-  one float64 scalar, this rank's sum of row terms (`chunked.nce_value_terms`);
+  one float64 scalar, this rank's sum of row terms (`nce.nce_value_terms`);
 * D_CS: one log-sum per kernel term (three scalars, the same max-then-sum all-reduce);
 * backward: the temperature's and sigma's gradients (two scalars, summed).
 
@@ -38,21 +38,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from csaligner._validation import check_features, check_positive, check_same_dim
-from csaligner.kernels.chunked import (
+from csaligner.kernels.chunked import kernel_log_sum, kernel_term_grads, one_pass_offset
+from csaligner.kernels.nce import nce_row_grads, nce_split_stats, nce_value_terms, positives
+from csaligner.kernels.strips import (
     DEFAULT_STRIP_ELEMENTS,
     LOG2,
     MIN_STRIP_ROWS,
-    _as_tensor,
-    _half_sq_norms,
+    as_tensor,
     autocast_off,
     compute_dtype,
-    kernel_log_sum,
-    kernel_term_grads,
-    nce_row_grads,
-    nce_split_stats,
-    nce_value_terms,
-    one_pass_offset,
-    positives,
+    half_sq_norms,
     strip_rows,
 )
 
@@ -95,6 +90,40 @@ def all_logsumexp(t: Tensor, group: Any, base2: bool = False) -> Tensor:
     total = torch.exp2(t - top) if base2 else torch.exp(t - top)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return top + (total.log2() if base2 else total.log())
+
+
+class Ranks:
+    """The ranks that share one fused loss (`fused_infonce_cs(group=...)`), or (group None) this process.
+
+    Every rank holds the same global batch; rank r takes rows [lo, hi) of X Y^T and a balanced
+    share of the upper triangles of X X^T and Y Y^T (tile-aligned, as `sharded` splits them), and the
+    ranks add their column sums, log-sums and the scalars' gradients. One process: no collectives."""
+
+    def __init__(self, group: Any = None) -> None:
+        on = group is not None and dist.is_available() and dist.is_initialized()  # None: this process alone
+        self.group = group
+        self.world = dist.get_world_size(group) if on else 1
+        self.rank = dist.get_rank(group) if on else 0
+
+    def share(self, n: int, align: int) -> tuple[int, int]:
+        """Rows [lo, hi) of n, starting on multiples of `align` (the strips' tiles)."""
+        return share(n, self.rank, self.world, align)
+
+    def triangle(self, n: int, align: int) -> tuple[int, int]:
+        """Rows [lo, hi) of this rank's share of an n x n upper triangle (`triangle_share`)."""
+        return triangle_share(n, self.rank, self.world, align)
+
+    def sum_(self, t: Tensor) -> Tensor:
+        """t summed over the ranks, in place (float32 or float64)."""
+        if self.world > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def logsumexp(self, t: Tensor, base2: bool = False) -> Tensor:
+        """Elementwise log-sum-exp (base 2: log2-sum-exp2) of t over the ranks; -inf everywhere stays -inf."""
+        if self.world == 1:
+            return t
+        return all_logsumexp(t, self.group, base2)
 
 
 class _ShardedInfoNCECS(torch.autograd.Function):
@@ -145,7 +174,7 @@ class _ShardedInfoNCECS(torch.autograd.Function):
         ux = uy = log_z = torch.zeros(0, dtype=work, device=x.device)
         cs = torch.zeros((), dtype=work, device=x.device)
         if with_cs:
-            ux, uy = _half_sq_norms(xa, work) * -inv_s2, _half_sq_norms(ya, work) * -inv_s2
+            ux, uy = half_sq_norms(xa, work) * -inv_s2, half_sq_norms(ya, work) * -inv_s2
             sq = (ux, uy)
             offsets = [one_pass_offset(sq[i], sq[j], i == j) for i, j, _ in KERNEL_TERMS]  # the same on every rank
             ctx.offsets = None if None in offsets else cast(list[float], offsets)
@@ -340,8 +369,8 @@ def sharded_infonce_cs(
     if with_cs and strips.center:  # D_CS is translation invariant; as in streamed_cs_divergence
         c = torch.cat([xa, ya]).mean(0).detach()
         xa, ya = xa - c, ya - c
-    scale = 1.0 / _as_tensor(temperature, work, x.device)
-    sig = _as_tensor(sigma, work, x.device)
+    scale = 1.0 / as_tensor(temperature, work, x.device)
+    sig = as_tensor(sigma, work, x.device)
     xa, ya = xa.to(op).contiguous(), ya.to(op).contiguous()
     eager = torch.is_grad_enabled() and (xa.requires_grad or ya.requires_grad)
     nce, cs = _ShardedInfoNCECS.apply(xn, yn, xa, ya, scale, sig, pos_row, pos_w, strips, with_cs, eager, group)
