@@ -75,7 +75,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         identity: bool,
         ranks: Ranks,
     ) -> tuple[Tensor, Tensor]:
-        n, m = x.shape[0], y.shape[0]
+        n = x.shape[0]
         tiles, pair, _ = tile_set  # symmetric, forward X Y^T (, backward X Y^T)
         lo, hi = ranks.share(n, pair.block_m)  # this rank's rows of X Y^T (all of them in one process)
         (rho, hx), (kappa, hy) = _norm_terms(x), _norm_terms(y)
@@ -85,69 +85,29 @@ class _PairedInfoNCECS(torch.autograd.Function):
         inv_s2 = 1.0 / sigma_f**2
         u, v = hx * -inv_s2, hy * -inv_s2  # -|a|^2 / (2 sigma^2)
         s2 = s * LOG2E
-        k_parts2 = []
         # Kernel logits >= -(|x| + |y|)^2 / (2 sigma^2): when that is >= -80, tiles need no max.
         bounded = max_inv_norms**2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
         one_exp = s <= MAX_ONE_EXP_SCALE  # the InfoNCE partials are sums of 2^(l log2(e) - s2)
-        # one_exp: linear sums of 2^t (t <= 0 and >= -2 s2 >= -116: no float32 under- or overflow,
-        # so the columns add up across strips without logs), else log2-sum-exp2s.
-        row_acc = torch.empty(hi - lo, dtype=torch.float32, device=x.device)
-        col_acc = torch.full((m,), 0.0 if one_exp else -math.inf, dtype=torch.float32, device=x.device)
         r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # base-2 logits in the kernels
-        for r0 in range(lo, hi, rows):
-            r1 = min(r0 + rows, hi)
-            n_tm, n_tn = pair._tiles(x[r0:r1], y)
-            row_part = torch.empty((n_tn, r1 - r0), dtype=torch.float32, device=x.device)
-            col_part = torch.empty((n_tm, m), dtype=torch.float32, device=x.device)
-            k_part = torch.empty(n_tm * n_tn, dtype=torch.float32, device=x.device)
-            pair._launch(
-                _pair_lse_kernel, x[r0:r1], y, r2[r0:r1], kappa, u2[r0:r1], v2, row_part, col_part, k_part,
-                scalars=(s2, inv_s2 * LOG2E), ONE_EXP=one_exp, K_BOUNDED=bounded,
-            )  # fmt: skip
-            if one_exp:
-                row_acc[r0 - lo : r1 - lo] = row_part.sum(0)
-                col_acc += col_part.sum(0)
-            else:
-                row_acc[r0 - lo : r1 - lo] = _logsumexp2(row_part, 0)
-                torch.logaddexp2(col_acc, _logsumexp2(col_part, 0), out=col_acc)
-            k_parts2.append(k_part.sum().log2() if bounded else _logsumexp2(k_part, 0))
-        col_acc = ranks.sum_(col_acc) if one_exp else ranks.logsumexp(col_acc, base2=True)
-        lz2_xy = ranks.logsumexp(_logsumexp2(torch.stack(k_parts2), 0) if k_parts2 else _minus_inf(x), base2=True)
+        logits = (x, y, r2, kappa, u2, v2, s2, inv_s2 * LOG2E, one_exp, bounded)
+        row_acc, col_acc, lz2_xy = _pair_forward(pair, logits, lo, hi, rows, ranks)
         # The backward's softmax normalisers, base 2; one_exp: log2 of the sums of 2^(t), t = log2(e) l - s2
         # (so without + s2: adding it here and taking it off there would round every softmax at s2's scale).
         row_lse2, col_lse2 = (row_acc.log2(), col_acc.log2()) if one_exp else (row_acc, col_acc)
-        diag2 = None
-        if identity and pair.block_m == pair.block_n:  # the positives' t_ii, as the tiles computed them
-            diag2 = torch.empty(n, dtype=torch.float32, device=x.device)
-            pair._launch(
-                _pair_lse_kernel, x, y, r2, kappa, u2, v2, diag2, diag2, diag2, scalars=(s2, inv_s2 * LOG2E),
-                n_tiles=triton.cdiv(n, pair.block_m), ONE_EXP=one_exp, K_BOUNDED=bounded, DIAGONAL=True,
-            )  # fmt: skip
+        # The positives' t_ii as the tiles computed them, when they lie on the diagonal.
+        diag2 = _diagonal_logits(pair, logits) if identity and pair.block_m == pair.block_n else None
         pos_args = (x, y, rho, kappa, pos_row, pos_w, identity, s)
         info_nce = _info_nce_value(row_acc, col_acc, one_exp, s2, diag2, pos_args, lo, ranks)
         # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
         # diagonal's 0, a known offset) and keeps ((W + W^T) x)_i and its row masses for the backward.
         ctx.kept = []
         sums = [lz2_xy * LN2]
+        want_sigma = ctx.needs_input_grad[3]
         for a, sq in ((x, u), (y, v)):
-            a0, a1 = ranks.triangle(a.shape[0], tiles.block_m)  # this rank's share of the upper triangle
-            if eager:
-                grad, _, mass, _, dot, total = kernel_term_sums(
-                    tiles, a[a0:a1], a[a0:], sq[a0:a1], sq[a0:], inv_s2, 0.0, 1.0, True, ctx.needs_input_grad[3],
-                    True, rows, torch.float32,
-                )  # fmt: skip
-                ctx.kept.append((_rows_from(grad, a0), _rows_from(mass, a0), dot))
-                # The symmetric strips visit half the pairs, hence + log 2; the weights exp(l - 0) <= 1 add up.
-                sums.append(ranks.sum_(total).log() + LOG2)
-            else:
-                parts = [
-                    tiles.kernel_lse(
-                        a[r0 : min(r0 + rows, a1)], a[r0:], sq[r0 : min(r0 + rows, a1)], sq[r0:], inv_s2, True, bounded
-                    )
-                    for r0 in range(a0, a1, rows)
-                ]
-                local = torch.logsumexp(torch.stack(parts), 0) if parts else _minus_inf(x)
-                sums.append(ranks.logsumexp(local) + LOG2)
+            log_sum, kept = _symmetric_forward(tiles, a, sq, inv_s2, eager, want_sigma, bounded, rows, ranks)
+            sums.append(log_sum)
+            if kept is not None:
+                ctx.kept.append(kept)
         log_z = torch.stack(sums)  # log-sums over all pairs: XY, XX, YY
         cs = log_z[1] + log_z[2] - 2.0 * log_z[0]  # the log(N M) normalisers cancel
         ctx.save_for_backward(x, y, rho, kappa, u, v, row_lse2, col_lse2, pos_row, pos_w, log_z, lz2_xy)
@@ -172,14 +132,8 @@ class _PairedInfoNCECS(torch.autograd.Function):
         ranks, (lo, hi) = ctx.ranks, ctx.share
         for slot, (a, sq, lz, k) in enumerate(((x, u, lz_xx, kept[0]), (y, v, lz_yy, kept[1])), start=2):
             if k is None:
-                a0, a1 = ranks.triangle(a.shape[0], tiles.block_m)
-                grad, _, mass, _, dot, _ = kernel_term_sums(
-                    tiles, a[a0:a1], a[a0:], sq[a0:a1], sq[a0:], inv_s2, 0.0, 1.0, True, want_sigma, False, rows,
-                    torch.float32,
-                )  # fmt: skip
-                grad, mass = _rows_from(grad, a0), _rows_from(mass, a0)
-            else:
-                grad, mass, dot = k
+                k = _symmetric_sums(tiles, a, sq, inv_s2, want_sigma, False, rows, ranks)[:3]
+            grad, mass, dot = k
             # dD_CS/dl = g_cs, dl/d(x_i.x_j) = 1/sigma^2, x2 for W + W^T; the weights were exp(l - 0).
             factor = 2.0 * inv_s2 * gc * math.exp(-lz)
             # grad is scaled by the first X Y^T GEMM on it (beta) and its masses join the X Y^T
@@ -229,6 +183,86 @@ class _PairedInfoNCECS(torch.autograd.Function):
         # Sharded: world x this rank's share, what all_gather_with_grad's backward sums over ranks.
         dx, dy = _finish_grad(dx, x_mass, x, ranks.world), _finish_grad(dy, y_mass, y, ranks.world)
         return dx, dy, d_scale, d_sigma, None, None, None, None, None, None, None
+
+
+def _pair_forward(
+    pair: TritonStrips, logits: tuple[Any, ...], lo: int, hi: int, rows: int, ranks: Ranks
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward X Y^T strips over rows lo:hi: (row accumulators (hi - lo,), column accumulators (M,)
+    over all ranks, log2 of the cross kernel's sum over all pairs).
+
+    logits = (x, y, r2, kappa, u2, v2, s2, c2, one_exp, bounded), the base-2 vectors and scalars of
+    `_pair_logits2`. one_exp: the accumulators are linear sums of 2^t (t <= 0 and >= -2 s2 >= -116:
+    no float32 under- or overflow, so the columns add up across strips without logs), else
+    log2-sum-exp2s."""
+    x, y, r2, kappa, u2, v2, s2, c2, one_exp, bounded = logits
+    m = y.shape[0]
+    row_acc = torch.empty(hi - lo, dtype=torch.float32, device=x.device)
+    col_acc = torch.full((m,), 0.0 if one_exp else -math.inf, dtype=torch.float32, device=x.device)
+    k_parts2 = []
+    for r0 in range(lo, hi, rows):
+        r1 = min(r0 + rows, hi)
+        n_tm, n_tn = pair._tiles(x[r0:r1], y)
+        row_part = torch.empty((n_tn, r1 - r0), dtype=torch.float32, device=x.device)
+        col_part = torch.empty((n_tm, m), dtype=torch.float32, device=x.device)
+        k_part = torch.empty(n_tm * n_tn, dtype=torch.float32, device=x.device)
+        pair._launch(
+            _pair_lse_kernel, x[r0:r1], y, r2[r0:r1], kappa, u2[r0:r1], v2, row_part, col_part, k_part,
+            scalars=(s2, c2), ONE_EXP=one_exp, K_BOUNDED=bounded,
+        )  # fmt: skip
+        if one_exp:
+            row_acc[r0 - lo : r1 - lo] = row_part.sum(0)
+            col_acc += col_part.sum(0)
+        else:
+            row_acc[r0 - lo : r1 - lo] = _logsumexp2(row_part, 0)
+            torch.logaddexp2(col_acc, _logsumexp2(col_part, 0), out=col_acc)
+        k_parts2.append(k_part.sum().log2() if bounded else _logsumexp2(k_part, 0))
+    col_acc = ranks.sum_(col_acc) if one_exp else ranks.logsumexp(col_acc, base2=True)
+    lz2_xy = ranks.logsumexp(_logsumexp2(torch.stack(k_parts2), 0) if k_parts2 else _minus_inf(x), base2=True)
+    return row_acc, col_acc, lz2_xy
+
+
+def _diagonal_logits(pair: TritonStrips, logits: tuple[Any, ...]) -> Tensor:
+    """(N,) t_ii, the positives' base-2 logits exactly as the forward tiles computed them (square tiles)."""
+    x, y, r2, kappa, u2, v2, s2, c2, one_exp, bounded = logits
+    diag2 = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    pair._launch(
+        _pair_lse_kernel, x, y, r2, kappa, u2, v2, diag2, diag2, diag2, scalars=(s2, c2),
+        n_tiles=triton.cdiv(x.shape[0], pair.block_m), ONE_EXP=one_exp, K_BOUNDED=bounded, DIAGONAL=True,
+    )  # fmt: skip
+    return diag2
+
+
+def _symmetric_sums(
+    tiles: TritonStrips, a: Tensor, sq: Tensor, inv_s2: float, want_sigma: bool, want_total: bool, rows: int,
+    ranks: Ranks,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """This rank's share of the upper triangle of A A^T with weights exp(l - 0) (the diagonal's logit,
+    the largest): ((W + W^T) a (N, D), its row masses (N,), sum W l, sum W), float32; rows outside
+    the share are zeros."""
+    a0, a1 = ranks.triangle(a.shape[0], tiles.block_m)
+    grad, _, mass, _, dot, total = kernel_term_sums(
+        tiles, a[a0:a1], a[a0:], sq[a0:a1], sq[a0:], inv_s2, 0.0, 1.0, True, want_sigma, want_total, rows,
+        torch.float32,
+    )  # fmt: skip
+    return _rows_from(grad, a0), _rows_from(mass, a0), dot, total
+
+
+def _symmetric_forward(
+    tiles: TritonStrips, a: Tensor, sq: Tensor, inv_s2: float, eager: bool, want_sigma: bool, bounded: bool,
+    rows: int, ranks: Ranks,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:  # fmt: skip
+    """log sum_ij k(a_i, a_j) over all pairs, and with `eager` (gradients wanted) what the backward
+    needs, from the same single pass: ((W + W^T) a, its row masses, sum W l)."""
+    if eager:
+        grad, mass, dot, total = _symmetric_sums(tiles, a, sq, inv_s2, want_sigma, True, rows, ranks)
+        # The symmetric strips visit half the pairs, hence + log 2; the weights exp(l - 0) <= 1 add up.
+        return ranks.sum_(total).log() + LOG2, (grad, mass, dot)
+    a0, a1 = ranks.triangle(a.shape[0], tiles.block_m)
+    ends = [(r0, min(r0 + rows, a1)) for r0 in range(a0, a1, rows)]
+    parts = [tiles.kernel_lse(a[r0:r1], a[r0:], sq[r0:r1], sq[r0:], inv_s2, True, bounded) for r0, r1 in ends]
+    local = torch.logsumexp(torch.stack(parts), 0) if parts else _minus_inf(a)
+    return ranks.logsumexp(local) + LOG2, None
 
 
 def _info_nce_value(
