@@ -95,3 +95,14 @@ def test_eval_cli_zero_and_few_shot_on_flowers(demo_dir: Path) -> None:
     m = json.loads((out / "metrics.json").read_text())["cs_aligner"]
     assert 0.0 <= m["zero_shot_top1"] <= 100.0 and 0.0 <= m["few_shot_16-shot"] <= 100.0
     assert "zero_shot_top1" in (out / "report.md").read_text()
+
+
+def test_rerun_with_other_settings_trains_again(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Last in this module: it replaces the runs the tests above read."""
+    runs = demo_dir / "runs"
+    args = ["demo", "flickr", "--train-images", "60", "--dev-images", "30", "--epochs", "4"]
+    assert main([*args, "--out", str(runs), "--cache", str(demo_dir / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "train.epochs: 3 -> 4" in out and "== training CS-Aligner ==" in out
+    assert "epochs: 4" in (runs / "cs_aligner" / "config.yaml").read_text()
+    assert "4 epochs" in (runs / "report.md").read_text()

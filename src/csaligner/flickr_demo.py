@@ -3,16 +3,21 @@
 Steps (each reuses its output when it is already there):
 1. encode a Flickr8k train subset and the dev split with EfficientNet-Lite0 (images) and MiniLM
    (captions) into feature caches;
-2. train MLP adapters on both sides with InfoNCE only and with CS-Aligner (same settings, seed);
+2. train MLP adapters on both sides with InfoNCE only and with CS-Aligner (same settings, seed). A
+   finished run is reused only when its saved config equals this call's; otherwise it is trained
+   again (saying which settings changed). An interrupted run with the same settings resumes;
 3. evaluate both on dev (retrieval, modality gap), write a report with plots and a retrieval
    preview, and print a short table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from csaligner.cli import main as cli_main
 from csaligner.data.features import PairedFeatures
@@ -72,7 +77,52 @@ def demo_overrides(s: FlickrDemoSettings, caches: dict[str, Path], objective: st
         f"train.seed={s.seed}",
         "train.tensorboard=false",
         f"train.out_dir={s.out_dir / objective}",
+        "train.resume=auto",  # an interrupted run of the same settings continues (see `_prepare_run`)
     ]
+
+
+REUSE_IGNORES = frozenset({"train.resume", "train.progress", "train.tensorboard"})
+"""Settings that do not change what a run computes: a saved run differing only in these is reused."""
+
+
+def config_changes(run_dir: Path, config: Any) -> list[str]:
+    """ "section.key: old -> new" for each setting of `config` (a `RunConfig`) that differs from the run
+    saved in run_dir (its config.yaml), bookkeeping (`REUSE_IGNORES`) aside; [] when they agree."""
+    import yaml
+
+    from csaligner.train import load_config
+
+    try:
+        saved = load_config(run_dir / "config.yaml")
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        return [f"its config.yaml could not be read ({err})"]
+    old, new = _flatten(dataclasses.asdict(saved)), _flatten(dataclasses.asdict(config))
+    keys = sorted((old.keys() | new.keys()) - REUSE_IGNORES)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("data", "model", "loss", "train") and not prefix:
+            out.update(_flatten(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _prepare_run(name: str, run_dir: Path, config: Any) -> bool:
+    """True when run_dir already holds this config's finished run. A run dir from other settings (finished
+    or not) is removed, saying what changed; one from the same settings is left to resume."""
+    if not (run_dir / "config.yaml").is_file():
+        return False
+    changes = config_changes(run_dir, config)
+    if not changes:
+        return (run_dir / "summary.json").is_file()
+    print(f"\n== {name}: {run_dir} was trained with other settings, training again ==")
+    print("   " + "\n   ".join(changes))
+    shutil.rmtree(run_dir)
+    return False
 
 
 def run_flickr_demo(s: FlickrDemoSettings = FlickrDemoSettings()) -> dict[str, dict[str, float]]:
@@ -87,9 +137,10 @@ def run_flickr_demo(s: FlickrDemoSettings = FlickrDemoSettings()) -> dict[str, d
     runs = {}
     for name, objective in (("InfoNCE only", "infonce"), ("CS-Aligner", "cs_aligner")):
         run_dir = s.out_dir / objective
-        if not (run_dir / "summary.json").is_file():
+        config = load_config(None, demo_overrides(s, caches, objective))
+        if not _prepare_run(name, run_dir, config):
             print(f"\n== training {name} ==")
-            train(load_config(None, demo_overrides(s, caches, objective)))
+            train(config)
         runs[name] = run_dir
     dev = load_paired_features(caches["dev_image"], caches["dev_text"])
     results = {name: evaluate_run(run, dev, sigma=s.sigma) for name, run in runs.items()}

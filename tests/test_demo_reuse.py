@@ -1,0 +1,61 @@
+"""The Flickr demo reuses a trained run only when its saved settings equal the new ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csaligner.flickr_demo import FlickrDemoSettings, _prepare_run, config_changes, demo_overrides
+from csaligner.train import load_config
+from csaligner.train.overrides import dump_yaml
+
+CACHES = {k: Path(f"cache/{k}") for k in ("train_image", "train_text", "dev_image", "dev_text")}
+
+
+def _saved_run(tmp_path: Path, settings: FlickrDemoSettings, finished: bool = True) -> Path:
+    run_dir = tmp_path / "cs_aligner"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config(None, demo_overrides(settings, CACHES, "cs_aligner"))))
+    if finished:
+        (run_dir / "summary.json").write_text("{}")
+    return run_dir
+
+
+def test_same_settings_reuse_the_run(tmp_path: Path) -> None:
+    s = FlickrDemoSettings(out_dir=tmp_path)
+    run_dir = _saved_run(tmp_path, s)
+    config = load_config(None, [*demo_overrides(s, CACHES, "cs_aligner"), "train.progress=false"])
+    assert config_changes(run_dir, config) == []  # bookkeeping flags do not count
+    assert _prepare_run("CS-Aligner", run_dir, config) is True
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_changed_settings_are_named_and_the_run_is_trained_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = _saved_run(tmp_path, FlickrDemoSettings(out_dir=tmp_path, epochs=2))
+    config = load_config(None, demo_overrides(FlickrDemoSettings(out_dir=tmp_path, epochs=6), CACHES, "cs_aligner"))
+    assert config_changes(run_dir, config) == ["train.epochs: 2 -> 6"]
+    assert _prepare_run("CS-Aligner", run_dir, config) is False
+    assert not run_dir.exists()  # the stale run is gone, so the report cannot mix settings
+    out = capsys.readouterr().out
+    assert "other settings" in out and "train.epochs: 2 -> 6" in out
+
+
+def test_an_interrupted_run_with_the_same_settings_is_left_to_resume(tmp_path: Path) -> None:
+    s = FlickrDemoSettings(out_dir=tmp_path)
+    run_dir = _saved_run(tmp_path, s, finished=False)
+    (run_dir / "checkpoints").mkdir()
+    config = load_config(None, demo_overrides(s, CACHES, "cs_aligner"))
+    assert config.train.resume == "auto"
+    assert _prepare_run("CS-Aligner", run_dir, config) is False
+    assert (run_dir / "checkpoints").is_dir()
+
+
+def test_an_unreadable_saved_config_counts_as_changed(tmp_path: Path) -> None:
+    s = FlickrDemoSettings(out_dir=tmp_path)
+    run_dir = _saved_run(tmp_path, s)
+    (run_dir / "config.yaml").write_text("train: {epochs: [\n")
+    changes = config_changes(run_dir, load_config(None, demo_overrides(s, CACHES, "cs_aligner")))
+    assert len(changes) == 1 and "could not be read" in changes[0]
