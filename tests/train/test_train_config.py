@@ -28,12 +28,12 @@ def test_yaml_sections_map_onto_dataclasses(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "data: {paired_fraction: 0.25, use_unpaired: false}\n"
-        "model: {image: {kind: identity}, text: {kind: prior, hidden_dim: 64}}\n"
+        "model: {image: {kind: identity}, text: {kind: prior, num_layers: 2}}\n"
         "loss: {lam: 0.5, sigma: 2}\ntrain: {lr: 1e-4, steps: 7}\n",
     )
     c = load_config(path)
     assert c.data.paired_fraction == 0.25 and c.data.use_unpaired is False
-    assert c.model.text == {"kind": "prior", "hidden_dim": 64}
+    assert c.model.text == {"kind": "prior", "num_layers": 2}
     assert c.loss.lam == 0.5 and c.loss.sigma == 2.0 and isinstance(c.loss.sigma, float)
     assert c.train.lr == 1e-4 and isinstance(c.train.lr, float)  # PyYAML reads 1e-4 as a string
     assert c.train.steps == 7
@@ -96,20 +96,20 @@ def test_dotted_overrides_coerce_to_field_types() -> None:
             "train.betas=0.8,0.95",
             "loss.sigma=median",
             "model.text.kind=prior",
-            "model.text.hidden_dim=128",
+            "model.text.num_layers=3",
             "train.resume=",
         ],
     )
     assert (c.train.lr, c.loss.lam, c.train.batch_size) == (1e-4, 0.1, 32)
     assert c.data.use_unpaired is False and c.train.betas == (0.8, 0.95) and c.loss.sigma == "median"
-    assert c.model.text == {"kind": "prior", "hidden_dim": 128}  # a key set inside the default mapping
+    assert c.model.text == {"kind": "prior", "num_layers": 3}  # a key set inside the default mapping
     assert c.train.resume == ""
 
 
 def test_override_applies_on_top_of_yaml(tmp_path: Path) -> None:
-    path = write(tmp_path, "model: {image: {kind: mlp, hidden_dim: 64}}\ntrain: {lr: 0.1}\n")
+    path = write(tmp_path, "model: {image: {kind: mlp, mlp_ratio: 2}}\ntrain: {lr: 0.1}\n")
     c = load_config(path, ["model.image.kind=linear", "train.lr=0.2"])
-    assert c.model.image == {"kind": "linear", "hidden_dim": 64} and c.train.lr == 0.2
+    assert c.model.image == {"kind": "linear", "mlp_ratio": 2} and c.train.lr == 0.2
 
 
 def test_malformed_override_is_explained() -> None:

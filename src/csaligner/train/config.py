@@ -102,6 +102,9 @@ class ModelConfig:
                 raise ValueError(f"model.{side} must be a mapping like {{kind: mlp}}, got {spec!r}")
             if spec.get("kind") not in ADAPTER_KINDS:
                 raise ValueError(f"model.{side}.kind must be one of {list(ADAPTER_KINDS)}, got {spec.get('kind')!r}")
+            unknown = sorted(set(spec) - _adapter_fields())
+            if unknown:
+                raise ValueError(f"unknown key model.{side}.{unknown[0]!s}; adapter keys: {sorted(_adapter_fields())}")
             for dim in ("in_dim", "out_dim"):
                 if not isinstance(spec.get(dim, 0), int) or spec.get(dim, 0) < 0:
                     raise ValueError(f"model.{side}.{dim} must be an int >= 0 (0 = infer), got {spec[dim]!r}")
@@ -112,6 +115,15 @@ class ModelConfig:
             )
         if self.out_dim < 0:
             raise ValueError(f"model.out_dim must be >= 0 (0 = infer), got {self.out_dim}")
+
+
+def _adapter_fields() -> set[str]:
+    """The keys a model.image / model.text mapping may hold: `AdapterConfig`'s fields."""
+    from dataclasses import fields
+
+    from csaligner.adapters.config import AdapterConfig
+
+    return {f.name for f in fields(AdapterConfig)}
 
 
 @dataclass(frozen=True)

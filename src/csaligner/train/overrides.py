@@ -103,10 +103,23 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], where: str = "") -> T:
         section = f"section {where!r}" if where else "the top level"
         raise ValueError(f"unknown key {_dot(where, unknown[0])!r} in {section}; valid keys: {sorted(fields)}")
     kwargs = {name: coerce(value, hints[name], _dot(where, name)) for name, value in raw.items()}
+    _fill_kind(cls, kwargs)
     try:
         return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"{where or 'config'}: {err}") from err
+
+
+def _fill_kind(cls: type, kwargs: dict[str, Any]) -> None:
+    """A mapping field whose default names a `kind` (model.image: {kind: mlp}) keeps that kind when the
+    given mapping names none: `--model.image.mlp_ratio=4` tunes the default adapter instead of
+    replacing it with a kind-less one."""
+    for f in dataclasses.fields(cls):
+        given = kwargs.get(f.name)
+        if isinstance(given, dict) and "kind" not in given and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if isinstance(default, dict) and "kind" in default:
+                kwargs[f.name] = {"kind": default["kind"], **given}
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:
