@@ -30,8 +30,16 @@ def check_features(name: str, x: Tensor, ndim: int = 2) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample with D > 0")
     if not torch.isfinite(x).all():
         n_bad = int((~torch.isfinite(x)).any(dim=-1).sum())
-        raise ValueError(
-            f"{name} contains NaN or Inf in {n_bad} of {x.shape[:-1].numel()} feature vectors; "
+        raise NonFiniteFeaturesError(name, n_bad, x.shape[:-1].numel())
+
+
+class NonFiniteFeaturesError(ValueError):
+    """Features with NaN or Inf; a trainer catches it to say what it means there (a diverged step)."""
+
+    def __init__(self, name: str, n_bad: int, total: int) -> None:
+        self.name, self.n_bad, self.total = name, n_bad, total
+        super().__init__(
+            f"{name} contains NaN or Inf in {n_bad} of {total} feature vectors; "
             "check the encoder output or the data (a corrupt image, a zero-length caption)"
         )
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from csaligner._validation import NonFiniteFeaturesError
 from csaligner.data.features import PairedFeatures
 from csaligner.train.batches import Batch
 from csaligner.train.config import RunConfig, TrainConfig
@@ -109,7 +110,24 @@ def compute_terms(
         kwargs["image_token_mask"] = _gather_mask(_rows(feats.image_token_mask, batch.token_image_rows))
         kwargs["text_token_mask"] = _gather_mask(_rows(feats.text_token_mask, batch.token_text_rows))
     # shard: each process takes its share of the Gram matrices' rows (csaligner.kernels.sharded).
-    return dict(objective(gather(out["image"][:n_img]), gather(out["text"][:n_txt]), **kwargs, shard=info.enabled))
+    try:
+        return dict(objective(gather(out["image"][:n_img]), gather(out["text"][:n_txt]), **kwargs, shard=info.enabled))
+    except NonFiniteFeaturesError as err:
+        raise _diverged(err, config.train) from err
+
+
+def _diverged(err: NonFiniteFeaturesError, cfg: TrainConfig) -> FloatingPointError:
+    """The loss saw NaN/Inf adapter outputs. The frozen features were checked finite when they were
+    loaded (`PairedFeatures`), so the adapters diverged: say so, with the settings to change."""
+    fixes = [f"lower train.lr (now {cfg.lr:g})"]
+    if cfg.grad_clip <= 0:
+        fixes.append("clip gradients (train.grad_clip=1.0; now 0, off)")
+    if cfg.precision != "fp32":
+        fixes.append(f"train in fp32 (train.precision=fp32; now {cfg.precision})")
+    return FloatingPointError(
+        f"the adapters' {err.name} outputs contain NaN or Inf in {err.n_bad} of {err.total} vectors: training "
+        f"diverged (the frozen features were finite when loaded); " + ", or ".join(fixes)
+    )
 
 
 def _rank_offset(n: int, info: DistInfo) -> int:
