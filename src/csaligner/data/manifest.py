@@ -6,6 +6,11 @@ pools are the same type with no links. Files: TSV / CSV / JSONL (Parquet with py
 columns `image`, `caption` and optional `group` (the image's id; default its path),
 `caption_id`, `label` (class name). An empty `caption` is an image-only row, an empty `image`
 a text-only row.
+
+TSV is plain: one row per line, fields split on every tab, quotes kept as written (a caption may
+start with `"`), so it cannot hold tabs or line breaks. CSV uses standard quoting, read strictly:
+a malformed quote, a field spanning lines (a runaway quote) or a wrong field count is an error
+naming the file and line. JSONL holds anything.
 """
 
 from __future__ import annotations
@@ -146,21 +151,97 @@ def _pick(columns: Sequence[str], options: Sequence[str], path: Path, what: str)
     raise ValueError(f"{path}: no {what} column; expected one of {list(options)}, found {list(columns)}")
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+# A quote at the start of a CSV field opens a quoted field; shown in errors as the way to write one.
+_CSV_QUOTING_HINT = (
+    'quote the whole field and double the quotes inside it ("""Stop"" sign" reads as "Stop" sign), '
+    "or use .tsv, which is read verbatim"
+)
+
+
+def _fields_error(where: str, got: int, header: list[str], sep: str) -> ValueError:
+    fields = "field" if got == 1 else "fields"
+    return ValueError(
+        f"{where}: {got} {sep}-separated {fields}, expected {len(header)} ({', '.join(header)}); "
+        + (
+            "every tab separates a field, so a caption cannot hold a tab in .tsv: write .csv or .jsonl for those"
+            if sep == "tab"
+            else "quote fields that contain commas"
+        )
+    )
+
+
+def _read_tsv(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """Tab-separated, read verbatim: no quoting, one row per line; blank lines are skipped."""
+    rows: list[tuple[str, dict[str, str]]] = []
+    with open(path, newline="\n", encoding="utf-8-sig") as f:  # only \n ends a line; -sig drops a BOM
+        lines = (line.removesuffix("\n").removesuffix("\r") for line in f)
+        header = next(lines, "").split("\t")
+        for n, line in enumerate(lines, 2):
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != len(header):
+                raise _fields_error(f"{path}:{n}", len(fields), header, "tab")
+            rows.append((f"{path}:{n}", dict(zip(header, fields, strict=True))))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """Comma-separated with standard (RFC 4180) quoting, strictly: a malformed or runaway quote is an error."""
+    rows: list[tuple[str, dict[str, str]]] = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, strict=True)
+        header: list[str] | None = None
+        start = 1  # file line the current record starts on
+        try:
+            for fields in reader:
+                where, end = f"{path}:{start}", reader.line_num
+                if header is None:
+                    header = fields
+                elif fields:  # [] is a blank line
+                    if len(fields) != len(header):
+                        raise _fields_error(where, len(fields), header, "comma")
+                    broken = next((v for v in fields if "\n" in v or "\r" in v), None)
+                    if broken is not None:
+                        raise ValueError(
+                            f"{where}: a quoted field spans lines {start}-{end} ({broken[:80]!r}), so a quote was "
+                            f"probably left open and the rows after it were swallowed; {_CSV_QUOTING_HINT}"
+                        )
+                    rows.append((where, dict(zip(header, fields, strict=True))))
+                start = end + 1
+        except csv.Error as err:
+            raise ValueError(f"{path}:{start}: malformed CSV ({err}); {_CSV_QUOTING_HINT}") from err
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict[str, str]]]:
+    rows: list[tuple[str, dict[str, str]]] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not a JSON object: {err}") from err
+            if not isinstance(obj, dict):
+                raise ValueError(
+                    f'{path}:{n}: expected a JSON object like {{"image": ..., "caption": ...}}, '
+                    f"got {type(obj).__name__}"
+                )
+            rows.append((f"{path}:{n}", {k: "" if v is None else str(v) for k, v in obj.items()}))
+    return rows
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """(where, row) pairs; `where` ("m.tsv:3") names the row in errors."""
     suffix = path.suffix.lower()
-    if suffix in (".tsv", ".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            return [dict(r) for r in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")]
+    if suffix == ".tsv":
+        return _read_tsv(path)
+    if suffix == ".csv":
+        return _read_csv(path)
     if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append({k: "" if v is None else str(v) for k, v in json.loads(line).items()})
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n}: not a JSON object: {err}") from err
-        return rows
+        return _read_jsonl(path)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -169,7 +250,9 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
                 f"reading {path} needs pyarrow: pip install pyarrow, or convert it to .tsv/.jsonl"
             ) from err
         table = pq.read_table(path).to_pylist()
-        return [{k: "" if v is None else str(v) for k, v in r.items()} for r in table]
+        return [
+            (f"{path} row {i}", {k: "" if v is None else str(v) for k, v in r.items()}) for i, r in enumerate(table)
+        ]
     raise ValueError(f"unknown manifest format {path.suffix!r} for {path}; use one of {MANIFEST_SUFFIXES}")
 
 
@@ -186,7 +269,7 @@ def read_manifest(path: str | Path, image_root: str | Path | None = None) -> Ima
     rows = _read_rows(p)
     if not rows:
         raise ValueError(f"{p} has no rows")
-    cols = list(rows[0].keys())
+    cols = list(rows[0][1].keys())
     img_col = _pick(cols, _IMAGE_COLUMNS, p, "image")
     cap_col = _pick(cols, _CAPTION_COLUMNS, p, "caption")
     root = Path(image_root) if image_root is not None else p.parent
@@ -196,10 +279,10 @@ def read_manifest(path: str | Path, image_root: str | Path | None = None) -> Ima
     captions: list[str] = []
     t2i: list[int] = []
     cap_ids: list[str] = []
-    for n, r in enumerate(rows, 2):
+    for where, r in rows:
         image, caption = (r.get(img_col) or "").strip(), r.get(cap_col) or ""
         if not image and not caption.strip():
-            raise ValueError(f"{p} row {n}: both image and caption are empty")
+            raise ValueError(f"{where}: both image and caption are empty; fill one or delete the row")
         row = -1
         if image:
             key = (r.get("group") or "").strip() or image
@@ -246,6 +329,29 @@ def manifest_rows(manifest: ImageTextManifest) -> list[dict[str, str]]:
     return rows
 
 
+def _check_delimited(rows: list[dict[str, str]], cols: list[str], path: Path) -> None:
+    """Refuse values that .tsv/.csv cannot hold as `read_manifest` reads them, before anything is written."""
+    bad: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        for c in cols:
+            v = r[c]
+            if "\n" in v or "\r" in v:
+                bad.setdefault((c, "a line break"), []).append(v)
+            elif path.suffix.lower() == ".tsv" and "\t" in v:
+                bad.setdefault((c, "a tab"), []).append(v)
+    if not bad:
+        return
+    found = "; ".join(
+        f"{len(vs)} {c} {'field contains' if len(vs) == 1 else 'fields contain'} {what}, e.g. {vs[0]!r}"
+        for (c, what), vs in bad.items()
+    )
+    if any(what == "a line break" for _, what in bad):
+        why, fix = "rows of .tsv and .csv manifests are single lines", "write .jsonl instead"
+    else:
+        why, fix = ".tsv fields are split on every tab", "write .csv or .jsonl instead"
+    raise ValueError(f"cannot write {path}: {found}; {why}, so {fix}")
+
+
 def write_manifest(manifest: ImageTextManifest, path: str | Path) -> Path:
     """Write `manifest` as .tsv, .csv, .jsonl or .parquet (by suffix); `read_manifest` reads it back."""
     p = Path(path)
@@ -254,13 +360,14 @@ def write_manifest(manifest: ImageTextManifest, path: str | Path) -> Path:
     suffix = p.suffix.lower()
     p.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".tsv", ".csv"):
-        bad = [r["caption"] for r in rows if "\n" in r["caption"] or (suffix == ".tsv" and "\t" in r["caption"])]
-        if bad:
-            raise ValueError(f"{len(bad)} captions contain newlines or tabs, e.g. {bad[0]!r}; write .jsonl instead")
+        _check_delimited(rows, cols, p)
         with open(p, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=cols, delimiter="\t" if suffix == ".tsv" else ",")
-            w.writeheader()
-            w.writerows(rows)
+            if suffix == ".tsv":  # verbatim, like the reader: no quoting, one row per line
+                f.writelines("\t".join(row) + "\n" for row in [cols, *([r[c] for c in cols] for r in rows)])
+            else:
+                w = csv.DictWriter(f, fieldnames=cols)  # quotes fields with commas or quotes, doubling the quotes
+                w.writeheader()
+                w.writerows(rows)
     elif suffix == ".jsonl":
         with open(p, "w", encoding="utf-8") as f:
             for r in rows:
