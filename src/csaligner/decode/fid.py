@@ -137,10 +137,13 @@ def compute_fid(
         device: where the extractor runs.
         batch_size: images per forward pass.
         weights_path: local weights for a named extractor (Inception: the FID weights file).
+
+    Raises:
+        ValueError: a folder holds no images, or images that do not decode (all listed, with the folder's role).
     """
     extractor = build_feature_extractor(features, device, weights_path) if isinstance(features, str) else features
-    gen = extract_folder(generated, extractor, batch_size)
-    ref = extract_folder(reference, extractor, batch_size)
+    gen = extract_folder(generated, extractor, batch_size, role="generated")
+    ref = extract_folder(reference, extractor, batch_size, role="reference")
     return FIDResult(
         value=fid_from_features(gen, ref),
         label=extractor.label,

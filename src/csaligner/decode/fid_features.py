@@ -139,15 +139,38 @@ def list_images(folder: str | Path) -> list[Path]:
     return paths
 
 
-def extract_folder(folder: str | Path, extractor: ImageFeatureExtractor, batch_size: int = 32) -> Tensor:
-    """(N, D) features of every image in `folder`."""
-    PIL = require("PIL.Image", "FID")
+def extract_folder(
+    folder: str | Path, extractor: ImageFeatureExtractor, batch_size: int = 32, *, role: str = "image"
+) -> Tensor:
+    """(N, D) features of every image in `folder`.
+
+    Args:
+        folder: a folder of images (`list_images`).
+        extractor: maps PIL images to (B, D) features.
+        batch_size: images per extractor call.
+        role: what the folder is ("generated", "reference"), for error messages.
+
+    Raises:
+        ValueError: some images cannot be decoded. All of them are listed, as `csalign encode` does; they are
+            not skipped, since FID over fewer images than asked for would differ without anyone noticing.
+    """
+    from csaligner.data.images import BadImage, bad_image_report, open_image
+
     paths = list_images(folder)
-    chunks = []
+    chunks: list[Tensor] = []
+    bad: list[BadImage] = []
     for start in range(0, len(paths), batch_size):
         batch = []
-        for path in paths[start : start + batch_size]:
-            with PIL.open(path) as im:
-                batch.append(im.convert("RGB"))
-        chunks.append(extractor(batch))
+        for row, path in enumerate(paths[start : start + batch_size], start):
+            try:
+                batch.append(open_image(str(path)))  # decodes fully, so truncated files fail here
+            except Exception as err:  # any decoder failure makes the image unusable
+                bad.append(BadImage(row, path.name, str(path), f"{type(err).__name__}: {err}"))
+        if not bad:  # once one image is bad, only decode the rest, to list every bad one
+            chunks.append(extractor(batch))
+    if bad:
+        raise ValueError(
+            f"in the {role} folder {folder}, {bad_image_report(bad, len(paths))}\n"
+            "FID needs every image: replace or remove these files (or re-save them as PNG/JPEG) and rerun"
+        )
     return torch.cat(chunks)
