@@ -212,3 +212,18 @@ def test_pools() -> None:
         text_pool("ab")
     i = image_pool(["/x/a.jpg"])
     assert i.image_ids == ("/x/a.jpg",) and i.num_texts == 0
+
+
+def test_flickr_captions_are_read_verbatim(tmp_path: Path) -> None:
+    """A caption opening with a quote is text: csv's quote handling swallowed the rows after it."""
+    root = _fake_root(tmp_path) / "flickr8k"
+    tsv = root / "captions.tsv"
+    lines = tsv.read_text().splitlines()
+    lines[1] = lines[1].rsplit("\t", 1)[0] + '\t"Welcome sign'  # img000.jpg, caption_id 1
+    tsv.write_text("\n".join(lines) + "\n")
+    m = read_flickr8k(root, "train")
+    assert m.num_texts == 6 and m.captions[1] == '"Welcome sign'
+    assert m.captions[2] == "caption 0 of img001.jpg"
+    tsv.write_text(tsv.read_text() + "img000.jpg\tfirst\tbad id\n")
+    with pytest.raises(ValueError, match=r"captions.tsv:10: expected columns image, caption_id \(an integer\)"):
+        read_flickr8k(root, "train")

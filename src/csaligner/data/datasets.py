@@ -8,13 +8,12 @@ Data are read in place under the data root: $CSALIGN_DATA, else ../shared/data n
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections import defaultdict
 from pathlib import Path
 
-from csaligner.data.manifest import MANIFEST_SUFFIXES, ImageTextManifest, read_manifest
+from csaligner.data.manifest import MANIFEST_SUFFIXES, ImageTextManifest, read_manifest, read_tsv_rows
 
 DATA_ENV = "CSALIGN_DATA"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
@@ -50,9 +49,12 @@ def read_flickr8k(root: str | Path, split: str) -> ImageTextManifest:
         raise FileNotFoundError(f"flickr8k split {split!r} not found at {split_file}; available splits: {have}")
     names = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
     by_image: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    with open(root / "captions.tsv", newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f, delimiter="\t"):
+    # Verbatim tab-separated fields: a caption opening with a quote is text, not a quoted field.
+    for where, r in read_tsv_rows(root / "captions.tsv"):
+        try:
             by_image[r["image"]].append((int(r["caption_id"]), r["caption"].strip()))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{where}: expected columns image, caption_id (an integer), caption; got {r}") from err
     missing = [n for n in names if n not in by_image]
     if missing:
         raise ValueError(

@@ -170,7 +170,7 @@ def _fields_error(where: str, got: int, header: list[str], sep: str) -> ValueErr
     )
 
 
-def _read_tsv(path: Path) -> list[tuple[str, dict[str, str]]]:
+def read_tsv_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
     """Tab-separated, read verbatim: no quoting, one row per line; blank lines are skipped."""
     rows: list[tuple[str, dict[str, str]]] = []
     with open(path, newline="\n", encoding="utf-8-sig") as f:  # only \n ends a line; -sig drops a BOM
@@ -237,7 +237,7 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
     """(where, row) pairs; `where` ("m.tsv:3") names the row in errors."""
     suffix = path.suffix.lower()
     if suffix == ".tsv":
-        return _read_tsv(path)
+        return read_tsv_rows(path)
     if suffix == ".csv":
         return _read_csv(path)
     if suffix == ".jsonl":
