@@ -155,25 +155,73 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
     atomic_write_bytes(root / LATEST, final.name.encode())
-    _prune(root, keep)
+    _prune(root, keep, step)
     return str(final)
 
 
-def _prune(root: Path, keep: int) -> None:
+def step_of(path: Path) -> int | None:
+    """The step of a `step-<step>` checkpoint directory, or None for any other path."""
+    name = path.name
+    if not (name.startswith("step-") and name[5:].isdigit() and path.is_dir()):
+        return None
+    return int(name[5:])
+
+
+def _numbered(root: str | Path) -> list[tuple[int, Path]]:
+    return sorted((step, p) for p in Path(root).glob("step-*") if (step := step_of(p)) is not None)
+
+
+def step_checkpoints(root: str | Path) -> list[Path]:
+    """The `step-*` checkpoint directories under root, in step order (not name order)."""
+    return [p for _, p in _numbered(root)]
+
+
+def _prune(root: Path, keep: int, current: int) -> None:
+    """Keep `current` (just written; `latest` names it) and the keep - 1 newest checkpoints before it.
+
+    Higher steps are left alone: they are not this run's past (a run resumed from an earlier checkpoint
+    replaces them as it gets there), so they are not this call's to delete.
+    """
     if keep <= 0:
         return
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep]:
+    pointer = root / LATEST
+    protected = {f"step-{current:08d}", pointer.read_text().strip() if pointer.is_file() else ""}
+    older = [p for step, p in _numbered(root) if step < current and p.name not in protected]
+    for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(root: str | Path) -> str | None:
-    """The directory `root/latest` names, or None when there is no complete checkpoint."""
-    pointer = Path(root) / LATEST
+    """The directory `root/latest` names, or None when root holds no checkpoint yet.
+
+    Raises:
+        ValueError: `latest` names a checkpoint that is missing or incomplete, or root holds step
+            checkpoints but no `latest`: resuming must not quietly start over.
+    """
+    root = Path(root)
+    pointer = root / LATEST
     if not pointer.is_file():
+        found = step_checkpoints(root)
+        if found:
+            raise ValueError(
+                f"{root} holds checkpoints but no 'latest' file naming the newest complete one; resume one "
+                f"explicitly with train.resume=<checkpoint> (found: {', '.join(str(p) for p in found)})"
+            )
         return None
-    path = Path(root) / pointer.read_text().strip()
-    return str(path) if (path / "state.json").is_file() else None
+    path = root / pointer.read_text().strip()
+    if not (path / "state.json").is_file():
+        raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete; {_fixes(root, path)}")
+    return str(path)
+
+
+def _fixes(root: Path, path: Path) -> str:
+    """What to do instead of resuming `path`: the other checkpoints in root, or a fresh start."""
+    others = [str(p) for p in step_checkpoints(root) if p != path]
+    found = f"found: {', '.join(others)}" if others else "there are no others"
+    return (
+        f"resume another checkpoint with train.resume=<checkpoint> ({found}), or start over with "
+        "train.overwrite=true (and no train.resume)"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -167,9 +167,13 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Save a resumable checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
-    """How many step checkpoints to keep (oldest deleted first)."""
+    """How many step checkpoints to keep: the one just written and the newest before it (0 keeps all)."""
     resume: str = ""
-    """"" (start fresh), "auto" (the latest checkpoint in out_dir if any) or a checkpoint directory."""
+    """"" (start fresh), "auto" (the latest checkpoint in out_dir if any) or a checkpoint directory. A fresh
+    run refuses an out_dir that already holds a run's checkpoints or summary.json (see overwrite)."""
+    overwrite: bool = False
+    """Let a fresh run (resume "") replace the run already in out_dir: its checkpoints/, summary.json, final
+    adapters, metrics.csv and tb/ are deleted first; other files there are left alone."""
     progress: bool = True
     """Show a tqdm progress bar (rank 0 only)."""
     tensorboard: bool = True
@@ -206,6 +210,11 @@ class TrainConfig:
             raise ValueError(f'train.device must be "auto", "cpu", "cuda" or "cuda:N", got {self.device!r}')
         if not self.out_dir:
             raise ValueError("train.out_dir must be a non-empty path")
+        if self.overwrite and self.resume:
+            raise ValueError(
+                f"train.overwrite=true deletes the run in out_dir, train.resume={self.resume!r} continues one: "
+                "set only one of them"
+            )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +27,15 @@ from torch import Tensor
 from csaligner.data.features import PairedFeatures
 from csaligner.losses.objective import AlignmentLoss, build_objective
 from csaligner.train.batches import BatchSampler, split_features
-from csaligner.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from csaligner.train.config import RunConfig
+from csaligner.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_checkpoints,
+)
+from csaligner.train.config import RunConfig, TrainConfig
 from csaligner.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, wrap_ddp
 from csaligner.train.model import AlignmentModel, build_model, save_adapters
 from csaligner.train.monitor import RunMonitor
@@ -60,6 +68,17 @@ class RunResult:
     checkpoint: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+# What a run leaves in out_dir that a fresh run there would mix with its own; train.overwrite deletes these.
+_RUN_OUTPUTS = (
+    "checkpoints",
+    "summary.json",
+    "image_adapter.safetensors",
+    "text_adapter.safetensors",
+    "metrics.csv",
+    "tb",
+)
 
 
 @dataclass
@@ -104,6 +123,7 @@ def train(config: RunConfig, features: PairedFeatures | None = None, *, until_st
 
 
 def _train(config: RunConfig, features: PairedFeatures | None, until_step: int | None, info: DistInfo) -> RunResult:
+    _claim_out_dir(config.train, info)
     run = _setup(config, features or load_features(config), info)
     cfg = config.train
     stop = run.total_steps if until_step is None else min(until_step, run.total_steps)
@@ -140,6 +160,38 @@ def load_features(config: RunConfig) -> PairedFeatures:
             )
     feats: PairedFeatures = load_paired_features(config.data.image_cache, config.data.text_cache)
     return feats
+
+
+def _claim_out_dir(cfg: TrainConfig, info: DistInfo) -> None:
+    """Refuse to start over in a folder holding a run (or clear it when train.overwrite).
+
+    A fresh run there would interleave its checkpoints with the old run's and leave the old summary and
+    adapters beside its own. resume="auto" with no checkpoint yet is a fresh start too; an explicit
+    checkpoint path or one that `latest` names is a resume and goes ahead.
+    """
+    checkpoints = os.path.join(cfg.out_dir, "checkpoints")
+    if cfg.resume and (cfg.resume != "auto" or latest_checkpoint(checkpoints) is not None):
+        return
+    previous = [
+        f"{n} ({len(step_checkpoints(checkpoints))} step checkpoints)" if n == "checkpoints" else n
+        for n in ("checkpoints", "summary.json")
+        if os.path.exists(os.path.join(cfg.out_dir, n))
+    ]
+    if not previous:
+        return
+    if not cfg.overwrite:
+        raise ValueError(
+            f"train.out_dir {cfg.out_dir!r} already holds a run ({', '.join(previous)}); starting over there would "
+            "mix the two runs. Continue it with train.resume=auto, pick another train.out_dir, or set "
+            "train.overwrite=true to delete the previous run first"
+        )
+    if info.is_main:
+        for name in _RUN_OUTPUTS:
+            path = os.path.join(cfg.out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
 
 
 def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo) -> _Run:
@@ -233,7 +285,7 @@ def _maybe_resume(run: _Run) -> None:
     if not resume:
         return
     path = latest_checkpoint(os.path.join(run.config.train.out_dir, "checkpoints")) if resume == "auto" else resume
-    if path is None:  # "auto" with nothing to resume: a fresh start
+    if path is None:  # "auto" before the first checkpoint: a fresh start (_claim_out_dir checked the folder)
         return
     ckpt = load_checkpoint(path, map_location=run.info.device)
 
