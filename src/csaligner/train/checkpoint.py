@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,27 @@ from torch import Tensor
 
 LATEST = "latest"
 FORMAT_VERSION = 1
+
+# Config fields a resumed run may change: where it runs, what it reports and where it writes, not what it
+# computes. Everything else must match the stored config, epochs / steps included (the total number of steps
+# shapes the warmup and cosine decay, so a longer run is another schedule, not a continuation). The cache
+# paths may move; other data behind them shows up as another step count or another weight shape.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "data.image_cache",
+        "data.text_cache",
+        "loss.impl",  # the same math by another kernel path (dense, chunked, Triton)
+        "train.device",
+        "train.out_dir",
+        "train.resume",
+        "train.overwrite",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.progress",
+        "train.tensorboard",
+    }
+)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -104,6 +126,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """ "section.field: old -> new" for every field outside RESUME_MAY_CHANGE that differs.
+
+    Args:
+        stored: the config a checkpoint was written with (the `to_dict` form in state.json).
+        new: the resuming run's config in the same form.
+    """
+    old, cur = _flatten(stored), _flatten(new)
+    changed = []
+    for key in sorted(old.keys() | cur.keys()):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        if key not in old or key not in cur or old[key] != cur[key]:
+            a, b = (repr(side[key]) if key in side else "(unset)" for side in (old, cur))
+            changed.append(f"{key}: {a} -> {b}")
+    return changed
 
 
 @dataclass
@@ -224,19 +274,50 @@ def _fixes(root: Path, path: Path) -> str:
     )
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint directory (safetensors + JSON only; nothing is unpickled)."""
+def _damaged(path: Path, name: str, err: Exception) -> ValueError:
+    return ValueError(f"{path / name} is damaged ({type(err).__name__}: {err}); {_fixes(path.parent, path)}")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict):
+            raise TypeError(f"expected a JSON object, got {type(state).__name__}")
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        raise _damaged(path, "state.json", err) from err
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {FORMAT_VERSION}")
+    return state
+
+
+def _load_tensors(path: Path, name: str, device: str) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        tensors: dict[str, Tensor] = load_file(str(path / name), device=device)
+    except SafetensorError as err:
+        raise _damaged(path, name, err) from err
+    return tensors
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint directory (safetensors + JSON only; nothing is unpickled).
+
+    Raises:
+        FileNotFoundError: a file of the checkpoint is missing.
+        ValueError: a file is damaged (truncated, not JSON, ...), naming it and what to do.
+    """
     path = Path(path)
     missing = [n for n in ("model.safetensors", "optimizer.safetensors", "state.json") if not (path / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete checkpoint: missing {missing}")
-    state = json.loads((path / "state.json").read_text())
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {FORMAT_VERSION}")
+    state = _read_state(path)
     device = str(map_location)
-    model = load_file(str(path / "model.safetensors"), device=device)
-    opt_tensors = load_file(str(path / "optimizer.safetensors"), device=device)
-    optimizer = unflatten_optimizer(opt_tensors, state.pop("optimizer"))
+    model = _load_tensors(path, "model.safetensors", device)
+    opt_tensors = _load_tensors(path, "optimizer.safetensors", device)
+    try:
+        optimizer = unflatten_optimizer(opt_tensors, state.pop("optimizer"))
+    except (KeyError, ValueError, TypeError, AttributeError) as err:  # a state.json that lost its optimizer part
+        raise _damaged(path, "state.json", err) from err
     return Checkpoint(str(path), model, optimizer, state)

@@ -28,6 +28,8 @@ from csaligner.data.features import PairedFeatures
 from csaligner.losses.objective import AlignmentLoss, build_objective
 from csaligner.train.batches import BatchSampler, split_features
 from csaligner.train.checkpoint import (
+    Checkpoint,
+    config_changes,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -288,20 +290,53 @@ def _maybe_resume(run: _Run) -> None:
     if path is None:  # "auto" before the first checkpoint: a fresh start (_claim_out_dir checked the folder)
         return
     ckpt = load_checkpoint(path, map_location=run.info.device)
+    _check_resumable(run, ckpt)
 
     def section(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix) :]: v for k, v in ckpt.model.items() if k.startswith(prefix)}
 
-    run.model.load_state_dict(section("model."))
-    run.objective.load_state_dict(section("objective."))
-    run.optimizer.load_state_dict(ckpt.optimizer)
-    if ckpt.state.get("scaler"):
-        run.scaler.load_state_dict(ckpt.state["scaler"])
-    if run.ema is not None:
-        run.ema.shadow = {k: v.float() for k, v in section("ema.").items()} or run.ema.shadow
-        run.ema.updates = int(ckpt.state.get("ema_updates", 0))
-    set_rng_state(ckpt.state["rng"])
-    run.step, run.checkpoint = int(ckpt.state["step"]), ckpt.path
+    try:
+        run.model.load_state_dict(section("model."))
+        run.objective.load_state_dict(section("objective."))
+        run.optimizer.load_state_dict(ckpt.optimizer)
+    except (RuntimeError, ValueError, KeyError) as err:  # shapes or names of another model
+        raise ValueError(
+            f"checkpoint {ckpt.path} does not fit this run's model (other adapters, out_dim or feature dims?): "
+            f"{err}. Resume with the config it was trained with, or start a new run in another train.out_dir"
+        ) from err
+    try:
+        if ckpt.state.get("scaler"):
+            run.scaler.load_state_dict(ckpt.state["scaler"])
+        if run.ema is not None:
+            run.ema.shadow = {k: v.float() for k, v in section("ema.").items()} or run.ema.shadow
+            run.ema.updates = int(ckpt.state.get("ema_updates", 0))
+        set_rng_state(ckpt.state["rng"])
+        run.step, run.checkpoint = int(ckpt.state["step"]), ckpt.path
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"{ckpt.path}/state.json is damaged ({type(err).__name__}: {err}); resume another checkpoint with "
+            "train.resume=<checkpoint>, or start over with train.overwrite=true (and no train.resume)"
+        ) from err
+
+
+def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
+    """The checkpoint continues this run only under the same model, data order and schedule."""
+    stored = ckpt.state.get("config")
+    changes = config_changes(stored, to_dict(run.config)) if isinstance(stored, dict) else []
+    if changes:
+        raise ValueError(
+            f"checkpoint {ckpt.path} was written with a different config: {'; '.join(changes)}. These change "
+            "the model, the data order or the schedule, so the run would not continue where it stopped. Resume "
+            'with the checkpoint\'s values (its state.json stores them under "config"), or start a new run in '
+            "another train.out_dir"
+        )
+    planned = ckpt.state.get("total_steps")
+    if isinstance(planned, int) and planned != run.total_steps:
+        raise ValueError(
+            f"checkpoint {ckpt.path} planned {planned} steps and this run plans {run.total_steps} with the same "
+            "config: the features differ in size. Point data.image_cache / data.text_cache at the caches it "
+            "was trained on, or start a new run in another train.out_dir"
+        )
 
 
 def _finish(run: _Run) -> RunResult:

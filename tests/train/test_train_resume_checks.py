@@ -1,0 +1,87 @@
+"""Resume checks the checkpoint against the run: a changed config or a damaged file is an error for people."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from csaligner.data.features import PairedFeatures
+from csaligner.train import load_checkpoint, load_config, train
+from tests.train.helpers import fast_overrides, synthetic_features
+
+BASE = ["train.steps=6", "train.checkpoint_every=3"]
+
+
+@pytest.fixture
+def stopped(tmp_path: Path, features: PairedFeatures) -> Path:
+    """A run stopped at step 3 with a checkpoint there; returns its step-3 checkpoint directory."""
+    result = train(load_config(None, fast_overrides(tmp_path, *BASE)), features, until_step=3)
+    assert result.checkpoint is not None
+    return Path(result.checkpoint)
+
+
+def _resume(tmp_path: Path, features: PairedFeatures, *changes: str) -> object:
+    return train(load_config(None, fast_overrides(tmp_path, *BASE, "train.resume=auto", *changes)), features)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("model.out_dim=8", "model.out_dim: 12 -> 8"),
+        ("model.text={kind: linear}", "model.text.kind: 'mlp' -> 'linear'"),
+        ("train.batch_size=8", "train.batch_size: 16 -> 8"),
+        ("train.steps=8", "train.steps: 6 -> 8"),
+        ("train.seed=1", "train.seed: 0 -> 1"),
+        ("loss.lam=0.5", "loss.lam: 0.01 -> 0.5"),
+        ("data.paired_fraction=0.5", "data.paired_fraction: 1.0 -> 0.5"),
+    ],
+)
+def test_resume_with_a_changed_config_names_the_fields(
+    tmp_path: Path, features: PairedFeatures, stopped: Path, change: str, expected: str
+) -> None:
+    with pytest.raises(ValueError, match=r"different config") as err:
+        _resume(tmp_path, features, change)
+    message = str(err.value)
+    assert expected in message and str(stopped) in message
+    assert "train.resume:" not in message  # resume itself is expected to differ from the stored run
+
+
+def test_resume_may_change_bookkeeping_fields(tmp_path: Path, features: PairedFeatures, stopped: Path) -> None:
+    changes = ["train.log_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.device=cpu"]
+    result = _resume(tmp_path, features, *changes, "train.progress=true", "loss.impl=chunked")
+    assert result.finished and result.step == 6  # type: ignore[attr-defined]
+
+
+def test_resume_on_other_data_of_the_same_config_is_refused(tmp_path: Path, features: PairedFeatures) -> None:
+    cfg = fast_overrides(tmp_path, "train.epochs=3", "train.checkpoint_every=3")  # 46 paired // 16 = 2 steps/epoch
+    train(load_config(None, cfg), features, until_step=3)
+    smaller = synthetic_features(n_images=32)  # same dims, 30 paired images: 1 step per epoch, another schedule
+    with pytest.raises(ValueError, match=r"planned 6 steps.*this run plans 3"):
+        train(load_config(None, [*cfg, "train.resume=auto"]), smaller)
+
+
+def test_checkpoint_from_another_model_is_explained(tmp_path: Path, features: PairedFeatures, stopped: Path) -> None:
+    state = json.loads((stopped / "state.json").read_text())
+    del state["config"]  # no stored config to compare: the weights' shapes are the last line of defence
+    (stopped / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"does not fit this run's model"):
+        _resume(tmp_path, features, "model.out_dim=8")
+
+
+def test_truncated_weights_are_explained(tmp_path: Path, features: PairedFeatures, stopped: Path) -> None:
+    weights = stopped / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*damaged.*train\.resume="):
+        load_checkpoint(stopped)
+    with pytest.raises(ValueError, match=str(weights)):
+        _resume(tmp_path, features)
+
+
+@pytest.mark.parametrize("content", ['{"format": 1, "step": 3', "[1, 2]", '{"format": 1}'])
+def test_corrupt_state_json_is_explained(tmp_path: Path, features: PairedFeatures, stopped: Path, content: str) -> None:
+    (stopped / "state.json").write_text(content)
+    with pytest.raises(ValueError, match=r"state\.json.*damaged") as err:
+        _resume(tmp_path, features)
+    assert str(stopped) in str(err.value)
