@@ -151,6 +151,8 @@ class Runner:
             "train.tensorboard=false",
             "train.checkpoint_every=0",
             "train.log_every=10",
+            # A run trained but not yet evaluated (interrupted in between) is taken up, not refused.
+            "train.resume=auto",
         ]
 
     def metrics(self, setting: Setting, seed: int) -> dict[str, float]:
