@@ -123,6 +123,7 @@ def test_generate_from_a_trained_run(tmp_path: Path, inputs: Any, kandinsky_dir:
 
     import csaligner.decode.preview_runs as preview_runs
     from csaligner.adapters import AdapterConfig, build_adapter, save_adapter
+    from csaligner.encoders import EncoderOutput
 
     _, prompts, _ = inputs
     run = tmp_path / "run"
@@ -133,9 +134,10 @@ def test_generate_from_a_trained_run(tmp_path: Path, inputs: Any, kandinsky_dir:
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"text_cache": "unused"}}))
     seen: list[list[str]] = []
 
-    def fake_encode(texts: list[str], encoder: str) -> torch.Tensor:
+    def fake_encode(texts: list[str], encoder: str, *, tokens: bool = False) -> EncoderOutput:
+        assert not tokens  # a linear text adapter reads no tokens
         seen.append(list(texts))
-        return torch.randn(len(texts), 16, generator=torch.Generator().manual_seed(len(seen)))
+        return EncoderOutput(torch.randn(len(texts), 16, generator=torch.Generator().manual_seed(len(seen))))
 
     monkeypatch.setattr(preview_runs, "encode_prompts", fake_encode)
     monkeypatch.setattr(preview_runs, "run_text_encoder", lambda run_dir: "tiny-text")

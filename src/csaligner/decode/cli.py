@@ -83,13 +83,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_embeddings(run_dir: Path, prompts: list[str]) -> torch.Tensor:
-    """(P, D_img) image-space embeddings of prompts: run's text encoder, then its text adapter (unnormalised)."""
+    """(P, D_img) image-space embeddings of prompts: run's text encoder, then its text adapter (unnormalised).
+
+    Prompts are encoded with token states when the run's text adapter reads them, as in training.
+    """
     from csaligner.decode.preview_runs import encode_prompts, run_text_encoder
-    from csaligner.train.embed import apply_adapter
+    from csaligner.train.embed import apply_text_adapter, text_adapter_reads_tokens
     from csaligner.train.model import load_adapters
 
     adapters = load_adapters(str(run_dir), "cpu")
-    return apply_adapter(adapters.text, encode_prompts(prompts, run_text_encoder(run_dir)))
+    encoder = run_text_encoder(run_dir)
+    encoded = encode_prompts(prompts, encoder, tokens=text_adapter_reads_tokens(adapters))
+    fix = f"encode the prompts with {encoder!r} and tokens=True"
+    return apply_text_adapter(adapters, run_dir, encoded.pooled, encoded.tokens, encoded.mask, fix=fix)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from csaligner.decode.preview import render_preview, retrieve_topk
+
+if TYPE_CHECKING:
+    from csaligner.encoders import EncoderOutput
 
 
 def cached_images(image_cache: str | Path) -> tuple[Tensor, list[Path]]:
@@ -26,12 +30,15 @@ def cached_images(image_cache: str | Path) -> tuple[Tensor, list[Path]]:
     return cache.pooled("image", torch.float32), [Path(paths[r]) for r in rows]
 
 
-def encode_prompts(prompts: list[str], text_encoder: str) -> Tensor:
-    """(P, D) pooled prompt features from a registered text encoder (the one the runs were trained on)."""
-    from csaligner.encoders import get_encoder
+def encode_prompts(prompts: list[str], text_encoder: str, *, tokens: bool = False) -> EncoderOutput:
+    """Prompt features from a registered text encoder (the one the runs were trained on).
 
-    with torch.inference_mode():
-        return get_encoder(text_encoder).encode_texts(prompts).pooled.float()
+    Returns:
+        float32 pooled (P, D) and, with `tokens`, token states (P, L, D_tok) and their (P, L) mask.
+    """
+    from csaligner.train.embed import encode_texts
+
+    return encode_texts(prompts, text_encoder, tokens=tokens)
 
 
 def run_text_encoder(run_dir: str | Path) -> str:
@@ -53,6 +60,10 @@ def preview_runs(
     k: int = 5,
     prompt_features: Tensor | None = None,
     ground_truth: Mapping[int, set[int]] | None = None,
+    *,
+    prompt_tokens: Tensor | None = None,
+    prompt_token_mask: Tensor | None = None,
+    thumb_size: int = 128,
 ) -> tuple[Path, Path]:
     """Top-k images per prompt under each run's adapters, side by side (PNG grid + HTML page).
 
@@ -63,20 +74,67 @@ def preview_runs(
         prompts: P prompt strings.
         out_dir: where preview.png and preview.html go.
         k: images per prompt.
-        prompt_features: (P, D_txt) frozen text features; encoded with the first run's text encoder when None.
+        prompt_features: see `rank_runs`.
         ground_truth: optional prompt index -> correct image rows (green border).
+        prompt_tokens: see `rank_runs`.
+        prompt_token_mask: see `rank_runs`.
+        thumb_size: thumbnail side in pixels.
     """
-    from csaligner.train.embed import apply_adapter
+    scores, settings = rank_runs(
+        runs,
+        image_features,
+        prompts,
+        k,
+        prompt_features,
+        prompt_tokens=prompt_tokens,
+        prompt_token_mask=prompt_token_mask,
+    )
+    return render_preview(
+        prompts, settings, image_paths, out_dir, scores=scores, ground_truth=ground_truth, thumb_size=thumb_size
+    )
+
+
+def rank_runs(
+    runs: Mapping[str, str | Path],
+    image_features: Tensor,
+    prompts: list[str],
+    k: int = 5,
+    prompt_features: Tensor | None = None,
+    *,
+    prompt_tokens: Tensor | None = None,
+    prompt_token_mask: Tensor | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Each run's top-k images per prompt: ({name: (P, k) scores}, {name: (P, k) image rows}).
+
+    Args:
+        runs: display name -> training run folder.
+        image_features: (N, D_img) frozen image features.
+        prompts: P prompt strings.
+        k: images per prompt.
+        prompt_features: (P, D_txt) frozen text features; when None the prompts are encoded with the
+            first run's text encoder, with token states if any run's text adapter reads them.
+        prompt_tokens: (P, L, D_tok) token states of `prompt_features`, needed by runs whose text
+            adapter reads tokens (data.use_tokens=true with a prior text adapter).
+        prompt_token_mask: (P, L) bool mask of `prompt_tokens`.
+
+    Raises:
+        ValueError: a run's text adapter reads tokens and `prompt_features` came without `prompt_tokens`.
+    """
+    from csaligner.train.embed import apply_adapter, apply_text_adapter, text_adapter_reads_tokens
     from csaligner.train.model import load_adapters
 
     if not runs:
         raise ValueError("preview needs at least one run (--run NAME=DIR)")
+    loaded = {name: load_adapters(str(run), "cpu") for name, run in runs.items()}
+    fix = "pass prompt_tokens (and prompt_token_mask) with prompt_features, or leave prompt_features out"
     if prompt_features is None:
-        prompt_features = encode_prompts(prompts, run_text_encoder(next(iter(runs.values()))))
+        encoder = run_text_encoder(next(iter(runs.values())))
+        need = any(text_adapter_reads_tokens(a) for a in loaded.values())
+        encoded = encode_prompts(prompts, encoder, tokens=need)
+        prompt_features, prompt_tokens, prompt_token_mask = encoded.pooled, encoded.tokens, encoded.mask
     settings, scores = {}, {}
-    for name, run in runs.items():
-        adapters = load_adapters(str(run), "cpu")
+    for name, adapters in loaded.items():
         image_emb = F.normalize(apply_adapter(adapters.image, image_features), dim=-1)
-        text_emb = F.normalize(apply_adapter(adapters.text, prompt_features), dim=-1)
-        scores[name], settings[name] = retrieve_topk(text_emb, image_emb, k)
-    return render_preview(prompts, settings, image_paths, out_dir, scores=scores, ground_truth=ground_truth)
+        text = apply_text_adapter(adapters, runs[name], prompt_features, prompt_tokens, prompt_token_mask, fix=fix)
+        scores[name], settings[name] = retrieve_topk(F.normalize(text, dim=-1), image_emb, k)
+    return scores, settings

@@ -64,6 +64,10 @@ def evaluate_run(
         "linear_separability", ...), for text-to-image-space runs "t2i_frechet_distance",
         "t2i_paired_cosine", with token features "token_cs_divergence" (`token_metrics`), and with
         `classification` "zero_shot_top1" and "{k}-shot".
+
+    Raises:
+        ValueError: the run's text adapter reads text tokens but `features` has none (re-encode the
+            text cache with --tokens).
     """
     from csaligner.train import embed
 
@@ -115,18 +119,18 @@ def token_metrics(
 
 
 def classification_metrics(run_dir: str | Path, data: ClassificationData) -> dict[str, float]:
-    """Zero-shot (class-name prompts through the run's text adapter) and prototype few-shot accuracy."""
-    from csaligner.encoders import get_encoder
-    from csaligner.train.embed import apply_adapter
+    """Zero-shot (class-name prompts through the run's text adapter) and prototype few-shot accuracy.
+
+    Prompts are encoded with `data.text_encoder`, with token states when the run's text adapter
+    reads them (as it was trained), so token-conditioned runs are scored as they would be used.
+    """
+    from csaligner.train.embed import apply_adapter, embed_texts
     from csaligner.train.model import load_adapters
 
     adapters = load_adapters(str(run_dir), "cpu")
-    encoder = get_encoder(data.text_encoder)
     prompts = class_prompts(data.class_names)  # C lists of P prompts
     flat = [p for per_class in prompts for p in per_class]
-    with torch.inference_mode():
-        prompt_feats = encoder.encode_texts(flat).pooled.float()
-    class_text = F.normalize(apply_adapter(adapters.text, prompt_feats), dim=-1)
+    class_text = F.normalize(embed_texts(adapters, run_dir, flat, data.text_encoder), dim=-1)
     class_text = class_text.reshape(len(prompts), len(prompts[0]), -1)
     train_img = F.normalize(apply_adapter(adapters.image, data.train_features), dim=-1)
     test_img = F.normalize(apply_adapter(adapters.image, data.test_features), dim=-1)

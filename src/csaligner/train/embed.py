@@ -1,13 +1,29 @@
-"""Apply a finished run's adapters to features, for evaluation."""
+"""Apply a finished run's adapters to features, for evaluation.
+
+A run trained with `data.use_tokens=true` and a text adapter that reads token states (the prior)
+maps a caption from its pooled feature *and* its word tokens; fed the pooled feature alone it
+gives different, much worse embeddings. So every path here either passes the tokens or refuses
+(`text_adapter_reads_tokens`, `apply_text_adapter`); none falls back to pooled-only silently.
+"""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csaligner.data.features import PairedFeatures
-from csaligner.train.model import load_adapters
+from csaligner.train.model import LoadedAdapters, load_adapters
+
+if TYPE_CHECKING:
+    from csaligner.encoders import EncoderOutput
+
+TOKENS_FIX = "encode the eval text cache with --tokens (csalign encode --encoder ... --tokens)"
+"""What to do when a token-conditioned run is given text features without tokens."""
 
 
 @torch.no_grad()
@@ -22,7 +38,8 @@ def embed(
     """Map features through the adapters saved in `run_dir`.
 
     Args:
-        features: image (N, D_img) and text (M, D_txt) features from the same encoders the run used.
+        features: image (N, D_img) and text (M, D_txt) features from the same encoders the run used,
+            with text tokens when the run's text adapter reads them.
         run_dir: a training run directory holding image_adapter.safetensors and text_adapter.safetensors.
         batch_size: rows per adapter call.
         device: where to run the adapters.
@@ -30,15 +47,96 @@ def embed(
 
     Returns:
         (image_emb (N, D), text_emb (M, D)) float32 on CPU.
+
+    Raises:
+        ValueError: the run's text adapter reads text tokens and `features` has none.
     """
     adapters = load_adapters(run_dir, device)
-    tokens = features.text_tokens if adapters.uses_tokens else None
-    mask = features.text_token_mask if adapters.uses_tokens else None
     image = apply_adapter(adapters.image, features.image, batch_size=batch_size, device=device)
-    text = apply_adapter(adapters.text, features.text, tokens, mask, batch_size=batch_size, device=device)
+    text = apply_text_adapter(
+        adapters,
+        run_dir,
+        features.text,
+        features.text_tokens,
+        features.text_token_mask,
+        fix=TOKENS_FIX,
+        batch_size=batch_size,
+        device=device,
+    )
     if normalize:
         image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     return image, text
+
+
+def text_adapter_reads_tokens(adapters: LoadedAdapters) -> bool:
+    """True when the run fed text tokens to its text adapter and that adapter reads them.
+
+    A run with data.use_tokens=true but a pooled-only text adapter (mlp, linear: they accept and
+    ignore `text_tokens`) maps pooled features exactly as it was trained, so it needs no tokens.
+    """
+    return adapters.uses_tokens and "text_tokens" in inspect.signature(adapters.text.forward).parameters
+
+
+@torch.no_grad()
+def apply_text_adapter(
+    adapters: LoadedAdapters,
+    run_dir: object,
+    text: Tensor,
+    tokens: Tensor | None,
+    token_mask: Tensor | None,
+    *,
+    fix: str,
+    batch_size: int = 4096,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """(M, D_txt) pooled text (+ (M, L, D_tok) tokens) -> (M, D) unnormalised, as the run was trained.
+
+    Tokens are passed when the text adapter reads them and dropped otherwise (pooled-only adapters
+    ignore them anyway). `fix` is the advice in the error raised when they are needed but missing.
+    """
+    if not text_adapter_reads_tokens(adapters):
+        return apply_adapter(adapters.text, text, batch_size=batch_size, device=device)
+    if tokens is None:
+        raise ValueError(
+            f"run {run_dir} was trained with text tokens (data.use_tokens=true, text adapter "
+            f"{adapters.configs['text'].kind!r}) but the text features given have none, and without them "
+            f"its text embeddings are not the ones it was trained to produce; {fix}"
+        )
+    return apply_adapter(adapters.text, text, tokens, token_mask, batch_size=batch_size, device=device)
+
+
+def encode_texts(texts: Sequence[str], text_encoder: str, *, tokens: bool = False) -> EncoderOutput:
+    """Raw texts (prompts) through a registered text encoder: float32 pooled (P, D), tokens (P, L, D_tok), mask.
+
+    Raises:
+        ValueError: `tokens` was asked for and the encoder returned none.
+    """
+    from csaligner.encoders import EncoderOutput, get_encoder
+
+    with torch.inference_mode():
+        out = get_encoder(text_encoder).encode_texts(list(texts), tokens=tokens)
+    if tokens and out.tokens is None:
+        raise ValueError(
+            f"text encoder {text_encoder!r} returned no token states; a run whose text adapter reads tokens "
+            "needs the encoder it was trained on, which gives them"
+        )
+    token_states = None if out.tokens is None else out.tokens.float()
+    return EncoderOutput(out.pooled.float(), token_states, out.mask)
+
+
+def embed_texts(
+    adapters: LoadedAdapters, run_dir: object, texts: Sequence[str], text_encoder: str, *, batch_size: int = 4096
+) -> Tensor:
+    """(P, D) unnormalised text-adapter outputs of raw texts, float32 on CPU.
+
+    The texts are encoded with `text_encoder` (the one the run was trained on), with token states
+    when the run's text adapter reads them, so prompts are mapped the way training captions were.
+    """
+    encoded = encode_texts(texts, text_encoder, tokens=text_adapter_reads_tokens(adapters))
+    fix = f"encode the texts with {text_encoder!r} and tokens=True"
+    return apply_text_adapter(
+        adapters, run_dir, encoded.pooled, encoded.tokens, encoded.mask, fix=fix, batch_size=batch_size
+    )
 
 
 @torch.no_grad()

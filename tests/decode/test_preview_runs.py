@@ -1,0 +1,60 @@
+"""Retrieval preview and generate straight from trained runs: prompts carry tokens when the run reads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csaligner.data.cache import FeatureCache
+from csaligner.encoders import get_encoder
+from csaligner.train.model import load_adapters
+from tests.eval.tiny_runs import TinyCaches, make_run, tiny_caches
+
+PROMPTS = ["a dog runs", "red ball", "the cat"]  # short: one text line each at any thumbnail size
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> TinyCaches:
+    return tiny_caches(tmp_path_factory.mktemp("caches"))
+
+
+@pytest.fixture
+def token_run(caches: TinyCaches, tmp_path: Path) -> Path:
+    return make_run(tmp_path / "runs" / "tok", caches.text_tokens)
+
+
+def token_conditioned_prompts(run: Path) -> torch.Tensor:
+    """(P, 12) what the run's text adapter gives the prompts encoded with tokens, as in training."""
+    enc = get_encoder("tiny-text").encode_texts(PROMPTS, tokens=True)
+    with torch.no_grad():
+        return load_adapters(str(run)).text(enc.pooled, text_tokens=enc.tokens, text_token_mask=enc.mask)
+
+
+def test_rank_runs_encodes_prompts_with_tokens(caches: TinyCaches, token_run: Path) -> None:
+    from csaligner.decode.preview_runs import rank_runs
+
+    images = FeatureCache.open(caches.image).pooled("image", torch.float32)
+    scores, indices = rank_runs({"tok": token_run}, images, PROMPTS, k=4)
+    with torch.no_grad():
+        image_emb = F.normalize(load_adapters(str(token_run)).image(images), dim=-1)
+    want = (F.normalize(token_conditioned_prompts(token_run), dim=-1) @ image_emb.T).topk(4, dim=-1)
+    torch.testing.assert_close(scores["tok"], want.values)
+    assert torch.equal(indices["tok"], want.indices)
+
+
+def test_rank_runs_refuses_prompt_features_without_tokens(caches: TinyCaches, token_run: Path) -> None:
+    from csaligner.decode.preview_runs import rank_runs
+
+    images = FeatureCache.open(caches.image).pooled("image", torch.float32)
+    pooled = get_encoder("tiny-text").encode_texts(PROMPTS).pooled
+    with pytest.raises(ValueError, match=r"trained with text tokens.*pass prompt_tokens"):
+        rank_runs({"tok": token_run}, images, PROMPTS, 2, pooled)
+
+
+def test_generate_maps_prompts_with_tokens(token_run: Path) -> None:
+    from csaligner.decode.cli import run_embeddings
+
+    torch.testing.assert_close(run_embeddings(token_run, PROMPTS), token_conditioned_prompts(token_run))

@@ -1,0 +1,98 @@
+"""`csalign eval` end to end on tiny caches: token-conditioned runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.eval.tiny_runs import TinyCaches, class_caches, make_run, tiny_caches
+
+from csaligner.cli import main
+from csaligner.data import load_paired_features
+from csaligner.eval.retrieval import retrieval_metrics
+from csaligner.train import embed
+from csaligner.train.model import load_adapters
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> TinyCaches:
+    return tiny_caches(tmp_path_factory.mktemp("caches"))
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return class_caches(tmp_path_factory.mktemp("classes"))
+
+
+def evaluate(caches: TinyCaches, out: Path, *runs: str, text: Path | None = None, extra: tuple[str, ...] = ()) -> int:
+    args = ["eval", "--image-cache", str(caches.image), "--text-cache", str(text or caches.text_tokens)]
+    for run in runs:
+        args += ["--run", run]
+    return main([*args, "--out", str(out), *extra])
+
+
+def test_embed_refuses_a_token_run_without_tokens(caches: TinyCaches, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    pooled_only = load_paired_features(caches.image, caches.text)
+    with pytest.raises(ValueError, match=r"run .*tok was trained with text tokens.*--tokens"):
+        embed(pooled_only, str(run))
+    feats = load_paired_features(caches.image, caches.text_tokens)
+    _, text = embed(feats, str(run), normalize=False)
+    adapter = load_adapters(str(run)).text
+    with torch.no_grad():
+        want = adapter(feats.text, text_tokens=feats.text_tokens, text_token_mask=feats.text_token_mask)
+        pooled = adapter(feats.text)
+    torch.testing.assert_close(text, want)
+    assert (text - pooled).abs().max() > 1e-4  # the tokens matter, so dropping them would show
+
+
+def test_a_pooled_only_text_adapter_needs_no_tokens(caches: TinyCaches, tmp_path: Path) -> None:
+    """use_tokens=true with an mlp text adapter (tokens fed only the token-level loss): it was trained on pooled."""
+    run = make_run(tmp_path / "mlp", caches.text_tokens, text_kind="mlp")
+    _, text = embed(load_paired_features(caches.image, caches.text), str(run))
+    assert text.shape == (20, 12)
+
+
+def test_eval_cli_refuses_a_pooled_cache_for_a_token_run(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    assert evaluate(caches, tmp_path / "bad", str(run), text=caches.text) == 1
+    err = capsys.readouterr().err
+    assert str(run) in err and "encode the eval text cache with --tokens" in err
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+    assert evaluate(caches, tmp_path / "good", str(run)) == 0
+    got = json.loads((tmp_path / "good" / "metrics.json").read_text())["tok"]
+    feats = load_paired_features(caches.image, caches.text_tokens)
+    want = retrieval_metrics(*embed(feats, str(run)), feats.text_to_image)
+    assert got["rsum"] == pytest.approx(want["rsum"])
+
+
+def test_zero_shot_prompts_are_encoded_with_tokens(
+    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import csaligner.eval.evaluate as evaluate_module
+    from csaligner.encoders import get_encoder
+    from csaligner.eval.classification import class_prompts
+
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    seen: list[torch.Tensor] = []
+    real = evaluate_module.zero_shot_accuracy
+
+    def spy(test_emb: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor) -> Any:
+        seen.append(class_text)
+        return real(test_emb, class_text, labels)
+
+    monkeypatch.setattr(evaluate_module, "zero_shot_accuracy", spy)
+    monkeypatch.setattr(evaluate_module, "few_shot_accuracy", lambda *args, **kwargs: {})  # not under test
+    data = evaluate_module.load_classification(*classes, "tiny-text")
+    evaluate_module.classification_metrics(run, data)
+    prompts = [p for per_class in class_prompts(data.class_names) for p in per_class]
+    enc = get_encoder("tiny-text").encode_texts(prompts, tokens=True)
+    with torch.no_grad():
+        want = load_adapters(str(run)).text(enc.pooled, text_tokens=enc.tokens, text_token_mask=enc.mask)
+    torch.testing.assert_close(seen[0].flatten(0, 1), F.normalize(want, dim=-1))
