@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from csaligner.cli import main
 from csaligner.data.cache import FeatureCache
 from csaligner.encoders import get_encoder
 from csaligner.train.model import load_adapters
@@ -58,3 +60,19 @@ def test_generate_maps_prompts_with_tokens(token_run: Path) -> None:
     from csaligner.decode.cli import run_embeddings
 
     torch.testing.assert_close(run_embeddings(token_run, PROMPTS), token_conditioned_prompts(token_run))
+
+
+def preview(caches: TinyCaches, tmp_path: Path, out: Path, *args: str) -> int:
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    base = ["preview", "--image-cache", str(caches.image), "--prompts", str(tmp_path / "prompts.txt"), "-k", "2"]
+    return main([*base, "--out", str(out), *args])
+
+
+def test_preview_refuses_duplicate_run_names(
+    caches: TinyCaches, token_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other" / "tok"
+    shutil.copytree(token_run, other)
+    assert preview(caches, tmp_path, tmp_path / "o", "--run", str(token_run), "--run", str(other)) == 1
+    assert "two runs are named 'tok'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,8 +1,9 @@
-"""`csalign eval` end to end on tiny caches: token-conditioned runs."""
+"""`csalign eval` end to end on tiny caches: token-conditioned runs, run names."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,19 @@ def test_zero_shot_prompts_are_encoded_with_tokens(
     with torch.no_grad():
         want = load_adapters(str(run)).text(enc.pooled, text_tokens=enc.tokens, text_token_mask=enc.mask)
     torch.testing.assert_close(seen[0].flatten(0, 1), F.normalize(want, dim=-1))
+
+
+def test_duplicate_run_names_are_refused(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from csaligner.eval.cli import parse_runs
+
+    run = make_run(tmp_path / "runs" / "a", caches.text_tokens)
+    other = tmp_path / "other" / "a"
+    shutil.copytree(run, other)
+    with pytest.raises(ValueError, match=r"two runs are named 'a'.*NAME=DIR.*--run a-1="):
+        parse_runs([str(run), str(other)])
+    assert evaluate(caches, tmp_path / "dup", str(run), str(other)) == 1
+    assert "NAME=DIR" in capsys.readouterr().err
+    assert list(parse_runs([f"mine={run}", f"theirs={other}"])) == ["mine", "theirs"]
+    assert list(parse_runs([f"lam=0.1={run}"])) == ["lam=0.1"]  # the folder follows the last "="

@@ -296,13 +296,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_from_runs(args: argparse.Namespace, prompts: list[str]) -> int:
     from csaligner.decode.preview_runs import cached_images, preview_runs
+    from csaligner.eval.cli import parse_runs
 
     if args.image_cache is None:
         raise ValueError("--run needs --image-cache (the images to retrieve from, e.g. a flickr8k:dev cache)")
-    runs = {}
-    for spec in args.run:
-        name, sep, path = spec.partition("=")
-        runs[name if sep else Path(spec).name] = Path(path if sep else spec)
+    runs = parse_runs(args.run)
     features, paths = cached_images(args.image_cache)
     png, page = preview_runs(runs, features, paths, prompts, args.out, k=args.k)
     print(f"wrote {png} and {page}")

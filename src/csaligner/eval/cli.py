@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,7 +49,13 @@ def _first_caption_rows(t2i: Tensor) -> Tensor:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate trained runs: retrieval, modality gap, classification, report")
-    p.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR", help="run folder (repeatable)")
+    p.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="run folder (repeatable); named by its folder unless NAME= is given, and names must differ",
+    )
     p.add_argument("--image-cache", required=True, help="held-out image feature cache (e.g. flickr8k:dev)")
     p.add_argument("--text-cache", required=True, help="held-out text feature cache of the same data")
     p.add_argument("--class-train-cache", help="class-folder image cache for few-shot (e.g. flowers:train)")
@@ -58,8 +65,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_main)
 
 
-def _parse_runs(specs: list[str]) -> dict[str, Path]:
-    runs = {}
+def parse_runs(specs: Sequence[str], flag: str = "--run") -> dict[str, Path]:
+    """`[NAME=]DIR` specs -> {name: run folder}; the name defaults to the folder's name.
+
+    Raises:
+        FileNotFoundError: a folder is not a finished training run.
+        ValueError: two runs get the same name (one would silently replace the other in the results).
+    """
+    runs: dict[str, Path] = {}
     for spec in specs:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         run = Path(path)
@@ -67,14 +80,20 @@ def _parse_runs(specs: list[str]) -> dict[str, Path]:
             raise FileNotFoundError(
                 f"{run} is not a finished training run (no config.yaml); pass a `csalign train` folder"
             )
-        runs[name or run.name] = run
+        name = name or run.name
+        if name in runs:
+            raise ValueError(
+                f"two runs are named {name!r} ({runs[name]} and {run}); give them distinct names with the "
+                f"NAME=DIR form, e.g. {flag} {name}-1={runs[name]} {flag} {name}-2={run}"
+            )
+        runs[name] = run
     return runs
 
 
 def _main(args: argparse.Namespace) -> int:
     from csaligner.data import load_paired_features
 
-    runs = _parse_runs(args.run)
+    runs = parse_runs(args.run)
     features = load_paired_features(args.image_cache, args.text_cache, tokens=True)
     classification = None
     if bool(args.class_train_cache) != bool(args.class_test_cache):
