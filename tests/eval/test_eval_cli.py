@@ -1,7 +1,8 @@
-"""`csalign eval` end to end on tiny caches: token-conditioned runs, run names."""
+"""`csalign eval` end to end on tiny caches: token-conditioned runs, run names, --shots."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -113,3 +114,29 @@ def test_duplicate_run_names_are_refused(
     assert "NAME=DIR" in capsys.readouterr().err
     assert list(parse_runs([f"mine={run}", f"theirs={other}"])) == ["mine", "theirs"]
     assert list(parse_runs([f"lam=0.1={run}"])) == ["lam=0.1"]  # the folder follows the last "="
+
+
+def test_shots_flag(
+    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    train, test = classes
+    cls = ("--class-train-cache", str(train), "--class-test-cache", str(test))
+    assert evaluate(caches, tmp_path / "default", str(run), extra=cls) == 1  # default 1,4,16 > 4 images a class
+    err = capsys.readouterr().err
+    assert "--shots 1,4,16 needs 16 training images per class" in err and "e.g. --shots 1,4" in err
+    assert not (tmp_path / "default" / "metrics.json").exists()  # refused before any run was evaluated
+    assert evaluate(caches, tmp_path / "ok", str(run), extra=(*cls, "--shots", "4,1")) == 0
+    metrics = json.loads((tmp_path / "ok" / "metrics.json").read_text())["tok"]
+    assert {"few_shot_1-shot", "few_shot_4-shot"} <= set(metrics) and "few_shot_16-shot" not in metrics
+    table = json.loads((tmp_path / "ok" / "report.json").read_text())["sections"][0]["table"]["tok"]
+    assert "few_shot_4-shot" in table and "zero_shot_top1" in table
+
+
+@pytest.mark.parametrize("text", ["", "1,x", "0,4", "1,,4"])
+def test_parse_shots_rejects(text: str) -> None:
+    from csaligner.eval.cli import parse_shots
+
+    with pytest.raises(argparse.ArgumentTypeError, match="--shots takes comma-separated integers"):
+        parse_shots(text)
+    assert parse_shots("16,1,4,4") == (1, 4, 16)

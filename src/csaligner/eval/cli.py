@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
-from csaligner.eval.evaluate import evaluate_run, load_classification, text_encoder_name
+from csaligner.eval.evaluate import (
+    DEFAULT_SHOTS,
+    ClassificationData,
+    evaluate_run,
+    load_classification,
+    text_encoder_name,
+)
 from csaligner.eval.plots import plot_paired_distance_hist, plot_projection
 from csaligner.eval.report import ReportSection, write_report
 
@@ -20,6 +26,11 @@ HEADLINE = (
     "cs_divergence", "linear_separability", "t2i_frechet_distance", "t2i_paired_cosine", "zero_shot_top1",
     "few_shot_1-shot", "few_shot_16-shot",
 )  # fmt: skip
+
+
+def headline(shots: Sequence[int] = DEFAULT_SHOTS) -> tuple[str, ...]:
+    """HEADLINE with one few-shot column per k in `shots` (what `csalign eval --shots` asked for)."""
+    return (*(k for k in HEADLINE if not k.startswith("few_shot_")), *(f"few_shot_{k}-shot" for k in shots))
 
 
 def report_figures(runs: dict[str, Path], features: PairedFeatures, out_dir: Path) -> list[Path]:
@@ -57,12 +68,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run folder (repeatable); named by its folder unless NAME= is given, and names must differ",
     )
     p.add_argument("--image-cache", required=True, help="held-out image feature cache (e.g. flickr8k:dev)")
-    p.add_argument("--text-cache", required=True, help="held-out text feature cache of the same data")
+    p.add_argument(
+        "--text-cache",
+        required=True,
+        help="held-out text feature cache of the same data (encoded with --tokens for runs trained on tokens)",
+    )
     p.add_argument("--class-train-cache", help="class-folder image cache for few-shot (e.g. flowers:train)")
     p.add_argument("--class-test-cache", help="class-folder image cache for zero/few-shot testing")
+    p.add_argument(
+        "--shots",
+        type=parse_shots,
+        default=DEFAULT_SHOTS,
+        metavar="K[,K...]",
+        help="few-shot k values, comma-separated (default 1,4,16); every class of --class-train-cache "
+        "needs max(K) images",
+    )
     p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric")
     p.add_argument("--out", type=Path, help="report folder (default: <first run>/eval)")
     p.set_defaults(func=_main)
+
+
+def parse_shots(text: str) -> tuple[int, ...]:
+    """ "1,4,16" -> (1, 4, 16); argparse turns the ArgumentTypeError into a usage error."""
+    try:
+        shots = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shots = ()
+    if not shots or min(shots) < 1:
+        raise argparse.ArgumentTypeError(f"--shots takes comma-separated integers >= 1 such as 1,4,16, got {text!r}")
+    return tuple(sorted(set(shots)))
 
 
 def parse_runs(specs: Sequence[str], flag: str = "--run") -> dict[str, Path]:
@@ -90,6 +124,21 @@ def parse_runs(specs: Sequence[str], flag: str = "--run") -> dict[str, Path]:
     return runs
 
 
+def check_shots(data: ClassificationData, shots: Sequence[int], cache: str) -> None:
+    """Fail before any run is evaluated when a class of the few-shot train set has fewer than max(shots) rows."""
+    labels, counts = data.train_labels.unique(return_counts=True)
+    smallest = int(counts.min())
+    if max(shots) > smallest:
+        names = dict(enumerate(data.class_names))  # labels are class indices
+        short = [names.get(int(c), int(c)) for c in labels[counts < max(shots)]]
+        fits = ",".join(str(k) for k in shots if k <= smallest) or "1"
+        raise ValueError(
+            f"--shots {','.join(map(str, shots))} needs {max(shots)} training images per class, but "
+            f"{len(short)} class(es) of {cache} have fewer (e.g. {short[:5]}; the smallest has {smallest}); "
+            f"pass --shots with values <= {smallest} (e.g. --shots {fits}) or a larger --class-train-cache"
+        )
+
+
 def _main(args: argparse.Namespace) -> int:
     from csaligner.data import load_paired_features
 
@@ -102,13 +151,15 @@ def _main(args: argparse.Namespace) -> int:
         classification = load_classification(
             args.class_train_cache, args.class_test_cache, text_encoder_name(args.text_cache)
         )
+        check_shots(classification, args.shots, args.class_train_cache)
     out_dir = args.out or next(iter(runs.values())) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {name: evaluate_run(run, features, classification, args.sigma) for name, run in runs.items()}
+    results = {name: evaluate_run(run, features, classification, args.sigma, args.shots) for name, run in runs.items()}
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     figures = report_figures(runs, features, out_dir)
+    columns = headline(args.shots)
     table: dict[str, dict[str, float | list[float]]] = {
-        name: {k: m[k] for k in HEADLINE if k in m} for name, m in results.items()
+        name: {k: m[k] for k in columns if k in m} for name, m in results.items()
     }
     section = ReportSection(
         heading="Held-out evaluation",

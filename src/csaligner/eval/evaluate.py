@@ -6,6 +6,7 @@ this package with the run's adapters (`csaligner.train.embed`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from csaligner.eval.classification import class_prompts, few_shot_accuracy, zero
 from csaligner.eval.gap import modality_gap_metrics
 from csaligner.eval.retrieval import retrieval_metrics
 from csaligner.eval.t2i import t2i_metrics
+
+DEFAULT_SHOTS = (1, 4, 16)
+"""Few-shot k values `csalign eval` reports unless --shots says otherwise."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ def evaluate_run(
     features: PairedFeatures,
     classification: ClassificationData | None = None,
     sigma: float = 1.0,
+    shots: Sequence[int] = DEFAULT_SHOTS,
 ) -> dict[str, float]:
     """All metrics of one run on held-out paired features (and optionally a classification set).
 
@@ -63,7 +68,7 @@ def evaluate_run(
         flat dict: retrieval ("i2t_R@1", ..., "rsum"), gap ("centroid_distance", "cs_divergence",
         "linear_separability", ...), for text-to-image-space runs "t2i_frechet_distance",
         "t2i_paired_cosine", with token features "token_cs_divergence" (`token_metrics`), and with
-        `classification` "zero_shot_top1" and "{k}-shot".
+        `classification` "zero_shot_top1" and "few_shot_{k}-shot" for each k in `shots`.
 
     Raises:
         ValueError: the run's text adapter reads text tokens but `features` has none (re-encode the
@@ -81,7 +86,7 @@ def evaluate_run(
     if features.image_tokens is not None and features.text_tokens is not None:
         out.update(token_metrics(run_dir, features, sigma))
     if classification is not None:
-        out.update(classification_metrics(run_dir, classification))
+        out.update(classification_metrics(run_dir, classification, shots))
     return out
 
 
@@ -118,7 +123,9 @@ def token_metrics(
     return {"token_cs_divergence": float(torch.cat(values).mean())}
 
 
-def classification_metrics(run_dir: str | Path, data: ClassificationData) -> dict[str, float]:
+def classification_metrics(
+    run_dir: str | Path, data: ClassificationData, shots: Sequence[int] = DEFAULT_SHOTS
+) -> dict[str, float]:
     """Zero-shot (class-name prompts through the run's text adapter) and prototype few-shot accuracy.
 
     Prompts are encoded with `data.text_encoder`, with token states when the run's text adapter
@@ -136,7 +143,7 @@ def classification_metrics(run_dir: str | Path, data: ClassificationData) -> dic
     test_img = F.normalize(apply_adapter(adapters.image, data.test_features), dim=-1)
     zs = zero_shot_accuracy(test_img, class_text, data.test_labels)
     out = {"zero_shot_top1": float(zs["top1"]), "zero_shot_mean_per_class": float(zs["mean_per_class"])}
-    fs = few_shot_accuracy(train_img, data.train_labels, test_img, data.test_labels, shots=(1, 4, 16))
+    fs = few_shot_accuracy(train_img, data.train_labels, test_img, data.test_labels, shots=tuple(shots))
     out.update({f"few_shot_{k}": float(v) for k, v in fs.items()})
     return out
 
