@@ -1,7 +1,8 @@
-"""Retrieval preview and generate straight from trained runs: prompts carry tokens when the run reads them."""
+"""Retrieval preview and generate straight from trained runs: prompt tokens, run names, --run mode options."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -68,11 +69,39 @@ def preview(caches: TinyCaches, tmp_path: Path, out: Path, *args: str) -> int:
     return main([*base, "--out", str(out), *args])
 
 
-def test_preview_refuses_duplicate_run_names(
+def test_preview_run_mode_honours_thumb_size_ground_truth_and_writes_json(
+    caches: TinyCaches, token_run: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    gt = {"0": caches.image_ids, "2": [str(caches.image_paths[3]), 5]}  # by image id, by path, by row
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    run = ["--run", f"T={token_run}"]
+    assert preview(caches, tmp_path, tmp_path / "big", *run) == 0
+    options = ["--thumb-size", "32", "--ground-truth", str(tmp_path / "gt.json")]
+    assert preview(caches, tmp_path, tmp_path / "small", *run, *options) == 0
+    big, small = (Image.open(tmp_path / d / "preview.png").size for d in ("big", "small"))
+    assert big[1] - small[1] == len(PROMPTS) * (128 - 32)  # one thumbnail row per prompt
+    record = json.loads((tmp_path / "small" / "preview.json").read_text())
+    assert record["prompts"] == PROMPTS and record["k"] == 2
+    indices = record["settings"]["T"]["indices"]
+    assert len(indices) == len(PROMPTS) and all(len(row) == 2 for row in indices)
+    hits = 1 + int(bool({3, 5} & set(indices[2])))  # prompt 0 names every image
+    assert f"T (hit@2: {hits}/3)" in (tmp_path / "small" / "preview.html").read_text()
+    assert "hit@" not in (tmp_path / "big" / "preview.html").read_text()
+
+
+def test_preview_run_mode_errors(
     caches: TinyCaches, token_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    run = ["--run", str(token_run)]
     other = tmp_path / "other" / "tok"
     shutil.copytree(token_run, other)
     assert preview(caches, tmp_path, tmp_path / "o", "--run", str(token_run), "--run", str(other)) == 1
     assert "two runs are named 'tok'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    assert preview(caches, tmp_path, tmp_path / "o", "--run", str(token_run), "--image-list", "x.txt") == 1
+    assert "--image-list belongs to the --text-embeds mode" in capsys.readouterr().err
+    (tmp_path / "gt.json").write_text(json.dumps({"0": ["nope.png"]}))
+    assert preview(caches, tmp_path, tmp_path / "o", *run, "--ground-truth", str(tmp_path / "gt.json")) == 1
+    assert "prompt 0 names 'nope.png', which is not among the images" in capsys.readouterr().err

@@ -3,6 +3,11 @@
     csalign preview --image-embeds img.safetensors --image-list images.txt --prompts prompts.txt \\
         --text-embeds "InfoNCE only=nce.safetensors" "CS-Aligner=cs.safetensors" --out OUT [-k 5]
 
+    csalign preview --run "InfoNCE only=runs/nce" --run CS-Aligner=runs/cs --image-cache cache/dev-img \
+        --prompts prompts.txt --out OUT [-k 5]
+
+With --run, prompts are encoded with the runs' text encoder and mapped by each run's adapters, and
+the images are the rows of --image-cache (--ground-truth may name them by row, image id or path).
 Writes OUT/preview.png (a grid), OUT/preview.html (self-contained: thumbnails inlined as base64 JPEG)
 and OUT/preview.json (indices and scores). Ground-truth hits get a green border.
 """
@@ -282,8 +287,22 @@ def _run(args: argparse.Namespace) -> int:
                 f"{image.shape[0]} image rows for {len(image_paths)} listed images; they must match"
             )
         scores[name], settings[name] = retrieve_topk(text, image, args.k)
-    gt = _read_ground_truth(args.ground_truth, listed) if args.ground_truth else None
+    position = {entry: i for i, entry in enumerate(listed)}
+    gt = _read_ground_truth(args.ground_truth, position) if args.ground_truth else None
     png, page = render_preview(prompts, settings, image_paths, args.out, scores, gt, args.thumb_size)
+    _write_record(args, prompts, settings, scores, png, page)
+    return 0
+
+
+def _write_record(
+    args: argparse.Namespace,
+    prompts: list[str],
+    settings: Mapping[str, Tensor],
+    scores: Mapping[str, Tensor],
+    png: Path,
+    page: Path,
+) -> None:
+    """OUT/preview.json: prompts, k and every setting's retrieved indices and scores."""
     record: dict[str, Any] = {
         "prompts": prompts,
         "k": args.k,
@@ -291,25 +310,31 @@ def _run(args: argparse.Namespace) -> int:
     }
     (args.out / "preview.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {png}, {page} and {args.out / 'preview.json'}")
-    return 0
 
 
 def _run_from_runs(args: argparse.Namespace, prompts: list[str]) -> int:
-    from csaligner.decode.preview_runs import cached_images, preview_runs
+    """--run mode: prompts -> each run's text adapter, --image-cache rows -> its image adapter."""
+    from csaligner.decode.preview_runs import cached_image_names, cached_images, rank_runs
     from csaligner.eval.cli import parse_runs
 
     if args.image_cache is None:
         raise ValueError("--run needs --image-cache (the images to retrieve from, e.g. a flickr8k:dev cache)")
+    for flag in ("text_embeds", "image_embeds", "image_list", "image_root"):
+        if getattr(args, flag) is not None:
+            option = "--" + flag.replace("_", "-")
+            raise ValueError(f"{option} belongs to the --text-embeds mode; with --run, leave {option} out")
     runs = parse_runs(args.run)
     features, paths = cached_images(args.image_cache)
-    png, page = preview_runs(runs, features, paths, prompts, args.out, k=args.k)
-    print(f"wrote {png} and {page}")
+    gt = _read_ground_truth(args.ground_truth, cached_image_names(args.image_cache)) if args.ground_truth else None
+    scores, settings = rank_runs(runs, features, prompts, args.k)
+    png, page = render_preview(prompts, settings, paths, args.out, scores, gt, args.thumb_size)
+    _write_record(args, prompts, settings, scores, png, page)
     return 0
 
 
-def _read_ground_truth(path: Path, listed: list[str]) -> dict[int, set[int]]:
-    """Prompt index -> image indices; values may be indices or paths exactly as written in the image list."""
-    position = {entry: i for i, entry in enumerate(listed)}
+def _read_ground_truth(path: Path, position: Mapping[str, int]) -> dict[int, set[int]]:
+    """Prompt index -> image indices; values are indices or names in `position` (image-list entries, or
+    with --run the cache's image paths and image ids)."""
     gt: dict[int, set[int]] = {}
     for key, values in json.loads(path.read_text()).items():
         rows = set()
@@ -319,6 +344,9 @@ def _read_ground_truth(path: Path, listed: list[str]) -> dict[int, set[int]]:
             elif v in position:
                 rows.add(position[v])
             else:
-                raise ValueError(f"{path}: prompt {key} names {v!r}, which is not in the image list")
+                raise ValueError(
+                    f"{path}: prompt {key} names {v!r}, which is not among the images (give an index, or a path "
+                    "as the image list writes it; with --run, an image id or path of the --image-cache)"
+                )
         gt[int(key)] = rows
     return gt

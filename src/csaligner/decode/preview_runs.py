@@ -30,6 +30,18 @@ def cached_images(image_cache: str | Path) -> tuple[Tensor, list[Path]]:
     return cache.pooled("image", torch.float32), [Path(paths[r]) for r in rows]
 
 
+def cached_image_names(image_cache: str | Path) -> dict[str, int]:
+    """Each image of a cache by its image id and by its file path -> its row in `cached_images` order."""
+    from csaligner.data.cache import FeatureCache
+
+    cache = FeatureCache.open(image_cache, verify=False)
+    manifest = cache.manifest
+    names = {}
+    for i, r in enumerate(cache.rows("image")):
+        names[manifest.image_paths[r]] = names[manifest.image_ids[r]] = i
+    return names
+
+
 def encode_prompts(prompts: list[str], text_encoder: str, *, tokens: bool = False) -> EncoderOutput:
     """Prompt features from a registered text encoder (the one the runs were trained on).
 
