@@ -1,4 +1,4 @@
-"""`csalign eval` end to end on tiny caches: token-conditioned runs, run names, --shots."""
+"""`csalign eval` end to end on tiny caches: token-conditioned runs, run names, --shots, report columns."""
 
 from __future__ import annotations
 
@@ -140,3 +140,12 @@ def test_parse_shots_rejects(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="--shots takes comma-separated integers"):
         parse_shots(text)
     assert parse_shots("16,1,4,4") == (1, 4, 16)
+
+
+def test_report_shows_every_recall_that_rsum_adds(caches: TinyCaches, tmp_path: Path) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    assert evaluate(caches, tmp_path / "out", str(run)) == 0
+    row = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]["table"]["tok"]
+    recalls = [row[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert sum(recalls) == pytest.approx(row["rsum"])
+    assert "| i2t_R@10 |" in (tmp_path / "out" / "report.md").read_text()

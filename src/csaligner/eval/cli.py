@@ -22,10 +22,11 @@ from csaligner.eval.plots import plot_paired_distance_hist, plot_projection
 from csaligner.eval.report import ReportSection, write_report
 
 HEADLINE = (
-    "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "rsum", "centroid_distance", "paired_distance",
-    "cs_divergence", "linear_separability", "t2i_frechet_distance", "t2i_paired_cosine", "zero_shot_top1",
-    "few_shot_1-shot", "few_shot_16-shot",
+    "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "centroid_distance",
+    "paired_distance", "cs_divergence", "linear_separability", "t2i_frechet_distance", "t2i_paired_cosine",
+    "zero_shot_top1", "few_shot_1-shot", "few_shot_16-shot",
 )  # fmt: skip
+"""Report-table columns; every recall that `rsum` adds up is shown, so a reader can check it."""
 
 
 def headline(shots: Sequence[int] = DEFAULT_SHOTS) -> tuple[str, ...]:
