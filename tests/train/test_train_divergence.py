@@ -17,6 +17,7 @@ def test_exploding_adapters_are_reported_as_divergence(tmp_path: Path) -> None:
     with pytest.raises(FloatingPointError) as info:
         train(cfg, synthetic_features())
     message = str(info.value)
+    assert message.startswith("step ") and " of 40: the adapters' " in message
     assert "training diverged" in message and "lower train.lr (now 1e+06)" in message
     assert "train.grad_clip=1.0" in message
     assert "corrupt image" not in message  # the frozen features were fine

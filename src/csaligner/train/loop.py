@@ -135,7 +135,10 @@ def _train(config: RunConfig, features: PairedFeatures | None, until_step: int |
     clock = (run.step, time.perf_counter())
     try:
         for step in range(run.step, stop):
-            terms = compute_terms(run.ddp_model, run.objective, run.feats, run.sampler.batch(step), info, config)
+            try:
+                terms = compute_terms(run.ddp_model, run.objective, run.feats, run.sampler.batch(step), info, config)
+            except FloatingPointError as err:  # diverged adapters (see step._diverged): say when
+                raise FloatingPointError(f"step {step + 1} of {run.total_steps}: {err}") from err
             lr = lr_at(step, run.total_steps, cfg)
             grad_norm = optimizer_step(run.params, run.optimizer, run.scaler, terms["loss"], lr, cfg)
             update_ema(run.ema, run.model)
