@@ -54,11 +54,16 @@ def encode_prompts(prompts: list[str], text_encoder: str, *, tokens: bool = Fals
 
 
 def run_text_encoder(run_dir: str | Path) -> str:
-    """The text encoder a run was trained on, read from its training text cache."""
+    """The text encoder a run was trained on: from its record (`encoders.json`), else from its training
+    text cache (runs from before the record; that path is relative to where the run was trained)."""
     import yaml
 
     from csaligner.eval.evaluate import text_encoder_name
+    from csaligner.train.model import run_encoders
 
+    recorded = run_encoders(str(run_dir)).get("text_encoder")
+    if recorded:
+        return recorded.split("@", 1)[0]
     config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     return text_encoder_name(config["data"]["text_cache"])
 

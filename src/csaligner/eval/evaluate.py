@@ -76,6 +76,7 @@ def evaluate_run(
     """
     from csaligner.train import embed
 
+    check_run_encoders(run_dir, features.meta)
     image_raw, text_raw = embed(features, str(run_dir), normalize=False)
     image_emb, text_emb = F.normalize(image_raw, dim=-1), F.normalize(text_raw, dim=-1)
     out = paired_metrics(image_emb, text_emb, features.text_to_image, sigma)
@@ -88,6 +89,23 @@ def evaluate_run(
     if classification is not None:
         out.update(classification_metrics(run_dir, classification, shots))
     return out
+
+
+def check_run_encoders(run_dir: str | Path, meta: dict[str, object]) -> None:
+    """Refuse features from other encoders than the run was trained on (where both record them).
+
+    Same-width encoders would otherwise pass silently: the adapters run, and the numbers are wrong."""
+    from csaligner.train.model import run_encoders
+
+    trained = run_encoders(str(run_dir))
+    for key, side in (("image_encoder", "image"), ("text_encoder", "text")):
+        given = meta.get(key)
+        if key in trained and given and str(given) != trained[key]:
+            raise ValueError(
+                f"run {run_dir} was trained on {side} features from {trained[key]!r}, but the eval {side} cache "
+                f"was encoded with {str(given)!r}; encode the eval data with the run's encoder "
+                f"(csalign encode --encoder {trained[key].split('@', 1)[0]} ...)"
+            )
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from csaligner.train.checkpoint import (
 )
 from csaligner.train.config import RunConfig, TrainConfig
 from csaligner.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, wrap_ddp
-from csaligner.train.model import AlignmentModel, build_model, save_adapters
+from csaligner.train.model import AlignmentModel, build_model, save_adapters, write_run_encoders
 from csaligner.train.monitor import RunMonitor
 from csaligner.train.overrides import dump_yaml, to_dict
 from csaligner.train.schedule import WeightEMA, lr_at
@@ -222,6 +222,7 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo) -> _Run:
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
             header = f"# resolved config; rerun: csalign train --config {cfg.out_dir}/config.yaml"
             f.write(dump_yaml(config, header=header))
+        write_run_encoders(cfg.out_dir, features.meta)  # eval checks its features came from the same encoders
     return run
 
 

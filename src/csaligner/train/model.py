@@ -173,3 +173,37 @@ def load_adapters(run_dir: str, device: str | torch.device = "cpu") -> LoadedAda
             uses_tokens = bool(((yaml.safe_load(f) or {}).get("data") or {}).get("use_tokens", False))
     configs = {"image": image_cfg, "text": text_cfg}
     return LoadedAdapters(image.to(device).eval(), text.to(device).eval(), configs, uses_tokens)
+
+
+ENCODERS_FILE = "encoders.json"
+"""A run's record of the frozen encoders its features came from: {"image_encoder": id, "text_encoder": id}."""
+
+
+def write_run_encoders(run_dir: str, meta: dict[str, object]) -> None:
+    """Record the encoder ids of the training features (their `meta`) in the run, where known."""
+    import json
+    import os
+
+    ids = {k: str(meta[k]) for k in ("image_encoder", "text_encoder") if meta.get(k)}
+    path = os.path.join(run_dir, ENCODERS_FILE)
+    if ids:
+        with open(path, "w") as f:
+            json.dump(ids, f, indent=1)
+    elif os.path.exists(path):  # an earlier run's record in this folder would be wrong for this one
+        os.remove(path)
+
+
+def run_encoders(run_dir: str) -> dict[str, str]:
+    """The encoder ids a run recorded ({} for a run trained on features without provenance)."""
+    import json
+    import os
+
+    path = os.path.join(run_dir, ENCODERS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            ids = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err}); delete it to skip the encoder check") from err
+    return {str(k): str(v) for k, v in ids.items()} if isinstance(ids, dict) else {}
