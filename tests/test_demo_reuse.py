@@ -53,9 +53,17 @@ def test_an_interrupted_run_with_the_same_settings_is_left_to_resume(tmp_path: P
     assert (run_dir / "checkpoints").is_dir()
 
 
-def test_an_unreadable_saved_config_counts_as_changed(tmp_path: Path) -> None:
+def test_an_unreadable_saved_config_is_an_error_not_a_deletion(tmp_path: Path) -> None:
     s = FlickrDemoSettings(out_dir=tmp_path)
     run_dir = _saved_run(tmp_path, s)
     (run_dir / "config.yaml").write_text("train: {epochs: [\n")
-    changes = config_changes(run_dir, load_config(None, demo_overrides(s, CACHES, "cs_aligner")))
-    assert len(changes) == 1 and "could not be read" in changes[0]
+    with pytest.raises(ValueError, match=r"(?s)config.yaml could not be read .*remove .* to train that run again"):
+        _prepare_run("CS-Aligner", run_dir, load_config(None, demo_overrides(s, CACHES, "cs_aligner")))
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_bookkeeping_a_resume_may_change_does_not_retrain(tmp_path: Path) -> None:
+    s = FlickrDemoSettings(out_dir=tmp_path)
+    run_dir = _saved_run(tmp_path, s)
+    config = load_config(None, [*demo_overrides(s, CACHES, "cs_aligner"), "train.log_every=50", "train.device=cpu"])
+    assert config_changes(run_dir, config) == []

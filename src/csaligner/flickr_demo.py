@@ -12,7 +12,6 @@ Steps (each reuses its output when it is already there):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -81,34 +80,23 @@ def demo_overrides(s: FlickrDemoSettings, caches: dict[str, Path], objective: st
     ]
 
 
-REUSE_IGNORES = frozenset({"train.resume", "train.progress", "train.tensorboard"})
-"""Settings that do not change what a run computes: a saved run differing only in these is reused."""
-
-
 def config_changes(run_dir: Path, config: Any) -> list[str]:
     """ "section.key: old -> new" for each setting of `config` (a `RunConfig`) that differs from the run
-    saved in run_dir (its config.yaml), bookkeeping (`REUSE_IGNORES`) aside; [] when they agree."""
+    saved in run_dir (its config.yaml); [] when they agree. Bookkeeping that a resumed run may change
+    (`RESUME_MAY_CHANGE`) does not count, but the caches do: their names carry the subset sizes."""
     import yaml
 
-    from csaligner.train import load_config
+    from csaligner.train.checkpoint import RESUME_MAY_CHANGE
+    from csaligner.train.checkpoint import config_changes as diff
+    from csaligner.train.overrides import read_yaml, to_dict
 
     try:
-        saved = load_config(run_dir / "config.yaml")
+        saved = read_yaml(run_dir / "config.yaml")
     except (OSError, ValueError, yaml.YAMLError) as err:
-        return [f"its config.yaml could not be read ({err})"]
-    old, new = _flatten(dataclasses.asdict(saved)), _flatten(dataclasses.asdict(config))
-    keys = sorted((old.keys() | new.keys()) - REUSE_IGNORES)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in ("data", "model", "loss", "train") and not prefix:
-            out.update(_flatten(v, f"{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+        raise ValueError(
+            f"{run_dir / 'config.yaml'} could not be read ({err}); remove {run_dir} to train that run again"
+        ) from err
+    return diff(saved, to_dict(config), RESUME_MAY_CHANGE - {"data.image_cache", "data.text_cache"})
 
 
 def _prepare_run(name: str, run_dir: Path, config: Any) -> bool:

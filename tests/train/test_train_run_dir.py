@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from csaligner.data.features import PairedFeatures
 from csaligner.train import latest_checkpoint, load_config, save_checkpoint, train
-from tests.train.helpers import fast_overrides
+from tests.train.helpers import fast_overrides, synthetic_features
 
 
 def _steps(root: Path) -> list[str]:
@@ -93,3 +94,11 @@ def test_resume_auto_with_checkpoints_but_no_latest_is_an_error(tmp_path: Path, 
     (tmp_path / "checkpoints" / "latest").unlink()
     with pytest.raises(ValueError, match=r"(?s)no 'latest'.*train\.resume=.*step-00000002"):
         train(load_config(None, [*cfg, "train.resume=auto"]), features)
+
+
+def test_resuming_a_finished_run_keeps_its_metrics(tmp_path: Path) -> None:
+    overrides = fast_overrides(tmp_path / "run", "train.steps=4")
+    first = train(load_config(None, overrides), synthetic_features())
+    again = train(load_config(None, [*overrides, "train.resume=auto"]), synthetic_features())
+    assert first.metrics and again.metrics == first.metrics
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"] == first.metrics

@@ -138,17 +138,20 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """ "section.field: old -> new" for every field outside RESUME_MAY_CHANGE that differs.
+def config_changes(
+    stored: Mapping[str, Any], new: Mapping[str, Any], may_change: frozenset[str] = RESUME_MAY_CHANGE
+) -> list[str]:
+    """ "section.field: old -> new" for every field outside `may_change` that differs.
 
     Args:
         stored: the config a checkpoint was written with (the `to_dict` form in state.json).
         new: the resuming run's config in the same form.
+        may_change: dotted fields left out of the comparison.
     """
     old, cur = _flatten(stored), _flatten(new)
     changed = []
     for key in sorted(old.keys() | cur.keys()):
-        if key in RESUME_MAY_CHANGE:
+        if key in may_change:
             continue
         if key not in old or key not in cur or old[key] != cur[key]:
             a, b = (repr(side[key]) if key in side else "(unset)" for side in (old, cur))

@@ -343,6 +343,15 @@ def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
         )
 
 
+def _summary_metrics(out_dir: str) -> dict[str, float]:
+    """The last logged metrics a finished run recorded: what a resume that ran no step reports (and keeps)."""
+    try:
+        with open(os.path.join(out_dir, "summary.json")) as f:
+            return dict(json.load(f).get("metrics") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def _finish(run: _Run) -> RunResult:
     cfg = run.config.train
     assert run.monitor is not None
@@ -352,7 +361,7 @@ def _finish(run: _Run) -> RunResult:
         run.step,
         run.total_steps,
         run.step >= run.total_steps,
-        metrics=history[-1] if history else {},
+        metrics=history[-1] if history else _summary_metrics(cfg.out_dir),
         history=history,
     )
     if run.info.is_main and (run.checkpoint is None or not run.checkpoint.endswith(f"step-{run.step:08d}")):
