@@ -102,3 +102,53 @@ def test_resuming_a_finished_run_keeps_its_metrics(tmp_path: Path) -> None:
     again = train(load_config(None, [*overrides, "train.resume=auto"]), synthetic_features())
     assert first.metrics and again.metrics == first.metrics
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"] == first.metrics
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_one_is_set_up(tmp_path: Path, features: PairedFeatures) -> None:
+    train(load_config(None, fast_overrides(tmp_path, "train.steps=2")), features)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    missing = fast_overrides(tmp_path, "train.steps=2", "train.overwrite=true", "data.image_cache=/nonexistent")
+    with pytest.raises(FileNotFoundError, match="/nonexistent"):
+        train(load_config(None, missing))  # the features fail to load: the old run must still be there
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "image_adapter.safetensors").is_file()
+
+
+def test_overwrite_also_clears_the_old_runs_eval_and_encoder_record(tmp_path: Path) -> None:
+    labelled = synthetic_features()
+    labelled.meta.update(image_encoder="vit@1", text_encoder="bert@1")
+    train(load_config(None, fast_overrides(tmp_path, "train.steps=2")), labelled)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.md").write_text("the old run's numbers")
+    train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "train.overwrite=true")), synthetic_features())
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "encoders.json").exists()
+
+
+def test_resume_auto_over_an_empty_checkpoints_folder_starts_fresh(tmp_path: Path, features: PairedFeatures) -> None:
+    (tmp_path / "checkpoints").mkdir()  # e.g. a run killed before its first checkpoint
+    result = train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "train.resume=auto")), features)
+    assert result.finished and result.history[0]["step"] == 1
+
+
+def test_resume_auto_finding_no_checkpoint_does_not_advise_resume_auto(
+    tmp_path: Path, features: PairedFeatures
+) -> None:
+    cfg = fast_overrides(tmp_path, "train.steps=2")
+    train(load_config(None, cfg), features)
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match=r"(?s)found no checkpoint.*drop train\.resume.*overwrite") as err:
+        train(load_config(None, [*cfg, "train.resume=auto"]), features)
+    assert "Continue it with train.resume=auto" not in str(err.value)
+
+
+def test_resume_on_features_of_other_encoders_is_refused(tmp_path: Path) -> None:
+    cfg = fast_overrides(tmp_path, "train.steps=4", "train.checkpoint_every=2")
+    first = synthetic_features()
+    first.meta.update(image_encoder="vit@1", text_encoder="bert@1")
+    train(load_config(None, cfg), first, until_step=2)
+    other = synthetic_features()  # same shapes, another text encoder: only the record tells them apart
+    other.meta.update(image_encoder="vit@1", text_encoder="e5@1")
+    with pytest.raises(ValueError, match=r"text_encoder: 'bert@1' -> 'e5@1'"):
+        train(load_config(None, [*cfg, "train.resume=auto"]), other)
+    train(load_config(None, [*cfg, "train.resume=auto"]), synthetic_features())  # no record: nothing to compare
+    assert json.loads((tmp_path / "encoders.json").read_text())["text_encoder"] == "bert@1"  # the record is kept

@@ -8,7 +8,8 @@ Run layout (`train.out_dir`):
     checkpoints/step-XXXXXXXX/, latest  resumable checkpoints (see checkpoint.py)
     image_adapter.safetensors           final adapters (the EMA weights when train.ema > 0)
     text_adapter.safetensors
-    summary.json                        final step, metrics, wall time, adapter paths
+    summary.json                        final step, metrics, adapter and checkpoint paths
+    encoders.json                       the frozen encoders the features came from (see run_dir.py)
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,13 +35,13 @@ from csaligner.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    step_checkpoints,
 )
-from csaligner.train.config import RunConfig, TrainConfig
+from csaligner.train.config import RunConfig
 from csaligner.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, wrap_ddp
 from csaligner.train.model import AlignmentModel, build_model, save_adapters, write_run_encoders
 from csaligner.train.monitor import RunMonitor
 from csaligner.train.overrides import dump_yaml, to_dict
+from csaligner.train.run_dir import check_resume_encoders, claim_out_dir, delete_paths, encoder_ids, summary_metrics
 from csaligner.train.schedule import WeightEMA, lr_at
 from csaligner.train.step import DeviceFeatures, build_optimizer, compute_terms, optimizer_step, update_ema
 
@@ -70,17 +70,6 @@ class RunResult:
     checkpoint: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-# What a run leaves in out_dir that a fresh run there would mix with its own; train.overwrite deletes these.
-_RUN_OUTPUTS = (
-    "checkpoints",
-    "summary.json",
-    "image_adapter.safetensors",
-    "text_adapter.safetensors",
-    "metrics.csv",
-    "tb",
-)
 
 
 @dataclass
@@ -125,8 +114,8 @@ def train(config: RunConfig, features: PairedFeatures | None = None, *, until_st
 
 
 def _train(config: RunConfig, features: PairedFeatures | None, until_step: int | None, info: DistInfo) -> RunResult:
-    _claim_out_dir(config.train, info)
-    run = _setup(config, features or load_features(config), info)
+    stale = claim_out_dir(config.train)  # checked first; deleted only once features load and the model builds
+    run = _setup(config, features or load_features(config), info, stale)
     cfg = config.train
     stop = run.total_steps if until_step is None else min(until_step, run.total_steps)
     run.monitor = RunMonitor(
@@ -167,39 +156,7 @@ def load_features(config: RunConfig) -> PairedFeatures:
     return feats
 
 
-def _claim_out_dir(cfg: TrainConfig, info: DistInfo) -> None:
-    """Refuse to start over in a folder holding a run (or clear it when train.overwrite).
-
-    A fresh run there would interleave its checkpoints with the old run's and leave the old summary and
-    adapters beside its own. resume="auto" with no checkpoint yet is a fresh start too; an explicit
-    checkpoint path or one that `latest` names is a resume and goes ahead.
-    """
-    checkpoints = os.path.join(cfg.out_dir, "checkpoints")
-    if cfg.resume and (cfg.resume != "auto" or latest_checkpoint(checkpoints) is not None):
-        return
-    previous = [
-        f"{n} ({len(step_checkpoints(checkpoints))} step checkpoints)" if n == "checkpoints" else n
-        for n in ("checkpoints", "summary.json")
-        if os.path.exists(os.path.join(cfg.out_dir, n))
-    ]
-    if not previous:
-        return
-    if not cfg.overwrite:
-        raise ValueError(
-            f"train.out_dir {cfg.out_dir!r} already holds a run ({', '.join(previous)}); starting over there would "
-            "mix the two runs. Continue it with train.resume=auto, pick another train.out_dir, or set "
-            "train.overwrite=true to delete the previous run first"
-        )
-    if info.is_main:
-        for name in _RUN_OUTPUTS:
-            path = os.path.join(cfg.out_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-
-
-def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo) -> _Run:
+def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: list[str]) -> _Run:
     cfg = config.train
     split = split_features(features, config.data)
     sampler = BatchSampler(split, config.data, cfg.batch_size, cfg.seed, info.rank, info.world_size)
@@ -216,13 +173,17 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo) -> _Run:
         config, info, model, model, objective, optimizer, params, scaler, ema, sampler, feats, adapter_configs, total
     )
     _maybe_resume(run)
+    if run.checkpoint is not None:
+        check_resume_encoders(cfg.out_dir, features.meta)
     run.ddp_model = wrap_ddp(model, info)
     if info.is_main:
+        delete_paths(stale)  # train.overwrite: the previous run goes only now that this one is set up
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
             header = f"# resolved config; rerun: csalign train --config {cfg.out_dir}/config.yaml"
             f.write(dump_yaml(config, header=header))
-        write_run_encoders(cfg.out_dir, features.meta)  # eval checks its features came from the same encoders
+        if run.checkpoint is None or encoder_ids(features.meta):  # a resume on unlabelled features keeps the record
+            write_run_encoders(cfg.out_dir, features.meta)  # eval checks its features came from the same encoders
     return run
 
 
@@ -291,7 +252,7 @@ def _maybe_resume(run: _Run) -> None:
     if not resume:
         return
     path = latest_checkpoint(os.path.join(run.config.train.out_dir, "checkpoints")) if resume == "auto" else resume
-    if path is None:  # "auto" before the first checkpoint: a fresh start (_claim_out_dir checked the folder)
+    if path is None:  # "auto" before the first checkpoint: a fresh start (claim_out_dir checked the folder)
         return
     ckpt = load_checkpoint(path, map_location=run.info.device)
     _check_resumable(run, ckpt)
@@ -343,15 +304,6 @@ def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
         )
 
 
-def _summary_metrics(out_dir: str) -> dict[str, float]:
-    """The last logged metrics a finished run recorded: what a resume that ran no step reports (and keeps)."""
-    try:
-        with open(os.path.join(out_dir, "summary.json")) as f:
-            return dict(json.load(f).get("metrics") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
 def _finish(run: _Run) -> RunResult:
     cfg = run.config.train
     assert run.monitor is not None
@@ -361,7 +313,7 @@ def _finish(run: _Run) -> RunResult:
         run.step,
         run.total_steps,
         run.step >= run.total_steps,
-        metrics=history[-1] if history else _summary_metrics(cfg.out_dir),
+        metrics=history[-1] if history else summary_metrics(cfg.out_dir) if run.info.is_main else {},
         history=history,
     )
     if run.info.is_main and (run.checkpoint is None or not run.checkpoint.endswith(f"step-{run.step:08d}")):
