@@ -167,6 +167,8 @@ def test_cli_trains_from_caches(
     assert calls == [(f"{tmp_path}/img", f"{tmp_path}/txt")]
     assert "step 4/4" in capsys.readouterr().out
     assert len(read_csv(tmp_path / "run" / "metrics.csv")) == 4
+    assert main([*argv, "--train.resume=auto"]) == 0  # nothing left to run: said, not shown as a training run
+    assert "had already reached step 4 of 4; no step to run" in capsys.readouterr().out
     assert main(["train", "--data.image_cache=/nonexistent", "--train.steps=1"]) == 1
     assert "feature cache '/nonexistent' does not exist" in capsys.readouterr().err
 

@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if not result.metrics:  # not the main process under torchrun: rank 0 reports
         return 0
     shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k not in ("step", "epoch"))
+    if not result.history:  # resumed at or past the stop: say so rather than look like a training run
+        print(f"{result.run_dir} had already reached step {result.step} of {result.total_steps}; no step to run")
     print(f"step {result.step}/{result.total_steps}: {shown}")
     if result.finished:
         print(f"adapters: {result.image_adapter} {result.text_adapter}")
