@@ -156,3 +156,17 @@ def test_cs_aligner_loss_keeps_bf16_features_in_bf16_and_matches_float32(impl: s
         assert float(got[k]) == pytest.approx(float(want[k]), rel=2e-2, abs=2e-3)
     got["loss"].backward()
     assert x.grad is not None and x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_fixed_temperature_below_the_learned_clamp_is_used_as_given(impl: str) -> None:
+    """CLIP's clamp (temperature >= 0.01) is for a learned temperature; a fixed one is not changed."""
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    loss_fn = CSAlignerLoss(temperature=0.005, impl=impl)  # type: ignore[arg-type]
+    assert float(loss_fn.temperature) == pytest.approx(0.005, rel=1e-6)
+    assert float(loss_fn(x, y)["infonce"]) == pytest.approx(float(info_nce(x, y, 0.005)), rel=1e-5)
+
+
+def test_learned_temperature_may_not_start_below_its_clamp() -> None:
+    with pytest.raises(ValueError, match=r"learn_temperature.*0\.01.*got 0\.005"):
+        LossConfig(temperature=0.005, learn_temperature=True)

@@ -22,6 +22,8 @@ from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_ban
 
 ObjectiveName = Literal["cs_aligner", "infonce", "mmd", "kl", "l2_prior"]
 Impl = Literal["auto", "dense", "chunked", "triton"]
+MIN_LEARNED_TEMPERATURE = 0.01
+"""A learned temperature is clamped here (CLIP's logit scale <= 100)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class LossConfig:
     temperature: float = 0.07
     """InfoNCE softmax temperature (initial value when learnable)."""
     learn_temperature: bool = False
-    """Learn the temperature as CLIP's log logit scale (clamped to temperature >= 0.01)."""
+    """Learn the temperature as CLIP's log logit scale (clamped to temperature >= 0.01, so it must
+    start there); a fixed temperature is used as given."""
     learn_sigma: bool = False
     """Learn the kernel bandwidth (as log sigma, starting from `sigma`); needs a numeric sigma."""
     token_lam: float = 0.0
@@ -64,6 +67,12 @@ class LossConfig:
         else:
             check_positive("sigma", self.sigma)
         check_positive("temperature", self.temperature)
+        if self.learn_temperature and self.temperature < MIN_LEARNED_TEMPERATURE:
+            # Below the clamp the learned scale gets no gradient and would never move.
+            raise ValueError(
+                f"learn_temperature clamps the temperature to >= {MIN_LEARNED_TEMPERATURE}, got {self.temperature}; "
+                "start at or above it, or keep the temperature fixed (learn_temperature=False)"
+            )
         if self.impl not in ("auto", "dense", "chunked", "triton"):
             raise ValueError(f"impl must be auto, dense, chunked or triton, got {self.impl!r}")
 
@@ -95,8 +104,10 @@ class AlignmentLoss(nn.Module):
 
     @property
     def temperature(self) -> Tensor:
-        """Current temperature, clamped to >= 0.01 (CLIP clamps its logit scale at 100)."""
-        return torch.exp(-self.logit_scale.clamp(max=math.log(100.0)))
+        """Current temperature; a learned one is clamped to >= 0.01 (CLIP clamps its logit scale at 100)."""
+        if self.config.learn_temperature:
+            return torch.exp(-self.logit_scale.clamp(max=-math.log(MIN_LEARNED_TEMPERATURE)))
+        return torch.exp(-self.logit_scale)
 
     def forward(
         self,
