@@ -170,3 +170,14 @@ def test_fixed_temperature_below_the_learned_clamp_is_used_as_given(impl: str) -
 def test_learned_temperature_may_not_start_below_its_clamp() -> None:
     with pytest.raises(ValueError, match=r"learn_temperature.*0\.01.*got 0\.005"):
         LossConfig(temperature=0.005, learn_temperature=True)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_int32_text_to_image_is_accepted_by_every_path(impl: str) -> None:
+    """check_text_to_image accepts any integer dtype (e.g. int32 from numpy); cross_entropy needs int64."""
+    x, y = torch.randn(4, 6), torch.randn(7, 6)
+    t2i = torch.tensor([0, 0, 1, 2, 2, 3, 3])
+    want = info_nce(x, y, 0.1, text_to_image=t2i)
+    assert float(info_nce(x, y, 0.1, text_to_image=t2i.int())) == pytest.approx(float(want), rel=1e-6)
+    got = CSAlignerLoss(temperature=0.1, impl=impl)(x, y, text_to_image=t2i.int())  # type: ignore[arg-type]
+    assert float(got["infonce"]) == pytest.approx(float(want), rel=1e-5)
