@@ -181,3 +181,13 @@ def test_int32_text_to_image_is_accepted_by_every_path(impl: str) -> None:
     assert float(info_nce(x, y, 0.1, text_to_image=t2i.int())) == pytest.approx(float(want), rel=1e-6)
     got = CSAlignerLoss(temperature=0.1, impl=impl)(x, y, text_to_image=t2i.int())  # type: ignore[arg-type]
     assert float(got["infonce"]) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["cs_aligner", "mmd"])
+def test_unpaired_pool_of_another_width_is_a_clear_error(objective: str) -> None:
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    loss_fn = AlignmentLoss(objective=objective)
+    with pytest.raises(ValueError, match="unpaired_texts has D=5"):
+        loss_fn(x, y, unpaired_texts=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="unpaired_images has D=3"):
+        loss_fn(x, y, unpaired_images=torch.randn(2, 3))

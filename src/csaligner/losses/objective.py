@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from csaligner._validation import check_features, check_positive
+from csaligner._validation import check_features, check_positive, check_same_dim
 from csaligner.losses.contrastive import check_text_to_image, info_nce
 from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
 
@@ -158,8 +158,11 @@ class AlignmentLoss(nn.Module):
         x, y = norm(image), norm(text)
         if text_to_image is not None:
             check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
-        xs = x if unpaired_images is None else torch.cat([x, norm(_checked("unpaired_images", unpaired_images))])
-        ys = y if unpaired_texts is None else torch.cat([y, norm(_checked("unpaired_texts", unpaired_texts))])
+        xs, ys = x, y  # the CS pools; `is` the pairs when there are no extras (the fused path checks)
+        if unpaired_images is not None:
+            xs = torch.cat([x, norm(_pool("unpaired_images", unpaired_images, "image", image))])
+        if unpaired_texts is not None:
+            ys = torch.cat([y, norm(_pool("unpaired_texts", unpaired_texts, "text", text))])
         use_mi = cfg.objective != "l2_prior"
         terms = self._main_terms(x, y, xs, ys, text_to_image, use_mi, shard)
         total = terms["infonce"] if use_mi else terms["l2"]
@@ -228,9 +231,11 @@ class CSAlignerLoss(AlignmentLoss):
         super().__init__(config, **{"objective": "cs_aligner", **overrides})
 
 
-def _checked(name: str, t: Tensor) -> Tensor:
-    check_features(name, t)
-    return t
+def _pool(name: str, pool: Tensor, paired_name: str, paired: Tensor) -> Tensor:
+    """Check an unpaired pool (P, D): finite features as wide as the paired side's (N, D)."""
+    check_features(name, pool)
+    check_same_dim(name, pool, paired_name, paired)
+    return pool
 
 
 OBJECTIVES: dict[str, str] = {
