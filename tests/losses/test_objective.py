@@ -191,3 +191,12 @@ def test_unpaired_pool_of_another_width_is_a_clear_error(objective: str) -> None
         loss_fn(x, y, unpaired_texts=torch.randn(2, 5))
     with pytest.raises(ValueError, match="unpaired_images has D=3"):
         loss_fn(x, y, unpaired_images=torch.randn(2, 3))
+
+
+def test_token_masks_without_tokens_are_an_error() -> None:
+    """A mask with no tokens to mask was ignored; the prior adapter refuses the same call."""
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="image_token_mask was given without image_tokens"):
+        CSAlignerLoss()(x, y, image_token_mask=torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="text_token_mask was given without text_tokens"):
+        CSAlignerLoss()(x, y, text_token_mask=torch.ones(4, 3, dtype=torch.bool))

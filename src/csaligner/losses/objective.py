@@ -169,6 +169,12 @@ class AlignmentLoss(nn.Module):
         div_name = {"cs_aligner": "cs", "mmd": "mmd", "kl": "kl"}.get(cfg.objective)
         if div_name is not None:
             total = total + cfg.lam * terms[div_name]
+        for mask_name, mask, tokens_name, tokens in (
+            ("image_token_mask", image_token_mask, "image_tokens", image_tokens),
+            ("text_token_mask", text_token_mask, "text_tokens", text_tokens),
+        ):
+            if mask is not None and tokens is None:
+                raise ValueError(f"{mask_name} was given without {tokens_name}; pass both or neither")
         if image_tokens is not None or text_tokens is not None:
             if image_tokens is None or text_tokens is None:
                 raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
