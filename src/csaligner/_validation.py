@@ -60,6 +60,12 @@ def check_positive(name: str, value: float | Tensor) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Rows per strip: None (sized to the batch) or a positive integer."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer (rows per strip) or None, got {chunk_size!r}")
+
+
 def check_weights(name: str, w: Tensor | None, n: int, ref: Tensor) -> Tensor | None:
     """Validate per-sample weights or a boolean mask of length n; return float weights or None."""
     if w is None:

@@ -354,3 +354,28 @@ def test_register_custom_adapter_and_duplicate_name() -> None:
 def test_builtin_classes_are_registered() -> None:
     assert ADAPTERS["prior"] is PriorTransformerAdapter and ADAPTERS["mlp"] is MLPAdapter
     assert ADAPTERS["linear"] is LinearAdapter and ADAPTERS["identity"] is IdentityAdapter
+
+
+@pytest.mark.parametrize(
+    ("module", "config", "named"),
+    [
+        (MLPAdapter(8, 8, alpha=0.5), AdapterConfig(kind="mlp", in_dim=8, out_dim=8), "alpha: 0.5 vs 0.2"),
+        (  # the same weight shapes, split into other heads
+            PriorTransformerAdapter(8, 6, num_layers=1, num_heads=4, head_dim=2, max_text_tokens=8),
+            make_config("prior", num_layers=1, num_heads=2, head_dim=4),
+            "blocks.0.num_heads: 4 vs 2",
+        ),
+        (
+            PriorTransformerAdapter(8, 6, causal=False, **TINY_PRIOR),  # type: ignore[arg-type]
+            make_config("prior"),
+            "causal: False vs True",
+        ),
+    ],
+)
+def test_save_rejects_settings_the_weights_do_not_show(
+    module: Adapter, config: AdapterConfig, named: str, tmp_path
+) -> None:
+    """Settings outside the state dict would be replaced by the config's on load: another function."""
+    with pytest.raises(ValueError, match=f"module does not match config.*{named}"):
+        save_adapter(module, config, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()

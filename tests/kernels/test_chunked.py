@@ -296,3 +296,15 @@ def test_bfloat16_operands_with_a_learnable_temperature() -> None:
     t64 = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
     (wt,) = torch.autograd.grad(info_nce(x.double(), y.double(), t64), [t64])
     assert float(gt) == pytest.approx(float(wt), rel=2e-2)
+
+
+@pytest.mark.parametrize("chunk", [0, -1, -16, 2.5])
+def test_a_chunk_size_that_is_not_a_positive_integer_is_an_error(chunk: float) -> None:
+    """range() with a negative step visits no strip: the terms came back -inf and NaN."""
+    x, y = torch.randn(10, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive integer.*got {chunk}"):
+        infonce_cs_terms(x, y, impl="chunked", chunk_size=chunk)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        streamed_info_nce(x, y, 0.07, chunk_size=chunk)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        streamed_cs_divergence(x, y, 1.0, chunk_size=chunk)  # type: ignore[arg-type]

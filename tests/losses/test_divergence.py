@@ -172,3 +172,10 @@ def test_token_cs_rejects_empty_sample_mask() -> None:
         token_cs_divergence(xt, yt, y_mask=ym)
     with pytest.raises(ValueError, match="batch sizes"):
         token_cs_divergence(xt, torch.randn(3, 5, 4))
+
+
+def test_token_cs_rejects_an_unknown_reduction() -> None:
+    """Anything but "mean" used to return the (B,) per-sample values, e.g. reduction="sum"."""
+    xt, yt = torch.randn(3, 4, 5), torch.randn(3, 6, 5)
+    with pytest.raises(ValueError, match=r"reduction must be .mean. or .none..*got 'sum'"):
+        token_cs_divergence(xt, yt, reduction="sum")  # type: ignore[arg-type]

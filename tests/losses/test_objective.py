@@ -156,3 +156,47 @@ def test_cs_aligner_loss_keeps_bf16_features_in_bf16_and_matches_float32(impl: s
         assert float(got[k]) == pytest.approx(float(want[k]), rel=2e-2, abs=2e-3)
     got["loss"].backward()
     assert x.grad is not None and x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_fixed_temperature_below_the_learned_clamp_is_used_as_given(impl: str) -> None:
+    """CLIP's clamp (temperature >= 0.01) is for a learned temperature; a fixed one is not changed."""
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    loss_fn = CSAlignerLoss(temperature=0.005, impl=impl)  # type: ignore[arg-type]
+    assert float(loss_fn.temperature) == pytest.approx(0.005, rel=1e-6)
+    assert float(loss_fn(x, y)["infonce"]) == pytest.approx(float(info_nce(x, y, 0.005)), rel=1e-5)
+
+
+def test_learned_temperature_may_not_start_below_its_clamp() -> None:
+    with pytest.raises(ValueError, match=r"learn_temperature.*0\.01.*got 0\.005"):
+        LossConfig(temperature=0.005, learn_temperature=True)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_int32_text_to_image_is_accepted_by_every_path(impl: str) -> None:
+    """check_text_to_image accepts any integer dtype (e.g. int32 from numpy); cross_entropy needs int64."""
+    x, y = torch.randn(4, 6), torch.randn(7, 6)
+    t2i = torch.tensor([0, 0, 1, 2, 2, 3, 3])
+    want = info_nce(x, y, 0.1, text_to_image=t2i)
+    assert float(info_nce(x, y, 0.1, text_to_image=t2i.int())) == pytest.approx(float(want), rel=1e-6)
+    got = CSAlignerLoss(temperature=0.1, impl=impl)(x, y, text_to_image=t2i.int())  # type: ignore[arg-type]
+    assert float(got["infonce"]) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["cs_aligner", "mmd"])
+def test_unpaired_pool_of_another_width_is_a_clear_error(objective: str) -> None:
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    loss_fn = AlignmentLoss(objective=objective)
+    with pytest.raises(ValueError, match="unpaired_texts has D=5"):
+        loss_fn(x, y, unpaired_texts=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="unpaired_images has D=3"):
+        loss_fn(x, y, unpaired_images=torch.randn(2, 3))
+
+
+def test_token_masks_without_tokens_are_an_error() -> None:
+    """A mask with no tokens to mask was ignored; the prior adapter refuses the same call."""
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="image_token_mask was given without image_tokens"):
+        CSAlignerLoss()(x, y, image_token_mask=torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="text_token_mask was given without text_tokens"):
+        CSAlignerLoss()(x, y, text_token_mask=torch.ones(4, 3, dtype=torch.bool))

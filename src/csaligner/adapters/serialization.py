@@ -33,14 +33,17 @@ def save_adapter(module: nn.Module, config: AdapterConfig, path: str | os.PathLi
         The path written.
 
     Raises:
-        ValueError: if the module's weights do not match what `config` builds (names or shapes).
+        ValueError: if the module does not match what `config` builds: weight names or shapes, or
+            settings the weights do not show (mlp_alpha, num_heads vs head_dim, causal, dropout).
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
     state = module.state_dict()
     with torch.device("meta"):  # shapes only: no memory, no init cost even for the 10-layer prior
-        reference = build_adapter(config).state_dict()
-    _check_state(state, reference, f"module does not match config (kind={config.kind!r})")
+        reference = build_adapter(config)
+    what = f"module does not match config (kind={config.kind!r})"
+    _check_state(state, reference.state_dict(), what)
+    _check_settings(module, reference, what)
     # clone: safetensors refuses tensors that share storage, and a saved file must not alias live weights
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config.to_dict())}
@@ -146,3 +149,27 @@ def _check_state(got: dict[str, Tensor], want: dict[str, Tensor], what: str) -> 
             f"shape (have vs config) {shapes[:5]}" if shapes else "",
         ]
         raise ValueError(f"{what}: " + "; ".join(p for p in parts if p) + "; save and load with the same config")
+
+
+def _settings(module: nn.Module) -> dict[str, object]:
+    """Scalar attributes of every submodule (alpha, causal, num_heads, dropout p, ...): what the
+    forward pass depends on but the state dict does not hold, so a load takes them from the config."""
+    out: dict[str, object] = {}
+    for prefix, sub in module.named_modules():
+        out[f"{prefix or '(root)'} type"] = type(sub).__name__
+        for k, v in vars(sub).items():
+            if not k.startswith("_") and k != "training" and isinstance(v, bool | int | float | str):
+                out[f"{prefix}.{k}" if prefix else k] = v
+    return out
+
+
+def _check_settings(module: nn.Module, reference: nn.Module, what: str) -> None:
+    """Raise ValueError listing the settings in which `module` differs from `reference` (built from the config)."""
+    got, want = _settings(module), _settings(reference)
+    keys = sorted(set(got) | set(want))
+    diff = [f"{k}: {got.get(k)!r} vs {want.get(k)!r}" for k in keys if got.get(k) != want.get(k)]
+    if diff:
+        raise ValueError(
+            f"{what}: settings (module vs config) {diff[:5]}; loading would rebuild it with the config's settings. "
+            "Pass the config the module was built from (build_adapter(config) builds a matching one)"
+        )

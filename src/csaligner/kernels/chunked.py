@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive, check_same_dim
+from csaligner._validation import check_chunk_size, check_features, check_positive, check_same_dim
 from csaligner.kernels.strips import (
     DEFAULT_STRIP_ELEMENTS,
     LOG2,
@@ -238,6 +238,7 @@ def streamed_log_mean_kernel(
     offset is known in advance (always for b None; for a vs b when the logits span <= 80 nats),
     which saves the backward pass's second sweep over the strips.
     """
+    check_chunk_size(chunk_size)
     backend = backend or TorchStrips()
     n_cols = a.shape[0] if b is None else b.shape[0]
     # The symmetric term weights whole diagonal tiles by 1/2: its strips must start on tile rows.

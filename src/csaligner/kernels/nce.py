@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive, check_same_dim
+from csaligner._validation import check_chunk_size, check_features, check_positive, check_same_dim
 from csaligner.kernels.strips import (
     DEFAULT_STRIP_ELEMENTS,
     MIN_STRIP_ROWS,
@@ -276,6 +276,7 @@ def streamed_info_nce(
     check_features("y", y)
     check_same_dim("x", x, "y", y)
     check_positive("temperature", temperature)
+    check_chunk_size(chunk_size)
     n, m = x.shape[0], y.shape[0]
     work = compute_dtype(x, y)
     pos_row, pos_w = positives(n, m, text_to_image, x.device, work)

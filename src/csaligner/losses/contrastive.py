@@ -10,7 +10,8 @@ from csaligner._validation import check_features, check_positive, check_same_dim
 
 
 def check_text_to_image(text_to_image: Tensor, n_images: int, n_texts: int) -> Tensor:
-    """Validate a (M,) caption -> image index map; every image needs at least one caption."""
+    """Validate a (M,) caption -> image index map (any integer dtype) and return it as int64; every
+    image needs at least one caption."""
     if text_to_image.shape != (n_texts,):
         raise ValueError(
             f"text_to_image must have shape ({n_texts},) (one image index per text), got {tuple(text_to_image.shape)}"
@@ -27,7 +28,7 @@ def check_text_to_image(text_to_image: Tensor, n_images: int, n_texts: int) -> T
             f"{orphans.numel()} image(s) have no caption in this batch (rows {orphans[:10].tolist()}); "
             "pass caption-less images as unpaired_images so they enter only the CS term"
         )
-    return text_to_image
+    return text_to_image.long()  # cross_entropy takes int64 targets, not e.g. numpy's int32
 
 
 def info_nce(

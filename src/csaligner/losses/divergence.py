@@ -154,6 +154,8 @@ def token_cs_divergence(
         sigma: bandwidth > 0 or "median" (one bandwidth for the whole batch).
         reduction: "mean" over the batch, or "none" for the (B,) per-sample values.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f'reduction must be "mean" or "none" (per-sample values), got {reduction!r}')
     check_features("x_tokens", x_tokens, ndim=3)
     check_features("y_tokens", y_tokens, ndim=3)
     check_same_dim("x_tokens", x_tokens, "y_tokens", y_tokens)

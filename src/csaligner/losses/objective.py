@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from csaligner._validation import check_features, check_positive
+from csaligner._validation import check_features, check_positive, check_same_dim
 from csaligner.losses.contrastive import check_text_to_image, info_nce
 from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
 
 ObjectiveName = Literal["cs_aligner", "infonce", "mmd", "kl", "l2_prior"]
 Impl = Literal["auto", "dense", "chunked", "triton"]
+MIN_LEARNED_TEMPERATURE = 0.01
+"""A learned temperature is clamped here (CLIP's logit scale <= 100)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class LossConfig:
     temperature: float = 0.07
     """InfoNCE softmax temperature (initial value when learnable)."""
     learn_temperature: bool = False
-    """Learn the temperature as CLIP's log logit scale (clamped to temperature >= 0.01)."""
+    """Learn the temperature as CLIP's log logit scale (clamped to temperature >= 0.01, so it must
+    start there); a fixed temperature is used as given."""
     learn_sigma: bool = False
     """Learn the kernel bandwidth (as log sigma, starting from `sigma`); needs a numeric sigma."""
     token_lam: float = 0.0
@@ -64,6 +67,12 @@ class LossConfig:
         else:
             check_positive("sigma", self.sigma)
         check_positive("temperature", self.temperature)
+        if self.learn_temperature and self.temperature < MIN_LEARNED_TEMPERATURE:
+            # Below the clamp the learned scale gets no gradient and would never move.
+            raise ValueError(
+                f"learn_temperature clamps the temperature to >= {MIN_LEARNED_TEMPERATURE}, got {self.temperature}; "
+                "start at or above it, or keep the temperature fixed (learn_temperature=False)"
+            )
         if self.impl not in ("auto", "dense", "chunked", "triton"):
             raise ValueError(f"impl must be auto, dense, chunked or triton, got {self.impl!r}")
 
@@ -95,8 +104,10 @@ class AlignmentLoss(nn.Module):
 
     @property
     def temperature(self) -> Tensor:
-        """Current temperature, clamped to >= 0.01 (CLIP clamps its logit scale at 100)."""
-        return torch.exp(-self.logit_scale.clamp(max=math.log(100.0)))
+        """Current temperature; a learned one is clamped to >= 0.01 (CLIP clamps its logit scale at 100)."""
+        if self.config.learn_temperature:
+            return torch.exp(-self.logit_scale.clamp(max=-math.log(MIN_LEARNED_TEMPERATURE)))
+        return torch.exp(-self.logit_scale)
 
     def forward(
         self,
@@ -147,14 +158,23 @@ class AlignmentLoss(nn.Module):
         x, y = norm(image), norm(text)
         if text_to_image is not None:
             check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
-        xs = x if unpaired_images is None else torch.cat([x, norm(_checked("unpaired_images", unpaired_images))])
-        ys = y if unpaired_texts is None else torch.cat([y, norm(_checked("unpaired_texts", unpaired_texts))])
+        xs, ys = x, y  # the CS pools; `is` the pairs when there are no extras (the fused path checks)
+        if unpaired_images is not None:
+            xs = torch.cat([x, norm(_pool("unpaired_images", unpaired_images, "image", image))])
+        if unpaired_texts is not None:
+            ys = torch.cat([y, norm(_pool("unpaired_texts", unpaired_texts, "text", text))])
         use_mi = cfg.objective != "l2_prior"
         terms = self._main_terms(x, y, xs, ys, text_to_image, use_mi, shard)
         total = terms["infonce"] if use_mi else terms["l2"]
         div_name = {"cs_aligner": "cs", "mmd": "mmd", "kl": "kl"}.get(cfg.objective)
         if div_name is not None:
             total = total + cfg.lam * terms[div_name]
+        for mask_name, mask, tokens_name, tokens in (
+            ("image_token_mask", image_token_mask, "image_tokens", image_tokens),
+            ("text_token_mask", text_token_mask, "text_tokens", text_tokens),
+        ):
+            if mask is not None and tokens is None:
+                raise ValueError(f"{mask_name} was given without {tokens_name}; pass both or neither")
         if image_tokens is not None or text_tokens is not None:
             if image_tokens is None or text_tokens is None:
                 raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
@@ -217,9 +237,11 @@ class CSAlignerLoss(AlignmentLoss):
         super().__init__(config, **{"objective": "cs_aligner", **overrides})
 
 
-def _checked(name: str, t: Tensor) -> Tensor:
-    check_features(name, t)
-    return t
+def _pool(name: str, pool: Tensor, paired_name: str, paired: Tensor) -> Tensor:
+    """Check an unpaired pool (P, D): finite features as wide as the paired side's (N, D)."""
+    check_features(name, pool)
+    check_same_dim(name, pool, paired_name, paired)
+    return pool
 
 
 OBJECTIVES: dict[str, str] = {
