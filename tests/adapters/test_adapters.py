@@ -379,3 +379,11 @@ def test_save_rejects_settings_the_weights_do_not_show(
     with pytest.raises(ValueError, match=f"module does not match config.*{named}"):
         save_adapter(module, config, tmp_path / "a.safetensors")
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_save_ignores_attributes_a_module_adds_for_itself(tmp_path) -> None:
+    config = AdapterConfig(kind="mlp", in_dim=8, out_dim=8)
+    module = build_adapter(config)
+    module.calls = 3  # e.g. a counter a user's subclass keeps: not a setting the config builds
+    save_adapter(module, config, tmp_path / "a.safetensors")
+    assert (tmp_path / "a.safetensors").is_file()

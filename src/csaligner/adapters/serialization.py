@@ -166,8 +166,9 @@ def _settings(module: nn.Module) -> dict[str, object]:
 def _check_settings(module: nn.Module, reference: nn.Module, what: str) -> None:
     """Raise ValueError listing the settings in which `module` differs from `reference` (built from the config)."""
     got, want = _settings(module), _settings(reference)
-    keys = sorted(set(got) | set(want))
-    diff = [f"{k}: {got.get(k)!r} vs {want.get(k)!r}" for k in keys if got.get(k) != want.get(k)]
+    # Only settings both hold: an attribute a module sets for itself later (a call counter, a cache flag)
+    # is not a setting the config builds, and must not stop a save.
+    diff = [f"{k}: {got[k]!r} vs {want[k]!r}" for k in sorted(got.keys() & want.keys()) if got[k] != want[k]]
     if diff:
         raise ValueError(
             f"{what}: settings (module vs config) {diff[:5]}; loading would rebuild it with the config's settings. "
