@@ -200,3 +200,11 @@ def test_token_masks_without_tokens_are_an_error() -> None:
         CSAlignerLoss()(x, y, image_token_mask=torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="text_token_mask was given without text_tokens"):
         CSAlignerLoss()(x, y, text_token_mask=torch.ones(4, 3, dtype=torch.bool))
+
+
+def test_cs_aligner_loss_refuses_a_config_of_another_objective() -> None:
+    with pytest.raises(ValueError, match=r"objective='mmd'.*build_objective"):
+        CSAlignerLoss(LossConfig(objective="mmd"))
+    with pytest.raises(ValueError, match=r"objective='kl'"):
+        CSAlignerLoss(objective="kl")
+    assert CSAlignerLoss(LossConfig(objective="cs_aligner")).config.objective == "cs_aligner"

@@ -234,7 +234,13 @@ class CSAlignerLoss(AlignmentLoss):
     """
 
     def __init__(self, config: LossConfig | None = None, **overrides: object) -> None:
-        super().__init__(config, **{"objective": "cs_aligner", **overrides})
+        asked = overrides.get("objective", config.objective if config is not None else "cs_aligner")
+        if asked != "cs_aligner":  # quietly training CS-Aligner when the config says otherwise would mislead
+            raise ValueError(
+                f"CSAlignerLoss is the cs_aligner objective, but objective={asked!r} was asked for; use "
+                "AlignmentLoss(config) or build_objective(config) for the other objectives"
+            )
+        super().__init__(config, **{**overrides, "objective": "cs_aligner"})
 
 
 def _pool(name: str, pool: Tensor, paired_name: str, paired: Tensor) -> Tensor:
