@@ -55,6 +55,8 @@ def check_same_dim(name_x: str, x: Tensor, name_y: str, y: Tensor) -> None:
 
 def check_positive(name: str, value: float | Tensor) -> None:
     """A bandwidth or temperature must be a finite positive number."""
+    if isinstance(value, bool):  # float(True) == 1.0: a flag passed in the wrong place, not a bandwidth
+        raise ValueError(f"{name} must be a finite number > 0, got the bool {value!r}")
     v = float(value.detach().min()) if isinstance(value, Tensor) else float(value)
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -208,3 +208,9 @@ def test_cs_aligner_loss_refuses_a_config_of_another_objective() -> None:
     with pytest.raises(ValueError, match=r"objective='kl'"):
         CSAlignerLoss(objective="kl")
     assert CSAlignerLoss(LossConfig(objective="cs_aligner")).config.objective == "cs_aligner"
+
+
+@pytest.mark.parametrize("field", ["sigma", "temperature"])
+def test_a_bool_bandwidth_or_temperature_is_an_error(field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} must be a finite number > 0, got the bool True"):
+        LossConfig(**{field: True})  # type: ignore[arg-type]
