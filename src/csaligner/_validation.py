@@ -89,6 +89,9 @@ def check_token_mask(name: str, mask: Tensor | None, tokens: Tensor) -> Tensor:
         return torch.ones(b, t, dtype=torch.bool, device=tokens.device)
     if mask.shape != (b, t):
         raise ValueError(f"{name} must have shape ({b}, {t}) to match the tokens, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        # An attention mask is 0/1 (bool or int, like HF's); soft weights would silently count as 1
+        raise ValueError(f"{name} must be bool or hold only 0 and 1 (True for real tokens), got other values")
     m = mask.to(device=tokens.device).bool()
     empty = (~m.any(dim=1)).nonzero().flatten()
     if empty.numel():

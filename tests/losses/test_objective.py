@@ -214,3 +214,16 @@ def test_cs_aligner_loss_refuses_a_config_of_another_objective() -> None:
 def test_a_bool_bandwidth_or_temperature_is_an_error(field: str) -> None:
     with pytest.raises(ValueError, match=f"{field} must be a finite number > 0, got the bool True"):
         LossConfig(**{field: True})  # type: ignore[arg-type]
+
+
+def test_a_soft_token_mask_is_an_error_and_a_0_1_int_mask_is_a_mask() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 4, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    hard = torch.ones(3, 5, dtype=torch.long)
+    hard[:, 3:] = 0  # HF-style attention mask
+    loss = CSAlignerLoss(token_lam=1.0)
+    want = loss(x[:, 0], y[:, 0], image_tokens=x, text_tokens=y, text_token_mask=hard.bool())["token_cs"]
+    got = loss(x[:, 0], y[:, 0], image_tokens=x, text_tokens=y, text_token_mask=hard)["token_cs"]
+    assert torch.allclose(got, want)
+    with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1"):
+        loss(x[:, 0], y[:, 0], image_tokens=x, text_tokens=y, text_token_mask=hard * 0.5 + 0.5)

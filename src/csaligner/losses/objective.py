@@ -130,10 +130,11 @@ class AlignmentLoss(nn.Module):
             text_to_image: optional (M,) image row of each text (several captions per image).
             unpaired_images: optional (P, D) images with no caption; they enter only the divergence.
             unpaired_texts: optional (Q, D) texts with no image; only the divergence.
-            image_tokens: optional (N, V, D) vision tokens for the token-level CS term.
-            text_tokens: optional (N, L, D) text tokens (one token set per image sample).
-            image_token_mask: optional (N, V) bool, True for real tokens.
-            text_token_mask: optional (N, L) bool.
+            image_tokens: optional (B, V, D) vision tokens for the token-level CS term, for B samples
+                (all N images or a subset of them, e.g. train.token_images).
+            text_tokens: optional (B, L, D) text tokens (one token set per image sample).
+            image_token_mask: optional (B, V) bool (or 0/1), True for real tokens.
+            text_token_mask: optional (B, L) bool (or 0/1).
             shard: the features are the global batch, the same on every rank of an initialised
                 torch.distributed group (gathered with `all_gather_with_grad`): the infonce and
                 cs_aligner objectives then split their Gram matrices by rows across the ranks
