@@ -73,3 +73,69 @@ def test_bad_image_policy_flag(
     assert rc == 0
     assert "image: 6 rows" in capsys.readouterr().out
     assert json.loads((tmp_path / "b" / "cache.json").read_text())["skipped_images"][0]["row"] == 2
+
+
+@pytest.fixture
+def tiny_bert_folder(tmp_path: Path) -> Path:
+    """A tiny random BERT saved like a hub folder (what hf-text:<dir> loads)."""
+    pytest.importorskip("transformers")
+    from transformers import BertModel
+
+    from tests.encoders.conftest import save_tokenizer, tiny_bert_config
+
+    folder = tmp_path / "bert"
+    BertModel(tiny_bert_config()).save_pretrained(str(folder))
+    save_tokenizer(folder)
+    return folder
+
+
+def hf_progress_state() -> tuple[bool, bool, int]:
+    """(transformers bars on, huggingface_hub bars off, transformers log level): what --quiet must not change."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    return hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled(), hf_logging.get_verbosity()
+
+
+@pytest.mark.parametrize("loader", ["hf-text", "sentence-transformers"])
+def test_quiet_silences_the_model_libraries_too(
+    loader: str, tiny_manifest: ImageTextManifest, tiny_bert_folder: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """transformers 5 draws a "Loading weights" bar for every model it loads; --quiet hides it, and only for the run."""
+    import transformers
+
+    if loader == "sentence-transformers":
+        pytest.importorskip("sentence_transformers")
+        from tests.encoders.test_hf_loaders import write_sentence_transformers_folder
+
+        folder = write_sentence_transformers_folder(tiny_bert_folder, tmp_path / "st")
+    else:
+        folder = tiny_bert_folder
+    data = str(write_manifest(tiny_manifest, tmp_path / "m.jsonl"))
+    before = hf_progress_state()
+    assert encode("--encoder", f"{loader}:{folder}", "--data", data, "--out", str(tmp_path / "quiet")) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    assert hf_progress_state() == before  # nothing left switched off for the rest of the process
+    args = ["encode", "--encoder", f"{loader}:{folder}", "--data", data, "--out", str(tmp_path / "loud")]
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    assert "encode texts [" in err  # without --quiet, bars as before
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert "Loading weights" in err  # so the quiet run above could have shown it
+
+
+def test_quiet_keeps_bars_off_that_were_off(
+    tiny_manifest: ImageTextManifest, tiny_bert_folder: Path, tmp_path: Path
+) -> None:
+    """A caller that switched the libraries' bars off finds them still off after a quiet encode."""
+    from transformers.utils import logging as hf_logging
+
+    data = str(write_manifest(tiny_manifest, tmp_path / "m.jsonl"))
+    hf_logging.disable_progress_bar()
+    try:
+        before = hf_progress_state()
+        assert encode("--encoder", f"hf-text:{tiny_bert_folder}", "--data", data, "--out", str(tmp_path / "q")) == 0
+        assert hf_progress_state() == before and before[:2] == (False, True)
+    finally:
+        hf_logging.enable_progress_bar()

@@ -146,3 +146,39 @@ def test_generate_from_a_trained_run(tmp_path: Path, inputs: Any, kandinsky_dir:
     extra = ["--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"]
     assert main([*args, "--prompts", str(prompts), "--out", str(out), *extra]) == 0
     assert seen and len(list(out.glob("*.png"))) == len(seen[0])
+
+
+def test_generate_checks_the_decoder_folder_before_loading_a_text_encoder(
+    tmp_path: Path, inputs: Any, monkeypatch: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--run with a missing or wrong --decoder-path fails at once, naming the folder, before any model loads."""
+    import csaligner.decode.preview_runs as preview_runs
+    from csaligner.adapters import AdapterConfig, build_adapter, save_adapter
+
+    _, prompts, _ = inputs
+    run = tmp_path / "run"
+    run.mkdir()
+    for side, cfg in (("image", AdapterConfig("identity", 32, 32)), ("text", AdapterConfig("linear", 16, 32))):
+        save_adapter(build_adapter(cfg), cfg, run / f"{side}_adapter.safetensors")
+    loaded: list[str] = []
+
+    def no_encoder(*args: Any, **kwargs: Any) -> Any:
+        loaded.append("text encoder")
+        raise AssertionError("the text encoder was loaded before the decoder folder was checked")
+
+    monkeypatch.setattr(preview_runs, "encode_prompts", no_encoder)
+    monkeypatch.setattr(preview_runs, "run_text_encoder", lambda run_dir: "tiny-text")
+    empty, wrong = tmp_path / "empty", tmp_path / "wrong"
+    empty.mkdir()
+    wrong.mkdir()
+    (wrong / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    for folder, message in (
+        (tmp_path / "nowhere", "no kandinsky22 decoder weights at"),
+        (empty, "no kandinsky22 decoder weights at"),
+        (wrong, "holds a StableDiffusionPipeline pipeline, but decoder 'kandinsky22' needs a KandinskyV22Pipeline"),
+    ):
+        args = ["generate", "--decoder", "kandinsky22", "--decoder-path", str(folder), "--run", str(run)]
+        assert main([*args, "--prompts", str(prompts), "--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and str(folder) in err and "--decoder-path" in err
+    assert loaded == [] and not (tmp_path / "out").exists()

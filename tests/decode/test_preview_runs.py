@@ -14,7 +14,7 @@ from csaligner.cli import main
 from csaligner.data.cache import FeatureCache
 from csaligner.encoders import get_encoder
 from csaligner.train.model import load_adapters
-from tests.eval.tiny_runs import TinyCaches, make_run, tiny_caches
+from tests.eval.tiny_runs import TinyCaches, make_run, other_tiny_encoders, tiny_caches
 
 PROMPTS = ["a dog runs", "red ball", "the cat"]  # short: one text line each at any thumbnail size
 
@@ -29,9 +29,9 @@ def token_run(caches: TinyCaches, tmp_path: Path) -> Path:
     return make_run(tmp_path / "runs" / "tok", caches.text_tokens)
 
 
-def token_conditioned_prompts(run: Path) -> torch.Tensor:
+def token_conditioned_prompts(run: Path, text_encoder: str = "tiny-text") -> torch.Tensor:
     """(P, 12) what the run's text adapter gives the prompts encoded with tokens, as in training."""
-    enc = get_encoder("tiny-text").encode_texts(PROMPTS, tokens=True)
+    enc = get_encoder(text_encoder).encode_texts(PROMPTS, tokens=True)
     with torch.no_grad():
         return load_adapters(str(run)).text(enc.pooled, text_tokens=enc.tokens, text_token_mask=enc.mask)
 
@@ -46,6 +46,33 @@ def test_rank_runs_encodes_prompts_with_tokens(caches: TinyCaches, token_run: Pa
     want = (F.normalize(token_conditioned_prompts(token_run), dim=-1) @ image_emb.T).topk(4, dim=-1)
     torch.testing.assert_close(scores["tok"], want.values)
     assert torch.equal(indices["tok"], want.indices)
+
+
+def test_each_run_is_ranked_with_its_own_text_encoder(
+    caches: TinyCaches, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs trained on different (same-width) text encoders: each run's prompts come from its own encoder."""
+    import csaligner.decode.preview_runs as preview_runs
+
+    trained_on = {"a": "tiny-text@seed0-b512-v1", "a2": "tiny-text@seed0-b512-v1", "b": "tiny-text-b@seed1-b512-v1"}
+    runs = {n: make_run(tmp_path / n, caches.text_tokens, encoders={"text_encoder": e}) for n, e in trained_on.items()}
+    images = FeatureCache.open(caches.image).pooled("image", torch.float32)
+    encoded_with: list[str] = []
+    real = preview_runs.encode_prompts
+
+    def spy(prompts: list[str], text_encoder: str, *, tokens: bool = False) -> object:
+        encoded_with.append(text_encoder)
+        return real(prompts, text_encoder, tokens=tokens)
+
+    monkeypatch.setattr(preview_runs, "encode_prompts", spy)
+    with other_tiny_encoders():
+        scores, _ = preview_runs.rank_runs(runs, images, PROMPTS, k=4)
+        for name, encoder in (("a", "tiny-text"), ("a2", "tiny-text"), ("b", "tiny-text-b")):
+            with torch.no_grad():
+                image_emb = F.normalize(load_adapters(str(runs[name])).image(images), dim=-1)
+            text_emb = F.normalize(token_conditioned_prompts(runs[name], encoder), dim=-1)
+            torch.testing.assert_close(scores[name], (text_emb @ image_emb.T).topk(4, dim=-1).values)
+    assert encoded_with == ["tiny-text", "tiny-text-b"]  # once per distinct encoder, not once per run
 
 
 def test_rank_runs_refuses_prompt_features_without_tokens(caches: TinyCaches, token_run: Path) -> None:

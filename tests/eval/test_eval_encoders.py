@@ -1,16 +1,19 @@
-"""A run records the encoders of its training features; eval refuses features from others."""
+"""A run records the encoders of its training features; eval refuses features (paired or class) from others."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from tests.eval.tiny_runs import TinyCaches, class_caches, make_run, other_tiny_encoders, tiny_caches
 from tests.train.helpers import fast_overrides, synthetic_features
 
+from csaligner.cli import main
 from csaligner.decode.preview_runs import run_text_encoder
-from csaligner.eval.evaluate import evaluate_run
+from csaligner.eval.evaluate import classification_metrics, evaluate_run, load_classification
 from csaligner.train import load_config, train
 
 META = {"image_encoder": "efficientnet-lite0@c1735589", "text_encoder": "minilm@4b8c5d5e-l2"}
@@ -51,3 +54,69 @@ def test_a_later_run_without_provenance_drops_the_stale_record(tmp_path: Path) -
     again = fast_overrides(out, "train.steps=2", "train.overwrite=true")
     train(load_config(None, again), synthetic_features())
     assert not (out / "encoders.json").exists()
+
+
+# Classification: the class-folder image caches and the prompt encoder are checked like the paired features.
+
+TINY = {"image_encoder": "tiny-image@seed0-v1", "text_encoder": "tiny-text@seed0-b512-v1"}
+"""The ids the tiny encoders give their caches (what a run trained on tiny caches records)."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyCaches, tuple[Path, Path], tuple[Path, Path]]:
+    """Paired tiny caches, class caches from tiny-image, and same-width class caches from tiny-image-b."""
+    root = tmp_path_factory.mktemp("tiny")
+    with other_tiny_encoders():
+        other = class_caches(root / "other", encoder="tiny-image-b")
+    return tiny_caches(root / "paired"), class_caches(root / "same"), other
+
+
+def eval_cli(caches: TinyCaches, classes: tuple[Path, Path], run: Path, out: Path) -> int:
+    args = ["eval", "--run", str(run), "--image-cache", str(caches.image), "--text-cache", str(caches.text_tokens)]
+    args += ["--class-train-cache", str(classes[0]), "--class-test-cache", str(classes[1]), "--shots", "1,4"]
+    return main([*args, "--out", str(out)])
+
+
+def test_classification_on_caches_from_the_run_encoders_runs(tiny: Any, tmp_path: Path) -> None:
+    caches, same, _ = tiny
+    run = make_run(tmp_path / "run", caches.text_tokens, encoders=TINY)
+    data = load_classification(*same, "tiny-text")
+    assert data.image_encoder == TINY["image_encoder"]
+    assert "zero_shot_top1" in classification_metrics(run, data, shots=(1,))
+    assert eval_cli(caches, same, run, tmp_path / "out") == 0
+    assert "few_shot_4-shot" in json.loads((tmp_path / "out" / "metrics.json").read_text())["run"]
+
+
+def test_classification_refuses_class_caches_from_another_image_encoder(
+    tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caches, _, other = tiny
+    run = make_run(tmp_path / "run", caches.text_tokens, encoders=TINY)
+    data = load_classification(*other, "tiny-text")
+    want = r"trained on image features from 'tiny-image@seed0-v1'.*classification image cache.*'tiny-image-b@seed1-v1'"
+    with pytest.raises(ValueError, match=want):
+        classification_metrics(run, data, shots=(1,))
+    assert eval_cli(caches, other, run, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "'tiny-image-b@seed1-v1'" in err and "csalign encode --encoder tiny-image " in err
+    assert not (tmp_path / "out" / "metrics.json").exists()  # refused before any run was evaluated
+
+
+def test_classification_refuses_prompts_from_another_text_encoder(tiny: Any, tmp_path: Path) -> None:
+    caches, same, _ = tiny
+    run = make_run(tmp_path / "run", caches.text_tokens, encoders=TINY)
+    with pytest.raises(ValueError, match=r"trained on text features from 'tiny-text@seed0-b512-v1'.*'tiny-text-b'"):
+        classification_metrics(run, load_classification(*same, "tiny-text-b"), shots=(1,))
+
+
+def test_classification_of_a_run_without_a_record_is_not_checked(tiny: Any, tmp_path: Path) -> None:
+    caches, _, other = tiny
+    run = make_run(tmp_path / "run", caches.text_tokens)  # trained before runs recorded their encoders
+    assert "zero_shot_top1" in classification_metrics(run, load_classification(*other, "tiny-text"), shots=(1,))
+
+
+def test_class_train_and_test_caches_from_different_encoders_are_refused(tiny: Any) -> None:
+    _, same, other = tiny
+    want = r"encoded with different image encoders \('tiny-image@seed0-v1' vs 'tiny-image-b@seed1-v1'\)"
+    with pytest.raises(ValueError, match=want):
+        load_classification(same[0], other[1], "tiny-text")

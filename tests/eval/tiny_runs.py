@@ -6,6 +6,8 @@ config.yaml. Building it by hand (no training) keeps these tests at well under a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import yaml
 
 from csaligner.cli import main
 from csaligner.data import ImageTextManifest, write_manifest
+from csaligner.encoders import register_encoder, unregister_encoder
+from csaligner.encoders.tiny import TinyImageEncoder, TinyTextEncoder
 
 WORDS = ("a", "dog", "cat", "runs", "jumps", "on", "the", "grass", "beach", "red", "blue", "ball")
 OUT_DIM = 12
@@ -29,6 +33,33 @@ class TinyCaches:
     """tiny-text cache encoded with --tokens."""
     image_paths: list[Path]
     image_ids: list[str]
+
+
+@contextmanager
+def other_tiny_encoders() -> Iterator[None]:
+    """Register "tiny-image-b" and "tiny-text-b": the tiny encoders' widths (16) with other weights and ids.
+
+    Same-width encoders are the dangerous case: features from them fit a run's adapters, so only the
+    recorded encoder ids can tell that they are the wrong ones.
+    """
+
+    def image(*, device: str = "cpu") -> TinyImageEncoder:
+        enc = TinyImageEncoder(seed=1, device=device)
+        enc._id = "tiny-image-b@seed1-v1"
+        return enc
+
+    def text(*, device: str = "cpu") -> TinyTextEncoder:
+        enc = TinyTextEncoder(seed=1, device=device)
+        enc._id = "tiny-text-b@seed1-b512-v1"
+        return enc
+
+    register_encoder("tiny-image-b")(image)
+    register_encoder("tiny-text-b")(text)
+    try:
+        yield
+    finally:
+        unregister_encoder("tiny-image-b")
+        unregister_encoder("tiny-text-b")
 
 
 def write_images(folder: Path, n: int, seed: int) -> list[Path]:
@@ -69,19 +100,31 @@ def tiny_caches(root: Path, n_images: int = 10) -> TinyCaches:
     return caches
 
 
-def class_caches(root: Path, per_class: tuple[int, ...] = (4, 4, 5)) -> tuple[Path, Path]:
-    """Class-folder train and test tiny-image caches; train class c has per_class[c] images, test 2 each."""
+def class_caches(root: Path, per_class: tuple[int, ...] = (4, 4, 5), encoder: str = "tiny-image") -> tuple[Path, Path]:
+    """Class-folder train and test `encoder` caches; train class c has per_class[c] images, test 2 each."""
     names = ("daisy", "roses", "tulips")
     for split, counts in (("train", per_class), ("test", (2,) * len(per_class))):
         for c, (name, n) in enumerate(zip(names, counts, strict=False)):
             write_images(root / split / name, n, seed=10 * c + len(split))
-        encode("--encoder", "tiny-image", "--data", str(root / split), "--out", str(root / f"{split}-cache"))
+        encode("--encoder", encoder, "--data", str(root / split), "--out", str(root / f"{split}-cache"))
     return root / "train-cache", root / "test-cache"
 
 
-def make_run(run_dir: Path, text_cache: Path, *, text_kind: str = "prior", use_tokens: bool = True) -> Path:
-    """A run folder with random adapters (image linear 16->12, text `text_kind` 16->12)."""
+def make_run(
+    run_dir: Path,
+    text_cache: Path,
+    *,
+    text_kind: str = "prior",
+    use_tokens: bool = True,
+    encoders: dict[str, object] | None = None,
+) -> Path:
+    """A run folder with random adapters (image linear 16->12, text `text_kind` 16->12).
+
+    `encoders` ({"image_encoder": id, "text_encoder": id}) is written as the run's encoders.json, as
+    training records its features' encoders; without it the run has no record (runs from before it).
+    """
     from csaligner.adapters import AdapterConfig, build_adapter, save_adapter
+    from csaligner.train.model import write_run_encoders
 
     run_dir.mkdir(parents=True)
     small = {"num_layers": 1, "num_heads": 2, "head_dim": 4} if text_kind == "prior" else {}
@@ -93,4 +136,6 @@ def make_run(run_dir: Path, text_cache: Path, *, text_kind: str = "prior", use_t
         "model": {"image": {"kind": "linear"}, "text": {"kind": text_kind}},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    if encoders:
+        write_run_encoders(str(run_dir), encoders)
     return run_dir

@@ -8,6 +8,7 @@ images are decoded by DataLoader workers, and progress bars show items/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import warnings
@@ -241,13 +242,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data-root", type=Path, default=None, help="root of the built-in data sets (default $CSALIGN_DATA)"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, also none from loading the model")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from csaligner.data.datasets import resolve_dataset
     from csaligner.encoders import get_encoder
+    from csaligner.encoders.text import quiet_hf_libraries
 
     cfg = EncodeConfig(
         tokens=args.tokens,
@@ -260,8 +262,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     manifest = resolve_dataset(args.data, args.data_root)
-    encoder = get_encoder(args.encoder, device=args.device)
-    cache = encode_manifest(encoder, manifest, args.out, cfg)
+    # --quiet also silences the model libraries (their loading bars), for this run only
+    with quiet_hf_libraries() if args.quiet else contextlib.nullcontext():
+        encoder = get_encoder(args.encoder, device=args.device)
+        cache = encode_manifest(encoder, manifest, args.out, cfg)
     for part in cache.parts:
         info, run_ = cache.state["parts"][part], cache.state["last_run"].get(part, {})
         rate = run_.get("rows", 0) / run_["seconds"] if run_.get("seconds") else 0.0

@@ -16,6 +16,7 @@ from csaligner.decode.preview import render_preview, retrieve_topk
 from csaligner.decode.unclip import (
     DECODERS,
     DecoderSpec,
+    check_decoder_folder,
     generate,
     load_decoder,
     load_image_encoder,
@@ -32,6 +33,7 @@ __all__ = [
     "ImageFeatureExtractor",
     "MissingDependencyError",
     "build_feature_extractor",
+    "check_decoder_folder",
     "compute_fid",
     "fid_from_features",
     "frechet_distance",

@@ -21,6 +21,7 @@ from csaligner.decode._deps import MissingDependencyError
 from csaligner.decode._io import DTYPES, load_tensor, parse_dtype, read_lines
 from csaligner.decode.unclip import (
     DECODERS,
+    check_decoder_folder,
     generate,
     load_decoder,
     load_image_encoder,
@@ -99,12 +100,14 @@ def run_embeddings(run_dir: Path, prompts: list[str]) -> torch.Tensor:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Cheap checks of the arguments first: --run loads a text encoder, and that should not be wasted.
+    check_decoder_folder(args.decoder, args.decoder_path)
+    if args.decoder != "kandinsky22" and (args.negative_embeds or args.image_encoder_path):
+        raise ValueError(f"--negative-embeds/--image-encoder-path apply to kandinsky22 only, not {args.decoder}")
     prompts = read_lines(args.prompts, "prompt")
     embeds = run_embeddings(args.run, prompts) if args.run is not None else load_tensor(args.embeddings, "image_embeds")
     if len(prompts) != embeds.shape[0]:
         raise ValueError(f"{args.prompts} has {len(prompts)} prompts but {args.embeddings} has {embeds.shape[0]} rows")
-    if args.decoder != "kandinsky22" and (args.negative_embeds or args.image_encoder_path):
-        raise ValueError(f"--negative-embeds/--image-encoder-path apply to kandinsky22 only, not {args.decoder}")
     dtype = parse_dtype(args.dtype)
     pipe = load_decoder(args.decoder, args.decoder_path, device=args.device, dtype=dtype)
     negative, negative_source = _negative(args, dtype)

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from csaligner.decode.preview import render_preview, retrieve_topk
-
-if TYPE_CHECKING:
-    from csaligner.encoders import EncoderOutput
+from csaligner.encoders.base import EncoderOutput
 
 
 def cached_images(image_cache: str | Path) -> tuple[Tensor, list[Path]]:
@@ -128,8 +125,9 @@ def rank_runs(
         image_features: (N, D_img) frozen image features.
         prompts: P prompt strings.
         k: images per prompt.
-        prompt_features: (P, D_txt) frozen text features; when None the prompts are encoded with the
-            first run's text encoder, with token states if any run's text adapter reads them.
+        prompt_features: (P, D_txt) frozen text features of the encoder every run was trained on; when
+            None the prompts are encoded for each run with its own text encoder (`run_text_encoder`;
+            once per distinct encoder), with token states where a run's text adapter reads them.
         prompt_tokens: (P, L, D_tok) token states of `prompt_features`, needed by runs whose text
             adapter reads tokens (data.use_tokens=true with a prior text adapter).
         prompt_token_mask: (P, L) bool mask of `prompt_tokens`.
@@ -145,13 +143,40 @@ def rank_runs(
     loaded = {name: load_adapters(str(run), "cpu") for name, run in runs.items()}
     fix = "pass prompt_tokens (and prompt_token_mask) with prompt_features, or leave prompt_features out"
     if prompt_features is None:
-        encoder = run_text_encoder(next(iter(runs.values())))
-        need = any(text_adapter_reads_tokens(a) for a in loaded.values())
-        encoded = encode_prompts(prompts, encoder, tokens=need)
-        prompt_features, prompt_tokens, prompt_token_mask = encoded.pooled, encoded.tokens, encoded.mask
+        per_run = prompts_per_run(runs, prompts, {name: text_adapter_reads_tokens(a) for name, a in loaded.items()})
+    else:
+        given = EncoderOutput(prompt_features, prompt_tokens, prompt_token_mask)
+        per_run = dict.fromkeys(runs, given)
     settings, scores = {}, {}
     for name, adapters in loaded.items():
         image_emb = F.normalize(apply_adapter(adapters.image, image_features), dim=-1)
-        text = apply_text_adapter(adapters, runs[name], prompt_features, prompt_tokens, prompt_token_mask, fix=fix)
+        p = per_run[name]
+        text = apply_text_adapter(adapters, runs[name], p.pooled, p.tokens, p.mask, fix=fix)
         scores[name], settings[name] = retrieve_topk(F.normalize(text, dim=-1), image_emb, k)
     return scores, settings
+
+
+def prompts_per_run(
+    runs: Mapping[str, str | Path], prompts: list[str], needs_tokens: Mapping[str, bool]
+) -> dict[str, EncoderOutput]:
+    """Each run's prompt features from the text encoder it was trained on, encoded once per distinct encoder.
+
+    Runs trained on different text encoders (even of one width) need different features: features from
+    another encoder fit the adapters but rank nonsense.
+
+    Args:
+        runs: display name -> training run folder.
+        prompts: P prompt strings.
+        needs_tokens: display name -> whether the run's text adapter reads token states.
+
+    Returns:
+        display name -> float32 pooled (P, D_txt), with tokens (P, L, D_tok) and mask where any run
+        sharing that encoder needs them.
+    """
+    encoders = {name: run_text_encoder(run) for name, run in runs.items()}
+    per_run: dict[str, EncoderOutput] = {}
+    for encoder in dict.fromkeys(encoders.values()):  # first-seen order
+        users = [name for name, e in encoders.items() if e == encoder]
+        encoded = encode_prompts(prompts, encoder, tokens=any(needs_tokens[name] for name in users))
+        per_run.update(dict.fromkeys(users, encoded))
+    return per_run

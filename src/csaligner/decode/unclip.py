@@ -77,6 +77,31 @@ def _download_hint(spec: DecoderSpec) -> str:
     )
 
 
+def check_decoder_folder(kind: str, path: str | Path) -> Path:
+    """Check, without loading anything, that `path` holds a saved pipeline of decoder `kind`.
+
+    Cheap, so callers run it before any slow step (a text encoder, the pipeline itself).
+
+    Raises:
+        FileNotFoundError: no model_index.json in `path` (the message says how to get the weights).
+        ValueError: an unknown `kind`, or `path` holds another diffusers pipeline.
+    """
+    spec = _spec(kind)
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"no {kind} decoder weights at {path} (no model_index.json); {_download_hint(spec)}")
+    try:
+        found = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{index} is not a diffusers model_index.json ({err}); {_download_hint(spec)}") from err
+    if found != spec.pipeline:
+        raise ValueError(
+            f"{path} holds a {found} pipeline, but decoder {kind!r} needs a {spec.pipeline}; {_download_hint(spec)}"
+        )
+    return path
+
+
 def load_decoder(
     kind: str, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Any:
@@ -92,15 +117,7 @@ def load_decoder(
         The diffusers pipeline, progress bars disabled.
     """
     spec = _spec(kind)
-    path = Path(path)
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"no {kind} decoder weights at {path} (no model_index.json); {_download_hint(spec)}")
-    found = json.loads(index.read_text()).get("_class_name")
-    if found != spec.pipeline:
-        raise ValueError(
-            f"{path} holds a {found} pipeline, but decoder {kind!r} needs a {spec.pipeline}; {_download_hint(spec)}"
-        )
+    path = check_decoder_folder(kind, path)
     diffusers = require("diffusers", "load_decoder")
     if kind == "karlo":
         pipe = _load_karlo(path, dtype)

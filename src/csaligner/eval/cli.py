@@ -14,6 +14,8 @@ from csaligner.data.features import PairedFeatures
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
     ClassificationData,
+    check_classification_encoders,
+    check_run_encoders,
     evaluate_run,
     load_classification,
     text_encoder_name,
@@ -153,6 +155,10 @@ def _main(args: argparse.Namespace) -> int:
             args.class_train_cache, args.class_test_cache, text_encoder_name(args.text_cache)
         )
         check_shots(classification, args.shots, args.class_train_cache)
+    for run in runs.values():  # refuse features from other encoders before any run is evaluated
+        check_run_encoders(run, features.meta)
+        if classification is not None:
+            check_classification_encoders(run, classification)
     out_dir = args.out or next(iter(runs.values())) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {name: evaluate_run(run, features, classification, args.sigma, args.shots) for name, run in runs.items()}

@@ -35,6 +35,8 @@ class ClassificationData:
     class_names: list[str]
     text_encoder: str
     """Registered name of the text encoder the run was trained on (prompts are encoded with it)."""
+    image_encoder: str = ""
+    """Id of the encoder the cached image features came from ("" when unknown: then it is not checked)."""
 
 
 def paired_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, sigma: float = 1.0) -> dict[str, float]:
@@ -91,10 +93,16 @@ def evaluate_run(
     return out
 
 
-def check_run_encoders(run_dir: str | Path, meta: dict[str, object]) -> None:
+def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str = "eval") -> None:
     """Refuse features from other encoders than the run was trained on (where both record them).
 
-    Same-width encoders would otherwise pass silently: the adapters run, and the numbers are wrong."""
+    Same-width encoders would otherwise pass silently: the adapters run, and the numbers are wrong.
+
+    Args:
+        run_dir: the training run (its encoders.json; a run without one is not checked).
+        meta: the features' provenance, with "image_encoder" / "text_encoder" ids where known.
+        what: which features these are, for the message ("eval", "classification").
+    """
     from csaligner.train.model import run_encoders
 
     trained = run_encoders(str(run_dir))
@@ -102,10 +110,27 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object]) -> None:
         given = meta.get(key)
         if key in trained and given and str(given) != trained[key]:
             raise ValueError(
-                f"run {run_dir} was trained on {side} features from {trained[key]!r}, but the eval {side} cache "
-                f"was encoded with {str(given)!r}; encode the eval data with the run's encoder "
+                f"run {run_dir} was trained on {side} features from {trained[key]!r}, but the {what} {side} cache "
+                f"was encoded with {str(given)!r}; encode the {what} data with the run's encoder "
                 f"(csalign encode --encoder {trained[key].split('@', 1)[0]} ...)"
             )
+
+
+def check_classification_encoders(run_dir: str | Path, data: ClassificationData) -> None:
+    """Refuse class caches from another image encoder, or prompts for another text encoder, than the run's.
+
+    The text side compares registered names: prompts are encoded live with `data.text_encoder`.
+    """
+    from csaligner.train.model import run_encoders
+
+    check_run_encoders(run_dir, {"image_encoder": data.image_encoder}, "classification")
+    trained = run_encoders(str(run_dir)).get("text_encoder")
+    if trained and data.text_encoder and trained.split("@", 1)[0] != data.text_encoder:
+        raise ValueError(
+            f"run {run_dir} was trained on text features from {trained!r}, but the classification prompts would "
+            f"be encoded with {data.text_encoder!r}; pass the run's text encoder ({trained.split('@', 1)[0]!r}), "
+            "e.g. a --text-cache encoded with it"
+        )
 
 
 @torch.no_grad()
@@ -152,6 +177,7 @@ def classification_metrics(
     from csaligner.train.embed import apply_adapter, embed_texts
     from csaligner.train.model import load_adapters
 
+    check_classification_encoders(run_dir, data)
     adapters = load_adapters(str(run_dir), "cpu")
     prompts = class_prompts(data.class_names)  # C lists of P prompts
     flat = [p for per_class in prompts for p in per_class]
@@ -167,19 +193,33 @@ def classification_metrics(
 
 
 def load_classification(train_cache: str | Path, test_cache: str | Path, text_encoder: str) -> ClassificationData:
-    """Read cached class-folder features (e.g. flowers:train and flowers:test)."""
+    """Read cached class-folder features (e.g. flowers:train and flowers:test) and their encoder id.
+
+    Raises:
+        ValueError: the two caches differ in class names or in the image encoder that made them.
+    """
     from csaligner.data import load_class_features
 
     tr_x, tr_y, names = load_class_features(train_cache)
     te_x, te_y, names_test = load_class_features(test_cache)
     if names != names_test:
         raise ValueError(f"class names differ between {train_cache} ({names}) and {test_cache} ({names_test})")
-    return ClassificationData(tr_x, tr_y, te_x, te_y, names, text_encoder)
+    train_id, test_id = cache_encoder_id(train_cache), cache_encoder_id(test_cache)
+    if train_id != test_id:
+        raise ValueError(
+            f"{train_cache} and {test_cache} were encoded with different image encoders ({train_id!r} vs "
+            f"{test_id!r}); encode both with the encoder the runs were trained on"
+        )
+    return ClassificationData(tr_x, tr_y, te_x, te_y, names, text_encoder, image_encoder=train_id)
+
+
+def cache_encoder_id(cache: str | Path) -> str:
+    """The id of the encoder a feature cache was built with, e.g. "minilm@4b8c5d5e-l2"."""
+    from csaligner.data.cache import FeatureCache
+
+    return str(FeatureCache.open(cache, verify=False).key_fields["encoder"])
 
 
 def text_encoder_name(text_cache: str | Path) -> str:
     """The registered encoder name a text cache was built with (the part of its id before '@')."""
-    from csaligner.data.cache import FeatureCache
-
-    encoder_id = str(FeatureCache.open(text_cache, verify=False).key_fields["encoder"])
-    return encoder_id.split("@", 1)[0]
+    return cache_encoder_id(text_cache).split("@", 1)[0]
