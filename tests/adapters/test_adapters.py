@@ -354,3 +354,13 @@ def test_register_custom_adapter_and_duplicate_name() -> None:
 def test_builtin_classes_are_registered() -> None:
     assert ADAPTERS["prior"] is PriorTransformerAdapter and ADAPTERS["mlp"] is MLPAdapter
     assert ADAPTERS["linear"] is LinearAdapter and ADAPTERS["identity"] is IdentityAdapter
+
+
+def test_saving_the_same_adapter_twice_gives_identical_bytes(tmp_path) -> None:
+    # safetensors keeps metadata in a Rust HashMap with a fresh random seed per map, so the header's key
+    # order (format, format_version, config) varied from one save to the next, even in one process.
+    cfg = make_config("mlp")
+    adapter = build_adapter(cfg)
+    files = [save_adapter(adapter, cfg, tmp_path / f"a{i}.safetensors").read_bytes() for i in range(8)]
+    assert all(f == files[0] for f in files[1:])
+    assert read_adapter_config(tmp_path / "a7.safetensors") == cfg
