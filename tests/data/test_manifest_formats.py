@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from csaligner.data import ImageTextManifest, data_root, read_flickr8k, read_manifest, write_manifest
-from csaligner.data.manifest import read_tsv_rows
+from csaligner.data.delimited import read_tsv_rows
 
 # Captions that a quote-parsing TSV reader or a naive CSV writer would mangle.
 AWKWARD = (
