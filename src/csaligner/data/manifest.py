@@ -8,9 +8,10 @@ columns `image`, `caption` and optional `group` (the image's id; default its pat
 a text-only row.
 
 TSV is plain: one row per line, fields split on every tab, quotes kept as written (a caption may
-start with `"`), so it cannot hold tabs or line breaks. CSV uses standard quoting, read strictly:
-a malformed quote, a field spanning lines (a runaway quote) or a wrong field count is an error
-naming the file and line. JSONL holds anything.
+start with `"`), so it cannot hold tabs or line breaks; fields csv-quoted by older csaligner versions
+are reported, and read_manifest(..., tsv_quoting="csv") reads such a file (see `data.delimited`).
+CSV uses standard quoting, read strictly: a malformed quote, a field spanning lines (a runaway quote)
+or a wrong field count is an error naming the file and line. JSONL holds anything.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from csaligner.data.delimited import read_csv_rows, read_tsv_rows
+from csaligner.data.delimited import TSV_QUOTINGS, TsvQuoting, read_csv_rows, read_tsv_rows
 
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
 # Accepted spellings of the two required columns (open_clip CSVs use filepath/title).
@@ -172,11 +173,11 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, str]]]:
     return rows
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
+def _read_rows(path: Path, tsv_quoting: TsvQuoting = "verbatim") -> list[tuple[str, dict[str, str]]]:
     """(where, row) pairs; `where` ("m.tsv:3") names the row in errors."""
     suffix = path.suffix.lower()
     if suffix == ".tsv":
-        return read_tsv_rows(path)
+        return read_tsv_rows(path, tsv_quoting)
     if suffix == ".csv":
         return read_csv_rows(path)
     if suffix == ".jsonl":
@@ -195,17 +196,24 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
     raise ValueError(f"unknown manifest format {path.suffix!r} for {path}; use one of {MANIFEST_SUFFIXES}")
 
 
-def read_manifest(path: str | Path, image_root: str | Path | None = None) -> ImageTextManifest:
+def read_manifest(
+    path: str | Path, image_root: str | Path | None = None, tsv_quoting: TsvQuoting = "verbatim"
+) -> ImageTextManifest:
     """Read a paired (or unpaired) manifest file.
 
     Args:
         path: .tsv, .csv, .jsonl or .parquet with columns image, caption [, group, caption_id, label].
         image_root: folder that relative image paths start from (default the manifest's folder).
+        tsv_quoting: how a .tsv is read: "verbatim" (quotes are text; warns when fields look csv-quoted
+            by an older csaligner) or "csv" (csv quoting, as older csaligner versions wrote .tsv).
+            Other formats have one reading each and ignore it.
     """
+    if tsv_quoting not in TSV_QUOTINGS:
+        raise ValueError(f"tsv_quoting must be one of {TSV_QUOTINGS}, got {tsv_quoting!r}")
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"manifest not found: {p}")
-    rows = _read_rows(p)
+    rows = _read_rows(p, tsv_quoting)
     if not rows:
         raise ValueError(f"{p} has no rows")
     cols = list(rows[0][1].keys())
