@@ -387,3 +387,13 @@ def test_save_ignores_attributes_a_module_adds_for_itself(tmp_path) -> None:
     module.calls = 3  # e.g. a counter a user's subclass keeps: not a setting the config builds
     save_adapter(module, config, tmp_path / "a.safetensors")
     assert (tmp_path / "a.safetensors").is_file()
+
+
+def test_saving_the_same_adapter_twice_gives_identical_bytes(tmp_path) -> None:
+    # safetensors keeps metadata in a Rust HashMap with a fresh random seed per map, so the header's key
+    # order (format, format_version, config) varied from one save to the next, even in one process.
+    cfg = make_config("mlp")
+    adapter = build_adapter(cfg)
+    files = [save_adapter(adapter, cfg, tmp_path / f"a{i}.safetensors").read_bytes() for i in range(8)]
+    assert all(f == files[0] for f in files[1:])
+    assert read_adapter_config(tmp_path / "a7.safetensors") == cfg

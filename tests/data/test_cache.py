@@ -280,3 +280,17 @@ def test_encode_config_validation() -> None:
 def test_registry_tiny_encoders_match_classes() -> None:
     assert get_encoder("tiny-image").id == TinyImageEncoder().id
     assert get_encoder("tiny-text").id == TinyTextEncoder().id
+
+
+def test_rebuilt_cache_has_byte_identical_shards(tiny_manifest: ImageTextManifest, tmp_path: Path) -> None:
+    # The shards' sha256 go into cache.json; safetensors wrote the metadata keys (key, part, start, stop)
+    # in a random order per file, so rebuilding the same cache gave other bytes and other checksums.
+    first = build(tiny_manifest, tmp_path / "a")
+    second = build(tiny_manifest, tmp_path / "b")
+    for one, two in zip(first, second, strict=True):
+        shards = sorted(p.name for p in one.glob("*.safetensors"))
+        assert len(shards) >= 2 and shards == sorted(p.name for p in two.glob("*.safetensors"))
+        for name in shards:
+            assert (one / name).read_bytes() == (two / name).read_bytes(), name
+        recorded = [json.loads((d / "cache.json").read_text())["parts"] for d in (one, two)]
+        assert recorded[0] == recorded[1]  # same sha256 per shard

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from csaligner.data import ImageTextManifest, read_manifest, write_manifest
+from csaligner.data import ImageTextManifest, data_root, read_flickr8k, read_manifest, write_manifest
+from csaligner.data.delimited import read_tsv_rows
 
 # Captions that a quote-parsing TSV reader or a naive CSV writer would mangle.
 AWKWARD = (
@@ -62,6 +63,48 @@ def test_tsv_bad_rows_name_file_and_line(tmp_path: Path, body: str, match: str) 
     (tmp_path / "m.tsv").write_text("image\tcaption\n" + body)
     with pytest.raises(ValueError, match=match):
         read_manifest(tmp_path / "m.tsv")
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "match"),
+    [
+        # an image-only row whose empty trailing caption lost its tab (an editor stripped trailing whitespace)
+        (
+            "m.tsv",
+            "image\tcaption\na.jpg\ta dog\nb.jpg\nc.jpg\n",
+            r"m\.tsv:3: 1 tab-separated field, expected 2 \(image, caption\): caption missing in 'b\.jpg'; "
+            r"every column needs its tab even when empty \(an image-only row under image, caption is 'a\.jpg\\t'\)"
+            r".*strips trailing whitespace.*add the missing tabs or fill the fields; "
+            r"2 rows of m\.tsv have the wrong number of fields, at lines 3, 4$",
+        ),
+        (
+            "m.csv",
+            "image,caption\nb.jpg\na.jpg,a dog\n",
+            r"m\.csv:2: 1 comma-separated field, expected 2 \(image, caption\): caption missing in 'b\.jpg'; "
+            r".*'a\.jpg,'\): add the missing commas or fill the fields$",
+        ),
+    ],
+    ids=["tsv", "csv"],
+)
+def test_short_rows_name_the_missing_columns_the_fix_and_the_count(
+    tmp_path: Path, name: str, body: str, match: str
+) -> None:
+    (tmp_path / name).write_text(body)
+    with pytest.raises(ValueError, match=match):
+        read_manifest(tmp_path / name)
+
+
+def test_shared_flickr8k_captions_have_no_short_rows() -> None:
+    """The real captions.tsv (35,000 rows, none with an empty trailing caption) loads under the strict reader."""
+    try:
+        tsv = data_root() / "flickr8k" / "captions.tsv"
+    except FileNotFoundError as err:
+        pytest.skip(f"shared data not available: {err}")
+    if not tsv.is_file():
+        pytest.skip(f"{tsv} not found (set CSALIGN_DATA)")
+    rows = read_tsv_rows(tsv)
+    assert len(rows) == 35_000 and all(r["caption"].strip() for _, r in rows)
+    assert read_flickr8k(tsv.parent, "dev").num_texts == 5_000
 
 
 def test_csv_keeps_standard_quoting(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from csaligner._safetensors_io import save_safetensors
 from csaligner.adapters.config import AdapterConfig
 from csaligner.adapters.registry import Adapter, build_adapter
 
@@ -46,11 +47,13 @@ def save_adapter(module: nn.Module, config: AdapterConfig, path: str | os.PathLi
     _check_settings(module, reference, what)
     # clone: safetensors refuses tensors that share storage, and a saved file must not alias live weights
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config.to_dict())}
+    # sorted keys here and a canonical header (save_safetensors): saving the same adapter twice gives the same bytes
+    config_json = json.dumps(config.to_dict(), sort_keys=True)
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config_json}
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(tensors, tmp, metadata=metadata)
     os.replace(tmp, dest)  # a crash mid-write never leaves a truncated adapter behind
     return dest
 

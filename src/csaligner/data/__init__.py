@@ -13,6 +13,7 @@ from csaligner.data.datasets import (
     read_flickr8k,
     resolve_dataset,
 )
+from csaligner.data.delimited import CsvQuotedTsvWarning, unquote_tsv
 from csaligner.data.encode import EncodeConfig, encode_manifest
 from csaligner.data.features import PairedFeatures
 from csaligner.data.images import BadImage, BadImageError, scan_images
@@ -25,6 +26,7 @@ __all__ = [
     "BadImageError",
     "CacheIntegrityError",
     "CacheKeyError",
+    "CsvQuotedTsvWarning",
     "EncodeConfig",
     "FeatureCache",
     "ImageTextManifest",
@@ -43,5 +45,6 @@ __all__ = [
     "scan_images",
     "split_paired_unpaired",
     "text_pool",
+    "unquote_tsv",
     "write_manifest",
 ]

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from csaligner._safetensors_io import save_safetensors
 from csaligner.data.manifest import ImageTextManifest
 
 FORMAT = "csaligner-feature-cache/1"
@@ -358,7 +358,8 @@ class CacheWriter:
         path = self.directory / shard_file(part, index)
         tmp = path.with_name(f".{path.name}.tmp")
         meta = {"key": self.key, "part": part, "start": str(start), "stop": str(stop)}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        # canonical header: a rebuilt shard has the same bytes, so the same sha256 in cache.json
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
         os.replace(tmp, path)
         info = self.state["parts"][part]
         info["dim"] = int(tensors["pooled"].shape[1])

@@ -13,7 +13,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from csaligner.data.manifest import MANIFEST_SUFFIXES, ImageTextManifest, read_manifest, read_tsv_rows
+from csaligner.data.delimited import read_tsv_rows
+from csaligner.data.manifest import MANIFEST_SUFFIXES, ImageTextManifest, read_manifest
 
 DATA_ENV = "CSALIGN_DATA"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")

@@ -8,9 +8,10 @@ columns `image`, `caption` and optional `group` (the image's id; default its pat
 a text-only row.
 
 TSV is plain: one row per line, fields split on every tab, quotes kept as written (a caption may
-start with `"`), so it cannot hold tabs or line breaks. CSV uses standard quoting, read strictly:
-a malformed quote, a field spanning lines (a runaway quote) or a wrong field count is an error
-naming the file and line. JSONL holds anything.
+start with `"`), so it cannot hold tabs or line breaks; fields csv-quoted by older csaligner versions
+are reported, and read_manifest(..., tsv_quoting="csv") reads such a file (see `data.delimited`).
+CSV uses standard quoting, read strictly: a malformed quote, a field spanning lines (a runaway quote)
+or a wrong field count is an error naming the file and line. JSONL holds anything.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from csaligner.data.delimited import TSV_QUOTINGS, TsvQuoting, read_csv_rows, read_tsv_rows
 
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
 # Accepted spellings of the two required columns (open_clip CSVs use filepath/title).
@@ -151,69 +154,6 @@ def _pick(columns: Sequence[str], options: Sequence[str], path: Path, what: str)
     raise ValueError(f"{path}: no {what} column; expected one of {list(options)}, found {list(columns)}")
 
 
-# A quote at the start of a CSV field opens a quoted field; shown in errors as the way to write one.
-_CSV_QUOTING_HINT = (
-    'quote the whole field and double the quotes inside it ("""Stop"" sign" reads as "Stop" sign), '
-    "or use .tsv, which is read verbatim"
-)
-
-
-def _fields_error(where: str, got: int, header: list[str], sep: str) -> ValueError:
-    fields = "field" if got == 1 else "fields"
-    return ValueError(
-        f"{where}: {got} {sep}-separated {fields}, expected {len(header)} ({', '.join(header)}); "
-        + (
-            "every tab separates a field, so a caption cannot hold a tab in .tsv: write .csv or .jsonl for those"
-            if sep == "tab"
-            else "quote fields that contain commas"
-        )
-    )
-
-
-def read_tsv_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
-    """Tab-separated, read verbatim: no quoting, one row per line; blank lines are skipped."""
-    rows: list[tuple[str, dict[str, str]]] = []
-    with open(path, newline="\n", encoding="utf-8-sig") as f:  # only \n ends a line; -sig drops a BOM
-        lines = (line.removesuffix("\n").removesuffix("\r") for line in f)
-        header = next(lines, "").split("\t")
-        for n, line in enumerate(lines, 2):
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != len(header):
-                raise _fields_error(f"{path}:{n}", len(fields), header, "tab")
-            rows.append((f"{path}:{n}", dict(zip(header, fields, strict=True))))
-    return rows
-
-
-def _read_csv(path: Path) -> list[tuple[str, dict[str, str]]]:
-    """Comma-separated with standard (RFC 4180) quoting, strictly: a malformed or runaway quote is an error."""
-    rows: list[tuple[str, dict[str, str]]] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, strict=True)
-        header: list[str] | None = None
-        start = 1  # file line the current record starts on
-        try:
-            for fields in reader:
-                where, end = f"{path}:{start}", reader.line_num
-                if header is None:
-                    header = fields
-                elif fields:  # [] is a blank line
-                    if len(fields) != len(header):
-                        raise _fields_error(where, len(fields), header, "comma")
-                    broken = next((v for v in fields if "\n" in v or "\r" in v), None)
-                    if broken is not None:
-                        raise ValueError(
-                            f"{where}: a quoted field spans lines {start}-{end} ({broken[:80]!r}), so a quote was "
-                            f"probably left open and the rows after it were swallowed; {_CSV_QUOTING_HINT}"
-                        )
-                    rows.append((where, dict(zip(header, fields, strict=True))))
-                start = end + 1
-        except csv.Error as err:
-            raise ValueError(f"{path}:{start}: malformed CSV ({err}); {_CSV_QUOTING_HINT}") from err
-    return rows
-
-
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, str]]]:
     rows: list[tuple[str, dict[str, str]]] = []
     with open(path, encoding="utf-8") as f:
@@ -233,13 +173,13 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, str]]]:
     return rows
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
+def _read_rows(path: Path, tsv_quoting: TsvQuoting = "verbatim") -> list[tuple[str, dict[str, str]]]:
     """(where, row) pairs; `where` ("m.tsv:3") names the row in errors."""
     suffix = path.suffix.lower()
     if suffix == ".tsv":
-        return read_tsv_rows(path)
+        return read_tsv_rows(path, tsv_quoting)
     if suffix == ".csv":
-        return _read_csv(path)
+        return read_csv_rows(path)
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".parquet":
@@ -256,17 +196,24 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, str]]]:
     raise ValueError(f"unknown manifest format {path.suffix!r} for {path}; use one of {MANIFEST_SUFFIXES}")
 
 
-def read_manifest(path: str | Path, image_root: str | Path | None = None) -> ImageTextManifest:
+def read_manifest(
+    path: str | Path, image_root: str | Path | None = None, tsv_quoting: TsvQuoting = "verbatim"
+) -> ImageTextManifest:
     """Read a paired (or unpaired) manifest file.
 
     Args:
         path: .tsv, .csv, .jsonl or .parquet with columns image, caption [, group, caption_id, label].
         image_root: folder that relative image paths start from (default the manifest's folder).
+        tsv_quoting: how a .tsv is read: "verbatim" (quotes are text; warns when fields look csv-quoted
+            by an older csaligner) or "csv" (csv quoting, as older csaligner versions wrote .tsv).
+            Other formats have one reading each and ignore it.
     """
+    if tsv_quoting not in TSV_QUOTINGS:
+        raise ValueError(f"tsv_quoting must be one of {TSV_QUOTINGS}, got {tsv_quoting!r}")
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"manifest not found: {p}")
-    rows = _read_rows(p)
+    rows = _read_rows(p, tsv_quoting)
     if not rows:
         raise ValueError(f"{p} has no rows")
     cols = list(rows[0][1].keys())

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from csaligner._safetensors_io import safetensors_bytes
+
 LATEST = "latest"
 FORMAT_VERSION = 1
 
@@ -67,9 +69,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def _safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    # canonical header: with metadata, plain safetensors.save orders its keys differently on every call
+    return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
 def flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
