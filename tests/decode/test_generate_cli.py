@@ -134,7 +134,7 @@ def test_generate_from_a_trained_run(tmp_path: Path, inputs: Any, kandinsky_dir:
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"text_cache": "unused"}}))
     seen: list[list[str]] = []
 
-    def fake_encode(texts: list[str], encoder: str, *, tokens: bool = False) -> EncoderOutput:
+    def fake_encode(texts: list[str], encoder: str, *, tokens: bool = False, expect_id: object = None) -> EncoderOutput:
         assert not tokens  # a linear text adapter reads no tokens
         seen.append(list(texts))
         return EncoderOutput(torch.randn(len(texts), 16, generator=torch.Generator().manual_seed(len(seen))))

@@ -60,9 +60,9 @@ def test_each_run_is_ranked_with_its_own_text_encoder(
     encoded_with: list[str] = []
     real = preview_runs.encode_prompts
 
-    def spy(prompts: list[str], text_encoder: str, *, tokens: bool = False) -> object:
+    def spy(prompts: list[str], text_encoder: str, *, tokens: bool = False, expect_id: str | None = None) -> object:
         encoded_with.append(text_encoder)
-        return real(prompts, text_encoder, tokens=tokens)
+        return real(prompts, text_encoder, tokens=tokens, expect_id=expect_id)
 
     monkeypatch.setattr(preview_runs, "encode_prompts", spy)
     with other_tiny_encoders():

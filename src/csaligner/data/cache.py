@@ -170,6 +170,13 @@ class FeatureCache:
         return dict(self.state["key_fields"])
 
     @property
+    def encoder_spec(self) -> str:
+        """How to load the encoder again ("hf-text:/abs/dir"); caches from before it was recorded give
+        the registered name from the id ("minilm@..." -> "minilm"), which loads for argument-less encoders."""
+        spec = self.state.get("encoder_spec")
+        return str(spec) if spec else str(self.state["key_fields"]["encoder"]).split("@", 1)[0]
+
+    @property
     def parts(self) -> tuple[str, ...]:
         return tuple(self.state["parts"])
 

@@ -24,6 +24,7 @@ from csaligner.data.cache import DTYPES, FORMAT, CacheWriter, FeatureCache
 from csaligner.data.images import ON_BAD_IMAGE, BadImageError, bad_image_report, image_loader, scan_images
 from csaligner.data.manifest import ImageTextManifest
 from csaligner.encoders.base import EncoderOutput, FrozenEncoder
+from csaligner.encoders.registry import encoder_spec
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ def encode_manifest(
         "parts": parts,
     }
     extra = {"source": manifest.name, "skipped_images": skipped, "embed_dim": encoder.embed_dim}
+    if (spec := encoder_spec(encoder)) is not None:  # not in the key: the same weights may move
+        extra["encoder_spec"] = spec
     writer = CacheWriter(out, key_fields, manifest, rows, cfg.shard_size, extra, cfg.overwrite)
     if writer.complete:  # same key, already finished: verify and reuse
         cache = FeatureCache.open(out, expected_key=writer.key)

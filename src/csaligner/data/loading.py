@@ -88,6 +88,8 @@ def load_paired_features(
         meta={
             "image_encoder": img.key_fields["encoder"],
             "text_encoder": txt.key_fields["encoder"],
+            "image_encoder_spec": img.encoder_spec,
+            "text_encoder_spec": txt.encoder_spec,
             "image_cache_key": img.key,
             "text_cache_key": txt.key,
             "manifest": img.key_fields["manifest"],

@@ -88,13 +88,14 @@ def run_embeddings(run_dir: Path, prompts: list[str]) -> torch.Tensor:
 
     Prompts are encoded with token states when the run's text adapter reads them, as in training.
     """
-    from csaligner.decode.preview_runs import encode_prompts, run_text_encoder
+    from csaligner.decode.preview_runs import encode_prompts, run_text_encoder, run_text_encoder_id
     from csaligner.train.embed import apply_text_adapter, text_adapter_reads_tokens
     from csaligner.train.model import load_adapters
 
     adapters = load_adapters(str(run_dir), "cpu")
     encoder = run_text_encoder(run_dir)
-    encoded = encode_prompts(prompts, encoder, tokens=text_adapter_reads_tokens(adapters))
+    tokens = text_adapter_reads_tokens(adapters)
+    encoded = encode_prompts(prompts, encoder, tokens=tokens, expect_id=run_text_encoder_id(run_dir))
     fix = f"encode the prompts with {encoder!r} and tokens=True"
     return apply_text_adapter(adapters, run_dir, encoded.pooled, encoded.tokens, encoded.mask, fix=fix)
 

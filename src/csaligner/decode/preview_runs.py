@@ -39,30 +39,43 @@ def cached_image_names(image_cache: str | Path) -> dict[str, int]:
     return names
 
 
-def encode_prompts(prompts: list[str], text_encoder: str, *, tokens: bool = False) -> EncoderOutput:
-    """Prompt features from a registered text encoder (the one the runs were trained on).
+def encode_prompts(
+    prompts: list[str], text_encoder: str, *, tokens: bool = False, expect_id: str | None = None
+) -> EncoderOutput:
+    """Prompt features from a registered text encoder (the one the runs were trained on; `expect_id`, the
+    id the run recorded, makes sure it still loads the same weights).
 
     Returns:
         float32 pooled (P, D) and, with `tokens`, token states (P, L, D_tok) and their (P, L) mask.
     """
     from csaligner.train.embed import encode_texts
 
-    return encode_texts(prompts, text_encoder, tokens=tokens)
+    return encode_texts(prompts, text_encoder, tokens=tokens, expect_id=expect_id)
 
 
 def run_text_encoder(run_dir: str | Path) -> str:
-    """The text encoder a run was trained on: from its record (`encoders.json`), else from its training
-    text cache (runs from before the record; that path is relative to where the run was trained)."""
+    """How to load the text encoder a run was trained on (a `get_encoder` name): from its record
+    (`encoders.json`: the spec, else the name in the id), else from its training text cache (runs from
+    before the record; that path is relative to where the run was trained)."""
     import yaml
 
-    from csaligner.eval.evaluate import text_encoder_name
+    from csaligner.eval.evaluate import cache_encoder_spec
     from csaligner.train.model import run_encoders
 
-    recorded = run_encoders(str(run_dir)).get("text_encoder")
-    if recorded:
-        return recorded.split("@", 1)[0]
+    recorded = run_encoders(str(run_dir))
+    if recorded.get("text_encoder_spec"):
+        return recorded["text_encoder_spec"]
+    if recorded.get("text_encoder"):
+        return recorded["text_encoder"].split("@", 1)[0]
     config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    return text_encoder_name(config["data"]["text_cache"])
+    return cache_encoder_spec(config["data"]["text_cache"])
+
+
+def run_text_encoder_id(run_dir: str | Path) -> str | None:
+    """The id of the text encoder a run recorded (None for runs from before the record)."""
+    from csaligner.train.model import run_encoders
+
+    return run_encoders(str(run_dir)).get("text_encoder")
 
 
 def preview_runs(
@@ -173,10 +186,11 @@ def prompts_per_run(
         display name -> float32 pooled (P, D_txt), with tokens (P, L, D_tok) and mask where any run
         sharing that encoder needs them.
     """
-    encoders = {name: run_text_encoder(run) for name, run in runs.items()}
+    encoders = {name: (run_text_encoder(run), run_text_encoder_id(run)) for name, run in runs.items()}
     per_run: dict[str, EncoderOutput] = {}
-    for encoder in dict.fromkeys(encoders.values()):  # first-seen order
-        users = [name for name, e in encoders.items() if e == encoder]
-        encoded = encode_prompts(prompts, encoder, tokens=any(needs_tokens[name] for name in users))
+    for spec, expect_id in dict.fromkeys(encoders.values()):  # first-seen order
+        users = [name for name, e in encoders.items() if e == (spec, expect_id)]
+        tokens = any(needs_tokens[name] for name in users)
+        encoded = encode_prompts(prompts, spec, tokens=tokens, expect_id=expect_id)
         per_run.update(dict.fromkeys(users, encoded))
     return per_run

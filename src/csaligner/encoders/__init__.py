@@ -21,7 +21,13 @@ from csaligner.encoders.lora import (
     merge_lora,
     unmerge_lora,
 )
-from csaligner.encoders.registry import get_encoder, list_encoders, register_encoder, unregister_encoder
+from csaligner.encoders.registry import (
+    encoder_spec,
+    get_encoder,
+    list_encoders,
+    register_encoder,
+    unregister_encoder,
+)
 
 __all__ = [
     "EncoderOutput",
@@ -32,6 +38,7 @@ __all__ = [
     "LoraTextEncoder",
     "Modality",
     "apply_lora",
+    "encoder_spec",
     "get_encoder",
     "hash_files",
     "list_encoders",

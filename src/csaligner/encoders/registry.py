@@ -6,6 +6,7 @@ colon ("hf-text:<dir>"). Choice is by exact registered name, never by substring.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,7 +101,36 @@ def get_encoder(name: str, *, device: str = "cpu") -> FrozenEncoder:
     if entry.takes_arg:
         if not sep or not arg:
             raise ValueError(f"encoder {prefix!r} needs an argument: use {entry.usage!r}")
-        return entry.factory(arg, device=device)
-    if sep:
+        encoder = entry.factory(arg, device=device)
+    elif sep:
         raise ValueError(f"encoder {prefix!r} takes no argument after ':', got {name!r}; use {entry.usage!r}")
-    return entry.factory(device=device)
+    else:
+        encoder = entry.factory(device=device)
+    # Caches and runs record how to load it again (see `encoder_spec`); a class with __slots__ records none.
+    with contextlib.suppress(AttributeError):
+        setattr(encoder, SPEC_ATTRIBUTE, portable_spec(name))
+    return encoder
+
+
+SPEC_ATTRIBUTE = "registry_spec"
+
+
+def portable_spec(name: str) -> str:
+    """`name` with every local path in its argument made absolute: it loads again from any folder.
+
+    "hf-text:./weights" -> "hf-text:/home/me/proj/weights"; "open_clip:ViT-B-32:ckpt.pt" keeps the arch.
+    """
+    from pathlib import Path
+
+    prefix, sep, arg = name.partition(":")
+    parts = [str(Path(p).expanduser().resolve()) if p and Path(p).expanduser().exists() else p for p in arg.split(":")]
+    return f"{prefix}{sep}{':'.join(parts)}"
+
+
+def encoder_spec(encoder: FrozenEncoder) -> str | None:
+    """The `get_encoder` name that built `encoder` (paths absolute), or None for one built another way.
+
+    An encoder id ("hf-text@<weights hash>") says which weights, not where they are; this says how to
+    load them, so prompts for a run can be encoded by the encoder it was trained on."""
+    spec = getattr(encoder, SPEC_ATTRIBUTE, None)
+    return spec if isinstance(spec, str) else None

@@ -14,11 +14,12 @@ from csaligner.data.features import PairedFeatures
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
     ClassificationData,
+    cache_encoder_id,
+    cache_encoder_spec,
     check_classification_encoders,
     check_run_encoders,
     evaluate_run,
     load_classification,
-    text_encoder_name,
 )
 from csaligner.eval.plots import plot_paired_distance_hist, plot_projection
 from csaligner.eval.report import ReportSection, write_report
@@ -152,7 +153,10 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError("pass both --class-train-cache and --class-test-cache, or neither")
     if args.class_train_cache:
         classification = load_classification(
-            args.class_train_cache, args.class_test_cache, text_encoder_name(args.text_cache)
+            args.class_train_cache,
+            args.class_test_cache,
+            cache_encoder_spec(args.text_cache),
+            cache_encoder_id(args.text_cache),
         )
         check_shots(classification, args.shots, args.class_train_cache)
     for run in runs.values():  # refuse features from other encoders before any run is evaluated

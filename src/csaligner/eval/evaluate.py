@@ -34,9 +34,11 @@ class ClassificationData:
     test_labels: Tensor
     class_names: list[str]
     text_encoder: str
-    """Registered name of the text encoder the run was trained on (prompts are encoded with it)."""
+    """`get_encoder` name of the text encoder the run was trained on (prompts are encoded with it)."""
     image_encoder: str = ""
     """Id of the encoder the cached image features came from ("" when unknown: then it is not checked)."""
+    text_encoder_id: str = ""
+    """Id `text_encoder` must load (the eval text cache's; "" skips the check)."""
 
 
 def paired_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, sigma: float = 1.0) -> dict[str, float]:
@@ -119,16 +121,24 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str =
 def check_classification_encoders(run_dir: str | Path, data: ClassificationData) -> None:
     """Refuse class caches from another image encoder, or prompts for another text encoder, than the run's.
 
-    The text side compares registered names: prompts are encoded live with `data.text_encoder`.
+    Prompts are encoded live with `data.text_encoder`: its id is compared where known (and checked again
+    when it loads), else its registered name.
     """
     from csaligner.train.model import run_encoders
 
     check_run_encoders(run_dir, {"image_encoder": data.image_encoder}, "classification")
     trained = run_encoders(str(run_dir)).get("text_encoder")
-    if trained and data.text_encoder and trained.split("@", 1)[0] != data.text_encoder:
+    if not trained or not data.text_encoder:
+        return
+    if data.text_encoder_id:
+        same = data.text_encoder_id == trained
+    else:
+        same = data.text_encoder.split(":", 1)[0] == trained.split("@", 1)[0]
+    if not same:
+        used = f"{data.text_encoder!r}" + (f" ({data.text_encoder_id!r})" if data.text_encoder_id else "")
         raise ValueError(
             f"run {run_dir} was trained on text features from {trained!r}, but the classification prompts would "
-            f"be encoded with {data.text_encoder!r}; pass the run's text encoder ({trained.split('@', 1)[0]!r}), "
+            f"be encoded with {used}; pass the run's text encoder ({trained.split('@', 1)[0]!r}), "
             "e.g. a --text-cache encoded with it"
         )
 
@@ -181,7 +191,8 @@ def classification_metrics(
     adapters = load_adapters(str(run_dir), "cpu")
     prompts = class_prompts(data.class_names)  # C lists of P prompts
     flat = [p for per_class in prompts for p in per_class]
-    class_text = F.normalize(embed_texts(adapters, run_dir, flat, data.text_encoder), dim=-1)
+    expect_id = data.text_encoder_id or None
+    class_text = F.normalize(embed_texts(adapters, run_dir, flat, data.text_encoder, expect_id=expect_id), dim=-1)
     class_text = class_text.reshape(len(prompts), len(prompts[0]), -1)
     train_img = F.normalize(apply_adapter(adapters.image, data.train_features), dim=-1)
     test_img = F.normalize(apply_adapter(adapters.image, data.test_features), dim=-1)
@@ -192,8 +203,13 @@ def classification_metrics(
     return out
 
 
-def load_classification(train_cache: str | Path, test_cache: str | Path, text_encoder: str) -> ClassificationData:
+def load_classification(
+    train_cache: str | Path, test_cache: str | Path, text_encoder: str, text_encoder_id: str = ""
+) -> ClassificationData:
     """Read cached class-folder features (e.g. flowers:train and flowers:test) and their encoder id.
+
+    `text_encoder` (a `get_encoder` name) encodes the class prompts and must load `text_encoder_id`
+    when that is given (e.g. both from the eval text cache: `cache_encoder_spec`, `cache_encoder_id`).
 
     Raises:
         ValueError: the two caches differ in class names or in the image encoder that made them.
@@ -210,7 +226,9 @@ def load_classification(train_cache: str | Path, test_cache: str | Path, text_en
             f"{train_cache} and {test_cache} were encoded with different image encoders ({train_id!r} vs "
             f"{test_id!r}); encode both with the encoder the runs were trained on"
         )
-    return ClassificationData(tr_x, tr_y, te_x, te_y, names, text_encoder, image_encoder=train_id)
+    return ClassificationData(
+        tr_x, tr_y, te_x, te_y, names, text_encoder, image_encoder=train_id, text_encoder_id=text_encoder_id
+    )
 
 
 def cache_encoder_id(cache: str | Path) -> str:
@@ -220,6 +238,8 @@ def cache_encoder_id(cache: str | Path) -> str:
     return str(FeatureCache.open(cache, verify=False).key_fields["encoder"])
 
 
-def text_encoder_name(text_cache: str | Path) -> str:
-    """The registered encoder name a text cache was built with (the part of its id before '@')."""
-    return cache_encoder_id(text_cache).split("@", 1)[0]
+def cache_encoder_spec(cache: str | Path) -> str:
+    """How to load the encoder a feature cache was built with, e.g. "minilm" or "hf-text:/abs/dir"."""
+    from csaligner.data.cache import FeatureCache
+
+    return FeatureCache.open(cache, verify=False).encoder_spec

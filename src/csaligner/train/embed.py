@@ -105,16 +105,33 @@ def apply_text_adapter(
     return apply_adapter(adapters.text, text, tokens, token_mask, batch_size=batch_size, device=device)
 
 
-def encode_texts(texts: Sequence[str], text_encoder: str, *, tokens: bool = False) -> EncoderOutput:
+def encode_texts(
+    texts: Sequence[str], text_encoder: str, *, tokens: bool = False, expect_id: str | None = None
+) -> EncoderOutput:
     """Raw texts (prompts) through a registered text encoder: float32 pooled (P, D), tokens (P, L, D_tok), mask.
 
+    Args:
+        texts: P strings.
+        text_encoder: a `get_encoder` name ("minilm", "hf-text:/abs/dir", ...).
+        tokens: also return token states and their mask.
+        expect_id: the encoder id the features this must match were made with (a run's record);
+            None skips the check.
+
     Raises:
-        ValueError: `tokens` was asked for and the encoder returned none.
+        ValueError: the encoder loads other weights than `expect_id`, or `tokens` was asked for and
+            the encoder returned none.
     """
     from csaligner.encoders import EncoderOutput, get_encoder
 
+    encoder = get_encoder(text_encoder)
+    if expect_id and encoder.id != expect_id:  # same name, other weights: the adapters would map nonsense
+        raise ValueError(
+            f"text encoder {text_encoder!r} now loads {encoder.id!r}, but the run was trained on features of "
+            f"{expect_id!r}: its weights changed since (another package version or folder). Install or point at "
+            "the weights the run was trained with"
+        )
     with torch.inference_mode():
-        out = get_encoder(text_encoder).encode_texts(list(texts), tokens=tokens)
+        out = encoder.encode_texts(list(texts), tokens=tokens)
     if tokens and out.tokens is None:
         raise ValueError(
             f"text encoder {text_encoder!r} returned no token states; a run whose text adapter reads tokens "
@@ -125,14 +142,20 @@ def encode_texts(texts: Sequence[str], text_encoder: str, *, tokens: bool = Fals
 
 
 def embed_texts(
-    adapters: LoadedAdapters, run_dir: object, texts: Sequence[str], text_encoder: str, *, batch_size: int = 4096
+    adapters: LoadedAdapters,
+    run_dir: object,
+    texts: Sequence[str],
+    text_encoder: str,
+    *,
+    batch_size: int = 4096,
+    expect_id: str | None = None,
 ) -> Tensor:
     """(P, D) unnormalised text-adapter outputs of raw texts, float32 on CPU.
 
     The texts are encoded with `text_encoder` (the one the run was trained on), with token states
     when the run's text adapter reads them, so prompts are mapped the way training captions were.
     """
-    encoded = encode_texts(texts, text_encoder, tokens=text_adapter_reads_tokens(adapters))
+    encoded = encode_texts(texts, text_encoder, tokens=text_adapter_reads_tokens(adapters), expect_id=expect_id)
     fix = f"encode the texts with {text_encoder!r} and tokens=True"
     return apply_text_adapter(
         adapters, run_dir, encoded.pooled, encoded.tokens, encoded.mask, fix=fix, batch_size=batch_size

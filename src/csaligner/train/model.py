@@ -176,7 +176,9 @@ def load_adapters(run_dir: str, device: str | torch.device = "cpu") -> LoadedAda
 
 
 ENCODERS_FILE = "encoders.json"
-"""A run's record of the frozen encoders its features came from: {"image_encoder": id, "text_encoder": id}."""
+"""A run's record of the frozen encoders its features came from: {"image_encoder": id, "text_encoder": id},
+and where known how to load them again: {"image_encoder_spec": "efficientnet-lite0", "text_encoder_spec": ...}."""
+_RECORDED = ("image_encoder", "text_encoder", "image_encoder_spec", "text_encoder_spec")
 
 
 def write_run_encoders(run_dir: str, meta: dict[str, object]) -> None:
@@ -184,7 +186,7 @@ def write_run_encoders(run_dir: str, meta: dict[str, object]) -> None:
     import json
     import os
 
-    ids = {k: str(meta[k]) for k in ("image_encoder", "text_encoder") if meta.get(k)}
+    ids = {k: str(meta[k]) for k in _RECORDED if meta.get(k)}
     path = os.path.join(run_dir, ENCODERS_FILE)
     if ids:
         with open(path, "w") as f:
