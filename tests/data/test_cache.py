@@ -294,3 +294,33 @@ def test_rebuilt_cache_has_byte_identical_shards(tiny_manifest: ImageTextManifes
             assert (one / name).read_bytes() == (two / name).read_bytes(), name
         recorded = [json.loads((d / "cache.json").read_text())["parts"] for d in (one, two)]
         assert recorded[0] == recorded[1]  # same sha256 per shard
+
+
+class Scaled(Counting):
+    """Multiplies the wrapped text encoder's features by `scale` (1e6: beyond fp16; nan: a broken encoder)."""
+
+    def __init__(self, inner: Any, scale: float) -> None:
+        super().__init__(inner)
+        self.scale = scale
+
+    def encode_texts(self, texts: Sequence[str], tokens: bool = False) -> EncoderOutput:
+        out = self.inner.encode_texts(texts, tokens=tokens)
+        scaled = None if out.tokens is None else out.tokens * self.scale
+        return EncoderOutput(out.pooled * self.scale, scaled, out.mask)
+
+
+@pytest.mark.parametrize(
+    ("scale", "message"),
+    [(1e6, r"pooled features reach .* beyond what torch.float16 stores.*--dtype fp32"), (float("nan"), "NaN or inf")],
+)
+def test_non_finite_features_are_never_stored(
+    tiny_manifest: ImageTextManifest, tmp_path: Path, scale: float, message: str
+) -> None:
+    with pytest.raises(FloatingPointError, match=message):
+        encode_manifest(Scaled(TinyTextEncoder(), scale), tiny_manifest, tmp_path / "c", FAST)
+    assert not list((tmp_path / "c").glob("*.safetensors"))
+    if scale == 1e6:  # fp32 holds them
+        cache = encode_manifest(
+            Scaled(TinyTextEncoder(), scale), tiny_manifest, tmp_path / "d", replace(FAST, dtype="fp32")
+        )
+        assert bool(torch.isfinite(cache.pooled("text")).all())

@@ -110,7 +110,25 @@ def _stack(outs: Sequence[EncoderOutput], dtype: torch.dtype) -> dict[str, Tenso
             mask[row : row + b, :length] = o.mask.cpu()
             row += b
         res["tokens"], res["mask"] = tokens, mask
+    _check_finite(outs, res, dtype)
     return res
+
+
+def _check_finite(outs: Sequence[EncoderOutput], stored: dict[str, Tensor], dtype: torch.dtype) -> None:
+    """Refuse to store NaN / inf: from the encoder itself, or from values beyond the storage dtype's range."""
+    for name in ("pooled", "tokens"):
+        if name not in stored or bool(torch.isfinite(stored[name]).all()):
+            continue
+        raw = [getattr(o, name) for o in outs if getattr(o, name) is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in raw):
+            raise FloatingPointError(
+                f"the encoder returned NaN or inf {name} features; check its inputs and weights (nothing was stored)"
+            )
+        peak = max(float(t.abs().max()) for t in raw)
+        raise FloatingPointError(
+            f"{name} features reach {peak:.4g}, beyond what {dtype} stores (max {torch.finfo(dtype).max:.4g}); "
+            "encode with --dtype fp32 (EncodeConfig(dtype='fp32'))"
+        )
 
 
 def _bar(total: int, initial: int, desc: str, unit: str, on: bool) -> Any:
