@@ -132,3 +132,13 @@ def test_preview_run_mode_errors(
     (tmp_path / "gt.json").write_text(json.dumps({"0": ["nope.png"]}))
     assert preview(caches, tmp_path, tmp_path / "o", *run, "--ground-truth", str(tmp_path / "gt.json")) == 1
     assert "prompt 0 names 'nope.png', which is not among the images" in capsys.readouterr().err
+
+
+def test_preview_refuses_an_image_cache_from_another_image_encoder(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run(tmp_path / "b", caches.text_tokens, encoders={"image_encoder": "tiny-image-b@seed1-v1"})
+    assert preview(caches, tmp_path, tmp_path / "o", "--run", str(run)) == 1  # the cache is tiny-image's
+    err = capsys.readouterr().err
+    assert "trained on image features from 'tiny-image-b@seed1-v1', but the preview image cache" in err
+    assert not (tmp_path / "o").exists()

@@ -111,10 +111,11 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str =
     for key, side in (("image_encoder", "image"), ("text_encoder", "text")):
         given = meta.get(key)
         if key in trained and given and str(given) != trained[key]:
+            spec = trained.get(f"{key}_spec") or trained[key].split("@", 1)[0]
             raise ValueError(
                 f"run {run_dir} was trained on {side} features from {trained[key]!r}, but the {what} {side} cache "
                 f"was encoded with {str(given)!r}; encode the {what} data with the run's encoder "
-                f"(csalign encode --encoder {trained[key].split('@', 1)[0]} ...)"
+                f"(csalign encode --encoder {spec} ...)"
             )
 
 
