@@ -6,6 +6,7 @@ Errors are for people: each one names the offending argument and value and says 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -62,10 +63,14 @@ def check_positive(name: str, value: float | Tensor) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_chunk_size(chunk_size: int | None) -> None:
-    """Rows per strip: None (sized to the batch) or a positive integer."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """Rows per strip: None (sized to the batch) or a positive integer; returned as a plain int (or None)."""
+    if chunk_size is None:
+        return None
+    # numbers.Integral: a size computed with numpy (np.int64) is an integer too
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer (rows per strip) or None, got {chunk_size!r}")
+    return int(chunk_size)
 
 
 def check_weights(name: str, w: Tensor | None, n: int, ref: Tensor) -> Tensor | None:

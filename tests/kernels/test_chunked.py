@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -308,3 +309,14 @@ def test_a_chunk_size_that_is_not_a_positive_integer_is_an_error(chunk: float) -
         streamed_info_nce(x, y, 0.07, chunk_size=chunk)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         streamed_cs_divergence(x, y, 1.0, chunk_size=chunk)  # type: ignore[arg-type]
+
+
+def test_a_numpy_integer_chunk_size_is_accepted() -> None:
+    """A chunk size computed with numpy (np.int64) is a positive integer too; it worked before the check."""
+    x, y = torch.randn(40, 4), torch.randn(40, 4)
+    want = infonce_cs_terms(x, y, impl="chunked", chunk_size=16)
+    got = infonce_cs_terms(x, y, impl="chunked", chunk_size=np.int64(16))  # type: ignore[arg-type]
+    assert all(float(got[k]) == pytest.approx(float(want[k]), rel=1e-6) for k in want)
+    assert float(streamed_info_nce(x, y, 0.07, chunk_size=np.int32(16))) == pytest.approx(
+        float(streamed_info_nce(x, y, 0.07, chunk_size=16)), rel=1e-6
+    )

@@ -100,6 +100,17 @@ def test_l2_prior_loss_is_eclipse_objective() -> None:
     assert set(out) == {"l2", "loss"}
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_l2_prior_takes_text_to_image_of_any_integer_dtype(dtype: torch.dtype) -> None:
+    # The objective checked text_to_image but indexed with the caller's tensor: int16 was refused by indexing
+    # and uint8 was read as a boolean mask over the images.
+    x, y = torch.randn(3, 4), torch.randn(6, 4)
+    t2i = torch.tensor([0, 0, 1, 1, 2, 2])
+    want = AlignmentLoss(objective="l2_prior")(x, y, text_to_image=t2i)["loss"]
+    got = AlignmentLoss(objective="l2_prior")(x, y, text_to_image=t2i.to(dtype))["loss"]
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
 def test_eq10_alignment_uniformity_decomposition() -> None:
     """For unit-norm features and lambda = 1 the loss splits into Wang & Isola style terms:
 

@@ -174,7 +174,7 @@ def infonce_cs_terms(
     pass already computes the D_CS terms' gradients (one sweep instead of two) and keeps them
     until backward: evaluate under `torch.no_grad()` to skip that work.
     """
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     x_all = x if x_all is None else x_all
     y_all = y if y_all is None else y_all
     path = resolve_impl(impl, x, y, x_all, y_all)

@@ -238,7 +238,7 @@ def streamed_log_mean_kernel(
     offset is known in advance (always for b None; for a vs b when the logits span <= 80 nats),
     which saves the backward pass's second sweep over the strips.
     """
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     backend = backend or TorchStrips()
     n_cols = a.shape[0] if b is None else b.shape[0]
     # The symmetric term weights whole diagonal tiles by 1/2: its strips must start on tile rows.

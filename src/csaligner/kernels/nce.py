@@ -276,7 +276,7 @@ def streamed_info_nce(
     check_features("y", y)
     check_same_dim("x", x, "y", y)
     check_positive("temperature", temperature)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     n, m = x.shape[0], y.shape[0]
     work = compute_dtype(x, y)
     pos_row, pos_w = positives(n, m, text_to_image, x.device, work)

@@ -157,8 +157,8 @@ class AlignmentLoss(nn.Module):
         )
         norm: Callable[[Tensor], Tensor] = norm32 if keep is None else (lambda t: norm32(t).to(keep))
         x, y = norm(image), norm(text)
-        if text_to_image is not None:
-            check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
+        if text_to_image is not None:  # int64 on x's device from here: l2_prior indexes with it
+            text_to_image = check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
         xs, ys = x, y  # the CS pools; `is` the pairs when there are no extras (the fused path checks)
         if unpaired_images is not None:
             xs = torch.cat([x, norm(_pool("unpaired_images", unpaired_images, "image", image))])
