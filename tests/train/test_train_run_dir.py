@@ -152,3 +152,14 @@ def test_resume_on_features_of_other_encoders_is_refused(tmp_path: Path) -> None
         train(load_config(None, [*cfg, "train.resume=auto"]), other)
     train(load_config(None, [*cfg, "train.resume=auto"]), synthetic_features())  # no record: nothing to compare
     assert json.loads((tmp_path / "encoders.json").read_text())["text_encoder"] == "bert@1"  # the record is kept
+
+
+def test_resume_from_another_folders_checkpoint_checks_that_runs_encoders(tmp_path: Path) -> None:
+    first = synthetic_features()
+    first.meta.update(image_encoder="vit@1", text_encoder="bert@1")
+    stopped = train(load_config(None, fast_overrides(tmp_path / "a", "train.steps=4")), first, until_step=2)
+    other = synthetic_features()
+    other.meta.update(image_encoder="vit@1", text_encoder="e5@1")
+    moved = fast_overrides(tmp_path / "b", "train.steps=4", f"train.resume={stopped.checkpoint}")
+    with pytest.raises(ValueError, match=r"text_encoder: 'bert@1' -> 'e5@1'"):
+        train(load_config(None, moved), other)

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import os
 import sys
 import textwrap
 from typing import Any
@@ -105,12 +106,13 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_yaml(config))
         return 0
     result = train(config)
-    if not result.metrics:  # not the main process under torchrun: rank 0 reports
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
         return 0
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k not in ("step", "epoch"))
     if not result.history:  # resumed at or past the stop: say so rather than look like a training run
         print(f"{result.run_dir} had already reached step {result.step} of {result.total_steps}; no step to run")
-    print(f"step {result.step}/{result.total_steps}: {shown}")
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if k not in ("step", "epoch"))
+    if shown:
+        print(f"step {result.step}/{result.total_steps}: {shown}")
     if result.finished:
         print(f"adapters: {result.image_adapter} {result.text_adapter}")
     return 0

@@ -173,8 +173,8 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
         config, info, model, model, objective, optimizer, params, scaler, ema, sampler, feats, adapter_configs, total
     )
     _maybe_resume(run)
-    if run.checkpoint is not None:
-        check_resume_encoders(cfg.out_dir, features.meta)
+    if run.checkpoint is not None:  # the record of the run that wrote it (train.resume may name another folder's)
+        check_resume_encoders(os.path.dirname(os.path.dirname(run.checkpoint)), features.meta)
     run.ddp_model = wrap_ddp(model, info)
     if info.is_main:
         delete_paths(stale)  # train.overwrite: the previous run goes only now that this one is set up
