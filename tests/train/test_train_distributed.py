@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -73,6 +74,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         result = train(run_cfg, helpers.synthetic_features())
         if rank == 0:
             Path(out_dir, "history.json").write_text(json.dumps(result.history))
+        # Free the DDP wrappers (kept alive by reference cycles) and let both processes finish their
+        # collectives before the group goes: gloo work freed at interpreter exit can SIGABRT the process.
+        del result
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -9,6 +9,7 @@ over processes, which gives exactly dL/dθ of one process on the concatenated ba
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -75,7 +76,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Destroy the process group this process initialised (not one its caller made).
+
+    DDP reducers and gloo work objects left in reference cycles are collected first: freed later, during
+    interpreter shutdown, gloo's threads can abort the process (SIGABRT) after training succeeded.
+    """
     if info.initialized_here and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
