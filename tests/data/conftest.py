@@ -21,6 +21,20 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def shared_captions_tsv() -> Path:
+    """The real Flickr8k captions.tsv under $CSALIGN_DATA (skips the test where the shared data is absent)."""
+    from csaligner.data.datasets import data_root
+
+    try:
+        tsv = data_root() / "flickr8k" / "captions.tsv"
+    except FileNotFoundError as err:
+        pytest.skip(f"shared data not available: {err}")
+    if not tsv.is_file():
+        pytest.skip(f"{tsv} not found (set CSALIGN_DATA)")
+    return tsv
+
+
 def write_jpegs(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (40, 30)) -> list[Path]:
     """n random-colour JPEGs (non-square, so resize + centre crop run)."""
     from PIL import Image

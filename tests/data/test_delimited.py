@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from csaligner.data import CsvQuotedTsvWarning, ImageTextManifest, data_root, read_manifest, unquote_tsv
+from csaligner.data import CsvQuotedTsvWarning, ImageTextManifest, read_manifest, unquote_tsv
 from csaligner.data.delimited import looks_csv_quoted, read_tsv_rows
 from csaligner.data.manifest import manifest_rows
 
@@ -116,14 +116,9 @@ def test_unquote_tsv_refuses_values_a_verbatim_tsv_cannot_hold(tmp_path: Path) -
     assert not (tmp_path / "new.tsv").exists()
 
 
-def test_shared_flickr8k_captions_raise_no_quoting_warning() -> None:
+def test_shared_flickr8k_captions_raise_no_quoting_warning(shared_captions_tsv: Path) -> None:
     """The real captions.tsv has 101 captions with quotes, none of them csv-quoted: no false alarm."""
-    try:
-        tsv = data_root() / "flickr8k" / "captions.tsv"
-    except FileNotFoundError as err:
-        pytest.skip(f"shared data not available: {err}")
-    if not tsv.is_file():
-        pytest.skip(f"{tsv} not found (set CSALIGN_DATA)")
+    tsv = shared_captions_tsv
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = read_tsv_rows(tsv)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from csaligner.data import ImageTextManifest, data_root, read_flickr8k, read_manifest, write_manifest
+from csaligner.data import ImageTextManifest, read_flickr8k, read_manifest, write_manifest
 from csaligner.data.delimited import read_tsv_rows
 
 # Captions that a quote-parsing TSV reader or a naive CSV writer would mangle.
@@ -94,14 +94,9 @@ def test_short_rows_name_the_missing_columns_the_fix_and_the_count(
         read_manifest(tmp_path / name)
 
 
-def test_shared_flickr8k_captions_have_no_short_rows() -> None:
+def test_shared_flickr8k_captions_have_no_short_rows(shared_captions_tsv: Path) -> None:
     """The real captions.tsv (35,000 rows, none with an empty trailing caption) loads under the strict reader."""
-    try:
-        tsv = data_root() / "flickr8k" / "captions.tsv"
-    except FileNotFoundError as err:
-        pytest.skip(f"shared data not available: {err}")
-    if not tsv.is_file():
-        pytest.skip(f"{tsv} not found (set CSALIGN_DATA)")
+    tsv = shared_captions_tsv
     rows = read_tsv_rows(tsv)
     assert len(rows) == 35_000 and all(r["caption"].strip() for _, r in rows)
     assert read_flickr8k(tsv.parent, "dev").num_texts == 5_000
