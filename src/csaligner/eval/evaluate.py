@@ -105,18 +105,16 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str =
         meta: the features' provenance, with "image_encoder" / "text_encoder" ids where known.
         what: which features these are, for the message ("eval", "classification").
     """
-    from csaligner.train.model import run_encoders
+    from csaligner.train.model import encoder_mismatches, run_encoders
 
-    trained = run_encoders(str(run_dir))
-    for key, side in (("image_encoder", "image"), ("text_encoder", "text")):
-        given = meta.get(key)
-        if key in trained and given and str(given) != trained[key]:
-            spec = trained.get(f"{key}_spec") or trained[key].split("@", 1)[0]
-            raise ValueError(
-                f"run {run_dir} was trained on {side} features from {trained[key]!r}, but the {what} {side} cache "
-                f"was encoded with {str(given)!r}; encode the {what} data with the run's encoder "
-                f"(csalign encode --encoder {spec} ...)"
-            )
+    for key, trained_id, given in encoder_mismatches(str(run_dir), meta):
+        side = key.split("_", 1)[0]
+        spec = run_encoders(str(run_dir)).get(f"{key}_spec") or trained_id.split("@", 1)[0]
+        raise ValueError(
+            f"run {run_dir} was trained on {side} features from {trained_id!r}, but the {what} {side} cache "
+            f"was encoded with {given!r}; encode the {what} data with the run's encoder "
+            f"(csalign encode --encoder {spec} ...)"
+        )
 
 
 def check_classification_encoders(run_dir: str | Path, data: ClassificationData) -> None:

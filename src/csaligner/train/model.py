@@ -209,3 +209,11 @@ def run_encoders(run_dir: str) -> dict[str, str]:
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not readable JSON ({err}); delete it to skip the encoder check") from err
     return {str(k): str(v) for k, v in ids.items()} if isinstance(ids, dict) else {}
+
+
+def encoder_mismatches(run_dir: str, meta: dict[str, object]) -> list[tuple[str, str, str]]:
+    """(key, recorded id, given id) for each encoder ("image_encoder", "text_encoder") whose id the run
+    recorded and `meta` gives, and they differ. Either side unknown is no mismatch."""
+    trained = run_encoders(run_dir)
+    keys = ("image_encoder", "text_encoder")
+    return [(k, trained[k], str(meta[k])) for k in keys if k in trained and meta.get(k) and str(meta[k]) != trained[k]]

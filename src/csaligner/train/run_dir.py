@@ -8,7 +8,7 @@ import shutil
 
 from csaligner.train.checkpoint import latest_checkpoint, step_checkpoints
 from csaligner.train.config import TrainConfig
-from csaligner.train.model import run_encoders
+from csaligner.train.model import encoder_mismatches
 
 # What a run (and `csalign eval` of it) leaves in out_dir that a fresh run there would mix with its own;
 # train.overwrite deletes these. config.yaml is rewritten by every run.
@@ -72,12 +72,7 @@ def check_resume_encoders(out_dir: str, meta: dict[str, object]) -> None:
     The cache paths may move between a stop and a resume, but features of another encoder with the same
     width would pass every shape check and quietly train the adapters on something else.
     """
-    recorded, given = run_encoders(out_dir), encoder_ids(meta)
-    changed = [
-        f"{k}: {recorded[k]!r} -> {given[k]!r}"
-        for k in sorted(recorded.keys() & given.keys())
-        if recorded[k] != given[k]
-    ]
+    changed = [f"{k}: {old!r} -> {new!r}" for k, old, new in encoder_mismatches(out_dir, meta)]
     if changed:
         raise ValueError(
             f"run {out_dir} was trained on features of other encoders than the caches given now ({'; '.join(changed)}; "
