@@ -54,12 +54,31 @@ def check_same_dim(name_x: str, x: Tensor, name_y: str, y: Tensor) -> None:
         )
 
 
+def is_number(value: object) -> bool:
+    """True for a finite real number (int, float or a numpy scalar), False for a bool.
+
+    bool is an int subclass, so `lam=True` would otherwise read as 1.0: a flag passed in the wrong
+    place, not a number. A numeric string ("0.1") is not a number either; configs read from YAML
+    are coerced to their field types before they get here.
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_integer(value: object) -> bool:
+    """True for an int or a numpy integer, False for a bool (True is not a count or a size)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_positive(name: str, value: float | Tensor) -> None:
-    """A bandwidth or temperature must be a finite positive number."""
+    """A bandwidth or temperature must be a finite positive number (or a tensor of them)."""
     if isinstance(value, bool):  # float(True) == 1.0: a flag passed in the wrong place, not a bandwidth
         raise ValueError(f"{name} must be a finite number > 0, got the bool {value!r}")
-    v = float(value.detach().min()) if isinstance(value, Tensor) else float(value)
-    if not math.isfinite(v) or v <= 0:
+    if isinstance(value, Tensor):
+        v = float(value.detach().min())
+        ok = math.isfinite(v) and v > 0
+    else:
+        ok = is_number(value) and value > 0
+    if not ok:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -67,8 +86,8 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
     """Rows per strip: None (sized to the batch) or a positive integer; returned as a plain int (or None)."""
     if chunk_size is None:
         return None
-    # numbers.Integral: a size computed with numpy (np.int64) is an integer too
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    # a size computed with numpy (np.int64) is an integer too; True is not
+    if not is_integer(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer (rows per strip) or None, got {chunk_size!r}")
     return int(chunk_size)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -225,6 +227,20 @@ def test_cs_aligner_loss_refuses_a_config_of_another_objective() -> None:
 def test_a_bool_bandwidth_or_temperature_is_an_error(field: str) -> None:
     with pytest.raises(ValueError, match=f"{field} must be a finite number > 0, got the bool True"):
         LossConfig(**{field: True})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", ["lam", "token_lam"])
+@pytest.mark.parametrize("value", [True, False, "0.1", None])
+def test_a_weight_that_is_not_a_number_is_an_error(field: str, value: object) -> None:
+    # lam=True read as 1.0 (100 times the paper's weight); a string raised a TypeError from math.isfinite.
+    with pytest.raises(ValueError, match=re.escape(f"{field} must be a finite number >= 0, got {value!r}")):
+        LossConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_a_string_temperature_is_an_error() -> None:
+    # check_positive took float("0.1") for a number; AlignmentLoss then failed on math.log(1 / "0.1").
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got '0\.1'"):
+        LossConfig(temperature="0.1")  # type: ignore[arg-type]
 
 
 def test_a_soft_token_mask_is_an_error_and_a_0_1_int_mask_is_a_mask() -> None:

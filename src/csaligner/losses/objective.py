@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from csaligner._validation import check_features, check_positive, check_same_dim
+from csaligner._validation import check_features, check_positive, check_same_dim, is_number
 from csaligner.losses.contrastive import check_text_to_image, info_nce
 from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
 
@@ -55,10 +55,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {sorted(OBJECTIVES)}")
-        if not math.isfinite(self.lam) or self.lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
-        if not math.isfinite(self.token_lam) or self.token_lam < 0:
-            raise ValueError(f"token_lam must be a finite number >= 0, got {self.token_lam}")
+        for name in ("lam", "token_lam"):  # a bool weight (lam=True) is a flag in the wrong place, not 1.0
+            value = getattr(self, name)
+            if not is_number(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if isinstance(self.sigma, str):
             if self.sigma != "median":
                 raise ValueError(f'sigma must be a positive number or "median", got {self.sigma!r}')
