@@ -64,9 +64,14 @@ def is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def is_integer(value: object) -> bool:
-    """True for an int or a numpy integer, False for a bool (True is not a count or a size)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def is_integer(value: object, *, plain: bool = False) -> bool:
+    """True for an int or a numpy integer, False for a bool (True is not a count or a size).
+
+    plain=True admits only a Python int: config fields are written to YAML and JSON, where numpy
+    integers do not serialise.
+    """
+    kind = int if plain else numbers.Integral
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def check_positive(name: str, value: float | Tensor) -> None:

@@ -287,7 +287,9 @@ def test_save_rejects_module_that_does_not_match_config(tmp_path) -> None:
         ({"mlp_ratio": 9}, "mlp_ratio"),
         ({"mlp_alpha": 1.5}, "mlp_alpha"),
         ({"mlp_alpha": float("nan")}, "mlp_alpha"),
+        ({"mlp_alpha": True}, "mlp_alpha"),  # read as alpha 1.0 (the input dropped); YAML `mlp_alpha: true`
         ({"dropout": 1.0}, "dropout"),
+        ({"dropout": False}, "dropout"),
         ({"num_layers": 0}, "num_layers"),
         ({"num_heads": 2.5}, "num_heads"),
         ({"head_dim": 0}, "head_dim"),
