@@ -171,6 +171,37 @@ def test_cs_aligner_loss_keeps_bf16_features_in_bf16_and_matches_float32(impl: s
     assert x.grad is not None and x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
 
 
+@pytest.mark.parametrize("objective", ["cs_aligner", "infonce", "mmd", "kl", "l2_prior"])
+def test_float64_features_give_float64_terms(objective: str) -> None:
+    """The loss cast every feature to float32: float64 inputs came back as float32 terms."""
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    xt, yt = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 2, 4, dtype=torch.float64)
+    out = AlignmentLoss(objective=objective, token_lam=0.3)(x, y, image_tokens=xt, text_tokens=yt)  # type: ignore[arg-type]
+    assert {k: v.dtype for k, v in out.items()} == dict.fromkeys(out, torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("objective", "impl"),
+    [("cs_aligner", "dense"), ("cs_aligner", "chunked"), ("infonce", "chunked"), ("mmd", "auto"), ("kl", "auto"),
+     ("l2_prior", "auto")],
+)  # fmt: skip
+def test_float64_gradcheck_through_every_objective(objective: str, impl: str) -> None:
+    """float64 gradcheck failed on float32 rounding inside the loss."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    loss_fn = AlignmentLoss(objective=objective, lam=0.5, impl=impl, temperature=0.5)  # type: ignore[arg-type]
+    assert torch.autograd.gradcheck(lambda a, b: loss_fn(a, b)["loss"], (x, y))
+
+
+def test_float64_gradcheck_through_the_token_term() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    xt = torch.randn(2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    yt = torch.randn(2, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    loss_fn = CSAlignerLoss(token_lam=1.0, sigma=0.8)
+    assert torch.autograd.gradcheck(lambda a, b: loss_fn(x, y, image_tokens=a, text_tokens=b)["token_cs"], (xt, yt))
+
+
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
 def test_fixed_temperature_below_the_learned_clamp_is_used_as_given(impl: str) -> None:
     """CLIP's clamp (temperature >= 0.01) is for a learned temperature; a fixed one is not changed."""

@@ -142,20 +142,13 @@ class AlignmentLoss(nn.Module):
 
         Returns:
             dict with "infonce" (if used), the divergence under its name ("cs", "mmd", "kl"),
-            "token_cs" (if tokens are given) and the weighted total "loss".
+            "token_cs" (if tokens are given) and the weighted total "loss"; float64 when any
+            feature tensor is float64 (e.g. for gradcheck), else float32 (also for bf16/fp16).
         """
         cfg = self.config
         check_features("image", image)
         check_features("text", text)
-        # bf16/fp16 features stay in their dtype (normalised in float32) where the objective goes
-        # through `infonce_cs_terms`: its Triton path then runs on tensor cores; every path there
-        # accumulates in float32. The other objectives and the token term compute in float32.
-        half = image.dtype if image.dtype == text.dtype and image.dtype in (torch.bfloat16, torch.float16) else None
-        keep = half if cfg.objective in ("cs_aligner", "infonce") else None
-        norm32: Callable[[Tensor], Tensor] = (
-            (lambda t: F.normalize(t.float(), dim=-1)) if cfg.normalize else (lambda t: t.float())
-        )
-        norm: Callable[[Tensor], Tensor] = norm32 if keep is None else (lambda t: norm32(t).to(keep))
+        norm, norm_wide = self._casts(image, text, unpaired_images, unpaired_texts, image_tokens, text_tokens)
         x, y = norm(image), norm(text)
         if text_to_image is not None:  # int64 on x's device from here: l2_prior indexes with it
             text_to_image = check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
@@ -180,13 +173,40 @@ class AlignmentLoss(nn.Module):
             if image_tokens is None or text_tokens is None:
                 raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
             terms["token_cs"] = token_cs_divergence(
-                norm32(image_tokens), norm32(text_tokens), image_token_mask, text_token_mask, sigma=self.sigma
+                norm_wide(image_tokens), norm_wide(text_tokens), image_token_mask, text_token_mask, sigma=self.sigma
             )
             total = total + cfg.token_lam * terms["token_cs"]
         elif cfg.token_lam > 0:
             raise ValueError(f"token_lam={cfg.token_lam} > 0 needs image_tokens and text_tokens; pass them or set 0")
         terms["loss"] = total
         return terms
+
+    def _casts(
+        self, image: Tensor, text: Tensor, *others: Tensor | None
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """The casts (and L2 normalisation, when configured) applied to every feature tensor of a call.
+
+        Returns:
+            (norm, norm_wide): `norm` for the pooled features and pools, `norm_wide` for the tokens.
+            Both compute in float64 when any given feature tensor is float64 (gradcheck runs
+            there), else in float32. Only `norm` keeps bf16/fp16 pairs in their dtype (normalised
+            in float32), for the objectives that go through `infonce_cs_terms`: its Triton path
+            then runs on tensor cores, and every path there accumulates in float32.
+        """
+        given = (image, text, *others)
+        wide = torch.float64 if any(getattr(t, "dtype", None) == torch.float64 for t in given) else torch.float32
+        half = image.dtype if image.dtype == text.dtype and image.dtype in (torch.bfloat16, torch.float16) else None
+        keep = half if self.config.objective in ("cs_aligner", "infonce") else None
+        normalize = self.config.normalize
+
+        def norm_wide(t: Tensor) -> Tensor:
+            t = t.to(wide)
+            return F.normalize(t, dim=-1) if normalize else t
+
+        def norm(t: Tensor) -> Tensor:
+            return norm_wide(t) if keep is None else norm_wide(t).to(keep)
+
+        return norm, norm_wide
 
     def _main_terms(
         self, x: Tensor, y: Tensor, xs: Tensor, ys: Tensor, text_to_image: Tensor | None, use_mi: bool, shard: bool
