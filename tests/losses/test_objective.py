@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from csaligner import AlignmentLoss, CSAlignerLoss, LossConfig, cs_divergence, info_nce
+from csaligner.losses.divergence import gaussian_kl, mmd
 from tests.losses.reference import info_nce_loop
 
 
@@ -63,6 +65,29 @@ def test_unpaired_pools_enter_only_the_cs_term() -> None:
     pooled_x = F.normalize(torch.cat([x, ux]), dim=-1)
     pooled_y = F.normalize(torch.cat([y, uy]), dim=-1)
     assert torch.allclose(more["cs"], cs_divergence(pooled_x, pooled_y))
+
+
+@pytest.mark.parametrize("objective", ["infonce", "l2_prior"])
+@pytest.mark.parametrize("pool", ["unpaired_images", "unpaired_texts"])
+def test_an_objective_without_a_divergence_refuses_unpaired_pools(objective: str, pool: str) -> None:
+    """infonce and l2_prior have no term for unpaired data: they ignored the pools silently."""
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    loss_fn = AlignmentLoss(objective=objective)
+    assert not loss_fn.config.takes_unpaired
+    with pytest.raises(ValueError, match=rf"objective='{objective}' has no distribution divergence.*{pool} would be "):
+        loss_fn(x, y, **{pool: torch.randn(3, 6)})
+
+
+@pytest.mark.parametrize(("objective", "divergence"), [("mmd", mmd), ("kl", gaussian_kl)])
+def test_mmd_and_kl_take_the_unpaired_pools_into_their_divergence(objective: str, divergence: Callable) -> None:
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    ux, uy = torch.randn(5, 6) + 1, torch.randn(3, 6)
+    loss_fn = AlignmentLoss(objective=objective)
+    assert loss_fn.config.takes_unpaired
+    out = loss_fn(x, y, unpaired_images=ux, unpaired_texts=uy)
+    pooled_x, pooled_y = F.normalize(torch.cat([x, ux]), dim=-1), F.normalize(torch.cat([y, uy]), dim=-1)
+    assert torch.allclose(out[objective], divergence(pooled_x, pooled_y), atol=1e-6)
+    assert torch.allclose(out["infonce"], loss_fn(x, y)["infonce"])
 
 
 def test_multi_caption_and_token_terms() -> None:

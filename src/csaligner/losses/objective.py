@@ -2,7 +2,9 @@
 
 Every objective is an nn.Module with the same call shape,
 ``loss_fn(image, text, text_to_image=None, unpaired_images=None, ...) -> dict[str, Tensor]``,
-returning named terms and the total under ``"loss"`` (open_clip's CLIPTask style).
+returning named terms and the total under ``"loss"`` (open_clip's CLIPTask style). Unpaired
+images and texts enter only the distribution divergence, so the objectives without one (infonce,
+l2_prior) refuse them instead of ignoring them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ ObjectiveName = Literal["cs_aligner", "infonce", "mmd", "kl", "l2_prior"]
 Impl = Literal["auto", "dense", "chunked", "triton"]
 MIN_LEARNED_TEMPERATURE = 0.01
 """A learned temperature is clamped here (CLIP's logit scale <= 100)."""
+DIVERGENCE_TERMS: dict[str, str] = {"cs_aligner": "cs", "mmd": "mmd", "kl": "kl"}
+"""Objective -> name of its distribution-divergence term, the only term unpaired data enters."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,12 @@ class LossConfig:
             )
         if self.impl not in ("auto", "dense", "chunked", "triton"):
             raise ValueError(f"impl must be auto, dense, chunked or triton, got {self.impl!r}")
+
+    @property
+    def takes_unpaired(self) -> bool:
+        """True when the objective has a distribution divergence (cs_aligner, mmd, kl): the only term
+        unpaired images and texts can enter. infonce and l2_prior refuse them."""
+        return self.objective in DIVERGENCE_TERMS
 
 
 class AlignmentLoss(nn.Module):
@@ -128,8 +138,10 @@ class AlignmentLoss(nn.Module):
             image: (N, D) paired image features.
             text: (M, D) text features; M == N when paired one to one.
             text_to_image: optional (M,) image row of each text (several captions per image).
-            unpaired_images: optional (P, D) images with no caption; they enter only the divergence.
-            unpaired_texts: optional (Q, D) texts with no image; only the divergence.
+            unpaired_images: optional (P, D) images with no caption; they enter only the divergence,
+                so only cs_aligner, mmd and kl take them (`LossConfig.takes_unpaired`); infonce and
+                l2_prior raise ValueError rather than ignore them.
+            unpaired_texts: optional (Q, D) texts with no image; only the divergence, as above.
             image_tokens: optional (B, V, D) vision tokens for the token-level CS term, for B samples
                 (all N images or a subset of them, e.g. train.token_images).
             text_tokens: optional (B, L, D) text tokens (one token set per image sample).
@@ -152,15 +164,11 @@ class AlignmentLoss(nn.Module):
         x, y = norm(image), norm(text)
         if text_to_image is not None:  # int64 on x's device from here: l2_prior indexes with it
             text_to_image = check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
-        xs, ys = x, y  # the CS pools; `is` the pairs when there are no extras (the fused path checks)
-        if unpaired_images is not None:
-            xs = torch.cat([x, norm(_pool("unpaired_images", unpaired_images, "image", image))])
-        if unpaired_texts is not None:
-            ys = torch.cat([y, norm(_pool("unpaired_texts", unpaired_texts, "text", text))])
+        xs, ys = self._pools(x, y, norm, image, text, unpaired_images, unpaired_texts)
         use_mi = cfg.objective != "l2_prior"
         terms = self._main_terms(x, y, xs, ys, text_to_image, use_mi, shard)
         total = terms["infonce"] if use_mi else terms["l2"]
-        div_name = {"cs_aligner": "cs", "mmd": "mmd", "kl": "kl"}.get(cfg.objective)
+        div_name = DIVERGENCE_TERMS.get(cfg.objective)
         if div_name is not None:
             total = total + cfg.lam * terms[div_name]
         for mask_name, mask, tokens_name, tokens in (
@@ -207,6 +215,37 @@ class AlignmentLoss(nn.Module):
             return norm_wide(t) if keep is None else norm_wide(t).to(keep)
 
         return norm, norm_wide
+
+    def _pools(
+        self,
+        x: Tensor,
+        y: Tensor,
+        norm: Callable[[Tensor], Tensor],
+        image: Tensor,
+        text: Tensor,
+        unpaired_images: Tensor | None,
+        unpaired_texts: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The samples the divergence compares: (N + P, D) images and (M + Q, D) texts, the pairs plus
+        any unpaired extras (`is` x and y when there are none: the fused path checks)."""
+        given = [
+            name
+            for name, t in (("unpaired_images", unpaired_images), ("unpaired_texts", unpaired_texts))
+            if t is not None
+        ]
+        if given and not self.config.takes_unpaired:
+            # Dropping them silently would make e.g. "InfoNCE with unpaired data" a mislabelled InfoNCE run.
+            raise ValueError(
+                f"objective={self.config.objective!r} has no distribution divergence, the only term unpaired data "
+                f"enters, so {' and '.join(given)} would be ignored; use objective {', '.join(DIVERGENCE_TERMS)} "
+                "to train on unpaired data, or leave them out"
+            )
+        xs, ys = x, y
+        if unpaired_images is not None:
+            xs = torch.cat([x, norm(_pool("unpaired_images", unpaired_images, "image", image))])
+        if unpaired_texts is not None:
+            ys = torch.cat([y, norm(_pool("unpaired_texts", unpaired_texts, "text", text))])
+        return xs, ys
 
     def _main_terms(
         self, x: Tensor, y: Tensor, xs: Tensor, ys: Tensor, text_to_image: Tensor | None, use_mi: bool, shard: bool

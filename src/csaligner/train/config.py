@@ -35,7 +35,8 @@ class DataConfig:
     """Fraction of images kept as pairs, in (0, 1]. The rest become unpaired pools: their images and
     their captions are shuffled independently (seeded), so no pairing information survives."""
     use_unpaired: bool = True
-    """Put the unpaired pools into the CS term (True) or drop them (False: a smaller paired set)."""
+    """Put the unpaired pools into the CS term (True) or drop them (False: a smaller paired set). An
+    objective without a divergence (infonce, l2_prior) drops them, and any CS-only captions, either way."""
     unpaired_batch_size: int = 0
     """Unpaired images and unpaired texts drawn per step (without replacement) for the CS term; 0 means
     train.batch_size."""
