@@ -12,13 +12,14 @@ import torch
 from torch import Tensor
 
 
-def check_features(name: str, x: Tensor, ndim: int = 2) -> None:
+def check_features(name: str, x: Tensor, ndim: int = 2, finite: bool = True) -> None:
     """Check a feature tensor: a floating tensor of `ndim` dims, non-empty, finite.
 
     Args:
         name: argument name used in the error message.
         x: the tensor, e.g. (N, D) pooled features or (B, T, D) tokens.
         ndim: expected number of dimensions.
+        finite: also require every value to be finite (`check_tokens` checks only the real tokens).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -29,18 +30,33 @@ def check_features(name: str, x: Tensor, ndim: int = 2) -> None:
         raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}; cast it with .float()")
     if x.numel() == 0 or any(s == 0 for s in x.shape):
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample with D > 0")
-    if not torch.isfinite(x).all():
+    if finite and not torch.isfinite(x).all():
         n_bad = int((~torch.isfinite(x)).any(dim=-1).sum())
         raise NonFiniteFeaturesError(name, n_bad, x.shape[:-1].numel())
+
+
+def check_tokens(name: str, tokens: Tensor, mask_name: str, mask: Tensor | None) -> Tensor:
+    """Check (B, T, D) tokens and their (B, T) mask (see `check_token_mask`); return the bool mask.
+
+    Only the real tokens must be finite: padding commonly holds garbage, even NaN, and every
+    consumer ignores it (it must zero it with `masked_fill`/`where` before any arithmetic, since
+    0 * NaN is NaN in a masked sum, a matmul or a backward pass).
+    """
+    check_features(name, tokens, ndim=3, finite=False)
+    m = check_token_mask(mask_name, mask, tokens)
+    bad = ~torch.isfinite(tokens).all(dim=-1) & m  # (B, T) real tokens with NaN or Inf
+    if bad.any():
+        raise NonFiniteFeaturesError(name, int(bad.sum()), int(m.sum()), what="real (unmasked) tokens")
+    return m
 
 
 class NonFiniteFeaturesError(ValueError):
     """Features with NaN or Inf; a trainer catches it to say what it means there (a diverged step)."""
 
-    def __init__(self, name: str, n_bad: int, total: int) -> None:
+    def __init__(self, name: str, n_bad: int, total: int, what: str = "feature vectors") -> None:
         self.name, self.n_bad, self.total = name, n_bad, total
         super().__init__(
-            f"{name} contains NaN or Inf in {n_bad} of {total} feature vectors; "
+            f"{name} contains NaN or Inf in {n_bad} of {total} {what}; "
             "check the encoder output or the data (a corrupt image, a zero-length caption)"
         )
 

@@ -110,6 +110,18 @@ def test_prior_ignores_padded_token_values(causal: bool) -> None:
     assert torch.equal(prior(text, text_tokens=changed, text_token_mask=mask), out)
 
 
+def test_prior_gives_nan_padding_zero_gradient() -> None:
+    """As token_cs_divergence does: padding may hold NaN, and no NaN reaches a gradient."""
+    prior = build_adapter(make_config("prior"))
+    tokens, mask = tokens_and_mask()
+    tokens[~mask] = float("nan")
+    tokens.requires_grad_()
+    prior(torch.randn(3, 8), text_tokens=tokens, text_token_mask=mask).square().sum().backward()
+    assert tokens.grad is not None and torch.equal(tokens.grad[~mask], torch.zeros_like(tokens.grad[~mask]))
+    assert torch.isfinite(tokens.grad).all() and tokens.grad[mask].abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in prior.parameters())
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_prior_padding_matches_unpadded_sequence(causal: bool) -> None:
     # Checks that the mask is applied in attention, not only to the token values.

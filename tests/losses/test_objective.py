@@ -299,6 +299,31 @@ def test_a_string_temperature_is_an_error() -> None:
         LossConfig(temperature="0.1")  # type: ignore[arg-type]
 
 
+def test_token_term_ignores_nan_padding_in_value_and_gradient() -> None:
+    """The loss refused NaN padding that the prior adapter accepts; now both ignore it. The padding is zeroed
+    before the tokens are normalised: F.normalize's backward on a NaN row is NaN, and a module that sums the
+    token gradients (here a learned shift) would turn NaN."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    xt, yt = torch.randn(2, 3, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    ym = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])  # 0/1 ints, as from a tokenizer
+    loss_fn = CSAlignerLoss(token_lam=1.0)
+    want = loss_fn(x, y, image_tokens=xt, text_tokens=yt, text_token_mask=ym)["token_cs"]
+    raw = yt.clone()
+    raw[ym == 0] = float("nan")
+    raw.requires_grad_()
+    shift = torch.zeros(4, requires_grad=True)  # a module upstream of the loss that sums over tokens
+    got = loss_fn(x, y, image_tokens=xt, text_tokens=raw + shift, text_token_mask=ym)["token_cs"]
+    assert torch.allclose(got, want)
+    got.backward()
+    assert raw.grad is not None and torch.equal(raw.grad[ym == 0], torch.zeros_like(raw.grad[ym == 0]))
+    assert shift.grad is not None and torch.isfinite(shift.grad).all() and shift.grad.abs().sum() > 0
+    bad = raw.detach().clone()
+    bad[0, 0, 0] = float("nan")  # a real token
+    with pytest.raises(ValueError, match="text_tokens contains NaN or Inf in 1 of 4 real"):
+        loss_fn(x, y, image_tokens=xt, text_tokens=bad, text_token_mask=ym)
+
+
 def test_a_soft_token_mask_is_an_error_and_a_0_1_int_mask_is_a_mask() -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 4, 8, generator=g), torch.randn(3, 5, 8, generator=g)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from csaligner._validation import check_features, check_positive, check_same_dim, is_number
+from csaligner._validation import check_features, check_positive, check_same_dim, check_tokens, is_number
 from csaligner.losses.contrastive import check_text_to_image, info_nce
 from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
 
@@ -145,7 +145,8 @@ class AlignmentLoss(nn.Module):
             image_tokens: optional (B, V, D) vision tokens for the token-level CS term, for B samples
                 (all N images or a subset of them, e.g. train.token_images).
             text_tokens: optional (B, L, D) text tokens (one token set per image sample).
-            image_token_mask: optional (B, V) bool (or 0/1), True for real tokens.
+            image_token_mask: optional (B, V) bool (or 0/1), True for real tokens. Padding is ignored
+                whatever it holds (even NaN) and gets zero gradient; only real tokens must be finite.
             text_token_mask: optional (B, L) bool (or 0/1).
             shard: the features are the global batch, the same on every rank of an initialised
                 torch.distributed group (gathered with `all_gather_with_grad`): the infonce and
@@ -180,9 +181,7 @@ class AlignmentLoss(nn.Module):
         if image_tokens is not None or text_tokens is not None:
             if image_tokens is None or text_tokens is None:
                 raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
-            terms["token_cs"] = token_cs_divergence(
-                norm_wide(image_tokens), norm_wide(text_tokens), image_token_mask, text_token_mask, sigma=self.sigma
-            )
+            terms["token_cs"] = self._token_cs(image_tokens, text_tokens, image_token_mask, text_token_mask, norm_wide)
             total = total + cfg.token_lam * terms["token_cs"]
         elif cfg.token_lam > 0:
             raise ValueError(f"token_lam={cfg.token_lam} > 0 needs image_tokens and text_tokens; pass them or set 0")
@@ -246,6 +245,23 @@ class AlignmentLoss(nn.Module):
         if unpaired_texts is not None:
             ys = torch.cat([y, norm(_pool("unpaired_texts", unpaired_texts, "text", text))])
         return xs, ys
+
+    def _token_cs(
+        self,
+        image_tokens: Tensor,
+        text_tokens: Tensor,
+        image_token_mask: Tensor | None,
+        text_token_mask: Tensor | None,
+        norm: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        """Token-level D_CS of (B, V, D) and (B, L, D) tokens; padding may hold anything, even NaN."""
+        mx = check_tokens("image_tokens", image_tokens, "image_token_mask", image_token_mask)  # (B, V)
+        my = check_tokens("text_tokens", text_tokens, "text_token_mask", text_token_mask)  # (B, L)
+        # Zero the padding before normalising: F.normalize's backward on a NaN row is NaN (0 * NaN),
+        # and a module upstream that sums gradients over tokens (a bias) would turn NaN with it.
+        xt = norm(image_tokens.masked_fill(~mx.unsqueeze(-1), 0.0))
+        yt = norm(text_tokens.masked_fill(~my.unsqueeze(-1), 0.0))
+        return token_cs_divergence(xt, yt, mx, my, sigma=self.sigma)
 
     def _main_terms(
         self, x: Tensor, y: Tensor, xs: Tensor, ys: Tensor, text_to_image: Tensor | None, use_mi: bool, shard: bool
