@@ -12,13 +12,14 @@ import torch
 from torch import Tensor
 
 
-def check_features(name: str, x: Tensor, ndim: int = 2) -> None:
+def check_features(name: str, x: Tensor, ndim: int = 2, finite: bool = True) -> None:
     """Check a feature tensor: a floating tensor of `ndim` dims, non-empty, finite.
 
     Args:
         name: argument name used in the error message.
         x: the tensor, e.g. (N, D) pooled features or (B, T, D) tokens.
         ndim: expected number of dimensions.
+        finite: also require every value to be finite (`check_tokens` checks only the real tokens).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -29,18 +30,33 @@ def check_features(name: str, x: Tensor, ndim: int = 2) -> None:
         raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}; cast it with .float()")
     if x.numel() == 0 or any(s == 0 for s in x.shape):
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample with D > 0")
-    if not torch.isfinite(x).all():
+    if finite and not torch.isfinite(x).all():
         n_bad = int((~torch.isfinite(x)).any(dim=-1).sum())
         raise NonFiniteFeaturesError(name, n_bad, x.shape[:-1].numel())
+
+
+def check_tokens(name: str, tokens: Tensor, mask_name: str, mask: Tensor | None) -> Tensor:
+    """Check (B, T, D) tokens and their (B, T) mask (see `check_token_mask`); return the bool mask.
+
+    Only the real tokens must be finite: padding commonly holds garbage, even NaN, and every
+    consumer ignores it (it must zero it with `masked_fill`/`where` before any arithmetic, since
+    0 * NaN is NaN in a masked sum, a matmul or a backward pass).
+    """
+    check_features(name, tokens, ndim=3, finite=False)
+    m = check_token_mask(mask_name, mask, tokens)
+    bad = ~torch.isfinite(tokens).all(dim=-1) & m  # (B, T) real tokens with NaN or Inf
+    if bad.any():
+        raise NonFiniteFeaturesError(name, int(bad.sum()), int(m.sum()), what="real (unmasked) tokens")
+    return m
 
 
 class NonFiniteFeaturesError(ValueError):
     """Features with NaN or Inf; a trainer catches it to say what it means there (a diverged step)."""
 
-    def __init__(self, name: str, n_bad: int, total: int) -> None:
+    def __init__(self, name: str, n_bad: int, total: int, what: str = "feature vectors") -> None:
         self.name, self.n_bad, self.total = name, n_bad, total
         super().__init__(
-            f"{name} contains NaN or Inf in {n_bad} of {total} feature vectors; "
+            f"{name} contains NaN or Inf in {n_bad} of {total} {what}; "
             "check the encoder output or the data (a corrupt image, a zero-length caption)"
         )
 
@@ -54,12 +70,36 @@ def check_same_dim(name_x: str, x: Tensor, name_y: str, y: Tensor) -> None:
         )
 
 
+def is_number(value: object) -> bool:
+    """True for a finite real number (int, float or a numpy scalar), False for a bool.
+
+    bool is an int subclass, so `lam=True` would otherwise read as 1.0: a flag passed in the wrong
+    place, not a number. A numeric string ("0.1") is not a number either; configs read from YAML
+    are coerced to their field types before they get here.
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_integer(value: object, *, plain: bool = False) -> bool:
+    """True for an int or a numpy integer, False for a bool (True is not a count or a size).
+
+    plain=True admits only a Python int: config fields are written to YAML and JSON, where numpy
+    integers do not serialise.
+    """
+    kind = int if plain else numbers.Integral
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def check_positive(name: str, value: float | Tensor) -> None:
-    """A bandwidth or temperature must be a finite positive number."""
+    """A bandwidth or temperature must be a finite positive number (or a tensor of them)."""
     if isinstance(value, bool):  # float(True) == 1.0: a flag passed in the wrong place, not a bandwidth
         raise ValueError(f"{name} must be a finite number > 0, got the bool {value!r}")
-    v = float(value.detach().min()) if isinstance(value, Tensor) else float(value)
-    if not math.isfinite(v) or v <= 0:
+    if isinstance(value, Tensor):
+        v = float(value.detach().min())
+        ok = math.isfinite(v) and v > 0
+    else:
+        ok = is_number(value) and value > 0
+    if not ok:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -67,8 +107,8 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
     """Rows per strip: None (sized to the batch) or a positive integer; returned as a plain int (or None)."""
     if chunk_size is None:
         return None
-    # numbers.Integral: a size computed with numpy (np.int64) is an integer too
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    # a size computed with numpy (np.int64) is an integer too; True is not
+    if not is_integer(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer (rows per strip) or None, got {chunk_size!r}")
     return int(chunk_size)
 

@@ -110,6 +110,18 @@ def test_prior_ignores_padded_token_values(causal: bool) -> None:
     assert torch.equal(prior(text, text_tokens=changed, text_token_mask=mask), out)
 
 
+def test_prior_gives_nan_padding_zero_gradient() -> None:
+    """As token_cs_divergence does: padding may hold NaN, and no NaN reaches a gradient."""
+    prior = build_adapter(make_config("prior"))
+    tokens, mask = tokens_and_mask()
+    tokens[~mask] = float("nan")
+    tokens.requires_grad_()
+    prior(torch.randn(3, 8), text_tokens=tokens, text_token_mask=mask).square().sum().backward()
+    assert tokens.grad is not None and torch.equal(tokens.grad[~mask], torch.zeros_like(tokens.grad[~mask]))
+    assert torch.isfinite(tokens.grad).all() and tokens.grad[mask].abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in prior.parameters())
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_prior_padding_matches_unpadded_sequence(causal: bool) -> None:
     # Checks that the mask is applied in attention, not only to the token values.
@@ -287,7 +299,9 @@ def test_save_rejects_module_that_does_not_match_config(tmp_path) -> None:
         ({"mlp_ratio": 9}, "mlp_ratio"),
         ({"mlp_alpha": 1.5}, "mlp_alpha"),
         ({"mlp_alpha": float("nan")}, "mlp_alpha"),
+        ({"mlp_alpha": True}, "mlp_alpha"),  # read as alpha 1.0 (the input dropped); YAML `mlp_alpha: true`
         ({"dropout": 1.0}, "dropout"),
+        ({"dropout": False}, "dropout"),
         ({"num_layers": 0}, "num_layers"),
         ({"num_heads": 2.5}, "num_heads"),
         ({"head_dim": 0}, "head_dim"),

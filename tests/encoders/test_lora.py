@@ -83,6 +83,10 @@ def test_config_and_target_errors(tiny_bert: nn.Module) -> None:
         LoraTextConfig(r=0)
     with pytest.raises(ValueError, match="dropout"):
         LoraTextConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="rank r must be an integer >= 1, got True"):
+        LoraTextConfig(r=True)  # bool is an int subclass: it built rank-1 updates
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0, got True"):
+        LoraTextConfig(alpha=True)
     with pytest.raises(ValueError, match=r"match no nn.Linear.*'query'"):
         apply_lora(tiny_bert, LoraTextConfig(target_modules=("q_proj",)))
     with pytest.raises(ValueError, match="without a tokenizer"):

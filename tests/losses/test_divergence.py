@@ -136,6 +136,31 @@ def test_token_cs_matches_per_sample_loop_with_padding() -> None:
     assert torch.allclose(token_cs_divergence(xt, yt2, xm, ym, sigma=0.9), got.mean())
 
 
+def test_token_cs_ignores_nan_padding_and_gives_it_zero_gradient() -> None:
+    """Padding commonly holds garbage: NaN there was refused, and would have poisoned the per-sample
+    centring (0 * NaN) and the matmul backward. It is ignored now, like the prior adapter ignores it."""
+    g = torch.Generator().manual_seed(0)
+    xt, yt = torch.randn(3, 4, 5, generator=g), torch.randn(3, 6, 5, generator=g)
+    xm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    ym = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    want = token_cs_divergence(xt, yt, xm, ym, sigma=0.8, reduction="none")
+    bad_x, bad_y = xt.clone(), yt.clone()
+    bad_x[~xm] = float("nan")
+    bad_y[~ym] = float("inf")
+    bad_x.requires_grad_()
+    bad_y.requires_grad_()
+    got = token_cs_divergence(bad_x, bad_y, xm, ym, sigma=0.8, reduction="none")
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    for t, m in ((bad_x, xm), (bad_y, ym)):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[~m], torch.zeros_like(t.grad[~m])) and t.grad[m].abs().sum() > 0
+    bad_x = xt.clone()
+    bad_x[1, 0, 2] = float("nan")  # a real token: an error, as for pooled features
+    with pytest.raises(ValueError, match=r"x_tokens contains NaN or Inf in 1 of 7 real \(unmasked\) tokens"):
+        token_cs_divergence(bad_x, yt, xm, ym)
+
+
 def test_mmd_matches_loop_and_kl_matches_closed_form() -> None:
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64) + 1
     assert float(mmd(x, y, 1.1)) == pytest.approx(mmd_loop(x, y, 1.1), rel=1e-9)

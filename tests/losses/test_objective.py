@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from csaligner import AlignmentLoss, CSAlignerLoss, LossConfig, cs_divergence, info_nce
+from csaligner.losses.divergence import gaussian_kl, mmd
 from tests.losses.reference import info_nce_loop
 
 
@@ -61,6 +65,29 @@ def test_unpaired_pools_enter_only_the_cs_term() -> None:
     pooled_x = F.normalize(torch.cat([x, ux]), dim=-1)
     pooled_y = F.normalize(torch.cat([y, uy]), dim=-1)
     assert torch.allclose(more["cs"], cs_divergence(pooled_x, pooled_y))
+
+
+@pytest.mark.parametrize("objective", ["infonce", "l2_prior"])
+@pytest.mark.parametrize("pool", ["unpaired_images", "unpaired_texts"])
+def test_an_objective_without_a_divergence_refuses_unpaired_pools(objective: str, pool: str) -> None:
+    """infonce and l2_prior have no term for unpaired data: they ignored the pools silently."""
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    loss_fn = AlignmentLoss(objective=objective)
+    assert not loss_fn.config.takes_unpaired
+    with pytest.raises(ValueError, match=rf"objective='{objective}' has no distribution divergence.*{pool} would be "):
+        loss_fn(x, y, **{pool: torch.randn(3, 6)})
+
+
+@pytest.mark.parametrize(("objective", "divergence"), [("mmd", mmd), ("kl", gaussian_kl)])
+def test_mmd_and_kl_take_the_unpaired_pools_into_their_divergence(objective: str, divergence: Callable) -> None:
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    ux, uy = torch.randn(5, 6) + 1, torch.randn(3, 6)
+    loss_fn = AlignmentLoss(objective=objective)
+    assert loss_fn.config.takes_unpaired
+    out = loss_fn(x, y, unpaired_images=ux, unpaired_texts=uy)
+    pooled_x, pooled_y = F.normalize(torch.cat([x, ux]), dim=-1), F.normalize(torch.cat([y, uy]), dim=-1)
+    assert torch.allclose(out[objective], divergence(pooled_x, pooled_y), atol=1e-6)
+    assert torch.allclose(out["infonce"], loss_fn(x, y)["infonce"])
 
 
 def test_multi_caption_and_token_terms() -> None:
@@ -169,6 +196,37 @@ def test_cs_aligner_loss_keeps_bf16_features_in_bf16_and_matches_float32(impl: s
     assert x.grad is not None and x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
 
 
+@pytest.mark.parametrize("objective", ["cs_aligner", "infonce", "mmd", "kl", "l2_prior"])
+def test_float64_features_give_float64_terms(objective: str) -> None:
+    """The loss cast every feature to float32: float64 inputs came back as float32 terms."""
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    xt, yt = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 2, 4, dtype=torch.float64)
+    out = AlignmentLoss(objective=objective, token_lam=0.3)(x, y, image_tokens=xt, text_tokens=yt)  # type: ignore[arg-type]
+    assert {k: v.dtype for k, v in out.items()} == dict.fromkeys(out, torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("objective", "impl"),
+    [("cs_aligner", "dense"), ("cs_aligner", "chunked"), ("infonce", "chunked"), ("mmd", "auto"), ("kl", "auto"),
+     ("l2_prior", "auto")],
+)  # fmt: skip
+def test_float64_gradcheck_through_every_objective(objective: str, impl: str) -> None:
+    """float64 gradcheck failed on float32 rounding inside the loss."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    loss_fn = AlignmentLoss(objective=objective, lam=0.5, impl=impl, temperature=0.5)  # type: ignore[arg-type]
+    assert torch.autograd.gradcheck(lambda a, b: loss_fn(a, b)["loss"], (x, y))
+
+
+def test_float64_gradcheck_through_the_token_term() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    xt = torch.randn(2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    yt = torch.randn(2, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    loss_fn = CSAlignerLoss(token_lam=1.0, sigma=0.8)
+    assert torch.autograd.gradcheck(lambda a, b: loss_fn(x, y, image_tokens=a, text_tokens=b)["token_cs"], (xt, yt))
+
+
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
 def test_fixed_temperature_below_the_learned_clamp_is_used_as_given(impl: str) -> None:
     """CLIP's clamp (temperature >= 0.01) is for a learned temperature; a fixed one is not changed."""
@@ -225,6 +283,45 @@ def test_cs_aligner_loss_refuses_a_config_of_another_objective() -> None:
 def test_a_bool_bandwidth_or_temperature_is_an_error(field: str) -> None:
     with pytest.raises(ValueError, match=f"{field} must be a finite number > 0, got the bool True"):
         LossConfig(**{field: True})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", ["lam", "token_lam"])
+@pytest.mark.parametrize("value", [True, False, "0.1", None])
+def test_a_weight_that_is_not_a_number_is_an_error(field: str, value: object) -> None:
+    # lam=True read as 1.0 (100 times the paper's weight); a string raised a TypeError from math.isfinite.
+    with pytest.raises(ValueError, match=re.escape(f"{field} must be a finite number >= 0, got {value!r}")):
+        LossConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_a_string_temperature_is_an_error() -> None:
+    # check_positive took float("0.1") for a number; AlignmentLoss then failed on math.log(1 / "0.1").
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got '0\.1'"):
+        LossConfig(temperature="0.1")  # type: ignore[arg-type]
+
+
+def test_token_term_ignores_nan_padding_in_value_and_gradient() -> None:
+    """The loss refused NaN padding that the prior adapter accepts; now both ignore it. The padding is zeroed
+    before the tokens are normalised: F.normalize's backward on a NaN row is NaN, and a module that sums the
+    token gradients (here a learned shift) would turn NaN."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    xt, yt = torch.randn(2, 3, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    ym = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])  # 0/1 ints, as from a tokenizer
+    loss_fn = CSAlignerLoss(token_lam=1.0)
+    want = loss_fn(x, y, image_tokens=xt, text_tokens=yt, text_token_mask=ym)["token_cs"]
+    raw = yt.clone()
+    raw[ym == 0] = float("nan")
+    raw.requires_grad_()
+    shift = torch.zeros(4, requires_grad=True)  # a module upstream of the loss that sums over tokens
+    got = loss_fn(x, y, image_tokens=xt, text_tokens=raw + shift, text_token_mask=ym)["token_cs"]
+    assert torch.allclose(got, want)
+    got.backward()
+    assert raw.grad is not None and torch.equal(raw.grad[ym == 0], torch.zeros_like(raw.grad[ym == 0]))
+    assert shift.grad is not None and torch.isfinite(shift.grad).all() and shift.grad.abs().sum() > 0
+    bad = raw.detach().clone()
+    bad[0, 0, 0] = float("nan")  # a real token
+    with pytest.raises(ValueError, match="text_tokens contains NaN or Inf in 1 of 4 real"):
+        loss_fn(x, y, image_tokens=xt, text_tokens=bad, text_token_mask=ym)
 
 
 def test_a_soft_token_mask_is_an_error_and_a_0_1_int_mask_is_a_mask() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def test_unknown_keys_are_named_with_the_valid_ones(tmp_path: Path, text: str, k
         ("train.lr=-1", "train.lr must be a finite number > 0, got -1.0"),
         ("train.precision=fp8", "train.precision must be one of .*got 'fp8'"),
         ("train.batch_size=1.5", "train.batch_size must be an integer, got '1.5'"),
-        ("train.batch_size=0", "batch_size must be >= 1, got 0"),
+        ("train.batch_size=0", "batch_size must be an integer >= 1, got 0"),
         ("train.ema=1", "ema must lie in \\[0, 1\\)"),
         ("train.device=tpu", "got 'tpu'"),
         ("data.use_unpaired=maybe", "must be true or false, got 'maybe'"),
@@ -147,6 +148,32 @@ def test_cli_flags_reach_the_config(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_cli_bad_value_is_an_error_for_people(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--train.lr=fast", "--print-config"]) == 1
     assert "train.lr must be a number, got 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        (TrainConfig, "lr", True),
+        (TrainConfig, "lr", "1e-4"),
+        (TrainConfig, "batch_size", True),
+        (TrainConfig, "weight_decay", True),
+        (TrainConfig, "grad_clip", True),
+        (TrainConfig, "warmup_fraction", True),
+        (TrainConfig, "min_lr_ratio", True),
+        (TrainConfig, "ema", False),
+        (TrainConfig, "betas", (True, 0.999)),
+        (TrainConfig, "seed", True),
+        (DataConfig, "paired_fraction", True),
+        (DataConfig, "unpaired_batch_size", True),
+        (DataConfig, "token_images", True),
+        (DataConfig, "split_seed", True),
+        (ModelConfig, "out_dim", True),
+    ],
+)
+def test_a_bool_or_string_for_a_number_is_an_error(section: type, field: str, value: object) -> None:
+    """Python callers skip the YAML coercion: bool is an int subclass, so lr=True trained at lr 1.0."""
+    with pytest.raises(ValueError, match=f"{field} must .*got {re.escape(repr(value))}"):
+        section(**{field: value})
 
 
 def test_section_defaults_are_valid() -> None:

@@ -109,6 +109,30 @@ def test_unpaired_pool_enters_only_the_cs_term(
     assert seen == [{"image": 16, "text": 16, "un_img": None, "un_txt": None}]
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [["data.paired_fraction=0.5", "data.unpaired_batch_size=8"], ["data.captions_per_image_in_cs=all"]],
+    ids=["unpaired", "extra-captions-in-cs"],
+)
+def test_an_objective_without_a_divergence_gets_no_unpaired_pools(
+    tmp_path: Path, features: PairedFeatures, monkeypatch: pytest.MonkeyPatch, variant: list[str]
+) -> None:
+    """infonce has no term for the pools (the loss refuses them), so the step neither maps nor passes them."""
+    from csaligner.losses.objective import AlignmentLoss
+
+    seen: list[tuple[int, int, bool, bool]] = []
+    original = AlignmentLoss.forward
+
+    def spy(self, image, text, text_to_image=None, unpaired_images=None, unpaired_texts=None, **kw):  # type: ignore[no-untyped-def]
+        seen.append((image.shape[0], text.shape[0], unpaired_images is None, unpaired_texts is None))
+        return original(self, image, text, text_to_image, unpaired_images, unpaired_texts, **kw)
+
+    monkeypatch.setattr(AlignmentLoss, "forward", spy)
+    overrides = fast_overrides(tmp_path, "train.steps=1", "loss.objective=infonce", *variant)
+    result = train(load_config(None, overrides), features)
+    assert result.finished and seen == [(16, 16, True, True)]
+
+
 def test_token_variant_adds_the_token_cs_term(tmp_path: Path, token_features: PairedFeatures) -> None:
     overrides = fast_overrides(
         tmp_path,

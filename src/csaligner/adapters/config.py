@@ -6,10 +6,10 @@ it one to one and a saved adapter's JSON metadata round-trips through `dataclass
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from csaligner._validation import is_integer, is_number
 from csaligner.adapters.registry import ADAPTERS
 
 
@@ -63,15 +63,13 @@ class AdapterConfig:
                 f"mlp_ratio={self.mlp_ratio} leaves no hidden unit for in_dim={self.in_dim} "
                 f"(hidden = in_dim // mlp_ratio = 0); use mlp_ratio <= {self.in_dim}"
             )
-        if not (isinstance(self.mlp_alpha, int | float) and math.isfinite(self.mlp_alpha)) or not (
-            0.0 <= self.mlp_alpha <= 1.0
-        ):
+        if not (is_number(self.mlp_alpha) and 0.0 <= self.mlp_alpha <= 1.0):
             raise ValueError(f"mlp_alpha must be a number in [0, 1] (the residual ratio), got {self.mlp_alpha!r}")
         for name in ("num_layers", "num_heads", "head_dim", "num_learned_tokens", "max_text_tokens"):
             _check_int(name, getattr(self, name))
         if self.token_dim is not None:
             _check_int("token_dim", self.token_dim)
-        if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
+        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}; the paper uses 0")
         if self.kind == "identity" and self.in_dim != self.out_dim:
             raise ValueError(
@@ -106,7 +104,7 @@ class AdapterConfig:
         return cls(**data)
 
 
-def _check_int(name: str, value: object) -> None:
-    # bool is an int subclass; True as a width is always a mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _check_int(name: str, value: int) -> None:
+    # bool is an int subclass; True as a width is always a mistake. A plain int: the config goes to JSON.
+    if not is_integer(value, plain=True) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

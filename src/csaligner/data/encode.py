@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from csaligner._validation import is_integer
 from csaligner.data.cache import DTYPES, FORMAT, CacheWriter, FeatureCache
 from csaligner.data.images import ON_BAD_IMAGE, BadImageError, bad_image_report, image_loader, scan_images
 from csaligner.data.manifest import ImageTextManifest
@@ -57,11 +58,11 @@ class EncodeConfig:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {self.on_bad_image!r}")
-        for name in ("batch_size", "shard_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        for name in ("batch_size", "shard_size"):  # bool is an int subclass: batch_size=True is not a size
+            if not is_integer(getattr(self, name), plain=True) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not is_integer(self.workers, plain=True) or self.workers < 0:
+            raise ValueError(f"workers must be an integer >= 0, got {self.workers!r}")
 
 
 class _Rows:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from csaligner._validation import is_integer, is_number
 from csaligner.encoders.base import EncoderUnavailableError, check_texts, mean_pool
 
 PEFT_HINT = "pip install 'csaligner[lora]' (peft)"
@@ -37,12 +38,13 @@ class LoraTextConfig:
     target_modules: tuple[str, ...] = ("query", "value")
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+        # bool is an int subclass: r=True would build rank-1 updates
+        if not is_integer(self.r, plain=True) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
+        if not is_number(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
+        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
             raise ValueError("target_modules is empty; name at least one linear, e.g. ('query', 'value')")
 

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive, check_same_dim, check_token_mask, check_weights
+from csaligner._validation import check_features, check_positive, check_same_dim, check_tokens, check_weights
 
 Bandwidth = float | Tensor | Literal["median"]
 
@@ -149,25 +149,26 @@ def token_cs_divergence(
     Args:
         x_tokens: (B, V, D) vision tokens.
         y_tokens: (B, L, D) text tokens.
-        x_mask: optional (B, V) bool, True for real tokens; padding is masked out.
-        y_mask: optional (B, L) bool.
+        x_mask: optional (B, V) bool (or 0/1), True for real tokens. Padding is ignored whatever it
+            holds, even NaN: only real tokens must be finite, and padding gets zero gradient.
+        y_mask: optional (B, L) bool (or 0/1).
         sigma: bandwidth > 0 or "median" (one bandwidth for the whole batch).
         reduction: "mean" over the batch, or "none" for the (B,) per-sample values.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f'reduction must be "mean" or "none" (per-sample values), got {reduction!r}')
-    check_features("x_tokens", x_tokens, ndim=3)
-    check_features("y_tokens", y_tokens, ndim=3)
+    mx = check_tokens("x_tokens", x_tokens, "x_mask", x_mask)
+    my = check_tokens("y_tokens", y_tokens, "y_mask", y_mask)
     check_same_dim("x_tokens", x_tokens, "y_tokens", y_tokens)
     if x_tokens.shape[0] != y_tokens.shape[0]:
         raise ValueError(
             f"x_tokens and y_tokens must hold the same samples: batch sizes {x_tokens.shape[0]} and "
             f"{y_tokens.shape[0]} differ"
         )
-    mx = check_token_mask("x_mask", x_mask, x_tokens)
-    my = check_token_mask("y_mask", y_mask, y_tokens)
     dtype = _compute_dtype(x_tokens, y_tokens)
-    x, y = x_tokens.to(dtype), y_tokens.to(dtype)
+    # Padding zeroed first (where, not a product): 0 * NaN would poison the masked sums and matmuls.
+    x = x_tokens.to(dtype).masked_fill(~mx.unsqueeze(-1), 0.0)  # (B, V, D)
+    y = y_tokens.to(dtype).masked_fill(~my.unsqueeze(-1), 0.0)  # (B, L, D)
     bw = resolve_bandwidth(sigma, x[mx], y[my]) if isinstance(sigma, str) else sigma
     check_positive("sigma", bw)
     # Centre each sample on its own token mean (translation invariance, float32 accuracy).

@@ -2,7 +2,9 @@
 
 Every objective is an nn.Module with the same call shape,
 ``loss_fn(image, text, text_to_image=None, unpaired_images=None, ...) -> dict[str, Tensor]``,
-returning named terms and the total under ``"loss"`` (open_clip's CLIPTask style).
+returning named terms and the total under ``"loss"`` (open_clip's CLIPTask style). Unpaired
+images and texts enter only the distribution divergence, so the objectives without one (infonce,
+l2_prior) refuse them instead of ignoring them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from csaligner._validation import check_features, check_positive, check_same_dim
+from csaligner._validation import check_features, check_positive, check_same_dim, check_tokens, is_number
 from csaligner.losses.contrastive import check_text_to_image, info_nce
 from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
 
@@ -24,6 +26,8 @@ ObjectiveName = Literal["cs_aligner", "infonce", "mmd", "kl", "l2_prior"]
 Impl = Literal["auto", "dense", "chunked", "triton"]
 MIN_LEARNED_TEMPERATURE = 0.01
 """A learned temperature is clamped here (CLIP's logit scale <= 100)."""
+DIVERGENCE_TERMS: dict[str, str] = {"cs_aligner": "cs", "mmd": "mmd", "kl": "kl"}
+"""Objective -> name of its distribution-divergence term, the only term unpaired data enters."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {sorted(OBJECTIVES)}")
-        if not math.isfinite(self.lam) or self.lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
-        if not math.isfinite(self.token_lam) or self.token_lam < 0:
-            raise ValueError(f"token_lam must be a finite number >= 0, got {self.token_lam}")
+        for name in ("lam", "token_lam"):  # a bool weight (lam=True) is a flag in the wrong place, not 1.0
+            value = getattr(self, name)
+            if not is_number(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if isinstance(self.sigma, str):
             if self.sigma != "median":
                 raise ValueError(f'sigma must be a positive number or "median", got {self.sigma!r}')
@@ -75,6 +79,12 @@ class LossConfig:
             )
         if self.impl not in ("auto", "dense", "chunked", "triton"):
             raise ValueError(f"impl must be auto, dense, chunked or triton, got {self.impl!r}")
+
+    @property
+    def takes_unpaired(self) -> bool:
+        """True when the objective has a distribution divergence (cs_aligner, mmd, kl): the only term
+        unpaired images and texts can enter. infonce and l2_prior refuse them."""
+        return self.objective in DIVERGENCE_TERMS
 
 
 class AlignmentLoss(nn.Module):
@@ -128,12 +138,15 @@ class AlignmentLoss(nn.Module):
             image: (N, D) paired image features.
             text: (M, D) text features; M == N when paired one to one.
             text_to_image: optional (M,) image row of each text (several captions per image).
-            unpaired_images: optional (P, D) images with no caption; they enter only the divergence.
-            unpaired_texts: optional (Q, D) texts with no image; only the divergence.
+            unpaired_images: optional (P, D) images with no caption; they enter only the divergence,
+                so only cs_aligner, mmd and kl take them (`LossConfig.takes_unpaired`); infonce and
+                l2_prior raise ValueError rather than ignore them.
+            unpaired_texts: optional (Q, D) texts with no image; only the divergence, as above.
             image_tokens: optional (B, V, D) vision tokens for the token-level CS term, for B samples
                 (all N images or a subset of them, e.g. train.token_images).
             text_tokens: optional (B, L, D) text tokens (one token set per image sample).
-            image_token_mask: optional (B, V) bool (or 0/1), True for real tokens.
+            image_token_mask: optional (B, V) bool (or 0/1), True for real tokens. Padding is ignored
+                whatever it holds (even NaN) and gets zero gradient; only real tokens must be finite.
             text_token_mask: optional (B, L) bool (or 0/1).
             shard: the features are the global batch, the same on every rank of an initialised
                 torch.distributed group (gathered with `all_gather_with_grad`): the infonce and
@@ -142,32 +155,21 @@ class AlignmentLoss(nn.Module):
 
         Returns:
             dict with "infonce" (if used), the divergence under its name ("cs", "mmd", "kl"),
-            "token_cs" (if tokens are given) and the weighted total "loss".
+            "token_cs" (if tokens are given) and the weighted total "loss"; float64 when any
+            feature tensor is float64 (e.g. for gradcheck), else float32 (also for bf16/fp16).
         """
         cfg = self.config
         check_features("image", image)
         check_features("text", text)
-        # bf16/fp16 features stay in their dtype (normalised in float32) where the objective goes
-        # through `infonce_cs_terms`: its Triton path then runs on tensor cores; every path there
-        # accumulates in float32. The other objectives and the token term compute in float32.
-        half = image.dtype if image.dtype == text.dtype and image.dtype in (torch.bfloat16, torch.float16) else None
-        keep = half if cfg.objective in ("cs_aligner", "infonce") else None
-        norm32: Callable[[Tensor], Tensor] = (
-            (lambda t: F.normalize(t.float(), dim=-1)) if cfg.normalize else (lambda t: t.float())
-        )
-        norm: Callable[[Tensor], Tensor] = norm32 if keep is None else (lambda t: norm32(t).to(keep))
+        norm, norm_wide = self._casts(image, text, unpaired_images, unpaired_texts, image_tokens, text_tokens)
         x, y = norm(image), norm(text)
         if text_to_image is not None:  # int64 on x's device from here: l2_prior indexes with it
             text_to_image = check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
-        xs, ys = x, y  # the CS pools; `is` the pairs when there are no extras (the fused path checks)
-        if unpaired_images is not None:
-            xs = torch.cat([x, norm(_pool("unpaired_images", unpaired_images, "image", image))])
-        if unpaired_texts is not None:
-            ys = torch.cat([y, norm(_pool("unpaired_texts", unpaired_texts, "text", text))])
+        xs, ys = self._pools(x, y, norm, image, text, unpaired_images, unpaired_texts)
         use_mi = cfg.objective != "l2_prior"
         terms = self._main_terms(x, y, xs, ys, text_to_image, use_mi, shard)
         total = terms["infonce"] if use_mi else terms["l2"]
-        div_name = {"cs_aligner": "cs", "mmd": "mmd", "kl": "kl"}.get(cfg.objective)
+        div_name = DIVERGENCE_TERMS.get(cfg.objective)
         if div_name is not None:
             total = total + cfg.lam * terms[div_name]
         for mask_name, mask, tokens_name, tokens in (
@@ -179,14 +181,87 @@ class AlignmentLoss(nn.Module):
         if image_tokens is not None or text_tokens is not None:
             if image_tokens is None or text_tokens is None:
                 raise ValueError("token-level CS needs both image_tokens and text_tokens; pass both or neither")
-            terms["token_cs"] = token_cs_divergence(
-                norm32(image_tokens), norm32(text_tokens), image_token_mask, text_token_mask, sigma=self.sigma
-            )
+            terms["token_cs"] = self._token_cs(image_tokens, text_tokens, image_token_mask, text_token_mask, norm_wide)
             total = total + cfg.token_lam * terms["token_cs"]
         elif cfg.token_lam > 0:
             raise ValueError(f"token_lam={cfg.token_lam} > 0 needs image_tokens and text_tokens; pass them or set 0")
         terms["loss"] = total
         return terms
+
+    def _casts(
+        self, image: Tensor, text: Tensor, *others: Tensor | None
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """The casts (and L2 normalisation, when configured) applied to every feature tensor of a call.
+
+        Returns:
+            (norm, norm_wide): `norm` for the pooled features and pools, `norm_wide` for the tokens.
+            Both compute in float64 when any given feature tensor is float64 (gradcheck runs
+            there), else in float32. Only `norm` keeps bf16/fp16 pairs in their dtype (normalised
+            in float32), for the objectives that go through `infonce_cs_terms`: its Triton path
+            then runs on tensor cores, and every path there accumulates in float32.
+        """
+        given = (image, text, *others)
+        wide = torch.float64 if any(getattr(t, "dtype", None) == torch.float64 for t in given) else torch.float32
+        half = image.dtype if image.dtype == text.dtype and image.dtype in (torch.bfloat16, torch.float16) else None
+        keep = half if self.config.objective in ("cs_aligner", "infonce") else None
+        normalize = self.config.normalize
+
+        def norm_wide(t: Tensor) -> Tensor:
+            t = t.to(wide)
+            return F.normalize(t, dim=-1) if normalize else t
+
+        def norm(t: Tensor) -> Tensor:
+            return norm_wide(t) if keep is None else norm_wide(t).to(keep)
+
+        return norm, norm_wide
+
+    def _pools(
+        self,
+        x: Tensor,
+        y: Tensor,
+        norm: Callable[[Tensor], Tensor],
+        image: Tensor,
+        text: Tensor,
+        unpaired_images: Tensor | None,
+        unpaired_texts: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The samples the divergence compares: (N + P, D) images and (M + Q, D) texts, the pairs plus
+        any unpaired extras (`is` x and y when there are none: the fused path checks)."""
+        given = [
+            name
+            for name, t in (("unpaired_images", unpaired_images), ("unpaired_texts", unpaired_texts))
+            if t is not None
+        ]
+        if given and not self.config.takes_unpaired:
+            # Dropping them silently would make e.g. "InfoNCE with unpaired data" a mislabelled InfoNCE run.
+            raise ValueError(
+                f"objective={self.config.objective!r} has no distribution divergence, the only term unpaired data "
+                f"enters, so {' and '.join(given)} would be ignored; use objective {', '.join(DIVERGENCE_TERMS)} "
+                "to train on unpaired data, or leave them out"
+            )
+        xs, ys = x, y
+        if unpaired_images is not None:
+            xs = torch.cat([x, norm(_pool("unpaired_images", unpaired_images, "image", image))])
+        if unpaired_texts is not None:
+            ys = torch.cat([y, norm(_pool("unpaired_texts", unpaired_texts, "text", text))])
+        return xs, ys
+
+    def _token_cs(
+        self,
+        image_tokens: Tensor,
+        text_tokens: Tensor,
+        image_token_mask: Tensor | None,
+        text_token_mask: Tensor | None,
+        norm: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        """Token-level D_CS of (B, V, D) and (B, L, D) tokens; padding may hold anything, even NaN."""
+        mx = check_tokens("image_tokens", image_tokens, "image_token_mask", image_token_mask)  # (B, V)
+        my = check_tokens("text_tokens", text_tokens, "text_token_mask", text_token_mask)  # (B, L)
+        # Zero the padding before normalising: F.normalize's backward on a NaN row is NaN (0 * NaN),
+        # and a module upstream that sums gradients over tokens (a bias) would turn NaN with it.
+        xt = norm(image_tokens.masked_fill(~mx.unsqueeze(-1), 0.0))
+        yt = norm(text_tokens.masked_fill(~my.unsqueeze(-1), 0.0))
+        return token_cs_divergence(xt, yt, mx, my, sigma=self.sigma)
 
     def _main_terms(
         self, x: Tensor, y: Tensor, xs: Tensor, ys: Tensor, text_to_image: Tensor | None, use_mi: bool, shard: bool

@@ -12,10 +12,10 @@ train: {epochs: 10, batch_size: 1024, lr: 5.0e-5}
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from csaligner._validation import is_integer, is_number
 from csaligner.losses.objective import LossConfig
 
 ADAPTER_KINDS = ("prior", "mlp", "linear", "identity")
@@ -35,7 +35,8 @@ class DataConfig:
     """Fraction of images kept as pairs, in (0, 1]. The rest become unpaired pools: their images and
     their captions are shuffled independently (seeded), so no pairing information survives."""
     use_unpaired: bool = True
-    """Put the unpaired pools into the CS term (True) or drop them (False: a smaller paired set)."""
+    """Put the unpaired pools into the CS term (True) or drop them (False: a smaller paired set). An
+    objective without a divergence (infonce, l2_prior) drops them, and any CS-only captions, either way."""
     unpaired_batch_size: int = 0
     """Unpaired images and unpaired texts drawn per step (without replacement) for the CS term; 0 means
     train.batch_size."""
@@ -60,16 +61,19 @@ class DataConfig:
         for name in ("image_cache", "text_cache"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"data.{name} must be a non-empty path, got {getattr(self, name)!r}")
-        if not (isinstance(self.paired_fraction, float | int) and 0 < self.paired_fraction <= 1):
+        if not (is_number(self.paired_fraction) and 0 < self.paired_fraction <= 1):
             raise ValueError(f"data.paired_fraction must lie in (0, 1], got {self.paired_fraction!r}")
-        if self.unpaired_batch_size < 0:
+        if not is_integer(self.unpaired_batch_size, plain=True) or self.unpaired_batch_size < 0:
             raise ValueError(
-                f"data.unpaired_batch_size must be >= 0 (0 = train.batch_size), got {self.unpaired_batch_size}"
+                f"data.unpaired_batch_size must be an integer >= 0 (0 = train.batch_size), "
+                f"got {self.unpaired_batch_size!r}"
             )
-        if not isinstance(self.token_images, int) or self.token_images < 0:
+        if not is_integer(self.token_images, plain=True) or self.token_images < 0:
             raise ValueError(
                 f"data.token_images must be an integer >= 0 (0 = the whole batch), got {self.token_images!r}"
             )
+        if not is_integer(self.split_seed, plain=True):
+            raise ValueError(f"data.split_seed must be an integer, got {self.split_seed!r}")
         for name in ("captions_per_image", "captions_per_image_in_cs"):
             if getattr(self, name) not in ("one", "all"):
                 raise ValueError(f'data.{name} must be "one" or "all", got {getattr(self, name)!r}')
@@ -106,15 +110,15 @@ class ModelConfig:
             if unknown:
                 raise ValueError(f"unknown key model.{side}.{unknown[0]!s}; adapter keys: {sorted(_adapter_fields())}")
             for dim in ("in_dim", "out_dim"):
-                if not isinstance(spec.get(dim, 0), int) or spec.get(dim, 0) < 0:
+                if not is_integer(spec.get(dim, 0), plain=True) or spec.get(dim, 0) < 0:
                     raise ValueError(f"model.{side}.{dim} must be an int >= 0 (0 = infer), got {spec[dim]!r}")
         if self.image["kind"] == "identity" and self.text["kind"] == "identity":
             raise ValueError(
                 "model.image and model.text are both identity: nothing to train; give one side an "
                 "adapter kind (prior, mlp, linear)"
             )
-        if self.out_dim < 0:
-            raise ValueError(f"model.out_dim must be >= 0 (0 = infer), got {self.out_dim}")
+        if not is_integer(self.out_dim, plain=True) or self.out_dim < 0:
+            raise ValueError(f"model.out_dim must be an int >= 0 (0 = infer), got {self.out_dim!r}")
 
 
 def _adapter_fields() -> set[str]:
@@ -182,25 +186,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "steps", "warmup_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_integer(value, plain=True) or value < 0:
                 raise ValueError(f"train.{name} must be an int >= 0, got {value!r}")
         if self.epochs == 0 and self.steps == 0:
             raise ValueError("train.epochs and train.steps are both 0: set one of them > 0")
-        if self.batch_size < 1:
-            raise ValueError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if not is_integer(self.batch_size, plain=True) or self.batch_size < 1:
+            raise ValueError(f"train.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not is_integer(self.seed, plain=True):
+            raise ValueError(f"train.seed must be an integer, got {self.seed!r}")
         if self.log_every < 1:
             raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
-        if not math.isfinite(self.lr) or self.lr <= 0:
+        if not is_number(self.lr) or self.lr <= 0:
             raise ValueError(f"train.lr must be a finite number > 0, got {self.lr!r}")
         for name in ("weight_decay", "grad_clip"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         for name in ("warmup_fraction", "min_lr_ratio"):
-            if not 0 <= getattr(self, name) <= 1:
+            if not (is_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1):
                 raise ValueError(f"train.{name} must lie in [0, 1], got {getattr(self, name)!r}")
-        if not 0 <= self.ema < 1:
+        if not (is_number(self.ema) and 0 <= self.ema < 1):
             raise ValueError(f"train.ema must lie in [0, 1) (e.g. 0.999; 0 disables EMA), got {self.ema!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f'train.precision must be "fp32", "bf16" or "fp16", got {self.precision!r}')

@@ -70,11 +70,17 @@ def _rows(t: Tensor | None, rows: Tensor) -> Tensor | None:
 
 
 def model_inputs(feats: DeviceFeatures, batch: Batch, config: RunConfig) -> dict[str, Tensor | None]:
-    """Gather the rows a step needs: paired + unpaired images, InfoNCE + CS-only texts, tokens."""
-    text_rows = torch.cat([batch.text_rows, batch.cs_text_rows])
+    """Gather the rows a step needs: paired + unpaired images, InfoNCE + CS-only texts, tokens.
+
+    The unpaired images and CS-only texts are left out for an objective without a divergence
+    (infonce, l2_prior): it has no term they could enter, and the adapters need not map them.
+    """
+    pools = config.loss.takes_unpaired
+    image_rows = torch.cat([batch.image_rows, batch.unpaired_image_rows]) if pools else batch.image_rows
+    text_rows = torch.cat([batch.text_rows, batch.cs_text_rows]) if pools else batch.text_rows
     with_token_cs = config.loss.token_lam > 0
     return {
-        "image": _rows(feats.image, torch.cat([batch.image_rows, batch.unpaired_image_rows])),
+        "image": _rows(feats.image, image_rows),
         "text": _rows(feats.text, text_rows),
         "text_tokens": _rows(feats.text_tokens, text_rows),
         "text_token_mask": _rows(feats.text_token_mask, text_rows),
