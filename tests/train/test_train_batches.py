@@ -5,7 +5,7 @@ import torch
 
 from csaligner.data.features import PairedFeatures
 from csaligner.train import DataConfig
-from csaligner.train.batches import BatchSampler, split_features
+from csaligner.train.batches import BatchSampler, describe_split, split_features
 
 
 def captions_of(features: PairedFeatures, image_row: int) -> set[int]:
@@ -43,6 +43,27 @@ def test_paired_fraction_moves_the_rest_into_independent_pools(features: PairedF
 def test_dropping_unpaired_leaves_empty_pools(features: PairedFeatures) -> None:
     split = split_features(features, DataConfig(paired_fraction=0.5, use_unpaired=False))
     assert split.unpaired_images.numel() == 0 and split.unpaired_texts.numel() == 0
+
+
+def test_an_objective_without_pools_gets_none_and_the_counts_say_so(features: PairedFeatures) -> None:
+    cfg = DataConfig(paired_fraction=0.5)
+    split = split_features(features, cfg, pools=False)
+    assert split.unpaired_images.numel() == 0 and split.unpaired_texts.numel() == 0
+    n_txt = split.caption_rows.numel()
+    line = describe_split(split, features, "loss.objective=infonce has no divergence term")
+    assert line == (
+        f"data: 23 of 48 images paired with {n_txt} of {features.num_texts} texts; left out: 25 images, "
+        f"{features.num_texts - n_txt} texts (loss.objective=infonce has no divergence term)"
+    )
+
+
+def test_the_counts_name_the_pools_and_leave_nothing_out_when_all_is_used(features: PairedFeatures) -> None:
+    split = split_features(features, DataConfig(paired_fraction=0.5))
+    line = describe_split(split, features, "unused reason")
+    pools = f"{split.unpaired_images.numel()} images, {split.unpaired_texts.numel()} texts"
+    assert line.endswith(f"; unpaired pools for the divergence term: {pools}")
+    assert "left out" not in line
+    assert split.num_paired + split.unpaired_images.numel() == features.num_images
 
 
 def test_one_caption_batches_cover_an_epoch_without_repeats(features: PairedFeatures) -> None:

@@ -129,8 +129,12 @@ def test_an_objective_without_a_divergence_gets_no_unpaired_pools(
 
     monkeypatch.setattr(AlignmentLoss, "forward", spy)
     overrides = fast_overrides(tmp_path, "train.steps=1", "loss.objective=infonce", *variant)
-    result = train(load_config(None, overrides), features)
+    lines: list[str] = []
+    result = train(load_config(None, overrides), features, report=lines.append)
     assert result.finished and seen == [(16, 16, True, True)]
+    assert lines == [result.data]
+    if "data.paired_fraction=0.5" in variant:  # the unpaired half is counted as left out, with the reason
+        assert "left out:" in result.data and "(loss.objective=infonce has no divergence term)" in result.data
 
 
 def test_token_variant_adds_the_token_cs_term(tmp_path: Path, token_features: PairedFeatures) -> None:
@@ -189,7 +193,9 @@ def test_cli_trains_from_caches(
     argv = ["train", "--config", str(config)] + [f"--{o}" for o in fast_overrides(tmp_path / "run")]
     assert main(argv) == 0
     assert calls == [(f"{tmp_path}/img", f"{tmp_path}/txt")]
-    assert "step 4/4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 4/4" in out
+    assert out.startswith("data: ") and " images paired with " in out  # the counts come first
     assert len(read_csv(tmp_path / "run" / "metrics.csv")) == 4
     assert main([*argv, "--train.resume=auto"]) == 0  # nothing left to run: said, not shown as a training run
     assert "had already reached step 4 of 4; no step to run" in capsys.readouterr().out

@@ -47,10 +47,12 @@ class TrainingSplit:
         return int(self.paired_images.numel())
 
 
-def split_features(features: PairedFeatures, config: DataConfig) -> TrainingSplit:
+def split_features(features: PairedFeatures, config: DataConfig, *, pools: bool = True) -> TrainingSplit:
     """Keep `paired_fraction` of the captioned images as pairs; the rest feed (or skip) the unpaired pools.
 
-    Images without any caption and texts marked -1 join the unpaired pools as well.
+    Images without any caption and texts marked -1 join the unpaired pools as well. With
+    `pools=False` (an objective without a divergence term) or `config.use_unpaired` False they are
+    left out; `describe_split` counts them.
     """
     g = _generator(config.split_seed, 0, 0)
     t2i = features.text_to_image
@@ -70,7 +72,7 @@ def split_features(features: PairedFeatures, config: DataConfig) -> TrainingSpli
     remap[paired] = torch.arange(n_paired)
     ptr = torch.zeros(n_paired + 1, dtype=torch.long)
     ptr[1:] = torch.bincount(remap[t2i[rows]], minlength=n_paired).cumsum(0)
-    if config.use_unpaired:
+    if config.use_unpaired and pools:
         un_img = (~is_paired).nonzero().flatten()
         un_txt = (~text_paired).nonzero().flatten()
         un_img = un_img[torch.randperm(un_img.numel(), generator=g)]
@@ -78,6 +80,20 @@ def split_features(features: PairedFeatures, config: DataConfig) -> TrainingSpli
     else:
         un_img = un_txt = torch.zeros(0, dtype=torch.long)
     return TrainingSplit(paired, ptr, rows, un_img, un_txt)
+
+
+def describe_split(split: TrainingSplit, features: PairedFeatures, left_out_because: str) -> str:
+    """One line of counts: the pairs, the unpaired pools (CS term only) and what is left out, and why."""
+    n_img, n_txt = features.num_images, features.num_texts
+    pool_img, pool_txt = split.unpaired_images.numel(), split.unpaired_texts.numel()
+    paired_txt = split.caption_rows.numel()
+    line = f"data: {split.num_paired} of {n_img} images paired with {paired_txt} of {n_txt} texts"
+    if pool_img or pool_txt:
+        line += f"; unpaired pools for the divergence term: {pool_img} images, {pool_txt} texts"
+    out_img, out_txt = n_img - split.num_paired - pool_img, n_txt - paired_txt - pool_txt
+    if out_img or out_txt:
+        line += f"; left out: {out_img} images, {out_txt} texts ({left_out_because})"
+    return line
 
 
 @dataclass

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0
-    result = train(config)
+    result = train(config, report=print)  # the data counts line, before the first step
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
         return 0
     if not result.history:  # resumed at or past the stop: say so rather than look like a training run

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
 from csaligner.losses.objective import AlignmentLoss, build_objective
-from csaligner.train.batches import BatchSampler, split_features
+from csaligner.train.batches import BatchSampler, describe_split, split_features
 from csaligner.train.checkpoint import (
     Checkpoint,
     config_changes,
@@ -59,6 +60,7 @@ class RunResult:
         checkpoint: the last checkpoint directory written.
         metrics: the last logged row (step, epoch, lr, loss terms, samples_per_s, ...).
         history: every row logged by this call, in order.
+        data: one line counting the pairs, the unpaired pools and what was left out (and why).
     """
 
     run_dir: str
@@ -70,6 +72,7 @@ class RunResult:
     checkpoint: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    data: str = ""
 
 
 @dataclass
@@ -89,12 +92,19 @@ class _Run:
     feats: DeviceFeatures
     adapter_configs: dict[str, Any]
     total_steps: int
+    data: str = ""
     monitor: RunMonitor | None = None
     step: int = 0
     checkpoint: str | None = None
 
 
-def train(config: RunConfig, features: PairedFeatures | None = None, *, until_step: int | None = None) -> RunResult:
+def train(
+    config: RunConfig,
+    features: PairedFeatures | None = None,
+    *,
+    until_step: int | None = None,
+    report: Callable[[str], object] | None = None,
+) -> RunResult:
     """Train adapters as `config` says; under torchrun, every process calls this.
 
     Args:
@@ -102,20 +112,30 @@ def train(config: RunConfig, features: PairedFeatures | None = None, *, until_st
         features: in-memory features to train on instead of loading data.image_cache / data.text_cache.
         until_step: stop after this many total steps (checkpointing there) as if interrupted; resume
             with train.resume="auto". None runs to the end.
+        report: called (on the main process) with the data counts line before the first step,
+            e.g. `print`; `RunResult.data` holds the same line.
 
     Returns:
         A `RunResult` with the run directory, final adapter paths and metrics.
     """
     info = init_distributed(config.train.device)
     try:
-        return _train(config, features, until_step, info)
+        return _train(config, features, until_step, info, report)
     finally:
         cleanup(info)
 
 
-def _train(config: RunConfig, features: PairedFeatures | None, until_step: int | None, info: DistInfo) -> RunResult:
+def _train(
+    config: RunConfig,
+    features: PairedFeatures | None,
+    until_step: int | None,
+    info: DistInfo,
+    report: Callable[[str], object] | None,
+) -> RunResult:
     stale = claim_out_dir(config.train)  # checked first; deleted only once features load and the model builds
     run = _setup(config, features or load_features(config), info, stale)
+    if report is not None and info.is_main:
+        report(run.data)
     cfg = config.train
     stop = run.total_steps if until_step is None else min(until_step, run.total_steps)
     run.monitor = RunMonitor(
@@ -158,7 +178,9 @@ def load_features(config: RunConfig) -> PairedFeatures:
 
 def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: list[str]) -> _Run:
     cfg = config.train
-    split = split_features(features, config.data)
+    pools = config.loss.takes_unpaired  # infonce / l2_prior have no term for unpaired data
+    split = split_features(features, config.data, pools=pools)
+    why = "data.use_unpaired=false" if pools else f"loss.objective={config.loss.objective} has no divergence term"
     sampler = BatchSampler(split, config.data, cfg.batch_size, cfg.seed, info.rank, info.world_size)
     total = cfg.steps or cfg.epochs * sampler.steps_per_epoch
     torch.manual_seed(cfg.seed)  # same initial weights on every process
@@ -172,6 +194,7 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
     run = _Run(
         config, info, model, model, objective, optimizer, params, scaler, ema, sampler, feats, adapter_configs, total
     )
+    run.data = describe_split(split, features, why)
     _maybe_resume(run)
     if run.checkpoint is not None:  # the record of the run that wrote it (train.resume may name another folder's)
         check_resume_encoders(os.path.dirname(os.path.dirname(run.checkpoint)), features.meta)
@@ -315,6 +338,7 @@ def _finish(run: _Run) -> RunResult:
         run.step >= run.total_steps,
         metrics=history[-1] if history else summary_metrics(cfg.out_dir) if run.info.is_main else {},
         history=history,
+        data=run.data,
     )
     if run.info.is_main and (run.checkpoint is None or not run.checkpoint.endswith(f"step-{run.step:08d}")):
         _save(run)
