@@ -128,7 +128,7 @@ def run_flickr_demo(s: FlickrDemoSettings = FlickrDemoSettings()) -> dict[str, d
         config = load_config(None, demo_overrides(s, caches, objective))
         if not _prepare_run(name, run_dir, config):
             print(f"\n== training {name} ==")
-            train(config)
+            train(config, report=print)  # the data counts line
         runs[name] = run_dir
     dev = load_paired_features(caches["dev_image"], caches["dev_text"])
     results = {name: evaluate_run(run, dev, sigma=s.sigma) for name, run in runs.items()}
