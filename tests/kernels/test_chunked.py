@@ -320,3 +320,15 @@ def test_a_numpy_integer_chunk_size_is_accepted() -> None:
     assert float(streamed_info_nce(x, y, 0.07, chunk_size=np.int32(16))) == pytest.approx(
         float(streamed_info_nce(x, y, 0.07, chunk_size=16)), rel=1e-6
     )
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_pools_without_the_cs_term_are_an_error(impl: str) -> None:
+    """with_cs=False computes InfoNCE alone: unpaired pools passed with it used to vanish unseen."""
+    x, y = F.normalize(torch.randn(6, 4), dim=1), F.normalize(torch.randn(6, 4), dim=1)
+    pool = F.normalize(torch.randn(3, 4), dim=1)
+    with pytest.raises(ValueError, match="with_cs=False computes InfoNCE alone"):
+        infonce_cs_terms(x, y, torch.cat([x, pool]), with_cs=False, impl=impl)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="drop the pools or pass with_cs=True"):
+        infonce_cs_terms(x, y, y_all=torch.cat([y, pool]), with_cs=False, impl=impl)  # type: ignore[arg-type]
+    assert set(infonce_cs_terms(x, y, with_cs=False, impl=impl)) == {"infonce"}  # type: ignore[arg-type]

@@ -146,8 +146,8 @@ def infonce_cs_terms(
     Args:
         x: (N, D) unit-norm image features (the paired part).
         y: (M, D) unit-norm text features; M == N unless text_to_image is given.
-        x_all: (N', D) images entering D_CS (x plus unpaired images); defaults to x.
-        y_all: (M', D) texts entering D_CS; defaults to y.
+        x_all: (N', D) images entering D_CS (x plus unpaired images); defaults to x. Only with with_cs.
+        y_all: (M', D) texts entering D_CS; defaults to y. Only with with_cs.
         temperature: InfoNCE temperature > 0, float or 0-dim tensor (a learnable one gets its gradient).
         sigma: Gaussian bandwidth > 0 (already resolved; no "median" here), float or 0-dim tensor.
         text_to_image: optional (M,) image row of each text.
@@ -175,6 +175,11 @@ def infonce_cs_terms(
     until backward: evaluate under `torch.no_grad()` to skip that work.
     """
     chunk_size = check_chunk_size(chunk_size)
+    if not with_cs and (x_all is not None or y_all is not None):
+        raise ValueError(
+            "x_all / y_all are the pools of the D_CS term, and with_cs=False computes InfoNCE alone: "
+            "drop the pools or pass with_cs=True"
+        )
     x_all = x if x_all is None else x_all
     y_all = y if y_all is None else y_all
     path = resolve_impl(impl, x, y, x_all, y_all)
