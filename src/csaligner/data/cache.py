@@ -32,6 +32,7 @@ from torch import Tensor
 
 from csaligner._safetensors_io import save_safetensors
 from csaligner.data.manifest import ImageTextManifest
+from csaligner.encoders.base import encoder_name
 
 FORMAT = "csaligner-feature-cache/1"
 CACHE_FILE = "cache.json"
@@ -174,7 +175,7 @@ class FeatureCache:
         """How to load the encoder again ("hf-text:/abs/dir"); caches from before it was recorded give
         the registered name from the id ("minilm@..." -> "minilm"), which loads for argument-less encoders."""
         spec = self.state.get("encoder_spec")
-        return str(spec) if spec else str(self.state["key_fields"]["encoder"]).split("@", 1)[0]
+        return str(spec) if spec else encoder_name(str(self.state["key_fields"]["encoder"]))
 
     @property
     def parts(self) -> tuple[str, ...]:

@@ -59,6 +59,7 @@ def run_text_encoder(run_dir: str | Path) -> str:
     before the record; that path is relative to where the run was trained)."""
     import yaml
 
+    from csaligner.encoders.base import encoder_name
     from csaligner.eval.evaluate import cache_encoder_spec
     from csaligner.train.model import run_encoders
 
@@ -66,7 +67,7 @@ def run_text_encoder(run_dir: str | Path) -> str:
     if recorded.get("text_encoder_spec"):
         return recorded["text_encoder_spec"]
     if recorded.get("text_encoder"):
-        return recorded["text_encoder"].split("@", 1)[0]
+        return encoder_name(recorded["text_encoder"])
     config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     return cache_encoder_spec(config["data"]["text_cache"])
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
+from csaligner.encoders.base import encoder_name
 from csaligner.eval.classification import class_prompts, few_shot_accuracy, zero_shot_accuracy
 from csaligner.eval.gap import modality_gap_metrics
 from csaligner.eval.retrieval import retrieval_metrics
@@ -109,7 +110,7 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str =
 
     for key, trained_id, given in encoder_mismatches(str(run_dir), meta):
         side = key.split("_", 1)[0]
-        spec = run_encoders(str(run_dir)).get(f"{key}_spec") or trained_id.split("@", 1)[0]
+        spec = run_encoders(str(run_dir)).get(f"{key}_spec") or encoder_name(trained_id)
         raise ValueError(
             f"run {run_dir} was trained on {side} features from {trained_id!r}, but the {what} {side} cache "
             f"was encoded with {given!r}; encode the {what} data with the run's encoder "
@@ -132,12 +133,12 @@ def check_classification_encoders(run_dir: str | Path, data: ClassificationData)
     if data.text_encoder_id:
         same = data.text_encoder_id == trained
     else:
-        same = data.text_encoder.split(":", 1)[0] == trained.split("@", 1)[0]
+        same = data.text_encoder.split(":", 1)[0] == encoder_name(trained)
     if not same:
         used = f"{data.text_encoder!r}" + (f" ({data.text_encoder_id!r})" if data.text_encoder_id else "")
         raise ValueError(
             f"run {run_dir} was trained on text features from {trained!r}, but the classification prompts would "
-            f"be encoded with {used}; pass the run's text encoder ({trained.split('@', 1)[0]!r}), "
+            f"be encoded with {used}; pass the run's text encoder ({encoder_name(trained)!r}), "
             "e.g. a --text-cache encoded with it"
         )
 
