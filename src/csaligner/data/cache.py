@@ -242,6 +242,15 @@ class FeatureCache:
         return out, mask
 
 
+def as_cache(cache: str | Path | FeatureCache, verify: bool = True) -> FeatureCache:
+    """`cache` itself when it is an opened `FeatureCache`, else `FeatureCache.open(cache, verify=verify)`.
+
+    Opening reads cache.json and items.json and hashes the manifest (with `verify`, every shard too): a
+    command that needs several things from one cache opens it once and passes the opened cache along.
+    """
+    return cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache, verify=verify)
+
+
 class CacheWriter:
     """Writes shards atomically and keeps cache.json current, so a rerun resumes.
 

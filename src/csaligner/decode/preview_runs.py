@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,22 +17,29 @@ from torch import Tensor
 from csaligner.decode.preview import render_preview, retrieve_topk
 from csaligner.encoders.base import EncoderOutput
 
-
-def cached_images(image_cache: str | Path) -> tuple[Tensor, list[Path]]:
-    """(N, D) pooled features of an image cache and the image files they came from, in row order."""
+if TYPE_CHECKING:
     from csaligner.data.cache import FeatureCache
 
-    cache = FeatureCache.open(image_cache)
+
+def cached_images(image_cache: str | Path | FeatureCache) -> tuple[Tensor, list[Path]]:
+    """(N, D) pooled features of an image cache and the image files they came from, in row order.
+
+    A folder is opened with every shard's checksum verified; an opened cache is used as it is.
+    """
+    from csaligner.data.cache import as_cache
+
+    cache = as_cache(image_cache)
     rows = cache.rows("image")
     paths = cache.manifest.image_paths
     return cache.pooled("image", torch.float32), [Path(paths[r]) for r in rows]
 
 
-def cached_image_names(image_cache: str | Path) -> dict[str, int]:
-    """Each image of a cache by its image id and by its file path -> its row in `cached_images` order."""
-    from csaligner.data.cache import FeatureCache
+def cached_image_names(image_cache: str | Path | FeatureCache) -> dict[str, int]:
+    """Each image of a cache (a folder, or one opened) by its image id and by its file path -> its row in
+    `cached_images` order."""
+    from csaligner.data.cache import as_cache
 
-    cache = FeatureCache.open(image_cache, verify=False)
+    cache = as_cache(image_cache, verify=False)
     manifest = cache.manifest
     names = {}
     for i, r in enumerate(cache.rows("image")):
