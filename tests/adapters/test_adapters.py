@@ -403,6 +403,40 @@ def test_save_ignores_attributes_a_module_adds_for_itself(tmp_path) -> None:
     assert (tmp_path / "a.safetensors").is_file()
 
 
+class Doubled(MLPAdapter):
+    """A user's subclass of a registered adapter: same weights, another forward."""
+
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return 2 * super().forward(x, **kwargs)
+
+
+def test_an_unregistered_subclass_is_refused_with_how_to_register_it(tmp_path) -> None:
+    """Saved as "mlp" it would load as a plain MLPAdapter and silently lose its forward."""
+    config = AdapterConfig(kind="mlp", in_dim=8, out_dim=6)
+    want = (
+        r"module is a Doubled, but load_adapter rebuilds kind 'mlp' as MLPAdapter; Doubled subclasses MLPAdapter "
+        r"but is not registered.*@register_adapter\('my_kind'\) on class Doubled.*replace\(config, kind='my_kind'\)"
+    )
+    with pytest.raises(ValueError, match=want):
+        save_adapter(Doubled.from_config(config), config, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_registered_subclass_saves_and_loads_as_itself(tmp_path) -> None:
+    register_adapter("test_doubled")(Doubled)
+    try:
+        config = AdapterConfig(kind="mlp", in_dim=8, out_dim=6)
+        module = Doubled.from_config(config).eval()
+        with pytest.raises(ValueError, match=r"registered as kind 'test_doubled': save it with .*kind='test_doubled'"):
+            save_adapter(module, config, tmp_path / "a.safetensors")
+        own = dataclasses.replace(config, kind="test_doubled")
+        loaded, _ = load_adapter(save_adapter(module, own, tmp_path / "a.safetensors"))
+        x = torch.randn(3, 8)
+        assert type(loaded) is Doubled and torch.equal(loaded.eval()(x), module(x))
+    finally:
+        ADAPTERS.pop("test_doubled", None)
+
+
 def test_saving_the_same_adapter_twice_gives_identical_bytes(tmp_path) -> None:
     # safetensors keeps metadata in a Rust HashMap with a fresh random seed per map, so the header's key
     # order (format, format_version, config) varied from one save to the next, even in one process.

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +143,49 @@ def test_quiet_keeps_bars_off_that_were_off(
         assert hf_progress_state() == before and before[:2] == (False, True)
     finally:
         hf_logging.enable_progress_bar()
+
+
+# A fresh interpreter: which Hugging Face libraries a quiet encode imported, and their state after it.
+QUIET_ENCODE = """
+import sys
+from csaligner.cli import main
+for encoder in sys.argv[3:]:
+    assert main(["encode", "--quiet", "--encoder", encoder, "--data", sys.argv[1], "--out", sys.argv[2] + encoder]) == 0
+libs = [m for m in ("transformers", "huggingface_hub", "sentence_transformers", "diffusers") if m in sys.modules]
+print("IMPORTED", ",".join(libs) or "-")
+if "transformers" in sys.modules:
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+    print("STATE", hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled(), hf_logging.get_verbosity())
+"""
+
+
+def quiet_encode_in_a_fresh_process(data: Path, out: Path, *encoders: str) -> subprocess.CompletedProcess[str]:
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    quiet_vars = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY")  # library defaults
+    env = {**{k: v for k, v in os.environ.items() if k not in quiet_vars}, "PYTHONPATH": src}
+    argv = [sys.executable, "-c", QUIET_ENCODE, str(data), str(out), *encoders]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_quiet_encode_with_tiny_encoders_imports_no_model_library(
+    tiny_manifest: ImageTextManifest, tmp_path: Path
+) -> None:
+    """Quieting transformers must not cost its import (a second or more) when the encoder never uses it."""
+    data = write_manifest(tiny_manifest, tmp_path / "m.jsonl")
+    done = quiet_encode_in_a_fresh_process(data, tmp_path / "cache-", "tiny-image", "tiny-text")
+    assert "IMPORTED -" in done.stdout, done.stdout
+    assert (tmp_path / "cache-tiny-text" / "cache.json").is_file() and "it/s" not in done.stderr
+
+
+def test_quiet_silences_a_model_library_first_imported_by_the_encoder(
+    tiny_manifest: ImageTextManifest, tiny_bert_folder: Path, tmp_path: Path
+) -> None:
+    """The loader imports transformers inside the quiet block: its bars are off, and back on after the run."""
+    data = write_manifest(tiny_manifest, tmp_path / "m.jsonl")
+    done = quiet_encode_in_a_fresh_process(data, tmp_path / "cache-", f"hf-text:{tiny_bert_folder}")
+    assert "Loading weights" not in done.stderr and "it/s" not in done.stderr, done.stderr
+    assert "IMPORTED transformers,huggingface_hub" in done.stdout
+    assert f"STATE True False {logging.WARNING}" in done.stdout  # the libraries' defaults, as if never quieted

@@ -123,3 +123,40 @@ def test_shared_flickr8k_captions_raise_no_quoting_warning(shared_captions_tsv: 
         warnings.simplefilter("error")
         rows = read_tsv_rows(tsv)
     assert sum('"' in r["caption"] for _, r in rows) > 0
+
+
+def test_a_bare_carriage_return_in_a_verbatim_tsv_is_named_when_read_as_csv_quoted(tmp_path: Path) -> None:
+    """A CR outside quotes was never written by the old writer (it quoted such fields): say so, by its line."""
+    (tmp_path / "m.tsv").write_bytes(b"image\tcaption\na.jpg\tone\rtwo\nb.jpg\tplain\n")
+    assert read_manifest(tmp_path / "m.tsv", image_root="/").captions == ("one\rtwo", "plain")  # verbatim: fine
+    match = (
+        r"m\.tsv:2: caption 'one\\rtwo' holds a carriage return \(\\r\) outside quotes.*"
+        r"not csv-quoted.*read it verbatim \(tsv_quoting='verbatim', the default\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        read_manifest(tmp_path / "m.tsv", tsv_quoting="csv")
+    with pytest.raises(ValueError, match=match):
+        unquote_tsv(tmp_path / "m.tsv", tmp_path / "new.tsv")
+    assert not (tmp_path / "new.tsv").exists()
+
+
+def test_old_writer_carriage_returns_are_read_and_converted_to_jsonl(tmp_path: Path) -> None:
+    """The old writer quoted a caption holding a CR; a verbatim .tsv cannot hold one, so the fix is .jsonl."""
+    m = ImageTextManifest(
+        image_ids=("a.jpg", "b.jpg"),
+        image_paths=("/imgs/a.jpg", "/imgs/b.jpg"),
+        captions=("one\rtwo", "three"),
+        text_to_image=(0, 1),
+        caption_ids=("c0", "c1"),
+        name="m",
+    )
+    path = _write_like_the_old_writer(m, tmp_path / "m.tsv")
+    assert b'"one\rtwo"' in path.read_bytes()
+    fix = r"holds a carriage return.*write_manifest\(read_manifest\('.*m\.tsv', tsv_quoting='csv'\), '.*m\.jsonl'\)"
+    with pytest.warns(CsvQuotedTsvWarning, match=r"line 2 caption '\"one\\rtwo\"'.*a carriage return.*" + fix):
+        read_manifest(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_manifest(path, image_root="/imgs", tsv_quoting="csv").captions == m.captions
+    with pytest.raises(ValueError, match=r"m\.tsv:2: caption 'one\\rtwo' " + fix):
+        unquote_tsv(path, tmp_path / "new.tsv")

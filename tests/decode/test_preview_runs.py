@@ -14,7 +14,7 @@ from csaligner.cli import main
 from csaligner.data.cache import FeatureCache
 from csaligner.encoders import get_encoder
 from csaligner.train.model import load_adapters
-from tests.eval.tiny_runs import TinyCaches, make_run, other_tiny_encoders, tiny_caches
+from tests.eval.tiny_runs import TinyCaches, count_cache_json_reads, make_run, other_tiny_encoders, tiny_caches
 
 PROMPTS = ["a dog runs", "red ball", "the cat"]  # short: one text line each at any thumbnail size
 
@@ -116,6 +116,17 @@ def test_preview_run_mode_honours_thumb_size_ground_truth_and_writes_json(
     hits = 1 + int(bool({3, 5} & set(indices[2])))  # prompt 0 names every image
     assert f"T (hit@2: {hits}/3)" in (tmp_path / "small" / "preview.html").read_text()
     assert "hit@" not in (tmp_path / "big" / "preview.html").read_text()
+
+
+def test_preview_run_mode_reads_the_image_cache_once(
+    caches: TinyCaches, token_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its encoder id, features and image names all come from one opened cache."""
+    (tmp_path / "gt.json").write_text(json.dumps({"0": caches.image_ids[:1]}))
+    reads = count_cache_json_reads(monkeypatch)
+    gt = ["--ground-truth", str(tmp_path / "gt.json")]
+    assert preview(caches, tmp_path, tmp_path / "o", "--run", str(token_run), *gt) == 0
+    assert reads[caches.image.resolve()] == 1
 
 
 def test_preview_run_mode_errors(

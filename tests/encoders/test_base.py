@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from csaligner.encoders import FrozenEncoder, ImagePreprocess, hash_files, mean_pool
+from csaligner.encoders import FrozenEncoder, ImagePreprocess, encoder_name, hash_files, mean_pool
 from csaligner.encoders.tiny import TinyImageEncoder, TinyTextEncoder
 
 
@@ -48,6 +48,20 @@ def test_hash_files_tracks_content(tmp_path: Path) -> None:
     a = hash_files([f])
     f.write_bytes(b"two!")
     assert hash_files([f]) != a and len(a) == 16
+
+
+@pytest.mark.parametrize(
+    ("encoder_id", "name"),
+    [
+        ("minilm@4b8c5d5e-l2", "minilm"),
+        ("tiny-text@seed0-b512-v1", "tiny-text"),
+        ("clip@336px@4b8c5d5e", "clip@336px"),  # a registered name may hold "@"; the fingerprint never does
+        ("hf-text:/data/x@y@4b8c5d5e", "hf-text:/data/x@y"),  # a folder given as the name
+        ("custom", "custom"),  # an id without a fingerprint is all name
+    ],
+)
+def test_encoder_name_splits_the_id_at_its_last_at(encoder_id: str, name: str) -> None:
+    assert encoder_name(encoder_id) == name
 
 
 def test_tiny_image_encoder_contract() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from tests.eval.tiny_runs import WORDS, encode, write_images
 
 from csaligner.data import load_paired_features
@@ -19,6 +20,7 @@ from csaligner.data.manifest import ImageTextManifest, write_manifest
 from csaligner.decode.preview_runs import run_text_encoder, run_text_encoder_id
 from csaligner.encoders import encoder_spec, get_encoder, register_encoder, unregister_encoder
 from csaligner.encoders.tiny import TinyTextEncoder
+from csaligner.eval.evaluate import ClassificationData, check_classification_encoders, check_run_encoders
 from csaligner.train.embed import encode_texts
 from csaligner.train.model import run_encoders, write_run_encoders
 
@@ -101,3 +103,39 @@ def test_caches_from_before_the_spec_fall_back_to_the_name_in_the_id(tmp_path: P
     cache = FeatureCache.open(tmp_path / "txt")
     del cache.state["encoder_spec"]
     assert cache.encoder_spec == "tiny-text"
+
+
+@pytest.fixture
+def at_named_encoder() -> Iterator[str]:
+    """ "tiny@v2": a registered name holding "@", so its ids ("tiny@v2@seed3-v1") hold two."""
+
+    def build(*, device: str = "cpu") -> TinyTextEncoder:
+        enc = TinyTextEncoder(seed=3, device=device)
+        enc._id = "tiny@v2@seed3-v1"
+        return enc
+
+    register_encoder("tiny@v2")(build)
+    try:
+        yield "tiny@v2@seed3-v1"
+    finally:
+        unregister_encoder("tiny@v2")
+
+
+def test_a_name_holding_an_at_is_read_back_from_the_id_whole(at_named_encoder: str, tmp_path: Path) -> None:
+    """The fingerprint after the last "@" is the encoder's own; everything before it is the name."""
+    manifest = ImageTextManifest(image_ids=("a",), image_paths=("/a.jpg",), captions=("a",), text_to_image=(0,))
+    data = str(write_manifest(manifest, tmp_path / "m.jsonl"))
+    encode("--encoder", "tiny@v2", "--data", data, "--out", str(tmp_path / "txt"))
+    cache = FeatureCache.open(tmp_path / "txt")
+    assert cache.key_fields["encoder"] == at_named_encoder
+    del cache.state["encoder_spec"]  # a cache from before the spec was recorded
+    assert cache.encoder_spec == "tiny@v2"
+    run = tmp_path / "run"
+    run.mkdir()
+    write_run_encoders(str(run), {"text_encoder": at_named_encoder})  # a run from before the spec, too
+    assert run_text_encoder(run) == "tiny@v2"
+    one = torch.zeros(1, 4)
+    prompts = ClassificationData(one, torch.zeros(1), one, torch.zeros(1), ["a"], text_encoder="tiny@v2")
+    check_classification_encoders(run, prompts)  # the same encoder: no error
+    with pytest.raises(ValueError, match=r"\(csalign encode --encoder tiny@v2 \.\.\.\)"):
+        check_run_encoders(run, {"text_encoder": "tiny-text@seed0-b512-v1"})

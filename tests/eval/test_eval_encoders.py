@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.eval.tiny_runs import TinyCaches, class_caches, make_run, other_tiny_encoders, tiny_caches
+from tests.eval.tiny_runs import (
+    TinyCaches,
+    class_caches,
+    count_cache_json_reads,
+    make_run,
+    other_tiny_encoders,
+    tiny_caches,
+)
 from tests.train.helpers import fast_overrides, synthetic_features
 
 from csaligner.cli import main
@@ -85,6 +92,15 @@ def test_classification_on_caches_from_the_run_encoders_runs(tiny: Any, tmp_path
     assert "zero_shot_top1" in classification_metrics(run, data, shots=(1,))
     assert eval_cli(caches, same, run, tmp_path / "out") == 0
     assert "few_shot_4-shot" in json.loads((tmp_path / "out" / "metrics.json").read_text())["run"]
+
+
+def test_eval_reads_each_cache_once(tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompt encoder's spec and id come from the text cache already opened; class caches open once each."""
+    caches, same, _ = tiny
+    run = make_run(tmp_path / "run", caches.text_tokens, encoders=TINY)
+    reads = count_cache_json_reads(monkeypatch)
+    assert eval_cli(caches, same, run, tmp_path / "out") == 0
+    assert reads == {p.resolve(): 1 for p in (caches.image, caches.text_tokens, *same)}
 
 
 def test_classification_refuses_class_caches_from_another_image_encoder(

@@ -6,12 +6,14 @@ config.yaml. Building it by hand (no training) keeps these tests at well under a
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from csaligner.cli import main
@@ -139,3 +141,17 @@ def make_run(
     if encoders:
         write_run_encoders(str(run_dir), encoders)
     return run_dir
+
+
+def count_cache_json_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[Path]:
+    """From now on, how often each cache folder's cache.json is read (`FeatureCache.open` reads it once)."""
+    reads: Counter[Path] = Counter()
+    read_text = Path.read_text
+
+    def counting(self: Path, *args: object, **kwargs: object) -> str:
+        if self.name == "cache.json":
+            reads[self.parent.resolve()] += 1
+        return read_text(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    return reads

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from csaligner._safetensors_io import save_safetensors
 from csaligner.adapters.config import AdapterConfig
-from csaligner.adapters.registry import Adapter, build_adapter
+from csaligner.adapters.registry import ADAPTERS, Adapter, build_adapter
 
 FORMAT = "csaligner.adapter"
 FORMAT_VERSION = "1"
@@ -34,8 +34,10 @@ def save_adapter(module: nn.Module, config: AdapterConfig, path: str | os.PathLi
         The path written.
 
     Raises:
-        ValueError: if the module does not match what `config` builds: weight names or shapes, or
-            settings the weights do not show (mlp_alpha, num_heads vs head_dim, causal, dropout).
+        ValueError: if the module does not match what `config` builds: its class (a subclass must be
+            registered with `@register_adapter` and saved under its own kind, as `load_adapter` builds
+            by kind), weight names or shapes, or settings the weights do not show (mlp_alpha, num_heads
+            vs head_dim, causal, dropout).
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
@@ -43,6 +45,7 @@ def save_adapter(module: nn.Module, config: AdapterConfig, path: str | os.PathLi
     with torch.device("meta"):  # shapes only: no memory, no init cost even for the 10-layer prior
         reference = build_adapter(config)
     what = f"module does not match config (kind={config.kind!r})"
+    _check_class(module, reference, config, what)
     _check_state(state, reference.state_dict(), what)
     _check_settings(module, reference, what)
     # clone: safetensors refuses tensors that share storage, and a saved file must not alias live weights
@@ -134,6 +137,30 @@ def load_adapter(
         module.to(dtype=float_dtypes.pop())
     module.load_state_dict(tensors, strict=True)
     return module.to(device), config
+
+
+def _check_class(module: nn.Module, reference: nn.Module, config: AdapterConfig, what: str) -> None:
+    """Refuse a module of another class than `config.kind` builds: `load_adapter` rebuilds that class.
+
+    Saved as its base's kind, a subclass would load as the base, without what it changes (a forward,
+    an init); registered under a kind of its own, it saves and loads as itself.
+    """
+    got, want = type(module), type(reference)
+    if got is want:
+        return
+    name, rebuilt = got.__name__, f"load_adapter rebuilds kind {config.kind!r} as {want.__name__}"
+    kinds = sorted(kind for kind, cls in ADAPTERS.items() if cls is got)
+    if kinds:
+        fix = f"{name} is registered as kind {kinds[0]!r}: save it with dataclasses.replace(config, kind={kinds[0]!r})"
+    elif issubclass(got, want):
+        fix = (
+            f"{name} subclasses {want.__name__} but is not registered, so it would load without what it changes; "
+            f"register it under a kind of its own (@register_adapter('my_kind') on class {name}) and save it with "
+            "dataclasses.replace(config, kind='my_kind')"
+        )
+    else:
+        fix = f"pass the config it was built from, or register {name} with @register_adapter and save it with its kind"
+    raise ValueError(f"{what}: module is a {name}, but {rebuilt}; {fix}")
 
 
 def _check_state(got: dict[str, Tensor], want: dict[str, Tensor], what: str) -> None:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from csaligner._safetensors_io import save_safetensors
 from csaligner.data.manifest import ImageTextManifest
+from csaligner.encoders.base import encoder_name
 
 FORMAT = "csaligner-feature-cache/1"
 CACHE_FILE = "cache.json"
@@ -174,7 +175,7 @@ class FeatureCache:
         """How to load the encoder again ("hf-text:/abs/dir"); caches from before it was recorded give
         the registered name from the id ("minilm@..." -> "minilm"), which loads for argument-less encoders."""
         spec = self.state.get("encoder_spec")
-        return str(spec) if spec else str(self.state["key_fields"]["encoder"]).split("@", 1)[0]
+        return str(spec) if spec else encoder_name(str(self.state["key_fields"]["encoder"]))
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -239,6 +240,15 @@ class FeatureCache:
             mask[row : row + x.shape[0], : x.shape[1]] = m
             row += x.shape[0]
         return out, mask
+
+
+def as_cache(cache: str | Path | FeatureCache, verify: bool = True) -> FeatureCache:
+    """`cache` itself when it is an opened `FeatureCache`, else `FeatureCache.open(cache, verify=verify)`.
+
+    Opening reads cache.json and items.json and hashes the manifest (with `verify`, every shard too): a
+    command that needs several things from one cache opens it once and passes the opened cache along.
+    """
+    return cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache, verify=verify)
 
 
 class CacheWriter:

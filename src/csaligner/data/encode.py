@@ -271,7 +271,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from csaligner.data.datasets import resolve_dataset
     from csaligner.encoders import get_encoder
-    from csaligner.encoders.text import quiet_hf_libraries
+    from csaligner.encoders.hf_quiet import quiet_hf_libraries, silence_imported_hf_libraries
 
     cfg = EncodeConfig(
         tokens=args.tokens,
@@ -284,9 +284,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     manifest = resolve_dataset(args.data, args.data_root)
-    # --quiet also silences the model libraries (their loading bars), for this run only
+    # --quiet also silences the model libraries (their loading bars), for this run only; it imports none of
+    # them: the built-in loaders silence what they import, and the call after loading catches the rest
     with quiet_hf_libraries() if args.quiet else contextlib.nullcontext():
         encoder = get_encoder(args.encoder, device=args.device)
+        silence_imported_hf_libraries()  # e.g. a registered encoder's transformers, while it encodes
         cache = encode_manifest(encoder, manifest, args.out, cfg)
     for part in cache.parts:
         info, run_ = cache.state["parts"][part], cache.state["last_run"].get(part, {})

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from csaligner.data.cache import FeatureCache
+from csaligner.data.cache import FeatureCache, as_cache
 from csaligner.data.features import PairedFeatures
 
 
@@ -101,19 +101,24 @@ def load_paired_features(
 
 
 def load_class_features(
-    image_cache_dir: str | Path, *, dtype: torch.dtype | None = torch.float32, verify: bool = True
+    image_cache_dir: str | Path | FeatureCache, *, dtype: torch.dtype | None = torch.float32, verify: bool = True
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Image features of a class-folder set.
+
+    Args:
+        image_cache_dir: the cache folder, or the cache already opened (then `verify` does not apply).
+        dtype: cast features to this dtype (None keeps the stored fp16/fp32).
+        verify: check per-shard sha256 checksums while opening.
 
     Returns:
         features (N, D), labels (N,) int64 class indices, class_names (index -> name). Images
         skipped as unreadable at encoding time are absent (listed in the cache's cache.json).
     """
-    cache = FeatureCache.open(image_cache_dir, verify=verify)
+    cache = as_cache(image_cache_dir, verify=verify)
     m = cache.manifest
     if not m.labels:
         raise ValueError(
-            f"{image_cache_dir} was encoded from {cache.state.get('source')!r}, which has no class labels; "
+            f"{cache.directory} was encoded from {cache.state.get('source')!r}, which has no class labels; "
             "encode a class-folder set (e.g. flowers:train)"
         )
     rows = cache.rows("image")

@@ -314,6 +314,7 @@ def _write_record(
 
 def _run_from_runs(args: argparse.Namespace, prompts: list[str]) -> int:
     """--run mode: prompts -> each run's text adapter, --image-cache rows -> its image adapter."""
+    from csaligner.data.cache import FeatureCache
     from csaligner.decode.preview_runs import cached_image_names, cached_images, rank_runs
     from csaligner.eval.cli import parse_runs
     from csaligner.eval.evaluate import cache_encoder_id, check_run_encoders
@@ -325,11 +326,13 @@ def _run_from_runs(args: argparse.Namespace, prompts: list[str]) -> int:
             option = "--" + flag.replace("_", "-")
             raise ValueError(f"{option} belongs to the --text-embeds mode; with --run, leave {option} out")
     runs = parse_runs(args.run)
-    image_encoder = cache_encoder_id(args.image_cache)
+    cache = FeatureCache.open(args.image_cache, verify=False)  # once: the helpers below take it opened
+    image_encoder = cache_encoder_id(cache)
     for run in runs.values():  # features of another (same-width) image encoder would rank nonsense
         check_run_encoders(run, {"image_encoder": image_encoder}, "preview")
-    features, paths = cached_images(args.image_cache)
-    gt = _read_ground_truth(args.ground_truth, cached_image_names(args.image_cache)) if args.ground_truth else None
+    cache.check()  # every shard's sha256 now that the encoders match, before its features are read
+    features, paths = cached_images(cache)
+    gt = _read_ground_truth(args.ground_truth, cached_image_names(cache)) if args.ground_truth else None
     scores, settings = rank_runs(runs, features, prompts, args.k)
     png, page = render_preview(prompts, settings, paths, args.out, scores, gt, args.thumb_size)
     _write_record(args, prompts, settings, scores, png, page)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,22 +17,29 @@ from torch import Tensor
 from csaligner.decode.preview import render_preview, retrieve_topk
 from csaligner.encoders.base import EncoderOutput
 
-
-def cached_images(image_cache: str | Path) -> tuple[Tensor, list[Path]]:
-    """(N, D) pooled features of an image cache and the image files they came from, in row order."""
+if TYPE_CHECKING:
     from csaligner.data.cache import FeatureCache
 
-    cache = FeatureCache.open(image_cache)
+
+def cached_images(image_cache: str | Path | FeatureCache) -> tuple[Tensor, list[Path]]:
+    """(N, D) pooled features of an image cache and the image files they came from, in row order.
+
+    A folder is opened with every shard's checksum verified; an opened cache is used as it is.
+    """
+    from csaligner.data.cache import as_cache
+
+    cache = as_cache(image_cache)
     rows = cache.rows("image")
     paths = cache.manifest.image_paths
     return cache.pooled("image", torch.float32), [Path(paths[r]) for r in rows]
 
 
-def cached_image_names(image_cache: str | Path) -> dict[str, int]:
-    """Each image of a cache by its image id and by its file path -> its row in `cached_images` order."""
-    from csaligner.data.cache import FeatureCache
+def cached_image_names(image_cache: str | Path | FeatureCache) -> dict[str, int]:
+    """Each image of a cache (a folder, or one opened) by its image id and by its file path -> its row in
+    `cached_images` order."""
+    from csaligner.data.cache import as_cache
 
-    cache = FeatureCache.open(image_cache, verify=False)
+    cache = as_cache(image_cache, verify=False)
     manifest = cache.manifest
     names = {}
     for i, r in enumerate(cache.rows("image")):
@@ -59,6 +67,7 @@ def run_text_encoder(run_dir: str | Path) -> str:
     before the record; that path is relative to where the run was trained)."""
     import yaml
 
+    from csaligner.encoders.base import encoder_name
     from csaligner.eval.evaluate import cache_encoder_spec
     from csaligner.train.model import run_encoders
 
@@ -66,7 +75,7 @@ def run_text_encoder(run_dir: str | Path) -> str:
     if recorded.get("text_encoder_spec"):
         return recorded["text_encoder_spec"]
     if recorded.get("text_encoder"):
-        return recorded["text_encoder"].split("@", 1)[0]
+        return encoder_name(recorded["text_encoder"])
     config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     return cache_encoder_spec(config["data"]["text_cache"])
 

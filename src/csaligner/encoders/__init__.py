@@ -9,6 +9,7 @@ from csaligner.encoders.base import (
     FrozenEncoder,
     ImagePreprocess,
     Modality,
+    encoder_name,
     hash_files,
     mean_pool,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "LoraTextEncoder",
     "Modality",
     "apply_lora",
+    "encoder_name",
     "encoder_spec",
     "get_encoder",
     "hash_files",

@@ -103,7 +103,8 @@ class FrozenEncoder(Protocol):
     """A frozen image and/or text backbone.
 
     Attributes:
-        id: stable identifier including a hash of the weight files, e.g. "minilm@9f2c...".
+        id: stable identifier including a hash of the weight files, e.g. "minilm@9f2c...": a name, "@",
+            then a fingerprint holding no "@" (`encoder_name` takes the name back).
         modality: "image", "text" or "both".
         embed_dim: D of the pooled features.
         token_dim: D_tok of the token features.
@@ -164,6 +165,17 @@ def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     """(B, T, D) hidden states, (B, T) mask -> (B, D) mean over the real tokens."""
     m = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def encoder_name(encoder_id: str) -> str:
+    """The name part of an encoder id "<name>@<fingerprint>": everything before its last "@".
+
+    The fingerprint is made by the encoder (a weights hash, "-l2", a seed: "minilm@4b8c5d5e-l2",
+    "tiny-text@seed0-b4096-v1") and holds no "@", but a name may (a registered "clip@336px", or a folder
+    given as the name), so "clip@336px@4b8c" -> "clip@336px". An id without "@" is all name.
+    """
+    name, sep, _ = encoder_id.rpartition("@")
+    return name if sep else encoder_id
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}

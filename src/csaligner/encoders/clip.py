@@ -26,6 +26,7 @@ from csaligner.encoders.base import (
     image_batch,
     weight_files,
 )
+from csaligner.encoders.hf_quiet import silence_imported_hf_libraries
 from csaligner.encoders.registry import register_encoder
 from csaligner.encoders.text import TRANSFORMERS_HINT, hub_offline, model_dir
 
@@ -56,6 +57,7 @@ class HFClipEncoder:
             from transformers import AutoTokenizer, CLIPModel
         except ImportError as err:
             raise EncoderUnavailableError(f"hf-clip needs {TRANSFORMERS_HINT}") from err
+        silence_imported_hf_libraries()  # inside `csalign encode --quiet`: no loading bars
         self.model = CLIPModel.from_pretrained(str(directory), local_files_only=True)
         self.model.eval().requires_grad_(False).to(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
@@ -127,6 +129,7 @@ class OpenClipEncoder:
             import open_clip
         except ImportError as err:
             raise EncoderUnavailableError("open_clip:<arch>:<checkpoint> needs pip install open_clip_torch") from err
+        silence_imported_hf_libraries()  # open_clip imports huggingface_hub (and transformers when installed)
         if arch not in open_clip.list_models():
             raise ValueError(f"unknown open_clip architecture {arch!r}; known: {', '.join(open_clip.list_models())}")
         self.model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=str(ckpt), device=device)

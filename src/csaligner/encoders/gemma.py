@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from csaligner.encoders.base import EncoderUnavailableError, hash_files
+from csaligner.encoders.hf_quiet import silence_imported_hf_libraries
 from csaligner.encoders.registry import register_encoder
 from csaligner.encoders.text import PooledTextEncoder, hub_offline
 
@@ -69,6 +70,7 @@ def load_gguf_model(gguf_path: Path, weights_hash: str) -> tuple[Any, Any]:
     """(tokenizer, AutoModel) from the converted folder, converting the GGUF once if it is missing."""
     from transformers import AutoModel, AutoTokenizer
 
+    silence_imported_hf_libraries()  # inside `csalign encode --quiet`: no loading bars
     folder = converted_dir(gguf_path, weights_hash)
     if (folder / "config.json").is_file():
         return (

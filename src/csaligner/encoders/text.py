@@ -8,8 +8,7 @@ states with the attention mask.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,8 @@ from csaligner.encoders.base import (
     mean_pool,
     weight_files,
 )
+from csaligner.encoders.hf_quiet import quiet_hf_libraries as quiet_hf_libraries  # where callers found it first
+from csaligner.encoders.hf_quiet import silence_imported_hf_libraries
 from csaligner.encoders.registry import register_encoder
 
 if TYPE_CHECKING:
@@ -38,64 +39,6 @@ def hub_offline() -> None:
     """Make Hugging Face libraries refuse network access for the rest of the process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-@contextmanager
-def quiet_hf_libraries() -> Iterator[None]:
-    """Inside the block: no progress bars and no info/warning logs from the Hugging Face libraries.
-
-    Loading a model draws bars of its own (transformers 5: "Loading weights" for every model, also
-    under sentence-transformers) that a caller's `progress=False` cannot reach. transformers' and
-    huggingface_hub's bar switches and the transformers, huggingface_hub and sentence-transformers log
-    levels are put back as they were on exit, so the rest of the process is unchanged. Libraries
-    that are not installed are skipped; transformers is imported when it is installed.
-    """
-    import logging
-    import warnings
-
-    loggers = {name: logging.getLogger(name) for name in ("transformers", "huggingface_hub", "sentence_transformers")}
-    with warnings.catch_warnings():  # a set HF_HUB_DISABLE_PROGRESS_BARS wins over the switches, with a warning
-        warnings.simplefilter("ignore")
-        restore_bars = _hf_progress_bars_off()
-    levels = {name: logger.level for name, logger in loggers.items()}  # after the import: transformers sets its own
-    for logger in loggers.values():
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for name, logger in loggers.items():
-            logger.setLevel(levels[name])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            restore_bars()
-
-
-def _hf_progress_bars_off() -> Callable[[], None]:
-    """Switch off transformers' and huggingface_hub's progress bars; returns what switches them back."""
-    import importlib.util
-
-    hf_logging: Any = None
-    if importlib.util.find_spec("transformers") is not None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.get_verbosity()  # sets up transformers' logger now, so the level saved is its own
-    hub: Any = None
-    if importlib.util.find_spec("huggingface_hub") is not None:
-        import huggingface_hub.utils as hub
-    transformers_on = bool(hf_logging and hf_logging.is_progress_bar_enabled())
-    hub_off = hub is None or hub.are_progress_bars_disabled()
-    if transformers_on:
-        hf_logging.disable_progress_bar()  # huggingface_hub's bars too
-    if not hub_off:
-        hub.disable_progress_bars()
-
-    def restore() -> None:
-        if transformers_on:
-            hf_logging.enable_progress_bar()  # switches huggingface_hub's on as well: set it back below
-        if hub is not None and (transformers_on or not hub_off):  # untouched otherwise
-            (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
-
-    return restore
 
 
 def model_dir(path: str | Path, what: str) -> Path:
@@ -185,6 +128,7 @@ class HFTextEncoder(PooledTextEncoder):
             from transformers import AutoModel, AutoTokenizer
         except ImportError as err:
             raise EncoderUnavailableError(f"{name} needs {TRANSFORMERS_HINT}") from err
+        silence_imported_hf_libraries()  # inside `csalign encode --quiet`: no loading bars
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         self.model: Any = AutoModel.from_pretrained(str(directory), local_files_only=True)
         self.normalize = normalize
@@ -208,6 +152,7 @@ class SentenceTransformersEncoder:
             raise EncoderUnavailableError(
                 "sentence-transformers:<dir> needs pip install sentence-transformers"
             ) from err
+        silence_imported_hf_libraries()
         self.model: Any = SentenceTransformer(str(directory), device=device, local_files_only=True)
         self.model.eval().requires_grad_(False)
         self.device = torch.device(device)

@@ -14,8 +14,6 @@ from csaligner.data.features import PairedFeatures
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
     ClassificationData,
-    cache_encoder_id,
-    cache_encoder_spec,
     check_classification_encoders,
     check_run_encoders,
     evaluate_run,
@@ -152,12 +150,10 @@ def _main(args: argparse.Namespace) -> int:
     if bool(args.class_train_cache) != bool(args.class_test_cache):
         raise ValueError("pass both --class-train-cache and --class-test-cache, or neither")
     if args.class_train_cache:
-        classification = load_classification(
-            args.class_train_cache,
-            args.class_test_cache,
-            cache_encoder_spec(args.text_cache),
-            cache_encoder_id(args.text_cache),
-        )
+        # The text cache's encoder encodes the prompts: its spec and id are in the features' meta, read
+        # when the cache was opened above (cache_encoder_spec / cache_encoder_id would open it again).
+        spec, text_id = str(features.meta["text_encoder_spec"]), str(features.meta["text_encoder"])
+        classification = load_classification(args.class_train_cache, args.class_test_cache, spec, text_id)
         check_shots(classification, args.shots, args.class_train_cache)
     for run in runs.values():  # refuse features from other encoders before any run is evaluated
         check_run_encoders(run, features.meta)

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from csaligner.data.cache import FeatureCache, as_cache
 from csaligner.data.features import PairedFeatures
+from csaligner.encoders.base import encoder_name
 from csaligner.eval.classification import class_prompts, few_shot_accuracy, zero_shot_accuracy
 from csaligner.eval.gap import modality_gap_metrics
 from csaligner.eval.retrieval import retrieval_metrics
@@ -109,7 +111,7 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str =
 
     for key, trained_id, given in encoder_mismatches(str(run_dir), meta):
         side = key.split("_", 1)[0]
-        spec = run_encoders(str(run_dir)).get(f"{key}_spec") or trained_id.split("@", 1)[0]
+        spec = run_encoders(str(run_dir)).get(f"{key}_spec") or encoder_name(trained_id)
         raise ValueError(
             f"run {run_dir} was trained on {side} features from {trained_id!r}, but the {what} {side} cache "
             f"was encoded with {given!r}; encode the {what} data with the run's encoder "
@@ -132,12 +134,12 @@ def check_classification_encoders(run_dir: str | Path, data: ClassificationData)
     if data.text_encoder_id:
         same = data.text_encoder_id == trained
     else:
-        same = data.text_encoder.split(":", 1)[0] == trained.split("@", 1)[0]
+        same = data.text_encoder.split(":", 1)[0] == encoder_name(trained)
     if not same:
         used = f"{data.text_encoder!r}" + (f" ({data.text_encoder_id!r})" if data.text_encoder_id else "")
         raise ValueError(
             f"run {run_dir} was trained on text features from {trained!r}, but the classification prompts would "
-            f"be encoded with {used}; pass the run's text encoder ({trained.split('@', 1)[0]!r}), "
+            f"be encoded with {used}; pass the run's text encoder ({encoder_name(trained)!r}), "
             "e.g. a --text-cache encoded with it"
         )
 
@@ -203,26 +205,32 @@ def classification_metrics(
 
 
 def load_classification(
-    train_cache: str | Path, test_cache: str | Path, text_encoder: str, text_encoder_id: str = ""
+    train_cache: str | Path | FeatureCache,
+    test_cache: str | Path | FeatureCache,
+    text_encoder: str,
+    text_encoder_id: str = "",
 ) -> ClassificationData:
     """Read cached class-folder features (e.g. flowers:train and flowers:test) and their encoder id.
 
     `text_encoder` (a `get_encoder` name) encodes the class prompts and must load `text_encoder_id`
     when that is given (e.g. both from the eval text cache: `cache_encoder_spec`, `cache_encoder_id`).
+    Each cache is opened once (checksums verified), unless it is passed opened.
 
     Raises:
         ValueError: the two caches differ in class names or in the image encoder that made them.
     """
     from csaligner.data import load_class_features
 
-    tr_x, tr_y, names = load_class_features(train_cache)
-    te_x, te_y, names_test = load_class_features(test_cache)
+    train = as_cache(train_cache)
+    tr_x, tr_y, names = load_class_features(train)
+    test = as_cache(test_cache)
+    te_x, te_y, names_test = load_class_features(test)
     if names != names_test:
-        raise ValueError(f"class names differ between {train_cache} ({names}) and {test_cache} ({names_test})")
-    train_id, test_id = cache_encoder_id(train_cache), cache_encoder_id(test_cache)
+        raise ValueError(f"class names differ between {train.directory} ({names}) and {test.directory} ({names_test})")
+    train_id, test_id = cache_encoder_id(train), cache_encoder_id(test)
     if train_id != test_id:
         raise ValueError(
-            f"{train_cache} and {test_cache} were encoded with different image encoders ({train_id!r} vs "
+            f"{train.directory} and {test.directory} were encoded with different image encoders ({train_id!r} vs "
             f"{test_id!r}); encode both with the encoder the runs were trained on"
         )
     return ClassificationData(
@@ -230,15 +238,12 @@ def load_classification(
     )
 
 
-def cache_encoder_id(cache: str | Path) -> str:
-    """The id of the encoder a feature cache was built with, e.g. "minilm@4b8c5d5e-l2"."""
-    from csaligner.data.cache import FeatureCache
-
-    return str(FeatureCache.open(cache, verify=False).key_fields["encoder"])
+def cache_encoder_id(cache: str | Path | FeatureCache) -> str:
+    """The id of the encoder a feature cache (a folder, or one opened) was built with, e.g. "minilm@4b8c5d5e-l2"."""
+    return str(as_cache(cache, verify=False).key_fields["encoder"])
 
 
-def cache_encoder_spec(cache: str | Path) -> str:
-    """How to load the encoder a feature cache was built with, e.g. "minilm" or "hf-text:/abs/dir"."""
-    from csaligner.data.cache import FeatureCache
-
-    return FeatureCache.open(cache, verify=False).encoder_spec
+def cache_encoder_spec(cache: str | Path | FeatureCache) -> str:
+    """How to load the encoder a feature cache (a folder, or one opened) was built with, e.g. "minilm" or
+    "hf-text:/abs/dir"."""
+    return as_cache(cache, verify=False).encoder_spec
