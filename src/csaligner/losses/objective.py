@@ -270,20 +270,19 @@ class AlignmentLoss(nn.Module):
         if cfg.objective in ("cs_aligner", "infonce"):
             from csaligner.kernels import infonce_cs_terms  # local: kernels import losses
 
-            sigma = resolve_bandwidth(self.sigma, xs, ys)
-            terms = infonce_cs_terms(
+            with_cs = cfg.objective == "cs_aligner"  # infonce: no pools (refused above), no bandwidth
+            return infonce_cs_terms(
                 x,
                 y,
-                xs,
-                ys,
+                xs if with_cs else None,
+                ys if with_cs else None,
                 temperature=self.temperature,
-                sigma=sigma,
+                sigma=resolve_bandwidth(self.sigma, xs, ys) if with_cs else 1.0,
                 text_to_image=text_to_image,
-                with_cs=cfg.objective == "cs_aligner",
+                with_cs=with_cs,
                 impl=cfg.impl,
                 shard=shard,
             )
-            return terms
         terms = {"infonce": info_nce(x, y, self.temperature, text_to_image)} if use_mi else {}
         if cfg.objective == "mmd":
             terms["mmd"] = mmd(xs, ys, self.sigma)
