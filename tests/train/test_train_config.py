@@ -25,6 +25,17 @@ def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
     assert again.train.betas == (0.9, 0.999)  # tuples survive YAML lists
 
 
+def test_numpy_scalars_in_a_config_written_in_code_dump_as_plain_numbers(tmp_path: Path) -> None:
+    """A config built in Python with numpy numbers (np.float64 lr) ran but could not write config.yaml."""
+    import dataclasses
+
+    import numpy as np
+
+    config = load_config(None, [])
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=np.float64(3e-4)))
+    assert load_config(write(tmp_path, dump_yaml(config))).train.lr == 3e-4
+
+
 def test_yaml_sections_map_onto_dataclasses(tmp_path: Path) -> None:
     path = write(
         tmp_path,

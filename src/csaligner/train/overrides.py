@@ -216,6 +216,8 @@ def to_dict(config: Any) -> Any:
         return {k: to_dict(v) for k, v in config.items()}
     if isinstance(config, list | tuple):
         return [to_dict(v) for v in config]
+    if type(config).__module__ == "numpy" and hasattr(config, "item"):  # np.float64(1e-4): YAML cannot write it
+        return config.item()
     return config
 
 
