@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # errors for people: no traceback
         print(f"csalign {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except (FileExistsError, NotADirectoryError) as err:  # e.g. --out names a file where a folder must go
+        print(
+            f"csalign {args.command}: error: {err}; a path that must be a folder is taken by a file: "
+            "pass another path or move the file",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
