@@ -39,6 +39,7 @@ def test_demo_writes_report_metrics_and_preview(demo_dir: Path) -> None:
         assert 0.0 <= m["linear_separability"] <= 1.0 and m["cs_divergence"] >= 0.0
     report = (runs / "report.md").read_text()
     assert "CS-Aligner" in report and "projection.png" in report
+    assert "trained on 60 Flickr8k train images" in report and "batch 60," in report  # not the 256 asked for
     for name in ("projection.png", "paired_distance.png", "preview/preview.png", "preview/preview.html"):
         assert (runs / name).stat().st_size > 1000, name
     assert (runs / "cs_aligner" / "text_adapter.safetensors").is_file()

@@ -131,6 +131,7 @@ def run_flickr_demo(s: FlickrDemoSettings = FlickrDemoSettings()) -> dict[str, d
             train(config, report=print)  # the data counts line
         runs[name] = run_dir
     dev = load_paired_features(caches["dev_image"], caches["dev_text"])
+    n_train = load_paired_features(caches["train_image"], caches["train_text"]).num_images
     results = {name: evaluate_run(run, dev, sigma=s.sigma) for name, run in runs.items()}
     figures = report_figures(runs, dev, s.out_dir)
     figures.append(write_preview(runs, dev, s.out_dir))
@@ -139,8 +140,8 @@ def run_flickr_demo(s: FlickrDemoSettings = FlickrDemoSettings()) -> dict[str, d
     }
     text = (
         f"Frozen EfficientNet-Lite0 (images) and MiniLM (captions); MLP adapters to 512-d trained on "
-        f"{s.train_images or 6000} Flickr8k train images x 5 captions, evaluated on {dev.num_images} dev "
-        f"images / {dev.num_texts} captions. Seed {s.seed}, {s.epochs} epochs, batch {s.batch_size}, "
+        f"{n_train} Flickr8k train images x 5 captions, evaluated on {dev.num_images} dev "
+        f"images / {dev.num_texts} captions. Seed {s.seed}, {s.epochs} epochs, batch {min(s.batch_size, n_train)}, "
         f"lr {s.lr}, CS-Aligner lambda {s.lam}, sigma {s.sigma}. Recall in %."
     )
     write_report(s.out_dir, "csaligner demo: Flickr8k", [ReportSection("Flickr8k dev", text, table, figures)])

@@ -153,3 +153,11 @@ def test_token_images_take_a_subset_that_any_process_count_agrees_on(features: P
 def test_token_images_must_be_a_non_negative_integer() -> None:
     with pytest.raises(ValueError, match=r"data\.token_images must be an integer >= 0"):
         DataConfig(token_images=-1)
+
+
+def test_a_batch_larger_than_the_paired_images_shrinks_and_says_so(features: PairedFeatures) -> None:
+    cfg = DataConfig(paired_fraction=0.5)
+    split = split_features(features, cfg)
+    with pytest.warns(UserWarning, match=rf"train.batch_size=64 is more than the {split.num_paired} paired images"):
+        sampler = BatchSampler(split, cfg, batch_size=64, seed=0)
+    assert sampler.batch_size == split.num_paired and sampler.batch(0).image_rows.numel() == split.num_paired

@@ -28,3 +28,19 @@ def test_nan_in_the_frozen_features_is_still_a_data_error() -> None:
     feats.image[3, 0] = float("nan")
     with pytest.raises(ValueError, match="image contains NaN or Inf in 1 of 48 feature vectors"):
         type(feats)(image=feats.image, text=feats.text, text_to_image=feats.text_to_image, image_ids=feats.image_ids)
+
+
+def test_cli_reports_divergence_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csaligner.data
+    from csaligner.cli import main
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "txt").mkdir()
+    monkeypatch.setattr(csaligner.data, "load_paired_features", lambda *_: synthetic_features(), raising=False)
+    caches = [f"--data.image_cache={tmp_path}/img", f"--data.text_cache={tmp_path}/txt"]
+    overrides = fast_overrides(tmp_path / "run", "train.lr=1e6", "train.grad_clip=0", "train.steps=40")
+    assert main(["train", *caches, *(f"--{o}" for o in overrides)]) == 1  # not a FloatingPointError traceback
+    err = capsys.readouterr().err
+    assert err.startswith("csalign train: error: step ") and "training diverged" in err

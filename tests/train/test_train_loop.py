@@ -41,6 +41,8 @@ def test_training_reduces_the_loss_and_writes_the_run_dir(tmp_path: Path, featur
     assert [int(r["step"]) for r in rows] == list(range(1, result.step + 1))
     assert float(rows[-1]["loss"]) == pytest.approx(losses[-1], abs=1e-7)
     assert load_config(tmp_path / "config.yaml").train.epochs == 15  # the resolved config reloads
+    # Its header's command must not point back at this folder: a fresh run refuses a folder holding a run.
+    assert f"--train.out_dir={tmp_path}-2" in (tmp_path / "config.yaml").read_text().splitlines()[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == result.step and summary["metrics"]["loss"] == pytest.approx(losses[-1])
 

@@ -3,7 +3,7 @@
     csalign preview --image-embeds img.safetensors --image-list images.txt --prompts prompts.txt \\
         --text-embeds "InfoNCE only=nce.safetensors" "CS-Aligner=cs.safetensors" --out OUT [-k 5]
 
-    csalign preview --run "InfoNCE only=runs/nce" --run CS-Aligner=runs/cs --image-cache cache/dev-img \
+    csalign preview --run "InfoNCE only=runs/nce" --run CS-Aligner=runs/cs --image-cache cache/dev-img \\
         --prompts prompts.txt --out OUT [-k 5]
 
 With --run, prompts are encoded with the runs' text encoder and mapped by each run's adapters, and

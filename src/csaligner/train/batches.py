@@ -8,6 +8,7 @@ exactly what one process sees.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,12 @@ class BatchSampler:
         self.batch_size = min(batch_size, split.num_paired) // world_size * world_size
         if batch_size % world_size:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world_size} processes")
+        if self.batch_size < batch_size and rank == 0:  # InfoNCE sees fewer negatives than configured: say so
+            warnings.warn(
+                f"train.batch_size={batch_size} is more than the {split.num_paired} paired images: every step "
+                f"uses a batch of {self.batch_size}",
+                stacklevel=2,
+            )
         self.split, self.config, self.seed = split, config, seed
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = split.num_paired // self.batch_size

@@ -177,7 +177,8 @@ class TrainConfig:
     run refuses an out_dir that already holds a run's checkpoints or summary.json (see overwrite)."""
     overwrite: bool = False
     """Let a fresh run (resume "") replace the run already in out_dir: its checkpoints/, summary.json, final
-    adapters, metrics.csv and tb/ are deleted first; other files there are left alone."""
+    adapters, metrics.csv, tb/, encoders.json and the eval/ folder of `csalign eval` are deleted once the new
+    run's features and model are ready; other files there are left alone."""
     progress: bool = True
     """Show a tqdm progress bar (rank 0 only)."""
     tensorboard: bool = True

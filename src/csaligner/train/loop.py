@@ -203,7 +203,10 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
         delete_paths(stale)  # train.overwrite: the previous run goes only now that this one is set up
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
-            header = f"# resolved config; rerun: csalign train --config {cfg.out_dir}/config.yaml"
+            header = (  # out_dir holds this run now, so a fresh run needs another folder (or train.overwrite)
+                f"# resolved config; train it again: csalign train --config {cfg.out_dir}/config.yaml "
+                f"--train.out_dir={str(cfg.out_dir).rstrip('/')}-2"
+            )
             f.write(dump_yaml(config, header=header))
         if run.checkpoint is None or encoder_ids(features.meta):  # a resume on unlabelled features keeps the record
             write_run_encoders(cfg.out_dir, features.meta)  # eval checks its features came from the same encoders

@@ -1,0 +1,29 @@
+"""`csalign` itself: errors about the paths a user gave are one line, not a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csaligner.cli import main
+
+
+def _caption_manifest(tmp_path: Path) -> Path:
+    # A text encoder never opens the images, so the paths need not exist.
+    path = tmp_path / "m.tsv"
+    path.write_text("image\tcaption\na.jpg\ta dog runs\nb.jpg\ta cat sleeps\n")
+    return path
+
+
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_output_folder_taken_by_a_file_is_an_error_not_a_traceback(
+    out: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    args = ["encode", "--quiet", "--encoder", "tiny-text", "--data", str(_caption_manifest(tmp_path))]
+    assert main([*args, "--out", str(tmp_path / out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("csalign encode: error: ") and "taken by a file" in err
+    assert (tmp_path / "file").read_text() == "not a folder"
+    assert main([*args, "--out", str(tmp_path / "cache")]) == 0
