@@ -191,7 +191,7 @@ def test_cs_aligner_loss_keeps_bf16_features_in_bf16_and_matches_float32(impl: s
     want = loss_fn(x.float(), y.float())
     assert got["loss"].dtype == torch.float32
     for k in ("infonce", "cs", "loss"):
-        assert float(got[k].detach()) == pytest.approx(float(want[k]), rel=2e-2, abs=2e-3)
+        assert float(got[k].detach()) == pytest.approx(float(want[k].detach()), rel=2e-2, abs=2e-3)
     got["loss"].backward()
     assert x.grad is not None and x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
 
