@@ -101,3 +101,21 @@ def test_errors() -> None:
         modality_gap_metrics(torch.randn(4, 3), torch.randn(4, 3), max_samples=1)
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         modality_gap_metrics(torch.randn(4, 3), torch.randn(4, 3), text_to_image=torch.arange(3))
+
+
+def test_public_helpers_refuse_non_finite_or_empty_features() -> None:
+    # A diverged model's NaN/Inf embeddings made the L-BFGS probe stop at its zero start, predict one
+    # class for every row and report 0.5: "image and text indistinguishable", the best possible gap.
+    bad = torch.randn(20, 4)
+    bad[3, 1] = float("inf")
+    good = torch.randn(20, 4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gap.linear_separability(bad, good, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gap.linear_separability(good, torch.full((20, 4), float("nan")), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        uniformity(bad)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gap.mean_cross_distance(good, bad)
+    with pytest.raises(ValueError, match="empty"):
+        gap.mean_cross_distance(torch.empty(0, 4), good)  # was a ZeroDivisionError

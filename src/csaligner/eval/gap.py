@@ -42,6 +42,7 @@ def uniformity(x: Tensor, t: float = 2.0) -> float:
         x: (n, D) features (n >= 2), used as given.
         t: the kernel scale (2 in the paper).
     """
+    check_features("x", x)
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"uniformity needs at least 2 samples, got {n}")
@@ -56,6 +57,9 @@ def uniformity(x: Tensor, t: float = 2.0) -> float:
 
 def mean_cross_distance(x: Tensor, y: Tensor) -> float:
     """Mean Euclidean distance over all (x_i, y_j) pairs, blockwise. x (n, D), y (m, D)."""
+    check_features("x", x)
+    check_features("y", y)
+    check_same_dim("x", x, "y", y)
     total = 0.0
     for start in range(0, x.shape[0], _BLOCK):
         total += float(squared_distances(x[start : start + _BLOCK], y).sqrt().double().sum())
@@ -70,6 +74,10 @@ def linear_separability(image: Tensor, text: Tensor, generator: torch.Generator,
         generator: CPU generator for the balancing subsample and the split.
         steps: L-BFGS iterations.
     """
+    # Non-finite rows would stop the probe at its zero start: one class predicted for all, 0.5 reported.
+    check_features("image", image)
+    check_features("text", text)
+    check_same_dim("image", image, "text", text)
     n = min(image.shape[0], text.shape[0])
     if n < 2:
         raise ValueError(

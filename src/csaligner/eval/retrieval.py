@@ -6,8 +6,9 @@ images. Scores are cosine similarities (features are L2-normalised here).
 
 Ranks and ties: the rank of a query is the number of *negatives* placed before its best positive.
 With ``ties="pessimistic"`` (default) a negative scoring exactly as high as the positive counts
-as placed before it, so a collapsed model (all scores equal) gets R@K ~ K / gallery size instead
-of 100%; ``ties="optimistic"`` counts only strictly greater scores. Other captions of the same
+as placed before it, so a collapsed model (all scores equal) gets R@K = 0 for every K up to the
+number of negatives instead of 100% (a random tie-break would give about K / gallery size);
+``ties="optimistic"`` counts only strictly greater scores. Other captions of the same
 image never push a positive down.
 
 Recall values are percentages (0-100), as in the paper's tables; "rsum" is their sum.
