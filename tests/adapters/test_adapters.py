@@ -232,6 +232,13 @@ def test_save_load_round_trip_gives_identical_outputs(kind: str, tmp_path) -> No
     assert read_adapter_config(path) == cfg
 
 
+def test_saved_adapter_has_the_umask_mode(tmp_path, known_umask: int) -> None:
+    # safetensors writes 0600; an adapter shared on a cluster must be readable as the umask allows
+    cfg = make_config("mlp")
+    path = save_adapter(build_adapter(cfg), cfg, tmp_path / "a.safetensors")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~known_umask
+
+
 def test_round_trip_keeps_low_precision_dtype(tmp_path) -> None:
     cfg = make_config("linear")
     adapter = build_adapter(cfg).to(torch.bfloat16)
