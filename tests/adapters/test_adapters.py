@@ -303,7 +303,7 @@ def test_save_rejects_module_that_does_not_match_config(tmp_path) -> None:
         ({"out_dim": -3}, "out_dim"),
         ({"in_dim": True}, "in_dim"),
         ({"mlp_ratio": 0}, "mlp_ratio"),
-        ({"mlp_ratio": 9}, "mlp_ratio"),
+        ({"kind": "mlp", "mlp_ratio": 9}, "mlp_ratio"),  # 8 // 9: no hidden unit
         ({"mlp_alpha": 1.5}, "mlp_alpha"),
         ({"mlp_alpha": float("nan")}, "mlp_alpha"),
         ({"mlp_alpha": True}, "mlp_alpha"),  # read as alpha 1.0 (the input dropped); YAML `mlp_alpha: true`
@@ -370,6 +370,14 @@ def test_register_custom_adapter_and_duplicate_name() -> None:
             register_adapter("not_a_module")(int)
     finally:
         ADAPTERS.pop("test_scale", None)
+
+
+def test_the_mlp_ratio_default_does_not_refuse_narrow_kinds_that_ignore_it() -> None:
+    # in_dim // 4 == 0 only matters for the mlp's hidden layer; a 2-d linear or identity adapter has none
+    assert build_adapter(AdapterConfig(kind="linear", in_dim=2, out_dim=3)).out_dim == 3
+    assert LinearAdapter(3, 2).in_dim == 3 and IdentityAdapter(2).out_dim == 2
+    with pytest.raises(ValueError, match="mlp_ratio=4 leaves no hidden unit for in_dim=2"):
+        AdapterConfig(kind="mlp", in_dim=2, out_dim=3)
 
 
 def test_builtin_classes_are_registered() -> None:

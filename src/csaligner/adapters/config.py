@@ -58,7 +58,8 @@ class AdapterConfig:
         _check_int("in_dim", self.in_dim)
         _check_int("out_dim", self.out_dim)
         _check_int("mlp_ratio", self.mlp_ratio)
-        if self.in_dim // self.mlp_ratio < 1:
+        # only "mlp" has a hidden layer: the default ratio 4 must not refuse a 2-d linear adapter
+        if self.kind == "mlp" and self.in_dim // self.mlp_ratio < 1:
             raise ValueError(
                 f"mlp_ratio={self.mlp_ratio} leaves no hidden unit for in_dim={self.in_dim} "
                 f"(hidden = in_dim // mlp_ratio = 0); use mlp_ratio <= {self.in_dim}"
