@@ -18,10 +18,13 @@ from csaligner.adapters import (
     MLPAdapter,
     PriorTransformerAdapter,
     build_adapter,
+    check_settings_apply,
+    kind_settings,
     load_adapter,
     read_adapter_config,
     register_adapter,
     save_adapter,
+    serialization,
 )
 
 
@@ -370,6 +373,72 @@ def test_register_custom_adapter_and_duplicate_name() -> None:
             register_adapter("not_a_module")(int)
     finally:
         ADAPTERS.pop("test_scale", None)
+
+
+# ---------------------------------------------------------------- which settings a kind takes
+
+# A valid value other than the default for every kind-specific field.
+OTHER_VALUE = {
+    "bias": False,
+    "mlp_ratio": 2,
+    "mlp_alpha": 0.5,
+    "num_layers": 1,
+    "num_heads": 4,
+    "head_dim": 2,
+    "dropout": 0.1,
+    "num_learned_tokens": 2,
+    "max_text_tokens": 6,
+    "token_dim": 5,
+    "causal": False,
+}
+
+
+def _built(cfg: AdapterConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, object], str]:
+    """What a config changes in the adapter it builds: weight shapes, scalar settings, module tree."""
+    module = build_adapter(cfg)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return shapes, serialization._settings(module), repr(module)
+
+
+@pytest.mark.parametrize("kind", ["prior", "mlp", "linear", "identity"])
+def test_declared_settings_are_exactly_the_fields_a_kind_reads(kind: str) -> None:
+    """A declared setting changes the adapter built; any other field changes nothing (refusing it is right)."""
+    takes = kind_settings(kind)
+    assert takes is not None and set(takes) <= set(OTHER_VALUE)
+    base = _built(make_config(kind))
+    for name, value in OTHER_VALUE.items():
+        changed = _built(make_config(kind, **{name: value}))
+        assert (changed != base) == (name in takes), f"{kind}: {name}"
+
+
+def test_settings_a_kind_ignores_are_named_with_the_kinds_that_use_them() -> None:
+    with pytest.raises(ValueError) as err:
+        check_settings_apply("linear", ["kind", "in_dim", "bias", "mlp_ratio"], where="model.text")
+    assert str(err.value).startswith(
+        "model.text.mlp_ratio (used by kind 'mlp') does not apply to kind='linear', which takes only bias"
+    )
+    with pytest.raises(ValueError) as err:
+        check_settings_apply("identity", ["bias", "causal"], where="model.image")
+    assert str(err.value).startswith(
+        "model.image.bias (used by kinds 'linear', 'mlp'), model.image.causal (used by kind 'prior') do not apply "
+        "to kind='identity', which takes no settings besides kind, in_dim, out_dim"
+    )
+    check_settings_apply("mlp", ["kind", "in_dim", "out_dim", "bias", "mlp_ratio", "mlp_alpha"])
+    check_settings_apply("prior", ["token_dim", "causal", "num_layers"])
+
+
+def test_a_kind_that_declares_no_settings_accepts_every_field() -> None:
+    @register_adapter("test_open")
+    class Open(Adapter):
+        @classmethod
+        def from_config(cls, config: AdapterConfig) -> Open:
+            return cls()
+
+    try:
+        assert kind_settings("test_open") is None
+        check_settings_apply("test_open", ["mlp_ratio", "num_layers"])
+    finally:
+        ADAPTERS.pop("test_open", None)
 
 
 def test_the_mlp_ratio_default_does_not_refuse_narrow_kinds_that_ignore_it() -> None:
