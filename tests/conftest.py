@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,3 +21,14 @@ def _seed() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def known_umask() -> Iterator[int]:
+    """Run the test under umask 0o027 (files 0o640, folders 0o750), neither owner-only 0600 nor the usual
+    0o022, so a test can tell the umask-derived mode from both; the previous umask is restored."""
+    old = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(old)

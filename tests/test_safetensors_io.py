@@ -102,3 +102,10 @@ def test_files_are_byte_identical_across_processes_and_hash_seeds(tmp_path: Path
     second = _write_in_process(tmp_path / "b", "2")
     assert sorted(first) == sorted(second) and len(first) == 5  # adapter, shard, model, optimizer, state.json
     assert [name for name in first if first[name] != second[name]] == []
+
+
+def test_saved_file_has_the_umask_mode_not_owner_only(tmp_path: Path, known_umask: int) -> None:
+    # safetensors' save_file creates 0600: a cache shard or adapter others on the machine could not read
+    path = tmp_path / "t.safetensors"
+    save_safetensors(TENSORS, path, metadata=METADATA)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~known_umask

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from csaligner._file_mode import apply_default_mode
+
 _LEN_BYTES = 8  # the header length, little-endian u64, opens every safetensors file
 _ALIGN = 8  # safetensors pads the header with spaces so the data starts 8-byte aligned
 
@@ -100,8 +102,12 @@ def save_safetensors(
         tensors: name -> contiguous tensor.
         path: the file to write (callers that need atomicity pass a temporary name and rename it).
         metadata: string -> string, stored in the header under `__metadata__`.
+
+    The file ends with mode 0o666 & ~umask like any file `open` creates; `save_file` alone leaves 0600,
+    which other users on a shared machine cannot read.
     """
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
     canonicalize_file(path)
+    apply_default_mode(path)

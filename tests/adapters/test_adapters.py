@@ -18,10 +18,13 @@ from csaligner.adapters import (
     MLPAdapter,
     PriorTransformerAdapter,
     build_adapter,
+    check_settings_apply,
+    kind_settings,
     load_adapter,
     read_adapter_config,
     register_adapter,
     save_adapter,
+    serialization,
 )
 
 
@@ -232,6 +235,13 @@ def test_save_load_round_trip_gives_identical_outputs(kind: str, tmp_path) -> No
     assert read_adapter_config(path) == cfg
 
 
+def test_saved_adapter_has_the_umask_mode(tmp_path, known_umask: int) -> None:
+    # safetensors writes 0600; an adapter shared on a cluster must be readable as the umask allows
+    cfg = make_config("mlp")
+    path = save_adapter(build_adapter(cfg), cfg, tmp_path / "a.safetensors")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~known_umask
+
+
 def test_round_trip_keeps_low_precision_dtype(tmp_path) -> None:
     cfg = make_config("linear")
     adapter = build_adapter(cfg).to(torch.bfloat16)
@@ -296,7 +306,7 @@ def test_save_rejects_module_that_does_not_match_config(tmp_path) -> None:
         ({"out_dim": -3}, "out_dim"),
         ({"in_dim": True}, "in_dim"),
         ({"mlp_ratio": 0}, "mlp_ratio"),
-        ({"mlp_ratio": 9}, "mlp_ratio"),
+        ({"kind": "mlp", "mlp_ratio": 9}, "mlp_ratio"),  # 8 // 9: no hidden unit
         ({"mlp_alpha": 1.5}, "mlp_alpha"),
         ({"mlp_alpha": float("nan")}, "mlp_alpha"),
         ({"mlp_alpha": True}, "mlp_alpha"),  # read as alpha 1.0 (the input dropped); YAML `mlp_alpha: true`
@@ -363,6 +373,80 @@ def test_register_custom_adapter_and_duplicate_name() -> None:
             register_adapter("not_a_module")(int)
     finally:
         ADAPTERS.pop("test_scale", None)
+
+
+# ---------------------------------------------------------------- which settings a kind takes
+
+# A valid value other than the default for every kind-specific field.
+OTHER_VALUE = {
+    "bias": False,
+    "mlp_ratio": 2,
+    "mlp_alpha": 0.5,
+    "num_layers": 1,
+    "num_heads": 4,
+    "head_dim": 2,
+    "dropout": 0.1,
+    "num_learned_tokens": 2,
+    "max_text_tokens": 6,
+    "token_dim": 5,
+    "causal": False,
+}
+
+
+def _built(cfg: AdapterConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, object], str]:
+    """What a config changes in the adapter it builds: weight shapes, scalar settings, module tree."""
+    module = build_adapter(cfg)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return shapes, serialization._settings(module), repr(module)
+
+
+@pytest.mark.parametrize("kind", ["prior", "mlp", "linear", "identity"])
+def test_declared_settings_are_exactly_the_fields_a_kind_reads(kind: str) -> None:
+    """A declared setting changes the adapter built; any other field changes nothing (refusing it is right)."""
+    takes = kind_settings(kind)
+    assert takes is not None and set(takes) <= set(OTHER_VALUE)
+    base = _built(make_config(kind))
+    for name, value in OTHER_VALUE.items():
+        changed = _built(make_config(kind, **{name: value}))
+        assert (changed != base) == (name in takes), f"{kind}: {name}"
+
+
+def test_settings_a_kind_ignores_are_named_with_the_kinds_that_use_them() -> None:
+    with pytest.raises(ValueError) as err:
+        check_settings_apply("linear", ["kind", "in_dim", "bias", "mlp_ratio"], where="model.text")
+    assert str(err.value).startswith(
+        "model.text.mlp_ratio (used by kind 'mlp') does not apply to kind='linear', which takes only bias"
+    )
+    with pytest.raises(ValueError) as err:
+        check_settings_apply("identity", ["bias", "causal"], where="model.image")
+    assert str(err.value).startswith(
+        "model.image.bias (used by kinds 'linear', 'mlp'), model.image.causal (used by kind 'prior') do not apply "
+        "to kind='identity', which takes no settings besides kind, in_dim, out_dim"
+    )
+    check_settings_apply("mlp", ["kind", "in_dim", "out_dim", "bias", "mlp_ratio", "mlp_alpha"])
+    check_settings_apply("prior", ["token_dim", "causal", "num_layers"])
+
+
+def test_a_kind_that_declares_no_settings_accepts_every_field() -> None:
+    @register_adapter("test_open")
+    class Open(Adapter):
+        @classmethod
+        def from_config(cls, config: AdapterConfig) -> Open:
+            return cls()
+
+    try:
+        assert kind_settings("test_open") is None
+        check_settings_apply("test_open", ["mlp_ratio", "num_layers"])
+    finally:
+        ADAPTERS.pop("test_open", None)
+
+
+def test_the_mlp_ratio_default_does_not_refuse_narrow_kinds_that_ignore_it() -> None:
+    # in_dim // 4 == 0 only matters for the mlp's hidden layer; a 2-d linear or identity adapter has none
+    assert build_adapter(AdapterConfig(kind="linear", in_dim=2, out_dim=3)).out_dim == 3
+    assert LinearAdapter(3, 2).in_dim == 3 and IdentityAdapter(2).out_dim == 2
+    with pytest.raises(ValueError, match="mlp_ratio=4 leaves no hidden unit for in_dim=2"):
+        AdapterConfig(kind="mlp", in_dim=2, out_dim=3)
 
 
 def test_builtin_classes_are_registered() -> None:

@@ -328,3 +328,14 @@ def test_non_finite_features_are_never_stored(
             Scaled(TinyTextEncoder(), scale), tiny_manifest, tmp_path / "d", replace(FAST, dtype="fp32")
         )
         assert bool(torch.isfinite(cache.pooled("text")).all())
+
+
+def test_cache_files_have_the_umask_mode(tiny_manifest: ImageTextManifest, tmp_path: Path, known_umask: int) -> None:
+    # mkstemp (cache.json) and safetensors (shards) create 0600; a cache shared on a cluster must be
+    # readable by others as the umask allows, like every other file the tool writes.
+    want = oct(0o666 & ~known_umask)
+    for folder in build(tiny_manifest, tmp_path):
+        files = sorted(folder.iterdir())
+        names = {p.name for p in files}
+        assert {"cache.json", "items.json"} <= names and any(n.endswith(".safetensors") for n in names)
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: want for p in files}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from csaligner.cli import main
 from csaligner.train import load_config
 
 
@@ -35,3 +36,67 @@ def test_every_preset_still_loads() -> None:
     assert presets
     for path in presets:
         load_config(path)
+
+
+# ---------------------------------------------------------------- settings the kind does not use
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.text.kind=linear", "model.text.mlp_ratio=8"],  # the audit's command line
+            "model.text.mlp_ratio (used by kind 'mlp') does not apply to kind='linear', which takes only bias",
+        ),
+        (
+            ["model.text.kind=linear", "model.text.mlp_ratio=4"],  # given, though equal to the default
+            "model.text.mlp_ratio (used by kind 'mlp') does not apply to kind='linear'",
+        ),
+        (
+            ["model.image={kind: identity, bias: false}", "model.text={kind: prior}"],
+            "model.image.bias (used by kinds 'linear', 'mlp') does not apply to kind='identity', which takes no",
+        ),
+        (
+            ["model.text={kind: prior, mlp_alpha: 0.5}"],
+            "model.text.mlp_alpha (used by kind 'mlp') does not apply to kind='prior', which takes only num_layers",
+        ),
+        (["model.image.num_layers=2"], "model.image.num_layers (used by kind 'prior') does not apply to kind='mlp'"),
+    ],
+)
+def test_a_setting_the_kind_does_not_use_is_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(message)
+
+
+def test_a_yaml_setting_left_over_from_another_kind_names_the_way_out(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  image: {kind: mlp, mlp_ratio: 2}\n")
+    with pytest.raises(ValueError, match=r"model\.image\.mlp_ratio .*kind='linear'.*--model\.image='\{kind: linear\}'"):
+        load_config(path, ["model.image.kind=linear"])
+    assert load_config(path, ["model.image={kind: linear}"]).model.image == {"kind": "linear"}  # the way out
+
+
+@pytest.mark.parametrize("kind", ["prior", "mlp", "linear", "identity"])
+def test_defaults_and_settings_the_kind_uses_load(kind: str) -> None:
+    # The mapping holds only what was given, so AdapterConfig's defaults (mlp_ratio=4, ...) never trip the check.
+    assert load_config(None, [f"model.text.kind={kind}"]).model.text == {"kind": kind}  # image: the default mlp
+    used = {"prior": "num_layers=2", "mlp": "mlp_ratio=2", "linear": "bias=false", "identity": "in_dim=0"}[kind]
+    key = used.split("=")[0]
+    assert key in load_config(None, [f"model.text.kind={kind}", f"model.text.{used}"]).model.text
+
+
+def test_a_resolved_config_reloads(tmp_path: Path) -> None:
+    from csaligner.train import dump_yaml
+
+    cfg = load_config(None, ["model.image={kind: linear, bias: false}", "model.text={kind: prior, num_layers: 2}"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg))  # what a run writes as out_dir/config.yaml
+    assert load_config(path) == cfg
+
+
+def test_the_cli_refuses_a_flag_the_kind_does_not_use(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--model.text.kind=linear", "--model.text.mlp_ratio=8", "--print-config"]) == 1
+    err = capsys.readouterr().err
+    assert "csalign train: error: model.text.mlp_ratio (used by kind 'mlp') does not apply to kind='linear'" in err
+    assert main(["train", "--model.text.kind=linear", "--model.text.bias=false", "--print-config"]) == 0

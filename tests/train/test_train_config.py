@@ -119,9 +119,9 @@ def test_dotted_overrides_coerce_to_field_types() -> None:
 
 
 def test_override_applies_on_top_of_yaml(tmp_path: Path) -> None:
-    path = write(tmp_path, "model: {image: {kind: mlp, mlp_ratio: 2}}\ntrain: {lr: 0.1}\n")
+    path = write(tmp_path, "model: {image: {kind: mlp, bias: false}}\ntrain: {lr: 0.1}\n")
     c = load_config(path, ["model.image.kind=linear", "train.lr=0.2"])
-    assert c.model.image == {"kind": "linear", "mlp_ratio": 2} and c.train.lr == 0.2
+    assert c.model.image == {"kind": "linear", "bias": False} and c.train.lr == 0.2
 
 
 def test_malformed_override_is_explained() -> None:

@@ -31,6 +31,7 @@ def _resume(tmp_path: Path, features: PairedFeatures, *changes: str) -> object:
     [
         ("model.out_dim=8", "model.out_dim: 12 -> 8"),
         ("model.text={kind: linear}", "model.text.kind: 'mlp' -> 'linear'"),
+        ("model.image.mlp_ratio=2", "model.image.mlp_ratio: (unset) -> 2"),  # a setting its kind uses
         ("train.batch_size=8", "train.batch_size: 16 -> 8"),
         ("train.steps=8", "train.steps: 6 -> 8"),
         ("train.seed=1", "train.seed: 0 -> 1"),
@@ -46,6 +47,21 @@ def test_resume_with_a_changed_config_names_the_fields(
     message = str(err.value)
     assert expected in message and str(stopped) in message
     assert "train.resume:" not in message  # resume itself is expected to differ from the stored run
+
+
+def test_resume_of_a_run_stored_with_a_setting_its_kind_ignores(tmp_path: Path, features: PairedFeatures) -> None:
+    # Earlier versions accepted model.text.mlp_ratio for a linear adapter, ignored it and stored it in the
+    # checkpoint. It is refused at load now; without it the resume continues the very same model.
+    cfg = fast_overrides(tmp_path, *BASE, "model.text={kind: linear}")
+    checkpoint = train(load_config(None, cfg), features, until_step=3).checkpoint
+    assert checkpoint is not None
+    state_file = Path(checkpoint) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["model"]["text"]["mlp_ratio"] = 8
+    state_file.write_text(json.dumps(state))
+    result = train(load_config(None, [*cfg, "train.resume=auto"]), features)
+    assert result.finished and result.step == 6
+    assert load_config(tmp_path / "config.yaml").model.text == {"kind": "linear"}  # the run's config reloads
 
 
 def test_resume_may_change_bookkeeping_fields(tmp_path: Path, features: PairedFeatures, stopped: Path) -> None:

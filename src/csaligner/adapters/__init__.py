@@ -9,7 +9,7 @@ Example:
     >>> prior, cfg = load_adapter("prior.safetensors")
 """
 
-from csaligner.adapters.config import AdapterConfig
+from csaligner.adapters.config import AdapterConfig, check_settings_apply, kind_settings
 from csaligner.adapters.prior import PriorTransformerAdapter
 from csaligner.adapters.registry import ADAPTERS, Adapter, build_adapter, register_adapter
 from csaligner.adapters.serialization import load_adapter, read_adapter_config, save_adapter
@@ -24,6 +24,8 @@ __all__ = [
     "MLPAdapter",
     "PriorTransformerAdapter",
     "build_adapter",
+    "check_settings_apply",
+    "kind_settings",
     "load_adapter",
     "read_adapter_config",
     "register_adapter",

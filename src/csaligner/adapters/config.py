@@ -1,11 +1,15 @@
 """`AdapterConfig`: one frozen dataclass describing any adapter, validated on construction.
 
-Every kind reads the fields it needs and ignores the rest, so a YAML `adapter:` section maps onto
-it one to one and a saved adapter's JSON metadata round-trips through `dataclasses.asdict`.
+Every kind reads the fields it needs (its class's `settings`) and ignores the rest, so a saved
+adapter's JSON metadata, which holds every field, round-trips through `dataclasses.asdict`. A config
+written by a person (a training run's model.image / model.text mapping) holds only the fields given,
+and `check_settings_apply` refuses one the kind would ignore: the dataclass cannot tell a default
+from a given value, the mapping can.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -58,7 +62,8 @@ class AdapterConfig:
         _check_int("in_dim", self.in_dim)
         _check_int("out_dim", self.out_dim)
         _check_int("mlp_ratio", self.mlp_ratio)
-        if self.in_dim // self.mlp_ratio < 1:
+        # only "mlp" has a hidden layer: the default ratio 4 must not refuse a 2-d linear adapter
+        if self.kind == "mlp" and self.in_dim // self.mlp_ratio < 1:
             raise ValueError(
                 f"mlp_ratio={self.mlp_ratio} leaves no hidden unit for in_dim={self.in_dim} "
                 f"(hidden = in_dim // mlp_ratio = 0); use mlp_ratio <= {self.in_dim}"
@@ -102,6 +107,60 @@ class AdapterConfig:
                 "(was it written by a newer csaligner?)"
             )
         return cls(**data)
+
+
+BASE_FIELDS = ("kind", "in_dim", "out_dim")
+"""The `AdapterConfig` fields every kind reads."""
+
+
+def kind_settings(kind: str) -> tuple[str, ...] | None:
+    """The fields `kind` reads besides `BASE_FIELDS` (its class's `settings`); None when it does not say.
+
+    Args:
+        kind: a registered adapter name.
+    """
+    cls = ADAPTERS.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {sorted(ADAPTERS)}")
+    return None if cls.settings is None else tuple(cls.settings)
+
+
+def check_settings_apply(kind: str, names: Iterable[str], where: str = "adapter") -> None:
+    """Refuse settings that `kind` does not read: given, they would change nothing without a word.
+
+    Call it on the fields a person gave (a YAML mapping, CLI flags), not on a full `AdapterConfig`,
+    whose defaults fill every field whatever the kind.
+
+    Args:
+        kind: a registered adapter name.
+        names: the given field names; unknown names are left to the caller's unknown-key check.
+        where: prefix of the setting in the message, e.g. "model.text".
+
+    Raises:
+        ValueError: naming each setting, the kinds that use it, and the settings `kind` takes.
+    """
+    takes = kind_settings(kind)
+    if takes is None:
+        return
+    known = {f.name for f in fields(AdapterConfig)}
+    ignored = [n for n in names if n in known and n not in BASE_FIELDS and n not in takes]
+    if not ignored:
+        return
+    named = ", ".join(f"{where}.{n} (used by {_users(n)})" for n in ignored)
+    verb, it = ("does", "it") if len(ignored) == 1 else ("do", "them")
+    accepted = f"only {', '.join(takes)}" if takes else "no settings"
+    raise ValueError(
+        f"{named} {verb} not apply to kind={kind!r}, which takes {accepted} besides {', '.join(BASE_FIELDS)}: "
+        f"remove {it} or choose a kind that uses {it}"
+    )
+
+
+def _users(name: str) -> str:
+    """ "kind 'mlp'" / "kinds 'linear', 'mlp'": the registered kinds whose declared settings include `name`."""
+    kinds = sorted(k for k, cls in ADAPTERS.items() if cls.settings is not None and name in cls.settings)
+    if not kinds:
+        return "no registered kind"
+    return f"kind{'s' if len(kinds) > 1 else ''} {', '.join(repr(k) for k in kinds)}"
 
 
 def _check_int(name: str, value: int) -> None:

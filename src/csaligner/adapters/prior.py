@@ -88,6 +88,17 @@ class PriorTransformerAdapter(Adapter):
         causal: causal attention (each position sees itself and earlier ones) instead of full.
     """
 
+    settings = (
+        "num_layers",
+        "num_heads",
+        "head_dim",
+        "dropout",
+        "num_learned_tokens",
+        "max_text_tokens",
+        "token_dim",
+        "causal",
+    )
+
     def __init__(
         self,
         in_dim: int,

@@ -4,6 +4,8 @@ Adding a kind (timm / PEFT style)::
 
     @register_adapter("my_head")
     class MyHead(Adapter):
+        settings = ("bias",)  # the AdapterConfig fields from_config reads besides kind, in_dim, out_dim
+
         @classmethod
         def from_config(cls, config: AdapterConfig) -> MyHead:
             return cls(config.in_dim, config.out_dim)
@@ -15,7 +17,7 @@ Adding a kind (timm / PEFT style)::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
@@ -33,6 +35,10 @@ class Adapter(nn.Module):
 
     in_dim: int
     out_dim: int
+    settings: ClassVar[tuple[str, ...] | None] = None
+    """The `AdapterConfig` fields `from_config` reads besides kind, in_dim and out_dim. A model.image /
+    model.text setting outside them changes nothing, so a training config that gives one is refused;
+    None (a kind that does not declare them) accepts every field."""
 
     @classmethod
     def from_config(cls, config: AdapterConfig) -> Adapter:

@@ -22,6 +22,8 @@ class IdentityAdapter(Adapter):
         dim: feature width (in_dim == out_dim).
     """
 
+    settings = ()
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         AdapterConfig("identity", dim, dim)  # validates the width
@@ -49,6 +51,8 @@ class LinearAdapter(Adapter):
         out_dim: output width D_out.
         bias: learn an additive bias.
     """
+
+    settings = ("bias",)
 
     def __init__(self, in_dim: int, out_dim: int, bias: bool = True) -> None:
         super().__init__()
@@ -84,6 +88,8 @@ class MLPAdapter(Adapter):
         alpha: residual ratio in [0, 1]; the weight of the MLP branch.
         bias: bias of the side projection (only used when in_dim != out_dim).
     """
+
+    settings = ("mlp_ratio", "mlp_alpha", "bias")
 
     def __init__(self, in_dim: int, out_dim: int, ratio: int = 4, alpha: float = 0.2, bias: bool = True) -> None:
         super().__init__()

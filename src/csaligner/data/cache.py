@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from csaligner._file_mode import apply_default_mode
 from csaligner._safetensors_io import save_safetensors
 from csaligner.data.manifest import ImageTextManifest
 from csaligner.encoders.base import encoder_name
@@ -72,6 +73,7 @@ def file_sha256(path: Path) -> str:
 
 def _atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    apply_default_mode(fd)  # mkstemp makes it 0600: cache.json must be as readable as the shards it lists
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)

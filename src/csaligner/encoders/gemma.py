@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from csaligner._file_mode import apply_default_mode
 from csaligner.encoders.base import EncoderUnavailableError, hash_files
 from csaligner.encoders.hf_quiet import silence_imported_hf_libraries
 from csaligner.encoders.registry import register_encoder
@@ -100,11 +101,11 @@ def save_converted(tokenizer: Any, model: Any, folder: Path) -> None:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(tmp)
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors", {"format": "pt"}
-        )
+        weights = tmp / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights, {"format": "pt"})
+        apply_default_mode(weights)  # save_file writes 0600
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only
+        apply_default_mode(tmp, directory=True)  # mkdtemp makes it owner-only (0700)
         tmp.rename(folder)
     except OSError:  # as above; also a concurrent process that renamed its copy first
         shutil.rmtree(tmp, ignore_errors=True)

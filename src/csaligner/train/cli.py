@@ -77,7 +77,12 @@ def add_parser(sub: Any) -> None:
                 metavar="V",
                 help=f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%"),
             )
-    group = p.add_argument_group("adapter options (--model.image.NAME / --model.text.NAME)")
+    group = p.add_argument_group(
+        "adapter options (--model.image.NAME / --model.text.NAME)",
+        "Each applies to the kind its help names (kind, in_dim and out_dim to all); one the side's kind does not "
+        "use is refused. A --model.SIDE.kind flag keeps the config's other keys for that side; "
+        "--model.SIDE='{kind: linear}' replaces them all.",
+    )
     for side in ("image", "text"):
         for name, doc in _adapter_fields():
             help_text = doc.replace("%", "%%") if side == "image" else argparse.SUPPRESS

@@ -92,7 +92,9 @@ class ModelConfig:
     image: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp"})
     """Image adapter: AdapterConfig fields as a mapping, e.g. {kind: mlp, mlp_ratio: 4}. kind is one of
     prior, mlp, linear, identity (identity = the frozen features as they are). in_dim/out_dim may be left
-    out (or 0): they are inferred from the features and `out_dim`."""
+    out (or 0): they are inferred from the features and `out_dim`. The mapping holds only the fields given
+    (the rest take AdapterConfig's defaults), and a field the kind does not use (mlp_ratio for linear) is
+    refused."""
     text: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp"})
     """Text adapter, same form as `image`."""
     out_dim: int = 0
@@ -112,6 +114,7 @@ class ModelConfig:
             for dim in ("in_dim", "out_dim"):
                 if not is_integer(spec.get(dim, 0), plain=True) or spec.get(dim, 0) < 0:
                     raise ValueError(f"model.{side}.{dim} must be an int >= 0 (0 = infer), got {spec[dim]!r}")
+            _check_settings_apply(side, spec)
         if self.image["kind"] == "identity" and self.text["kind"] == "identity":
             raise ValueError(
                 "model.image and model.text are both identity: nothing to train; give one side an "
@@ -128,6 +131,43 @@ def _adapter_fields() -> set[str]:
     from csaligner.adapters.config import AdapterConfig
 
     return {f.name for f in fields(AdapterConfig)}
+
+
+def _check_settings_apply(side: str, spec: dict[str, Any]) -> None:
+    """Refuse a given adapter setting its kind ignores. `spec` holds only what YAML or flags gave (plus the
+    kind), so AdapterConfig's defaults never trip this; a saved adapter's full config is not checked here."""
+    from csaligner.adapters import check_settings_apply
+
+    try:
+        check_settings_apply(spec["kind"], spec, where=f"model.{side}")
+    except ValueError as err:
+        raise ValueError(
+            f"{err}. A --model.{side}.kind flag keeps the config's other model.{side} keys; to replace them "
+            f"all, give the whole mapping: --model.{side}='{{kind: {spec['kind']}}}'"
+        ) from None
+
+
+def drop_ignored_adapter_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A `to_dict` form of a run config without the model.image / model.text keys their kind ignores.
+
+    Earlier versions accepted such keys and ignored them, so a checkpoint's stored config may hold them;
+    a resume that had to delete them (they are refused now) continues the same model.
+    """
+    from csaligner.adapters import kind_settings
+    from csaligner.adapters.config import BASE_FIELDS
+
+    model = config.get("model")
+    if not isinstance(model, dict):
+        return config
+    model = dict(model)
+    for side in ("image", "text"):
+        spec = model.get(side)
+        if not isinstance(spec, dict) or spec.get("kind") not in ADAPTER_KINDS:
+            continue
+        takes = kind_settings(spec["kind"])
+        if takes is not None:
+            model[side] = {k: v for k, v in spec.items() if k in BASE_FIELDS or k in takes}
+    return {**config, "model": model}
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from csaligner.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from csaligner.train.config import RunConfig
+from csaligner.train.config import RunConfig, drop_ignored_adapter_settings
 from csaligner.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, wrap_ddp
 from csaligner.train.model import AlignmentModel, build_model, save_adapters, write_run_encoders
 from csaligner.train.monitor import RunMonitor
@@ -313,6 +313,8 @@ def _maybe_resume(run: _Run) -> None:
 def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
     """The checkpoint continues this run only under the same model, data order and schedule."""
     stored = ckpt.state.get("config")
+    if isinstance(stored, dict):  # adapter keys an earlier version ignored do not make it another model
+        stored = drop_ignored_adapter_settings(stored)
     changes = config_changes(stored, to_dict(run.config)) if isinstance(stored, dict) else []
     if changes:
         raise ValueError(
