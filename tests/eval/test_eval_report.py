@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from csaligner.eval import ReportSection, format_table, format_value, write_report
 
@@ -18,6 +20,23 @@ def test_format_value() -> None:
     assert format_value(float("nan")) == "n/a"
     assert format_value(1.5e-5, digits=2) == "1.50e-05"  # would otherwise print as 0.00
     assert format_value(0.12345, digits=3) == "0.123"
+
+
+def test_numpy_and_tensor_scalars_are_numbers(tmp_path: Path) -> None:
+    """What metric code hands over (np.float32 is not a float subclass; a 0-d tensor is not a sequence)."""
+    assert format_value(np.float32(1.5)) == "1.50"
+    assert format_value(np.int64(3)) == "3"
+    assert format_value(torch.tensor(2.5)) == "2.50"
+    assert format_value(np.array(0.25)) == "0.25"
+    assert format_value([np.float32(70.0), torch.tensor(72.0)]) == "71.00 ± 1.41"
+    assert format_value(torch.tensor([70.0, 71.0, 72.0])) == "71.00 ± 1.00"
+    with pytest.raises(TypeError, match="a number or a sequence of per-seed numbers, got str 'abc'"):
+        format_value("abc")  # type: ignore[arg-type]
+    row = {"a": np.float32(0.5), "b": np.int64(7), "c": torch.tensor(float("nan")), "d": [np.float32(1.0)]}
+    write_report(tmp_path, "t", [ReportSection("s", table={"run": row})])  # type: ignore[dict-item]
+    table = json.loads((tmp_path / "report.json").read_text())["sections"][0]["table"]["run"]
+    assert table == {"a": 0.5, "b": 7, "c": None, "d": {"mean": 1.0, "std": 0.0, "values": [1.0]}}
+    assert "| run | 0.50 | 7 | n/a | 1.00 |" in (tmp_path / "report.md").read_text()
 
 
 def test_format_table_exact() -> None:

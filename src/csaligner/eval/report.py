@@ -4,6 +4,7 @@
 scripts. A table value is either one number or a list of per-seed numbers, rendered
 "mean ± std" (sample std, ddof=1) in Markdown and stored as {"mean", "std", "values"} in JSON.
 NaN is written as "n/a" in Markdown; NaN and inf are null in JSON (strict JSON has neither).
+numpy scalars and 0-d tensors are accepted wherever a number is, and written as Python numbers.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat
 
-from csaligner.eval._common import mean_std
+from csaligner.eval._common import as_number, mean_std, per_seed_values
 
-Value = float | Sequence[float]
+Value = float | SupportsFloat | Sequence[float]
+"""A number (numpy scalars and 0-d tensors included) or per-seed numbers."""
 Table = Mapping[str, Mapping[str, Value]]
 
 
@@ -48,9 +50,9 @@ def _number(v: float, digits: int) -> str:
 
 def format_value(value: Value, digits: int = 2) -> str:
     """One table cell: a number, or "mean ± std" for a list of per-seed values (mean alone for one)."""
-    if isinstance(value, int | float):
-        return _number(value, digits)
-    values = [float(v) for v in value]
+    if (number := as_number(value)) is not None:
+        return _number(number, digits)
+    values = per_seed_values(value)
     if not values:
         return "n/a"
     mean, std = mean_std(values)
@@ -85,9 +87,9 @@ def format_table(rows: Table, digits: int = 2) -> str:
 
 
 def _json_value(value: Value) -> Any:
-    if isinstance(value, int | float):
-        return value if math.isfinite(value) else None
-    values = [float(v) for v in value]
+    if (number := as_number(value)) is not None:
+        return number if math.isfinite(number) else None
+    values = per_seed_values(value)
     mean, std = mean_std(values) if values else (math.nan, math.nan)
     return {"mean": _json_value(mean), "std": _json_value(std), "values": [_json_value(v) for v in values]}
 
