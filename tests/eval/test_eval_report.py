@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from csaligner.eval import ReportSection, format_table, format_value, write_report
+from csaligner.eval import MeanStd, ReportSection, format_table, format_value, write_report
 
 
 def test_format_value() -> None:
@@ -37,6 +37,15 @@ def test_numpy_and_tensor_scalars_are_numbers(tmp_path: Path) -> None:
     table = json.loads((tmp_path / "report.json").read_text())["sections"][0]["table"]["run"]
     assert table == {"a": 0.5, "b": 7, "c": None, "d": {"mean": 1.0, "std": 0.0, "values": [1.0]}}
     assert "| run | 0.50 | 7 | n/a | 1.00 |" in (tmp_path / "report.md").read_text()
+
+
+def test_mean_std_summary(tmp_path: Path) -> None:
+    """A summary whose per-seed values were not kept (few-shot accuracy) reads like a per-seed list."""
+    assert format_value(MeanStd(71.0, 1.0, 3)) == format_value([70.0, 71.0, 72.0]) == "71.00 ± 1.00"
+    assert format_value(MeanStd(5.0, 0.0, 1)) == "5.00"  # one seed: no "± 0.00"
+    write_report(tmp_path, "t", [ReportSection("s", table={"run": {"1-shot": MeanStd(71.0, float("nan"), 3)}})])
+    table = json.loads((tmp_path / "report.json").read_text())["sections"][0]["table"]
+    assert table == {"run": {"1-shot": {"mean": 71.0, "std": None, "n": 3}}}
 
 
 def test_format_table_exact() -> None:

@@ -13,6 +13,7 @@ from torch import Tensor
 from csaligner.data.features import PairedFeatures
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
+    FEW_SHOT_SEEDS,
     ClassificationData,
     check_classification_encoders,
     check_run_encoders,
@@ -20,7 +21,7 @@ from csaligner.eval.evaluate import (
     load_classification,
 )
 from csaligner.eval.plots import plot_paired_distance_hist, plot_projection
-from csaligner.eval.report import ReportSection, write_report
+from csaligner.eval.report import MeanStd, ReportSection, Value, write_report
 
 HEADLINE = (
     "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "centroid_distance",
@@ -33,6 +34,19 @@ HEADLINE = (
 def headline(shots: Sequence[int] = DEFAULT_SHOTS) -> tuple[str, ...]:
     """HEADLINE with one few-shot column per k in `shots` (what `csalign eval --shots` asked for)."""
     return (*(k for k in HEADLINE if not k.startswith("few_shot_")), *(f"few_shot_{k}-shot" for k in shots))
+
+
+def report_table(results: dict[str, dict[str, float]], columns: Sequence[str]) -> dict[str, dict[str, Value]]:
+    """{run: {column: value}} of the columns each run has; a metric with a "<name>_std" companion (few-shot
+    accuracy over `FEW_SHOT_SEEDS`) is shown as mean ± std, as RESULTS tables show seeds."""
+    table: dict[str, dict[str, Value]] = {}
+    for name, m in results.items():
+        row: dict[str, Value] = {}
+        for k in (c for c in columns if c in m):
+            std = m.get(f"{k}_std")
+            row[k] = m[k] if std is None else MeanStd(m[k], std, len(FEW_SHOT_SEEDS))
+        table[name] = row
+    return table
 
 
 def report_figures(runs: dict[str, Path], features: PairedFeatures, out_dir: Path) -> list[Path]:
@@ -164,15 +178,15 @@ def _main(args: argparse.Namespace) -> int:
     results = {name: evaluate_run(run, features, classification, args.sigma, args.shots) for name, run in runs.items()}
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     figures = report_figures(runs, features, out_dir)
-    columns = headline(args.shots)
-    table: dict[str, dict[str, float | list[float]]] = {
-        name: {k: m[k] for k in columns if k in m} for name, m in results.items()
-    }
+    text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}."
+    if classification is not None:
+        seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
+        text += (
+            f" Few-shot accuracy: mean ± sample std over {len(FEW_SHOT_SEEDS)} seeds ({seeds}) of the k training "
+            "images drawn per class."
+        )
     section = ReportSection(
-        heading="Held-out evaluation",
-        text=f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}.",
-        table=table,
-        figures=figures,
+        heading="Held-out evaluation", text=text, table=report_table(results, headline(args.shots)), figures=figures
     )
     report = write_report(out_dir, "csalign eval", [section])
     print(Path(report).read_text())

@@ -1,8 +1,9 @@
 """Markdown + JSON reports: metric tables (settings x metrics) and figures by relative path.
 
 `write_report` produces ``report.md`` for people and ``report.json`` with every number for
-scripts. A table value is either one number or a list of per-seed numbers, rendered
-"mean ± std" (sample std, ddof=1) in Markdown and stored as {"mean", "std", "values"} in JSON.
+scripts. A table value is one number, a list of per-seed numbers, or a `MeanStd` (a summary whose
+per-seed numbers were not kept), rendered "mean ± std" (sample std, ddof=1) in Markdown and stored
+as {"mean", "std", "values"} (list) or {"mean", "std", "n"} (`MeanStd`) in JSON.
 NaN is written as "n/a" in Markdown; NaN and inf are null in JSON (strict JSON has neither).
 numpy scalars and 0-d tensors are accepted wherever a number is, and written as Python numbers.
 """
@@ -19,8 +20,19 @@ from typing import Any, SupportsFloat
 
 from csaligner.eval._common import as_number, mean_std, per_seed_values
 
-Value = float | SupportsFloat | Sequence[float]
-"""A number (numpy scalars and 0-d tensors included) or per-seed numbers."""
+
+@dataclass(frozen=True)
+class MeanStd:
+    """Mean and sample std (ddof=1) over `n` seeds, when only those were kept (e.g. few-shot accuracy)."""
+
+    mean: float
+    std: float
+    n: int
+    """Number of seeds; with one, only the mean is shown."""
+
+
+Value = float | SupportsFloat | Sequence[float] | MeanStd
+"""A number (numpy scalars and 0-d tensors included), per-seed numbers, or their mean and std."""
 Table = Mapping[str, Mapping[str, Value]]
 
 
@@ -32,8 +44,8 @@ class ReportSection:
     """Section title (a Markdown "##" heading)."""
     text: str = ""
     """Free text under the heading: what was run and how to read it (Markdown allowed)."""
-    table: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
-    """Rows = settings, columns = metric names; a list holds per-seed values."""
+    table: Table = field(default_factory=dict)
+    """Rows = settings, columns = metric names; a list holds per-seed values, a `MeanStd` their summary."""
     figures: list[Path] = field(default_factory=list)
     """PNG files to show, absolute or relative to the working directory or to the report folder."""
 
@@ -49,7 +61,10 @@ def _number(v: float, digits: int) -> str:
 
 
 def format_value(value: Value, digits: int = 2) -> str:
-    """One table cell: a number, or "mean ± std" for a list of per-seed values (mean alone for one)."""
+    """One table cell: a number, or "mean ± std" for per-seed values or a `MeanStd` (mean alone for one seed)."""
+    if isinstance(value, MeanStd):
+        mean, std = float(value.mean), float(value.std)
+        return _number(mean, digits) if value.n == 1 else f"{_number(mean, digits)} ± {_number(std, digits)}"
     if (number := as_number(value)) is not None:
         return _number(number, digits)
     values = per_seed_values(value)
@@ -87,6 +102,8 @@ def format_table(rows: Table, digits: int = 2) -> str:
 
 
 def _json_value(value: Value) -> Any:
+    if isinstance(value, MeanStd):
+        return {"mean": _json_value(float(value.mean)), "std": _json_value(float(value.std)), "n": int(value.n)}
     if (number := as_number(value)) is not None:
         return number if math.isfinite(number) else None
     values = per_seed_values(value)
