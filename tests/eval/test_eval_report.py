@@ -94,7 +94,37 @@ def test_write_report(tmp_path: Path) -> None:
     assert table["InfoNCE"]["rsum"] == {"mean": 410.0, "std": 10.0, "values": [400.0, 410.0, 420.0]}
     assert table["CS-Aligner"] == {"rsum": 431.5, "gap": None}  # strict JSON: NaN -> null
     assert data["sections"][0]["figures"] == ["figs/proj.png"]
-    assert data["sections"][1] == {"heading": "Notes", "text": "No table here.", "table": {}, "figures": []}
+    empty = {"heading": "Notes", "text": "No table here.", "sources": {}, "table": {}, "figures": []}
+    assert data["sections"][1] == empty
+
+
+def test_sources_table(tmp_path: Path) -> None:
+    """Which caches a section's numbers came from: a table of its own before the results, verbatim in JSON."""
+    sources = {
+        "paired": {"cache": "cache/flickr8k-dev", "images": 1000, "captions": 5000},
+        "few-shot train": {"cache": "cache/a|b", "images": np.int64(1632), "classes": 102, "shots": "1,4,16"},
+    }
+    write_report(tmp_path, "t", [ReportSection("s", table={"run": {"rsum": 400.0}}, sources=sources)])
+    md = (tmp_path / "report.md").read_text()
+    assert (
+        "\n".join(
+            [
+                "| data | cache | images | captions | classes | shots |",
+                "| --- | --- | --- | --- | --- | --- |",
+                "| paired | cache/flickr8k-dev | 1000 | 5000 | – | – |",
+                "| few-shot train | cache/a\\|b | 1632 | – | 102 | 1,4,16 |",
+            ]
+        )
+        in md
+    )
+    assert md.index("| data |") < md.index("| setting |")
+    section = json.loads((tmp_path / "report.json").read_text())["sections"][0]
+    assert section["sources"]["few-shot train"] == {
+        "cache": "cache/a|b",
+        "images": 1632,
+        "classes": 102,
+        "shots": "1,4,16",
+    }
 
 
 def test_relative_figure_path_and_missing_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

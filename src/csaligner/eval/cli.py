@@ -49,6 +49,35 @@ def report_table(results: dict[str, dict[str, float]], columns: Sequence[str]) -
     return table
 
 
+def report_sources(
+    image_cache: str,
+    text_cache: str,
+    features: PairedFeatures,
+    classification: ClassificationData | None = None,
+    *,
+    class_train_cache: str = "",
+    class_test_cache: str = "",
+    shots: Sequence[int] = DEFAULT_SHOTS,
+) -> dict[str, dict[str, str | int]]:
+    """Which caches the report's columns came from, with their image, caption and class counts."""
+    sources: dict[str, dict[str, str | int]] = {
+        "retrieval, gap: images": {"cache": image_cache, "images": features.num_images},
+        "retrieval, gap: captions": {"cache": text_cache, "captions": features.num_texts},
+    }
+    if classification is not None:
+        classes = len(classification.class_names)
+        test_images, train_images = classification.test_labels.numel(), classification.train_labels.numel()
+        sources["zero-shot, few-shot: test"] = {"cache": class_test_cache, "images": test_images, "classes": classes}
+        sources["few-shot: train"] = {
+            "cache": class_train_cache,
+            "images": train_images,
+            "classes": classes,
+            "shots": ",".join(map(str, shots)),
+            "seeds": ",".join(map(str, FEW_SHOT_SEEDS)),
+        }
+    return sources
+
+
 def report_figures(runs: dict[str, Path], features: PairedFeatures, out_dir: Path) -> list[Path]:
     """Shared-basis 2-D projection and paired-distance histograms of every run's embeddings."""
     from csaligner.train import embed
@@ -185,9 +214,12 @@ def _main(args: argparse.Namespace) -> int:
             f" Few-shot accuracy: mean ± sample std over {len(FEW_SHOT_SEEDS)} seeds ({seeds}) of the k training "
             "images drawn per class."
         )
-    section = ReportSection(
-        heading="Held-out evaluation", text=text, table=report_table(results, headline(args.shots)), figures=figures
-    )
+    sources = report_sources(
+        args.image_cache, args.text_cache, features, classification,
+        class_train_cache=args.class_train_cache, class_test_cache=args.class_test_cache, shots=args.shots,
+    )  # fmt: skip
+    table = report_table(results, headline(args.shots))
+    section = ReportSection("Held-out evaluation", text, table, figures, sources)
     report = write_report(out_dir, "csalign eval", [section])
     print(Path(report).read_text())
     return 0

@@ -3,7 +3,8 @@
 `write_report` produces ``report.md`` for people and ``report.json`` with every number for
 scripts. A table value is one number, a list of per-seed numbers, or a `MeanStd` (a summary whose
 per-seed numbers were not kept), rendered "mean ± std" (sample std, ddof=1) in Markdown and stored
-as {"mean", "std", "values"} (list) or {"mean", "std", "n"} (`MeanStd`) in JSON.
+as {"mean", "std", "values"} (list) or {"mean", "std", "n"} (`MeanStd`) in JSON. A section's
+`sources` (which caches, how many images) is a small table of its own, before the results.
 NaN is written as "n/a" in Markdown; NaN and inf are null in JSON (strict JSON has neither).
 numpy scalars and 0-d tensors are accepted wherever a number is, and written as Python numbers.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, SupportsFloat
@@ -48,6 +49,9 @@ class ReportSection:
     """Rows = settings, columns = metric names; a list holds per-seed values, a `MeanStd` their summary."""
     figures: list[Path] = field(default_factory=list)
     """PNG files to show, absolute or relative to the working directory or to the report folder."""
+    sources: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
+    """Where the numbers came from, shown as a table before the results: {data: {"cache": path,
+    "images": count, ...}}, e.g. {"few-shot train": {"cache": "cache/flowers-train", "classes": 102}}."""
 
 
 def _number(v: float, digits: int) -> str:
@@ -78,6 +82,21 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _markdown_table(rows: Mapping[str, Mapping[str, Any]], first: str, render: Callable[[Any], str], align: str) -> str:
+    """Rows x columns (first-seen order) with `render(value)` cells and "–" where a row lacks a column."""
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    lines = [
+        "| " + " | ".join([first, *map(_cell, columns)]) + " |",
+        "|" + "|".join([" --- ", *[f" {align} "] * len(columns)]) + "|",
+    ]
+    for name, row in rows.items():
+        cells = [render(row[c]) if c in row else "–" for c in columns]
+        lines.append("| " + " | ".join([_cell(name), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def format_table(rows: Table, digits: int = 2) -> str:
     """Markdown table: one row per setting, one column per metric (first-seen order); "–" if missing.
 
@@ -88,17 +107,11 @@ def format_table(rows: Table, digits: int = 2) -> str:
     Returns:
         The table text (no trailing newline); "" for no rows.
     """
-    if not rows:
-        return ""
-    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
-    lines = [
-        "| " + " | ".join(["setting", *map(_cell, columns)]) + " |",
-        "|" + "|".join([" --- ", *[" ---: "] * len(columns)]) + "|",
-    ]
-    for name, row in rows.items():
-        cells = [format_value(row[c], digits) if c in row else "–" for c in columns]
-        lines.append("| " + " | ".join([_cell(name), *cells]) + " |")
-    return "\n".join(lines)
+    return _markdown_table(rows, "setting", lambda v: format_value(v, digits), "---:")
+
+
+def _source_value(value: object) -> str | int | float | None:
+    return value if isinstance(value, str) else as_number(value)
 
 
 def _json_value(value: Value) -> Any:
@@ -143,6 +156,8 @@ def write_report(out_dir: str | os.PathLike[str], title: str, sections: Sequence
         md += [f"## {section.heading}", ""]
         if section.text:
             md += [section.text.strip(), ""]
+        if section.sources:
+            md += [_markdown_table(section.sources, "data", lambda v: _cell(str(_source_value(v))), "---"), ""]
         if section.table:
             md += [format_table(section.table), ""]
         md += [f"![{Path(f).stem}]({f})\n" for f in figures]
@@ -150,6 +165,7 @@ def write_report(out_dir: str | os.PathLike[str], title: str, sections: Sequence
             {
                 "heading": section.heading,
                 "text": section.text,
+                "sources": {k: {c: _source_value(v) for c, v in row.items()} for k, row in section.sources.items()},
                 "table": {row: {k: _json_value(v) for k, v in cols.items()} for row, cols in section.table.items()},
                 "figures": figures,
             }
