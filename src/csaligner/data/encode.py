@@ -204,7 +204,12 @@ def encode_manifest(
         if bad and cfg.on_bad_image == "fail":
             raise BadImageError(bad, manifest.num_images)
         if bad:
-            warnings.warn(f"skipping {bad_image_report(bad, manifest.num_images)}", stacklevel=2)
+            report = bad_image_report(bad, manifest.num_images, outcome=" and will be left out of the cache")
+            warnings.warn(
+                f"{report}\nfix or replace them and encode again with --overwrite (EncodeConfig(overwrite=True)) to "
+                "include them; until then their captions are dropped when this cache is paired with a text cache",
+                stacklevel=2,
+            )
         skipped = [asdict(b) for b in bad]
         bad_rows = {b.row for b in bad}
         rows["image"] = [i for i in range(manifest.num_images) if i not in bad_rows]
