@@ -260,12 +260,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="cache folder to create or resume")
     p.add_argument("--tokens", action="store_true", help="also cache token features and masks")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="storage dtype (default fp16)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images or captions per batch (default 64)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: main process)")
     p.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="fail", help="missing/corrupt images (default fail)")
     p.add_argument("--shard-size", type=int, default=2048, help="rows per shard (default 2048)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="device the encoder runs on (default cpu)")
     p.add_argument(
         "--data-root", type=Path, default=None, help="root of the built-in data sets (default $CSALIGN_DATA)"
     )

@@ -128,7 +128,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="few-shot k values, comma-separated (default 1,4,16); every class of --class-train-cache "
         "needs max(K) images",
     )
-    p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric")
+    p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric (default 1.0)")
     p.add_argument("--out", type=Path, help="report folder (default: <first run>/eval)")
     p.set_defaults(func=_main)
 
