@@ -27,3 +27,29 @@ def test_output_folder_taken_by_a_file_is_an_error_not_a_traceback(
     assert err.startswith("csalign encode: error: ") and "taken by a file" in err
     assert (tmp_path / "file").read_text() == "not a folder"
     assert main([*args, "--out", str(tmp_path / "cache")]) == 0
+
+
+def test_demo_help_shows_its_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps long help lines
+    for shown in ("(default flickr)", "(default runs/demo)", "(default cache)", "(default 30)", "(default 2000)"):
+        assert shown in text
+
+
+def test_every_subcommand_option_with_a_default_says_it_in_its_help() -> None:
+    """A default the help does not name reads as "required" or "unset"; None/False/suppressed need no mention."""
+    import argparse
+
+    from csaligner.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [
+        f"csalign {name} {'/'.join(action.option_strings) or action.dest} (default {action.default!r})"
+        for name, parser in sub.choices.items()
+        for action in parser._actions
+        if action.default not in (None, False, argparse.SUPPRESS)
+        and action.help != argparse.SUPPRESS
+        and "default" not in (action.help or "")
+    ]
+    assert not silent

@@ -97,12 +97,16 @@ def _print_toy_table(metrics: dict[str, dict[str, float]]) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job end to end (flickr: real data; toy: synthetic, seconds)")
-    p.add_argument("which", nargs="?", default="flickr", choices=["flickr", "toy"], help="which demo to run")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
-    p.add_argument("--train-images", type=int, default=2000, help="Flickr8k train images (0 = all 6,000)")
-    p.add_argument("--dev-images", type=int, default=1000, help="Flickr8k dev images (0 = all 1,000)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--cache", type=Path, default=Path("cache"), help="feature cache folder (reused on a rerun)")
+    p.add_argument(
+        "which", nargs="?", default="flickr", choices=["flickr", "toy"], help="which demo to run (default flickr)"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    p.add_argument("--train-images", type=int, default=2000, help="Flickr8k train images, 0 = all 6,000 (default 2000)")
+    p.add_argument("--dev-images", type=int, default=1000, help="Flickr8k dev images, 0 = all 1,000 (default 1000)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs of each run (default 30)")
+    p.add_argument(
+        "--cache", type=Path, default=Path("cache"), help="feature cache folder, reused on a rerun (default cache)"
+    )
     p.set_defaults(func=_main)
 
 

@@ -196,8 +196,12 @@ def test_bad_images_fail_lists_all_of_them(tiny_manifest: ImageTextManifest, tmp
 
 def test_bad_images_skip_reports_and_drops_their_captions(tiny_manifest: ImageTextManifest, tmp_path: Path) -> None:
     m = _with_bad_images(tiny_manifest, tmp_path)
-    with pytest.warns(UserWarning, match="2 of 7 images could not be read"):
+    with pytest.warns(UserWarning, match="2 of 7 images could not be read") as caught:
         cache = encode_manifest(TinyImageEncoder(), m, tmp_path / "img", replace(FAST, on_bad_image="skip"))
+    lines = str(caught[0].message).splitlines()
+    assert lines[0] == "2 of 7 images could not be read and will be left out of the cache:"  # a sentence
+    assert "garbage.jpg" in lines[1] and "does-not-exist.jpg: file not found" in lines[2]
+    assert lines[3].startswith("fix or replace them and encode again with --overwrite")
     assert [s["image_id"] for s in cache.skipped_images] == ["img001.jpg", "img004.jpg"]
     assert cache.rows("image") == [0, 2, 3, 5, 6]
     encode_manifest(TinyTextEncoder(), m, tmp_path / "txt", FAST)

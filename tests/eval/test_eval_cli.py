@@ -133,6 +133,45 @@ def test_shots_flag(
     assert "few_shot_4-shot" in table and "zero_shot_top1" in table
 
 
+def test_report_shows_few_shot_mean_and_std_over_seeds(
+    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """metrics.json has few_shot_k-shot_std; the report shows it beside the mean, with the seed count."""
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    cls = ("--class-train-cache", str(classes[0]), "--class-test-cache", str(classes[1]), "--shots", "1,4")
+    assert evaluate(caches, tmp_path / "out", str(run), extra=cls) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["tok"]
+    section = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]
+    for k in ("few_shot_1-shot", "few_shot_4-shot"):
+        assert section["table"]["tok"][k] == {"mean": metrics[k], "std": metrics[f"{k}_std"], "n": 3}
+    assert "mean ± sample std over 3 seeds (0, 1, 2)" in section["text"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    mean, std = metrics["few_shot_1-shot"], metrics["few_shot_1-shot_std"]
+    assert f"| {mean:.2f} ± {std:.2f} |" in md
+    assert f"| {metrics['zero_shot_top1']:.2f} |" in md  # one number: no ±
+
+
+def test_report_says_which_caches_each_column_came_from(
+    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    train, test = classes
+    cls = ("--class-train-cache", str(train), "--class-test-cache", str(test), "--shots", "1,4")
+    assert evaluate(caches, tmp_path / "out", str(run), extra=cls) == 0
+    sources = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]["sources"]
+    assert sources == {
+        "retrieval, gap: images": {"cache": str(caches.image), "images": 10},
+        "retrieval, gap: captions": {"cache": str(caches.text_tokens), "captions": 20},
+        "zero-shot, few-shot: test": {"cache": str(test), "images": 6, "classes": 3},  # 2 a class
+        "few-shot: train": {"cache": str(train), "images": 13, "classes": 3, "shots": "1,4", "seeds": "0,1,2"},
+    }
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"| few-shot: train | {train} | 13 | – | 3 | 1,4 | 0,1,2 |" in md
+    assert evaluate(caches, tmp_path / "paired", str(run)) == 0  # no class caches: no classification rows
+    sources = json.loads((tmp_path / "paired" / "report.json").read_text())["sections"][0]["sources"]
+    assert list(sources) == ["retrieval, gap: images", "retrieval, gap: captions"]
+
+
 @pytest.mark.parametrize("text", ["", "1,x", "0,4", "1,,4"])
 def test_parse_shots_rejects(text: str) -> None:
     from csaligner.eval.cli import parse_shots

@@ -5,10 +5,18 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from csaligner.eval import plot_bars, plot_paired_distance_hist, plot_projection, plot_sensitivity, plot_tradeoff
+from csaligner.eval import (
+    MeanStd,
+    plot_bars,
+    plot_paired_distance_hist,
+    plot_projection,
+    plot_sensitivity,
+    plot_tradeoff,
+)
 
 pytest.importorskip("matplotlib")
 
@@ -66,6 +74,29 @@ def test_plot_bars(tmp_path: Path) -> None:
     out = plot_bars(table, tmp_path / "bars.png", title="Flickr8k")
     assert out.stat().st_size > 5_000
     assert png_size(out)[0] == 2 * int(max(3.0, 0.9 * 2 + 1.5) * 120)  # one panel per metric
+
+
+def test_plot_bars_marks_missing_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting without the metric gets an "n/a" label where its bar would be, not an empty slot like a 0."""
+    import csaligner.eval.plots as plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    table = {
+        "InfoNCE": {"R@1": [70.0, 72.0], "5-shot": MeanStd(60.0, 2.0, 3)},
+        "CS-Aligner": {"R@1": np.float32(74.0), "5-shot": float("nan")},
+        "L2": {"5-shot": torch.tensor(55.0)},
+    }
+    plot_bars(table, tmp_path / "bars.png")  # type: ignore[arg-type]
+    recall, few_shot = figures[0].axes
+    heights = [[bar.get_height() for bar in ax.patches] for ax in (recall, few_shot)]
+    assert heights[0][:2] == [71.0, 74.0] and np.isnan(heights[0][2])
+    assert heights[1][0] == 60.0 and np.isnan(heights[1][1]) and heights[1][2] == 55.0
+    for ax, missing in ((recall, 2), (few_shot, 1)):  # L2 has no R@1; CS-Aligner's 5-shot is NaN
+        labels = [(t.get_text(), t.get_position()[0]) for t in ax.texts]
+        assert labels == [("n/a", missing)]
+        assert ax.get_xlim()[0] < 0 < len(table) - 1 < ax.get_xlim()[1]  # the label's slot is on the axis
 
 
 def test_plot_tradeoff(tmp_path: Path) -> None:

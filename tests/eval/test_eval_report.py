@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from csaligner.eval import ReportSection, format_table, format_value, write_report
+from csaligner.eval import MeanStd, ReportSection, format_table, format_value, write_report
 
 
 def test_format_value() -> None:
@@ -18,6 +20,32 @@ def test_format_value() -> None:
     assert format_value(float("nan")) == "n/a"
     assert format_value(1.5e-5, digits=2) == "1.50e-05"  # would otherwise print as 0.00
     assert format_value(0.12345, digits=3) == "0.123"
+
+
+def test_numpy_and_tensor_scalars_are_numbers(tmp_path: Path) -> None:
+    """What metric code hands over (np.float32 is not a float subclass; a 0-d tensor is not a sequence)."""
+    assert format_value(np.float32(1.5)) == "1.50"
+    assert format_value(np.int64(3)) == "3"
+    assert format_value(torch.tensor(2.5)) == "2.50"
+    assert format_value(np.array(0.25)) == "0.25"
+    assert format_value([np.float32(70.0), torch.tensor(72.0)]) == "71.00 ± 1.41"
+    assert format_value(torch.tensor([70.0, 71.0, 72.0])) == "71.00 ± 1.00"
+    with pytest.raises(TypeError, match="a number or a sequence of per-seed numbers, got str 'abc'"):
+        format_value("abc")  # type: ignore[arg-type]
+    row = {"a": np.float32(0.5), "b": np.int64(7), "c": torch.tensor(float("nan")), "d": [np.float32(1.0)]}
+    write_report(tmp_path, "t", [ReportSection("s", table={"run": row})])  # type: ignore[dict-item]
+    table = json.loads((tmp_path / "report.json").read_text())["sections"][0]["table"]["run"]
+    assert table == {"a": 0.5, "b": 7, "c": None, "d": {"mean": 1.0, "std": 0.0, "values": [1.0]}}
+    assert "| run | 0.50 | 7 | n/a | 1.00 |" in (tmp_path / "report.md").read_text()
+
+
+def test_mean_std_summary(tmp_path: Path) -> None:
+    """A summary whose per-seed values were not kept (few-shot accuracy) reads like a per-seed list."""
+    assert format_value(MeanStd(71.0, 1.0, 3)) == format_value([70.0, 71.0, 72.0]) == "71.00 ± 1.00"
+    assert format_value(MeanStd(5.0, 0.0, 1)) == "5.00"  # one seed: no "± 0.00"
+    write_report(tmp_path, "t", [ReportSection("s", table={"run": {"1-shot": MeanStd(71.0, float("nan"), 3)}})])
+    table = json.loads((tmp_path / "report.json").read_text())["sections"][0]["table"]
+    assert table == {"run": {"1-shot": {"mean": 71.0, "std": None, "n": 3}}}
 
 
 def test_format_table_exact() -> None:
@@ -66,7 +94,37 @@ def test_write_report(tmp_path: Path) -> None:
     assert table["InfoNCE"]["rsum"] == {"mean": 410.0, "std": 10.0, "values": [400.0, 410.0, 420.0]}
     assert table["CS-Aligner"] == {"rsum": 431.5, "gap": None}  # strict JSON: NaN -> null
     assert data["sections"][0]["figures"] == ["figs/proj.png"]
-    assert data["sections"][1] == {"heading": "Notes", "text": "No table here.", "table": {}, "figures": []}
+    empty = {"heading": "Notes", "text": "No table here.", "sources": {}, "table": {}, "figures": []}
+    assert data["sections"][1] == empty
+
+
+def test_sources_table(tmp_path: Path) -> None:
+    """Which caches a section's numbers came from: a table of its own before the results, verbatim in JSON."""
+    sources = {
+        "paired": {"cache": "cache/flickr8k-dev", "images": 1000, "captions": 5000},
+        "few-shot train": {"cache": "cache/a|b", "images": np.int64(1632), "classes": 102, "shots": "1,4,16"},
+    }
+    write_report(tmp_path, "t", [ReportSection("s", table={"run": {"rsum": 400.0}}, sources=sources)])
+    md = (tmp_path / "report.md").read_text()
+    assert (
+        "\n".join(
+            [
+                "| data | cache | images | captions | classes | shots |",
+                "| --- | --- | --- | --- | --- | --- |",
+                "| paired | cache/flickr8k-dev | 1000 | 5000 | – | – |",
+                "| few-shot train | cache/a\\|b | 1632 | – | 102 | 1,4,16 |",
+            ]
+        )
+        in md
+    )
+    assert md.index("| data |") < md.index("| setting |")
+    section = json.loads((tmp_path / "report.json").read_text())["sections"][0]
+    assert section["sources"]["few-shot train"] == {
+        "cache": "cache/a|b",
+        "images": 1632,
+        "classes": 102,
+        "shots": "1,4,16",
+    }
 
 
 def test_relative_figure_path_and_missing_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -204,7 +204,12 @@ def encode_manifest(
         if bad and cfg.on_bad_image == "fail":
             raise BadImageError(bad, manifest.num_images)
         if bad:
-            warnings.warn(f"skipping {bad_image_report(bad, manifest.num_images)}", stacklevel=2)
+            report = bad_image_report(bad, manifest.num_images, outcome=" and will be left out of the cache")
+            warnings.warn(
+                f"{report}\nfix or replace them and encode again with --overwrite (EncodeConfig(overwrite=True)) to "
+                "include them; until then their captions are dropped when this cache is paired with a text cache",
+                stacklevel=2,
+            )
         skipped = [asdict(b) for b in bad]
         bad_rows = {b.row for b in bad}
         rows["image"] = [i for i in range(manifest.num_images) if i not in bad_rows]
@@ -255,12 +260,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="cache folder to create or resume")
     p.add_argument("--tokens", action="store_true", help="also cache token features and masks")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="storage dtype (default fp16)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images or captions per batch (default 64)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes (default 0: main process)")
     p.add_argument("--on-bad-image", choices=ON_BAD_IMAGE, default="fail", help="missing/corrupt images (default fail)")
     p.add_argument("--shard-size", type=int, default=2048, help="rows per shard (default 2048)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="device the encoder runs on (default cpu)")
     p.add_argument(
         "--data-root", type=Path, default=None, help="root of the built-in data sets (default $CSALIGN_DATA)"
     )

@@ -46,9 +46,12 @@ class BadImageError(ValueError):
         )
 
 
-def bad_image_report(bad: Sequence[BadImage], total: int, limit: int = 10) -> str:
-    """'3 of 500 images could not be read:' and one line per image (the first `limit`)."""
-    lines = [f"{len(bad)} of {total} images could not be read:"]
+def bad_image_report(bad: Sequence[BadImage], total: int, limit: int = 10, outcome: str = "") -> str:
+    """'3 of 500 images could not be read{outcome}:' and one line per image (the first `limit`).
+
+    `outcome` continues the sentence, e.g. " and will be left out of the cache".
+    """
+    lines = [f"{len(bad)} of {total} images could not be read{outcome}:"]
     lines += [f"  {b.path}: {b.reason}" for b in bad[:limit]]
     if len(bad) > limit:
         lines.append(f"  ... and {len(bad) - limit} more")

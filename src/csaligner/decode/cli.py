@@ -68,9 +68,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--image-encoder-path", type=Path, help="kandinsky22: CLIP image encoder folder for the zero-image negative"
     )
     p.add_argument("--super-res-steps", type=int, default=7, help="karlo only (default 7)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--batch-size", type=int, default=4, help="images generated per pipeline call (default 4)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device to run on (default cuda when available, else cpu)",
+    )
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="decoder dtype (default float32)")
     p.add_argument("--skip-existing", action="store_true", help="keep PNGs already in --out (resume a run)")
     p.set_defaults(func=run)
 

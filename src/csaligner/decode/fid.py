@@ -163,10 +163,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--generated", required=True, type=Path)
     p.add_argument("--reference", required=True, type=Path)
-    p.add_argument("--features", default="inception", choices=sorted(FEATURE_EXTRACTORS))
+    p.add_argument(
+        "--features",
+        default="inception",
+        choices=sorted(FEATURE_EXTRACTORS),
+        help="image features the FID is computed on (default inception)",
+    )
     p.add_argument("--inception-weights", type=Path, help="local FID InceptionV3 weights file (torch-fidelity's)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device to run on (default cuda when available, else cpu)",
+    )
     p.add_argument("--out", type=Path, help="also write the result as JSON here")
     p.set_defaults(func=run)
 

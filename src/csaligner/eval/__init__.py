@@ -15,12 +15,13 @@ from csaligner.eval.classification import (
 )
 from csaligner.eval.gap import linear_separability, mean_cross_distance, modality_gap_metrics, uniformity
 from csaligner.eval.plots import plot_bars, plot_paired_distance_hist, plot_projection, plot_sensitivity, plot_tradeoff
-from csaligner.eval.report import ReportSection, format_table, format_value, write_report
+from csaligner.eval.report import MeanStd, ReportSection, format_table, format_value, write_report
 from csaligner.eval.retrieval import recall_at_k, retrieval_metrics
 from csaligner.eval.t2i import frechet_distance, t2i_metrics
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "MeanStd",
     "ReportSection",
     "ZeroShotResult",
     "class_embeddings",

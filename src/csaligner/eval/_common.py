@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,3 +83,29 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
         raise ValueError("mean_std needs at least one value")
     std = float(t.std(unbiased=True)) if t.numel() > 1 else 0.0
     return float(t.mean()), std
+
+
+def as_number(value: object) -> int | float | None:
+    """`value` as a Python int or float when it is one number (int, float, numpy scalar, 0-d tensor or
+    array), else None (a sequence of per-seed values, or not a number)."""
+    if isinstance(value, int | float):  # bool too: an int
+        return value
+    if isinstance(value, numbers.Integral):  # numpy integers
+        return int(value)
+    if isinstance(value, numbers.Real):  # numpy floats (float32 is not a float subclass)
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # 0-d torch tensor / numpy array
+        item = value.item()
+        return item if isinstance(item, int | float) else None
+    return None
+
+
+def per_seed_values(value: object) -> list[float]:
+    """The floats of a sequence of per-seed values (a list, 1-d tensor or array)."""
+    items = list(value) if isinstance(value, Iterable) and not isinstance(value, str | bytes) else [None]
+    numbers_ = [as_number(v) for v in items]
+    if any(n is None for n in numbers_):
+        raise TypeError(
+            f"a table value must be a number or a sequence of per-seed numbers, got {type(value).__name__} {value!r}"
+        )
+    return [float(n) for n in numbers_ if n is not None]

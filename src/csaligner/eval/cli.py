@@ -13,6 +13,7 @@ from torch import Tensor
 from csaligner.data.features import PairedFeatures
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
+    FEW_SHOT_SEEDS,
     ClassificationData,
     check_classification_encoders,
     check_run_encoders,
@@ -20,7 +21,7 @@ from csaligner.eval.evaluate import (
     load_classification,
 )
 from csaligner.eval.plots import plot_paired_distance_hist, plot_projection
-from csaligner.eval.report import ReportSection, write_report
+from csaligner.eval.report import MeanStd, ReportSection, Value, write_report
 
 HEADLINE = (
     "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum", "centroid_distance",
@@ -33,6 +34,48 @@ HEADLINE = (
 def headline(shots: Sequence[int] = DEFAULT_SHOTS) -> tuple[str, ...]:
     """HEADLINE with one few-shot column per k in `shots` (what `csalign eval --shots` asked for)."""
     return (*(k for k in HEADLINE if not k.startswith("few_shot_")), *(f"few_shot_{k}-shot" for k in shots))
+
+
+def report_table(results: dict[str, dict[str, float]], columns: Sequence[str]) -> dict[str, dict[str, Value]]:
+    """{run: {column: value}} of the columns each run has; a metric with a "<name>_std" companion (few-shot
+    accuracy over `FEW_SHOT_SEEDS`) is shown as mean ± std, as RESULTS tables show seeds."""
+    table: dict[str, dict[str, Value]] = {}
+    for name, m in results.items():
+        row: dict[str, Value] = {}
+        for k in (c for c in columns if c in m):
+            std = m.get(f"{k}_std")
+            row[k] = m[k] if std is None else MeanStd(m[k], std, len(FEW_SHOT_SEEDS))
+        table[name] = row
+    return table
+
+
+def report_sources(
+    image_cache: str,
+    text_cache: str,
+    features: PairedFeatures,
+    classification: ClassificationData | None = None,
+    *,
+    class_train_cache: str = "",
+    class_test_cache: str = "",
+    shots: Sequence[int] = DEFAULT_SHOTS,
+) -> dict[str, dict[str, str | int]]:
+    """Which caches the report's columns came from, with their image, caption and class counts."""
+    sources: dict[str, dict[str, str | int]] = {
+        "retrieval, gap: images": {"cache": image_cache, "images": features.num_images},
+        "retrieval, gap: captions": {"cache": text_cache, "captions": features.num_texts},
+    }
+    if classification is not None:
+        classes = len(classification.class_names)
+        test_images, train_images = classification.test_labels.numel(), classification.train_labels.numel()
+        sources["zero-shot, few-shot: test"] = {"cache": class_test_cache, "images": test_images, "classes": classes}
+        sources["few-shot: train"] = {
+            "cache": class_train_cache,
+            "images": train_images,
+            "classes": classes,
+            "shots": ",".join(map(str, shots)),
+            "seeds": ",".join(map(str, FEW_SHOT_SEEDS)),
+        }
+    return sources
 
 
 def report_figures(runs: dict[str, Path], features: PairedFeatures, out_dir: Path) -> list[Path]:
@@ -85,7 +128,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="few-shot k values, comma-separated (default 1,4,16); every class of --class-train-cache "
         "needs max(K) images",
     )
-    p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric")
+    p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric (default 1.0)")
     p.add_argument("--out", type=Path, help="report folder (default: <first run>/eval)")
     p.set_defaults(func=_main)
 
@@ -164,16 +207,19 @@ def _main(args: argparse.Namespace) -> int:
     results = {name: evaluate_run(run, features, classification, args.sigma, args.shots) for name, run in runs.items()}
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     figures = report_figures(runs, features, out_dir)
-    columns = headline(args.shots)
-    table: dict[str, dict[str, float | list[float]]] = {
-        name: {k: m[k] for k in columns if k in m} for name, m in results.items()
-    }
-    section = ReportSection(
-        heading="Held-out evaluation",
-        text=f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}.",
-        table=table,
-        figures=figures,
-    )
+    text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}."
+    if classification is not None:
+        seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
+        text += (
+            f" Few-shot accuracy: mean ± sample std over {len(FEW_SHOT_SEEDS)} seeds ({seeds}) of the k training "
+            "images drawn per class."
+        )
+    sources = report_sources(
+        args.image_cache, args.text_cache, features, classification,
+        class_train_cache=args.class_train_cache, class_test_cache=args.class_test_cache, shots=args.shots,
+    )  # fmt: skip
+    table = report_table(results, headline(args.shots))
+    section = ReportSection("Held-out evaluation", text, table, figures, sources)
     report = write_report(out_dir, "csalign eval", [section])
     print(Path(report).read_text())
     return 0

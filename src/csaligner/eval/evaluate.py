@@ -24,6 +24,8 @@ from csaligner.eval.t2i import t2i_metrics
 
 DEFAULT_SHOTS = (1, 4, 16)
 """Few-shot k values `csalign eval` reports unless --shots says otherwise."""
+FEW_SHOT_SEEDS = (0, 1, 2)
+"""Seeds of the few-shot draws; "few_shot_{k}-shot" is their mean and "few_shot_{k}-shot_std" their std."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ def evaluate_run(
         flat dict: retrieval ("i2t_R@1", ..., "rsum"), gap ("centroid_distance", "cs_divergence",
         "linear_separability", ...), for text-to-image-space runs "t2i_frechet_distance",
         "t2i_paired_cosine", with token features "token_cs_divergence" (`token_metrics`), and with
-        `classification` "zero_shot_top1" and "few_shot_{k}-shot" for each k in `shots`.
+        `classification` "zero_shot_top1" and "few_shot_{k}-shot" (mean over `FEW_SHOT_SEEDS`) and
+        "few_shot_{k}-shot_std" for each k in `shots`.
 
     Raises:
         ValueError: the run's text adapter reads text tokens but `features` has none (re-encode the
@@ -199,7 +202,9 @@ def classification_metrics(
     test_img = F.normalize(apply_adapter(adapters.image, data.test_features), dim=-1)
     zs = zero_shot_accuracy(test_img, class_text, data.test_labels)
     out = {"zero_shot_top1": float(zs["top1"]), "zero_shot_mean_per_class": float(zs["mean_per_class"])}
-    fs = few_shot_accuracy(train_img, data.train_labels, test_img, data.test_labels, shots=tuple(shots))
+    fs = few_shot_accuracy(
+        train_img, data.train_labels, test_img, data.test_labels, shots=tuple(shots), seeds=FEW_SHOT_SEEDS
+    )
     out.update({f"few_shot_{k}": float(v) for k, v in fs.items()})
     return out
 

@@ -7,6 +7,7 @@ so no global backend or open-figure state is touched; all are saved at 120 dpi.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor
 
 from csaligner._validation import check_features
-from csaligner.eval._common import mean_std, subsample_rows, unit_rows
+from csaligner.eval._common import as_number, mean_std, per_seed_values, subsample_rows, unit_rows
+from csaligner.eval.report import MeanStd, Table, Value
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -241,7 +243,7 @@ def plot_tradeoff(
 
 
 def plot_bars(
-    table: Mapping[str, Mapping[str, float | Sequence[float]]],
+    table: Table,
     path: str | os.PathLike[str],
     metrics: Sequence[str] | None = None,
     *,
@@ -249,8 +251,11 @@ def plot_bars(
 ) -> Path:
     """One bar panel per metric, one bar per setting (rows), error bars for list values (mean ± std).
 
+    A setting without the metric (or with NaN) gets no bar and an "n/a" label in its place, so it does
+    not read as a value of 0.
+
     Args:
-        table: {setting: {metric: value or per-seed values}} (the `format_table` layout).
+        table: {setting: {metric: value, per-seed values or `MeanStd`}} (the `format_table` layout).
         path: PNG to write.
         metrics: columns to plot (default: every metric, in first-seen order).
         title: figure title.
@@ -267,6 +272,10 @@ def plot_bars(
         stats = [_mean_std_or_nan(table[s].get(metric)) for s in settings]
         errors = [s for _, s in stats] if any(s > 0 for _, s in stats) else None  # no zero-height whiskers
         ax.bar(range(len(settings)), [m for m, _ in stats], yerr=errors, capsize=3, color=colors)
+        for i, (mean, _) in enumerate(stats):
+            if math.isnan(mean):  # x in data units, y in axes units: at the foot of the panel whatever the range
+                ax.text(i, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center", va="bottom", color="gray")
+        ax.set_xlim(-0.6, len(settings) - 0.4)  # every slot, also a missing one at the end (autoscale skips NaN)
         ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
         ax.set_title(metric)
         ax.set_ylabel(metric)
@@ -276,9 +285,13 @@ def plot_bars(
     return _save(fig, path)
 
 
-def _mean_std_or_nan(value: float | Sequence[float] | None) -> tuple[float, float]:
+def _mean_std_or_nan(value: Value | None) -> tuple[float, float]:
+    """(mean, std) of a table value; (NaN, 0) when it is missing or empty (drawn as "n/a")."""
     if value is None:
-        return float("nan"), 0.0
-    if isinstance(value, int | float):
-        return float(value), 0.0
-    return mean_std(list(value))
+        return math.nan, 0.0
+    if isinstance(value, MeanStd):
+        return float(value.mean), float(value.std) if math.isfinite(value.std) else 0.0
+    if (number := as_number(value)) is not None:
+        return float(number), 0.0
+    values = per_seed_values(value)
+    return mean_std(values) if values else (math.nan, 0.0)

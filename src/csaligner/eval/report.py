@@ -1,9 +1,12 @@
 """Markdown + JSON reports: metric tables (settings x metrics) and figures by relative path.
 
 `write_report` produces ``report.md`` for people and ``report.json`` with every number for
-scripts. A table value is either one number or a list of per-seed numbers, rendered
-"mean ± std" (sample std, ddof=1) in Markdown and stored as {"mean", "std", "values"} in JSON.
+scripts. A table value is one number, a list of per-seed numbers, or a `MeanStd` (a summary whose
+per-seed numbers were not kept), rendered "mean ± std" (sample std, ddof=1) in Markdown and stored
+as {"mean", "std", "values"} (list) or {"mean", "std", "n"} (`MeanStd`) in JSON. A section's
+`sources` (which caches, how many images) is a small table of its own, before the results.
 NaN is written as "n/a" in Markdown; NaN and inf are null in JSON (strict JSON has neither).
+numpy scalars and 0-d tensors are accepted wherever a number is, and written as Python numbers.
 """
 
 from __future__ import annotations
@@ -11,14 +14,26 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat
 
-from csaligner.eval._common import mean_std
+from csaligner.eval._common import as_number, mean_std, per_seed_values
 
-Value = float | Sequence[float]
+
+@dataclass(frozen=True)
+class MeanStd:
+    """Mean and sample std (ddof=1) over `n` seeds, when only those were kept (e.g. few-shot accuracy)."""
+
+    mean: float
+    std: float
+    n: int
+    """Number of seeds; with one, only the mean is shown."""
+
+
+Value = float | SupportsFloat | Sequence[float] | MeanStd
+"""A number (numpy scalars and 0-d tensors included), per-seed numbers, or their mean and std."""
 Table = Mapping[str, Mapping[str, Value]]
 
 
@@ -30,10 +45,13 @@ class ReportSection:
     """Section title (a Markdown "##" heading)."""
     text: str = ""
     """Free text under the heading: what was run and how to read it (Markdown allowed)."""
-    table: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
-    """Rows = settings, columns = metric names; a list holds per-seed values."""
+    table: Table = field(default_factory=dict)
+    """Rows = settings, columns = metric names; a list holds per-seed values, a `MeanStd` their summary."""
     figures: list[Path] = field(default_factory=list)
     """PNG files to show, absolute or relative to the working directory or to the report folder."""
+    sources: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
+    """Where the numbers came from, shown as a table before the results: {data: {"cache": path,
+    "images": count, ...}}, e.g. {"few-shot train": {"cache": "cache/flowers-train", "classes": 102}}."""
 
 
 def _number(v: float, digits: int) -> str:
@@ -47,10 +65,13 @@ def _number(v: float, digits: int) -> str:
 
 
 def format_value(value: Value, digits: int = 2) -> str:
-    """One table cell: a number, or "mean ± std" for a list of per-seed values (mean alone for one)."""
-    if isinstance(value, int | float):
-        return _number(value, digits)
-    values = [float(v) for v in value]
+    """One table cell: a number, or "mean ± std" for per-seed values or a `MeanStd` (mean alone for one seed)."""
+    if isinstance(value, MeanStd):
+        mean, std = float(value.mean), float(value.std)
+        return _number(mean, digits) if value.n == 1 else f"{_number(mean, digits)} ± {_number(std, digits)}"
+    if (number := as_number(value)) is not None:
+        return _number(number, digits)
+    values = per_seed_values(value)
     if not values:
         return "n/a"
     mean, std = mean_std(values)
@@ -59,6 +80,21 @@ def format_value(value: Value, digits: int = 2) -> str:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown_table(rows: Mapping[str, Mapping[str, Any]], first: str, render: Callable[[Any], str], align: str) -> str:
+    """Rows x columns (first-seen order) with `render(value)` cells and "–" where a row lacks a column."""
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    lines = [
+        "| " + " | ".join([first, *map(_cell, columns)]) + " |",
+        "|" + "|".join([" --- ", *[f" {align} "] * len(columns)]) + "|",
+    ]
+    for name, row in rows.items():
+        cells = [render(row[c]) if c in row else "–" for c in columns]
+        lines.append("| " + " | ".join([_cell(name), *cells]) + " |")
+    return "\n".join(lines)
 
 
 def format_table(rows: Table, digits: int = 2) -> str:
@@ -71,23 +107,19 @@ def format_table(rows: Table, digits: int = 2) -> str:
     Returns:
         The table text (no trailing newline); "" for no rows.
     """
-    if not rows:
-        return ""
-    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
-    lines = [
-        "| " + " | ".join(["setting", *map(_cell, columns)]) + " |",
-        "|" + "|".join([" --- ", *[" ---: "] * len(columns)]) + "|",
-    ]
-    for name, row in rows.items():
-        cells = [format_value(row[c], digits) if c in row else "–" for c in columns]
-        lines.append("| " + " | ".join([_cell(name), *cells]) + " |")
-    return "\n".join(lines)
+    return _markdown_table(rows, "setting", lambda v: format_value(v, digits), "---:")
+
+
+def _source_value(value: object) -> str | int | float | None:
+    return value if isinstance(value, str) else as_number(value)
 
 
 def _json_value(value: Value) -> Any:
-    if isinstance(value, int | float):
-        return value if math.isfinite(value) else None
-    values = [float(v) for v in value]
+    if isinstance(value, MeanStd):
+        return {"mean": _json_value(float(value.mean)), "std": _json_value(float(value.std)), "n": int(value.n)}
+    if (number := as_number(value)) is not None:
+        return number if math.isfinite(number) else None
+    values = per_seed_values(value)
     mean, std = mean_std(values) if values else (math.nan, math.nan)
     return {"mean": _json_value(mean), "std": _json_value(std), "values": [_json_value(v) for v in values]}
 
@@ -124,6 +156,8 @@ def write_report(out_dir: str | os.PathLike[str], title: str, sections: Sequence
         md += [f"## {section.heading}", ""]
         if section.text:
             md += [section.text.strip(), ""]
+        if section.sources:
+            md += [_markdown_table(section.sources, "data", lambda v: _cell(str(_source_value(v))), "---"), ""]
         if section.table:
             md += [format_table(section.table), ""]
         md += [f"![{Path(f).stem}]({f})\n" for f in figures]
@@ -131,6 +165,7 @@ def write_report(out_dir: str | os.PathLike[str], title: str, sections: Sequence
             {
                 "heading": section.heading,
                 "text": section.text,
+                "sources": {k: {c: _source_value(v) for c, v in row.items()} for k, row in section.sources.items()},
                 "table": {row: {k: _json_value(v) for k, v in cols.items()} for row, cols in section.table.items()},
                 "figures": figures,
             }
