@@ -100,3 +100,27 @@ def test_the_cli_refuses_a_flag_the_kind_does_not_use(capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert "csalign train: error: model.text.mlp_ratio (used by kind 'mlp') does not apply to kind='linear'" in err
     assert main(["train", "--model.text.kind=linear", "--model.text.bias=false", "--print-config"]) == 0
+
+
+def test_a_registered_adapter_kind_of_your_own_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config accepted only the four built-in kinds, so `@register_adapter` kinds could not be trained."""
+    import torch
+
+    from csaligner.adapters import ADAPTERS, AdapterConfig, LinearAdapter
+    from csaligner.train import train
+    from tests.train import helpers
+
+    class DoubledLinear(LinearAdapter):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+        @classmethod
+        def from_config(cls, config: AdapterConfig) -> DoubledLinear:
+            return cls(config.in_dim, config.out_dim, bias=config.bias)
+
+    with pytest.raises(ValueError, match=r"model\.image\.kind must be one of .*registered with @register_adapter"):
+        load_config(None, ["model.image={kind: doubled_linear}"])
+    monkeypatch.setitem(ADAPTERS, "doubled_linear", DoubledLinear)  # as @register_adapter does, undone after
+    overrides = helpers.fast_overrides(tmp_path, "train.steps=2", "model.image={kind: doubled_linear}")
+    result = train(load_config(None, overrides), helpers.synthetic_features())
+    assert result.finished and isinstance(result.metrics["loss"], float)

@@ -19,6 +19,16 @@ from csaligner._validation import is_integer, is_number
 from csaligner.losses.objective import LossConfig
 
 ADAPTER_KINDS = ("prior", "mlp", "linear", "identity")
+"""The built-in adapter kinds; a kind added with `@register_adapter` is accepted as well (`adapter_kinds`)."""
+
+
+def adapter_kinds() -> list[str]:
+    """Every registered adapter kind: the built-ins and those added with `@register_adapter`."""
+    from csaligner.adapters.registry import ADAPTERS
+
+    return sorted(ADAPTERS)
+
+
 CaptionMode = Literal["one", "all"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -106,8 +116,11 @@ class ModelConfig:
             spec = getattr(self, side)
             if not isinstance(spec, dict):
                 raise ValueError(f"model.{side} must be a mapping like {{kind: mlp}}, got {spec!r}")
-            if spec.get("kind") not in ADAPTER_KINDS:
-                raise ValueError(f"model.{side}.kind must be one of {list(ADAPTER_KINDS)}, got {spec.get('kind')!r}")
+            if spec.get("kind") not in adapter_kinds():
+                raise ValueError(
+                    f"model.{side}.kind must be one of {adapter_kinds()}, got {spec.get('kind')!r}; a kind of "
+                    "your own must be registered with @register_adapter before the config is built"
+                )
             unknown = sorted(set(spec) - _adapter_fields())
             if unknown:
                 raise ValueError(f"unknown key model.{side}.{unknown[0]!s}; adapter keys: {sorted(_adapter_fields())}")
@@ -162,7 +175,7 @@ def drop_ignored_adapter_settings(config: dict[str, Any]) -> dict[str, Any]:
     model = dict(model)
     for side in ("image", "text"):
         spec = model.get(side)
-        if not isinstance(spec, dict) or spec.get("kind") not in ADAPTER_KINDS:
+        if not isinstance(spec, dict) or spec.get("kind") not in adapter_kinds():
             continue
         takes = kind_settings(spec["kind"])
         if takes is not None:
