@@ -70,14 +70,18 @@ def check_same_dim(name_x: str, x: Tensor, name_y: str, y: Tensor) -> None:
         )
 
 
-def is_number(value: object) -> bool:
+def is_number(value: object, *, plain: bool = False) -> bool:
     """True for a finite real number (int, float or a numpy scalar), False for a bool.
 
     bool is an int subclass, so `lam=True` would otherwise read as 1.0: a flag passed in the wrong
     place, not a number. A numeric string ("0.1") is not a number either; configs read from YAML
     are coerced to their field types before they get here.
+
+    plain=True admits only a Python int or float (np.float64 is a float subclass): a field written
+    with `json.dumps` as it is, where np.float32 does not serialise.
     """
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    kind = (int, float) if plain else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_integer(value: object, *, plain: bool = False) -> bool:

@@ -235,6 +235,19 @@ def test_save_load_round_trip_gives_identical_outputs(kind: str, tmp_path) -> No
     assert read_adapter_config(path) == cfg
 
 
+@pytest.mark.parametrize(("kind", "field"), [("mlp", "mlp_alpha"), ("prior", "dropout")])
+def test_a_numpy_float32_setting_is_refused_before_training_not_at_save(kind: str, field: str, tmp_path) -> None:
+    """np.float32 is no Python float: json.dumps of the config fails. It was refused on construction; the
+    bool check let it through, so a run trained to the end and then failed to save its adapter."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=rf"{field} must be .*got np\.float32\(0\.25\).*float\("):
+        make_config(kind, **{field: np.float32(0.25)})
+    cfg = make_config(kind, **{field: np.float64(0.25)})  # a float subclass: JSON writes it
+    loaded = read_adapter_config(save_adapter(build_adapter(cfg), cfg, tmp_path / "a.safetensors"))
+    assert getattr(loaded, field) == 0.25
+
+
 def test_saved_adapter_has_the_umask_mode(tmp_path, known_umask: int) -> None:
     # safetensors writes 0600; an adapter shared on a cluster must be readable as the umask allows
     cfg = make_config("mlp")

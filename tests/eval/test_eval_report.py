@@ -127,6 +127,15 @@ def test_sources_table(tmp_path: Path) -> None:
     }
 
 
+def test_a_source_path_is_written_as_its_text(tmp_path: Path) -> None:
+    """A cache given as a Path (the docstring's "cache": path) was written as None in report.md and null in JSON."""
+    sources = {"few-shot train": {"cache": Path("cache/flowers-train"), "images": np.int64(13)}}
+    write_report(tmp_path, "t", [ReportSection("s", sources=sources)])
+    assert "| few-shot train | cache/flowers-train | 13 |" in (tmp_path / "report.md").read_text()
+    section = json.loads((tmp_path / "report.json").read_text())["sections"][0]
+    assert section["sources"] == {"few-shot train": {"cache": "cache/flowers-train", "images": 13}}
+
+
 def test_relative_figure_path_and_missing_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "hist.png").write_bytes(b"png")

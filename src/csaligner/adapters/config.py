@@ -68,14 +68,20 @@ class AdapterConfig:
                 f"mlp_ratio={self.mlp_ratio} leaves no hidden unit for in_dim={self.in_dim} "
                 f"(hidden = in_dim // mlp_ratio = 0); use mlp_ratio <= {self.in_dim}"
             )
-        if not (is_number(self.mlp_alpha) and 0.0 <= self.mlp_alpha <= 1.0):
-            raise ValueError(f"mlp_alpha must be a number in [0, 1] (the residual ratio), got {self.mlp_alpha!r}")
+        # plain: the config is saved as JSON (save_adapter), which cannot write np.float32
+        if not (is_number(self.mlp_alpha, plain=True) and 0.0 <= self.mlp_alpha <= 1.0):
+            raise ValueError(
+                f"mlp_alpha must be a number in [0, 1] (the residual ratio), got {self.mlp_alpha!r}"
+                + _numpy_hint(self.mlp_alpha)
+            )
         for name in ("num_layers", "num_heads", "head_dim", "num_learned_tokens", "max_text_tokens"):
             _check_int(name, getattr(self, name))
         if self.token_dim is not None:
             _check_int("token_dim", self.token_dim)
-        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}; the paper uses 0")
+        if not (is_number(self.dropout, plain=True) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(
+                f"dropout must be a number in [0, 1), got {self.dropout!r}{_numpy_hint(self.dropout)}; the paper uses 0"
+            )
         if self.kind == "identity" and self.in_dim != self.out_dim:
             raise ValueError(
                 f'kind="identity" needs in_dim == out_dim, got in_dim={self.in_dim}, out_dim={self.out_dim}; '
@@ -161,6 +167,13 @@ def _users(name: str) -> str:
     if not kinds:
         return "no registered kind"
     return f"kind{'s' if len(kinds) > 1 else ''} {', '.join(repr(k) for k in kinds)}"
+
+
+def _numpy_hint(value: object) -> str:
+    """The fix for a numpy number where a Python float must go ("" for any other value)."""
+    if is_number(value) and not is_number(value, plain=True):
+        return " (a numpy number: pass float(value), as the config is saved as JSON)"
+    return ""
 
 
 def _check_int(name: str, value: int) -> None:

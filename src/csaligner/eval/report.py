@@ -49,7 +49,7 @@ class ReportSection:
     """Rows = settings, columns = metric names; a list holds per-seed values, a `MeanStd` their summary."""
     figures: list[Path] = field(default_factory=list)
     """PNG files to show, absolute or relative to the working directory or to the report folder."""
-    sources: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
+    sources: Mapping[str, Mapping[str, str | int | os.PathLike[str]]] = field(default_factory=dict)
     """Where the numbers came from, shown as a table before the results: {data: {"cache": path,
     "images": count, ...}}, e.g. {"few-shot train": {"cache": "cache/flowers-train", "classes": 102}}."""
 
@@ -110,8 +110,10 @@ def format_table(rows: Table, digits: int = 2) -> str:
     return _markdown_table(rows, "setting", lambda v: format_value(v, digits), "---:")
 
 
-def _source_value(value: object) -> str | int | float | None:
-    return value if isinstance(value, str) else as_number(value)
+def _source_value(value: object) -> str | int | float:
+    """A sources cell: a number as a Python number, anything else (a path) as its text."""
+    number = None if isinstance(value, str) else as_number(value)
+    return str(value) if number is None else number
 
 
 def _json_value(value: Value) -> Any:
