@@ -47,3 +47,22 @@ def test_apply_default_mode_to_path_descriptor_and_folder(tmp_path: Path, known_
     apply_default_mode(folder, directory=True)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (plain, by_path, by_fd, folder)}
     assert modes == {"plain": 0o640, "a": 0o640, "b": 0o640, "d": 0o750}
+
+
+def test_a_filesystem_that_refuses_chmod_still_gets_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some FUSE / object-store mounts refuse chmod: the mode is best effort, the write must not fail."""
+
+    def refuse(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    monkeypatch.setattr(os, "fchmod", refuse)
+    path = tmp_path / "f"
+    path.write_text("x")
+    apply_default_mode(path)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        apply_default_mode(fd)
+    finally:
+        os.close(fd)
+    assert path.read_text() == "x"

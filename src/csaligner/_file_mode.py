@@ -42,9 +42,14 @@ def apply_default_mode(target: str | os.PathLike[str] | int, directory: bool = F
     Args:
         target: a path, or the descriptor of a file still open for writing (`os.fchmod`).
         directory: the target is a folder (mode 0o777 & ~umask).
+
+    Best effort: where the filesystem refuses chmod, the file keeps the mode it was written with.
     """
     mode = default_mode(directory)
-    if isinstance(target, int):
-        os.fchmod(target, mode)
-    else:
-        os.chmod(target, mode)
+    try:
+        if isinstance(target, int):
+            os.fchmod(target, mode)
+        else:
+            os.chmod(target, mode)
+    except OSError:  # a filesystem without modes (some FUSE / object-store mounts): the file is written all the same
+        pass
