@@ -94,6 +94,18 @@ def is_integer(value: object, *, plain: bool = False) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
+def numpy_hint(value: object) -> str:
+    """The fix for a numpy scalar where a plain Python number must go ("" for any other value).
+
+    Config fields are written to YAML and JSON, which take Python int and float but not numpy scalars.
+    """
+    if is_integer(value) and not is_integer(value, plain=True):
+        return " (a numpy integer: pass int(value), as the config is saved as YAML/JSON)"
+    if is_number(value) and not is_number(value, plain=True):
+        return " (a numpy number: pass float(value), as the config is saved as YAML/JSON)"
+    return ""
+
+
 def check_positive(name: str, value: float | Tensor) -> None:
     """A bandwidth or temperature must be a finite positive number (or a tensor of them)."""
     if isinstance(value, bool):  # float(True) == 1.0: a flag passed in the wrong place, not a bandwidth

@@ -220,3 +220,29 @@ def test_t2i_presets_map_text_into_the_image_space() -> None:
     for path in CONFIGS.glob("flickr8k_t2i_*.yaml"):
         c = load_config(path)
         assert c.model.image["kind"] == "identity" and c.model.text["kind"] == "prior", path.name
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda v: TrainConfig(batch_size=v), "train.batch_size"),
+        (lambda v: TrainConfig(seed=v), "train.seed"),
+        (lambda v: DataConfig(token_images=v), "data.token_images"),
+        (lambda v: ModelConfig(out_dim=v), "model.out_dim"),
+    ],
+)
+def test_a_numpy_integer_is_refused_with_the_fix(make: object, field: str) -> None:
+    """np.int64(64) is an integer: "must be an integer, got np.int64(64)" read as nonsense without the reason."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=rf"{re.escape(field)} must be an (integer|int).*pass int\(value\)"):
+        make(np.int64(64))  # type: ignore[operator]
+
+
+def test_a_numpy_integer_lora_rank_says_to_pass_int() -> None:
+    import numpy as np
+
+    from csaligner.encoders.lora import LoraTextConfig
+
+    with pytest.raises(ValueError, match=r"LoRA rank r must be an integer >= 1, got np\.int64\(8\).*pass int\(value\)"):
+        LoraTextConfig(r=np.int64(8))  # type: ignore[arg-type]

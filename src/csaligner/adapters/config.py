@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from csaligner._validation import is_integer, is_number
+from csaligner._validation import is_integer, is_number, numpy_hint
 from csaligner.adapters.registry import ADAPTERS
 
 
@@ -72,7 +72,7 @@ class AdapterConfig:
         if not (is_number(self.mlp_alpha, plain=True) and 0.0 <= self.mlp_alpha <= 1.0):
             raise ValueError(
                 f"mlp_alpha must be a number in [0, 1] (the residual ratio), got {self.mlp_alpha!r}"
-                + _numpy_hint(self.mlp_alpha)
+                + numpy_hint(self.mlp_alpha)
             )
         for name in ("num_layers", "num_heads", "head_dim", "num_learned_tokens", "max_text_tokens"):
             _check_int(name, getattr(self, name))
@@ -80,7 +80,7 @@ class AdapterConfig:
             _check_int("token_dim", self.token_dim)
         if not (is_number(self.dropout, plain=True) and 0.0 <= self.dropout < 1.0):
             raise ValueError(
-                f"dropout must be a number in [0, 1), got {self.dropout!r}{_numpy_hint(self.dropout)}; the paper uses 0"
+                f"dropout must be a number in [0, 1), got {self.dropout!r}{numpy_hint(self.dropout)}; the paper uses 0"
             )
         if self.kind == "identity" and self.in_dim != self.out_dim:
             raise ValueError(
@@ -169,14 +169,7 @@ def _users(name: str) -> str:
     return f"kind{'s' if len(kinds) > 1 else ''} {', '.join(repr(k) for k in kinds)}"
 
 
-def _numpy_hint(value: object) -> str:
-    """The fix for a numpy number where a Python float must go ("" for any other value)."""
-    if is_number(value) and not is_number(value, plain=True):
-        return " (a numpy number: pass float(value), as the config is saved as JSON)"
-    return ""
-
-
 def _check_int(name: str, value: int) -> None:
     # bool is an int subclass; True as a width is always a mistake. A plain int: the config goes to JSON.
     if not is_integer(value, plain=True) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}{numpy_hint(value)}")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csaligner._validation import is_integer
+from csaligner._validation import is_integer, numpy_hint
 from csaligner.data.cache import DTYPES, FORMAT, CacheWriter, FeatureCache
 from csaligner.data.images import ON_BAD_IMAGE, BadImageError, bad_image_report, image_loader, scan_images
 from csaligner.data.manifest import ImageTextManifest
@@ -60,9 +60,10 @@ class EncodeConfig:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {self.on_bad_image!r}")
         for name in ("batch_size", "shard_size"):  # bool is an int subclass: batch_size=True is not a size
             if not is_integer(getattr(self, name), plain=True) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+                value = getattr(self, name)
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}{numpy_hint(value)}")
         if not is_integer(self.workers, plain=True) or self.workers < 0:
-            raise ValueError(f"workers must be an integer >= 0, got {self.workers!r}")
+            raise ValueError(f"workers must be an integer >= 0, got {self.workers!r}{numpy_hint(self.workers)}")
 
 
 class _Rows:

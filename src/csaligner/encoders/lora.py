@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from csaligner._validation import is_integer, is_number
+from csaligner._validation import is_integer, is_number, numpy_hint
 from csaligner.encoders.base import EncoderUnavailableError, check_texts, mean_pool
 
 PEFT_HINT = "pip install 'csaligner[lora]' (peft)"
@@ -40,7 +40,7 @@ class LoraTextConfig:
     def __post_init__(self) -> None:
         # bool is an int subclass: r=True would build rank-1 updates
         if not is_integer(self.r, plain=True) or self.r < 1:
-            raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}")
+            raise ValueError(f"LoRA rank r must be an integer >= 1, got {self.r!r}{numpy_hint(self.r)}")
         if not is_number(self.alpha) or self.alpha <= 0:
             raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
         if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):

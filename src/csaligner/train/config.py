@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from csaligner._validation import is_integer, is_number
+from csaligner._validation import is_integer, is_number, numpy_hint
 from csaligner.losses.objective import LossConfig
 
 ADAPTER_KINDS = ("prior", "mlp", "linear", "identity")
@@ -76,14 +76,17 @@ class DataConfig:
         if not is_integer(self.unpaired_batch_size, plain=True) or self.unpaired_batch_size < 0:
             raise ValueError(
                 f"data.unpaired_batch_size must be an integer >= 0 (0 = train.batch_size), "
-                f"got {self.unpaired_batch_size!r}"
+                f"got {self.unpaired_batch_size!r}{numpy_hint(self.unpaired_batch_size)}"
             )
         if not is_integer(self.token_images, plain=True) or self.token_images < 0:
             raise ValueError(
                 f"data.token_images must be an integer >= 0 (0 = the whole batch), got {self.token_images!r}"
+                + numpy_hint(self.token_images)
             )
         if not is_integer(self.split_seed, plain=True):
-            raise ValueError(f"data.split_seed must be an integer, got {self.split_seed!r}")
+            raise ValueError(
+                f"data.split_seed must be an integer, got {self.split_seed!r}{numpy_hint(self.split_seed)}"
+            )
         for name in ("captions_per_image", "captions_per_image_in_cs"):
             if getattr(self, name) not in ("one", "all"):
                 raise ValueError(f'data.{name} must be "one" or "all", got {getattr(self, name)!r}')
@@ -126,7 +129,9 @@ class ModelConfig:
                 raise ValueError(f"unknown key model.{side}.{unknown[0]!s}; adapter keys: {sorted(_adapter_fields())}")
             for dim in ("in_dim", "out_dim"):
                 if not is_integer(spec.get(dim, 0), plain=True) or spec.get(dim, 0) < 0:
-                    raise ValueError(f"model.{side}.{dim} must be an int >= 0 (0 = infer), got {spec[dim]!r}")
+                    raise ValueError(
+                        f"model.{side}.{dim} must be an int >= 0 (0 = infer), got {spec[dim]!r}{numpy_hint(spec[dim])}"
+                    )
             _check_settings_apply(side, spec)
         if self.image["kind"] == "identity" and self.text["kind"] == "identity":
             raise ValueError(
@@ -134,7 +139,9 @@ class ModelConfig:
                 "adapter kind (prior, mlp, linear)"
             )
         if not is_integer(self.out_dim, plain=True) or self.out_dim < 0:
-            raise ValueError(f"model.out_dim must be an int >= 0 (0 = infer), got {self.out_dim!r}")
+            raise ValueError(
+                f"model.out_dim must be an int >= 0 (0 = infer), got {self.out_dim!r}{numpy_hint(self.out_dim)}"
+            )
 
 
 def _adapter_fields() -> set[str]:
@@ -241,13 +248,15 @@ class TrainConfig:
         for name in ("epochs", "steps", "warmup_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
             if not is_integer(value, plain=True) or value < 0:
-                raise ValueError(f"train.{name} must be an int >= 0, got {value!r}")
+                raise ValueError(f"train.{name} must be an int >= 0, got {value!r}{numpy_hint(value)}")
         if self.epochs == 0 and self.steps == 0:
             raise ValueError("train.epochs and train.steps are both 0: set one of them > 0")
         if not is_integer(self.batch_size, plain=True) or self.batch_size < 1:
-            raise ValueError(f"train.batch_size must be an integer >= 1, got {self.batch_size!r}")
+            raise ValueError(
+                f"train.batch_size must be an integer >= 1, got {self.batch_size!r}{numpy_hint(self.batch_size)}"
+            )
         if not is_integer(self.seed, plain=True):
-            raise ValueError(f"train.seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"train.seed must be an integer, got {self.seed!r}{numpy_hint(self.seed)}")
         if self.log_every < 1:
             raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
         if not is_number(self.lr) or self.lr <= 0:
