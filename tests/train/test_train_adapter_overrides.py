@@ -124,3 +124,18 @@ def test_a_registered_adapter_kind_of_your_own_trains(tmp_path: Path, monkeypatc
     overrides = helpers.fast_overrides(tmp_path, "train.steps=2", "model.image={kind: doubled_linear}")
     result = train(load_config(None, overrides), helpers.synthetic_features())
     assert result.finished and isinstance(result.metrics["loss"], float)
+
+
+def test_a_subclass_of_your_own_is_told_to_list_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered subclass inherits its base's `settings`; a field it reads beyond them is refused with the fix."""
+    from csaligner.adapters import ADAPTERS, LinearAdapter
+
+    class DroppedLinear(LinearAdapter):  # reads dropout, but inherits LinearAdapter.settings = ("bias",)
+        pass
+
+    monkeypatch.setitem(ADAPTERS, "dropped_linear", DroppedLinear)
+    with pytest.raises(ValueError, match=r"DroppedLinear is your class: list every setting .* `settings`"):
+        load_config(None, ["model.image={kind: dropped_linear, dropout: 0.1}"])
+    with pytest.raises(ValueError, match=r"to kind='linear', which takes only bias") as err:
+        load_config(None, ["model.image={kind: linear, dropout: 0.1}"])
+    assert "your class" not in str(err.value)

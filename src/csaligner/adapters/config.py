@@ -155,9 +155,14 @@ def check_settings_apply(kind: str, names: Iterable[str], where: str = "adapter"
     named = ", ".join(f"{where}.{n} (used by {_users(n)})" for n in ignored)
     verb, it = ("does", "it") if len(ignored) == 1 else ("do", "them")
     accepted = f"only {', '.join(takes)}" if takes else "no settings"
+    cls = ADAPTERS[kind]
+    own = "" if cls.__module__.startswith("csaligner.") else (
+        f" ({cls.__name__} is your class: list every setting its from_config reads in its `settings` "
+        "class attribute, which it otherwise inherits)"
+    )  # fmt: skip
     raise ValueError(
         f"{named} {verb} not apply to kind={kind!r}, which takes {accepted} besides {', '.join(BASE_FIELDS)}: "
-        f"remove {it} or choose a kind that uses {it}"
+        f"remove {it} or choose a kind that uses {it}{own}"
     )
 
 
