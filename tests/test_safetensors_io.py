@@ -71,7 +71,7 @@ import sys
 from pathlib import Path
 import torch
 from csaligner.adapters import AdapterConfig, build_adapter, save_adapter
-from csaligner.data.cache import CacheWriter
+from csaligner.data.cache_writer import CacheWriter
 from csaligner.data.manifest import ImageTextManifest
 from csaligner.train import save_checkpoint
 

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from csaligner._validation import is_integer, numpy_hint
-from csaligner.data.cache import DTYPES, FORMAT, CacheWriter, FeatureCache
+from csaligner.data.cache import DTYPES, FORMAT, FeatureCache
+from csaligner.data.cache_writer import CacheWriter
 from csaligner.data.images import ON_BAD_IMAGE, BadImageError, bad_image_report, image_loader, scan_images
 from csaligner.data.manifest import ImageTextManifest
 from csaligner.encoders.base import EncoderOutput, FrozenEncoder
