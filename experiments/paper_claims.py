@@ -1,10 +1,11 @@
 """The paper's claims on real data: Flickr8k train features -> Flickr8k dev, several seeds each.
 
-    PYTHONPATH=src python experiments/paper_claims.py --claims 1,2,3,4,5,6,7 --seeds 0,1,2 --out runs/claims
+    PYTHONPATH=src python experiments/paper_claims.py --claims 1,2,3,4,5,6,7,8 --seeds 0,1,2 --out runs/claims
 
-Claims 5 and 7 need extra caches in --cache (commands in docs/RESULTS.md): token features of
-Flickr8k train (claim 5), and the first 2000 train images encoded with MiniLM and gemma3-270m plus
-the dev captions encoded with gemma3-270m (claim 7).
+Claims 5, 7 and 8 need extra caches in --cache (commands in docs/RESULTS.md): token features of
+Flickr8k train (claim 5), the first 2000 train images encoded with MiniLM and gemma3-270m plus
+the dev captions encoded with gemma3-270m (claim 7), and TF-flowers train/test encoded with
+EfficientNet-Lite0 (claim 8: zero- and few-shot classification with claim 1's adapters).
 
 Every run trains adapters on the cached Flickr8k train features, evaluates on the dev features and
 stores `metrics.json` in its run folder `OUT/runs/<setting key>/seed<k>/`. A run whose metrics exist
@@ -27,13 +28,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from csaligner.data import load_paired_features
 from csaligner.data.features import PairedFeatures
 from csaligner.eval import format_table, plot_bars, plot_sensitivity, plot_tradeoff
 from csaligner.eval import plots as _plots
-from csaligner.eval.evaluate import evaluate_run
+from csaligner.eval.classification import DEFAULT_TEMPLATES, class_prompts, few_shot_accuracy, zero_shot_accuracy
+from csaligner.eval.evaluate import (
+    DEFAULT_SHOTS,
+    FEW_SHOT_SEEDS,
+    ClassificationData,
+    cache_encoder_id,
+    cache_encoder_spec,
+    classification_metrics,
+    evaluate_run,
+    load_classification,
+)
 from csaligner.train import load_config, train
+from csaligner.train.embed import apply_adapter, embed_texts
+from csaligner.train.model import load_adapters
 
 _plots.DPI = 100  # small committed PNGs
 GAP = ["centroid_distance", "paired_distance", "cs_divergence", "linear_separability"]
@@ -77,6 +91,15 @@ DATA = {
 }
 
 
+# Class-folder caches for claim 8 (train: few-shot draws, test: zero- and few-shot scoring), in --cache.
+FLOWERS = ("flowers-train-efficientnet-lite0", "flowers-test-efficientnet-lite0")
+FLOWER_TEMPLATE = "a photo of a {}, a type of flower."  # CLIP's Flowers102 prompt (Radford et al. 2021)
+FLOWER = (FLOWER_TEMPLATE,)
+ZERO_SHOT = {"clip": "zero_shot_top1", "flower": "zero_shot_flower_top1"}  # prompt set -> metric
+FROZEN = "frozen features, no adapter"
+CLASSIFICATION = ["zero_shot_top1", "zero_shot_flower_top1", *(f"few_shot_{k}-shot" for k in DEFAULT_SHOTS)]
+
+
 # Dev token caches attached to a feature set's (pooled, fp32) dev features: evaluate_run then also
 # reports the held-out token-level D_CS ("token_cs_divergence").
 DEV_TOKENS = {"tokens": ("flickr8k-dev-efficientnet-lite0-tokens", "flickr8k-dev-minilm-tokens")}
@@ -115,6 +138,7 @@ class Runner:
         self.out = Path(args.out)
         self.log = open(self.out / "progress.log", "a")  # noqa: SIM115 - closed at exit by the OS
         self._features: dict[str, tuple[PairedFeatures, PairedFeatures]] = {}
+        self._flowers: ClassificationData | None = None
 
     def features(self, data: str) -> tuple[PairedFeatures, PairedFeatures]:
         """(train, dev) features of a feature set, loaded once; other sets are released (tokens are big)."""
@@ -179,13 +203,96 @@ class Runner:
         )
         return metrics
 
-    def table(self, settings: list[Setting], columns: list[str], seeds: list[int]) -> dict[str, dict[str, list[float]]]:
-        """{label: {metric: per-seed values}} for format_table / plot_bars."""
+    def table(
+        self, settings: list[Setting], columns: list[str], seeds: list[int], classification: bool = False
+    ) -> dict[str, dict[str, list[float]]]:
+        """{label: {metric: per-seed values}} for format_table / plot_bars (TF-flowers metrics if `classification`)."""
         rows = {}
+        metrics = self.classification if classification else self.metrics
         for s in settings:
-            per_seed = [self.metrics(s, seed) for seed in seeds]
+            per_seed = [metrics(s, seed) for seed in seeds]
             rows[s.label] = {c: [m[c] for m in per_seed] for c in columns}
         return rows
+
+    def flowers(self) -> ClassificationData:
+        """TF-flowers features; prompts are encoded with the base dev text cache's encoder (the runs')."""
+        if self._flowers is None:
+            text = self.cache / DATA["base"][3]
+            train_cache, test_cache = (self.cache / c for c in FLOWERS)
+            self._flowers = load_classification(
+                train_cache, test_cache, cache_encoder_spec(text), cache_encoder_id(text)
+            )
+        return self._flowers
+
+    def classification(self, setting: Setting, seed: int) -> dict[str, float]:
+        """TF-flowers zero-shot (CLIP's 7 templates and the Flowers102 template) and few-shot accuracy of a
+        trained (setting, seed), stored beside its metrics.json; trains the run first if needed."""
+        self.metrics(setting, seed)
+        run_dir = self.out / "runs" / setting.key / f"seed{seed}"
+        path = run_dir / "flowers.json"
+        if path.is_file():
+            return json.loads(path.read_text())["metrics"]
+        t0 = time.time()
+        data = self.flowers()
+        metrics = classification_metrics(run_dir, data, DEFAULT_SHOTS)
+        flower = classification_metrics(run_dir, data, DEFAULT_SHOTS, templates=FLOWER)
+        metrics |= {"zero_shot_flower_top1": flower["zero_shot_top1"]}
+        metrics |= {"zero_shot_flower_mean_per_class": flower["zero_shot_mean_per_class"]}
+        per_class, draws = per_class_and_draws(run_dir, data)
+        check_breakdown(metrics, per_class, draws, data)
+        record = {"label": setting.label, "seed": seed, "class_names": data.class_names, "metrics": metrics}
+        record |= {"zero_shot_per_class": per_class, "few_shot_per_draw": draws, "eval_s": time.time() - t0}
+        path.write_text(json.dumps(record, indent=1))
+        msg = f"{time.strftime('%H:%M:%S')} {setting.label} seed {seed}: flowers {time.time() - t0:.0f}s"
+        print(f"{msg} zero-shot {metrics['zero_shot_top1']:.1f} 16-shot {metrics['few_shot_16-shot']:.1f}",
+              file=self.log, flush=True)  # fmt: skip
+        return metrics
+
+
+def few_shot_draws(train: torch.Tensor, test: torch.Tensor, data: ClassificationData) -> dict[str, list[float]]:
+    """{"k-shot": accuracy of each draw in FEW_SHOT_SEEDS}; few_shot_accuracy seeds its generator per draw, so a
+    call per seed draws the same images as one call with all seeds (the same images for every run, too)."""
+    per_seed = [
+        few_shot_accuracy(train, data.train_labels, test, data.test_labels, DEFAULT_SHOTS, seeds=(s,))
+        for s in FEW_SHOT_SEEDS
+    ]
+    return {f"{k}-shot": [d[f"{k}-shot"] for d in per_seed] for k in DEFAULT_SHOTS}
+
+
+def per_class_and_draws(
+    run_dir: Path, data: ClassificationData
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-class zero-shot accuracy for both prompt sets ({"clip": (C,), "flower": (C,)}) and per-draw few-shot
+    accuracy, in percent, scored as `classification_metrics` scores them (its dict holds only the means)."""
+    adapters = load_adapters(str(run_dir), "cpu")
+    train, test = (
+        F.normalize(apply_adapter(adapters.image, x), dim=-1) for x in (data.train_features, data.test_features)
+    )
+    per_class = {}
+    for name, templates in (("clip", DEFAULT_TEMPLATES), ("flower", FLOWER)):
+        prompts = class_prompts(data.class_names, templates)  # C lists of P prompts
+        flat = [p for per_class in prompts for p in per_class]
+        text = embed_texts(adapters, run_dir, flat, data.text_encoder, expect_id=data.text_encoder_id or None)
+        class_text = F.normalize(text, dim=-1).reshape(len(prompts), len(prompts[0]), -1)  # (C, P, 512)
+        per_class[name] = zero_shot_accuracy(test, class_text, data.test_labels)["per_class"]
+    return per_class, few_shot_draws(train, test, data)
+
+
+def check_breakdown(
+    metrics: dict[str, float],
+    per_class: dict[str, list[float]],
+    draws: dict[str, list[float]],
+    data: ClassificationData,
+) -> None:
+    """The per-class and per-draw numbers must average to classification_metrics' (same scoring, recomputed)."""
+    counts = torch.bincount(data.test_labels).double()
+    pairs = [
+        (float(torch.tensor(per_class[n], dtype=torch.float64) @ counts / counts.sum()), metrics[m])
+        for n, m in ZERO_SHOT.items()
+    ]
+    pairs += [(statistics.mean(v), metrics[f"few_shot_{k}"]) for k, v in draws.items()]
+    if any(abs(a - b) > 1e-6 for a, b in pairs):
+        raise RuntimeError(f"per-class / per-draw accuracies do not average to classification_metrics': {pairs}")
 
 
 def cs(lam: float, *extra: str) -> tuple[str, ...]:
@@ -409,7 +516,73 @@ def frontier(table: dict[str, dict[str, list[float]]]) -> str:
     return f"\n![gap vs retrieval per divergence](results/{path.name})\n"
 
 
-CLAIMS = {"1": claim1, "2": claim2, "3": claim3, "4": claim4, "5": claim5, "6": claim6, "7": claim7}
+def claim8(runner: Runner) -> str:
+    seeds, data, settings = runner.args.seeds, runner.flowers(), claim1_settings()
+    table = runner.table(settings, CLASSIFICATION, seeds, classification=True)
+    for label, row in runner.table(settings, ["rsum"], seeds).items():  # stored: shows these are claim 1's adapters
+        table[label]["flickr8k_dev_rsum"] = row["rsum"]
+    # Reference: prototypes on the frozen 1280-d EfficientNet-Lite0 features, no adapter (no zero-shot: no text side).
+    frozen = few_shot_draws(data.train_features, data.test_features, data)
+    table[FROZEN] = {f"few_shot_{k}": v for k, v in frozen.items()}
+    names = {"zero_shot_top1": "zero-shot (CLIP 7 templates)", "zero_shot_flower_top1": "zero-shot (flower template)"}
+    names |= {f"few_shot_{k}-shot": f"{k}-shot" for k in DEFAULT_SHOTS} | {"flickr8k_dev_rsum": "Flickr8k dev rsum"}
+    shown = {row: {names[c]: v for c, v in cols.items()} for row, cols in table.items()}
+    plot_bars(shown, fig("claim8_flowers.png"), [names[c] for c in CLASSIFICATION])
+    text = (
+        f"Claim 1's adapters (Flickr8k train, seeds {seeds}; their Flickr8k dev rsum in the last column) on "
+        "TF-flowers: zero-shot top-1 on the 1000 test images (200 per class, 5 classes, chance 20 %) with the "
+        "class-folder names as class names, prompts averaged over CLIP's 7 ImageNet templates (the library "
+        f'default) or CLIP\'s Flowers102 template "{FLOWER_TEMPLATE}"; few-shot: nearest normalised class mean '
+        "(the library's prototype method) of k train images per class, averaged over "
+        f"{len(FEW_SHOT_SEEDS)} draws (draw seeds {list(FEW_SHOT_SEEDS)}, the same images for every row). "
+        "The last row scores the same prototypes on the frozen 1280-d EfficientNet-Lite0 features (no adapter; "
+        "no zero-shot, which needs a text side). Accuracy in %. ± is the sample std over training seeds (each "
+        "value already the mean of the draws), except in the last row, which has no training seed: there it is "
+        "the std over the draws."
+    )
+    body = f"{text}\n\n```\n{command(runner.args, '8')}\n```\n\n" + format_table(shown, digits=2) + "\n"
+    body += "\nFew-shot accuracy of the adapted features minus the frozen features' on the same draw (points; "
+    body += "mean [min, max] over 3 training seeds x 3 draws):\n\n" + paired_table(runner, settings, seeds, frozen)
+    body += "\n\nZero-shot accuracy per class (%, mean over training seeds), CLIP's 7 templates / the flower "
+    body += "template:\n\n" + per_class_table(runner, settings, seeds, data.class_names) + "\n"
+    return body + "\n![claim 8](results/claim8_flowers.png)\n"
+
+
+def flowers_records(runner: Runner, setting: Setting, seeds: list[int]) -> list[dict]:
+    return [json.loads((runner.out / "runs" / setting.key / f"seed{s}" / "flowers.json").read_text()) for s in seeds]
+
+
+def paired_table(runner: Runner, settings: list[Setting], seeds: list[int], frozen: dict[str, list[float]]) -> str:
+    """Markdown table: adapted minus frozen few-shot accuracy, draw by draw (the draws are the same images)."""
+    head = "| setting | " + " | ".join(frozen) + " |\n| --- |" + " ---: |" * len(frozen) + "\n"
+    lines = []
+    for s in settings:
+        records = flowers_records(runner, s, seeds)
+        cells = []
+        for k, base in frozen.items():
+            diffs = [r["few_shot_per_draw"][k][i] - base[i] for r in records for i in range(len(base))]
+            cells.append(f"{statistics.mean(diffs):+.1f} [{min(diffs):+.1f}, {max(diffs):+.1f}]")
+        lines.append(f"| {s.label} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines)
+
+
+def per_class_table(runner: Runner, settings: list[Setting], seeds: list[int], class_names: list[str]) -> str:
+    """Markdown table of per-class zero-shot accuracy (mean over seeds), both prompt sets in each cell."""
+    rows: dict[str, dict[str, str]] = {}
+    for s in settings:
+        records = flowers_records(runner, s, seeds)
+        cells = {}
+        for c, name in enumerate(class_names):
+            clip, flower = (
+                statistics.mean(r["zero_shot_per_class"][p][c] for r in records) for p in ("clip", "flower")
+            )
+            cells[name] = f"{clip:.1f} / {flower:.1f}"
+        rows[s.label] = cells
+    head = "| setting | " + " | ".join(class_names) + " |\n| --- |" + " ---: |" * len(class_names) + "\n"
+    return head + "\n".join(f"| {label} | " + " | ".join(cells.values()) + " |" for label, cells in rows.items())
+
+
+CLAIMS = {"1": claim1, "2": claim2, "3": claim3, "4": claim4, "5": claim5, "6": claim6, "7": claim7, "8": claim8}
 
 
 def update_results(path: Path, claim: str, body: str) -> None:
@@ -427,11 +600,13 @@ def update_results(path: Path, claim: str, body: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--claims", default="1,2,3,4,6", help="claim numbers, e.g. 1,2 (1-7; 5 and 7 need extra caches)")
+    p.add_argument("--claims", default="1,2,3,4,6", help="claim numbers, e.g. 1,2 (1-8; 5, 7, 8 need extra caches)")
     p.add_argument("--seeds", type=ints, default=[0, 1, 2], help="training seeds for claims 1-4 and the ablation")
     p.add_argument("--sweep-seeds", type=ints, default=[0], help="seeds for the lambda / sigma sweeps")
     p.add_argument("--out", default="runs/claims", help="folder for run folders and progress.log")
-    p.add_argument("--cache", default="/work/cache", help="folder holding the flickr8k-{train,dev}-* caches")
+    p.add_argument(
+        "--cache", default="/work/cache", help="folder holding the flickr8k-{train,dev}-* (and flowers-*) caches"
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=512)

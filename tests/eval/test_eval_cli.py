@@ -100,6 +100,38 @@ def test_zero_shot_prompts_are_encoded_with_tokens(
     torch.testing.assert_close(seen[0].flatten(0, 1), F.normalize(want, dim=-1))
 
 
+def test_zero_shot_uses_the_given_templates(
+    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One template gives (C, 1, D) class prompts: exactly that template's prompts, not the default ensemble."""
+    import csaligner.eval.evaluate as evaluate_module
+    from csaligner.encoders import get_encoder
+    from csaligner.eval.classification import DEFAULT_TEMPLATES
+
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    seen: list[torch.Tensor] = []
+    real = evaluate_module.zero_shot_accuracy
+
+    def spy(test_emb: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor) -> Any:
+        seen.append(class_text)
+        return real(test_emb, class_text, labels)
+
+    monkeypatch.setattr(evaluate_module, "zero_shot_accuracy", spy)
+    data = evaluate_module.load_classification(*classes, "tiny-text")
+    template = "a photo of a {}, a type of flower."
+    got = evaluate_module.classification_metrics(run, data, shots=(1,), templates=(template,))
+    evaluate_module.classification_metrics(run, data, shots=(1,))  # the default: CLIP's ensemble
+    assert seen[0].shape[:2] == (len(data.class_names), 1)
+    assert seen[1].shape[:2] == (len(data.class_names), len(DEFAULT_TEMPLATES))
+    enc = get_encoder("tiny-text").encode_texts([template.format(n) for n in data.class_names], tokens=True)
+    with torch.no_grad():
+        want = load_adapters(str(run)).text(enc.pooled, text_tokens=enc.tokens, text_token_mask=enc.mask)
+    torch.testing.assert_close(seen[0][:, 0], F.normalize(want, dim=-1))
+    assert set(got) >= {"zero_shot_top1", "zero_shot_mean_per_class", "few_shot_1-shot"}
+    with pytest.raises(ValueError, match=r'exactly one "\{\}"'):
+        evaluate_module.classification_metrics(run, data, shots=(1,), templates=("a photo of a flower.",))
+
+
 def test_duplicate_run_names_are_refused(
     caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor
 from csaligner.data.cache import FeatureCache, as_cache
 from csaligner.data.features import PairedFeatures
 from csaligner.encoders.base import encoder_name
-from csaligner.eval.classification import class_prompts, few_shot_accuracy, zero_shot_accuracy
+from csaligner.eval.classification import DEFAULT_TEMPLATES, class_prompts, few_shot_accuracy, zero_shot_accuracy
 from csaligner.eval.gap import modality_gap_metrics
 from csaligner.eval.retrieval import retrieval_metrics
 from csaligner.eval.t2i import t2i_metrics
@@ -181,19 +181,31 @@ def token_metrics(
 
 
 def classification_metrics(
-    run_dir: str | Path, data: ClassificationData, shots: Sequence[int] = DEFAULT_SHOTS
+    run_dir: str | Path,
+    data: ClassificationData,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    *,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
 ) -> dict[str, float]:
     """Zero-shot (class-name prompts through the run's text adapter) and prototype few-shot accuracy.
 
     Prompts are encoded with `data.text_encoder`, with token states when the run's text adapter
     reads them (as it was trained), so token-conditioned runs are scored as they would be used.
+
+    Args:
+        run_dir: the training run whose adapters map the features.
+        data: class-folder features and the prompt text encoder (`load_classification`).
+        shots: few-shot k values.
+        templates: prompt templates, each with one "{}" for the class name; their embeddings are
+            averaged per class (default CLIP's 7-template ensemble; e.g. a dataset's own template
+            such as ("a photo of a {}, a type of flower.",)).
     """
     from csaligner.train.embed import apply_adapter, embed_texts
     from csaligner.train.model import load_adapters
 
     check_classification_encoders(run_dir, data)
     adapters = load_adapters(str(run_dir), "cpu")
-    prompts = class_prompts(data.class_names)  # C lists of P prompts
+    prompts = class_prompts(data.class_names, templates)  # C lists of P prompts
     flat = [p for per_class in prompts for p in per_class]
     expect_id = data.text_encoder_id or None
     class_text = F.normalize(embed_texts(adapters, run_dir, flat, data.text_encoder, expect_id=expect_id), dim=-1)
