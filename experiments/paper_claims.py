@@ -34,7 +34,14 @@ from csaligner.data import load_paired_features
 from csaligner.data.features import PairedFeatures
 from csaligner.eval import format_table, plot_bars, plot_sensitivity, plot_tradeoff
 from csaligner.eval import plots as _plots
-from csaligner.eval.classification import DEFAULT_TEMPLATES, class_prompts, few_shot_accuracy, zero_shot_accuracy
+from csaligner.eval.classification import (
+    CLIP_IMAGENET_TEMPLATES,
+    FLOWERS102_TEMPLATES,
+    class_prompts,
+    few_shot_accuracy,
+    prompt_class_names,
+    zero_shot_accuracy,
+)
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
     FEW_SHOT_SEEDS,
@@ -93,11 +100,18 @@ DATA = {
 
 # Class-folder caches for claim 8 (train: few-shot draws, test: zero- and few-shot scoring), in --cache.
 FLOWERS = ("flowers-train-efficientnet-lite0", "flowers-test-efficientnet-lite0")
-FLOWER_TEMPLATE = "a photo of a {}, a type of flower."  # CLIP's Flowers102 prompt (Radford et al. 2021)
-FLOWER = (FLOWER_TEMPLATE,)
-ZERO_SHOT = {"clip": "zero_shot_top1", "flower": "zero_shot_flower_top1"}  # prompt set -> metric
+FLOWER_TEMPLATE = FLOWERS102_TEMPLATES[0]  # CLIP's Flowers102 prompt (Radford et al. 2021)
+# TF-flowers' folder names are plural ("roses"); these are the singular names a caption would use.
+SINGULAR = {"roses": "rose", "sunflowers": "sunflower", "tulips": "tulip"}
+# Zero-shot prompt sets: name -> (metric, templates, class renames). "clip" is what `csalign eval` does by default.
+ZERO_SHOT = {
+    "clip": ("zero_shot_top1", CLIP_IMAGENET_TEMPLATES, {}),
+    "flower": ("zero_shot_flower_top1", FLOWERS102_TEMPLATES, {}),
+    "clip-singular": ("zero_shot_singular_top1", CLIP_IMAGENET_TEMPLATES, SINGULAR),
+    "flower-singular": ("zero_shot_singular_flower_top1", FLOWERS102_TEMPLATES, SINGULAR),
+}
 FROZEN = "frozen features, no adapter"
-CLASSIFICATION = ["zero_shot_top1", "zero_shot_flower_top1", *(f"few_shot_{k}-shot" for k in DEFAULT_SHOTS)]
+CLASSIFICATION = [*(m for m, _, _ in ZERO_SHOT.values()), *(f"few_shot_{k}-shot" for k in DEFAULT_SHOTS)]
 
 
 # Dev token caches attached to a feature set's (pooled, fp32) dev features: evaluate_run then also
@@ -225,22 +239,29 @@ class Runner:
         return self._flowers
 
     def classification(self, setting: Setting, seed: int) -> dict[str, float]:
-        """TF-flowers zero-shot (CLIP's 7 templates and the Flowers102 template) and few-shot accuracy of a
-        trained (setting, seed), stored beside its metrics.json; trains the run first if needed."""
+        """TF-flowers zero-shot (each prompt set of ZERO_SHOT) and few-shot accuracy of a trained (setting, seed),
+        stored beside its metrics.json (recomputed when it lacks a prompt set); trains the run first if needed."""
         self.metrics(setting, seed)
         run_dir = self.out / "runs" / setting.key / f"seed{seed}"
         path = run_dir / "flowers.json"
         if path.is_file():
-            return json.loads(path.read_text())["metrics"]
+            stored = json.loads(path.read_text())["metrics"]
+            if all(m in stored for m, _, _ in ZERO_SHOT.values()):
+                return stored
         t0 = time.time()
         data = self.flowers()
-        metrics = classification_metrics(run_dir, data, DEFAULT_SHOTS)
-        flower = classification_metrics(run_dir, data, DEFAULT_SHOTS, templates=FLOWER)
-        metrics |= {"zero_shot_flower_top1": flower["zero_shot_top1"]}
-        metrics |= {"zero_shot_flower_mean_per_class": flower["zero_shot_mean_per_class"]}
+        metrics = classification_metrics(run_dir, data, DEFAULT_SHOTS)  # CLIP's 7 templates, folder names
+        for metric, templates, renames in list(ZERO_SHOT.values())[1:]:
+            names = prompt_class_names(data.class_names, renames)
+            zs = classification_metrics(run_dir, data, (1,), templates=templates, class_names=names)
+            metrics |= {metric: zs["zero_shot_top1"]}
+            metrics |= {metric.replace("_top1", "_mean_per_class"): zs["zero_shot_mean_per_class"]}
         per_class, draws = per_class_and_draws(run_dir, data)
         check_breakdown(metrics, per_class, draws, data)
-        record = {"label": setting.label, "seed": seed, "class_names": data.class_names, "metrics": metrics}
+        prompts = {n: {"templates": list(t), "class_names": prompt_class_names(data.class_names, r)}
+                   for n, (_, t, r) in ZERO_SHOT.items()}  # fmt: skip
+        record = {"label": setting.label, "seed": seed, "class_names": data.class_names, "prompts": prompts}
+        record |= {"metrics": metrics}
         record |= {"zero_shot_per_class": per_class, "few_shot_per_draw": draws, "eval_s": time.time() - t0}
         path.write_text(json.dumps(record, indent=1))
         msg = f"{time.strftime('%H:%M:%S')} {setting.label} seed {seed}: flowers {time.time() - t0:.0f}s"
@@ -262,15 +283,15 @@ def few_shot_draws(train: torch.Tensor, test: torch.Tensor, data: Classification
 def per_class_and_draws(
     run_dir: Path, data: ClassificationData
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per-class zero-shot accuracy for both prompt sets ({"clip": (C,), "flower": (C,)}) and per-draw few-shot
+    """Per-class zero-shot accuracy for each prompt set of ZERO_SHOT ({"clip": (C,), ...}) and per-draw few-shot
     accuracy, in percent, scored as `classification_metrics` scores them (its dict holds only the means)."""
     adapters = load_adapters(str(run_dir), "cpu")
     train, test = (
         F.normalize(apply_adapter(adapters.image, x), dim=-1) for x in (data.train_features, data.test_features)
     )
     per_class = {}
-    for name, templates in (("clip", DEFAULT_TEMPLATES), ("flower", FLOWER)):
-        prompts = class_prompts(data.class_names, templates)  # C lists of P prompts
+    for name, (_, templates, renames) in ZERO_SHOT.items():
+        prompts = class_prompts(prompt_class_names(data.class_names, renames), templates)  # C lists of P prompts
         flat = [p for per_class in prompts for p in per_class]
         text = embed_texts(adapters, run_dir, flat, data.text_encoder, expect_id=data.text_encoder_id or None)
         class_text = F.normalize(text, dim=-1).reshape(len(prompts), len(prompts[0]), -1)  # (C, P, 512)
@@ -288,7 +309,7 @@ def check_breakdown(
     counts = torch.bincount(data.test_labels).double()
     pairs = [
         (float(torch.tensor(per_class[n], dtype=torch.float64) @ counts / counts.sum()), metrics[m])
-        for n, m in ZERO_SHOT.items()
+        for n, (m, _, _) in ZERO_SHOT.items()
     ]
     pairs += [(statistics.mean(v), metrics[f"few_shot_{k}"]) for k, v in draws.items()]
     if any(abs(a - b) > 1e-6 for a, b in pairs):
@@ -328,6 +349,8 @@ def command(args: argparse.Namespace, claim: str) -> str:
         opts += f" --token-lams {','.join(f'{t:g}' for t in args.token_lams)} --token-images {args.token_images}"
     if claim.startswith("6") and args.div_grid:
         opts += " --div-grid"
+    if args.threads != 1:
+        opts += f" --threads {args.threads}"
     return f"{base}{extra}{opts}"
 
 
@@ -525,14 +548,19 @@ def claim8(runner: Runner) -> str:
     frozen = few_shot_draws(data.train_features, data.test_features, data)
     table[FROZEN] = {f"few_shot_{k}": v for k, v in frozen.items()}
     names = {"zero_shot_top1": "zero-shot (CLIP 7 templates)", "zero_shot_flower_top1": "zero-shot (flower template)"}
+    names |= {"zero_shot_singular_top1": "zero-shot (CLIP 7, singular)"}
+    names |= {"zero_shot_singular_flower_top1": "zero-shot (flower, singular)"}
     names |= {f"few_shot_{k}-shot": f"{k}-shot" for k in DEFAULT_SHOTS} | {"flickr8k_dev_rsum": "Flickr8k dev rsum"}
     shown = {row: {names[c]: v for c, v in cols.items()} for row, cols in table.items()}
     plot_bars(shown, fig("claim8_flowers.png"), [names[c] for c in CLASSIFICATION])
     text = (
         f"Claim 1's adapters (Flickr8k train, seeds {seeds}; their Flickr8k dev rsum in the last column) on "
-        "TF-flowers: zero-shot top-1 on the 1000 test images (200 per class, 5 classes, chance 20 %) with the "
-        "class-folder names as class names, prompts averaged over CLIP's 7 ImageNet templates (the library "
-        f'default) or CLIP\'s Flowers102 template "{FLOWER_TEMPLATE}"; few-shot: nearest normalised class mean '
+        "TF-flowers: zero-shot top-1 on the 1000 test images (200 per class, 5 classes, chance 20 %), prompts "
+        "averaged over CLIP's 7 ImageNet templates (the library default, `--templates clip-imagenet-7`) or "
+        f'CLIP\'s Flowers102 template "{FLOWER_TEMPLATE}" (`--templates flowers102`), with the class-folder names '
+        "as class names (plural: roses, sunflowers, tulips) or, in the singular columns, with "
+        f"`--class-names {','.join(f'{k}={v}' for k, v in SINGULAR.items())}` (daisy and dandelion unchanged); "
+        "few-shot: nearest normalised class mean "
         "(the library's prototype method) of k train images per class, averaged over "
         f"{len(FEW_SHOT_SEEDS)} draws (draw seeds {list(FEW_SHOT_SEEDS)}, the same images for every row). "
         "The last row scores the same prototypes on the frozen 1280-d EfficientNet-Lite0 features (no adapter; "
@@ -543,8 +571,9 @@ def claim8(runner: Runner) -> str:
     body = f"{text}\n\n```\n{command(runner.args, '8')}\n```\n\n" + format_table(shown, digits=2) + "\n"
     body += "\nFew-shot accuracy of the adapted features minus the frozen features' on the same draw (points; "
     body += "mean [min, max] over 3 training seeds x 3 draws):\n\n" + paired_table(runner, settings, seeds, frozen)
-    body += "\n\nZero-shot accuracy per class (%, mean over training seeds), CLIP's 7 templates / the flower "
-    body += "template:\n\n" + per_class_table(runner, settings, seeds, data.class_names) + "\n"
+    body += "\n\nZero-shot accuracy per class (%, mean over training seeds), prompt sets in the order "
+    body += "CLIP's 7 templates / flower template / CLIP's 7 singular / flower singular:\n\n"
+    body += per_class_table(runner, settings, seeds, data.class_names) + "\n"
     return body + "\n![claim 8](results/claim8_flowers.png)\n"
 
 
@@ -567,16 +596,14 @@ def paired_table(runner: Runner, settings: list[Setting], seeds: list[int], froz
 
 
 def per_class_table(runner: Runner, settings: list[Setting], seeds: list[int], class_names: list[str]) -> str:
-    """Markdown table of per-class zero-shot accuracy (mean over seeds), both prompt sets in each cell."""
+    """Markdown table of per-class zero-shot accuracy (mean over seeds), every prompt set of ZERO_SHOT in each cell."""
     rows: dict[str, dict[str, str]] = {}
     for s in settings:
         records = flowers_records(runner, s, seeds)
         cells = {}
         for c, name in enumerate(class_names):
-            clip, flower = (
-                statistics.mean(r["zero_shot_per_class"][p][c] for r in records) for p in ("clip", "flower")
-            )
-            cells[name] = f"{clip:.1f} / {flower:.1f}"
+            means = (statistics.mean(r["zero_shot_per_class"][p][c] for r in records) for p in ZERO_SHOT)
+            cells[name] = " / ".join(f"{m:.1f}" for m in means)
         rows[s.label] = cells
     head = "| setting | " + " | ".join(class_names) + " |\n| --- |" + " ---: |" * len(class_names) + "\n"
     return head + "\n".join(f"| {label} | " + " | ".join(cells.values()) + " |" for label, cells in rows.items())

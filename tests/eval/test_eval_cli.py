@@ -196,9 +196,10 @@ def test_report_says_which_caches_each_column_came_from(
         "retrieval, gap: captions": {"cache": str(caches.text_tokens), "captions": 20},
         "zero-shot, few-shot: test": {"cache": str(test), "images": 6, "classes": 3},  # 2 a class
         "few-shot: train": {"cache": str(train), "images": 13, "classes": 3, "shots": "1,4", "seeds": "0,1,2"},
+        "zero-shot: prompts": {"templates": "clip-imagenet-7 (7 templates)", "class names": "folder names"},
     }
     md = (tmp_path / "out" / "report.md").read_text()
-    assert f"| few-shot: train | {train} | 13 | – | 3 | 1,4 | 0,1,2 |" in md
+    assert f"| few-shot: train | {train} | 13 | – | 3 | 1,4 | 0,1,2 | – | – |" in md
     assert evaluate(caches, tmp_path / "paired", str(run)) == 0  # no class caches: no classification rows
     sources = json.loads((tmp_path / "paired" / "report.json").read_text())["sections"][0]["sources"]
     assert list(sources) == ["retrieval, gap: images", "retrieval, gap: captions"]

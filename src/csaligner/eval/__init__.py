@@ -6,11 +6,17 @@ image-vs-text separability (0.5 = indistinguishable, 1.0 = separated) are raw va
 """
 
 from csaligner.eval.classification import (
+    CLIP_IMAGENET_TEMPLATES,
     DEFAULT_TEMPLATES,
+    FLOWERS102_TEMPLATES,
+    TEMPLATE_PRESETS,
     ZeroShotResult,
     class_embeddings,
     class_prompts,
     few_shot_accuracy,
+    load_templates,
+    parse_class_renames,
+    prompt_class_names,
     zero_shot_accuracy,
 )
 from csaligner.eval.gap import linear_separability, mean_cross_distance, modality_gap_metrics, uniformity
@@ -20,7 +26,10 @@ from csaligner.eval.retrieval import recall_at_k, retrieval_metrics
 from csaligner.eval.t2i import frechet_distance, t2i_metrics
 
 __all__ = [
+    "CLIP_IMAGENET_TEMPLATES",
     "DEFAULT_TEMPLATES",
+    "FLOWERS102_TEMPLATES",
+    "TEMPLATE_PRESETS",
     "MeanStd",
     "ReportSection",
     "ZeroShotResult",
@@ -31,13 +40,16 @@ __all__ = [
     "format_value",
     "frechet_distance",
     "linear_separability",
+    "load_templates",
     "mean_cross_distance",
     "modality_gap_metrics",
+    "parse_class_renames",
     "plot_bars",
     "plot_paired_distance_hist",
     "plot_projection",
     "plot_sensitivity",
     "plot_tradeoff",
+    "prompt_class_names",
     "recall_at_k",
     "retrieval_metrics",
     "t2i_metrics",

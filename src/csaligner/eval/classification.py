@@ -8,7 +8,8 @@ with a nearest class mean ("prototype") or a multinomial logistic regression ("l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal, TypedDict
 
 import torch
@@ -18,8 +19,9 @@ from csaligner._validation import check_features, check_same_dim
 from csaligner.eval._common import check_chunk_size, check_labels, compute_dtype, mean_std, unit_rows
 from csaligner.eval._logreg import fit_logistic_regression
 
-# CLIP's 7-template ImageNet ensemble (Radford et al. 2021, notebooks/Prompt_Engineering).
-DEFAULT_TEMPLATES: tuple[str, ...] = (
+# CLIP's 7-template ImageNet ensemble (Radford et al. 2021; openai/CLIP
+# notebooks/Prompt_Engineering_for_ImageNet.ipynb, the 7 templates selected there).
+CLIP_IMAGENET_TEMPLATES: tuple[str, ...] = (
     "itap of a {}.",
     "a bad photo of the {}.",
     "a origami {}.",
@@ -28,6 +30,14 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "art of the {}.",
     "a photo of the small {}.",
 )
+# CLIP's Flowers102 prompt (Radford et al. 2021; openai/CLIP data/prompts.md, "Flowers102").
+FLOWERS102_TEMPLATES: tuple[str, ...] = ("a photo of a {}, a type of flower.",)
+DEFAULT_TEMPLATES = CLIP_IMAGENET_TEMPLATES
+TEMPLATE_PRESETS: dict[str, tuple[str, ...]] = {
+    "clip-imagenet-7": CLIP_IMAGENET_TEMPLATES,
+    "flowers102": FLOWERS102_TEMPLATES,
+}
+"""Named template sets `csalign eval --templates NAME` accepts; "clip-imagenet-7" is the default."""
 
 FewShotMethod = Literal["prototype", "logreg"]
 
@@ -59,6 +69,102 @@ def class_prompts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT
     if bad:
         raise ValueError(f'each template needs exactly one "{{}}" for the class name; these do not: {bad}')
     return [[t.replace("{}", name) for t in templates] for name in class_names]
+
+
+def _entries(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of a file's non-blank lines that are not "#" comments, stripped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from err
+    stripped = ((n, line.strip()) for n, line in enumerate(lines, 1))
+    return [(n, text) for n, text in stripped if text and not text.startswith("#")]
+
+
+def load_templates(spec: str | Path) -> tuple[str, ...]:
+    """A `TEMPLATE_PRESETS` name, or a text file with one template per line, -> the templates.
+
+    In a file, blank lines and lines starting with "#" are skipped and each template is stripped.
+
+    Raises:
+        ValueError: `spec` is neither a preset nor a file, the file has no template, or a line has
+            no or several "{}" (named by its line number).
+    """
+    if str(spec) in TEMPLATE_PRESETS:
+        return TEMPLATE_PRESETS[str(spec)]
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(
+            f"templates {str(spec)!r} are neither a preset ({', '.join(TEMPLATE_PRESETS)}) nor a file; pass a "
+            'preset name or a text file with one template per line, e.g. "a photo of a {}."'
+        )
+    entries = _entries(path)
+    if not entries:
+        raise ValueError(f'{path} holds no template; write one per line, e.g. "a photo of a {{}}."')
+    for n, template in entries:
+        if template.count("{}") != 1:
+            raise ValueError(
+                f'{path} line {n}: {template!r} has {template.count("{}")} "{{}}"; each template needs exactly '
+                'one, where the class name goes (e.g. "a photo of a {}.")'
+            )
+    return tuple(template for _, template in entries)
+
+
+def parse_class_renames(spec: str | Path) -> dict[str, str]:
+    """`folder=prompt name` pairs from a file (one a line) or a comma-separated string -> {folder: name}.
+
+    A file's blank lines and "#" lines are skipped. Which folder names exist is checked by
+    `prompt_class_names`, once the classes are known.
+
+    Raises:
+        ValueError: a pair without "=", with an empty side, or a folder named twice.
+    """
+    path = Path(spec)
+    if path.is_file():
+        where, pairs = str(path), [(f"line {n}", text) for n, text in _entries(path)]
+    elif "=" not in str(spec):
+        raise ValueError(
+            f"--class-names {str(spec)!r} is neither a file nor FOLDER=NAME pairs; pass e.g. roses=rose,tulips=tulip "
+            "or a file with one roses=rose pair a line"
+        )
+    else:
+        where, pairs = "--class-names", [(f"item {i}", text.strip()) for i, text in enumerate(str(spec).split(","), 1)]
+    renames: dict[str, str] = {}
+    for at, pair in pairs:
+        folder, eq, name = (part.strip() for part in pair.partition("="))
+        if not eq or not folder or not name:
+            raise ValueError(
+                f"{where} {at}: {pair!r} is not FOLDER=NAME; write pairs like roses=rose (in a file one a line, "
+                "on the command line comma-separated: roses=rose,tulips=tulip)"
+            )
+        if folder in renames:
+            raise ValueError(f"{where} {at}: class {folder!r} is renamed twice ({renames[folder]!r} and {name!r})")
+        renames[folder] = name
+    if not renames:
+        raise ValueError(f"{where} names no class; write FOLDER=NAME pairs such as roses=rose")
+    return renames
+
+
+def prompt_class_names(class_names: Sequence[str], renames: Mapping[str, str]) -> list[str]:
+    """The name each class is prompted with: `renames[folder]`, or the folder name when not renamed.
+
+    Raises:
+        ValueError: a renamed class is not among `class_names`, or two classes would get the same name
+            (their prompts would be identical and zero-shot could not tell them apart).
+    """
+    unknown = [k for k in renames if k not in class_names]
+    if unknown:
+        raise ValueError(f"class names {unknown} are not classes of this data; the classes are {list(class_names)}")
+    names = [renames.get(c, c) for c in class_names]
+    seen: dict[str, str] = {}
+    for folder, name in zip(class_names, names, strict=True):
+        if name in seen:
+            raise ValueError(
+                f"classes {seen[name]!r} and {folder!r} would both be prompted as {name!r}; zero-shot could not "
+                "tell them apart, so give them distinct names"
+            )
+        seen[name] = folder
+    return names
 
 
 def class_embeddings(class_text_emb: Tensor) -> Tensor:

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
+from csaligner.eval.classification import (
+    DEFAULT_TEMPLATES,
+    TEMPLATE_PRESETS,
+    load_templates,
+    parse_class_renames,
+    prompt_class_names,
+)
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
     FEW_SHOT_SEEDS,
@@ -58,8 +66,10 @@ def report_sources(
     class_train_cache: str = "",
     class_test_cache: str = "",
     shots: Sequence[int] = DEFAULT_SHOTS,
+    prompts: ZeroShotPrompts | None = None,
 ) -> dict[str, dict[str, str | int]]:
-    """Which caches the report's columns came from, with their image, caption and class counts."""
+    """Which caches the report's columns came from, with their image, caption and class counts, and which
+    prompt templates and class names zero-shot used."""
     sources: dict[str, dict[str, str | int]] = {
         "retrieval, gap: images": {"cache": image_cache, "images": features.num_images},
         "retrieval, gap: captions": {"cache": text_cache, "captions": features.num_texts},
@@ -75,7 +85,45 @@ def report_sources(
             "shots": ",".join(map(str, shots)),
             "seeds": ",".join(map(str, FEW_SHOT_SEEDS)),
         }
+        prompts = prompts or ZeroShotPrompts.resolve(None, None, classification.class_names)
+        renamed = ", ".join(f"{k}={v}" for k, v in prompts.renames.items() if k != v) or "folder names"
+        sources["zero-shot: prompts"] = {"templates": prompts.describe(), "class names": renamed}
     return sources
+
+
+@dataclass(frozen=True)
+class ZeroShotPrompts:
+    """The zero-shot prompt templates and the name each class folder is prompted with, and where they came from."""
+
+    templates: tuple[str, ...]
+    source: str
+    """The --templates value: a preset name or a file."""
+    renames: dict[str, str]
+    """{folder name: prompt name} of every class, in class order (a class not renamed maps to itself)."""
+
+    @classmethod
+    def resolve(cls, templates: str | None, class_names: str | None, classes: Sequence[str]) -> ZeroShotPrompts:
+        """From the --templates and --class-names values (None: the defaults) and the data's class folders."""
+        source = templates or "clip-imagenet-7"
+        renames = parse_class_renames(class_names) if class_names else {}
+        names = prompt_class_names(classes, renames)
+        return cls(load_templates(source), source, dict(zip(classes, names, strict=True)))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.renames.values())
+
+    def describe(self) -> str:
+        """E.g. "clip-imagenet-7 (7 templates)"."""
+        return f"{self.source} ({len(self.templates)} template{'s' * (len(self.templates) != 1)})"
+
+    def record(self) -> dict[str, object]:
+        """What metrics.json stores beside each run's zero-shot numbers."""
+        return {
+            "zero_shot_templates": list(self.templates),
+            "zero_shot_templates_source": self.source,
+            "zero_shot_class_names": dict(self.renames),
+        }
 
 
 def report_figures(runs: dict[str, Path], features: PairedFeatures, out_dir: Path) -> list[Path]:
@@ -127,6 +175,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="K[,K...]",
         help="few-shot k values, comma-separated (default 1,4,16); every class of --class-train-cache "
         "needs max(K) images",
+    )
+    p.add_argument(
+        "--templates",
+        metavar="PRESET_OR_FILE",
+        help=f"zero-shot prompt templates: a preset ({', '.join(TEMPLATE_PRESETS)}; default clip-imagenet-7) "
+        'or a text file with one template per line, each with one "{}" for the class name',
+    )
+    p.add_argument(
+        "--class-names",
+        metavar="FILE_OR_PAIRS",
+        help="zero-shot names for class folders: FOLDER=NAME pairs, comma-separated (roses=rose,tulips=tulip) or "
+        "one a line in a file; classes not named are prompted with their folder name",
     )
     p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric (default 1.0)")
     p.add_argument("--out", type=Path, help="report folder (default: <first run>/eval)")
@@ -188,8 +248,18 @@ def _main(args: argparse.Namespace) -> int:
     from csaligner.data import load_paired_features
 
     runs = parse_runs(args.run)
+    if (args.templates or args.class_names) and not args.class_test_cache:
+        raise ValueError(
+            "--templates and --class-names shape the zero-shot prompts; pass --class-train-cache and "
+            "--class-test-cache too (without them no classification is run)"
+        )
+    # Bad template or class-name files fail before any features are read (class folders are checked later).
+    if args.templates:
+        load_templates(args.templates)
+    if args.class_names:
+        parse_class_renames(args.class_names)
     features = load_paired_features(args.image_cache, args.text_cache, tokens=True)
-    classification = None
+    classification, prompts = None, None
     if bool(args.class_train_cache) != bool(args.class_test_cache):
         raise ValueError("pass both --class-train-cache and --class-test-cache, or neither")
     if args.class_train_cache:
@@ -198,25 +268,37 @@ def _main(args: argparse.Namespace) -> int:
         spec, text_id = str(features.meta["text_encoder_spec"]), str(features.meta["text_encoder"])
         classification = load_classification(args.class_train_cache, args.class_test_cache, spec, text_id)
         check_shots(classification, args.shots, args.class_train_cache)
+        prompts = ZeroShotPrompts.resolve(args.templates, args.class_names, classification.class_names)
     for run in runs.values():  # refuse features from other encoders before any run is evaluated
         check_run_encoders(run, features.meta)
         if classification is not None:
             check_classification_encoders(run, classification)
     out_dir = args.out or next(iter(runs.values())) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {name: evaluate_run(run, features, classification, args.sigma, args.shots) for name, run in runs.items()}
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    templates = DEFAULT_TEMPLATES if prompts is None else prompts.templates
+    names = None if prompts is None else prompts.names
+    results = {
+        name: evaluate_run(
+            run, features, classification, args.sigma, args.shots, templates=templates, prompt_names=names
+        )
+        for name, run in runs.items()
+    }
+    provenance = {} if prompts is None else prompts.record()
+    (out_dir / "metrics.json").write_text(json.dumps({k: m | provenance for k, m in results.items()}, indent=2))
     figures = report_figures(runs, features, out_dir)
     text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}."
-    if classification is not None:
+    if classification is not None and prompts is not None:
         seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
         text += (
             f" Few-shot accuracy: mean ± sample std over {len(FEW_SHOT_SEEDS)} seeds ({seeds}) of the k training "
             "images drawn per class."
         )
+        quoted = "; ".join(f'"{t}"' for t in prompts.templates)
+        text += f" Zero-shot prompts average {prompts.describe()}: {quoted}."
     sources = report_sources(
         args.image_cache, args.text_cache, features, classification,
         class_train_cache=args.class_train_cache, class_test_cache=args.class_test_cache, shots=args.shots,
+        prompts=prompts,
     )  # fmt: skip
     table = report_table(results, headline(args.shots))
     section = ReportSection("Held-out evaluation", text, table, figures, sources)

@@ -69,8 +69,13 @@ def evaluate_run(
     classification: ClassificationData | None = None,
     sigma: float = 1.0,
     shots: Sequence[int] = DEFAULT_SHOTS,
+    *,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    prompt_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """All metrics of one run on held-out paired features (and optionally a classification set).
+
+    `templates` and `prompt_names` shape the zero-shot prompts (see `classification_metrics`).
 
     Returns:
         flat dict: retrieval ("i2t_R@1", ..., "rsum"), gap ("centroid_distance", "cs_divergence",
@@ -96,7 +101,9 @@ def evaluate_run(
     if features.image_tokens is not None and features.text_tokens is not None:
         out.update(token_metrics(run_dir, features, sigma))
     if classification is not None:
-        out.update(classification_metrics(run_dir, classification, shots))
+        out.update(
+            classification_metrics(run_dir, classification, shots, templates=templates, class_names=prompt_names)
+        )
     return out
 
 
@@ -186,6 +193,7 @@ def classification_metrics(
     shots: Sequence[int] = DEFAULT_SHOTS,
     *,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Zero-shot (class-name prompts through the run's text adapter) and prototype few-shot accuracy.
 
@@ -199,13 +207,22 @@ def classification_metrics(
         templates: prompt templates, each with one "{}" for the class name; their embeddings are
             averaged per class (default CLIP's 7-template ensemble; e.g. a dataset's own template
             such as ("a photo of a {}, a type of flower.",)).
+        class_names: the name each class is prompted with, in `data.class_names` order (default the
+            class-folder names themselves; `prompt_class_names` builds them from renames such as
+            {"roses": "rose"}).
     """
     from csaligner.train.embed import apply_adapter, embed_texts
     from csaligner.train.model import load_adapters
 
     check_classification_encoders(run_dir, data)
     adapters = load_adapters(str(run_dir), "cpu")
-    prompts = class_prompts(data.class_names, templates)  # C lists of P prompts
+    names = data.class_names if class_names is None else list(class_names)
+    if len(names) != len(data.class_names):
+        raise ValueError(
+            f"class_names has {len(names)} names for {len(data.class_names)} classes ({data.class_names}); "
+            "give one per class, in that order"
+        )
+    prompts = class_prompts(names, templates)  # C lists of P prompts
     flat = [p for per_class in prompts for p in per_class]
     expect_id = data.text_encoder_id or None
     class_text = F.normalize(embed_texts(adapters, run_dir, flat, data.text_encoder, expect_id=expect_id), dim=-1)

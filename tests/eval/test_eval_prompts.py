@@ -1,0 +1,203 @@
+"""Zero-shot prompt choice: template presets and files, class renames, and `csalign eval --templates/--class-names`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from tests.eval.tiny_runs import TinyCaches, class_caches, make_run, tiny_caches
+
+import csaligner.eval.evaluate as evaluate_module
+from csaligner.cli import main
+from csaligner.eval.classification import (
+    CLIP_IMAGENET_TEMPLATES,
+    DEFAULT_TEMPLATES,
+    FLOWERS102_TEMPLATES,
+    load_templates,
+    parse_class_renames,
+    prompt_class_names,
+)
+
+CLASSES = ["daisy", "roses", "tulips"]  # the tiny class caches' folders
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> TinyCaches:
+    return tiny_caches(tmp_path_factory.mktemp("caches"))
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return class_caches(tmp_path_factory.mktemp("classes"))
+
+
+@pytest.fixture(scope="module")
+def run(caches: TinyCaches, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs") / "tok", caches.text_tokens)
+
+
+def evaluate(caches: TinyCaches, classes: tuple[Path, Path], run: Path, out: Path, *extra: str) -> int:
+    args = ["eval", "--image-cache", str(caches.image), "--text-cache", str(caches.text_tokens), "--run", str(run)]
+    cls = ["--class-train-cache", str(classes[0]), "--class-test-cache", str(classes[1]), "--shots", "1"]
+    return main([*args, *cls, "--out", str(out), *extra])
+
+
+def test_template_presets() -> None:
+    assert load_templates("clip-imagenet-7") == CLIP_IMAGENET_TEMPLATES == DEFAULT_TEMPLATES
+    assert len(CLIP_IMAGENET_TEMPLATES) == 7
+    assert load_templates("flowers102") == FLOWERS102_TEMPLATES == ("a photo of a {}, a type of flower.",)
+
+
+def test_template_file_skips_blank_and_comment_lines(tmp_path: Path) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text("# flower prompts\n\n  a photo of a {}.  \nart of the {}, a flower.\n")
+    assert load_templates(path) == ("a photo of a {}.", "art of the {}, a flower.")
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (
+            "a photo of a {}.\n\n# note\na photo.\n",
+            r't\.txt line 4: .a photo\.. has 0 "\{\}"; each template needs exactly one',
+        ),
+        ("a {} and a {}.\n", r'line 1: .a \{\} and a \{\}\.. has 2 "\{\}"'),
+        ("# only a comment\n\n", "holds no template"),
+    ],
+)
+def test_template_file_errors_name_the_line(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_templates(path)
+
+
+def test_unknown_template_preset_lists_the_presets(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'flowers' are neither a preset \(clip-imagenet-7, flowers102\) nor a file"):
+        load_templates("flowers")
+
+
+def test_class_renames_from_pairs_and_file(tmp_path: Path) -> None:
+    assert parse_class_renames("roses=rose, tulips = tulip") == {"roses": "rose", "tulips": "tulip"}
+    path = tmp_path / "names.txt"
+    path.write_text("# folder=prompt name\nroses = rose\n\ntulips=tulip, a spring flower\n")
+    assert parse_class_renames(path) == {"roses": "rose", "tulips": "tulip, a spring flower"}  # a file keeps commas
+    assert prompt_class_names(CLASSES, {"roses": "rose"}) == ["daisy", "rose", "tulips"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("roses=rose,tulips", r"--class-names item 2: 'tulips' is not FOLDER=NAME"),
+        ("roses=rose,=tulip", r"item 2: '=tulip' is not FOLDER=NAME"),
+        ("roses=", r"item 1: 'roses=' is not FOLDER=NAME"),
+        ("roses=rose,roses=red rose", r"class 'roses' is renamed twice \('rose' and 'red rose'\)"),
+        ("names.txt", r"'names.txt' is neither a file nor FOLDER=NAME pairs"),
+    ],
+)
+def test_class_renames_errors(spec: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_class_renames(spec)
+
+
+def test_class_rename_file_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "names.txt"
+    path.write_text("roses=rose\n\ntulips tulip\n")
+    with pytest.raises(ValueError, match=r"names\.txt line 3: 'tulips tulip' is not FOLDER=NAME"):
+        parse_class_renames(path)
+
+
+def test_prompt_names_refuse_unknown_classes_and_duplicates() -> None:
+    with pytest.raises(ValueError, match=r"\['lilies'\] are not classes.*\['daisy', 'roses', 'tulips'\]"):
+        prompt_class_names(CLASSES, {"roses": "rose", "lilies": "lily"})
+    with pytest.raises(ValueError, match=r"'roses' and 'tulips' would both be prompted as 'flower'"):
+        prompt_class_names(CLASSES, {"roses": "flower", "tulips": "flower"})
+    with pytest.raises(ValueError, match=r"'daisy' and 'roses' would both be prompted as 'daisy'"):
+        prompt_class_names(CLASSES, {"roses": "daisy"})  # a rename may not collide with a folder name kept
+
+
+def test_eval_uses_and_records_templates_and_class_names(
+    caches: TinyCaches, classes: tuple[Path, Path], run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prompts encoded are the chosen templates filled with the renamed classes; metrics.json and the
+    report say which, and the accuracy is the library's for those prompts."""
+    seen: list[tuple[list[str], tuple[str, ...]]] = []
+    real = evaluate_module.class_prompts
+
+    def spy(names: list[str], templates: tuple[str, ...]) -> list[list[str]]:
+        seen.append((list(names), tuple(templates)))
+        return real(names, templates)
+
+    monkeypatch.setattr(evaluate_module, "class_prompts", spy)
+    path = tmp_path / "t.txt"
+    path.write_text("a photo of a {}.\nart of the {}.\n")
+    extra = ("--templates", str(path), "--class-names", "roses=rose,tulips=tulip")
+    assert evaluate(caches, classes, run, tmp_path / "out", *extra) == 0
+    assert seen == [(["daisy", "rose", "tulip"], ("a photo of a {}.", "art of the {}."))]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["tok"]
+    assert metrics["zero_shot_templates"] == ["a photo of a {}.", "art of the {}."]
+    assert metrics["zero_shot_templates_source"] == str(path)
+    assert metrics["zero_shot_class_names"] == {"daisy": "daisy", "roses": "rose", "tulips": "tulip"}
+    data = evaluate_module.load_classification(*classes, "tiny-text")
+    want = evaluate_module.classification_metrics(
+        run, data, (1,), templates=("a photo of a {}.", "art of the {}."), class_names=["daisy", "rose", "tulip"]
+    )
+    assert metrics["zero_shot_top1"] == pytest.approx(want["zero_shot_top1"])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]
+    assert report["sources"]["zero-shot: prompts"] == {
+        "templates": f"{path} (2 templates)",
+        "class names": "roses=rose, tulips=tulip",
+    }
+    assert '"a photo of a {}."; "art of the {}."' in report["text"]
+
+
+def test_eval_templates_preset_and_class_names_file(
+    caches: TinyCaches, classes: tuple[Path, Path], run: Path, tmp_path: Path
+) -> None:
+    names = tmp_path / "names.txt"
+    names.write_text("tulips=tulip\n")
+    assert (
+        evaluate(caches, classes, run, tmp_path / "out", "--templates", "flowers102", "--class-names", str(names)) == 0
+    )
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["tok"]
+    assert metrics["zero_shot_templates"] == list(FLOWERS102_TEMPLATES)
+    assert metrics["zero_shot_class_names"]["tulips"] == "tulip"
+    assert evaluate(caches, classes, run, tmp_path / "default") == 0  # no flags: CLIP's 7, folder names
+    metrics = json.loads((tmp_path / "default" / "metrics.json").read_text())["tok"]
+    assert metrics["zero_shot_templates"] == list(CLIP_IMAGENET_TEMPLATES)
+    assert metrics["zero_shot_templates_source"] == "clip-imagenet-7"
+    assert metrics["zero_shot_class_names"] == {c: c for c in CLASSES}
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (("--class-names", "roses=rose,lilies=lily"), r"\['lilies'\] are not classes.*\['daisy', 'roses', 'tulips'\]"),
+        (("--templates", "flowers"), r"neither a preset \(clip-imagenet-7, flowers102\) nor a file"),
+        (("--class-names", "roses"), r"'roses' is neither a file nor FOLDER=NAME pairs"),
+    ],
+)
+def test_eval_refuses_bad_prompts_before_evaluating(
+    caches: TinyCaches,
+    classes: tuple[Path, Path],
+    run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
+    match: str,
+) -> None:
+    assert evaluate(caches, classes, run, tmp_path / "out", *extra) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("csalign eval: error:")
+    assert re.search(match, err), err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_eval_refuses_prompt_flags_without_class_caches(
+    caches: TinyCaches, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["eval", "--image-cache", str(caches.image), "--text-cache", str(caches.text_tokens), "--run", str(run)]
+    assert main([*args, "--out", str(tmp_path / "out"), "--templates", "flowers102"]) == 1
+    assert "pass --class-train-cache and --class-test-cache too" in capsys.readouterr().err
