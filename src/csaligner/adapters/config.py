@@ -157,7 +157,8 @@ def check_settings_apply(kind: str, names: Iterable[str], where: str = "adapter"
     verb, it = ("does", "it") if len(ignored) == 1 else ("do", "them")
     accepted = f"only {', '.join(takes)}" if takes else "no settings"
     cls = ADAPTERS[kind]
-    own = "" if cls.__module__.startswith("csaligner.") else (
+    # Only a user's class that inherits `settings` is told to list them; one that lists them gave them already.
+    own = "" if cls.__module__.startswith("csaligner.") or "settings" in vars(cls) else (
         f" ({cls.__name__} is your class: list every setting its from_config reads in its `settings` "
         "class attribute, which it otherwise inherits)"
     )  # fmt: skip
