@@ -94,14 +94,16 @@ def is_integer(value: object, *, plain: bool = False) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
-def numpy_hint(value: object) -> str:
+def numpy_hint(value: object, *, integer: bool = True) -> str:
     """The fix for a numpy scalar where a plain Python number must go ("" for any other value).
 
     Config fields are written to YAML and JSON, which take Python int and float but not numpy scalars.
+    `integer`: the field takes only an integer, so a numpy float gets no hint (float(value) would be refused
+    too); pass False for a float field.
     """
     if is_integer(value) and not is_integer(value, plain=True):
         return " (a numpy integer: pass int(value), as the config is saved as YAML/JSON)"
-    if is_number(value) and not is_number(value, plain=True):
+    if not integer and is_number(value) and not is_number(value, plain=True):
         return " (a numpy number: pass float(value), as the config is saved as YAML/JSON)"
     return ""
 

@@ -343,3 +343,12 @@ def test_cache_files_have_the_umask_mode(tiny_manifest: ImageTextManifest, tmp_p
         names = {p.name for p in files}
         assert {"cache.json", "items.json"} <= names and any(n.endswith(".safetensors") for n in names)
         assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: want for p in files}
+
+
+def test_the_writer_still_imports_from_its_old_module() -> None:
+    """CacheWriter moved to cache_writer.py; code that imported it from csaligner.data.cache keeps working."""
+    from csaligner.data import cache, cache_writer
+
+    assert cache.CacheWriter is cache_writer.CacheWriter
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        _ = cache.NoSuchName  # type: ignore[attr-defined]

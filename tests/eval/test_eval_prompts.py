@@ -74,6 +74,17 @@ def test_template_file_errors_name_the_line(tmp_path: Path, text: str, match: st
         load_templates(path)
 
 
+def test_template_and_class_name_files_saved_on_windows(tmp_path: Path) -> None:
+    """Notepad and PowerShell 5 write UTF-8 with a byte-order mark and CRLF: the mark is no part of the first line."""
+    templates, names = tmp_path / "t.txt", tmp_path / "names.txt"
+    templates.write_bytes("\ufeff# flower prompts\r\na photo of a {}.\r\n".encode())
+    names.write_bytes("\ufeffroses=rose\r\ntulips=tulip\r\n".encode())
+    assert load_templates(templates) == ("a photo of a {}.",)
+    assert parse_class_renames(names) == {"roses": "rose", "tulips": "tulip"}
+    templates.write_bytes("\ufeffa photo of a {}.\r\n".encode())
+    assert load_templates(templates) == ("a photo of a {}.",)
+
+
 def test_unknown_template_preset_lists_the_presets(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"'flowers' are neither a preset \(clip-imagenet-7, flowers102\) nor a file"):
         load_templates("flowers")

@@ -139,3 +139,16 @@ def test_a_subclass_of_your_own_is_told_to_list_its_settings(monkeypatch: pytest
     with pytest.raises(ValueError, match=r"to kind='linear', which takes only bias") as err:
         load_config(None, ["model.image={kind: linear, dropout: 0.1}"])
     assert "your class" not in str(err.value)
+
+
+def test_a_class_of_your_own_that_lists_its_settings_gets_no_inheritance_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class that declares `settings` itself inherits nothing: a setting outside them is the config's mistake."""
+    from csaligner.adapters import ADAPTERS, LinearAdapter
+
+    class OwnLinear(LinearAdapter):
+        settings = ("bias",)
+
+    monkeypatch.setitem(ADAPTERS, "own_linear", OwnLinear)
+    with pytest.raises(ValueError, match=r"to kind='own_linear', which takes only bias") as err:
+        load_config(None, ["model.image={kind: own_linear, dropout: 0.1}"])
+    assert "your class" not in str(err.value)

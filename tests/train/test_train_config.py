@@ -246,3 +246,17 @@ def test_a_numpy_integer_lora_rank_says_to_pass_int() -> None:
 
     with pytest.raises(ValueError, match=r"LoRA rank r must be an integer >= 1, got np\.int64\(8\).*pass int\(value\)"):
         LoraTextConfig(r=np.int64(8))  # type: ignore[arg-type]
+
+
+def test_a_numpy_float_for_an_integer_field_is_not_told_to_pass_float() -> None:
+    """float(value) is refused by an integer field as well: the hint would send the user round in a circle."""
+    import numpy as np
+
+    from csaligner.adapters import AdapterConfig
+
+    with pytest.raises(ValueError, match=r"train\.batch_size must be an integer >= 1, got np\.float32\(64\.0\)$"):
+        TrainConfig(batch_size=np.float32(64))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_layers must be a positive integer, got np\.float32\(2\.0\)$"):
+        AdapterConfig("prior", 8, 8, num_layers=np.float32(2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"dropout must be .*pass float\(value\)"):  # a float field keeps its hint
+        AdapterConfig("prior", 8, 8, dropout=np.float32(1.5))  # type: ignore[arg-type]

@@ -72,7 +72,7 @@ class AdapterConfig:
         if not (is_number(self.mlp_alpha, plain=True) and 0.0 <= self.mlp_alpha <= 1.0):
             raise ValueError(
                 f"mlp_alpha must be a number in [0, 1] (the residual ratio), got {self.mlp_alpha!r}"
-                + numpy_hint(self.mlp_alpha)
+                + numpy_hint(self.mlp_alpha, integer=False)
             )
         for name in ("num_layers", "num_heads", "head_dim", "num_learned_tokens", "max_text_tokens"):
             _check_int(name, getattr(self, name))
@@ -80,7 +80,8 @@ class AdapterConfig:
             _check_int("token_dim", self.token_dim)
         if not (is_number(self.dropout, plain=True) and 0.0 <= self.dropout < 1.0):
             raise ValueError(
-                f"dropout must be a number in [0, 1), got {self.dropout!r}{numpy_hint(self.dropout)}; the paper uses 0"
+                f"dropout must be a number in [0, 1), got {self.dropout!r}"
+                f"{numpy_hint(self.dropout, integer=False)}; the paper uses 0"
             )
         if self.kind == "identity" and self.in_dim != self.out_dim:
             raise ValueError(
@@ -156,7 +157,8 @@ def check_settings_apply(kind: str, names: Iterable[str], where: str = "adapter"
     verb, it = ("does", "it") if len(ignored) == 1 else ("do", "them")
     accepted = f"only {', '.join(takes)}" if takes else "no settings"
     cls = ADAPTERS[kind]
-    own = "" if cls.__module__.startswith("csaligner.") else (
+    # Only a user's class that inherits `settings` is told to list them; one that lists them gave them already.
+    own = "" if cls.__module__.startswith("csaligner.") or "settings" in vars(cls) else (
         f" ({cls.__name__} is your class: list every setting its from_config reads in its `settings` "
         "class attribute, which it otherwise inherits)"
     )  # fmt: skip

@@ -233,3 +233,12 @@ def as_cache(cache: str | Path | FeatureCache, verify: bool = True) -> FeatureCa
     command that needs several things from one cache opens it once and passes the opened cache along.
     """
     return cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache, verify=verify)
+
+
+def __getattr__(name: str) -> Any:
+    # CacheWriter moved to cache_writer.py (which imports this module, hence lazily); old imports keep working.
+    if name == "CacheWriter":
+        from csaligner.data.cache_writer import CacheWriter
+
+        return CacheWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

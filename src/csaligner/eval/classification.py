@@ -74,7 +74,8 @@ def class_prompts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT
 def _entries(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of a file's non-blank lines that are not "#" comments, stripped."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: Notepad and PowerShell 5 open a UTF-8 file with a byte-order mark, no part of the first line
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from err
     stripped = ((n, line.strip()) for n, line in enumerate(lines, 1))
