@@ -102,6 +102,7 @@ def test_class_renames_from_pairs_and_file(tmp_path: Path) -> None:
     ("spec", "match"),
     [
         ("roses=rose,tulips", r"--class-names item 2: 'tulips' is not FOLDER=NAME"),
+        ("roses=rose, red,tulips=tulip", r"item 2: 'red' is not FOLDER=NAME.*a name holding a comma needs a file"),
         ("roses=rose,=tulip", r"item 2: '=tulip' is not FOLDER=NAME"),
         ("roses=", r"item 1: 'roses=' is not FOLDER=NAME"),
         ("roses=rose,roses=red rose", r"class 'roses' is renamed twice \('rose' and 'red rose'\)"),

@@ -136,7 +136,7 @@ def parse_class_renames(spec: str | Path) -> dict[str, str]:
         if not eq or not folder or not name:
             raise ValueError(
                 f"{where} {at}: {pair!r} is not FOLDER=NAME; write pairs like roses=rose (in a file one a line, "
-                "on the command line comma-separated: roses=rose,tulips=tulip)"
+                "on the command line comma-separated: roses=rose,tulips=tulip; a name holding a comma needs a file)"
             )
         if folder in renames:
             raise ValueError(f"{where} {at}: class {folder!r} is renamed twice ({renames[folder]!r} and {name!r})")
