@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from tests.eval.tiny_runs import TinyCaches, class_caches, tiny_caches
 from torch import Tensor
 
 
@@ -21,6 +24,34 @@ def _seed_and_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> TinyCaches:
+    """Tiny image and text feature caches (pooled and token text), built once per test module."""
+    return tiny_caches(tmp_path_factory.mktemp("caches"))
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Tiny (train, test) class-folder caches (daisy, roses, tulips), built once per test module."""
+    return class_caches(tmp_path_factory.mktemp("classes"))
+
+
+@pytest.fixture
+def zero_shot_prompts(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """The (C, P, D) class prompt embeddings each zero-shot call in `csaligner.eval.evaluate` receives."""
+    import csaligner.eval.evaluate as evaluate_module
+
+    seen: list[Tensor] = []
+    real = evaluate_module.zero_shot_accuracy
+
+    def spy(test_emb: Tensor, class_text: Tensor, labels: Tensor) -> Any:
+        seen.append(class_text)
+        return real(test_emb, class_text, labels)
+
+    monkeypatch.setattr(evaluate_module, "zero_shot_accuracy", spy)
+    return seen
 
 
 def _embeddings_from_similarity(sim: Tensor) -> tuple[Tensor, Tensor]:

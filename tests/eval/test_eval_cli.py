@@ -6,28 +6,17 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.eval.tiny_runs import TinyCaches, class_caches, make_run, tiny_caches
+from tests.eval.tiny_runs import TinyCaches, make_run
 
 from csaligner.cli import main
 from csaligner.data import load_paired_features
 from csaligner.eval.retrieval import retrieval_metrics
 from csaligner.train import embed
 from csaligner.train.model import load_adapters
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory: pytest.TempPathFactory) -> TinyCaches:
-    return tiny_caches(tmp_path_factory.mktemp("caches"))
-
-
-@pytest.fixture(scope="module")
-def classes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return class_caches(tmp_path_factory.mktemp("classes"))
 
 
 def evaluate(caches: TinyCaches, out: Path, *runs: str, text: Path | None = None, extra: tuple[str, ...] = ()) -> int:
@@ -75,21 +64,18 @@ def test_eval_cli_refuses_a_pooled_cache_for_a_token_run(
 
 
 def test_zero_shot_prompts_are_encoded_with_tokens(
-    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    caches: TinyCaches,
+    classes: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    zero_shot_prompts: list[torch.Tensor],
 ) -> None:
     import csaligner.eval.evaluate as evaluate_module
     from csaligner.encoders import get_encoder
     from csaligner.eval.classification import class_prompts
 
     run = make_run(tmp_path / "tok", caches.text_tokens)
-    seen: list[torch.Tensor] = []
-    real = evaluate_module.zero_shot_accuracy
-
-    def spy(test_emb: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor) -> Any:
-        seen.append(class_text)
-        return real(test_emb, class_text, labels)
-
-    monkeypatch.setattr(evaluate_module, "zero_shot_accuracy", spy)
+    seen = zero_shot_prompts
     monkeypatch.setattr(evaluate_module, "few_shot_accuracy", lambda *args, **kwargs: {})  # not under test
     data = evaluate_module.load_classification(*classes, "tiny-text")
     evaluate_module.classification_metrics(run, data)
@@ -101,7 +87,7 @@ def test_zero_shot_prompts_are_encoded_with_tokens(
 
 
 def test_zero_shot_uses_the_given_templates(
-    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path, zero_shot_prompts: list[torch.Tensor]
 ) -> None:
     """One template gives (C, 1, D) class prompts: exactly that template's prompts, not the default ensemble."""
     import csaligner.eval.evaluate as evaluate_module
@@ -109,14 +95,7 @@ def test_zero_shot_uses_the_given_templates(
     from csaligner.eval.classification import DEFAULT_TEMPLATES
 
     run = make_run(tmp_path / "tok", caches.text_tokens)
-    seen: list[torch.Tensor] = []
-    real = evaluate_module.zero_shot_accuracy
-
-    def spy(test_emb: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor) -> Any:
-        seen.append(class_text)
-        return real(test_emb, class_text, labels)
-
-    monkeypatch.setattr(evaluate_module, "zero_shot_accuracy", spy)
+    seen = zero_shot_prompts
     data = evaluate_module.load_classification(*classes, "tiny-text")
     template = "a photo of a {}, a type of flower."
     got = evaluate_module.classification_metrics(run, data, shots=(1,), templates=(template,))

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tests.eval.tiny_runs import TinyCaches, class_caches, make_run, tiny_caches
+from tests.eval.tiny_runs import TinyCaches, make_run
 
 import csaligner.eval.evaluate as evaluate_module
 from csaligner.cli import main
@@ -21,16 +21,6 @@ from csaligner.eval.classification import (
 )
 
 CLASSES = ["daisy", "roses", "tulips"]  # the tiny class caches' folders
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory: pytest.TempPathFactory) -> TinyCaches:
-    return tiny_caches(tmp_path_factory.mktemp("caches"))
-
-
-@pytest.fixture(scope="module")
-def classes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return class_caches(tmp_path_factory.mktemp("classes"))
 
 
 @pytest.fixture(scope="module")
