@@ -61,6 +61,17 @@ def test_merge_keeps_outputs_and_unmerge_restores(tiny_bert: nn.Module) -> None:
         torch.testing.assert_close(enc(*batch())[0], ref, atol=1e-5, rtol=1e-4)
 
 
+def test_merge_unmerge_cycles_leave_base_weights_bit_identical(tiny_bert: nn.Module) -> None:
+    """peft's unmerge subtracts B A again (rounding drift of ~1e-8 per cycle); the encoder restores W exactly."""
+    enc = LoraTextEncoder(tiny_bert, config=LoraTextConfig(dropout=0.0)).eval()
+    randomise_lora(enc)
+    frozen = {n: p.detach().clone() for n, p in enc.named_parameters() if not p.requires_grad}
+    for _ in range(3):
+        enc.merge()
+        enc.unmerge()
+    assert all(torch.equal(frozen[n], p) for n, p in enc.named_parameters() if not p.requires_grad)
+
+
 def test_lora_changes_outputs_and_state_dict_round_trips(tiny_bert: nn.Module) -> None:
     plain = copy.deepcopy(tiny_bert)
     enc = LoraTextEncoder(tiny_bert, config=LoraTextConfig(dropout=0.0)).eval()

@@ -116,6 +116,7 @@ class LoraTextEncoder(nn.Module):
         self.peft_model = apply_lora(model, config)
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self._unmerged: dict[str, Tensor] | None = None  # exact base weights while merged
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L) ids and mask -> (B, D) pooled and (B, L, D) hidden states, with gradients to LoRA."""
@@ -136,10 +137,21 @@ class LoraTextEncoder(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def merge(self) -> None:
+        """Fold the updates into the base weights, keeping a copy of those weights for `unmerge`."""
+        # peft's unmerge subtracts alpha/r * B A again, which leaves ~1 ulp of rounding drift in W on
+        # every merge/unmerge cycle (evaluating between training steps would slowly edit the "frozen" base).
+        self._unmerged = {n: p.detach().clone() for n, p in self.peft_model.named_parameters() if "base_layer" in n}
         merge_lora(self.peft_model)
 
     def unmerge(self) -> None:
+        """Take the updates out again; the base weights come back bit for bit."""
         unmerge_lora(self.peft_model)
+        if self._unmerged is not None:
+            with torch.no_grad():
+                for name, p in self.peft_model.named_parameters():
+                    if name in self._unmerged:
+                        p.copy_(self._unmerged[name])
+            self._unmerged = None
 
 
 def num_trainable(module: nn.Module) -> int:
