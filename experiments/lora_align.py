@@ -223,6 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    unknown = set(args.lora.split(",")) - {"off", "on"}
+    if unknown:
+        raise SystemExit(f"--lora takes off and/or on (comma-separated), got {sorted(unknown)}")
     torch.set_num_threads(args.threads)
     load = load_paired_features
     train = load(args.cache / "flickr8k-train-efficientnet-lite0", args.cache / "flickr8k-train-minilm", tokens=False)
