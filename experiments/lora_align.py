@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,8 @@ from csaligner.encoders.lora import LoraTextEncoder, lora_minilm, num_trainable
 from csaligner.eval.gap import modality_gap_metrics
 from csaligner.eval.retrieval import retrieval_metrics
 from csaligner.losses import CSAlignerLoss
+from csaligner.train import TrainConfig
+from csaligner.train.schedule import lr_at
 
 GAP_KEYS = ("centroid_distance", "paired_distance", "cs_divergence", "linear_separability")
 
@@ -88,11 +89,9 @@ def captions_by_image(features: PairedFeatures) -> list[list[int]]:
 
 
 def lr_factor(step: int, settings: RunSettings) -> float:
-    """Linear warmup then cosine to zero, as `csalign train` schedules (min_lr_ratio 0)."""
-    warm = max(1, round(settings.warmup_fraction * settings.steps))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, settings.steps - warm)))
+    """The factor on each group's lr: `csalign train`'s schedule (linear warmup, cosine to zero)."""
+    schedule = TrainConfig(lr=1.0, steps=settings.steps, warmup_fraction=settings.warmup_fraction)
+    return lr_at(step, settings.steps, schedule)
 
 
 @torch.no_grad()
