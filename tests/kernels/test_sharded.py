@@ -379,7 +379,7 @@ def test_a_rank_without_rows_takes_part_in_every_collective(tmp_path: Path) -> N
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.start_processes(
         _empty_share_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True,
-        start_method="fork",
+        start_method="spawn" if torch.cuda.is_available() else "fork",  # see test_distributed.py
     )  # fmt: skip
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"out.{rank}")

@@ -148,6 +148,16 @@ def _pair_lse_kernel(
 
 
 @triton.jit
+def _softmax_mass(t, row_a, col_b, w_row, w_col, ONE_EXP: tl.constexpr):
+    """G_ij = w_row p_ij + w_col q_ij, the InfoNCE softmax weights of a tile before the scale (see
+    `_pair_grad_body` for row_a and col_b in each mode)."""
+    if ONE_EXP:
+        return _exp2(t) * (row_a[:, None] + col_b[None, :])
+    else:
+        return w_row * _exp2(t - row_a[:, None]) + w_col * _exp2(t - col_b[None, :])
+
+
+@triton.jit
 def _pair_grad_body(
     tm, tn, rows, cols,
     X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
@@ -171,14 +181,19 @@ def _pair_grad_body(
     else:  # row_a, col_b: the log-sum-exps times log2(e)
         g = w_row * _exp2(t - row_a[:, None]) + w_col * _exp2(t - col_b[None, :])
         nce = g * sr[:, None] * kappa[None, :]
+    # At a positive, pos_w comes off the softmax mass before the scale sr kappa multiplies it: on
+    # CUDA an FMA-contracted nce - pos_w sr kappa kept nce's rounding (~1 ulp of s / N), far above the
+    # true difference of a well-aligned pair (the interpreter does not contract: only GPUs saw it).
     if POSITIVES == 1:  # a diagonal tile: column j's positive is the strip's row j - r0
         pw = tl.load(POS_W + r0 + rows, mask=(rows < n_a) & (r0 + rows < n_b), other=0.0)
-        nce = tl.where((r0 + rows)[:, None] == cols[None, :], nce - (pw * sr)[:, None] * kappa[None, :], nce)
+        excess = _softmax_mass(t, row_a, col_b, w_row, w_col, ONE_EXP) - pw[:, None]
+        nce = tl.where((r0 + rows)[:, None] == cols[None, :], excess * sr[:, None] * kappa[None, :], nce)
     elif POSITIVES == 2:  # POS_ROW[j]: column j's strip-local positive row, or -1
         pos_row = tl.load(POS_ROW + cols, mask=cols < n_b, other=-1)
         if tl.max(((pos_row >= tm * BM) & (pos_row < tm * BM + BM)).to(tl.int32), 0) > 0:
             pos_w = tl.load(POS_W + cols, mask=cols < n_b, other=0.0)
-            nce -= tl.where(rows[:, None] == pos_row[None, :], sr[:, None] * (pos_w * kappa)[None, :], 0.0)
+            excess = _softmax_mass(t, row_a, col_b, w_row, w_col, ONE_EXP) - pos_w[None, :]
+            nce = tl.where(rows[:, None] == pos_row[None, :], excess * sr[:, None] * kappa[None, :], nce)
     w = _exp2(k + k_off)  # exp(kernel logit - log_z); g_k / sigma^2 is k_scale
     if not EVEN:
         valid = _valid(rows, cols, n_a, n_b)
