@@ -33,8 +33,8 @@ BASE = TritonStrips(128, 128, 64, 8, 8, 3, tma=False, programs_per_sm=0)  # the 
 
 
 def parse_tiles(spec: str) -> TritonStrips:
-    """'128x128x64:w8:s3:tma:st:p1' -> block m x n x k, warps, stages, tensor descriptors (loads; 'st':
-    stores too), programs per SM."""
+    """'128x128x64:w8:s3:tma:st:p1:g8' -> block m x n x k, warps, stages, tensor descriptors (loads;
+    'st': stores too), programs per SM, rows of tiles per L2 group."""
     dims, *opts = spec.split(":")
     bm, bn, bk = (int(v) for v in dims.split("x"))
     t = replace(BASE, block_m=bm, block_n=bn, block_k=bk)
@@ -43,8 +43,8 @@ def parse_tiles(spec: str) -> TritonStrips:
             t = replace(t, tma=True)
         elif o == "st":
             t = replace(t, tma_store=True)
-        elif o[0] in "wsp":
-            field = {"w": "num_warps", "s": "num_stages", "p": "programs_per_sm"}[o[0]]
+        elif o[0] in "wspg":
+            field = {"w": "num_warps", "s": "num_stages", "p": "programs_per_sm", "g": "group_m"}[o[0]]
             t = replace(t, **{field: int(o[1:])})
         else:
             raise ValueError(f"unknown tile option {o!r} in {spec!r}")
@@ -104,6 +104,9 @@ def main() -> None:
         default=[],
         help="extra 'PAIR;SYM[;FORWARD]' setting, e.g. 128x64x64:w4:s4:tma:p2;128x128x64:w8:s4:tma:p1",
     )
+    p.add_argument(
+        "--chunks", default="", help="comma list of strip rows to time each setting at (default: the library's)"
+    )
     p.add_argument("--profile", action="store_true")
     a = p.parse_args()
     g = torch.Generator().manual_seed(0)
@@ -111,8 +114,8 @@ def main() -> None:
     y = F.normalize(x.detach().float().cpu() + 0.5 * torch.randn(a.n, a.dim, generator=g), dim=-1)
     y = y.cuda().bfloat16().requires_grad_()
     print(f"N = {a.n}, D = {a.dim}, bf16, {torch.cuda.get_device_name()}")
-    print("| # | setting | forward ms | fwd + bwd ms | vs first |")
-    print("|---:|---|---:|---:|---:|")
+    print("| # | setting | strip rows | forward ms | fwd + bwd ms | peak MiB | vs first |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     chosen = {int(i) for i in a.only.split(",")} if a.only else None
     first = None
     profiles = {}
@@ -123,31 +126,52 @@ def main() -> None:
         name = " / ".join([pair_spec, sym_spec, *fwd_spec])
         pair, sym = parse_tiles(pair_spec), parse_tiles(sym_spec)
         fwd_tiles = parse_tiles(fwd_spec[0]) if fwd_spec else pair
-        rows = strip_rows(a.n, a.n, TRITON_STRIP_BYTES // 2, max(pair.block_m, sym.block_m))
-
-        def forward(
-            sym: TritonStrips = sym, pair: TritonStrips = pair, fwd: TritonStrips = fwd_tiles, rows: int = rows
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            return fused_infonce_cs(x, y, 0.07, 0.5, tiles=sym, pair_tiles=pair, forward_tiles=fwd, chunk_size=rows)
-
-        def step() -> None:
-            nce, cs = forward()
-            (nce + 0.01 * cs).backward()
-
-        try:
-            with torch.no_grad():
-                fwd = timed(forward, a.repeats)
-            both = timed(step, a.repeats)
-            if a.profile:
-                profiles[i] = kernel_times(step)
-        except Exception as err:  # a setting that does not fit (shared memory, registers)
-            print(f"| {i} | {name} | {type(err).__name__}: {str(err)[:80]} | | |")
-            continue
-        first = first or both
-        print(f"| {i} | {name} | {fwd:.1f} | {both:.1f} | {both / first:.2f}x |", flush=True)
-    for i, times in profiles.items():
+        default_rows = strip_rows(a.n, a.n, TRITON_STRIP_BYTES // 2, max(pair.block_m, sym.block_m))
+        for rows in [int(r) for r in a.chunks.split(",") if r] or [default_rows]:
+            first = run_setting(f"{i}", name, x, y, pair, sym, fwd_tiles, rows, a, first, profiles)
+    for key, times in profiles.items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1]))
-        print(f"setting {i} kernel ms: {parts}")
+        print(f"setting {key} kernel ms: {parts}")
+
+
+def run_setting(
+    i: str,
+    name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pair: TritonStrips,
+    sym: TritonStrips,
+    fwd_tiles: TritonStrips,
+    rows: int,
+    a: argparse.Namespace,
+    first: float | None,
+    profiles: dict[str, dict[str, float]],
+) -> float | None:
+    """Time one setting at one strip height; print its table row; return the first row's time."""
+
+    def forward(
+        sym: TritonStrips = sym, pair: TritonStrips = pair, fwd: TritonStrips = fwd_tiles, rows: int = rows
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_infonce_cs(x, y, 0.07, 0.5, tiles=sym, pair_tiles=pair, forward_tiles=fwd, chunk_size=rows)
+
+    def step() -> None:
+        nce, cs = forward()
+        (nce + 0.01 * cs).backward()
+
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            fwd = timed(forward, a.repeats)
+        both = timed(step, a.repeats)
+        if a.profile:
+            profiles[f"{i}@{rows}"] = kernel_times(step)
+    except Exception as err:  # a setting that does not fit (shared memory, registers)
+        print(f"| {i} | {name} | {rows} | {type(err).__name__}: {str(err)[:80]} | | | | |")
+        return first
+    first = first or both
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    print(f"| {i} | {name} | {rows} | {fwd:.1f} | {both:.1f} | {peak:.0f} | {both / first:.2f}x |", flush=True)
+    return first
 
 
 if __name__ == "__main__":
