@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import struct
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +29,26 @@ def png_size(path: Path) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
     width, height = struct.unpack(">II", data[16:24])  # IHDR chunk
     return width, height
+
+
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every figure the plot functions save, in order (to read their legends and texts)."""
+    import csaligner.eval.plots as plots
+
+    saved: list[Any] = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig) or save(fig, path))
+    return saved
+
+
+def legend_and_notes(fig: Any) -> tuple[list[str], list[str]]:
+    """(legend entries, texts other than point annotations) of a one-panel figure."""
+    from matplotlib.text import Annotation
+
+    (ax,) = fig.axes
+    notes = [t.get_text() for t in ax.texts if not isinstance(t, Annotation)]
+    return [t.get_text() for t in ax.get_legend().get_texts()], notes
 
 
 def test_plot_projection(tmp_path: Path) -> None:
@@ -60,10 +83,45 @@ def test_plot_paired_distance_hist(tmp_path: Path) -> None:
 def test_plot_sensitivity(tmp_path: Path) -> None:
     lams = [1e-3, 1e-2, 1e-1, 1.0]
     results = {"rsum": [(400.0, 3.0), (420.0, 2.0), (430.0, 4.0), (390.0, 5.0)]}
-    out = plot_sensitivity(lams, results, "lambda", "rsum", tmp_path / "sens.png", logx=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is n/a: no warning
+        out = plot_sensitivity(lams, results, "lambda", "rsum", tmp_path / "sens.png", logx=True)
     assert out.stat().st_size > 5_000
     with pytest.raises(ValueError, match="3 points"):
         plot_sensitivity(lams, {"rsum": results["rsum"][:3]}, "lambda", "rsum", tmp_path / "bad.png")
+
+
+def test_plot_sensitivity_names_nan_points(tmp_path: Path, figures: list[Any]) -> None:
+    """A NaN point is not drawn: the series' legend entry and a warning say which x values and how many."""
+    nan = math.nan
+    results = {
+        "CS": [(400.0, 3.0), (nan, nan), (430.0, 4.0), (nan, 0.0)],
+        "KL": [(nan, 0.0)] * 4,  # a setting that never ran: all n/a, still in the legend
+        "L2": [(380.0, 1.0)] * 4,
+    }
+    match = r"plot_sensitivity: 6 points n/a \(NaN or infinite\), not drawn in .*sens\.png: CS \(2 of 4 n/a"
+    with pytest.warns(UserWarning, match=match) as caught:
+        plot_sensitivity([1e-3, 1e-2, 1e-1, 1.0], results, "lambda", "rsum", tmp_path / "sens.png", logx=True)
+    assert len(caught) == 1
+    assert "KL (all 4 n/a, not drawn: lambda = 0.001, 0.01, 0.1, 1)" in str(caught[0].message)
+    legend, notes = legend_and_notes(figures[0])
+    assert legend == [
+        "CS (2 of 4 n/a, not drawn: lambda = 0.01, 1)",
+        "KL (all 4 n/a, not drawn: lambda = 0.001, 0.01, 0.1, 1)",
+        "L2",
+    ]
+    assert notes == []  # L2 and part of CS are drawn: no "nothing to draw" note
+
+
+def test_plot_sensitivity_all_nan(tmp_path: Path, figures: list[Any]) -> None:
+    """No point has a value: the figure is still written, and says so rather than showing empty axes."""
+    with pytest.warns(UserWarning, match=r"3 points n/a .*rsum \(all 3 n/a, not drawn: sigma = 0.5, 1, 2\)"):
+        out = plot_sensitivity([0.5, 1.0, 2.0], {"rsum": [(math.nan, math.nan)] * 3}, "sigma", "rsum",
+                               tmp_path / "sens.png", logx=True)  # fmt: skip
+    assert out.stat().st_size > 5_000
+    legend, notes = legend_and_notes(figures[0])
+    assert legend == ["rsum (all 3 n/a, not drawn: sigma = 0.5, 1, 2)"]
+    assert notes == ["no value to draw: every point is n/a"]
 
 
 def test_plot_bars(tmp_path: Path) -> None:
@@ -76,13 +134,8 @@ def test_plot_bars(tmp_path: Path) -> None:
     assert png_size(out)[0] == 2 * int(max(3.0, 0.9 * 2 + 1.5) * 120)  # one panel per metric
 
 
-def test_plot_bars_marks_missing_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_bars_marks_missing_values(tmp_path: Path, figures: list[Any]) -> None:
     """A setting without the metric gets an "n/a" label where its bar would be, not an empty slot like a 0."""
-    import csaligner.eval.plots as plots
-
-    figures = []
-    save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
     table = {
         "InfoNCE": {"R@1": [70.0, 72.0], "5-shot": MeanStd(60.0, 2.0, 3)},
         "CS-Aligner": {"R@1": np.float32(74.0), "5-shot": float("nan")},
@@ -104,9 +157,39 @@ def test_plot_tradeoff(tmp_path: Path) -> None:
         "CS": [("λ=0", 0.08, 287.2), ("λ=1", 0.042, 285.5), ("λ=10", 0.031, 234.2)],
         "KL": [("λ=0.001", 0.062, 285.1)],  # a single point is a family too
     }
-    out = plot_tradeoff(curves, "centroid distance", "rsum", tmp_path / "t.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is n/a: no warning
+        out = plot_tradeoff(curves, "centroid distance", "rsum", tmp_path / "t.png")
     assert png_size(out) == (6.5 * 120, 4.5 * 120) and out.stat().st_size > 5_000
     zoomed = plot_tradeoff(curves, "centroid distance", "rsum", tmp_path / "z.png", ylim=(250, 290))  # λ=10 outside
     assert zoomed.stat().st_size > 5_000
     with pytest.raises(ValueError, match="at least one point"):
         plot_tradeoff({"CS": []}, "x", "y", tmp_path / "bad.png")
+
+
+def test_plot_tradeoff_names_nan_points(tmp_path: Path, figures: list[Any]) -> None:
+    """A point with a NaN coordinate is not drawn: its family's legend entry and a warning name its label;
+    it gets no annotation and is not reported as outside the y range."""
+    curves = {
+        "CS": [("λ=0", 0.08, 287.2), ("λ=1", math.nan, 285.5), ("λ=10", 0.031, math.nan)],
+        "KL": [("λ=0.001", 0.062, 285.1)],
+    }
+    match = r"plot_tradeoff: 2 points n/a .*/t\.png: CS \(2 of 3 n/a, not drawn: λ=1, λ=10\)$"
+    with pytest.warns(UserWarning, match=match):
+        plot_tradeoff(curves, "centroid distance", "rsum", tmp_path / "t.png", ylim=(286.0, 290.0))
+    legend, notes = legend_and_notes(figures[0])
+    assert legend == ["CS (2 of 3 n/a, not drawn: λ=1, λ=10)", "KL"]
+    assert notes == ["outside the y range: KL λ=0.001"]  # λ=10 is n/a, not outside
+    from matplotlib.text import Annotation
+
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.texts if isinstance(t, Annotation)] == ["λ=0", "λ=0.001"]
+
+
+def test_plot_tradeoff_all_nan(tmp_path: Path, figures: list[Any]) -> None:
+    with pytest.warns(UserWarning, match=r"1 point n/a .*CS \(all 1 n/a, not drawn: λ=0\)"):
+        out = plot_tradeoff({"CS": [("λ=0", math.nan, math.nan)]}, "gap", "rsum", tmp_path / "t.png")
+    assert out.stat().st_size > 5_000
+    legend, notes = legend_and_notes(figures[0])
+    assert legend == ["CS (all 1 n/a, not drawn: λ=0)"]
+    assert notes == ["no value to draw: every point is n/a"]

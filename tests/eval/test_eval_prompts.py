@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from tests.eval.tiny_runs import TinyCaches, make_run
+from tests.eval.tiny_runs import TinyCaches, class_caches, make_run
 
 import csaligner.eval.evaluate as evaluate_module
 from csaligner.cli import main
@@ -15,12 +15,15 @@ from csaligner.eval.classification import (
     CLIP_IMAGENET_TEMPLATES,
     DEFAULT_TEMPLATES,
     FLOWERS102_TEMPLATES,
+    escape_class_rename,
     load_templates,
     parse_class_renames,
     prompt_class_names,
+    read_class_renames,
 )
 
 CLASSES = ["daisy", "roses", "tulips"]  # the tiny class caches' folders
+EQ_CLASSES = ["daisy=white", "roses", "roses=red"]  # folders holding "=": roses=red=x could rename two of them
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,64 @@ def test_prompt_names_refuse_unknown_classes_and_duplicates() -> None:
         prompt_class_names(CLASSES, {"roses": "daisy"})  # a rename may not collide with a folder name kept
 
 
+def test_class_renames_split_at_the_known_folder(tmp_path: Path) -> None:
+    """An item is split at the "=" after a class folder's name, so a folder (or a name) may hold "="."""
+    assert parse_class_renames("daisy=white=daisy, roses=rose", EQ_CLASSES) == {"daisy=white": "daisy", "roses": "rose"}
+    assert parse_class_renames("roses=red=white", CLASSES) == {"roses": "red=white"}  # no folder roses=red here
+    path = tmp_path / "names.txt"
+    path.write_text("daisy=white = white daisy\nroses=rose, a garden flower\n")
+    assert parse_class_renames(path, EQ_CLASSES) == {"daisy=white": "white daisy", "roses": "rose, a garden flower"}
+    assert prompt_class_names(EQ_CLASSES, {"daisy=white": "daisy"}) == ["daisy", "roses", "roses=red"]
+    # without the folders an item splits at its first "=", as before
+    assert parse_class_renames("daisy=white=daisy") == {"daisy": "white=daisy"}
+
+
+def test_class_renames_escaped_equals_say_which_folder(tmp_path: Path) -> None:
+    assert parse_class_renames(r"roses\=red=crimson rose", EQ_CLASSES) == {"roses=red": "crimson rose"}
+    assert parse_class_renames(r"roses=red\=ish", EQ_CLASSES) == {"roses": "red=ish"}
+    path = tmp_path / "names.txt"
+    path.write_text("roses\\=red=crimson rose\nroses=red\\=ish\n")
+    assert parse_class_renames(path, EQ_CLASSES) == {"roses=red": "crimson rose", "roses": "red=ish"}
+    for folder, name in (("roses=red", "crimson rose"), ("roses", "red=ish"), ("a=b", "c=d=e")):
+        written = escape_class_rename(folder, name)
+        assert parse_class_renames(written, ["a", "a=b", "a=b=c", *EQ_CLASSES]) == {folder: name}
+
+
+def test_class_rename_that_could_name_two_folders_is_an_error(tmp_path: Path) -> None:
+    """roses=red=crimson could rename "roses" (to "red=crimson") or "roses=red": the error names both and
+    how to write each; from a file it names the line and gives no shell advice."""
+    match = (
+        r"^--class-names item 2: 'roses=red=crimson' could rename class 'roses' \(as 'red=crimson'\) or "
+        r"'roses=red' \(as 'crimson'\); write each \"=\" that is part of a folder or a name as \"\\=\" to say "
+        r"which: roses=red\\=crimson for 'roses', roses\\=red=crimson for 'roses=red' \(in single quotes for the "
+        r"shell: --class-names 'roses=red\\=crimson'\)$"
+    )
+    with pytest.raises(ValueError, match=match):
+        parse_class_renames("daisy=white=daisy,roses=red=crimson", EQ_CLASSES)
+    path = tmp_path / "names.txt"
+    path.write_text("# renames\nroses=red=crimson\n")
+    match = r"names\.txt line 2: 'roses=red=crimson' could rename class 'roses'.*'roses=red'"
+    with pytest.raises(ValueError, match=match) as err:
+        parse_class_renames(path, EQ_CLASSES)
+    assert "shell" not in str(err.value)
+
+
+def test_class_renames_checked_once_the_folders_are_known() -> None:
+    """Read as text, two items that may name different folders are fine; matched with the folders, an item
+    naming a folder another renames, or no folder, is an error."""
+    folders = ["roses=pink", "roses=red"]
+    assert len(read_class_renames("roses=red=x,roses=pink=y")) == 2  # both could rename "roses" as text
+    assert parse_class_renames("roses=red=x,roses=pink=y", folders) == {"roses=red": "x", "roses=pink": "y"}
+    with pytest.raises(ValueError, match=r"item 2: class 'roses=red' is renamed twice \('x' and 'y'\)"):
+        parse_class_renames(r"roses=red=x,roses\=red=y", ["roses=red"])
+    with pytest.raises(ValueError, match=r"item 2: class 'roses' is renamed twice"):
+        read_class_renames("roses=x,roses=y")  # each item reads one way only: refused before any folder is known
+    with pytest.raises(ValueError, match=r"\['lilies'\] are not classes.*\['daisy=white', 'roses', 'roses=red'\]"):
+        parse_class_renames("lilies=lily=x", EQ_CLASSES)  # no split names a folder: the first is reported
+    with pytest.raises(ValueError, match=r"item 1: 'roses\\\\=red' is not FOLDER=NAME"):
+        read_class_renames(r"roses\=red")  # the only "=" is escaped
+
+
 def test_eval_uses_and_records_templates_and_class_names(
     caches: TinyCaches, classes: tuple[Path, Path], run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,3 +264,43 @@ def test_eval_refuses_prompt_flags_without_class_caches(
     args = ["eval", "--image-cache", str(caches.image), "--text-cache", str(caches.text_tokens), "--run", str(run)]
     assert main([*args, "--out", str(tmp_path / "out"), "--templates", "flowers102"]) == 1
     assert "pass --class-train-cache and --class-test-cache too" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def eq_classes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Tiny (train, test) class caches whose folders hold "=" (EQ_CLASSES)."""
+    return class_caches(tmp_path_factory.mktemp("eq-classes"), names=tuple(EQ_CLASSES))
+
+
+@pytest.mark.parametrize("form", ["pairs", "file"])
+def test_eval_renames_folders_holding_equals(
+    caches: TinyCaches,
+    eq_classes: tuple[Path, Path],
+    run: Path,
+    tmp_path: Path,
+    zero_shot_prompts: list[object],
+    form: str,
+) -> None:
+    """`--class-names` renames a folder named daisy=white, in both forms, and the report writes it back
+    in the form that reads one way."""
+    items = ["daisy=white=daisy", r"roses\=red=crimson rose"]
+    spec = ",".join(items)
+    if form == "file":
+        spec = str(tmp_path / "names.txt")
+        Path(spec).write_text("\n".join(items) + "\n")
+    assert evaluate(caches, eq_classes, run, tmp_path / "out", "--class-names", spec) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["tok"]
+    assert metrics["zero_shot_class_names"] == {"daisy=white": "daisy", "roses": "roses", "roses=red": "crimson rose"}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]
+    assert report["sources"]["zero-shot: prompts"]["class names"] == r"daisy\=white=daisy, roses\=red=crimson rose"
+    assert len(zero_shot_prompts) == 1 and zero_shot_prompts[0].shape[0] == 3
+
+
+def test_eval_refuses_a_rename_that_could_name_two_folders(
+    caches: TinyCaches, eq_classes: tuple[Path, Path], run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert evaluate(caches, eq_classes, run, tmp_path / "out", "--class-names", "roses=red=crimson") == 1
+    err = capsys.readouterr().err
+    assert "'roses=red=crimson' could rename class 'roses' (as 'red=crimson') or 'roses=red' (as 'crimson')" in err
+    assert r"--class-names 'roses=red\=crimson'" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()

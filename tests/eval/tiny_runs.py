@@ -102,9 +102,14 @@ def tiny_caches(root: Path, n_images: int = 10) -> TinyCaches:
     return caches
 
 
-def class_caches(root: Path, per_class: tuple[int, ...] = (4, 4, 5), encoder: str = "tiny-image") -> tuple[Path, Path]:
-    """Class-folder train and test `encoder` caches; train class c has per_class[c] images, test 2 each."""
-    names = ("daisy", "roses", "tulips")
+def class_caches(
+    root: Path,
+    per_class: tuple[int, ...] = (4, 4, 5),
+    encoder: str = "tiny-image",
+    names: tuple[str, ...] = ("daisy", "roses", "tulips"),
+) -> tuple[Path, Path]:
+    """Class-folder train and test `encoder` caches of the class folders `names`; train class c has
+    per_class[c] images, test 2 each."""
     for split, counts in (("train", per_class), ("test", (2,) * len(per_class))):
         for c, (name, n) in enumerate(zip(names, counts, strict=False)):
             write_images(root / split / name, n, seed=10 * c + len(split))

@@ -15,9 +15,11 @@ from csaligner.data.features import PairedFeatures
 from csaligner.eval.classification import (
     DEFAULT_TEMPLATES,
     TEMPLATE_PRESETS,
+    escape_class_rename,
     load_templates,
     parse_class_renames,
     prompt_class_names,
+    read_class_renames,
 )
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
@@ -86,7 +88,8 @@ def report_sources(
             "seeds": ",".join(map(str, FEW_SHOT_SEEDS)),
         }
         prompts = prompts or ZeroShotPrompts.resolve(None, None, classification.class_names)
-        renamed = ", ".join(f"{k}={v}" for k, v in prompts.renames.items() if k != v) or "folder names"
+        renames = prompts.renames.items()  # written as --class-names takes them: a folder holding "=" reads one way
+        renamed = ", ".join(escape_class_rename(k, v) for k, v in renames if k != v) or "folder names"
         sources["zero-shot: prompts"] = {"templates": prompts.describe(), "class names": renamed}
     return sources
 
@@ -105,7 +108,7 @@ class ZeroShotPrompts:
     def resolve(cls, templates: str | None, class_names: str | None, classes: Sequence[str]) -> ZeroShotPrompts:
         """From the --templates and --class-names values (None: the defaults) and the data's class folders."""
         source = templates or "clip-imagenet-7"
-        renames = parse_class_renames(class_names) if class_names else {}
+        renames = parse_class_renames(class_names, classes) if class_names else {}
         names = prompt_class_names(classes, renames)
         return cls(load_templates(source), source, dict(zip(classes, names, strict=True)))
 
@@ -186,7 +189,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--class-names",
         metavar="FILE_OR_PAIRS",
         help="zero-shot names for class folders: FOLDER=NAME pairs, comma-separated (roses=rose,tulips=tulip) or "
-        "one a line in a file; classes not named are prompted with their folder name",
+        "one a line in a file; classes not named are prompted with their folder name. A folder or name may hold "
+        '"=": each pair is split at the "=" after a class folder\'s name (a=b=c renames folder a=b when there is '
+        'no folder a); where it could rename two folders, write each "=" inside a folder or name as \\= '
+        "(a\\=b=c renames a=b, a=b\\=c renames a), in either form",
     )
     p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric (default 1.0)")
     p.add_argument("--out", type=Path, help="report folder (default: <first run>/eval)")
@@ -257,7 +263,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.templates:
         load_templates(args.templates)
     if args.class_names:
-        parse_class_renames(args.class_names)
+        read_class_renames(args.class_names)
     features = load_paired_features(args.image_cache, args.text_cache, tokens=True)
     classification, prompts = None, None
     if bool(args.class_train_cache) != bool(args.class_test_cache):

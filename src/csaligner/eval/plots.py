@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,32 @@ def _finish_xy(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     return _save(fig, path)
+
+
+def _missing_label(name: str, missing: Sequence[str], total: int, where: str = "") -> str:
+    """Legend label of a series: its name, and how many and which of its `total` points are n/a (not drawn).
+
+    `where` prefixes the list of missing points, e.g. "lambda = " before "0.001, 1".
+    """
+    if not missing:
+        return name
+    count = f"all {total}" if len(missing) == total else f"{len(missing)} of {total}"
+    return f"{name} ({count} n/a, not drawn: {where}{', '.join(missing)})"
+
+
+def _warn_missing(function: str, path: str | os.PathLike[str], labels: Sequence[str], n: int) -> None:
+    """Warn that `n` points are n/a (NaN or infinite) and not drawn, naming them (`labels` from `_missing_label`)."""
+    if n == 0:
+        return
+    warnings.warn(
+        f"{function}: {n} point{'s' * (n != 1)} n/a (NaN or infinite), not drawn in {path}: {'; '.join(labels)}",
+        stacklevel=3,
+    )
+
+
+def _say_nothing_drawn(ax: Any) -> None:
+    """Centre a note on a panel none of whose points has a value, so it does not read as a plotting bug."""
+    ax.text(0.5, 0.5, "no value to draw: every point is n/a", transform=ax.transAxes, ha="center", color="gray")
 
 
 def _projection_points(
@@ -180,6 +207,10 @@ def plot_sensitivity(
 ) -> Path:
     """Lines with error bars: one series of (mean, std) per x value for each setting.
 
+    A point whose x or mean is NaN or infinite (a run that diverged or was not run) cannot be drawn:
+    its series' legend entry names the x values left out and how many, a `UserWarning` says the same,
+    and a panel with no drawable point at all says so in its middle.
+
     Args:
         x_values: the swept values (e.g. lambda or sigma).
         results: {setting: [(mean, std), ...]} aligned with x_values.
@@ -192,13 +223,23 @@ def plot_sensitivity(
     if not xs or not results:
         raise ValueError("plot_sensitivity needs at least one x value and one series")
     fig, (ax,) = _figure(1, (6.0, 4.0))
+    labels: list[str] = []  # legend labels of the series with n/a points
+    n_missing = 0
     for name, series in results.items():
         if len(series) != len(xs):
             raise ValueError(f"results[{name!r}] has {len(series)} points but there are {len(xs)} x values")
         means, stds = [float(m) for m, _ in series], [float(s) for _, s in series]
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
+        # matplotlib leaves NaN/inf points out without a word: name them in the legend and a warning
+        missing = [f"{x:g}" for x, m in zip(xs, means, strict=True) if not (math.isfinite(x) and math.isfinite(m))]
+        label = _missing_label(name, missing, len(xs), f"{xlabel} = ")
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+        labels += [label] if missing else []
+        n_missing += len(missing)
+    if n_missing == len(xs) * len(results):
+        _say_nothing_drawn(ax)
     if logx:
         ax.set_xscale("log")
+    _warn_missing("plot_sensitivity", path, labels, n_missing)
     return _finish_xy(fig, ax, xlabel, ylabel, title, path)
 
 
@@ -213,6 +254,10 @@ def plot_tradeoff(
 ) -> Path:
     """One annotated line per setting family through (x, y) points, e.g. gap vs retrieval over λ.
 
+    A point whose x or y is NaN or infinite cannot be drawn: its family's legend entry names the point
+    labels left out and how many, a `UserWarning` says the same, and a panel with no drawable point at
+    all says so in its middle.
+
     Args:
         curves: {family: [(point label, x, y), ...]} in the order to connect them (e.g. rising λ);
             each point is annotated with its label.
@@ -225,16 +270,31 @@ def plot_tradeoff(
     if not curves or any(len(points) == 0 for points in curves.values()):
         raise ValueError("plot_tradeoff needs at least one family, each with at least one point")
     fig, (ax,) = _figure(1, (6.5, 4.5))
+    labels: list[str] = []  # legend labels of the series with n/a points
+    n_missing = 0
     for name, points in curves.items():
         xs, ys = [float(x) for _, x, _ in points], [float(y) for _, _, y in points]
-        (line,) = ax.plot(xs, ys, marker="o", label=name)
-        for (label, x, y), dy in zip(points, (6, -11) * len(points), strict=False):
-            ax.annotate(label, (float(x), float(y)), textcoords="offset points", xytext=(4, dy), fontsize=7,
-                        color=line.get_color())  # fmt: skip
+        # matplotlib leaves NaN/inf points out without a word: name them in the legend and a warning
+        drawn = [math.isfinite(x) and math.isfinite(y) for x, y in zip(xs, ys, strict=True)]
+        missing = [str(label) for (label, _, _), ok in zip(points, drawn, strict=True) if not ok]
+        label = _missing_label(name, missing, len(points))
+        (line,) = ax.plot(xs, ys, marker="o", label=label)
+        labels += [label] if missing else []
+        n_missing += len(missing)
+        for (point, x, y), dy, ok in zip(points, (6, -11) * len(points), drawn, strict=False):
+            if ok:  # an n/a point has no place to annotate; its family's legend entry names it
+                ax.annotate(point, (float(x), float(y)), textcoords="offset points", xytext=(4, dy), fontsize=7,
+                            color=line.get_color())  # fmt: skip
+    if n_missing == sum(len(points) for points in curves.values()):
+        _say_nothing_drawn(ax)
+    _warn_missing("plot_tradeoff", path, labels, n_missing)
     if ylim is not None:
         ax.set_ylim(*ylim)
-        outside = [
-            f"{name} {label}" for name, pts in curves.items() for label, _, y in pts if not ylim[0] <= y <= ylim[1]
+        outside = [  # an n/a point is not "outside": it is in the legend as not drawn
+            f"{name} {label}"
+            for name, pts in curves.items()
+            for label, x, y in pts
+            if math.isfinite(float(x)) and math.isfinite(float(y)) and not ylim[0] <= y <= ylim[1]
         ]
         if outside:
             note = f"outside the y range: {', '.join(outside)}"
