@@ -60,7 +60,8 @@ def encode_caches(s: FlickrDemoSettings) -> dict[str, Path]:
 
 
 def demo_overrides(s: FlickrDemoSettings, caches: dict[str, Path], objective: str) -> list[str]:
-    """Run-config overrides shared by both runs; only the objective differs."""
+    """Run-config overrides shared by both runs; only the objective (and the CS term's lam, sigma) differ."""
+    cs_term = [f"loss.lam={s.lam}", f"loss.sigma={s.sigma}"] if objective == "cs_aligner" else []  # infonce: none
     return [
         f"data.image_cache={caches['train_image']}",
         f"data.text_cache={caches['train_text']}",
@@ -68,8 +69,7 @@ def demo_overrides(s: FlickrDemoSettings, caches: dict[str, Path], objective: st
         "model.text={kind: mlp}",
         "model.out_dim=512",
         f"loss.objective={objective}",
-        f"loss.lam={s.lam}",
-        f"loss.sigma={s.sigma}",
+        *cs_term,
         f"train.epochs={s.epochs}",
         f"train.batch_size={s.batch_size}",
         f"train.lr={s.lr}",
