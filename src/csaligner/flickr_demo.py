@@ -88,6 +88,7 @@ def config_changes(run_dir: Path, config: Any) -> list[str]:
 
     from csaligner.train.checkpoint import RESUME_MAY_CHANGE
     from csaligner.train.checkpoint import config_changes as diff
+    from csaligner.train.config import drop_ignored_settings
     from csaligner.train.overrides import read_yaml, to_dict
 
     try:
@@ -96,6 +97,7 @@ def config_changes(run_dir: Path, config: Any) -> list[str]:
         raise ValueError(
             f"{run_dir / 'config.yaml'} could not be read ({err}); remove {run_dir} to train that run again"
         ) from err
+    saved = drop_ignored_settings(saved)  # saved by an earlier version with settings it ignored: the same run
     return diff(saved, to_dict(config), RESUME_MAY_CHANGE - {"data.image_cache", "data.text_cache"})
 
 
