@@ -67,3 +67,21 @@ def test_bookkeeping_a_resume_may_change_does_not_retrain(tmp_path: Path) -> Non
     run_dir = _saved_run(tmp_path, s)
     config = load_config(None, [*demo_overrides(s, CACHES, "cs_aligner"), "train.log_every=50", "train.device=cpu"])
     assert config_changes(run_dir, config) == []
+
+
+def test_the_infonce_run_sets_no_cs_term_settings_and_an_earlier_one_is_reused(tmp_path: Path) -> None:
+    """The InfoNCE run was given the CS term's lam and sigma, which it ignored (and LossConfig now refuses);
+    a run saved with them by an earlier version is the same run, not one to train again."""
+    s = FlickrDemoSettings(out_dir=tmp_path, lam=0.5, sigma=0.8)
+    config = load_config(None, demo_overrides(s, CACHES, "infonce"))
+    assert (config.loss.lam, config.loss.sigma) == (0.01, 1.0)
+    cs = load_config(None, demo_overrides(s, CACHES, "cs_aligner")).loss
+    assert (cs.lam, cs.sigma) == (0.5, 0.8)
+    run_dir = tmp_path / "infonce"
+    run_dir.mkdir()
+    saved = dump_yaml(config).replace("lam: 0.01", "lam: 0.5").replace("sigma: 1.0", "sigma: 0.8")
+    assert "lam: 0.5" in saved and "sigma: 0.8" in saved
+    (run_dir / "config.yaml").write_text(saved)
+    (run_dir / "summary.json").write_text("{}")
+    assert config_changes(run_dir, config) == []
+    assert _prepare_run("InfoNCE only", run_dir, config) is True

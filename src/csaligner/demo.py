@@ -42,7 +42,9 @@ def _train_toy(images: Tensor, texts: Tensor, objective: str, s: ToySettings) ->
     torch.manual_seed(s.seed)
     cfg = AdapterConfig(kind="mlp", in_dim=s.dim, out_dim=s.dim, mlp_alpha=0.5)
     img_ad, txt_ad = build_adapter(cfg), build_adapter(cfg)
-    loss_fn = AlignmentLoss(LossConfig(objective=objective, lam=s.lam, sigma=s.sigma))  # type: ignore[arg-type]
+    # lam and sigma weigh and shape the CS term; InfoNCE has none (its LossConfig refuses them)
+    cs = {"lam": s.lam, "sigma": s.sigma} if objective == "cs_aligner" else {}
+    loss_fn = AlignmentLoss(LossConfig(objective=objective, **cs))  # type: ignore[arg-type]
     opt = torch.optim.AdamW([*img_ad.parameters(), *txt_ad.parameters()], lr=s.lr)
     g = torch.Generator().manual_seed(s.seed)
     for _ in range(s.steps):

@@ -60,7 +60,8 @@ def encode_caches(s: FlickrDemoSettings) -> dict[str, Path]:
 
 
 def demo_overrides(s: FlickrDemoSettings, caches: dict[str, Path], objective: str) -> list[str]:
-    """Run-config overrides shared by both runs; only the objective differs."""
+    """Run-config overrides shared by both runs; only the objective (and the CS term's lam, sigma) differ."""
+    cs_term = [f"loss.lam={s.lam}", f"loss.sigma={s.sigma}"] if objective == "cs_aligner" else []  # infonce: none
     return [
         f"data.image_cache={caches['train_image']}",
         f"data.text_cache={caches['train_text']}",
@@ -68,8 +69,7 @@ def demo_overrides(s: FlickrDemoSettings, caches: dict[str, Path], objective: st
         "model.text={kind: mlp}",
         "model.out_dim=512",
         f"loss.objective={objective}",
-        f"loss.lam={s.lam}",
-        f"loss.sigma={s.sigma}",
+        *cs_term,
         f"train.epochs={s.epochs}",
         f"train.batch_size={s.batch_size}",
         f"train.lr={s.lr}",
@@ -88,6 +88,7 @@ def config_changes(run_dir: Path, config: Any) -> list[str]:
 
     from csaligner.train.checkpoint import RESUME_MAY_CHANGE
     from csaligner.train.checkpoint import config_changes as diff
+    from csaligner.train.config import drop_ignored_settings
     from csaligner.train.overrides import read_yaml, to_dict
 
     try:
@@ -96,6 +97,7 @@ def config_changes(run_dir: Path, config: Any) -> list[str]:
         raise ValueError(
             f"{run_dir / 'config.yaml'} could not be read ({err}); remove {run_dir} to train that run again"
         ) from err
+    saved = drop_ignored_settings(saved)  # saved by an earlier version with settings it ignored: the same run
     return diff(saved, to_dict(config), RESUME_MAY_CHANGE - {"data.image_cache", "data.text_cache"})
 
 

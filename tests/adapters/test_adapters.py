@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -413,15 +414,117 @@ def _built(cfg: AdapterConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, ob
     return shapes, serialization._settings(module), repr(module)
 
 
+def _unchecked(config: AdapterConfig, name: str, value: object) -> AdapterConfig:
+    """`config` with one field changed past validation: what a config refused now would have built."""
+    changed = copy.copy(config)
+    object.__setattr__(changed, name, value)
+    return changed
+
+
 @pytest.mark.parametrize("kind", ["prior", "mlp", "linear", "identity"])
 def test_declared_settings_are_exactly_the_fields_a_kind_reads(kind: str) -> None:
     """A declared setting changes the adapter built; any other field changes nothing (refusing it is right)."""
     takes = kind_settings(kind)
     assert takes is not None and set(takes) <= set(OTHER_VALUE)
-    base = _built(make_config(kind))
+    config = make_config(kind)
+    base = _built(config)
     for name, value in OTHER_VALUE.items():
-        changed = _built(make_config(kind, **{name: value}))
+        changed = _built(_unchecked(config, name, value))
         assert (changed != base) == (name in takes), f"{kind}: {name}"
+
+
+@pytest.mark.parametrize("kind", ["prior", "mlp", "linear", "identity"])
+def test_a_config_refuses_a_value_its_kind_ignores(kind: str) -> None:
+    """Built directly, a config took mlp_ratio=8 for a linear adapter and built the same linear layer."""
+    takes = kind_settings(kind)
+    assert takes is not None
+    for name, value in OTHER_VALUE.items():
+        if name in takes:
+            assert getattr(make_config(kind, **{name: value}), name) == value
+            continue
+        with pytest.raises(ValueError) as err:
+            make_config(kind, **{name: value})
+        assert str(err.value).startswith(f"{name}={value!r} (used by kind"), str(err.value)
+        assert f"does not apply to kind={kind!r}" in str(err.value) and "remove it" in str(err.value)
+
+
+def test_a_config_names_every_value_its_kind_ignores() -> None:
+    with pytest.raises(ValueError) as err:
+        AdapterConfig("linear", 8, 6, bias=False, mlp_ratio=8, causal=False)
+    assert str(err.value).startswith(
+        "mlp_ratio=8 (used by kind 'mlp'), causal=False (used by kind 'prior') do not apply to kind='linear', "
+        "which takes only bias besides kind, in_dim, out_dim: remove them or choose a kind that uses them"
+    )
+
+
+@pytest.mark.parametrize("kind", ["prior", "mlp", "linear", "identity"])
+def test_a_default_value_is_not_a_setting(kind: str) -> None:
+    """The dataclass cannot tell a default from a given value: a field at its default builds any kind."""
+    defaults = {f.name: f.default for f in dataclasses.fields(AdapterConfig) if f.name in OTHER_VALUE}
+    config = make_config(kind, **{**defaults, **(TINY_PRIOR if kind == "prior" else {})})
+    assert config == make_config(kind)
+    assert make_config(kind, dropout=0, mlp_alpha=0.2, bias=1).dropout == 0  # equal to the default: not set
+
+
+def test_a_kind_of_your_own_keeps_its_settings_on_direct_construction() -> None:
+    """A kind that declares no settings takes every field; one that declares them is held to them."""
+
+    @register_adapter("test_open_direct")
+    class Open(LinearAdapter):
+        settings = None
+
+    @register_adapter("test_scaled_direct")
+    class Scaled(LinearAdapter):
+        settings = ("bias", "mlp_alpha")
+
+    class Inheriting(LinearAdapter):  # reads dropout, but inherits LinearAdapter.settings = ("bias",)
+        pass
+
+    register_adapter("test_inheriting_direct")(Inheriting)
+    try:
+        assert AdapterConfig("test_open_direct", 4, 4, mlp_ratio=2, num_layers=1).num_layers == 1
+        assert AdapterConfig("test_scaled_direct", 4, 4, mlp_alpha=0.5).mlp_alpha == 0.5
+        with pytest.raises(ValueError, match=r"^num_layers=1 .*to kind='test_scaled_direct', which takes only bias"):
+            AdapterConfig("test_scaled_direct", 4, 4, num_layers=1)
+        with pytest.raises(ValueError, match=r"dropout=0\.1 .*Inheriting is your class: list every setting"):
+            AdapterConfig("test_inheriting_direct", 4, 4, dropout=0.1)
+    finally:
+        for kind in ("test_open_direct", "test_scaled_direct", "test_inheriting_direct"):
+            ADAPTERS.pop(kind, None)
+
+
+def test_a_config_subclass_compares_with_its_own_defaults() -> None:
+    """A subclass that changes a default does not make that default a setting of every kind."""
+
+    @dataclasses.dataclass(frozen=True)
+    class WideConfig(AdapterConfig):
+        mlp_ratio: int = 2
+
+    assert WideConfig("linear", 8, 6).mlp_ratio == 2
+    with pytest.raises(ValueError, match=r"^mlp_ratio=4 \(used by kind 'mlp'\) does not apply to kind='linear'"):
+        WideConfig("linear", 8, 6, mlp_ratio=4)
+
+
+def test_an_adapter_file_saved_with_a_value_its_kind_ignores_still_loads(tmp_path) -> None:
+    """Earlier versions saved whatever a kind ignored (e.g. a run's model.text: {kind: linear, mlp_ratio: 8})."""
+    config = make_config("linear")
+    module = build_adapter(config)
+    meta = {
+        "format": "csaligner.adapter",
+        "format_version": "1",
+        "config": json.dumps({**config.to_dict(), "mlp_ratio": 8, "causal": False}),
+    }
+    path = tmp_path / "old.safetensors"
+    save_file(dict(module.state_dict()), str(path), metadata=meta)
+    with pytest.raises(ValueError, match="mlp_ratio=8"):
+        AdapterConfig.from_dict(json.loads(meta["config"]))  # a mapping given by a person is still checked
+    loaded, stored = load_adapter(path)
+    assert stored == config  # the ignored values read as the defaults: the same adapter
+    assert torch.equal(loaded(torch.ones(2, 8)), module(torch.ones(2, 8)))
+    newer = {**meta, "config": json.dumps({**config.to_dict(), "rank": 4})}
+    save_file(dict(module.state_dict()), str(path), metadata=newer)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['rank'\]"):  # an unknown field is still an error
+        read_adapter_config(path)
 
 
 def test_settings_a_kind_ignores_are_named_with_the_kinds_that_use_them() -> None:

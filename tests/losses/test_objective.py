@@ -111,7 +111,8 @@ def test_learnable_temperature_gets_gradient() -> None:
 @pytest.mark.parametrize(("objective", "div"), [("infonce", None), ("mmd", "mmd"), ("kl", "kl")])
 def test_baselines_share_the_call_shape(objective: str, div: str | None) -> None:
     x, y = torch.randn(12, 5, requires_grad=True), torch.randn(12, 5)
-    out = AlignmentLoss(LossConfig(objective=objective, lam=0.2))(x, y)  # type: ignore[arg-type]
+    weight = {"lam": 0.2} if div else {}  # infonce has no divergence to weigh (and refuses lam)
+    out = AlignmentLoss(LossConfig(objective=objective, **weight))(x, y)  # type: ignore[arg-type]
     expected = {"infonce", "loss"} | ({div} if div else set())
     assert set(out) == expected
     out["loss"].backward()
@@ -214,7 +215,9 @@ def test_float64_gradcheck_through_every_objective(objective: str, impl: str) ->
     """float64 gradcheck failed on float32 rounding inside the loss."""
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    loss_fn = AlignmentLoss(objective=objective, lam=0.5, impl=impl, temperature=0.5)  # type: ignore[arg-type]
+    settings = {"impl": impl, "lam": 0.5, "temperature": 0.5}
+    ignored = {"infonce": ("lam",), "l2_prior": ("lam", "temperature")}.get(objective, ())  # refused if given
+    loss_fn = AlignmentLoss(objective=objective, **{k: v for k, v in settings.items() if k not in ignored})  # type: ignore[arg-type]
     assert torch.autograd.gradcheck(lambda a, b: loss_fn(a, b)["loss"], (x, y))
 
 

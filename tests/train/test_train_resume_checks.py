@@ -64,6 +64,51 @@ def test_resume_of_a_run_stored_with_a_setting_its_kind_ignores(tmp_path: Path, 
     assert load_config(tmp_path / "config.yaml").model.text == {"kind": "linear"}  # the run's config reloads
 
 
+def _stored_with(checkpoint: str | None, **loss: object) -> None:
+    """Write loss values into a checkpoint's stored config, as an earlier version stored them."""
+    assert checkpoint is not None
+    state_file = Path(checkpoint) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["loss"].update(loss)
+    state_file.write_text(json.dumps(state))
+
+
+def test_resume_of_a_run_stored_with_a_loss_value_its_objective_ignores(
+    tmp_path: Path, features: PairedFeatures
+) -> None:
+    # Earlier versions accepted loss.lam (and sigma) for infonce, ignored them and stored them in the checkpoint.
+    # They are refused at load now; without them the resume continues the very same training.
+    cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce")
+    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, lam=0.5, sigma=0.3)
+    with pytest.raises(ValueError, match=r"objective 'infonce' has no divergence term, so lam=0\.5 would be ignored"):
+        load_config(None, [*cfg, "loss.lam=0.5"])
+    result = train(load_config(None, [*cfg, "train.resume=auto"]), features)
+    assert result.finished and result.step == 6
+    assert load_config(tmp_path / "config.yaml").loss.lam == 0.01  # the run's config reloads
+
+
+def test_resume_still_compares_the_loss_values_the_objective_reads(tmp_path: Path, features: PairedFeatures) -> None:
+    cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce")
+    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, lam=0.5, temperature=0.2)
+    with pytest.raises(ValueError, match=r"different config: loss\.temperature: 0\.2 -> 0\.07") as err:
+        train(load_config(None, [*cfg, "train.resume=auto"]), features)
+    assert "loss.lam" not in str(err.value)
+
+
+def test_resume_of_a_run_stored_with_a_learned_setting_its_objective_ignored_says_why(
+    tmp_path: Path, features: PairedFeatures
+) -> None:
+    """learn_sigma for infonce added a parameter (that never moved) to the checkpoint: dropping the flag
+    cannot make the checkpoint fit, and "does not fit this run's model" would not say why."""
+    cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce")
+    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, learn_sigma=True)
+    with pytest.raises(ValueError) as err:
+        train(load_config(None, [*cfg, "train.resume=auto"]), features)
+    message = str(err.value)
+    assert "trained with loss.learn_sigma=true, which objective 'infonce' ignores" in message
+    assert "Start a new run in another train.out_dir" in message
+
+
 def test_resume_may_change_bookkeeping_fields(tmp_path: Path, features: PairedFeatures, stopped: Path) -> None:
     changes = ["train.log_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.device=cpu"]
     result = _resume(tmp_path, features, *changes, "train.progress=true", "loss.impl=chunked")

@@ -1,16 +1,18 @@
 """`AdapterConfig`: one frozen dataclass describing any adapter, validated on construction.
 
-Every kind reads the fields it needs (its class's `settings`) and ignores the rest, so a saved
-adapter's JSON metadata, which holds every field, round-trips through `dataclasses.asdict`. A config
-written by a person (a training run's model.image / model.text mapping) holds only the fields given,
-and `check_settings_apply` refuses one the kind would ignore: the dataclass cannot tell a default
-from a given value, the mapping can.
+Every kind reads the fields it needs (its class's `settings`) and ignores the rest. A field the kind
+ignores is refused when it differs from its default: `AdapterConfig(kind="linear", ..., mlp_ratio=8)`
+would build the same linear layer as without it. The dataclass cannot tell a default from a given
+value; a config written by a person (a training run's model.image / model.text mapping) holds only
+the fields given, so `check_settings_apply` refuses one the kind ignores even at its default value.
+A saved adapter's JSON metadata holds every field (`dataclasses.asdict`); one written before these
+checks may hold an ignored value, which `drop_ignored_settings` removes when the file is read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from csaligner._validation import is_integer, is_number, numpy_hint
@@ -88,6 +90,13 @@ class AdapterConfig:
                 f'kind="identity" needs in_dim == out_dim, got in_dim={self.in_dim}, out_dim={self.out_dim}; '
                 'use kind="linear" to change the width'
             )
+        self._check_settings_apply()
+
+    def _check_settings_apply(self) -> None:
+        """Refuse a field the kind ignores that differs from its default (a default is not a setting)."""
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}  # a subclass's own
+        changed = {n: getattr(self, n) for n in KIND_FIELDS if n not in defaults or getattr(self, n) != defaults[n]}
+        check_settings_apply(self.kind, changed, where="", values=changed)
 
     @property
     def inner_dim(self) -> int:
@@ -118,6 +127,8 @@ class AdapterConfig:
 
 BASE_FIELDS = ("kind", "in_dim", "out_dim")
 """The `AdapterConfig` fields every kind reads."""
+KIND_FIELDS = tuple(f.name for f in fields(AdapterConfig) if f.name not in BASE_FIELDS)
+"""The `AdapterConfig` fields a kind may read or ignore (its class's `settings` says which it reads)."""
 
 
 def kind_settings(kind: str) -> tuple[str, ...] | None:
@@ -132,16 +143,20 @@ def kind_settings(kind: str) -> tuple[str, ...] | None:
     return None if cls.settings is None else tuple(cls.settings)
 
 
-def check_settings_apply(kind: str, names: Iterable[str], where: str = "adapter") -> None:
+def check_settings_apply(
+    kind: str, names: Iterable[str], where: str = "adapter", values: Mapping[str, Any] | None = None
+) -> None:
     """Refuse settings that `kind` does not read: given, they would change nothing without a word.
 
-    Call it on the fields a person gave (a YAML mapping, CLI flags), not on a full `AdapterConfig`,
-    whose defaults fill every field whatever the kind.
+    Call it on the fields a person gave (a YAML mapping, CLI flags), not on every field of a full
+    `AdapterConfig`, whose defaults fill every field whatever the kind (`AdapterConfig` itself checks
+    the fields that differ from their defaults).
 
     Args:
         kind: a registered adapter name.
         names: the given field names; unknown names are left to the caller's unknown-key check.
-        where: prefix of the setting in the message, e.g. "model.text".
+        where: prefix of the setting in the message, e.g. "model.text"; "" for none.
+        values: the given values by name, to name each refused setting's value in the message.
 
     Raises:
         ValueError: naming each setting, the kinds that use it, and the settings `kind` takes.
@@ -149,11 +164,12 @@ def check_settings_apply(kind: str, names: Iterable[str], where: str = "adapter"
     takes = kind_settings(kind)
     if takes is None:
         return
-    known = {f.name for f in fields(AdapterConfig)}
-    ignored = [n for n in names if n in known and n not in BASE_FIELDS and n not in takes]
+    ignored = [n for n in names if n in KIND_FIELDS and n not in takes]
     if not ignored:
         return
-    named = ", ".join(f"{where}.{n} (used by {_users(n)})" for n in ignored)
+    prefix = f"{where}." if where else ""
+    shown = {n: f"={values[n]!r}" if values is not None and n in values else "" for n in ignored}
+    named = ", ".join(f"{prefix}{n}{shown[n]} (used by {_users(n)})" for n in ignored)
     verb, it = ("does", "it") if len(ignored) == 1 else ("do", "them")
     accepted = f"only {', '.join(takes)}" if takes else "no settings"
     cls = ADAPTERS[kind]
@@ -166,6 +182,20 @@ def check_settings_apply(kind: str, names: Iterable[str], where: str = "adapter"
         f"{named} {verb} not apply to kind={kind!r}, which takes {accepted} besides {', '.join(BASE_FIELDS)}: "
         f"remove {it} or choose a kind that uses {it}{own}"
     )
+
+
+def drop_ignored_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """An `AdapterConfig` mapping without the fields its kind ignores, so `from_dict` gives them their defaults.
+
+    Saved adapters hold every field, and earlier versions saved whatever value a kind ignored; reading such
+    a file keeps working, and builds the same adapter. Unknown fields and kinds are kept for `from_dict`
+    to refuse.
+    """
+    kind = data.get("kind")
+    cls = ADAPTERS.get(kind) if isinstance(kind, str) else None
+    if cls is None or cls.settings is None:
+        return dict(data)
+    return {k: v for k, v in data.items() if k not in KIND_FIELDS or k in cls.settings}
 
 
 def _users(name: str) -> str:

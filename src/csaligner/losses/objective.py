@@ -10,9 +10,9 @@ l2_prior) refuse them instead of ignoring them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,16 @@ MIN_LEARNED_TEMPERATURE = 0.01
 """A learned temperature is clamped here (CLIP's logit scale <= 100)."""
 DIVERGENCE_TERMS: dict[str, str] = {"cs_aligner": "cs", "mmd": "mmd", "kl": "kl"}
 """Objective -> name of its distribution-divergence term, the only term unpaired data enters."""
+SETTING_USERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "lam": (("cs_aligner", "mmd", "kl"), "no divergence term"),
+    "sigma": (("cs_aligner", "mmd"), "no kernel term and token_lam=0 (no token-level CS term)"),
+    "learn_sigma": (("cs_aligner", "mmd"), "no kernel term and token_lam=0 (no token-level CS term)"),
+    "temperature": (("cs_aligner", "infonce", "mmd", "kl"), "no InfoNCE term"),
+    "learn_temperature": (("cs_aligner", "infonce", "mmd", "kl"), "no InfoNCE term"),
+    "impl": (("cs_aligner", "infonce"), "no fused InfoNCE + D_CS path (it computes its terms densely)"),
+}
+"""`LossConfig` field -> (the objectives that read it, what the others lack). sigma and learn_sigma are read
+by every objective when token_lam > 0 (the token-level CS term's kernel); token_lam and normalize always."""
 
 
 @dataclass(frozen=True)
@@ -37,13 +47,15 @@ class LossConfig:
     objective: ObjectiveName = "cs_aligner"
     """Which objective: "cs_aligner" (InfoNCE + lam * D_CS), "infonce" (InfoNCE only), "mmd" / "kl"
     (InfoNCE + lam * Gaussian-kernel MMD / Gaussian KL, the divergence ablation) or "l2_prior"
-    (Eclipse's L2 between mapped text and its image embedding)."""
+    (Eclipse's L2 between mapped text and its image embedding). A field the objective ignores (lam for
+    infonce, temperature for l2_prior, ...: `SETTING_USERS`) is refused unless it keeps its default."""
     lam: float = 0.01
-    """Weight of the distribution divergence (the paper's lambda)."""
+    """Weight of the distribution divergence (the paper's lambda); infonce and l2_prior have none."""
     sigma: float | Literal["median"] = 1.0
-    """Gaussian kernel bandwidth on unit-norm features, or "median"."""
+    """Gaussian kernel bandwidth on unit-norm features, or "median": of D_CS (cs_aligner), MMD (mmd) and the
+    token-level CS term (token_lam > 0, any objective)."""
     temperature: float = 0.07
-    """InfoNCE softmax temperature (initial value when learnable)."""
+    """InfoNCE softmax temperature (initial value when learnable); l2_prior has no InfoNCE term."""
     learn_temperature: bool = False
     """Learn the temperature as CLIP's log logit scale (clamped to temperature >= 0.01, so it must
     start there); a fixed temperature is used as given."""
@@ -54,7 +66,8 @@ class LossConfig:
     normalize: bool = True
     """L2-normalise features before every term, as the paper does."""
     impl: Impl = "auto"
-    """Kernel path for InfoNCE + D_CS: dense reference, chunked O(N) memory, or Triton on CUDA."""
+    """Kernel path for InfoNCE + D_CS (cs_aligner, infonce): dense reference, chunked O(N) memory, or Triton
+    on CUDA. mmd, kl and l2_prior compute their terms densely."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -79,12 +92,51 @@ class LossConfig:
             )
         if self.impl not in ("auto", "dense", "chunked", "triton"):
             raise ValueError(f"impl must be auto, dense, chunked or triton, got {self.impl!r}")
+        ignored = ignored_settings(self.__dict__)
+        if ignored:  # e.g. lam for infonce: the run would be plain InfoNCE under a config that says otherwise
+            raise ValueError("; ".join(_ignored_message(self, name) for name in ignored))
 
     @property
     def takes_unpaired(self) -> bool:
         """True when the objective has a distribution divergence (cs_aligner, mmd, kl): the only term
         unpaired images and texts can enter. infonce and l2_prior refuse them."""
         return self.objective in DIVERGENCE_TERMS
+
+
+LOSS_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LossConfig)}
+"""Every `LossConfig` field's default value."""
+
+
+def ignored_settings(values: Mapping[str, Any]) -> list[str]:
+    """The fields its objective ignores among `values` (a `LossConfig`'s fields by name, e.g. its `to_dict`
+    form) that differ from their defaults; [] for an unknown objective. A default is not a setting: the
+    dataclass cannot tell `LossConfig(objective="infonce")` from one given lam=0.01."""
+    objective = values.get("objective", LOSS_DEFAULTS["objective"])
+    if objective not in OBJECTIVES:
+        return []
+    token_lam = values.get("token_lam", 0.0)
+    token_cs = is_number(token_lam) and token_lam > 0  # its kernel takes sigma whatever the objective
+    return [
+        name
+        for name, (users, _) in SETTING_USERS.items()
+        if objective not in users
+        and not (token_cs and name in ("sigma", "learn_sigma"))
+        and name in values
+        and values[name] != LOSS_DEFAULTS[name]
+    ]
+
+
+def _ignored_message(config: LossConfig, name: str) -> str:
+    users, lacks = SETTING_USERS[name]
+    names = [repr(u) for u in users]
+    others = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    way = f"use objective {others}"
+    if name in ("sigma", "learn_sigma"):
+        way = f"{way}, or turn on the token-level CS term (token_lam > 0, with token features)"
+    return (
+        f"objective {config.objective!r} has {lacks}, so {name}={getattr(config, name)!r} would be ignored; "
+        f"drop {name} (or set it back to its default, {LOSS_DEFAULTS[name]!r}) or {way}"
+    )
 
 
 class AlignmentLoss(nn.Module):

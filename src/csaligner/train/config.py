@@ -190,6 +190,25 @@ def drop_ignored_adapter_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "model": model}
 
 
+def drop_ignored_loss_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A `to_dict` form of a run config with the loss values its objective ignores set back to their defaults.
+
+    Earlier versions accepted them (objective infonce with lam 0.5) and ignored them, so a checkpoint's or a
+    run folder's stored config may hold them; a run that had to drop them (they are refused now) is the same.
+    """
+    from csaligner.losses.objective import LOSS_DEFAULTS, ignored_settings
+
+    loss = config.get("loss")
+    if not isinstance(loss, dict):
+        return config
+    return {**config, "loss": {**loss, **{name: LOSS_DEFAULTS[name] for name in ignored_settings(loss)}}}
+
+
+def drop_ignored_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """`drop_ignored_adapter_settings` and `drop_ignored_loss_settings`: a stored run config as it loads now."""
+    return drop_ignored_loss_settings(drop_ignored_adapter_settings(config))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, schedule, precision and bookkeeping of the training loop."""

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
-from csaligner.losses.objective import AlignmentLoss, build_objective
+from csaligner.losses.objective import AlignmentLoss, build_objective, ignored_settings
 from csaligner.train.batches import BatchSampler, describe_split, split_features
 from csaligner.train.checkpoint import (
     Checkpoint,
@@ -37,7 +37,7 @@ from csaligner.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from csaligner.train.config import RunConfig, drop_ignored_adapter_settings
+from csaligner.train.config import RunConfig, drop_ignored_settings
 from csaligner.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, wrap_ddp
 from csaligner.train.model import AlignmentModel, build_model, save_adapters, write_run_encoders
 from csaligner.train.monitor import RunMonitor
@@ -313,8 +313,10 @@ def _maybe_resume(run: _Run) -> None:
 def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
     """The checkpoint continues this run only under the same model, data order and schedule."""
     stored = ckpt.state.get("config")
-    if isinstance(stored, dict):  # adapter keys an earlier version ignored do not make it another model
-        stored = drop_ignored_adapter_settings(stored)
+    if isinstance(stored, dict):
+        _refuse_ignored_learned(ckpt.path, stored)
+        # Adapter keys and loss values an earlier version ignored do not make it another model.
+        stored = drop_ignored_settings(stored)
     changes = config_changes(stored, to_dict(run.config)) if isinstance(stored, dict) else []
     if changes:
         raise ValueError(
@@ -329,6 +331,20 @@ def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
             f"checkpoint {ckpt.path} planned {planned} steps and this run plans {run.total_steps} with the same "
             "config: the features differ in size. Point data.image_cache / data.text_cache at the caches it "
             "was trained on, or start a new run in another train.out_dir"
+        )
+
+
+def _refuse_ignored_learned(path: str, stored: dict[str, Any]) -> None:
+    """A learn_* flag its objective ignored still added a parameter (that never moved) to the checkpoint, so
+    dropping the flag is not enough for the checkpoint to fit: say so, rather than "does not fit this model"."""
+    loss = stored.get("loss")
+    learned = [n for n in ignored_settings(loss) if n.startswith("learn_")] if isinstance(loss, dict) else []
+    if learned and isinstance(loss, dict):
+        flags = " and ".join(f"loss.{name}=true" for name in learned)
+        raise ValueError(
+            f"checkpoint {path} was trained with {flags}, which objective {loss['objective']!r} ignores (it is "
+            "refused now); the unused parameter it added is in the checkpoint, so a run without it cannot "
+            "continue from there. Start a new run in another train.out_dir (the setting changed nothing it learned)"
         )
 
 
