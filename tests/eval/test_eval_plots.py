@@ -91,6 +91,16 @@ def test_plot_sensitivity(tmp_path: Path) -> None:
         plot_sensitivity(lams, {"rsum": results["rsum"][:3]}, "lambda", "rsum", tmp_path / "bad.png")
 
 
+def test_plot_sensitivity_refuses_x_a_log_axis_cannot_draw(tmp_path: Path) -> None:
+    """matplotlib drops x <= 0 from a log axis without a word (lambda = 0 vanished from the sweep's plot)."""
+    results = {"rsum": [(400.0, 3.0), (420.0, 2.0), (430.0, 4.0)]}
+    with pytest.raises(ValueError, match=r"logx needs x values > 0, got lambda = 0, -1; draw them at a small positive"):
+        plot_sensitivity([0.0, -1.0, 1.0], results, "lambda", "rsum", tmp_path / "sens.png", logx=True)
+    assert not (tmp_path / "sens.png").exists()
+    out = plot_sensitivity([0.0, -1.0, 1.0], results, "lambda", "rsum", tmp_path / "lin.png")  # linear: drawn
+    assert out.stat().st_size > 5_000
+
+
 def test_plot_sensitivity_names_nan_points(tmp_path: Path, figures: list[Any]) -> None:
     """A NaN point is not drawn: the series' legend entry and a warning say which x values and how many."""
     nan = math.nan

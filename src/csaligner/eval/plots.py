@@ -216,12 +216,23 @@ def plot_sensitivity(
         results: {setting: [(mean, std), ...]} aligned with x_values.
         xlabel, ylabel: axis labels.
         path: PNG to write.
-        logx: log-scale x axis (for lambda sweeps over decades).
+        logx: log-scale x axis (for lambda sweeps over decades); every x must then be > 0.
         title: figure title.
+
+    Raises:
+        ValueError: no x value or series, a series of another length than x_values, or with logx an
+            x <= 0 (a log axis cannot place it, and matplotlib would leave it out silently).
     """
     xs = [float(x) for x in x_values]
     if not xs or not results:
         raise ValueError("plot_sensitivity needs at least one x value and one series")
+    # matplotlib drops x <= 0 from a log axis without a word; unlike a NaN result, that is the caller's choice of x
+    off_log = [f"{x:g}" for x in xs if logx and x <= 0]
+    if off_log:
+        raise ValueError(
+            f"logx needs x values > 0, got {xlabel} = {', '.join(off_log)}; draw them at a small positive x "
+            "(e.g. lambda = 0 at 1e-3, saying so in xlabel) or pass logx=False"
+        )
     fig, (ax,) = _figure(1, (6.0, 4.0))
     labels: list[str] = []  # legend labels of the series with n/a points
     n_missing = 0
