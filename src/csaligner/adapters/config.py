@@ -6,7 +6,7 @@ would build the same linear layer as without it. The dataclass cannot tell a def
 value; a config written by a person (a training run's model.image / model.text mapping) holds only
 the fields given, so `check_settings_apply` refuses one the kind ignores even at its default value.
 A saved adapter's JSON metadata holds every field (`dataclasses.asdict`); one written before these
-checks may hold an ignored value, which `drop_ignored_settings` removes when the file is read.
+checks may hold an ignored value, which `drop_ignored_fields` removes when the file is read.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def check_settings_apply(
     )
 
 
-def drop_ignored_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+def drop_ignored_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     """An `AdapterConfig` mapping without the fields its kind ignores, so `from_dict` gives them their defaults.
 
     Saved adapters hold every field, and earlier versions saved whatever value a kind ignored; reading such

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from csaligner._safetensors_io import save_safetensors
-from csaligner.adapters.config import AdapterConfig, drop_ignored_settings
+from csaligner.adapters.config import AdapterConfig, drop_ignored_fields
 from csaligner.adapters.registry import ADAPTERS, Adapter, build_adapter
 
 FORMAT = "csaligner.adapter"
@@ -95,7 +95,7 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{str(src)!r} stores a config of type {type(data).__name__}, expected a JSON object")
     # A file from before the settings checks may hold a value its kind ignored: it loads, as the same adapter.
-    return AdapterConfig.from_dict(drop_ignored_settings(data))
+    return AdapterConfig.from_dict(drop_ignored_fields(data))
 
 
 def load_adapter(

@@ -173,8 +173,7 @@ def drop_ignored_adapter_settings(config: dict[str, Any]) -> dict[str, Any]:
     Earlier versions accepted such keys and ignored them, so a checkpoint's stored config may hold them;
     a resume that had to delete them (they are refused now) continues the same model.
     """
-    from csaligner.adapters import kind_settings
-    from csaligner.adapters.config import BASE_FIELDS
+    from csaligner.adapters.config import drop_ignored_fields
 
     model = config.get("model")
     if not isinstance(model, dict):
@@ -182,11 +181,8 @@ def drop_ignored_adapter_settings(config: dict[str, Any]) -> dict[str, Any]:
     model = dict(model)
     for side in ("image", "text"):
         spec = model.get(side)
-        if not isinstance(spec, dict) or spec.get("kind") not in adapter_kinds():
-            continue
-        takes = kind_settings(spec["kind"])
-        if takes is not None:
-            model[side] = {k: v for k, v in spec.items() if k in BASE_FIELDS or k in takes}
+        if isinstance(spec, dict) and spec.get("kind") in adapter_kinds():
+            model[side] = drop_ignored_fields(spec)
     return {**config, "model": model}
 
 
