@@ -7,12 +7,14 @@
 #   3. if .ref/ holds an older tree (`mkdir .ref && git archive REV src benchmarks | tar -x -C .ref`,
 #      carried as `.ref`), the same Triton timings of that tree and of this one again, on the same
 #      card: an A/B within one lease (each benchmark script imports its own tree's src),
-#   4. the torch.profiler table of one 65k step.
+#   4. the torch.profiler table of one 65k step,
+#   5. (step "tune") benchmarks/tune_tiles.py at 65k: the default tiles (row 11) against the
+#      not-yet-timed candidates for the backward X Y^T kernel (rows 12-16, split epilogues).
 #
 # From the repository root on the device machine: `bash benchmarks/gpu_check.sh`, or a subset:
-# `STEPS="bench ab" bash benchmarks/gpu_check.sh` (steps: tests bench ab profile). The timeouts add
+# `STEPS="bench ab" bash benchmarks/gpu_check.sh` (steps: tests bench ab profile tune). The timeouts add
 # up to more than the device's 10 minutes a call: run `STEPS=tests` and then
-# `STEPS="bench ab profile"` as two calls, back to back while the machine is warm. Results go to $OUT (the device tool's folder), else
+# `STEPS="bench ab profile"` (and `STEPS=tune`) as separate calls, back to back while the machine is warm. Results go to $OUT (the device tool's folder), else
 # /tmp/gpu_check. Inf-CL comes from .whl/ when carried
 # (`pip download --no-deps -d .whl inf-cl==1.2.1` here; the device has no network).
 set -u
@@ -58,4 +60,11 @@ if has profile; then
     echo "== profile at 65k"
     timeout 60 python benchmarks/profile_loss.py --n 65536 --rows 16 >"$OUT/profile.txt" 2>&1
     grep -v Warning "$OUT/profile.txt" | head -n 24
+fi
+
+if has tune; then
+    echo "== tile candidates at 65k"
+    timeout 300 python benchmarks/tune_tiles.py --n 65536 --only 11,12,13,14,15,16 --repeats 5 --profile \
+        >"$OUT/tune.txt" 2>&1
+    grep -v Warning "$OUT/tune.txt" | tail -n 20
 fi

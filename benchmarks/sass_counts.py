@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ def counts(kernel: Any) -> dict[str, int]:
         "MUFU.EX2": ops["MUFU.EX2"],
         "fp32 ops": sum(ops[k] for k in FP32_OPS),
         "all": sum(ops.values()),
+        "shared KiB": kernel.metadata.shared // 1024,
     }
 
 
@@ -127,14 +129,34 @@ def main() -> None:
         ("forward t_ii (diagonal tiles, value only)", "FORWARD_PAIR_TILES", FORWARD_PAIR_TILES),
         ("backward X Y^T", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
         ("backward X Y^T", "4 warps, 2 programs/SM, descriptor stores", four_warps),
+        (
+            "backward X Y^T",
+            "4 warps, 2 programs/SM, epilogue in 2 column blocks",
+            replace(four_warps, epilogue_split=2),
+        ),
+        (
+            "backward X Y^T",
+            "4 warps, 2 programs/SM, epilogue in 4 column blocks",
+            replace(four_warps, epilogue_split=4),
+        ),
+        (
+            "backward X Y^T",
+            "4 warps, 2 programs/SM, 32-wide K steps, 4 stages, epilogue in 4 column blocks",
+            replace(four_warps, block_k=32, num_stages=4, epilogue_split=4),
+        ),
+        (
+            "backward X Y^T",
+            "BACKWARD_PAIR_TILES, epilogue in 2 column blocks",
+            replace(BACKWARD_PAIR_TILES, epilogue_split=2),
+        ),
         ("backward X Y^T, float32 operands", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
         ("kernel weights (symmetric)", "SYMMETRIC_TILES", SYMMETRIC_TILES),
         ("kernel weights (symmetric)", "8 warps, 1 program/SM", wide),
         ("gradient finish (elementwise, (N, D))", "4 warps, 4096 elements", wide),
     ]
     print(f"Triton {triton.__version__}, sm_90a, strip {s} x {n}, D = {d}, bf16 (static counts)")
-    print("| kernel | tiles | registers | stack bytes | MUFU.EX2 | fp32 ops | all instructions |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| kernel | tiles | registers | stack bytes | MUFU.EX2 | fp32 ops | all instructions | shared KiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for kernel, label, t in rows:
         if kernel.startswith("forward"):
 

@@ -33,8 +33,9 @@ BASE = TritonStrips(128, 128, 64, 8, 8, 3, tma=False, programs_per_sm=0)  # the 
 
 
 def parse_tiles(spec: str) -> TritonStrips:
-    """'128x128x64:w8:s3:tma:st:p1:g8' -> block m x n x k, warps, stages, tensor descriptors (loads;
-    'st': stores too), programs per SM, rows of tiles per L2 group."""
+    """'128x128x64:w8:s3:tma:st:p1:g8:e4' -> block m x n x k, warps, stages, tensor descriptors (loads;
+    'st': stores too), programs per SM, rows of tiles per L2 group, column blocks of the backward
+    X Y^T epilogue (`epilogue_split`)."""
     dims, *opts = spec.split(":")
     bm, bn, bk = (int(v) for v in dims.split("x"))
     t = replace(BASE, block_m=bm, block_n=bn, block_k=bk)
@@ -43,8 +44,14 @@ def parse_tiles(spec: str) -> TritonStrips:
             t = replace(t, tma=True)
         elif o == "st":
             t = replace(t, tma_store=True)
-        elif o[0] in "wspg":
-            field = {"w": "num_warps", "s": "num_stages", "p": "programs_per_sm", "g": "group_m"}[o[0]]
+        elif o[0] in "wspge":
+            field = {
+                "w": "num_warps",
+                "s": "num_stages",
+                "p": "programs_per_sm",
+                "g": "group_m",
+                "e": "epilogue_split",
+            }[o[0]]
             t = replace(t, **{field: int(o[1:])})
         else:
             raise ValueError(f"unknown tile option {o!r} in {spec!r}")
@@ -63,6 +70,15 @@ SETTINGS: list[tuple[str, ...]] = [  # (X Y^T, X X^T / Y Y^T[, forward X Y^T]); 
     ("256x64x64:w8:s4:tma:p1", "128x128x64:w8:s3:tma"),
     ("128x64x64:w4:s3:tma", "128x128x64:w8:s3:tma:p1"),
     ("128x128x64:w8:s4:tma:st:p1", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),  # the defaults
+    # The backward X Y^T epilogue on column blocks: with 4 warps and 4 blocks the sm_90a compile has
+    # 32 bytes of stack (2,456 unsplit) and 104 KiB of shared memory (192), so two programs fit an SM
+    # and one's epilogue can run beside the other's products, as the forward's do
+    # (`python benchmarks/sass_counts.py`; not yet timed on a GPU).
+    ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
+    ("128x128x64:w4:s3:tma:st:p2:e2", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
+    ("128x128x64:w4:s3:tma:p2:e4", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
+    ("128x128x64:w8:s4:tma:st:p1:e2", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
+    ("128x128x32:w4:s4:tma:st:p2:e4", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
 ]
 
 

@@ -19,6 +19,7 @@ from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips witho
 
 from csaligner.kernels import fused, fused_kernels, infonce_cs_terms, streamed_cs_divergence, streamed_info_nce
 from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs
+from csaligner.kernels.fused_kernels import FORWARD_PAIR_TILES
 from csaligner.kernels.strips import mm_accumulate
 from csaligner.kernels.triton_strips import TritonStrips, _multiprocessors
 from csaligner.losses import cs_divergence, info_nce
@@ -175,6 +176,22 @@ def test_gpu_fused_matches_dense_at_moderate_size(dtype: torch.dtype) -> None:
     assert_grads_close(list(got_g), list(want_g), rtol=1e-3 if dtype == torch.float32 else 3e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("split", [2, 4])
+def test_gpu_split_epilogue_tiles_match_the_default_tiles(split: int) -> None:
+    """The full-size backward tiles with the epilogue on column blocks (the candidates in
+    benchmarks/tune_tiles.py) give the default tiles' loss and gradients."""
+    x, y = feats(3000, 256, torch.bfloat16), feats(3000, 256, torch.bfloat16, shift=0.1)
+    split_tiles = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2, tma_store=True, epilogue_split=split)
+    results = []
+    for pair in (None, split_tiles):
+        nce, cs = fused_infonce_cs(x, y, 0.02, 0.5, pair_tiles=pair, forward_tiles=FORWARD_PAIR_TILES, chunk_size=1024)
+        results.append((nce, cs, *torch.autograd.grad(nce + 0.01 * cs, [x, y])))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-6)
+
+
 # Operand loading (tensor descriptors or pointers) and grid (a program per tile, or a persistent
 # grid of a few programs looping over tiles) must not change a bit of the result's meaning.
 VARIANTS = [
@@ -246,6 +263,10 @@ def test_tile_settings_are_validated() -> None:
         replace(SMALL, programs_per_sm=-1)
     with pytest.raises(ValueError, match="num_stages"):
         replace(SMALL, num_stages=0)
+    with pytest.raises(ValueError, match="epilogue_split must be 1, 2 or 4"):
+        replace(SMALL, block_n=64, epilogue_split=3)
+    with pytest.raises(ValueError, match=r"block_n / epilogue_split >= 16, got 2 \(block_n=16\)"):
+        replace(SMALL, epilogue_split=2)
 
 
 def test_symmetric_strips_must_start_on_tile_rows() -> None:
@@ -264,8 +285,8 @@ def test_tma_stores_and_a_tile_setting_per_kernel_match_dense(n: int, monkeypatc
     stores: list[bool] = []
     real = TritonStrips._out_operand
 
-    def spy(self: TritonStrips, out: Tensor, a: Tensor, b: Tensor) -> tuple[object, bool]:
-        arg, tma = real(self, out, a, b)
+    def spy(self: TritonStrips, out: Tensor, a: Tensor, b: Tensor, block_n: int | None = None) -> tuple[object, bool]:
+        arg, tma = real(self, out, a, b, block_n)
         stores.append(tma)
         return arg, tma
 
@@ -354,6 +375,26 @@ def test_diagonal_positives_two_launches_with_descriptor_stores(tiles: TritonStr
     t = torch.tensor(0.05, device=DEVICE, requires_grad=True)
     nce, cs = fused_infonce_cs(x, y, t, s, tiles=replace(tiles, tma_store=True), chunk_size=32)
     w_nce, w_cs = dense_pair(x, y, t, s)
+    inputs = [x, y, t, s]
+    got = torch.autograd.grad(nce + 0.3 * cs, inputs)
+    want = torch.autograd.grad(w_nce + 0.3 * w_cs, inputs)
+    assert_grads_close(list(got), list(want), rtol=1e-4)
+
+
+@pytest.mark.parametrize("store_tma", [False, True])
+@pytest.mark.parametrize(("split", "n", "captions"), [(2, 64, 0), (2, 57, 0), (4, 64, 0), (4, 70, 9)])
+def test_split_epilogue_matches_dense(split: int, n: int, captions: int, store_tma: bool) -> None:
+    """The backward X Y^T epilogue on 2 or 4 column blocks per tile (`epilogue_split`): positives on
+    the diagonal (square tiles, a ragged last tile) and from several captions per image, through
+    pointer and descriptor stores, with the temperature's and sigma's gradients."""
+    width = 16 * split
+    pair = replace(SMALL, block_m=width, block_n=width, epilogue_split=split, tma_store=store_tma, programs_per_sm=1)
+    x, y = feats(n, 16), feats(n + captions, 16, shift=0.3)
+    t2i = torch.cat([torch.arange(n), torch.randint(0, n, (captions,))]).to(DEVICE) if captions else None
+    s = torch.tensor(0.4, device=DEVICE, requires_grad=True)
+    t = torch.tensor(0.05, device=DEVICE, requires_grad=True)
+    nce, cs = fused_infonce_cs(x, y, t, s, t2i, tiles=SMALL, pair_tiles=pair, forward_tiles=SMALL, chunk_size=width)
+    w_nce, w_cs = dense_pair(x, y, t, s, t2i)
     inputs = [x, y, t, s]
     got = torch.autograd.grad(nce + 0.3 * cs, inputs)
     want = torch.autograd.grad(w_nce + 0.3 * w_cs, inputs)

@@ -24,7 +24,6 @@ from csaligner.kernels.triton_kernels import (
     _dot_tile,
     _exp2,
     _lse2,
-    _store_tile,
     _tile_span,
     _to,
     _valid,
@@ -158,6 +157,12 @@ def _softmax_mass(t, row_a, col_b, w_row, w_col, ONE_EXP: tl.constexpr):
 
 
 @triton.jit
+def _column_halves(v, BM: tl.constexpr, BN: tl.constexpr):
+    """(left, right): the (BM, BN / 2) column halves of a (BM, BN) tile."""
+    return tl.split(tl.permute(tl.reshape(v, (BM, 2, BN // 2)), (0, 2, 1)))
+
+
+@triton.jit
 def _pair_grad_body(
     tm, tn, rows, cols,
     X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
@@ -165,13 +170,56 @@ def _pair_grad_body(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
     ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
-    t_off = -s2 if ONE_EXP else 0.0
-    t, k, dot = _pair_logits2(X, Y, R2, KAPPA, U2, V2, tm, tn, n_a, n_b, dim, c2, t_off, BM, BN, BK, PREC, UPCAST, TMA)
+    """One tile: its dot products, then the epilogue on SPLIT column blocks of BN / SPLIT one after
+    the other (`_pair_grad_part`), so that fewer (BM, .) float32 temporaries are live at once."""
+    dot = _dot_tile(X, Y, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA)
+    r2 = tl.load(R2 + rows, mask=rows < n_a, other=0.0)
+    u2 = tl.load(U2 + rows, mask=rows < n_a, other=0.0)
     row_a = tl.load(ROW_A + rows, mask=rows < n_a, other=0.0)
-    col_b = tl.load(COL_B + cols, mask=cols < n_b, other=0.0)
     rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
+    row_vecs = (r2, u2, row_a, rho)
+    scalars = (s, s2, c2, k_off, k_scale, w_row, w_col, r0)
+    ptrs = (KAPPA, V2, COL_B, POS_ROW, POS_W, H, COL_PART)
+    W: tl.constexpr = BN // SPLIT
+    if SPLIT == 1:
+        blocks = (dot,)
+    elif SPLIT == 2:
+        blocks = _column_halves(dot, BM, BN)
+    else:
+        tl.static_assert(SPLIT == 4, "SPLIT is 1, 2 or 4")
+        left, right = _column_halves(dot, BM, BN)
+        blocks = _column_halves(left, BM, BN // 2) + _column_halves(right, BM, BN // 2)
+    resid, gl, wk = _pair_grad_part(blocks[0], tm, tn * BN, rows, row_vecs, ptrs, n_a, n_b, scalars,
+        BM, W, PREC, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
+    for i in tl.static_range(1, SPLIT):
+        part = _pair_grad_part(blocks[i], tm, tn * BN + i * W, rows, row_vecs, ptrs, n_a, n_b, scalars,
+            BM, W, PREC, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
+        resid, gl, wk = resid + part[0], gl + part[1], wk + part[2]
+    tl.store(ROW_PART + tn * n_a + rows, resid + rho * rho * gl, mask=rows < n_a)
+    tl.store(DOT_PART + 2 * (tm * n_tn + tn), tl.sum(gl, 0))
+    tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, wk * _LN2)
+
+
+@triton.jit
+def _pair_grad_part(
+    dot, tm, c0, rows, row_vecs, ptrs, n_a, n_b, scalars,
+    BM: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, EVEN: tl.constexpr, ONE_EXP: tl.constexpr,
+    WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
+):  # fmt: skip
+    """The epilogue of the (BM, W) block of a tile whose columns start at c0: writes its H block and
+    its column corrections, returns (row sums of the rounded kernel mass, row sums of G l, sum w k)."""
+    r2, u2, row_a, rho = row_vecs
+    KAPPA, V2, COL_B, POS_ROW, POS_W, H, COL_PART = ptrs
+    s, s2, c2, k_off, k_scale, w_row, w_col, r0 = scalars
+    cols = c0 + tl.arange(0, W)
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
+    v2 = tl.load(V2 + cols, mask=cols < n_b, other=0.0)
+    col_b = tl.load(COL_B + cols, mask=cols < n_b, other=0.0)
+    t_off = -s2 if ONE_EXP else 0.0
+    t = dot * r2[:, None] * kappa[None, :] + t_off  # as `_pair_logits2`
+    k = tl.minimum(dot * c2 + u2[:, None] + v2[None, :], 0.0)
     sr = s * rho
     # nce = dL/d(x_i.y_j) from InfoNCE = G_ij s rho_i kappa_j. The positives' -pos_w go in, in float32,
     # before anything is rounded: at a low loss the softmax at a positive is ~pos_w, and only their
@@ -200,7 +248,12 @@ def _pair_grad_body(
         nce = tl.where(valid, nce, 0.0)
         w = tl.where(valid, w, 0.0)
     stored = _cast_out(H, nce + k_scale * w, STORE_TMA)
-    _store_tile(H, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA)
+    if STORE_TMA:
+        H.store([tm * BM, c0], stored)
+    elif EVEN:
+        tl.store(H + rows[:, None] * n_b + cols[None, :], stored)
+    else:
+        tl.store(H + rows[:, None] * n_b + cols[None, :], stored, mask=_valid(rows, cols, n_a, n_b))
     resid = stored.to(tl.float32) - nce  # the kernel mass as stored, rounding included
     # G times the natural InfoNCE logit l = s rho_i kappa_j x_i.y_j, i.e. nce x_i.y_j: one product with
     # the dot tile. Float32 operands (CUDA-core dots) take x_i.y_j back from t instead: keeping their
@@ -211,14 +264,11 @@ def _pair_grad_body(
         gl = nce * (t - t_off) * inv_r[:, None] * inv_k[None, :]
     else:
         gl = nce * dot
-    row_gl = tl.sum(gl, 1)
-    tl.store(ROW_PART + tn * n_a + rows, tl.sum(resid, 1) + rho * rho * row_gl, mask=rows < n_a)
     tl.store(COL_PART + tm * n_b + cols, tl.sum(resid + (kappa * kappa)[None, :] * gl, 0), mask=cols < n_b)
-    tl.store(DOT_PART + 2 * (tm * n_tn + tn), tl.sum(row_gl, 0))
+    wk = 0.0
     if WANT_SIGMA:  # sum of the weights times the natural kernel logit k ln 2 (k is offset-free)
-        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, tl.sum(tl.sum(w * k, 1), 0) * _LN2)
-    else:
-        tl.store(DOT_PART + 2 * (tm * n_tn + tn) + 1, 0.0)
+        wk = tl.sum(tl.sum(w * k, 1), 0)
+    return tl.sum(resid, 1), tl.sum(gl, 1), wk
 
 
 @triton.jit
@@ -229,6 +279,7 @@ def _pair_grad_tile(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
     ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     """POSITIVES: 0, every tile without positives; 1, tile `pid` of the strip's diagonal (which
     holds them all) again, positives applied, overwriting what 0 wrote there; 2, any tile,
@@ -243,7 +294,7 @@ def _pair_grad_tile(
         tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
         ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
-        BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
+        BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES, SPLIT)  # fmt: skip
 
 
 @triton.jit
@@ -253,17 +304,18 @@ def _pair_grad_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
     ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
+    SPLIT: tl.constexpr = 1,
 ):  # fmt: skip
     n_tiles = n_tm if POSITIVES == 1 else n_tm * n_tn
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
             _pair_grad_tile(pid, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART,
                 DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK, GROUP_M,
-                PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
+                PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES, SPLIT)  # fmt: skip
     else:
         _pair_grad_tile(tl.program_id(0), X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART,
             COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK,
-            GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
+            GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES, SPLIT)  # fmt: skip
 
 
 @triton.jit
@@ -327,13 +379,13 @@ def _pair_grad(
     row_part = torch.empty((n_tn, x.shape[0]), dtype=torch.float32, device=x.device)
     col_part = torch.empty((n_tm, y.shape[0]), dtype=torch.float32, device=x.device)
     dots = torch.empty((n_tm * n_tn, 2), dtype=torch.float32, device=x.device)
-    h_arg, store_tma = tiles._out_operand(h, x, y)
+    h_arg, store_tma = tiles._out_operand(h, x, y, tiles.block_n // tiles.epilogue_split)
     args = (r2, rho, kappa, u2, v2, row_a, col_b, pos_row, pos_w, h_arg, row_part, col_part, dots)
 
     def launch(positives: int, n_tiles: int | None = None) -> None:
         tiles._launch(
             _pair_grad_kernel, x, y, *args, scalars=scalars, n_tiles=n_tiles, ONE_EXP=one_exp,
-            WANT_SIGMA=want_sigma, STORE_TMA=store_tma, POSITIVES=positives,
+            WANT_SIGMA=want_sigma, STORE_TMA=store_tma, POSITIVES=positives, SPLIT=tiles.epilogue_split,
         )  # fmt: skip
 
     r0 = int(scalars[-1])

@@ -60,6 +60,10 @@ class TritonStrips:
     Measured on an H100 at N = 65,536 (docs/BENCHMARKS.md): 1 with tensor descriptors and 4 stages
     took the fused loss from 164.6 ms (pointers, a program per tile) to 144.3 ms. Half operands
     only on CUDA: float32 always runs a program per tile there."""
+    epilogue_split: int = 1
+    """The fused backward X Y^T kernel (`fused_kernels._pair_grad_body`) runs its epilogue on this
+    many column blocks of block_n / epilogue_split, one after the other (1, 2 or 4), which lowers the
+    registers the epilogue's float32 temporaries need at once; the other kernels ignore it."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -68,6 +72,11 @@ class TritonStrips:
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
         if self.programs_per_sm < 0:
             raise ValueError(f"programs_per_sm must be >= 0 (0: a program per tile), got {self.programs_per_sm}")
+        if self.epilogue_split not in (1, 2, 4) or self.block_n // self.epilogue_split < 16:
+            raise ValueError(
+                f"epilogue_split must be 1, 2 or 4 with block_n / epilogue_split >= 16, got {self.epilogue_split} "
+                f"(block_n={self.block_n})"
+            )
         if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1 or None (by dtype), got {self.num_stages}")
 
@@ -135,11 +144,12 @@ class TritonStrips:
             **meta,
         )
 
-    def _out_operand(self, out: Tensor, a: Tensor, b: Tensor) -> tuple[object, bool]:
+    def _out_operand(self, out: Tensor, a: Tensor, b: Tensor, block_n: int | None = None) -> tuple[object, bool]:
         """The strip `out` as a kernel argument: a tensor descriptor of (BM, BN) tiles when stores go
-        through the copy engine (`tma_store`, operands on descriptors), else the tensor itself."""
+        through the copy engine (`tma_store`, operands on descriptors), else the tensor itself.
+        block_n: the width of the blocks stored (default: the tile's)."""
         if self.tma_store and self._grid(1, a, b)[1] and _tma_ok(out):
-            return _descriptor(out, self.block_m, self.block_n), True
+            return _descriptor(out, self.block_m, block_n or self.block_n), True
         return out, False
 
     def _tiles(self, a: Tensor, b: Tensor) -> tuple[int, int]:
