@@ -85,3 +85,19 @@ def test_the_infonce_run_sets_no_cs_term_settings_and_an_earlier_one_is_reused(t
     (run_dir / "summary.json").write_text("{}")
     assert config_changes(run_dir, config) == []
     assert _prepare_run("InfoNCE only", run_dir, config) is True
+
+
+def test_an_infonce_run_saved_with_unpaired_data_settings_is_reused(tmp_path: Path) -> None:
+    """An earlier version accepted data settings for unpaired data under infonce and dropped them (as
+    LossConfig's lam above); the saved run is the same as one configured without them."""
+    s = FlickrDemoSettings(out_dir=tmp_path)
+    config = load_config(None, demo_overrides(s, CACHES, "infonce"))
+    run_dir = tmp_path / "infonce"
+    run_dir.mkdir()
+    saved = dump_yaml(config).replace("unpaired_batch_size: 0", "unpaired_batch_size: 512")
+    saved = saved.replace("captions_per_image_in_cs: one", "captions_per_image_in_cs: all")
+    assert "unpaired_batch_size: 512" in saved and "captions_per_image_in_cs: all" in saved
+    (run_dir / "config.yaml").write_text(saved)
+    (run_dir / "summary.json").write_text("{}")
+    assert config_changes(run_dir, config) == []
+    assert _prepare_run("InfoNCE only", run_dir, config) is True

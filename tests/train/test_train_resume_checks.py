@@ -87,6 +87,26 @@ def test_resume_of_a_run_stored_with_a_loss_value_its_objective_ignores(
     assert load_config(tmp_path / "config.yaml").loss.lam == 0.01  # the run's config reloads
 
 
+def test_resume_of_a_run_stored_with_unpaired_data_settings_its_objective_ignores(
+    tmp_path: Path, features: PairedFeatures
+) -> None:
+    # Earlier versions accepted unpaired pools for infonce, dropped them and stored the settings in the
+    # checkpoint. They are refused at load now; the config that says what the run did resumes it.
+    cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce", "data.paired_fraction=0.5")
+    pairs_only = [*cfg, "data.use_unpaired=false"]
+    checkpoint = train(load_config(None, pairs_only), features, until_step=3).checkpoint
+    assert checkpoint is not None
+    state_file = Path(checkpoint) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["data"].update(use_unpaired=True, unpaired_batch_size=8, captions_per_image_in_cs="all")
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"data\.use_unpaired=false to train on the pairs alone"):
+        load_config(None, cfg)
+    result = train(load_config(None, [*pairs_only, "train.resume=auto"]), features)
+    assert result.finished and result.step == 6
+    assert load_config(tmp_path / "config.yaml").data.use_unpaired is False  # the run's config reloads
+
+
 def test_resume_still_compares_the_loss_values_the_objective_reads(tmp_path: Path, features: PairedFeatures) -> None:
     cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce")
     _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, lam=0.5, temperature=0.2)
