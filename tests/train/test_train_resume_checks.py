@@ -64,6 +64,20 @@ def test_resume_of_a_run_stored_with_a_setting_its_kind_ignores(tmp_path: Path, 
     assert load_config(tmp_path / "config.yaml").model.text == {"kind": "linear"}  # the run's config reloads
 
 
+def test_resume_of_a_run_stored_with_an_mlp_bias_its_widths_ignore(tmp_path: Path, features: PairedFeatures) -> None:
+    # Earlier versions took model.text.bias=false for an mlp whose widths are equal (16 -> 16) and built it
+    # without a bias, as with bias=true. It is refused now; the resume without it continues the same model.
+    cfg = fast_overrides(tmp_path, *BASE, "model.out_dim=16")
+    checkpoint = train(load_config(None, cfg), features, until_step=3).checkpoint
+    assert checkpoint is not None
+    state_file = Path(checkpoint) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["model"]["text"]["bias"] = False
+    state_file.write_text(json.dumps(state))
+    result = train(load_config(None, [*cfg, "train.resume=auto"]), features)
+    assert result.finished and result.step == 6
+
+
 def _stored_with(checkpoint: str | None, **loss: object) -> None:
     """Write loss values into a checkpoint's stored config, as an earlier version stored them."""
     assert checkpoint is not None

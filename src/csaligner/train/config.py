@@ -173,11 +173,18 @@ def _check_settings_apply(side: str, spec: dict[str, Any]) -> None:
         ) from None
 
 
-def drop_ignored_adapter_settings(config: dict[str, Any]) -> dict[str, Any]:
+def drop_ignored_adapter_settings(
+    config: dict[str, Any], widths: Mapping[str, tuple[int, int]] | None = None
+) -> dict[str, Any]:
     """A `to_dict` form of a run config without the model.image / model.text keys their kind ignores.
 
     Earlier versions accepted such keys and ignored them, so a checkpoint's stored config may hold them;
     a resume that had to delete them (they are refused now) continues the same model.
+
+    Args:
+        config: the stored config.
+        widths: each side's (in_dim, out_dim) where known (a resume's model); a key those widths leave unused
+            (mlp's bias when in_dim == out_dim) is dropped too. Without them, the mapping's own in_dim / out_dim.
     """
     from csaligner.adapters.config import drop_ignored_fields
 
@@ -188,7 +195,7 @@ def drop_ignored_adapter_settings(config: dict[str, Any]) -> dict[str, Any]:
     for side in ("image", "text"):
         spec = model.get(side)
         if isinstance(spec, dict) and spec.get("kind") in adapter_kinds():
-            model[side] = drop_ignored_fields(spec)
+            model[side] = drop_ignored_fields(spec, None if widths is None else widths.get(side))
     return {**config, "model": model}
 
 
@@ -275,10 +282,12 @@ def drop_ignored_data_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "data": {**data, **ignored_data_settings(data, objective)}}
 
 
-def drop_ignored_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """`drop_ignored_adapter_settings`, `drop_ignored_loss_settings` and `drop_ignored_data_settings`: a
-    stored run config as it loads now."""
-    return drop_ignored_data_settings(drop_ignored_loss_settings(drop_ignored_adapter_settings(config)))
+def drop_ignored_settings(
+    config: dict[str, Any], widths: Mapping[str, tuple[int, int]] | None = None
+) -> dict[str, Any]:
+    """`drop_ignored_adapter_settings` (with `widths`), `drop_ignored_loss_settings` and
+    `drop_ignored_data_settings`: a stored run config as it loads now."""
+    return drop_ignored_data_settings(drop_ignored_loss_settings(drop_ignored_adapter_settings(config, widths)))
 
 
 @dataclass(frozen=True)

@@ -315,8 +315,9 @@ def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
     stored = ckpt.state.get("config")
     if isinstance(stored, dict):
         _refuse_ignored_learned(ckpt.path, stored)
-        # Adapter keys and loss values an earlier version ignored do not make it another model.
-        stored = drop_ignored_settings(stored)
+        # Adapter keys, loss and data values an earlier version ignored do not make it another model.
+        widths = {side: (c.in_dim, c.out_dim) for side, c in run.adapter_configs.items()}
+        stored = drop_ignored_settings(stored, widths)
     changes = config_changes(stored, to_dict(run.config)) if isinstance(stored, dict) else []
     if changes:
         raise ValueError(
