@@ -101,3 +101,20 @@ def test_an_infonce_run_saved_with_unpaired_data_settings_is_reused(tmp_path: Pa
     (run_dir / "summary.json").write_text("{}")
     assert config_changes(run_dir, config) == []
     assert _prepare_run("InfoNCE only", run_dir, config) is True
+
+
+def test_a_setting_dropped_as_ignored_is_shown_as_saved_when_it_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run saved under infonce with lam 0.5 (ignored, so dropped to 0.01): asked again as cs_aligner with lam 0.5,
+    the retrain note shows the 0.5 the folder holds and that it was dropped, not a 0.01 it never saved."""
+    s = FlickrDemoSettings(out_dir=tmp_path, lam=0.5)
+    run_dir = tmp_path / "cs_aligner"
+    run_dir.mkdir()
+    saved = dump_yaml(load_config(None, demo_overrides(s, CACHES, "infonce"))).replace("lam: 0.01", "lam: 0.5")
+    (run_dir / "config.yaml").write_text(saved)
+    config = load_config(None, demo_overrides(s, CACHES, "cs_aligner"))
+    expected = "loss.lam: 0.5 (stored, but objective 'infonce' ignored it: dropped to 0.01) -> 0.5"
+    assert expected in config_changes(run_dir, config)
+    assert _prepare_run("CS-Aligner", run_dir, config) is False
+    assert expected in capsys.readouterr().out

@@ -129,6 +129,57 @@ def test_resume_still_compares_the_loss_values_the_objective_reads(tmp_path: Pat
     assert "loss.lam" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("run", "stored", "resume", "expected"),
+    [
+        (
+            ["loss.objective=infonce"],
+            {"loss": {"lam": 0.5}},
+            ["loss.objective=cs_aligner", "loss.lam=0.5"],
+            "loss.lam: 0.5 (stored, but objective 'infonce' ignored it: dropped to 0.01) -> 0.5",
+        ),
+        (
+            ["model.text={kind: linear}"],
+            {"model": {"text": {"mlp_ratio": 2}}},
+            ["model.text={kind: mlp, mlp_ratio: 2}"],
+            "model.text.mlp_ratio: 2 (stored, but kind 'linear' ignored it: dropped) -> 2",
+        ),
+        (
+            ["loss.objective=infonce", "data.paired_fraction=0.5", "data.use_unpaired=false"],
+            {"data": {"use_unpaired": True}},
+            ["loss.objective=cs_aligner", "data.paired_fraction=0.5"],
+            "data.use_unpaired: True (stored, but objective 'infonce' ignored it: dropped to False) -> True",
+        ),
+    ],
+    ids=["loss", "adapter", "data"],
+)
+def test_a_changed_setting_that_was_dropped_as_ignored_shows_what_was_stored(
+    tmp_path: Path,
+    features: PairedFeatures,
+    run: list[str],
+    stored: dict[str, dict[str, object]],
+    resume: list[str],
+    expected: str,
+) -> None:
+    """The stored value was dropped (to its default) as one its objective or kind ignored; a resume that sets it
+    under another objective or kind must show the value the checkpoint holds, not the default it became."""
+    checkpoint = train(load_config(None, fast_overrides(tmp_path, *BASE, *run)), features, until_step=3).checkpoint
+    assert checkpoint is not None
+    state_file = Path(checkpoint) / "state.json"
+    state = json.loads(state_file.read_text())
+    for section, values in stored.items():
+        target = state["config"][section]
+        for key, value in values.items():
+            if isinstance(value, dict):
+                target[key].update(value)
+            else:
+                target[key] = value
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="different config") as err:
+        train(load_config(None, fast_overrides(tmp_path, *BASE, *resume, "train.resume=auto")), features)
+    assert expected in str(err.value), str(err.value)
+
+
 def test_resume_of_a_run_stored_with_a_learned_setting_its_objective_ignored_says_why(
     tmp_path: Path, features: PairedFeatures
 ) -> None:
