@@ -85,3 +85,36 @@ def test_the_infonce_run_sets_no_cs_term_settings_and_an_earlier_one_is_reused(t
     (run_dir / "summary.json").write_text("{}")
     assert config_changes(run_dir, config) == []
     assert _prepare_run("InfoNCE only", run_dir, config) is True
+
+
+def test_an_infonce_run_saved_with_unpaired_data_settings_is_reused(tmp_path: Path) -> None:
+    """An earlier version accepted data settings for unpaired data under infonce and dropped them (as
+    LossConfig's lam above); the saved run is the same as one configured without them."""
+    s = FlickrDemoSettings(out_dir=tmp_path)
+    config = load_config(None, demo_overrides(s, CACHES, "infonce"))
+    run_dir = tmp_path / "infonce"
+    run_dir.mkdir()
+    saved = dump_yaml(config).replace("unpaired_batch_size: 0", "unpaired_batch_size: 512")
+    saved = saved.replace("captions_per_image_in_cs: one", "captions_per_image_in_cs: all")
+    assert "unpaired_batch_size: 512" in saved and "captions_per_image_in_cs: all" in saved
+    (run_dir / "config.yaml").write_text(saved)
+    (run_dir / "summary.json").write_text("{}")
+    assert config_changes(run_dir, config) == []
+    assert _prepare_run("InfoNCE only", run_dir, config) is True
+
+
+def test_a_setting_dropped_as_ignored_is_shown_as_saved_when_it_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run saved under infonce with lam 0.5 (ignored, so dropped to 0.01): asked again as cs_aligner with lam 0.5,
+    the retrain note shows the 0.5 the folder holds and that it was dropped, not a 0.01 it never saved."""
+    s = FlickrDemoSettings(out_dir=tmp_path, lam=0.5)
+    run_dir = tmp_path / "cs_aligner"
+    run_dir.mkdir()
+    saved = dump_yaml(load_config(None, demo_overrides(s, CACHES, "infonce"))).replace("lam: 0.01", "lam: 0.5")
+    (run_dir / "config.yaml").write_text(saved)
+    config = load_config(None, demo_overrides(s, CACHES, "cs_aligner"))
+    expected = "loss.lam: 0.5 (stored, but objective 'infonce' ignored it: dropped to 0.01) -> 0.5"
+    assert expected in config_changes(run_dir, config)
+    assert _prepare_run("CS-Aligner", run_dir, config) is False
+    assert expected in capsys.readouterr().out

@@ -97,8 +97,8 @@ def config_changes(run_dir: Path, config: Any) -> list[str]:
         raise ValueError(
             f"{run_dir / 'config.yaml'} could not be read ({err}); remove {run_dir} to train that run again"
         ) from err
-    saved = drop_ignored_settings(saved)  # saved by an earlier version with settings it ignored: the same run
-    return diff(saved, to_dict(config), RESUME_MAY_CHANGE - {"data.image_cache", "data.text_cache"})
+    loaded = drop_ignored_settings(saved)  # saved by an earlier version with settings it ignored: the same run
+    return diff(loaded, to_dict(config), RESUME_MAY_CHANGE - {"data.image_cache", "data.text_cache"}, as_stored=saved)
 
 
 def _prepare_run(name: str, run_dir: Path, config: Any) -> bool:

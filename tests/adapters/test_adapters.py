@@ -505,6 +505,60 @@ def test_a_config_subclass_compares_with_its_own_defaults() -> None:
         WideConfig("linear", 8, 6, mlp_ratio=4)
 
 
+@pytest.mark.parametrize("widths", [(8, 8), (8, 6)], ids=["equal", "unequal"])
+@pytest.mark.parametrize("kind", ["prior", "mlp", "linear", "identity"])
+def test_unused_settings_are_exactly_the_declared_ones_the_widths_make_no_difference_to(
+    kind: str, widths: tuple[int, int]
+) -> None:
+    """mlp's bias goes only on its side projection, the identity when in_dim == out_dim: any value builds the
+    same adapter there, so the kind declares it unused (and a config refuses it); elsewhere it is read."""
+    in_dim, out_dim = widths
+    config = make_config(kind, in_dim=in_dim, out_dim=out_dim)
+    unused = ADAPTERS[kind].unused_settings(config.in_dim, config.out_dim)
+    base = _built(config)
+    for name in kind_settings(kind) or ():
+        with pytest.MonkeyPatch.context() as mp:  # the constructor's own check would refuse what we build
+            mp.setattr(ADAPTERS[kind], "unused_settings", classmethod(lambda cls, i, o: {}))
+            changed = _built(_unchecked(config, name, OTHER_VALUE[name]))
+        assert (changed == base) == (name in unused), f"{kind} {widths}: {name}"
+    assert set(unused) == ({"bias"} if (kind, widths) == ("mlp", (8, 8)) else set())
+
+
+def test_a_bias_setting_for_an_mlp_of_equal_widths_is_refused() -> None:
+    message = (
+        "bias=False does not apply to kind='mlp' with in_dim=8, out_dim=8: its only place, the side projection, is "
+        "the identity when the widths are equal (and the MLP branch has no bias), so the adapter has no bias either "
+        "way; remove it"
+    )
+    with pytest.raises(ValueError) as err:
+        AdapterConfig("mlp", 8, 8, bias=False)
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"^bias=False does not apply to kind='mlp' with in_dim=8, out_dim=8"):
+        MLPAdapter(8, 8, bias=False)
+    assert AdapterConfig("mlp", 8, 8).bias and not AdapterConfig("mlp", 8, 6, bias=False).bias
+    assert "proj.bias" not in MLPAdapter(8, 6, bias=False).state_dict()  # read when the widths differ
+    with pytest.raises(ValueError, match=r"^model\.text\.bias=True does not apply to kind='mlp' with in_dim=8"):
+        check_settings_apply("mlp", ["kind", "bias"], where="model.text", values={"bias": True}, widths=(8, 8))
+    check_settings_apply("mlp", ["kind", "bias"], where="model.text", widths=(8, 6))
+    check_settings_apply("mlp", ["kind", "bias"], where="model.text")  # widths unknown: nothing to say yet
+
+
+def test_an_mlp_file_of_equal_widths_saved_with_bias_false_still_loads(tmp_path) -> None:
+    """Earlier versions took bias=False for an 8 -> 8 mlp (and built it without a bias, as with bias=True)."""
+    config = AdapterConfig("mlp", 8, 8)
+    module = build_adapter(config)
+    meta = {
+        "format": "csaligner.adapter",
+        "format_version": "1",
+        "config": json.dumps({**config.to_dict(), "bias": False}),
+    }
+    path = tmp_path / "old.safetensors"
+    save_file(dict(module.state_dict()), str(path), metadata=meta)
+    loaded, stored = load_adapter(path)
+    assert stored == config
+    assert torch.equal(loaded(torch.ones(2, 8)), module(torch.ones(2, 8)))
+
+
 def test_an_adapter_file_saved_with_a_value_its_kind_ignores_still_loads(tmp_path) -> None:
     """Earlier versions saved whatever a kind ignored (e.g. a run's model.text: {kind: linear, mlp_ratio: 8})."""
     config = make_config("linear")

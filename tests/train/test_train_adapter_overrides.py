@@ -102,6 +102,25 @@ def test_the_cli_refuses_a_flag_the_kind_does_not_use(capsys: pytest.CaptureFixt
     assert main(["train", "--model.text.kind=linear", "--model.text.bias=false", "--print-config"]) == 0
 
 
+@pytest.mark.parametrize("bias", ["true", "false"])
+def test_an_mlp_bias_is_refused_once_the_features_make_the_widths_equal(tmp_path: Path, bias: str) -> None:
+    """The mlp's bias sits on its side projection, the identity when in_dim == out_dim; the widths are inferred
+    from the features, so the run (not the config) refuses it, before anything is written."""
+    from csaligner.train import train
+    from tests.train import helpers
+
+    features = helpers.synthetic_features()  # text features 16-d
+    overrides = helpers.fast_overrides(tmp_path / "run", "train.steps=1", "model.out_dim=16")
+    config = load_config(None, [*overrides, f"model.text={{kind: mlp, bias: {bias}}}"])  # widths unknown yet
+    with pytest.raises(ValueError) as err:
+        train(config, features)
+    assert str(err.value).startswith(
+        f"model.text.bias={bias.title()} does not apply to kind='mlp' with in_dim=16, out_dim=16: its only place"
+    )
+    assert not (tmp_path / "run").exists()
+    assert train(load_config(None, [*overrides, "model.image={kind: mlp, bias: false}"]), features).finished  # 24-d
+
+
 def test_a_registered_adapter_kind_of_your_own_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The config accepted only the four built-in kinds, so `@register_adapter` kinds could not be trained."""
     import torch

@@ -171,3 +171,28 @@ def test_incomplete_checkpoint_is_reported(tmp_path: Path) -> None:
     (path / "optimizer.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"missing \['optimizer\.safetensors'\]"):
         load_checkpoint(path)
+
+
+def test_config_changes_show_a_dropped_value_as_stored_with_who_ignored_it() -> None:
+    from csaligner.train.config import drop_ignored_settings
+
+    written = {
+        "model": {"image": {"kind": "mlp", "bias": False}, "text": {"kind": "linear", "mlp_ratio": 2}},
+        "loss": {"objective": "infonce", "lam": 0.5},
+        "data": {"unpaired_batch_size": 64},
+    }
+    new = {
+        "model": {"image": {"kind": "mlp", "bias": False}, "text": {"kind": "mlp", "mlp_ratio": 2}},
+        "loss": {"objective": "mmd", "lam": 0.5},
+        "data": {"unpaired_batch_size": 64},
+    }
+    loaded = drop_ignored_settings(written, {"image": (8, 8), "text": (6, 8)})
+    assert ckpt_mod.config_changes(loaded, new, frozenset(), as_stored=written) == [
+        "data.unpaired_batch_size: 64 (stored, but objective 'infonce' ignored it: dropped to 0) -> 64",
+        "loss.lam: 0.5 (stored, but objective 'infonce' ignored it: dropped to 0.01) -> 0.5",
+        "loss.objective: 'infonce' -> 'mmd'",
+        "model.image.bias: False (stored, but kind 'mlp' ignored it at these widths: dropped) -> False",
+        "model.text.kind: 'linear' -> 'mlp'",
+        "model.text.mlp_ratio: 2 (stored, but kind 'linear' ignored it: dropped) -> 2",
+    ]
+    assert ckpt_mod.config_changes(loaded, new, frozenset())[1] == "loss.lam: 0.01 -> 0.5"  # without: the default

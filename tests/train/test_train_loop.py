@@ -112,14 +112,13 @@ def test_unpaired_pool_enters_only_the_cs_term(
 
 
 @pytest.mark.parametrize(
-    "variant",
-    [["data.paired_fraction=0.5", "data.unpaired_batch_size=8"], ["data.captions_per_image_in_cs=all"]],
-    ids=["unpaired", "extra-captions-in-cs"],
+    "variant", [["data.paired_fraction=0.5", "data.use_unpaired=false"], []], ids=["half-paired", "all-paired"]
 )
 def test_an_objective_without_a_divergence_gets_no_unpaired_pools(
     tmp_path: Path, features: PairedFeatures, monkeypatch: pytest.MonkeyPatch, variant: list[str]
 ) -> None:
-    """infonce has no term for the pools (the loss refuses them), so the step neither maps nor passes them."""
+    """infonce has no term for unpaired data (the loss refuses it), so the step neither maps nor passes any:
+    not the unpaired half, and not the caption-less images and image-less texts (the default use_unpaired)."""
     from csaligner.losses.objective import AlignmentLoss
 
     seen: list[tuple[int, int, bool, bool]] = []
@@ -135,8 +134,8 @@ def test_an_objective_without_a_divergence_gets_no_unpaired_pools(
     result = train(load_config(None, overrides), features, report=lines.append)
     assert result.finished and seen == [(16, 16, True, True)]
     assert lines == [result.data]
-    if "data.paired_fraction=0.5" in variant:  # the unpaired half is counted as left out, with the reason
-        assert "left out:" in result.data and "(loss.objective=infonce has no divergence term)" in result.data
+    left_out = "left out: 25 images, 110 texts" if variant else "left out: 2 images, 4 texts"  # 2 + 4 caption-less
+    assert f"{left_out} (loss.objective=infonce has no divergence term)" in result.data, result.data
 
 
 def test_token_variant_adds_the_token_cs_term(tmp_path: Path, token_features: PairedFeatures) -> None:

@@ -64,6 +64,20 @@ def test_resume_of_a_run_stored_with_a_setting_its_kind_ignores(tmp_path: Path, 
     assert load_config(tmp_path / "config.yaml").model.text == {"kind": "linear"}  # the run's config reloads
 
 
+def test_resume_of_a_run_stored_with_an_mlp_bias_its_widths_ignore(tmp_path: Path, features: PairedFeatures) -> None:
+    # Earlier versions took model.text.bias=false for an mlp whose widths are equal (16 -> 16) and built it
+    # without a bias, as with bias=true. It is refused now; the resume without it continues the same model.
+    cfg = fast_overrides(tmp_path, *BASE, "model.out_dim=16")
+    checkpoint = train(load_config(None, cfg), features, until_step=3).checkpoint
+    assert checkpoint is not None
+    state_file = Path(checkpoint) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["model"]["text"]["bias"] = False
+    state_file.write_text(json.dumps(state))
+    result = train(load_config(None, [*cfg, "train.resume=auto"]), features)
+    assert result.finished and result.step == 6
+
+
 def _stored_with(checkpoint: str | None, **loss: object) -> None:
     """Write loss values into a checkpoint's stored config, as an earlier version stored them."""
     assert checkpoint is not None
@@ -87,12 +101,83 @@ def test_resume_of_a_run_stored_with_a_loss_value_its_objective_ignores(
     assert load_config(tmp_path / "config.yaml").loss.lam == 0.01  # the run's config reloads
 
 
+def test_resume_of_a_run_stored_with_unpaired_data_settings_its_objective_ignores(
+    tmp_path: Path, features: PairedFeatures
+) -> None:
+    # Earlier versions accepted unpaired pools for infonce, dropped them and stored the settings in the
+    # checkpoint. They are refused at load now; the config that says what the run did resumes it.
+    cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce", "data.paired_fraction=0.5")
+    pairs_only = [*cfg, "data.use_unpaired=false"]
+    checkpoint = train(load_config(None, pairs_only), features, until_step=3).checkpoint
+    assert checkpoint is not None
+    state_file = Path(checkpoint) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["data"].update(use_unpaired=True, unpaired_batch_size=8, captions_per_image_in_cs="all")
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"data\.use_unpaired=false to train on the pairs alone"):
+        load_config(None, cfg)
+    result = train(load_config(None, [*pairs_only, "train.resume=auto"]), features)
+    assert result.finished and result.step == 6
+    assert load_config(tmp_path / "config.yaml").data.use_unpaired is False  # the run's config reloads
+
+
 def test_resume_still_compares_the_loss_values_the_objective_reads(tmp_path: Path, features: PairedFeatures) -> None:
     cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce")
     _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, lam=0.5, temperature=0.2)
     with pytest.raises(ValueError, match=r"different config: loss\.temperature: 0\.2 -> 0\.07") as err:
         train(load_config(None, [*cfg, "train.resume=auto"]), features)
     assert "loss.lam" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("run", "stored", "resume", "expected"),
+    [
+        (
+            ["loss.objective=infonce"],
+            {"loss": {"lam": 0.5}},
+            ["loss.objective=cs_aligner", "loss.lam=0.5"],
+            "loss.lam: 0.5 (stored, but objective 'infonce' ignored it: dropped to 0.01) -> 0.5",
+        ),
+        (
+            ["model.text={kind: linear}"],
+            {"model": {"text": {"mlp_ratio": 2}}},
+            ["model.text={kind: mlp, mlp_ratio: 2}"],
+            "model.text.mlp_ratio: 2 (stored, but kind 'linear' ignored it: dropped) -> 2",
+        ),
+        (
+            ["loss.objective=infonce", "data.paired_fraction=0.5", "data.use_unpaired=false"],
+            {"data": {"use_unpaired": True}},
+            ["loss.objective=cs_aligner", "data.paired_fraction=0.5"],
+            "data.use_unpaired: True (stored, but objective 'infonce' ignored it: dropped to False) -> True",
+        ),
+    ],
+    ids=["loss", "adapter", "data"],
+)
+def test_a_changed_setting_that_was_dropped_as_ignored_shows_what_was_stored(
+    tmp_path: Path,
+    features: PairedFeatures,
+    run: list[str],
+    stored: dict[str, dict[str, object]],
+    resume: list[str],
+    expected: str,
+) -> None:
+    """The stored value was dropped (to its default) as one its objective or kind ignored; a resume that sets it
+    under another objective or kind must show the value the checkpoint holds, not the default it became."""
+    checkpoint = train(load_config(None, fast_overrides(tmp_path, *BASE, *run)), features, until_step=3).checkpoint
+    assert checkpoint is not None
+    state_file = Path(checkpoint) / "state.json"
+    state = json.loads(state_file.read_text())
+    for section, values in stored.items():
+        target = state["config"][section]
+        for key, value in values.items():
+            if isinstance(value, dict):
+                target[key].update(value)
+            else:
+                target[key] = value
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="different config") as err:
+        train(load_config(None, fast_overrides(tmp_path, *BASE, *resume, "train.resume=auto")), features)
+    assert expected in str(err.value), str(err.value)
 
 
 def test_resume_of_a_run_stored_with_a_learned_setting_its_objective_ignored_says_why(

@@ -16,7 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from csaligner._validation import is_integer, is_number, numpy_hint
-from csaligner.adapters.registry import ADAPTERS
+from csaligner.adapters.registry import ADAPTERS, Adapter
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class AdapterConfig:
     out_dim: int
     """Width D_out of the output features (the image-embedding width, e.g. 768 or 1280)."""
     bias: bool = True
-    """Bias on the "linear" layer and on the "mlp" side projection (used when in_dim != out_dim)."""
+    """Bias on the "linear" layer and on the "mlp" side projection. An "mlp" with in_dim == out_dim has no
+    side projection (the identity), so it has no bias and refuses bias=False, which would change nothing."""
     mlp_ratio: int = 4
     """"mlp": bottleneck ratio; the hidden width is in_dim // mlp_ratio (CLIP-Adapter uses 4)."""
     mlp_alpha: float = 0.2
@@ -96,7 +97,7 @@ class AdapterConfig:
         """Refuse a field the kind ignores that differs from its default (a default is not a setting)."""
         defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}  # a subclass's own
         changed = {n: getattr(self, n) for n in KIND_FIELDS if n not in defaults or getattr(self, n) != defaults[n]}
-        check_settings_apply(self.kind, changed, where="", values=changed)
+        check_settings_apply(self.kind, changed, where="", values=changed, widths=(self.in_dim, self.out_dim))
 
     @property
     def inner_dim(self) -> int:
@@ -144,7 +145,11 @@ def kind_settings(kind: str) -> tuple[str, ...] | None:
 
 
 def check_settings_apply(
-    kind: str, names: Iterable[str], where: str = "adapter", values: Mapping[str, Any] | None = None
+    kind: str,
+    names: Iterable[str],
+    where: str = "adapter",
+    values: Mapping[str, Any] | None = None,
+    widths: tuple[int, int] | None = None,
 ) -> None:
     """Refuse settings that `kind` does not read: given, they would change nothing without a word.
 
@@ -157,6 +162,8 @@ def check_settings_apply(
         names: the given field names; unknown names are left to the caller's unknown-key check.
         where: prefix of the setting in the message, e.g. "model.text"; "" for none.
         values: the given values by name, to name each refused setting's value in the message.
+        widths: (in_dim, out_dim) of the adapter, when known: a setting the kind reads but these widths
+            leave unused (`Adapter.unused_settings`: mlp's bias when in_dim == out_dim) is refused too.
 
     Raises:
         ValueError: naming each setting, the kinds that use it, and the settings `kind` takes.
@@ -164,11 +171,13 @@ def check_settings_apply(
     takes = kind_settings(kind)
     if takes is None:
         return
+    names = list(names)
+    prefix = f"{where}." if where else ""
+    shown = {n: f"={values[n]!r}" if values is not None and n in values else "" for n in names}
     ignored = [n for n in names if n in KIND_FIELDS and n not in takes]
     if not ignored:
+        _refuse_unused(kind, names, widths, prefix, shown)
         return
-    prefix = f"{where}." if where else ""
-    shown = {n: f"={values[n]!r}" if values is not None and n in values else "" for n in ignored}
     named = ", ".join(f"{prefix}{n}{shown[n]} (used by {_users(n)})" for n in ignored)
     verb, it = ("does", "it") if len(ignored) == 1 else ("do", "them")
     accepted = f"only {', '.join(takes)}" if takes else "no settings"
@@ -184,18 +193,49 @@ def check_settings_apply(
     )
 
 
-def drop_ignored_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+def _refuse_unused(
+    kind: str, names: list[str], widths: tuple[int, int] | None, prefix: str, shown: Mapping[str, str]
+) -> None:
+    """Refuse the given settings that `kind` reads but `widths` leave unused (`Adapter.unused_settings`)."""
+    unused = _unused_settings(ADAPTERS.get(kind), widths)
+    idle = [n for n in names if n in unused]
+    if not idle or widths is None:
+        return
+    at = f"kind={kind!r} with in_dim={widths[0]}, out_dim={widths[1]}"
+    it = "it" if len(idle) == 1 else "them"
+    raise ValueError(
+        "; ".join(f"{prefix}{n}{shown[n]} does not apply to {at}: {unused[n]}" for n in idle) + f"; remove {it}"
+    )
+
+
+def drop_ignored_fields(data: Mapping[str, Any], widths: tuple[int, int] | None = None) -> dict[str, Any]:
     """An `AdapterConfig` mapping without the fields its kind ignores, so `from_dict` gives them their defaults.
 
     Saved adapters hold every field, and earlier versions saved whatever value a kind ignored; reading such
     a file keeps working, and builds the same adapter. Unknown fields and kinds are kept for `from_dict`
     to refuse.
+
+    Args:
+        data: `AdapterConfig` fields by name: a saved adapter's full config or a run's model.image /
+            model.text mapping.
+        widths: (in_dim, out_dim) of the adapter, for a mapping that leaves them to be inferred; without
+            it, data's own in_dim / out_dim. A setting these widths leave unused is dropped as well.
     """
     kind = data.get("kind")
     cls = ADAPTERS.get(kind) if isinstance(kind, str) else None
     if cls is None or cls.settings is None:
         return dict(data)
-    return {k: v for k, v in data.items() if k not in KIND_FIELDS or k in cls.settings}
+    if widths is None:
+        widths = (data.get("in_dim", 0), data.get("out_dim", 0))
+    unused = _unused_settings(cls, widths)
+    return {k: v for k, v in data.items() if k not in KIND_FIELDS or (k in cls.settings and k not in unused)}
+
+
+def _unused_settings(cls: type[Adapter] | None, widths: tuple[Any, Any] | None) -> dict[str, str]:
+    """`cls.unused_settings` at these widths; {} when the widths are unknown (0: to be inferred)."""
+    if cls is None or widths is None or not all(is_integer(w, plain=True) and w > 0 for w in widths):
+        return {}
+    return cls.unused_settings(*widths)
 
 
 def _users(name: str) -> str:

@@ -41,6 +41,18 @@ class Adapter(nn.Module):
     None (a kind that does not declare them) accepts every field."""
 
     @classmethod
+    def unused_settings(cls, in_dim: int, out_dim: int) -> dict[str, str]:
+        """The `settings` these widths leave unused (any value builds the same adapter), each with why; {} by
+        default. An AdapterConfig or a training run that gives one of them is refused, as for a field outside
+        `settings`.
+
+        Args:
+            in_dim: input width D_in.
+            out_dim: output width D_out.
+        """
+        return {}
+
+    @classmethod
     def from_config(cls, config: AdapterConfig) -> Adapter:
         """Build the adapter from the kind-specific fields of `config`."""
         raise NotImplementedError(f"{cls.__name__} must implement from_config(config)")

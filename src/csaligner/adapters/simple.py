@@ -86,10 +86,21 @@ class MLPAdapter(Adapter):
         out_dim: output width D_out.
         ratio: bottleneck ratio; hidden width = in_dim // ratio.
         alpha: residual ratio in [0, 1]; the weight of the MLP branch.
-        bias: bias of the side projection (only used when in_dim != out_dim).
+        bias: bias of the side projection; with in_dim == out_dim there is none (the projection is the
+            identity), so bias=False is refused there (`unused_settings`).
     """
 
     settings = ("mlp_ratio", "mlp_alpha", "bias")
+
+    @classmethod
+    def unused_settings(cls, in_dim: int, out_dim: int) -> dict[str, str]:
+        """bias when in_dim == out_dim: its only place is the side projection, which is then the identity."""
+        if in_dim != out_dim:
+            return {}
+        return {
+            "bias": "its only place, the side projection, is the identity when the widths are equal (and the MLP "
+            "branch has no bias), so the adapter has no bias either way"
+        }
 
     def __init__(self, in_dim: int, out_dim: int, ratio: int = 4, alpha: float = 0.2, bias: bool = True) -> None:
         super().__init__()

@@ -140,7 +140,10 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(
-    stored: Mapping[str, Any], new: Mapping[str, Any], may_change: frozenset[str] = RESUME_MAY_CHANGE
+    stored: Mapping[str, Any],
+    new: Mapping[str, Any],
+    may_change: frozenset[str] = RESUME_MAY_CHANGE,
+    as_stored: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """ "section.field: old -> new" for every field outside `may_change` that differs.
 
@@ -148,16 +151,40 @@ def config_changes(
         stored: the config a checkpoint was written with (the `to_dict` form in state.json).
         new: the resuming run's config in the same form.
         may_change: dotted fields left out of the comparison.
+        as_stored: the config as it was written, when `stored` is it with the settings its objective or
+            adapter kinds ignored dropped (`drop_ignored_settings`). A changed field whose value was dropped
+            then shows the value written and why it was dropped, not the default it became.
     """
     old, cur = _flatten(stored), _flatten(new)
+    written = old if as_stored is None else _flatten(as_stored)
     changed = []
     for key in sorted(old.keys() | cur.keys()):
         if key in may_change:
             continue
         if key not in old or key not in cur or old[key] != cur[key]:
             a, b = (repr(side[key]) if key in side else "(unset)" for side in (old, cur))
+            if as_stored is not None and key in written and (key not in old or written[key] != old[key]):
+                to = f" to {old[key]!r}" if key in old else ""
+                a = f"{written[key]!r} (stored, but {_ignored_by(key, as_stored)}: dropped{to})"
             changed.append(f"{key}: {a} -> {b}")
     return changed
+
+
+def _ignored_by(key: str, config: Mapping[str, Any]) -> str:
+    """Who ignored a stored setting that was dropped: the objective (loss.*, data.*) or the side's kind (model.*)."""
+    section, _, rest = key.partition(".")
+
+    def part(mapping: object, name: str) -> Any:
+        return mapping.get(name) if isinstance(mapping, Mapping) else None
+
+    if section != "model":
+        return f"objective {part(config.get('loss'), 'objective') or 'cs_aligner'!r} ignored it"
+    side, _, name = rest.partition(".")
+    kind = part(part(config.get("model"), side), "kind")
+    from csaligner.adapters.registry import ADAPTERS
+
+    reads = getattr(ADAPTERS.get(kind) if isinstance(kind, str) else None, "settings", None) or ()
+    return f"kind {kind!r} ignored it" + (" at these widths" if name in reads else "")
 
 
 @dataclass

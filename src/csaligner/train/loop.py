@@ -313,11 +313,13 @@ def _maybe_resume(run: _Run) -> None:
 def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
     """The checkpoint continues this run only under the same model, data order and schedule."""
     stored = ckpt.state.get("config")
+    changes = []
     if isinstance(stored, dict):
         _refuse_ignored_learned(ckpt.path, stored)
-        # Adapter keys and loss values an earlier version ignored do not make it another model.
-        stored = drop_ignored_settings(stored)
-    changes = config_changes(stored, to_dict(run.config)) if isinstance(stored, dict) else []
+        # Adapter keys, loss and data values an earlier version ignored do not make it another model.
+        widths = {side: (c.in_dim, c.out_dim) for side, c in run.adapter_configs.items()}
+        loaded = drop_ignored_settings(stored, widths)
+        changes = config_changes(loaded, to_dict(run.config), as_stored=stored)
     if changes:
         raise ValueError(
             f"checkpoint {ckpt.path} was written with a different config: {'; '.join(changes)}. These change "

@@ -20,11 +20,12 @@ def _adapter_api() -> Any:
     try:
         import csaligner.adapters as adapters
 
-        for name in ("AdapterConfig", "build_adapter", "save_adapter", "load_adapter"):
+        for name in ("AdapterConfig", "build_adapter", "check_settings_apply", "save_adapter", "load_adapter"):
             getattr(adapters, name)
     except (ImportError, AttributeError) as err:
         raise ImportError(
-            "csaligner.adapters (AdapterConfig, build_adapter, save_adapter, load_adapter) is not available; "
+            "csaligner.adapters (AdapterConfig, build_adapter, check_settings_apply, save_adapter, load_adapter) is "
+            "not available; "
             f"training needs it ({err})"
         ) from err
     return adapters
@@ -61,6 +62,10 @@ def adapter_configs(config: ModelConfig, image_dim: int, text_dim: int) -> dict[
                 f"model.{side} is identity but its features have D={feat_dim} and the shared dim is {out_dim}; "
                 f"set model.out_dim={feat_dim} or give the {side} side an adapter"
             )
+        # a setting given for these widths that they leave unused (mlp's bias when in_dim == out_dim)
+        api.check_settings_apply(
+            full["kind"], spec, where=f"model.{side}", values=spec, widths=(full["in_dim"], full["out_dim"])
+        )
         try:
             configs[side] = api.AdapterConfig(**full)
         except TypeError as err:
