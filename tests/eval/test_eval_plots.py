@@ -134,6 +134,48 @@ def test_plot_sensitivity_all_nan(tmp_path: Path, figures: list[Any]) -> None:
     assert notes == ["no value to draw: every point is n/a"]
 
 
+def test_plot_sensitivity_names_points_without_error_bar(tmp_path: Path, figures: list[Any]) -> None:
+    """A point whose mean is drawn but whose std is NaN or infinite (two seeds, one diverged; a std over one
+    run) loses its error bar: the legend entry and the warning name it, and it is drawn as an open marker."""
+    nan, inf = math.nan, math.inf
+    results = {
+        "CS": [(400.0, 3.0), (420.0, nan), (nan, nan), (390.0, inf)],
+        "L2": [(380.0, 1.0)] * 4,
+    }
+    match = (
+        r"^plot_sensitivity: 1 point n/a \(NaN or infinite\) and 2 error bars n/a \(std NaN or infinite\), not drawn "
+        r"in .*sens\.png: CS \(1 of 4 n/a, not drawn: lambda = 0\.1; 2 of 4 std n/a, no error bar: lambda = 0\.01, 1\)$"
+    )
+    with pytest.warns(UserWarning, match=match) as caught:
+        plot_sensitivity([1e-3, 1e-2, 1e-1, 1.0], results, "lambda", "rsum", tmp_path / "sens.png", logx=True)
+    assert len(caught) == 1
+    legend, _ = legend_and_notes(figures[0])
+    assert legend == ["CS (1 of 4 n/a, not drawn: lambda = 0.1; 2 of 4 std n/a, no error bar: lambda = 0.01, 1)", "L2"]
+    (ax,) = figures[0].axes
+    open_markers = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
+    assert len(open_markers) == 1
+    assert list(open_markers[0].get_xdata()) == [1e-2, 1.0] and list(open_markers[0].get_ydata()) == [420.0, 390.0]
+    cs_line = ax.containers[0].lines[0]
+    assert open_markers[0].get_markeredgecolor() == cs_line.get_color()  # marks CS's points, in CS's colour
+
+
+def test_plot_sensitivity_error_bars_drawn_are_the_finite_ones(tmp_path: Path, figures: list[Any]) -> None:
+    """The error bars drawn span mean ± std where the std is finite and are absent (not 0 or endless) where not."""
+    with pytest.warns(UserWarning, match=r"1 error bar n/a .*rsum \(1 of 3 std n/a, no error bar: sigma = 2\)$"):
+        plot_sensitivity([0.5, 1.0, 2.0], {"rsum": [(10.0, 1.0), (20.0, 2.0), (30.0, math.inf)]}, "sigma", "rsum",
+                         tmp_path / "sens.png")  # fmt: skip
+    (ax,) = figures[0].axes
+    (bars,) = ax.containers[0].lines[2]  # the vertical bars' LineCollection
+    spans = [[float(y) for _, y in segment] for segment in bars.get_segments()]
+    assert spans == [[9.0, 11.0], [18.0, 22.0], []]  # the third is not drawn
+    assert ax.get_ylim()[1] < 40  # and does not stretch the axis
+
+
+def test_plot_sensitivity_refuses_a_negative_std(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"results\['rsum'\] at lambda = 0\.1 has std -2 < 0; a standard deviation is"):
+        plot_sensitivity([0.01, 0.1], {"rsum": [(1.0, 1.0), (2.0, -2.0)]}, "lambda", "rsum", tmp_path / "s.png")
+
+
 def test_plot_bars(tmp_path: Path) -> None:
     table: dict[str, dict[str, float | list[float]]] = {
         "InfoNCE": {"R@1": [70.0, 71.0, 72.0], "gap": 0.8},
@@ -151,7 +193,8 @@ def test_plot_bars_marks_missing_values(tmp_path: Path, figures: list[Any]) -> N
         "CS-Aligner": {"R@1": np.float32(74.0), "5-shot": float("nan")},
         "L2": {"5-shot": torch.tensor(55.0)},
     }
-    plot_bars(table, tmp_path / "bars.png")  # type: ignore[arg-type]
+    with pytest.warns(UserWarning, match=r"^plot_bars: 1 bar n/a .*: 5-shot \(1 of 3 n/a, not drawn: CS-Aligner\)$"):
+        plot_bars(table, tmp_path / "bars.png")  # type: ignore[arg-type]  # L2 lacking R@1 is not warned about
     recall, few_shot = figures[0].axes
     heights = [[bar.get_height() for bar in ax.patches] for ax in (recall, few_shot)]
     assert heights[0][:2] == [71.0, 74.0] and np.isnan(heights[0][2])
@@ -160,6 +203,36 @@ def test_plot_bars_marks_missing_values(tmp_path: Path, figures: list[Any]) -> N
         labels = [(t.get_text(), t.get_position()[0]) for t in ax.texts]
         assert labels == [("n/a", missing)]
         assert ax.get_xlim()[0] < 0 < len(table) - 1 < ax.get_xlim()[1]  # the label's slot is on the axis
+
+
+def test_plot_bars_marks_error_bars_and_bars_it_cannot_draw(tmp_path: Path, figures: list[Any]) -> None:
+    """A std that is NaN over several seeds loses its error bar (it was drawn as 0): "std n/a" at the bar's
+    foot and a warning; an infinite value gets "n/a" like NaN (its bar was silently off the axis); a single
+    seed has no spread to show, so no mark."""
+    table = {
+        "InfoNCE": {"R@1": MeanStd(70.0, math.nan, 3)},
+        "CS-Aligner": {"R@1": [74.0, math.inf]},
+        "L2": {"R@1": MeanStd(60.0, math.nan, 1)},
+        "KL": {"R@1": [65.0, 67.0]},
+    }
+    match = (
+        r"^plot_bars: 1 bar n/a \(NaN or infinite\) and 1 error bar n/a \(std NaN or infinite\), not drawn in "
+        r".*bars\.png: R@1 \(1 of 4 n/a, not drawn: CS-Aligner; 1 of 4 std n/a, no error bar: InfoNCE\)$"
+    )
+    with pytest.warns(UserWarning, match=match):
+        plot_bars(table, tmp_path / "bars.png")
+    (ax,) = figures[0].axes
+    assert [(t.get_text(), t.get_position()[0]) for t in ax.texts] == [("std n/a", 0), ("n/a", 1)]
+    heights = [bar.get_height() for bar in ax.patches]
+    assert heights[0] == 70.0 and np.isnan(heights[1]) and heights[2:] == [60.0, 66.0]
+    (bars,) = [c for c in ax.containers if hasattr(c, "errorbar")]
+    (whiskers,) = bars.errorbar.lines[2]  # the error bars' LineCollection
+    assert [[float(y) for _, y in seg] for seg in whiskers.get_segments()][3] == pytest.approx(
+        [66 - 2**0.5, 66 + 2**0.5]
+    )
+    assert [len(seg) for seg in whiskers.get_segments()] == [0, 0, 2, 2]  # none for InfoNCE or CS-Aligner; L2's is 0
+    with pytest.raises(ValueError, match=r"R@1 of 'InfoNCE' has std -1 < 0"):
+        plot_bars({"InfoNCE": {"R@1": MeanStd(70.0, -1.0, 3)}}, tmp_path / "bad.png")
 
 
 def test_plot_tradeoff(tmp_path: Path) -> None:

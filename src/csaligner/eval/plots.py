@@ -56,25 +56,43 @@ def _finish_xy(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None
     return _save(fig, path)
 
 
-def _missing_label(name: str, missing: Sequence[str], total: int, where: str = "") -> str:
-    """Legend label of a series: its name, and how many and which of its `total` points are n/a (not drawn).
+def _missing_label(
+    name: str, missing: Sequence[str], total: int, where: str = "", no_error_bar: Sequence[str] = ()
+) -> str:
+    """Legend label of a series: its name, and how many and which of its `total` points are n/a (not drawn)
+    and which are drawn without their error bar (a std that is n/a).
 
-    `where` prefixes the list of missing points, e.g. "lambda = " before "0.001, 1".
+    `where` prefixes each list of points, e.g. "lambda = " before "0.001, 1".
     """
-    if not missing:
-        return name
-    count = f"all {total}" if len(missing) == total else f"{len(missing)} of {total}"
-    return f"{name} ({count} n/a, not drawn: {where}{', '.join(missing)})"
+    parts = []
+    for points, what in ((missing, "n/a, not drawn"), (no_error_bar, "std n/a, no error bar")):
+        if points:
+            count = f"all {total}" if len(points) == total else f"{len(points)} of {total}"
+            parts.append(f"{count} {what}: {where}{', '.join(points)}")
+    return f"{name} ({'; '.join(parts)})" if parts else name
 
 
-def _warn_missing(function: str, path: str | os.PathLike[str], labels: Sequence[str], n: int) -> None:
-    """Warn that `n` points are n/a (NaN or infinite) and not drawn, naming them (`labels` from `_missing_label`)."""
-    if n == 0:
-        return
-    warnings.warn(
-        f"{function}: {n} point{'s' * (n != 1)} n/a (NaN or infinite), not drawn in {path}: {'; '.join(labels)}",
-        stacklevel=3,
-    )
+def _warn_missing(
+    function: str,
+    path: str | os.PathLike[str],
+    labels: Sequence[str],
+    n: int,
+    n_no_error_bar: int = 0,
+    noun: str = "point",
+) -> None:
+    """Warn that `n` points are n/a (NaN or infinite) and `n_no_error_bar` error bars are (their std is), so
+    not drawn, naming them (`labels` from `_missing_label`)."""
+    counts = [f"{n} {noun}{'s' * (n != 1)} n/a (NaN or infinite)"] if n else []
+    if n_no_error_bar:
+        counts.append(f"{n_no_error_bar} error bar{'s' * (n_no_error_bar != 1)} n/a (std NaN or infinite)")
+    if counts:
+        warnings.warn(f"{function}: {' and '.join(counts)}, not drawn in {path}: {'; '.join(labels)}", stacklevel=3)
+
+
+def _check_std(std: float, where: str) -> None:
+    """A negative std is a bug upstream (matplotlib refuses it without saying which point)."""
+    if std < 0:
+        raise ValueError(f"{where} has std {std:g} < 0; a standard deviation is >= 0: check how it was computed")
 
 
 def _say_nothing_drawn(ax: Any) -> None:
@@ -209,7 +227,9 @@ def plot_sensitivity(
 
     A point whose x or mean is NaN or infinite (a run that diverged or was not run) cannot be drawn:
     its series' legend entry names the x values left out and how many, a `UserWarning` says the same,
-    and a panel with no drawable point at all says so in its middle.
+    and a panel with no drawable point at all says so in its middle. A point whose std alone is NaN or
+    infinite (one seed of two diverged, or a std over one run with ddof=1) is drawn as an open marker
+    without an error bar, and named in the legend entry and the warning the same way.
 
     Args:
         x_values: the swept values (e.g. lambda or sigma).
@@ -220,8 +240,8 @@ def plot_sensitivity(
         title: figure title.
 
     Raises:
-        ValueError: no x value or series, a series of another length than x_values, or with logx an
-            x <= 0 (a log axis cannot place it, and matplotlib would leave it out silently).
+        ValueError: no x value or series, a series of another length than x_values, a negative std, or
+            with logx an x <= 0 (a log axis cannot place it, and matplotlib would leave it out silently).
     """
     xs = [float(x) for x in x_values]
     if not xs or not results:
@@ -234,23 +254,33 @@ def plot_sensitivity(
             "(e.g. lambda = 0 at 1e-3, saying so in xlabel) or pass logx=False"
         )
     fig, (ax,) = _figure(1, (6.0, 4.0))
-    labels: list[str] = []  # legend labels of the series with n/a points
-    n_missing = 0
+    labels: list[str] = []  # legend labels of the series with n/a points or error bars
+    n_missing = n_no_error_bar = 0
     for name, series in results.items():
         if len(series) != len(xs):
             raise ValueError(f"results[{name!r}] has {len(series)} points but there are {len(xs)} x values")
         means, stds = [float(m) for m, _ in series], [float(s) for _, s in series]
-        # matplotlib leaves NaN/inf points out without a word: name them in the legend and a warning
-        missing = [f"{x:g}" for x, m in zip(xs, means, strict=True) if not (math.isfinite(x) and math.isfinite(m))]
-        label = _missing_label(name, missing, len(xs), f"{xlabel} = ")
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
-        labels += [label] if missing else []
+        drawn = [math.isfinite(x) and math.isfinite(m) for x, m in zip(xs, means, strict=True)]
+        for x, s in zip(xs, stds, strict=True):
+            _check_std(s, f"results[{name!r}] at {xlabel} = {x:g}")
+        # matplotlib leaves NaN/inf points and error bars out without a word: name them in the legend and a warning
+        missing = [f"{x:g}" for x, ok in zip(xs, drawn, strict=True) if not ok]
+        bare = [i for i, (ok, s) in enumerate(zip(drawn, stds, strict=True)) if ok and not math.isfinite(s)]
+        label = _missing_label(name, missing, len(xs), f"{xlabel} = ", [f"{xs[i]:g}" for i in bare])
+        yerr = [s if math.isfinite(s) else math.nan for s in stds]  # inf as NaN: no bar, not one off the axis
+        drawing = ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, label=label)
+        if bare:  # an open marker: a mean drawn without the spread it should have
+            color = drawing.lines[0].get_color()
+            ax.plot([xs[i] for i in bare], [means[i] for i in bare], ls="none", marker="o", mfc="white", mec=color,
+                    zorder=drawing.lines[0].get_zorder() + 0.1)  # fmt: skip
+        labels += [label] if missing or bare else []
         n_missing += len(missing)
+        n_no_error_bar += len(bare)
     if n_missing == len(xs) * len(results):
         _say_nothing_drawn(ax)
     if logx:
         ax.set_xscale("log")
-    _warn_missing("plot_sensitivity", path, labels, n_missing)
+    _warn_missing("plot_sensitivity", path, labels, n_missing, n_no_error_bar)
     return _finish_xy(fig, ax, xlabel, ylabel, title, path)
 
 
@@ -322,14 +352,19 @@ def plot_bars(
 ) -> Path:
     """One bar panel per metric, one bar per setting (rows), error bars for list values (mean ± std).
 
-    A setting without the metric (or with NaN) gets no bar and an "n/a" label in its place, so it does
-    not read as a value of 0.
+    A setting without the metric, or whose value is NaN or infinite, gets no bar and an "n/a" label in
+    its place, so it does not read as a value of 0. A value over several seeds whose std is NaN or
+    infinite gets its bar without an error bar and a "std n/a" label at its foot. A `UserWarning` names
+    the values that are there but n/a, and the error bars left out (a metric a setting lacks is not one).
 
     Args:
         table: {setting: {metric: value, per-seed values or `MeanStd`}} (the `format_table` layout).
         path: PNG to write.
         metrics: columns to plot (default: every metric, in first-seen order).
         title: figure title.
+
+    Raises:
+        ValueError: an empty table, no metric to plot, or a negative std.
     """
     if not table:
         raise ValueError("table is empty; pass {setting: {metric: value}}")
@@ -337,31 +372,53 @@ def plot_bars(
     if not names:
         raise ValueError("no metric to plot: the table rows are empty")
     fig, axes = _figure(len(names), (max(3.0, 0.9 * len(table) + 1.5), 3.8))
-    settings = list(table)
-    colors = [f"C{i % 10}" for i in range(len(settings))]
+    labels: list[str] = []  # one per panel with n/a values or error bars, for the warning
+    n_missing = n_no_error_bar = 0
     for ax, metric in zip(axes, names, strict=True):
-        stats = [_mean_std_or_nan(table[s].get(metric)) for s in settings]
-        errors = [s for _, s in stats] if any(s > 0 for _, s in stats) else None  # no zero-height whiskers
-        ax.bar(range(len(settings)), [m for m, _ in stats], yerr=errors, capsize=3, color=colors)
-        for i, (mean, _) in enumerate(stats):
-            if math.isnan(mean):  # x in data units, y in axes units: at the foot of the panel whatever the range
-                ax.text(i, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center", va="bottom", color="gray")
-        ax.set_xlim(-0.6, len(settings) - 0.4)  # every slot, also a missing one at the end (autoscale skips NaN)
-        ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
-        ax.set_title(metric)
-        ax.set_ylabel(metric)
-        ax.grid(axis="y", alpha=0.3)
+        missing, bare = _bar_panel(ax, metric, {setting: row.get(metric) for setting, row in table.items()})
+        labels += [_missing_label(metric, missing, len(table), "", bare)] if missing or bare else []
+        n_missing += len(missing)
+        n_no_error_bar += len(bare)
     if title:
         fig.suptitle(title)
+    _warn_missing("plot_bars", path, labels, n_missing, n_no_error_bar, noun="bar")
     return _save(fig, path)
 
 
+def _bar_panel(ax: Any, metric: str, values: Mapping[str, Value | None]) -> tuple[list[str], list[str]]:
+    """Draw one metric's bars, {setting: value or None when it lacks the metric}; return the settings
+    whose value is there but n/a (NaN or infinite) and those drawn without their error bar."""
+    settings = list(values)
+    stats = []
+    for setting, value in values.items():
+        mean, std = _mean_std_or_nan(value)
+        _check_std(std, f"{metric} of {setting!r}")
+        stats.append((mean if math.isfinite(mean) else math.nan, std))  # an endless bar cannot be drawn either
+    errors = [s if math.isfinite(s) else math.nan for _, s in stats]
+    has_error_bar = any(s > 0 for s in errors)  # no zero-height whiskers when no value has a spread
+    ax.bar(range(len(settings)), [m for m, _ in stats], yerr=errors if has_error_bar else None, capsize=3,
+           color=[f"C{i % 10}" for i in range(len(settings))])  # fmt: skip
+    for i, (mean, std) in enumerate(stats):
+        note = "n/a" if math.isnan(mean) else None if math.isfinite(std) else "std n/a"
+        if note:  # x in data units, y in axes units: at the foot of the panel whatever the range
+            ax.text(i, 0.02, note, transform=ax.get_xaxis_transform(), ha="center", va="bottom", color="gray")
+    ax.set_xlim(-0.6, len(settings) - 0.4)  # every slot, also a missing one at the end (autoscale skips NaN)
+    ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
+    ax.set_title(metric)
+    ax.set_ylabel(metric)
+    ax.grid(axis="y", alpha=0.3)
+    missing = [s for (s, v), (m, _) in zip(values.items(), stats, strict=True) if v is not None and math.isnan(m)]
+    bare = [s for s, (m, sd) in zip(settings, stats, strict=True) if not math.isnan(m) and not math.isfinite(sd)]
+    return missing, bare
+
+
 def _mean_std_or_nan(value: Value | None) -> tuple[float, float]:
-    """(mean, std) of a table value; (NaN, 0) when it is missing or empty (drawn as "n/a")."""
+    """(mean, std) of a table value: (NaN, 0) when it is missing or empty (drawn as "n/a"), std 0 for a single
+    number or seed (no spread to show), and the std as it is (NaN too) for several seeds."""
     if value is None:
         return math.nan, 0.0
     if isinstance(value, MeanStd):
-        return float(value.mean), float(value.std) if math.isfinite(value.std) else 0.0
+        return float(value.mean), float(value.std) if value.n > 1 else 0.0
     if (number := as_number(value)) is not None:
         return float(number), 0.0
     values = per_seed_values(value)
