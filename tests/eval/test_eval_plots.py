@@ -51,6 +51,34 @@ def legend_and_notes(fig: Any) -> tuple[list[str], list[str]]:
     return [t.get_text() for t in ax.get_legend().get_texts()], notes
 
 
+def draw(fig: Any) -> Any:
+    """Draw a saved figure as the PNG was (Agg, 120 dpi, its tight layout); return the renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.set_dpi(120)
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
+
+
+def inside(box: Any, bounds: Any) -> bool:
+    """Whether `box` lies inside `bounds` (display units, half a pixel of rounding allowed)."""
+    return bool(
+        bounds.x0 - 0.5 <= box.x0
+        and box.x1 <= bounds.x1 + 0.5
+        and bounds.y0 - 0.5 <= box.y0
+        and box.y1 <= bounds.y1 + 0.5
+    )
+
+
+def outside_the_figure(fig: Any) -> list[str]:
+    """What of a saved figure is drawn past its edges: each panel's tick and axis labels, title, legend,
+    texts and annotations (its tight box), and each figure-level text (a suptitle)."""
+    renderer = draw(fig)
+    panels = [(f"panel {i} ({ax.get_title()!r})", ax.get_tightbbox(renderer)) for i, ax in enumerate(fig.axes)]
+    texts = [(repr(t.get_text()), t.get_window_extent(renderer)) for t in fig.texts if t.get_text()]
+    return [f"{what}: {box}" for what, box in panels + texts if not inside(box, fig.bbox)]
+
+
 def test_plot_projection(tmp_path: Path) -> None:
     img = torch.randn(50, 8)
     pairs = {
@@ -248,6 +276,43 @@ def test_plot_tradeoff(tmp_path: Path) -> None:
     assert zoomed.stat().st_size > 5_000
     with pytest.raises(ValueError, match="at least one point"):
         plot_tradeoff({"CS": []}, "x", "y", tmp_path / "bad.png")
+
+
+CORNER_LABELS = (
+    "λ=0.0001",
+    "λ=1000, the strongest",
+    "λ=0.1, σ=0.5, token λ=0.1 (diverged at step 40, restarted from the last checkpoint, kept)",
+    "KL at the bottom right",
+)
+
+
+@pytest.mark.parametrize("ylim", [None, (0.0, 1.0)])
+def test_plot_tradeoff_labels_stay_inside_at_the_corners(
+    tmp_path: Path, figures: list[Any], ylim: tuple[float, float] | None
+) -> None:
+    """Points at the four corners of the axes (also exactly on a ylim): every label is drawn inside the
+    figure, and inside the axes, which keep their width (a label to the right of the rightmost point ran
+    off the figure, or tight_layout squeezed the axes to make room for it)."""
+    from matplotlib.text import Annotation
+
+    a, b, c, d = CORNER_LABELS
+    curves = {"CS": [(a, 0.0, 0.0), (b, 1.0, 1.0)], "KL": [(c, 0.0, 1.0), (d, 1.0, 0.0)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_tradeoff(curves, "centroid distance", "rsum", tmp_path / "t.png", ylim=ylim)
+    (fig,) = figures
+    renderer = draw(fig)
+    (ax,) = fig.axes
+    annotations = [t for t in ax.texts if isinstance(t, Annotation)]
+    assert [t.get_text().replace("\n", " ") for t in annotations] == list(
+        CORNER_LABELS
+    )  # each drawn, long ones wrapped
+    boxes = {text.get_text(): text.get_window_extent(renderer) for text in annotations}
+    assert {text: box for text, box in boxes.items() if not inside(box, fig.bbox)} == {}  # cut by the figure's edge
+    axes_box = ax.get_window_extent(renderer)
+    assert {text: box for text, box in boxes.items() if not inside(box, axes_box)} == {}  # across an axes edge
+    assert axes_box.width > 0.75 * fig.bbox.width
+    assert outside_the_figure(fig) == []
 
 
 def test_plot_tradeoff_names_nan_points(tmp_path: Path, figures: list[Any]) -> None:

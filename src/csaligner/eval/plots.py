@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -301,7 +302,8 @@ def plot_tradeoff(
 
     Args:
         curves: {family: [(point label, x, y), ...]} in the order to connect them (e.g. rising λ);
-            each point is annotated with its label.
+            each point is annotated with its label, on the side facing the middle of the axes so that
+            a label at an edge stays inside them (one over 24 characters wraps).
         xlabel, ylabel: axis labels.
         path: PNG to write.
         title: figure title.
@@ -313,6 +315,7 @@ def plot_tradeoff(
     fig, (ax,) = _figure(1, (6.5, 4.5))
     labels: list[str] = []  # legend labels of the series with n/a points
     n_missing = 0
+    colors = []
     for name, points in curves.items():
         xs, ys = [float(x) for _, x, _ in points], [float(y) for _, _, y in points]
         # matplotlib leaves NaN/inf points out without a word: name them in the legend and a warning
@@ -320,12 +323,9 @@ def plot_tradeoff(
         missing = [str(label) for (label, _, _), ok in zip(points, drawn, strict=True) if not ok]
         label = _missing_label(name, missing, len(points))
         (line,) = ax.plot(xs, ys, marker="o", label=label)
+        colors.append(line.get_color())
         labels += [label] if missing else []
         n_missing += len(missing)
-        for (point, x, y), dy, ok in zip(points, (6, -11) * len(points), drawn, strict=False):
-            if ok:  # an n/a point has no place to annotate; its family's legend entry names it
-                ax.annotate(point, (float(x), float(y)), textcoords="offset points", xytext=(4, dy), fontsize=7,
-                            color=line.get_color())  # fmt: skip
     if n_missing == sum(len(points) for points in curves.values()):
         _say_nothing_drawn(ax)
     _warn_missing("plot_tradeoff", path, labels, n_missing)
@@ -340,7 +340,40 @@ def plot_tradeoff(
         if outside:
             note = f"outside the y range: {', '.join(outside)}"
             ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
+    for points, color in zip(curves.values(), colors, strict=True):  # once the limits are final
+        _annotate_inward(ax, points, color)
     return _finish_xy(fig, ax, xlabel, ylabel, title, path)
+
+
+POINT_LABEL_WIDTH = 24
+"""Characters per line of a point annotation before it wraps: half the axes holds about 40 at 7 pt."""
+
+
+def _annotate_inward(ax: Any, points: Sequence[tuple[str, float, float]], color: str) -> None:
+    """Annotate each finite point with its label on the side that faces the middle of the axes.
+
+    A label always to the upper right ran past the axes at the right and top edges: off the figure, or
+    tight_layout shrank the axes to keep it. Here a point in the right half is labelled to its left, one
+    in the top quarter below it, one in the bottom quarter above it; the others alternate above and
+    below (neighbours on a line, close in y, do not overprint). Points outside the limits get none.
+    """
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    for k, (point, x, y) in enumerate(points):
+        x, y = float(x), float(y)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue  # an n/a point has no place to annotate; its family's legend entry names it
+        right, fy = (x - x0) / (x1 - x0) <= 0.5, (y - y0) / (y1 - y0)
+        above = fy < 0.25 or (fy <= 0.75 and k % 2 == 0)
+        ax.annotate(
+            textwrap.fill(str(point), POINT_LABEL_WIDTH),
+            (x, y),
+            textcoords="offset points",
+            xytext=(4 if right else -4, 4 if above else -4),
+            ha="left" if right else "right",
+            va="bottom" if above else "top",
+            fontsize=7,
+            color=color,
+        )
 
 
 def plot_bars(
