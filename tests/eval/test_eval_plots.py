@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,13 @@ def figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 
 def legend_and_notes(fig: Any) -> tuple[list[str], list[str]]:
-    """(legend entries, texts other than point annotations) of a one-panel figure."""
+    """(legend entries, texts other than point annotations) of a one-panel figure; a wrapped legend entry
+    is read back on one line."""
     from matplotlib.text import Annotation
 
     (ax,) = fig.axes
     notes = [t.get_text() for t in ax.texts if not isinstance(t, Annotation)]
-    return [t.get_text() for t in ax.get_legend().get_texts()], notes
+    return [t.get_text().replace("\n", " ") for t in ax.get_legend().get_texts()], notes
 
 
 def draw(fig: Any) -> Any:
@@ -313,6 +315,50 @@ def test_plot_tradeoff_labels_stay_inside_at_the_corners(
     assert {text: box for text, box in boxes.items() if not inside(box, axes_box)} == {}  # across an axes edge
     assert axes_box.width > 0.75 * fig.bbox.width
     assert outside_the_figure(fig) == []
+
+
+LONG_NAME = "CS-Aligner, λ=0.1, σ=0.5, token λ=0.1, MLP adapters, 3 seeds"
+LONG_TITLE = "Flickr8k dev retrieval and modality gap over the λ sweep, CS-Aligner vs the InfoNCE baseline, 3 seeds"
+SWEEP = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
+
+
+def _sensitivity(path: Path) -> None:
+    results = {LONG_NAME: [(math.nan, 0.0)] * 8, "InfoNCE": [(400.0, 2.0)] * 8}
+    plot_sensitivity(SWEEP, results, "lambda (λ=0 plotted at 1e-4)", "dev rsum", path, logx=True, title=LONG_TITLE)
+
+
+def _tradeoff(path: Path) -> None:
+    points = [(f"λ={x:g}", math.nan, 280.0) for x in SWEEP] + [("λ=1e4", 0.03, 250.0)]
+    plot_tradeoff({LONG_NAME: points}, "centroid distance", "rsum", path, title=LONG_TITLE)
+
+
+def _bars(path: Path) -> None:
+    plot_bars({LONG_NAME: {"R@1": [70.0, 72.0]}, "InfoNCE": {"R@1": 68.0}}, path, title=LONG_TITLE)
+
+
+def _hist(path: Path) -> None:
+    plot_paired_distance_hist({LONG_NAME: torch.rand(50), f"{LONG_NAME} (no prior)": torch.rand(50)}, path,
+                              title=LONG_TITLE)  # fmt: skip
+
+
+def _projection(path: Path) -> None:
+    pairs = {name: (torch.randn(20, 8), torch.randn(20, 8)) for name in (LONG_NAME, f"{LONG_NAME}, no prior")}
+    plot_projection(pairs, path, title=LONG_TITLE)
+
+
+@pytest.mark.parametrize("plot", [_sensitivity, _tradeoff, _bars, _hist, _projection], ids=lambda f: f.__name__[1:])
+def test_long_names_and_titles_stay_inside_the_figure(
+    tmp_path: Path, figures: list[Any], plot: Callable[[Path], None]
+) -> None:
+    """A long setting name, a legend entry naming 8 n/a points and a long title wrap instead of running
+    off the figure (a one-line legend entry or slanted tick label was cut at its edge)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the n/a points are warned about; that is tested above
+        plot(tmp_path / "fig.png")
+    assert outside_the_figure(figures[0]) == []
+    renderer = figures[0].canvas.get_renderer()
+    titles = [ax.title.get_window_extent(renderer) for ax in figures[0].axes]
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1 :])  # side by side panels
 
 
 def test_plot_tradeoff_names_nan_points(tmp_path: Path, figures: list[Any]) -> None:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DPI = 120
+PANEL_TITLE_WIDTH = 40
+"""Characters per line of a panel's title before it wraps: a 4.5 in panel holds about 45 at 12 pt."""
 IMAGE_COLOR, TEXT_COLOR = "tab:blue", "tab:orange"
 
 
@@ -49,12 +51,22 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
 
 def _finish_xy(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None, path: str | os.PathLike[str]) -> Path:
     """Labels, title (default "y vs x"), grid and legend of a one-panel x-y plot, then save it."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title or f"{ylabel} vs {xlabel}")
+    ax.set_xlabel(xlabel, wrap=True)
+    ax.set_ylabel(ylabel, wrap=True)
+    ax.set_title(title or f"{ylabel} vs {xlabel}", wrap=True)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    _legend(ax)
     return _save(fig, path)
+
+
+LEGEND_WIDTH = 45
+"""Characters per line of a legend entry before it wraps (about 4 in at 10 pt: inside the narrowest axes)."""
+
+
+def _legend(ax: Any) -> None:
+    """The legend, its long entries wrapped: one naming its n/a points ran off the figure on one line."""
+    handles, texts = ax.get_legend_handles_labels()
+    ax.legend(handles, [textwrap.fill(text, LEGEND_WIDTH) for text in texts], loc="best")
 
 
 def _missing_label(
@@ -170,11 +182,11 @@ def plot_projection(
         ax.scatter(pt[:, 0], pt[:, 1], s=6, alpha=0.6, color=TEXT_COLOR, label="text", zorder=2)
         for pts, color in ((pi, IMAGE_COLOR), (pt, TEXT_COLOR)):
             ax.scatter(*pts.mean(0), marker="X", s=120, color=color, edgecolors="black", zorder=3)
-        ax.set_title(name)
+        ax.set_title(textwrap.fill(name, PANEL_TITLE_WIDTH))  # wrap=True would wrap at the figure's edge
         ax.set_xlabel(f"PC1 ({float(explained[0]):.0f}% var.)")
         ax.set_ylabel(f"PC2 ({float(explained[1]):.0f}% var.)")
     axes[0].legend(loc="best", markerscale=2, title="X = centroid")
-    fig.suptitle(title or "Image and text embeddings, shared 2-D PCA")
+    fig.suptitle(title or "Image and text embeddings, shared 2-D PCA", wrap=True)
     return _save(fig, path)
 
 
@@ -207,10 +219,10 @@ def plot_paired_distance_hist(
     fig, (ax,) = _figure(1, (6.5, 4.0))
     for name, v in values.items():
         ax.hist(v.numpy(), bins=edges, alpha=0.5, label=f"{name} (mean {float(v.mean()):.3f})")
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(xlabel, wrap=True)
     ax.set_ylabel("pairs")
-    ax.set_title(title or "Paired image-text distances")
-    ax.legend(loc="best")
+    ax.set_title(title or "Paired image-text distances", wrap=True)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -413,9 +425,13 @@ def plot_bars(
         n_missing += len(missing)
         n_no_error_bar += len(bare)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, wrap=True)
     _warn_missing("plot_bars", path, labels, n_missing, n_no_error_bar, noun="bar")
     return _save(fig, path)
+
+
+NAME_WIDTH = 20
+"""Characters per line of a setting's name under its bar, or a metric's over its panel, before it wraps."""
 
 
 def _bar_panel(ax: Any, metric: str, values: Mapping[str, Value | None]) -> tuple[list[str], list[str]]:
@@ -436,8 +452,9 @@ def _bar_panel(ax: Any, metric: str, values: Mapping[str, Value | None]) -> tupl
         if note:  # x in data units, y in axes units: at the foot of the panel whatever the range
             ax.text(i, 0.02, note, transform=ax.get_xaxis_transform(), ha="center", va="bottom", color="gray")
     ax.set_xlim(-0.6, len(settings) - 0.4)  # every slot, also a missing one at the end (autoscale skips NaN)
-    ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
-    ax.set_title(metric)
+    # a long setting name on one slanted line ran off the figure's left edge
+    ax.set_xticks(range(len(settings)), [textwrap.fill(s, NAME_WIDTH) for s in settings], rotation=30, ha="right")
+    ax.set_title(textwrap.fill(metric, NAME_WIDTH))  # wrap=True would wrap at the figure's edge, over the next panel
     ax.set_ylabel(metric)
     ax.grid(axis="y", alpha=0.3)
     missing = [s for (s, v), (m, _) in zip(values.items(), stats, strict=True) if v is not None and math.isnan(m)]
