@@ -106,8 +106,31 @@ def test_plot_paired_distance_hist(tmp_path: Path) -> None:
         {"InfoNCE": torch.rand(200) + 0.8, "CS-Aligner": torch.rand(200) * 0.5}, tmp_path / "hist.png"
     )
     assert out.stat().st_size > 5_000 and png_size(out) == (6.5 * 120, 4.0 * 120)
-    with pytest.raises(ValueError, match="finite"):
-        plot_paired_distance_hist({"bad": torch.tensor([float("nan")])}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"dists\['bad'\] has 2 NaN or infinite distances of 3"):
+        plot_paired_distance_hist({"bad": torch.tensor([float("nan"), 1.0, float("inf")])}, tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize(
+    ("plot", "match"),
+    [
+        (lambda p: plot_paired_distance_hist({"a": torch.rand(5)}, p, bins=0), r"bins must be >= 1, got 0"),
+        (lambda p: plot_paired_distance_hist({"a": torch.rand(5), "b": torch.zeros(0)}, p), r"dists\['b'\] is empty"),
+        (
+            lambda p: plot_projection({"a": (torch.randn(5, 4), torch.randn(5, 4))}, p, max_points=0),
+            r"max_points must be >= 1 \(points per modality per panel\), got 0",
+        ),
+        (lambda p: plot_bars({"a": {"R@1": 1.0}}, p, metrics="R@1"), r"e\.g\. \['R@1'\], got the string 'R@1'"),
+        (lambda p: plot_bars({"a": {"R@1": 1.0}}, p, metrics=[]), r"no metric to plot: metrics is empty"),
+        (lambda p: plot_bars({"a": {}}, p), r"no metric to plot: the table rows are empty"),
+    ],
+)
+def test_plots_refuse_input_with_nothing_to_draw(tmp_path: Path, plot: Callable[[Path], object], match: str) -> None:
+    """Arguments that leave nothing to draw (or draw the wrong thing) are refused by name, before a file is
+    written: bins=0 drew an empty figure, max_points=0 failed with an IndexError, metrics="R@1" drew three
+    panels "R", "@" and "1"."""
+    with pytest.raises(ValueError, match=match):
+        plot(tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_plot_sensitivity(tmp_path: Path) -> None:

@@ -160,11 +160,16 @@ def plot_projection(
 
     Returns:
         The written path.
+
+    Raises:
+        ValueError: a method other than "pca", no panel, max_points < 1, or panels of different D.
     """
     if method != "pca":
         raise ValueError(f'method must be "pca" (a shared linear basis across panels), got {method!r}')
     if not pairs:
         raise ValueError("pairs is empty; pass {setting name: (image_emb, text_emb)}")
+    if int(max_points) < 1:  # no point would be left to fit the basis on
+        raise ValueError(f"max_points must be >= 1 (points per modality per panel), got {max_points!r}")
     points = _projection_points(pairs, int(max_points), seed)
     union = torch.cat([torch.cat([i, t]) for i, t, _ in points.values()])
     center = union.mean(0)
@@ -206,13 +211,24 @@ def plot_paired_distance_hist(
         bins: number of shared bins.
         xlabel: x-axis label.
         title: figure title.
+
+    Raises:
+        ValueError: no setting, bins < 1, or a setting with no distance or a NaN or infinite one.
     """
     if not dists:
         raise ValueError("dists is empty; pass {setting name: (P,) paired distances}")
+    if int(bins) < 1:  # matplotlib draws no bar at all, without a word
+        raise ValueError(f"bins must be >= 1, got {bins!r}")
     values = {name: torch.as_tensor(d).detach().double().flatten().cpu() for name, d in dists.items()}
     for name, v in values.items():
-        if v.numel() == 0 or not torch.isfinite(v).all():
-            raise ValueError(f"dists[{name!r}] must be a non-empty tensor of finite distances")
+        if v.numel() == 0:
+            raise ValueError(f"dists[{name!r}] is empty; pass at least one paired distance")
+        if not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(
+                f"dists[{name!r}] has {bad} NaN or infinite distances of {v.numel()}; a histogram cannot place them "
+                "(check the embeddings they came from)"
+            )
     lo = min(float(v.min()) for v in values.values())
     hi = max(float(v.max()) for v in values.values())
     edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, int(bins) + 1).numpy()
@@ -409,13 +425,16 @@ def plot_bars(
         title: figure title.
 
     Raises:
-        ValueError: an empty table, no metric to plot, or a negative std.
+        ValueError: an empty table, no metric to plot, `metrics` given as one string, or a negative std.
     """
     if not table:
         raise ValueError("table is empty; pass {setting: {metric: value}}")
+    if isinstance(metrics, str):  # list("R@1") would be three panels, "R", "@" and "1", all n/a
+        raise ValueError(f"metrics must be a sequence of metric names, e.g. [{metrics!r}], got the string {metrics!r}")
     names = list(metrics) if metrics is not None else list(dict.fromkeys(k for row in table.values() for k in row))
     if not names:
-        raise ValueError("no metric to plot: the table rows are empty")
+        why = "metrics is empty (None plots every metric)" if metrics is not None else "the table rows are empty"
+        raise ValueError(f"no metric to plot: {why}")
     fig, axes = _figure(len(names), (max(3.0, 0.9 * len(table) + 1.5), 3.8))
     labels: list[str] = []  # one per panel with n/a values or error bars, for the warning
     n_missing = n_no_error_bar = 0
