@@ -118,28 +118,95 @@ class RenameItem(NamedTuple):
     """Where it was written, for errors: "--class-names item 2" or "names.txt line 3"."""
     text: str
     readings: tuple[tuple[str, str], ...]
-    """Every (folder, name) it can mean: one per "=" (not one written "\\=") with text on both sides."""
+    """Every (folder, name) it can mean, escapes read: one per "=" (not one written "\\=") with text on
+    both sides."""
 
 
-LITERAL_EQUALS = "\\="
-"""How a FOLDER=NAME item writes an "=" that belongs to the folder or the name, not one that separates them."""
+LITERAL_BACKSLASH, LITERAL_EQUALS = "\\\\", "\\="
+"""How a FOLDER=NAME item writes a backslash, and an "=" that belongs to the folder or the name rather
+than separating them. A backslash before anything else, or at the end, is an error."""
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", LITERAL_BACKSLASH).replace("=", LITERAL_EQUALS)
 
 
 def escape_class_rename(folder: str, name: str) -> str:
-    """The FOLDER=NAME item that renames exactly `folder` to `name` (each "=" of either written "\\=")."""
-    return folder.replace("=", LITERAL_EQUALS) + "=" + name.replace("=", LITERAL_EQUALS)
+    """The FOLDER=NAME item that renames exactly `folder` to `name` (each backslash of either written
+    "\\\\", each "=" written "\\=")."""
+    return f"{_escape(folder)}={_escape(name)}"
 
 
-def _readings(text: str) -> tuple[tuple[str, str], ...]:
-    """(folder, name) for each "=" of `text` not written "\\=" whose two sides are not blank (stripped,
-    "\\=" read as "=")."""
+def _shown(text: str) -> str:
+    """An item in an error as it was written: in quotes, its backslashes not doubled as repr() would."""
+    return f"'{text}'"
+
+
+def _unescape(at: str, text: str) -> list[tuple[str, bool]]:
+    """The characters of an item, each with whether a backslash escaped it ("\\\\" -> "\\", "\\=" -> "=").
+
+    Raises:
+        ValueError: a backslash before any other character or at the end, with the item as it should read.
+    """
+    chars: list[tuple[str, bool]] = []
+    i = 0
+    while i < len(text):
+        if text[i] != "\\":
+            chars.append((text[i], False))
+            i += 1
+        elif text[i + 1 : i + 2] in ("\\", "="):
+            chars.append((text[i + 1], True))
+            i += 2
+        else:
+            raise _bad_escape(at, text, i)
+    return chars
+
+
+def _bad_escape(at: str, text: str, i: int) -> ValueError:
+    """The error for the lone backslash at text[i], with the item each lone backslash doubled."""
+    fixed, j = "", 0
+    while j < len(text):
+        pair = text[j : j + 2]
+        step = 2 if pair in (LITERAL_BACKSLASH, LITERAL_EQUALS) else 1
+        fixed += LITERAL_BACKSLASH if pair[:1] == "\\" and step == 1 else text[j : j + step]
+        j += step
+    what = "ends in a lone backslash" if i == len(text) - 1 else f"has a backslash before {text[i + 1]!r}"
+    comma = " (a name holding a comma needs a file)" if at.startswith("--") and i == len(text) - 1 else ""
+    return ValueError(
+        f'{at}: {_shown(text)} {what}{comma}; a backslash escapes only a backslash or an "=": write one that is '
+        f'part of a folder or a name as {LITERAL_BACKSLASH} (here {_shown(fixed)}) and such an "=" as {LITERAL_EQUALS}'
+    )
+
+
+def _readings(at: str, text: str) -> tuple[tuple[str, str], ...]:
+    """(folder, name) for each "=" of `text` not written "\\=" whose two sides are not blank (escapes read,
+    sides stripped)."""
+    chars = _unescape(at, text)
     out = []
-    for i, char in enumerate(text):
-        if char == "=" and text[i - 1 : i] != "\\":
-            folder, name = (side.replace(LITERAL_EQUALS, "=").strip() for side in (text[:i], text[i + 1 :]))
+    for i, (char, escaped) in enumerate(chars):
+        if char == "=" and not escaped:
+            folder, name = ("".join(c for c, _ in side).strip() for side in (chars[:i], chars[i + 1 :]))
             if folder and name:
                 out.append((folder, name))
     return tuple(out)
+
+
+def _not_a_pair(at: str, text: str) -> ValueError:
+    """The error for an item with no "=" between two non-blank sides; when its "=" is escaped, how to
+    write a folder or name that ends in a backslash instead."""
+    hint, i = "", 0
+    while i < len(text) - 2 and text[i : i + 2] != LITERAL_EQUALS:  # the first escaped "=" with text after it
+        i += 2 if text[i] == "\\" else 1  # every backslash starts a two-character escape (checked before)
+    if text[i : i + 2] == LITERAL_EQUALS and i < len(text) - 2:
+        written = text[:i] + LITERAL_BACKSLASH + "=" + text[i + 2 :]
+        hint = (
+            f' (its "=" is written {LITERAL_EQUALS}, an "=" inside a folder or a name; for a folder or name ending '
+            f"in a backslash write {LITERAL_BACKSLASH}: {_shown(written)})"
+        )
+    return ValueError(
+        f"{at}: {_shown(text)} is not FOLDER=NAME{hint}; write pairs like roses=rose (in a file one a line, "
+        "on the command line comma-separated: roses=rose,tulips=tulip; a name holding a comma needs a file)"
+    )
 
 
 def read_class_renames(spec: str | Path) -> list[RenameItem]:
@@ -149,28 +216,25 @@ def read_class_renames(spec: str | Path) -> list[RenameItem]:
     `parse_class_renames` picks the reading that names a class folder.
 
     Raises:
-        ValueError: an item with no "=" between two non-blank sides, an item that can only rename a
-            folder an earlier one renames, or no item at all.
+        ValueError: an item with no "=" between two non-blank sides or with a backslash that escapes
+            nothing, an item that can only rename a folder an earlier one renames, or no item at all.
     """
     path = Path(spec)
     if path.is_file():
         items = [(f"{path} line {n}", text) for n, text in _entries(path)]
     elif "=" not in str(spec):
         raise ValueError(
-            f"--class-names {str(spec)!r} is neither a file nor FOLDER=NAME pairs; pass e.g. roses=rose,tulips=tulip "
-            "or a file with one roses=rose pair a line"
+            f"--class-names {_shown(str(spec))} is neither a file nor FOLDER=NAME pairs; pass e.g. "
+            "roses=rose,tulips=tulip or a file with one roses=rose pair a line"
         )
     else:
         items = [(f"--class-names item {i}", text.strip()) for i, text in enumerate(str(spec).split(","), 1)]
     out: list[RenameItem] = []
     certain: dict[str, str] = {}  # {folder: name} of the items that can be read one way only
     for at, text in items:
-        readings = _readings(text)
+        readings = _readings(at, text)
         if not readings:
-            raise ValueError(
-                f"{at}: {text!r} is not FOLDER=NAME; write pairs like roses=rose (in a file one a line, "
-                "on the command line comma-separated: roses=rose,tulips=tulip; a name holding a comma needs a file)"
-            )
+            raise _not_a_pair(at, text)
         if len(readings) == 1:  # an item that can mean two folders is checked once they are known
             folder, name = readings[0]
             if folder in certain:
@@ -189,11 +253,13 @@ def parse_class_renames(spec: str | Path, classes: Sequence[str] | None = None) 
     at the "=" whose left side is one of `classes` (so a=b=c renames folder "a=b" to "c" when there is
     no folder "a"). Where several splits name a class folder, write each "=" that belongs to a folder
     or a name as "\\=" (a\\=b=c renames "a=b"; a=b\\=c renames "a" to "b=c"). Without `classes`, an
-    item is split at its first such "=".
+    item is split at its first such "=". A backslash escapes: "\\=" is an "=" and "\\\\" a backslash of
+    the folder or the name (a\\\\=b renames folder "a\\" to "b"); `escape_class_rename` writes any pair.
 
     Raises:
-        ValueError: a pair without "=", with an empty side, a folder named twice, a folder that is not
-            among `classes`, or an item that could rename two of `classes`.
+        ValueError: a pair without "=", with an empty side, a backslash before anything but a backslash
+            or "=" (or at the end), a folder named twice, a folder that is not among `classes`, or an
+            item that could rename two of `classes`.
     """
     renames: dict[str, str] = {}
     for item in read_class_renames(spec):
@@ -216,8 +282,8 @@ def _ambiguous_rename(item: RenameItem, readings: Sequence[tuple[str, str]]) -> 
     which = ", ".join(f"{text} for {folder!r}" for text, (folder, _) in zip(written, readings, strict=True))
     shell = f" (in single quotes for the shell: --class-names '{written[0]}')" if item.at.startswith("--") else ""
     return ValueError(
-        f'{item.at}: {item.text!r} could rename class {options}; write each "=" that is part of a folder or a name '
-        f'as "{LITERAL_EQUALS}" to say which: {which}{shell}'
+        f'{item.at}: {_shown(item.text)} could rename class {options}; write each "=" that is part of a folder or '
+        f'a name as "{LITERAL_EQUALS}" to say which: {which}{shell}'
     )
 
 
