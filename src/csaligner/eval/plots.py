@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,14 +19,22 @@ from torch import Tensor
 
 from csaligner._validation import check_features
 from csaligner.eval._common import as_number, mean_std, per_seed_values, subsample_rows, unit_rows
+from csaligner.eval._plot_labels import (
+    NAME_WIDTH,
+    PANEL_TITLE_WIDTH,
+    annotate_inward,
+    check_std,
+    legend,
+    missing_label,
+    say_nothing_drawn,
+    warn_missing,
+)
 from csaligner.eval.report import MeanStd, Table, Value
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DPI = 120
-PANEL_TITLE_WIDTH = 40
-"""Characters per line of a panel's title before it wraps: a 4.5 in panel holds about 45 at 12 pt."""
 IMAGE_COLOR, TEXT_COLOR = "tab:blue", "tab:orange"
 
 
@@ -55,62 +62,8 @@ def _finish_xy(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None
     ax.set_ylabel(ylabel, wrap=True)
     ax.set_title(title or f"{ylabel} vs {xlabel}", wrap=True)
     ax.grid(alpha=0.3)
-    _legend(ax)
+    legend(ax)
     return _save(fig, path)
-
-
-LEGEND_WIDTH = 45
-"""Characters per line of a legend entry before it wraps (about 4 in at 10 pt: inside the narrowest axes)."""
-
-
-def _legend(ax: Any) -> None:
-    """The legend, its long entries wrapped: one naming its n/a points ran off the figure on one line."""
-    handles, texts = ax.get_legend_handles_labels()
-    ax.legend(handles, [textwrap.fill(text, LEGEND_WIDTH) for text in texts], loc="best")
-
-
-def _missing_label(
-    name: str, missing: Sequence[str], total: int, where: str = "", no_error_bar: Sequence[str] = ()
-) -> str:
-    """Legend label of a series: its name, and how many and which of its `total` points are n/a (not drawn)
-    and which are drawn without their error bar (a std that is n/a).
-
-    `where` prefixes each list of points, e.g. "lambda = " before "0.001, 1".
-    """
-    parts = []
-    for points, what in ((missing, "n/a, not drawn"), (no_error_bar, "std n/a, no error bar")):
-        if points:
-            count = f"all {total}" if len(points) == total else f"{len(points)} of {total}"
-            parts.append(f"{count} {what}: {where}{', '.join(points)}")
-    return f"{name} ({'; '.join(parts)})" if parts else name
-
-
-def _warn_missing(
-    function: str,
-    path: str | os.PathLike[str],
-    labels: Sequence[str],
-    n: int,
-    n_no_error_bar: int = 0,
-    noun: str = "point",
-) -> None:
-    """Warn that `n` points are n/a (NaN or infinite) and `n_no_error_bar` error bars are (their std is), so
-    not drawn, naming them (`labels` from `_missing_label`)."""
-    counts = [f"{n} {noun}{'s' * (n != 1)} n/a (NaN or infinite)"] if n else []
-    if n_no_error_bar:
-        counts.append(f"{n_no_error_bar} error bar{'s' * (n_no_error_bar != 1)} n/a (std NaN or infinite)")
-    if counts:
-        warnings.warn(f"{function}: {' and '.join(counts)}, not drawn in {path}: {'; '.join(labels)}", stacklevel=3)
-
-
-def _check_std(std: float, where: str) -> None:
-    """A negative std is a bug upstream (matplotlib refuses it without saying which point)."""
-    if std < 0:
-        raise ValueError(f"{where} has std {std:g} < 0; a standard deviation is >= 0: check how it was computed")
-
-
-def _say_nothing_drawn(ax: Any) -> None:
-    """Centre a note on a panel none of whose points has a value, so it does not read as a plotting bug."""
-    ax.text(0.5, 0.5, "no value to draw: every point is n/a", transform=ax.transAxes, ha="center", color="gray")
 
 
 def _projection_points(
@@ -238,7 +191,7 @@ def plot_paired_distance_hist(
     ax.set_xlabel(xlabel, wrap=True)
     ax.set_ylabel("pairs")
     ax.set_title(title or "Paired image-text distances", wrap=True)
-    _legend(ax)
+    legend(ax)
     return _save(fig, path)
 
 
@@ -291,11 +244,11 @@ def plot_sensitivity(
         means, stds = [float(m) for m, _ in series], [float(s) for _, s in series]
         drawn = [math.isfinite(x) and math.isfinite(m) for x, m in zip(xs, means, strict=True)]
         for x, s in zip(xs, stds, strict=True):
-            _check_std(s, f"results[{name!r}] at {xlabel} = {x:g}")
+            check_std(s, f"results[{name!r}] at {xlabel} = {x:g}")
         # matplotlib leaves NaN/inf points and error bars out without a word: name them in the legend and a warning
         missing = [f"{x:g}" for x, ok in zip(xs, drawn, strict=True) if not ok]
         bare = [i for i, (ok, s) in enumerate(zip(drawn, stds, strict=True)) if ok and not math.isfinite(s)]
-        label = _missing_label(name, missing, len(xs), f"{xlabel} = ", [f"{xs[i]:g}" for i in bare])
+        label = missing_label(name, missing, len(xs), f"{xlabel} = ", [f"{xs[i]:g}" for i in bare])
         yerr = [s if math.isfinite(s) else math.nan for s in stds]  # inf as NaN: no bar, not one off the axis
         drawing = ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, label=label)
         if bare:  # an open marker: a mean drawn without the spread it should have
@@ -306,10 +259,10 @@ def plot_sensitivity(
         n_missing += len(missing)
         n_no_error_bar += len(bare)
     if n_missing == len(xs) * len(results):
-        _say_nothing_drawn(ax)
+        say_nothing_drawn(ax)
     if logx:
         ax.set_xscale("log")
-    _warn_missing("plot_sensitivity", path, labels, n_missing, n_no_error_bar)
+    warn_missing("plot_sensitivity", path, labels, n_missing, n_no_error_bar)
     return _finish_xy(fig, ax, xlabel, ylabel, title, path)
 
 
@@ -349,14 +302,14 @@ def plot_tradeoff(
         # matplotlib leaves NaN/inf points out without a word: name them in the legend and a warning
         drawn = [math.isfinite(x) and math.isfinite(y) for x, y in zip(xs, ys, strict=True)]
         missing = [str(label) for (label, _, _), ok in zip(points, drawn, strict=True) if not ok]
-        label = _missing_label(name, missing, len(points))
+        label = missing_label(name, missing, len(points))
         (line,) = ax.plot(xs, ys, marker="o", label=label)
         colors.append(line.get_color())
         labels += [label] if missing else []
         n_missing += len(missing)
     if n_missing == sum(len(points) for points in curves.values()):
-        _say_nothing_drawn(ax)
-    _warn_missing("plot_tradeoff", path, labels, n_missing)
+        say_nothing_drawn(ax)
+    warn_missing("plot_tradeoff", path, labels, n_missing)
     if ylim is not None:
         ax.set_ylim(*ylim)
         outside = [  # an n/a point is not "outside": it is in the legend as not drawn
@@ -369,39 +322,8 @@ def plot_tradeoff(
             note = f"outside the y range: {', '.join(outside)}"
             ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
     for points, color in zip(curves.values(), colors, strict=True):  # once the limits are final
-        _annotate_inward(ax, points, color)
+        annotate_inward(ax, points, color)
     return _finish_xy(fig, ax, xlabel, ylabel, title, path)
-
-
-POINT_LABEL_WIDTH = 24
-"""Characters per line of a point annotation before it wraps: half the axes holds about 40 at 7 pt."""
-
-
-def _annotate_inward(ax: Any, points: Sequence[tuple[str, float, float]], color: str) -> None:
-    """Annotate each finite point with its label on the side that faces the middle of the axes.
-
-    A label always to the upper right ran past the axes at the right and top edges: off the figure, or
-    tight_layout shrank the axes to keep it. Here a point in the right half is labelled to its left, one
-    in the top quarter below it, one in the bottom quarter above it; the others alternate above and
-    below (neighbours on a line, close in y, do not overprint). Points outside the limits get none.
-    """
-    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-    for k, (point, x, y) in enumerate(points):
-        x, y = float(x), float(y)
-        if not (math.isfinite(x) and math.isfinite(y)):
-            continue  # an n/a point has no place to annotate; its family's legend entry names it
-        right, fy = (x - x0) / (x1 - x0) <= 0.5, (y - y0) / (y1 - y0)
-        above = fy < 0.25 or (fy <= 0.75 and k % 2 == 0)
-        ax.annotate(
-            textwrap.fill(str(point), POINT_LABEL_WIDTH),
-            (x, y),
-            textcoords="offset points",
-            xytext=(4 if right else -4, 4 if above else -4),
-            ha="left" if right else "right",
-            va="bottom" if above else "top",
-            fontsize=7,
-            color=color,
-        )
 
 
 def plot_bars(
@@ -440,17 +362,13 @@ def plot_bars(
     n_missing = n_no_error_bar = 0
     for ax, metric in zip(axes, names, strict=True):
         missing, bare = _bar_panel(ax, metric, {setting: row.get(metric) for setting, row in table.items()})
-        labels += [_missing_label(metric, missing, len(table), "", bare)] if missing or bare else []
+        labels += [missing_label(metric, missing, len(table), "", bare)] if missing or bare else []
         n_missing += len(missing)
         n_no_error_bar += len(bare)
     if title:
         fig.suptitle(title, wrap=True)
-    _warn_missing("plot_bars", path, labels, n_missing, n_no_error_bar, noun="bar")
+    warn_missing("plot_bars", path, labels, n_missing, n_no_error_bar, noun="bar")
     return _save(fig, path)
-
-
-NAME_WIDTH = 20
-"""Characters per line of a setting's name under its bar, or a metric's over its panel, before it wraps."""
 
 
 def _bar_panel(ax: Any, metric: str, values: Mapping[str, Value | None]) -> tuple[list[str], list[str]]:
@@ -460,7 +378,7 @@ def _bar_panel(ax: Any, metric: str, values: Mapping[str, Value | None]) -> tupl
     stats = []
     for setting, value in values.items():
         mean, std = _mean_std_or_nan(value)
-        _check_std(std, f"{metric} of {setting!r}")
+        check_std(std, f"{metric} of {setting!r}")
         stats.append((mean if math.isfinite(mean) else math.nan, std))  # an endless bar cannot be drawn either
     errors = [s if math.isfinite(s) else math.nan for _, s in stats]
     has_error_bar = any(s > 0 for s in errors)  # no zero-height whiskers when no value has a spread
