@@ -11,15 +11,12 @@ from tests.eval.tiny_runs import TinyCaches, class_caches, make_run
 
 import csaligner.eval.evaluate as evaluate_module
 from csaligner.cli import main
+from csaligner.eval.class_names import escape_class_rename, parse_class_renames, prompt_class_names, read_class_renames
 from csaligner.eval.classification import (
     CLIP_IMAGENET_TEMPLATES,
     DEFAULT_TEMPLATES,
     FLOWERS102_TEMPLATES,
-    escape_class_rename,
     load_templates,
-    parse_class_renames,
-    prompt_class_names,
-    read_class_renames,
 )
 
 CLASSES = ["daisy", "roses", "tulips"]  # the tiny class caches' folders

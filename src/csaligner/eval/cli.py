@@ -12,15 +12,8 @@ import torch
 from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
-from csaligner.eval.classification import (
-    DEFAULT_TEMPLATES,
-    TEMPLATE_PRESETS,
-    escape_class_rename,
-    load_templates,
-    parse_class_renames,
-    prompt_class_names,
-    read_class_renames,
-)
+from csaligner.eval.class_names import escape_class_rename, parse_class_renames, prompt_class_names, read_class_renames
+from csaligner.eval.classification import DEFAULT_TEMPLATES, TEMPLATE_PRESETS, load_templates
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
     FEW_SHOT_SEEDS,
