@@ -89,14 +89,14 @@ def annotate_inward(ax: Any, points: Sequence[tuple[str, float, float]], color: 
         x, y = float(x), float(y)
         if not (math.isfinite(x) and math.isfinite(y)):
             continue  # an n/a point has no place to annotate; its family's legend entry names it
-        right, fy = (x - x0) / (x1 - x0) <= 0.5, (y - y0) / (y1 - y0)
+        to_right, fy = (x - x0) / (x1 - x0) <= 0.5, (y - y0) / (y1 - y0)
         above = fy < 0.25 or (fy <= 0.75 and k % 2 == 0)
         ax.annotate(
             textwrap.fill(str(point), POINT_LABEL_WIDTH),
             (x, y),
             textcoords="offset points",
-            xytext=(4 if right else -4, 4 if above else -4),
-            ha="left" if right else "right",
+            xytext=(4 if to_right else -4, 4 if above else -4),
+            ha="left" if to_right else "right",
             va="bottom" if above else "top",
             fontsize=7,
             color=color,
