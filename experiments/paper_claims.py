@@ -34,12 +34,12 @@ from csaligner.data import load_paired_features
 from csaligner.data.features import PairedFeatures
 from csaligner.eval import format_table, plot_bars, plot_sensitivity, plot_tradeoff
 from csaligner.eval import plots as _plots
+from csaligner.eval.class_names import prompt_class_names
 from csaligner.eval.classification import (
     CLIP_IMAGENET_TEMPLATES,
     FLOWERS102_TEMPLATES,
     class_prompts,
     few_shot_accuracy,
-    prompt_class_names,
     zero_shot_accuracy,
 )
 from csaligner.eval.evaluate import (

@@ -11,15 +11,12 @@ from tests.eval.tiny_runs import TinyCaches, class_caches, make_run
 
 import csaligner.eval.evaluate as evaluate_module
 from csaligner.cli import main
+from csaligner.eval.class_names import escape_class_rename, parse_class_renames, prompt_class_names, read_class_renames
 from csaligner.eval.classification import (
     CLIP_IMAGENET_TEMPLATES,
     DEFAULT_TEMPLATES,
     FLOWERS102_TEMPLATES,
-    escape_class_rename,
     load_templates,
-    parse_class_renames,
-    prompt_class_names,
-    read_class_renames,
 )
 
 CLASSES = ["daisy", "roses", "tulips"]  # the tiny class caches' folders
@@ -146,6 +143,71 @@ def test_class_renames_escaped_equals_say_which_folder(tmp_path: Path) -> None:
         assert parse_class_renames(written, ["a", "a=b", "a=b=c", *EQ_CLASSES]) == {folder: name}
 
 
+BACKSLASH_CLASSES = ["roses\\", "roses", "a\\=b", "a", "a=b", "\\", "c\\\\d"]  # "roses\", "a\=b", "\", "c\\d"
+
+
+@pytest.mark.parametrize(
+    ("folder", "name"),
+    [
+        ("roses\\", "rose"),  # ends in a backslash: "\=" used to swallow it
+        ("a\\=b", "c"),  # holds a backslash before an "="
+        ("a=b", "c=d"),
+        ("roses", "rose\\"),  # a name ending in a backslash
+        ("\\", "="),
+        ("c\\\\d", "e\\f"),
+    ],
+)
+def test_class_renames_round_trip_any_folder_and_name(tmp_path: Path, folder: str, name: str) -> None:
+    """escape_class_rename writes a pair that reads back as exactly that folder and name, on the command
+    line, in a file, and with or without the class folders known."""
+    written = escape_class_rename(folder, name)
+    assert parse_class_renames(written, BACKSLASH_CLASSES) == {folder: name}
+    assert parse_class_renames(written) == {folder: name}  # one unescaped "=": no folder needed to split it
+    path = tmp_path / "names.txt"
+    path.write_text(f"# renames\n{written}\n")
+    assert parse_class_renames(path, BACKSLASH_CLASSES) == {folder: name}
+
+
+def test_class_renames_backslash_escapes_as_written() -> None:
+    """\\\\ is a backslash and \\= an "=" of a folder or name; an unescaped "=" after an escaped backslash
+    separates."""
+    assert parse_class_renames(r"roses\\=rose", BACKSLASH_CLASSES) == {"roses\\": "rose"}
+    assert parse_class_renames(r"a\\\=b=c", BACKSLASH_CLASSES) == {"a\\=b": "c"}
+    assert parse_class_renames(r"roses=a \\ b\=c", BACKSLASH_CLASSES) == {"roses": "a \\ b=c"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (r"a\b=c", r"^--class-names item 1: 'a\\b=c' has a backslash before 'b'; .* as \\\\ \(here 'a\\\\b=c'\)"),
+        (r"x=y,roses\,red=z", r"item 2: 'roses\\' ends in a lone backslash \(a name holding a comma needs a file\)"),
+        (r"roses=rose\\\ ", r"item 1: 'roses=rose\\\\\\' ends in a lone backslash.* \(here 'roses=rose\\\\\\\\'\)"),
+        (r"C:\data=x", r"'C:\\data=x' has a backslash before 'd'.*\(here 'C:\\\\data=x'\)"),
+        (
+            r"roses\=rose",
+            r"'roses\\=rose' is not FOLDER=NAME \(its \"=\" is written \\=, an \"=\" inside a folder or a name; "
+            r"for a folder or name ending in a backslash write \\\\: 'roses\\\\=rose'\)",
+        ),
+    ],
+)
+def test_class_renames_refuse_malformed_escapes(spec: str, match: str) -> None:
+    """A backslash before anything but a backslash or "=", or at the end, is refused, showing the item as
+    written (not repr-doubled) and as it should read; an item whose only "=" is escaped says how to write
+    a folder ending in a backslash."""
+    with pytest.raises(ValueError, match=match):
+        parse_class_renames(spec, BACKSLASH_CLASSES)
+
+
+def test_class_rename_file_with_a_lone_backslash_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "names.txt"
+    path.write_text("roses=rose\ntulips=tulip, a flower\\\n")
+    with pytest.raises(
+        ValueError, match=r"names\.txt line 2: 'tulips=tulip, a flower\\' ends in a lone backslash;"
+    ) as err:
+        parse_class_renames(path)
+    assert "comma" not in str(err.value)  # in a file a comma is part of the name
+
+
 def test_class_rename_that_could_name_two_folders_is_an_error(tmp_path: Path) -> None:
     """roses=red=crimson could rename "roses" (to "red=crimson") or "roses=red": the error names both and
     how to write each; from a file it names the line and gives no shell advice."""
@@ -177,7 +239,7 @@ def test_class_renames_checked_once_the_folders_are_known() -> None:
         read_class_renames("roses=x,roses=y")  # each item reads one way only: refused before any folder is known
     with pytest.raises(ValueError, match=r"\['lilies'\] are not classes.*\['daisy=white', 'roses', 'roses=red'\]"):
         parse_class_renames("lilies=lily=x", EQ_CLASSES)  # no split names a folder: the first is reported
-    with pytest.raises(ValueError, match=r"item 1: 'roses\\\\=red' is not FOLDER=NAME"):
+    with pytest.raises(ValueError, match=r"item 1: 'roses\\=red' is not FOLDER=NAME"):
         read_class_renames(r"roses\=red")  # the only "=" is escaped
 
 
@@ -303,4 +365,54 @@ def test_eval_refuses_a_rename_that_could_name_two_folders(
     err = capsys.readouterr().err
     assert "'roses=red=crimson' could rename class 'roses' (as 'red=crimson') or 'roses=red' (as 'crimson')" in err
     assert r"--class-names 'roses=red\=crimson'" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.fixture(scope="module")
+def backslash_classes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Tiny (train, test) class caches with a folder whose name ends in a backslash, beside its plain twin."""
+    return class_caches(tmp_path_factory.mktemp("backslash-classes"), names=("daisy", "roses\\", "roses"))
+
+
+@pytest.mark.parametrize("form", ["pairs", "file"])
+def test_eval_renames_a_folder_ending_in_a_backslash(
+    caches: TinyCaches, backslash_classes: tuple[Path, Path], run: Path, tmp_path: Path, form: str
+) -> None:
+    """A folder named roses\\ is renamed by roses\\\\=rose (its "\\" used to escape the "="), and the report
+    writes the pair back the same way."""
+    spec = r"roses\\=rose,roses=red rose"
+    if form == "file":
+        spec = str(tmp_path / "names.txt")
+        Path(spec).write_text("roses\\\\=rose\nroses=red rose\n")
+    assert evaluate(caches, backslash_classes, run, tmp_path / "out", "--class-names", spec) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["tok"]
+    assert metrics["zero_shot_class_names"] == {"daisy": "daisy", "roses\\": "rose", "roses": "red rose"}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]
+    written = report["sources"]["zero-shot: prompts"]["class names"]
+    assert written == r"roses=red rose, roses\\=rose"  # in class order
+    assert parse_class_renames(written.replace(", ", ","), ["daisy", "roses\\", "roses"]) == {
+        "roses\\": "rose",
+        "roses": "red rose",
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (r"roses\=rose", r"""'roses\=rose' is not FOLDER=NAME (its "=" is written \=, an "=" inside a folder"""),
+        (r"roses\rose=rose", r"'roses\rose=rose' has a backslash before 'r'; a backslash escapes only a backslash"),
+    ],
+)
+def test_eval_refuses_a_malformed_escape_before_evaluating(
+    caches: TinyCaches,
+    backslash_classes: tuple[Path, Path],
+    run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    spec: str,
+    message: str,
+) -> None:
+    assert evaluate(caches, backslash_classes, run, tmp_path / "out", "--class-names", spec) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("csalign eval: error: --class-names item 1:") and message in err, err
     assert not (tmp_path / "out" / "metrics.json").exists()

@@ -5,6 +5,7 @@ accuracy are percentages (0-100, as in the paper's tables); distances, divergenc
 image-vs-text separability (0.5 = indistinguishable, 1.0 = separated) are raw values.
 """
 
+from csaligner.eval.class_names import parse_class_renames, prompt_class_names
 from csaligner.eval.classification import (
     CLIP_IMAGENET_TEMPLATES,
     DEFAULT_TEMPLATES,
@@ -15,8 +16,6 @@ from csaligner.eval.classification import (
     class_prompts,
     few_shot_accuracy,
     load_templates,
-    parse_class_renames,
-    prompt_class_names,
     zero_shot_accuracy,
 )
 from csaligner.eval.gap import linear_separability, mean_cross_distance, modality_gap_metrics, uniformity

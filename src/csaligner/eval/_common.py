@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -109,3 +110,14 @@ def per_seed_values(value: object) -> list[float]:
             f"a table value must be a number or a sequence of per-seed numbers, got {type(value).__name__} {value!r}"
         )
     return [float(n) for n in numbers_ if n is not None]
+
+
+def text_file_entries(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of a file's non-blank lines that are not "#" comments, stripped."""
+    try:
+        # utf-8-sig: Notepad and PowerShell 5 open a UTF-8 file with a byte-order mark, no part of the first line
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from err
+    stripped = ((n, line.strip()) for n, line in enumerate(lines, 1))
+    return [(n, text) for n, text in stripped if text and not text.startswith("#")]

@@ -8,15 +8,15 @@ with a nearest class mean ("prototype") or a multinomial logistic regression ("l
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple, TypedDict
+from typing import Literal, TypedDict
 
 import torch
 from torch import Tensor
 
 from csaligner._validation import check_features, check_same_dim
-from csaligner.eval._common import check_chunk_size, check_labels, compute_dtype, mean_std, unit_rows
+from csaligner.eval._common import check_chunk_size, check_labels, compute_dtype, mean_std, text_file_entries, unit_rows
 from csaligner.eval._logreg import fit_logistic_regression
 
 # CLIP's 7-template ImageNet ensemble (Radford et al. 2021; openai/CLIP
@@ -71,17 +71,6 @@ def class_prompts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT
     return [[t.replace("{}", name) for t in templates] for name in class_names]
 
 
-def _entries(path: Path) -> list[tuple[int, str]]:
-    """(line number, text) of a file's non-blank lines that are not "#" comments, stripped."""
-    try:
-        # utf-8-sig: Notepad and PowerShell 5 open a UTF-8 file with a byte-order mark, no part of the first line
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from err
-    stripped = ((n, line.strip()) for n, line in enumerate(lines, 1))
-    return [(n, text) for n, text in stripped if text and not text.startswith("#")]
-
-
 def load_templates(spec: str | Path) -> tuple[str, ...]:
     """A `TEMPLATE_PRESETS` name, or a text file with one template per line, -> the templates.
 
@@ -99,7 +88,7 @@ def load_templates(spec: str | Path) -> tuple[str, ...]:
             f"templates {str(spec)!r} are neither a preset ({', '.join(TEMPLATE_PRESETS)}) nor a file; pass a "
             'preset name or a text file with one template per line, e.g. "a photo of a {}."'
         )
-    entries = _entries(path)
+    entries = text_file_entries(path)
     if not entries:
         raise ValueError(f'{path} holds no template; write one per line, e.g. "a photo of a {{}}."')
     for n, template in entries:
@@ -109,142 +98,6 @@ def load_templates(spec: str | Path) -> tuple[str, ...]:
                 'one, where the class name goes (e.g. "a photo of a {}.")'
             )
     return tuple(template for _, template in entries)
-
-
-class RenameItem(NamedTuple):
-    """One FOLDER=NAME item of `--class-names`, before it is matched with the class folders."""
-
-    at: str
-    """Where it was written, for errors: "--class-names item 2" or "names.txt line 3"."""
-    text: str
-    readings: tuple[tuple[str, str], ...]
-    """Every (folder, name) it can mean: one per "=" (not one written "\\=") with text on both sides."""
-
-
-LITERAL_EQUALS = "\\="
-"""How a FOLDER=NAME item writes an "=" that belongs to the folder or the name, not one that separates them."""
-
-
-def escape_class_rename(folder: str, name: str) -> str:
-    """The FOLDER=NAME item that renames exactly `folder` to `name` (each "=" of either written "\\=")."""
-    return folder.replace("=", LITERAL_EQUALS) + "=" + name.replace("=", LITERAL_EQUALS)
-
-
-def _readings(text: str) -> tuple[tuple[str, str], ...]:
-    """(folder, name) for each "=" of `text` not written "\\=" whose two sides are not blank (stripped,
-    "\\=" read as "=")."""
-    out = []
-    for i, char in enumerate(text):
-        if char == "=" and text[i - 1 : i] != "\\":
-            folder, name = (side.replace(LITERAL_EQUALS, "=").strip() for side in (text[:i], text[i + 1 :]))
-            if folder and name:
-                out.append((folder, name))
-    return tuple(out)
-
-
-def read_class_renames(spec: str | Path) -> list[RenameItem]:
-    """The FOLDER=NAME items of a file (one a line) or a comma-separated string, checked as text only.
-
-    An item may read several ways when a folder or a name holds "=" (a=b=c: folder "a" or "a=b");
-    `parse_class_renames` picks the reading that names a class folder.
-
-    Raises:
-        ValueError: an item with no "=" between two non-blank sides, an item that can only rename a
-            folder an earlier one renames, or no item at all.
-    """
-    path = Path(spec)
-    if path.is_file():
-        items = [(f"{path} line {n}", text) for n, text in _entries(path)]
-    elif "=" not in str(spec):
-        raise ValueError(
-            f"--class-names {str(spec)!r} is neither a file nor FOLDER=NAME pairs; pass e.g. roses=rose,tulips=tulip "
-            "or a file with one roses=rose pair a line"
-        )
-    else:
-        items = [(f"--class-names item {i}", text.strip()) for i, text in enumerate(str(spec).split(","), 1)]
-    out: list[RenameItem] = []
-    certain: dict[str, str] = {}  # {folder: name} of the items that can be read one way only
-    for at, text in items:
-        readings = _readings(text)
-        if not readings:
-            raise ValueError(
-                f"{at}: {text!r} is not FOLDER=NAME; write pairs like roses=rose (in a file one a line, "
-                "on the command line comma-separated: roses=rose,tulips=tulip; a name holding a comma needs a file)"
-            )
-        if len(readings) == 1:  # an item that can mean two folders is checked once they are known
-            folder, name = readings[0]
-            if folder in certain:
-                raise ValueError(f"{at}: class {folder!r} is renamed twice ({certain[folder]!r} and {name!r})")
-            certain[folder] = name
-        out.append(RenameItem(at, text, readings))
-    if not out:  # only a file can be empty: every comma-separated item is checked above
-        raise ValueError(f"{path} names no class; write FOLDER=NAME pairs such as roses=rose")
-    return out
-
-
-def parse_class_renames(spec: str | Path, classes: Sequence[str] | None = None) -> dict[str, str]:
-    """`folder=prompt name` pairs from a file (one a line) or a comma-separated string -> {folder: name}.
-
-    A file's blank lines and "#" lines are skipped. A folder or a name may hold "=": an item is split
-    at the "=" whose left side is one of `classes` (so a=b=c renames folder "a=b" to "c" when there is
-    no folder "a"). Where several splits name a class folder, write each "=" that belongs to a folder
-    or a name as "\\=" (a\\=b=c renames "a=b"; a=b\\=c renames "a" to "b=c"). Without `classes`, an
-    item is split at its first such "=".
-
-    Raises:
-        ValueError: a pair without "=", with an empty side, a folder named twice, a folder that is not
-            among `classes`, or an item that could rename two of `classes`.
-    """
-    renames: dict[str, str] = {}
-    for item in read_class_renames(spec):
-        known = item.readings if classes is None else tuple(r for r in item.readings if r[0] in classes)
-        if len(known) > 1 and classes is not None:
-            raise _ambiguous_rename(item, known)
-        folder, name = known[0] if known else item.readings[0]  # none known: reported below as not a class
-        if folder in renames:
-            raise ValueError(f"{item.at}: class {folder!r} is renamed twice ({renames[folder]!r} and {name!r})")
-        renames[folder] = name
-    if classes is not None:
-        _check_known(renames, classes)
-    return renames
-
-
-def _ambiguous_rename(item: RenameItem, readings: Sequence[tuple[str, str]]) -> ValueError:
-    """The error for an item that could rename several class folders, with the unambiguous way to write each."""
-    options = " or ".join(f"{folder!r} (as {name!r})" for folder, name in readings)
-    written = [escape_class_rename(folder, name) for folder, name in readings]
-    which = ", ".join(f"{text} for {folder!r}" for text, (folder, _) in zip(written, readings, strict=True))
-    shell = f" (in single quotes for the shell: --class-names '{written[0]}')" if item.at.startswith("--") else ""
-    return ValueError(
-        f'{item.at}: {item.text!r} could rename class {options}; write each "=" that is part of a folder or a name '
-        f'as "{LITERAL_EQUALS}" to say which: {which}{shell}'
-    )
-
-
-def _check_known(renames: Mapping[str, str], class_names: Sequence[str]) -> None:
-    unknown = [k for k in renames if k not in class_names]
-    if unknown:
-        raise ValueError(f"class names {unknown} are not classes of this data; the classes are {list(class_names)}")
-
-
-def prompt_class_names(class_names: Sequence[str], renames: Mapping[str, str]) -> list[str]:
-    """The name each class is prompted with: `renames[folder]`, or the folder name when not renamed.
-
-    Raises:
-        ValueError: a renamed class is not among `class_names`, or two classes would get the same name
-            (their prompts would be identical and zero-shot could not tell them apart).
-    """
-    _check_known(renames, class_names)
-    names = [renames.get(c, c) for c in class_names]
-    seen: dict[str, str] = {}
-    for folder, name in zip(class_names, names, strict=True):
-        if name in seen:
-            raise ValueError(
-                f"classes {seen[name]!r} and {folder!r} would both be prompted as {name!r}; zero-shot could not "
-                "tell them apart, so give them distinct names"
-            )
-        seen[name] = folder
-    return names
 
 
 def class_embeddings(class_text_emb: Tensor) -> Tensor:

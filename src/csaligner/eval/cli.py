@@ -12,15 +12,8 @@ import torch
 from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
-from csaligner.eval.classification import (
-    DEFAULT_TEMPLATES,
-    TEMPLATE_PRESETS,
-    escape_class_rename,
-    load_templates,
-    parse_class_renames,
-    prompt_class_names,
-    read_class_renames,
-)
+from csaligner.eval.class_names import escape_class_rename, parse_class_renames, prompt_class_names, read_class_renames
+from csaligner.eval.classification import DEFAULT_TEMPLATES, TEMPLATE_PRESETS, load_templates
 from csaligner.eval.evaluate import (
     DEFAULT_SHOTS,
     FEW_SHOT_SEEDS,
@@ -192,7 +185,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "one a line in a file; classes not named are prompted with their folder name. A folder or name may hold "
         '"=": each pair is split at the "=" after a class folder\'s name (a=b=c renames folder a=b when there is '
         'no folder a); where it could rename two folders, write each "=" inside a folder or name as \\= '
-        "(a\\=b=c renames a=b, a=b\\=c renames a), in either form",
+        "(a\\=b=c renames a=b, a=b\\=c renames a), in either form. A backslash always escapes: write one inside "
+        "a folder or name as \\\\ (a\\\\=b renames folder a\\ to b); a backslash before anything else, or at the "
+        "end, is an error. On the command line put the pairs in single quotes: --class-names 'a\\=b=c'",
     )
     p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric (default 1.0)")
     p.add_argument("--out", type=Path, help="report folder (default: <first run>/eval)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,16 @@ from torch import Tensor
 
 from csaligner._validation import check_features
 from csaligner.eval._common import as_number, mean_std, per_seed_values, subsample_rows, unit_rows
+from csaligner.eval._plot_labels import (
+    NAME_WIDTH,
+    PANEL_TITLE_WIDTH,
+    annotate_inward,
+    check_std,
+    legend,
+    missing_label,
+    say_nothing_drawn,
+    warn_missing,
+)
 from csaligner.eval.report import MeanStd, Table, Value
 
 if TYPE_CHECKING:
@@ -48,38 +58,12 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
 
 def _finish_xy(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None, path: str | os.PathLike[str]) -> Path:
     """Labels, title (default "y vs x"), grid and legend of a one-panel x-y plot, then save it."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title or f"{ylabel} vs {xlabel}")
+    ax.set_xlabel(xlabel, wrap=True)
+    ax.set_ylabel(ylabel, wrap=True)
+    ax.set_title(title or f"{ylabel} vs {xlabel}", wrap=True)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    legend(ax)
     return _save(fig, path)
-
-
-def _missing_label(name: str, missing: Sequence[str], total: int, where: str = "") -> str:
-    """Legend label of a series: its name, and how many and which of its `total` points are n/a (not drawn).
-
-    `where` prefixes the list of missing points, e.g. "lambda = " before "0.001, 1".
-    """
-    if not missing:
-        return name
-    count = f"all {total}" if len(missing) == total else f"{len(missing)} of {total}"
-    return f"{name} ({count} n/a, not drawn: {where}{', '.join(missing)})"
-
-
-def _warn_missing(function: str, path: str | os.PathLike[str], labels: Sequence[str], n: int) -> None:
-    """Warn that `n` points are n/a (NaN or infinite) and not drawn, naming them (`labels` from `_missing_label`)."""
-    if n == 0:
-        return
-    warnings.warn(
-        f"{function}: {n} point{'s' * (n != 1)} n/a (NaN or infinite), not drawn in {path}: {'; '.join(labels)}",
-        stacklevel=3,
-    )
-
-
-def _say_nothing_drawn(ax: Any) -> None:
-    """Centre a note on a panel none of whose points has a value, so it does not read as a plotting bug."""
-    ax.text(0.5, 0.5, "no value to draw: every point is n/a", transform=ax.transAxes, ha="center", color="gray")
 
 
 def _projection_points(
@@ -129,11 +113,16 @@ def plot_projection(
 
     Returns:
         The written path.
+
+    Raises:
+        ValueError: a method other than "pca", no panel, max_points < 1, or panels of different D.
     """
     if method != "pca":
         raise ValueError(f'method must be "pca" (a shared linear basis across panels), got {method!r}')
     if not pairs:
         raise ValueError("pairs is empty; pass {setting name: (image_emb, text_emb)}")
+    if int(max_points) < 1:  # no point would be left to fit the basis on
+        raise ValueError(f"max_points must be >= 1 (points per modality per panel), got {max_points!r}")
     points = _projection_points(pairs, int(max_points), seed)
     union = torch.cat([torch.cat([i, t]) for i, t, _ in points.values()])
     center = union.mean(0)
@@ -151,11 +140,11 @@ def plot_projection(
         ax.scatter(pt[:, 0], pt[:, 1], s=6, alpha=0.6, color=TEXT_COLOR, label="text", zorder=2)
         for pts, color in ((pi, IMAGE_COLOR), (pt, TEXT_COLOR)):
             ax.scatter(*pts.mean(0), marker="X", s=120, color=color, edgecolors="black", zorder=3)
-        ax.set_title(name)
+        ax.set_title(textwrap.fill(name, PANEL_TITLE_WIDTH))  # wrap=True would wrap at the figure's edge
         ax.set_xlabel(f"PC1 ({float(explained[0]):.0f}% var.)")
         ax.set_ylabel(f"PC2 ({float(explained[1]):.0f}% var.)")
     axes[0].legend(loc="best", markerscale=2, title="X = centroid")
-    fig.suptitle(title or "Image and text embeddings, shared 2-D PCA")
+    fig.suptitle(title or "Image and text embeddings, shared 2-D PCA", wrap=True)
     return _save(fig, path)
 
 
@@ -175,23 +164,34 @@ def plot_paired_distance_hist(
         bins: number of shared bins.
         xlabel: x-axis label.
         title: figure title.
+
+    Raises:
+        ValueError: no setting, bins < 1, or a setting with no distance or a NaN or infinite one.
     """
     if not dists:
         raise ValueError("dists is empty; pass {setting name: (P,) paired distances}")
+    if int(bins) < 1:  # matplotlib draws no bar at all, without a word
+        raise ValueError(f"bins must be >= 1, got {bins!r}")
     values = {name: torch.as_tensor(d).detach().double().flatten().cpu() for name, d in dists.items()}
     for name, v in values.items():
-        if v.numel() == 0 or not torch.isfinite(v).all():
-            raise ValueError(f"dists[{name!r}] must be a non-empty tensor of finite distances")
+        if v.numel() == 0:
+            raise ValueError(f"dists[{name!r}] is empty; pass at least one paired distance")
+        if not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(
+                f"dists[{name!r}] has {bad} NaN or infinite distances of {v.numel()}; a histogram cannot place them "
+                "(check the embeddings they came from)"
+            )
     lo = min(float(v.min()) for v in values.values())
     hi = max(float(v.max()) for v in values.values())
     edges = torch.linspace(lo, hi if hi > lo else lo + 1e-6, int(bins) + 1).numpy()
     fig, (ax,) = _figure(1, (6.5, 4.0))
     for name, v in values.items():
         ax.hist(v.numpy(), bins=edges, alpha=0.5, label=f"{name} (mean {float(v.mean()):.3f})")
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(xlabel, wrap=True)
     ax.set_ylabel("pairs")
-    ax.set_title(title or "Paired image-text distances")
-    ax.legend(loc="best")
+    ax.set_title(title or "Paired image-text distances", wrap=True)
+    legend(ax)
     return _save(fig, path)
 
 
@@ -209,7 +209,9 @@ def plot_sensitivity(
 
     A point whose x or mean is NaN or infinite (a run that diverged or was not run) cannot be drawn:
     its series' legend entry names the x values left out and how many, a `UserWarning` says the same,
-    and a panel with no drawable point at all says so in its middle.
+    and a panel with no drawable point at all says so in its middle. A point whose std alone is NaN or
+    infinite (one seed of two diverged, or a std over one run with ddof=1) is drawn as an open marker
+    without an error bar, and named in the legend entry and the warning the same way.
 
     Args:
         x_values: the swept values (e.g. lambda or sigma).
@@ -220,8 +222,8 @@ def plot_sensitivity(
         title: figure title.
 
     Raises:
-        ValueError: no x value or series, a series of another length than x_values, or with logx an
-            x <= 0 (a log axis cannot place it, and matplotlib would leave it out silently).
+        ValueError: no x value or series, a series of another length than x_values, a negative std, or
+            with logx an x <= 0 (a log axis cannot place it, and matplotlib would leave it out silently).
     """
     xs = [float(x) for x in x_values]
     if not xs or not results:
@@ -234,23 +236,33 @@ def plot_sensitivity(
             "(e.g. lambda = 0 at 1e-3, saying so in xlabel) or pass logx=False"
         )
     fig, (ax,) = _figure(1, (6.0, 4.0))
-    labels: list[str] = []  # legend labels of the series with n/a points
-    n_missing = 0
+    labels: list[str] = []  # legend labels of the series with n/a points or error bars
+    n_missing = n_no_error_bar = 0
     for name, series in results.items():
         if len(series) != len(xs):
             raise ValueError(f"results[{name!r}] has {len(series)} points but there are {len(xs)} x values")
         means, stds = [float(m) for m, _ in series], [float(s) for _, s in series]
-        # matplotlib leaves NaN/inf points out without a word: name them in the legend and a warning
-        missing = [f"{x:g}" for x, m in zip(xs, means, strict=True) if not (math.isfinite(x) and math.isfinite(m))]
-        label = _missing_label(name, missing, len(xs), f"{xlabel} = ")
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
-        labels += [label] if missing else []
+        drawn = [math.isfinite(x) and math.isfinite(m) for x, m in zip(xs, means, strict=True)]
+        for x, s in zip(xs, stds, strict=True):
+            check_std(s, f"results[{name!r}] at {xlabel} = {x:g}")
+        # matplotlib leaves NaN/inf points and error bars out without a word: name them in the legend and a warning
+        missing = [f"{x:g}" for x, ok in zip(xs, drawn, strict=True) if not ok]
+        bare = [i for i, (ok, s) in enumerate(zip(drawn, stds, strict=True)) if ok and not math.isfinite(s)]
+        label = missing_label(name, missing, len(xs), f"{xlabel} = ", [f"{xs[i]:g}" for i in bare])
+        yerr = [s if math.isfinite(s) else math.nan for s in stds]  # inf as NaN: no bar, not one off the axis
+        drawing = ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, label=label)
+        if bare:  # an open marker: a mean drawn without the spread it should have
+            color = drawing.lines[0].get_color()
+            ax.plot([xs[i] for i in bare], [means[i] for i in bare], ls="none", marker="o", mfc="white", mec=color,
+                    zorder=drawing.lines[0].get_zorder() + 0.1)  # fmt: skip
+        labels += [label] if missing or bare else []
         n_missing += len(missing)
+        n_no_error_bar += len(bare)
     if n_missing == len(xs) * len(results):
-        _say_nothing_drawn(ax)
+        say_nothing_drawn(ax)
     if logx:
         ax.set_xscale("log")
-    _warn_missing("plot_sensitivity", path, labels, n_missing)
+    warn_missing("plot_sensitivity", path, labels, n_missing, n_no_error_bar)
     return _finish_xy(fig, ax, xlabel, ylabel, title, path)
 
 
@@ -271,7 +283,8 @@ def plot_tradeoff(
 
     Args:
         curves: {family: [(point label, x, y), ...]} in the order to connect them (e.g. rising λ);
-            each point is annotated with its label.
+            each point is annotated with its label, on the side facing the middle of the axes so that
+            a label at an edge stays inside them (one over 24 characters wraps).
         xlabel, ylabel: axis labels.
         path: PNG to write.
         title: figure title.
@@ -283,22 +296,20 @@ def plot_tradeoff(
     fig, (ax,) = _figure(1, (6.5, 4.5))
     labels: list[str] = []  # legend labels of the series with n/a points
     n_missing = 0
+    colors = []
     for name, points in curves.items():
         xs, ys = [float(x) for _, x, _ in points], [float(y) for _, _, y in points]
         # matplotlib leaves NaN/inf points out without a word: name them in the legend and a warning
         drawn = [math.isfinite(x) and math.isfinite(y) for x, y in zip(xs, ys, strict=True)]
         missing = [str(label) for (label, _, _), ok in zip(points, drawn, strict=True) if not ok]
-        label = _missing_label(name, missing, len(points))
+        label = missing_label(name, missing, len(points))
         (line,) = ax.plot(xs, ys, marker="o", label=label)
+        colors.append(line.get_color())
         labels += [label] if missing else []
         n_missing += len(missing)
-        for (point, x, y), dy, ok in zip(points, (6, -11) * len(points), drawn, strict=False):
-            if ok:  # an n/a point has no place to annotate; its family's legend entry names it
-                ax.annotate(point, (float(x), float(y)), textcoords="offset points", xytext=(4, dy), fontsize=7,
-                            color=line.get_color())  # fmt: skip
     if n_missing == sum(len(points) for points in curves.values()):
-        _say_nothing_drawn(ax)
-    _warn_missing("plot_tradeoff", path, labels, n_missing)
+        say_nothing_drawn(ax)
+    warn_missing("plot_tradeoff", path, labels, n_missing)
     if ylim is not None:
         ax.set_ylim(*ylim)
         outside = [  # an n/a point is not "outside": it is in the legend as not drawn
@@ -310,6 +321,8 @@ def plot_tradeoff(
         if outside:
             note = f"outside the y range: {', '.join(outside)}"
             ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
+    for points, color in zip(curves.values(), colors, strict=True):  # once the limits are final
+        annotate_inward(ax, points, color)
     return _finish_xy(fig, ax, xlabel, ylabel, title, path)
 
 
@@ -322,46 +335,77 @@ def plot_bars(
 ) -> Path:
     """One bar panel per metric, one bar per setting (rows), error bars for list values (mean ± std).
 
-    A setting without the metric (or with NaN) gets no bar and an "n/a" label in its place, so it does
-    not read as a value of 0.
+    A setting without the metric, or whose value is NaN or infinite, gets no bar and an "n/a" label in
+    its place, so it does not read as a value of 0. A value over several seeds whose std is NaN or
+    infinite gets its bar without an error bar and a "std n/a" label at its foot. A `UserWarning` names
+    the values that are there but n/a, and the error bars left out (a metric a setting lacks is not one).
 
     Args:
         table: {setting: {metric: value, per-seed values or `MeanStd`}} (the `format_table` layout).
         path: PNG to write.
         metrics: columns to plot (default: every metric, in first-seen order).
         title: figure title.
+
+    Raises:
+        ValueError: an empty table, no metric to plot, `metrics` given as one string, or a negative std.
     """
     if not table:
         raise ValueError("table is empty; pass {setting: {metric: value}}")
+    if isinstance(metrics, str):  # list("R@1") would be three panels, "R", "@" and "1", all n/a
+        raise ValueError(f"metrics must be a sequence of metric names, e.g. [{metrics!r}], got the string {metrics!r}")
     names = list(metrics) if metrics is not None else list(dict.fromkeys(k for row in table.values() for k in row))
     if not names:
-        raise ValueError("no metric to plot: the table rows are empty")
+        why = "metrics is empty (None plots every metric)" if metrics is not None else "the table rows are empty"
+        raise ValueError(f"no metric to plot: {why}")
     fig, axes = _figure(len(names), (max(3.0, 0.9 * len(table) + 1.5), 3.8))
-    settings = list(table)
-    colors = [f"C{i % 10}" for i in range(len(settings))]
+    labels: list[str] = []  # one per panel with n/a values or error bars, for the warning
+    n_missing = n_no_error_bar = 0
     for ax, metric in zip(axes, names, strict=True):
-        stats = [_mean_std_or_nan(table[s].get(metric)) for s in settings]
-        errors = [s for _, s in stats] if any(s > 0 for _, s in stats) else None  # no zero-height whiskers
-        ax.bar(range(len(settings)), [m for m, _ in stats], yerr=errors, capsize=3, color=colors)
-        for i, (mean, _) in enumerate(stats):
-            if math.isnan(mean):  # x in data units, y in axes units: at the foot of the panel whatever the range
-                ax.text(i, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center", va="bottom", color="gray")
-        ax.set_xlim(-0.6, len(settings) - 0.4)  # every slot, also a missing one at the end (autoscale skips NaN)
-        ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
-        ax.set_title(metric)
-        ax.set_ylabel(metric)
-        ax.grid(axis="y", alpha=0.3)
+        missing, bare = _bar_panel(ax, metric, {setting: row.get(metric) for setting, row in table.items()})
+        labels += [missing_label(metric, missing, len(table), "", bare)] if missing or bare else []
+        n_missing += len(missing)
+        n_no_error_bar += len(bare)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, wrap=True)
+    warn_missing("plot_bars", path, labels, n_missing, n_no_error_bar, noun="bar")
     return _save(fig, path)
 
 
+def _bar_panel(ax: Any, metric: str, values: Mapping[str, Value | None]) -> tuple[list[str], list[str]]:
+    """Draw one metric's bars, {setting: value or None when it lacks the metric}; return the settings
+    whose value is there but n/a (NaN or infinite) and those drawn without their error bar."""
+    settings = list(values)
+    stats = []
+    for setting, value in values.items():
+        mean, std = _mean_std_or_nan(value)
+        check_std(std, f"{metric} of {setting!r}")
+        stats.append((mean if math.isfinite(mean) else math.nan, std))  # an endless bar cannot be drawn either
+    errors = [s if math.isfinite(s) else math.nan for _, s in stats]
+    has_error_bar = any(s > 0 for s in errors)  # no zero-height whiskers when no value has a spread
+    ax.bar(range(len(settings)), [m for m, _ in stats], yerr=errors if has_error_bar else None, capsize=3,
+           color=[f"C{i % 10}" for i in range(len(settings))])  # fmt: skip
+    for i, (mean, std) in enumerate(stats):
+        note = "n/a" if math.isnan(mean) else None if math.isfinite(std) else "std n/a"
+        if note:  # x in data units, y in axes units: at the foot of the panel whatever the range
+            ax.text(i, 0.02, note, transform=ax.get_xaxis_transform(), ha="center", va="bottom", color="gray")
+    ax.set_xlim(-0.6, len(settings) - 0.4)  # every slot, also a missing one at the end (autoscale skips NaN)
+    # a long setting name on one slanted line ran off the figure's left edge
+    ax.set_xticks(range(len(settings)), [textwrap.fill(s, NAME_WIDTH) for s in settings], rotation=30, ha="right")
+    ax.set_title(textwrap.fill(metric, NAME_WIDTH))  # wrap=True would wrap at the figure's edge, over the next panel
+    ax.set_ylabel(metric)
+    ax.grid(axis="y", alpha=0.3)
+    missing = [s for (s, v), (m, _) in zip(values.items(), stats, strict=True) if v is not None and math.isnan(m)]
+    bare = [s for s, (m, sd) in zip(settings, stats, strict=True) if not math.isnan(m) and not math.isfinite(sd)]
+    return missing, bare
+
+
 def _mean_std_or_nan(value: Value | None) -> tuple[float, float]:
-    """(mean, std) of a table value; (NaN, 0) when it is missing or empty (drawn as "n/a")."""
+    """(mean, std) of a table value: (NaN, 0) when it is missing or empty (drawn as "n/a"), std 0 for a single
+    number or seed (no spread to show), and the std as it is (NaN too) for several seeds."""
     if value is None:
         return math.nan, 0.0
     if isinstance(value, MeanStd):
-        return float(value.mean), float(value.std) if math.isfinite(value.std) else 0.0
+        return float(value.mean), float(value.std) if value.n > 1 else 0.0
     if (number := as_number(value)) is not None:
         return float(number), 0.0
     values = per_seed_values(value)
