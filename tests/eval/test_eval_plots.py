@@ -99,6 +99,9 @@ def test_plot_projection_rejects_mixed_dims_and_methods(tmp_path: Path) -> None:
                         tmp_path / "x.png")  # fmt: skip
     with pytest.raises(ValueError, match="pca"):
         plot_projection({"a": (torch.randn(5, 4), torch.randn(5, 4))}, tmp_path / "x.png", method="tsne")
+    same = torch.ones(5, 4)  # collapsed adapters: the axes would read "nan% var."
+    with pytest.raises(ValueError, match=r"embeddings of \['a'\] have no variance"):
+        plot_projection({"a": (same, same.clone())}, tmp_path / "x.png")
 
 
 def test_plot_paired_distance_hist(tmp_path: Path) -> None:

@@ -63,6 +63,8 @@ def test_format_table_exact() -> None:
     )
     assert format_table({}) == ""
     assert "a\\|b" in format_table({"a|b": {"x": 1.0}})  # pipes in names do not break the table
+    # A class rename typed as roses\=rose (a literal "=") must render as typed: Markdown would eat a lone "\".
+    assert "| roses\\\\=rose |" in format_table({"roses\\=rose": {"x": 1.0}})
 
 
 def test_write_report(tmp_path: Path) -> None:

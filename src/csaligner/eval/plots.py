@@ -127,7 +127,13 @@ def plot_projection(
     union = torch.cat([torch.cat([i, t]) for i, t, _ in points.values()])
     center = union.mean(0)
     _, sing, vh = torch.linalg.svd(union - center, full_matrices=False)
-    basis, explained = vh[:2].T, 100.0 * sing[:2].pow(2) / sing.pow(2).sum()  # (D, 2), % variance
+    total = sing.pow(2).sum()
+    if not float(total) > 0:  # every point equal: no direction carries variance, so PCA has no basis
+        raise ValueError(
+            f"the embeddings of {list(pairs)} have no variance (every point is the same vector); "
+            "a projection would show one dot - check that the adapters' outputs are not collapsed"
+        )
+    basis, explained = vh[:2].T, 100.0 * sing[:2].pow(2) / total  # (D, 2), % variance
     from matplotlib.collections import LineCollection
 
     fig, axes = _figure(len(points), sharex=True, sharey=True)

@@ -79,7 +79,9 @@ def format_value(value: Value, digits: int = 2) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """text as one Markdown table cell: backslashes and pipes escaped (a class rename's `\\=` must show
+    as typed, not as the `=` Markdown would render), newlines as spaces."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _markdown_table(rows: Mapping[str, Mapping[str, Any]], first: str, render: Callable[[Any], str], align: str) -> str:
