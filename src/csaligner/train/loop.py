@@ -37,7 +37,7 @@ from csaligner.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from csaligner.train.config import RunConfig, drop_ignored_settings
+from csaligner.train.config import RunConfig
 from csaligner.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, wrap_ddp
 from csaligner.train.model import AlignmentModel, build_model, save_adapters, write_run_encoders
 from csaligner.train.monitor import RunMonitor
@@ -45,6 +45,7 @@ from csaligner.train.overrides import dump_yaml, to_dict
 from csaligner.train.run_dir import check_resume_encoders, claim_out_dir, delete_paths, encoder_ids, summary_metrics
 from csaligner.train.schedule import WeightEMA, lr_at
 from csaligner.train.step import DeviceFeatures, build_optimizer, compute_terms, optimizer_step, update_ema
+from csaligner.train.stored_config import drop_ignored_settings
 
 
 @dataclass

@@ -1,0 +1,135 @@
+"""Stored run configs written by earlier versions: the settings a run ignores, dropped when they are read back.
+
+Earlier versions accepted settings that the objective or an adapter kind ignored (loss.lam under infonce,
+model.text.mlp_ratio for a linear adapter, unpaired pools under infonce) and wrote them into checkpoints
+and run folders' config.yaml. `RunConfig` refuses them now; `drop_ignored_settings` turns such a stored
+config into the one that says what the run did, so a resume and the demo's run reuse keep working, and
+`why_dropped` says, in a diff, why a stored value is not the one compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from csaligner._validation import is_number
+from csaligner.losses.objective import DIVERGENCE_TERMS, LOSS_DEFAULTS, OBJECTIVES, ignored_settings
+from csaligner.train.config import DATA_DEFAULTS, adapter_kinds
+
+
+def drop_ignored_adapter_settings(
+    config: dict[str, Any], widths: Mapping[str, tuple[int, int]] | None = None
+) -> dict[str, Any]:
+    """A `to_dict` form of a run config without the model.image / model.text keys their kind ignores.
+
+    Earlier versions accepted such keys and ignored them, so a checkpoint's stored config may hold them;
+    a resume that had to delete them (they are refused now) continues the same model.
+
+    Args:
+        config: the stored config.
+        widths: each side's (in_dim, out_dim) where known (a resume's model); a key those widths leave unused
+            (mlp's bias when in_dim == out_dim) is dropped too. Without them, the mapping's own in_dim / out_dim.
+    """
+    from csaligner.adapters.config import drop_ignored_fields
+
+    model = config.get("model")
+    if not isinstance(model, dict):
+        return config
+    model = dict(model)
+    for side in ("image", "text"):
+        spec = model.get(side)
+        if isinstance(spec, dict) and spec.get("kind") in adapter_kinds():
+            model[side] = drop_ignored_fields(spec, None if widths is None else widths.get(side))
+    return {**config, "model": model}
+
+
+def drop_ignored_loss_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A `to_dict` form of a run config with the loss values its objective ignores set back to their defaults.
+
+    Earlier versions accepted them (objective infonce with lam 0.5) and ignored them, so a checkpoint's or a
+    run folder's stored config may hold them; a run that had to drop them (they are refused now) is the same.
+    """
+    loss = config.get("loss")
+    if not isinstance(loss, dict):
+        return config
+    return {**config, "loss": {**loss, **{name: LOSS_DEFAULTS[name] for name in ignored_settings(loss)}}}
+
+
+def ignored_data_settings(data: Mapping[str, Any], objective: str) -> dict[str, Any]:
+    """The data settings `objective` has no term for, each with the value the run takes instead.
+
+    Unpaired pools and CS-only captions enter only a distribution divergence (cs_aligner, mmd, kl); infonce
+    and l2_prior train without them (`split_features(pools=False)`, `model_inputs`), so for those:
+    use_unpaired=true with paired_fraction < 1 trains as use_unpaired=false, an unpaired_batch_size draws
+    nothing, and captions_per_image_in_cs="all" beside captions_per_image="one" adds no caption. paired_fraction
+    itself is read by every objective (fewer pairs). {} for an objective with a divergence or an unknown one.
+
+    Args:
+        data: `DataConfig`'s fields by name (its `__dict__` or a stored `to_dict` form); a missing field
+            counts as its default.
+        objective: the loss objective.
+    """
+    if objective not in OBJECTIVES or objective in DIVERGENCE_TERMS:
+        return {}
+    value: dict[str, Any] = {**DATA_DEFAULTS, **data}
+    instead: dict[str, Any] = {}
+    fraction = value["paired_fraction"]
+    if value["use_unpaired"] is True and is_number(fraction) and fraction < 1:
+        instead["use_unpaired"] = False
+    if value["unpaired_batch_size"] != DATA_DEFAULTS["unpaired_batch_size"]:
+        instead["unpaired_batch_size"] = DATA_DEFAULTS["unpaired_batch_size"]
+    if value["captions_per_image"] == "one" and value["captions_per_image_in_cs"] == "all":
+        instead["captions_per_image_in_cs"] = "one"
+    return instead
+
+
+def drop_ignored_data_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A `to_dict` form of a run config with the data values its objective has no term for set to what the
+    run took instead (`ignored_data_settings`).
+
+    Earlier versions accepted them (objective infonce with unpaired_batch_size 256) and dropped the pools, so
+    a checkpoint's or a run folder's stored config may hold them; a run that had to drop them is the same.
+    """
+    data, loss = config.get("data"), config.get("loss")
+    if not isinstance(data, dict):
+        return config
+    objective = loss.get("objective", LOSS_DEFAULTS["objective"]) if isinstance(loss, dict) else None
+    if not isinstance(objective, str):
+        return config
+    return {**config, "data": {**data, **ignored_data_settings(data, objective)}}
+
+
+def drop_ignored_settings(
+    config: dict[str, Any], widths: Mapping[str, tuple[int, int]] | None = None
+) -> dict[str, Any]:
+    """`drop_ignored_adapter_settings` (with `widths`), `drop_ignored_loss_settings` and
+    `drop_ignored_data_settings`: a stored run config as it loads now."""
+    return drop_ignored_data_settings(drop_ignored_loss_settings(drop_ignored_adapter_settings(config, widths)))
+
+
+def why_dropped(key: str, config: Mapping[str, Any]) -> str:
+    """Who ignored a stored setting that was dropped: the objective (loss.*, data.*) or the side's kind (model.*)."""
+    section, _, rest = key.partition(".")
+
+    def part(mapping: object, name: str) -> Any:
+        return mapping.get(name) if isinstance(mapping, Mapping) else None
+
+    if section != "model":
+        return f"objective {part(config.get('loss'), 'objective') or 'cs_aligner'!r} ignored it"
+    side, _, name = rest.partition(".")
+    kind = part(part(config.get("model"), side), "kind")
+    from csaligner.adapters.registry import ADAPTERS
+
+    reads = getattr(ADAPTERS.get(kind) if isinstance(kind, str) else None, "settings", None) or ()
+    return f"kind {kind!r} ignored it" + (" at these widths" if name in reads else "")
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"loss": {"lam": 0.5}} -> {"loss.lam": 0.5}: a nested config by dotted key."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
