@@ -63,12 +63,13 @@ class DataConfig:
     divergence (infonce, l2_prior) refuses that combination."""
     use_tokens: bool = False
     """Load token features: the text adapter receives text tokens (the prior kind attends to them) and
-    loss.token_lam > 0 adds the token-level CS term on token-wise adapted tokens."""
+    loss.token_lam > 0 adds the token-level CS term on token-wise adapted tokens. Refused where neither reads
+    them (loss.token_lam 0 and a text adapter that ignores tokens: mlp, linear, identity)."""
     token_images: int = 0
     """Images per global batch whose token sets enter the token-level CS term; 0 means every image of
     the batch. The term is a mean of per-image divergences, so a random subset (the batch order is
     already random) is an unbiased estimate at a fraction of the cost: (B, 49, 1280) vision tokens a
-    step dominate a CPU step, where 64 images carry most of the signal."""
+    step dominate a CPU step, where 64 images carry most of the signal. Refused with loss.token_lam 0 (no term)."""
     split_seed: int = 0
     """Seed of the paired / unpaired split and the pools' shuffles (independent of train.seed)."""
 
@@ -289,11 +290,15 @@ class RunConfig:
                 f"loss.token_lam={self.loss.token_lam} needs token features: set data.use_tokens=true "
                 "(or loss.token_lam=0)"
             )
-        from csaligner.train.stored_config import ignored_data_settings  # it imports this module
+        from csaligner.train.stored_config import ignored_data_settings, ignored_token_settings  # imports this
 
-        ignored = ignored_data_settings(self.data.__dict__, self.loss.objective)
-        if ignored:  # e.g. infonce with unpaired pools: the saved config would describe data the run never used
-            raise ValueError("; ".join(_ignored_data_message(self.data, self.loss.objective, n) for n in ignored))
+        # e.g. infonce with unpaired pools: the saved config would describe data the run never used
+        data = ignored_data_settings(self.data.__dict__, self.loss.objective)
+        tokens = ignored_token_settings(self.data.__dict__, self.loss.token_lam, self.model.text["kind"])
+        messages = [_ignored_data_message(self.data, self.loss.objective, name) for name in data]
+        messages += [_ignored_token_message(self, name) for name in tokens]
+        if messages:
+            raise ValueError("; ".join(messages))
 
 
 def _ignored_data_message(data: DataConfig, objective: str, name: str) -> str:
@@ -318,4 +323,25 @@ def _ignored_data_message(data: DataConfig, objective: str, name: str) -> str:
         f"into the divergence term alone, but {lacks}, so they would be ignored; drop it (or set it back to its "
         f'default, "one"), set data.captions_per_image="all" to train on every caption, or use objective '
         f"{divergences}"
+    )
+
+
+def _ignored_token_message(config: RunConfig, name: str) -> str:
+    """Why data.<name> (use_tokens, token_images) does nothing with loss.token_lam=0, and what to do."""
+    from csaligner.train.stored_config import token_readers
+
+    off = f"loss.token_lam={config.loss.token_lam!r} turns off the token-level CS term"
+    if name == "token_images":
+        return (
+            f"data.token_images={config.data.token_images!r} picks the images of the token-level CS term, but {off}, "
+            "so it would be ignored; drop it (or set it back to its default, 0), or train the term with "
+            "loss.token_lam > 0 and data.use_tokens=true"
+        )
+    kind = config.model.text["kind"]
+    readers = " or ".join(repr(k) for k in token_readers())
+    return (
+        f"data.use_tokens=true loads token features for the token-level CS term and for a text adapter that reads "
+        f"them, but {off} and model.text.kind={kind!r} ignores text tokens, so they would be ignored; set "
+        f"data.use_tokens=false, train the term with loss.token_lam > 0, or give the text side a kind that reads "
+        f"tokens ({readers})"
     )

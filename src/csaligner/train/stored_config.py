@@ -1,10 +1,10 @@
 """Stored run configs written by earlier versions: the settings a run ignores, dropped when they are read back.
 
-Earlier versions accepted settings that the objective or an adapter kind ignored (loss.lam under infonce,
-model.text.mlp_ratio for a linear adapter, unpaired pools under infonce) and wrote them into checkpoints
-and run folders' config.yaml. `RunConfig` refuses them now; `drop_ignored_settings` turns such a stored
-config into the one that says what the run did, so a resume and the demo's run reuse keep working, and
-`why_dropped` says, in a diff, why a stored value is not the one compared.
+Earlier versions accepted settings that the objective, an adapter kind or the token setup ignored (loss.lam
+under infonce, model.text.mlp_ratio for a linear adapter, unpaired pools under infonce, data.token_images with
+loss.token_lam 0) and wrote them into checkpoints and run folders' config.yaml. `RunConfig` refuses them now;
+`drop_ignored_settings` turns such a stored config into the one that says what the run did, so a resume and the
+demo's run reuse keep working, and `why_dropped` says, in a diff, why a stored value is not the one compared.
 """
 
 from __future__ import annotations
@@ -99,21 +99,88 @@ def drop_ignored_data_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "data": {**data, **ignored_data_settings(data, objective)}}
 
 
+def ignored_token_settings(data: Mapping[str, Any], token_lam: Any, text_kind: Any) -> dict[str, Any]:
+    """The token data settings nothing reads, each with the value the run takes instead.
+
+    Image tokens and data.token_images enter only the token-level CS term (loss.token_lam > 0: `model_inputs`).
+    Text tokens enter that term and the text adapter, which only a kind that reads them uses (`reads_text_tokens`:
+    the prior). So with token_lam 0, token_images > 0 picks nothing, and use_tokens=true beside a text adapter
+    that ignores tokens (mlp, linear, identity) loads features nothing reads. {} when token_lam > 0, and for a
+    token_lam that is no number (the config refuses it) or an unregistered kind's use_tokens.
+
+    Args:
+        data: `DataConfig`'s fields by name; a missing field counts as its default.
+        token_lam: loss.token_lam.
+        text_kind: model.text's kind.
+    """
+    from csaligner.adapters.registry import ADAPTERS, reads_text_tokens
+
+    if not is_number(token_lam) or token_lam > 0:
+        return {}
+    value: dict[str, Any] = {**DATA_DEFAULTS, **data}
+    instead: dict[str, Any] = {}
+    text_adapter = ADAPTERS.get(text_kind) if isinstance(text_kind, str) else None
+    if value["use_tokens"] is True and text_adapter is not None and not reads_text_tokens(text_adapter):
+        instead["use_tokens"] = False
+    if value["token_images"] != DATA_DEFAULTS["token_images"]:
+        instead["token_images"] = DATA_DEFAULTS["token_images"]
+    return instead
+
+
+def token_readers() -> list[str]:
+    """The registered adapter kinds that read text tokens (the prior), for messages."""
+    from csaligner.adapters.registry import ADAPTERS, reads_text_tokens
+
+    return sorted(kind for kind, cls in ADAPTERS.items() if reads_text_tokens(cls))
+
+
+def drop_ignored_token_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A `to_dict` form of a run config with the token data values nothing reads set to what the run took instead
+    (`ignored_token_settings`).
+
+    Earlier versions accepted data.token_images=64 and data.use_tokens=true beside an mlp text adapter with
+    loss.token_lam=0 and trained as without them, so a stored config may hold them; the run is the same.
+    """
+    data, loss = config.get("data"), config.get("loss", {})  # no loss section: LossConfig's defaults
+    if not isinstance(data, dict):
+        return config
+    token_lam = loss.get("token_lam", LOSS_DEFAULTS["token_lam"]) if isinstance(loss, dict) else None
+    return {**config, "data": {**data, **ignored_token_settings(data, token_lam, _text_kind(config))}}
+
+
+def _text_kind(config: Mapping[str, Any]) -> object:
+    """model.text's kind in a stored config; where it names none, the kind loading it gives (ModelConfig's)."""
+    from csaligner.train.config import ModelConfig
+
+    model = config.get("model", {})
+    text = model.get("text", {}) if isinstance(model, Mapping) else None
+    if isinstance(text, Mapping) and "kind" not in text:
+        return ModelConfig().text["kind"]
+    return text.get("kind") if isinstance(text, Mapping) else None
+
+
 def drop_ignored_settings(
     config: dict[str, Any], widths: Mapping[str, tuple[int, int]] | None = None
 ) -> dict[str, Any]:
-    """`drop_ignored_adapter_settings` (with `widths`), `drop_ignored_loss_settings` and
-    `drop_ignored_data_settings`: a stored run config as it loads now."""
-    return drop_ignored_data_settings(drop_ignored_loss_settings(drop_ignored_adapter_settings(config, widths)))
+    """`drop_ignored_adapter_settings` (with `widths`), `drop_ignored_loss_settings`, `drop_ignored_data_settings`
+    and `drop_ignored_token_settings`: a stored run config as it loads now."""
+    config = drop_ignored_loss_settings(drop_ignored_adapter_settings(config, widths))
+    return drop_ignored_token_settings(drop_ignored_data_settings(config))
 
 
 def why_dropped(key: str, config: Mapping[str, Any]) -> str:
-    """Who ignored a stored setting that was dropped: the objective (loss.*, data.*) or the side's kind (model.*)."""
+    """Who ignored a stored setting that was dropped: the objective (loss.*, data.*), the token-level CS term being
+    off (data.token_images, data.use_tokens) or the side's kind (model.*)."""
     section, _, rest = key.partition(".")
 
     def part(mapping: object, name: str) -> Any:
         return mapping.get(name) if isinstance(mapping, Mapping) else None
 
+    if key in ("data.token_images", "data.use_tokens"):
+        lam = f"loss.token_lam={part(config.get('loss'), 'token_lam') or 0.0!r}"
+        if key == "data.token_images":
+            return f"{lam} turns off the token-level CS term, the only one that reads it"
+        return f"neither the token-level CS term ({lam}: off) nor text kind {_text_kind(config)!r} reads tokens"
     if section != "model":
         return f"objective {part(config.get('loss'), 'objective') or 'cs_aligner'!r} ignored it"
     side, _, name = rest.partition(".")
