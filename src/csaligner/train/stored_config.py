@@ -191,6 +191,33 @@ def why_dropped(key: str, config: Mapping[str, Any]) -> str:
     return f"kind {kind!r} ignored it" + (" at these widths" if name in reads else "")
 
 
+def trained_instead(stored: Mapping[str, Any], loaded: Mapping[str, Any]) -> list[str]:
+    """What the run trained with in place of each stored value refused now: one phrase per setting that
+    `drop_ignored_settings` changed from `stored` to `loaded`.
+
+    Told to take a checkpoint's values, a resume cannot take these (the config refuses them); the run trained
+    as with the loaded value, so that is the one to give, or, for an adapter key dropped, none.
+
+    Args:
+        stored: the config as written (a `to_dict` form).
+        loaded: `drop_ignored_settings(stored)`.
+
+    Returns:
+        e.g. ["loss.lam=0.01 (stored: 0.5)", "model.text.mlp_ratio left out (stored: 2)"], sorted by key.
+    """
+    written, kept = flatten(stored), flatten(loaded)
+    return [
+        f"{key}={_flag_value(kept[key])} (stored: {value!r})" if key in kept else f"{key} left out (stored: {value!r})"
+        for key, value in sorted(written.items())
+        if key not in kept or kept[key] != value
+    ]
+
+
+def _flag_value(value: Any) -> str:
+    """A value as a --section.key flag writes it: true / false for a bool."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"loss": {"lam": 0.5}} -> {"loss.lam": 0.5}: a nested config by dotted key."""
     flat: dict[str, Any] = {}
