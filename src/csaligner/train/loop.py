@@ -45,7 +45,7 @@ from csaligner.train.overrides import dump_yaml, to_dict
 from csaligner.train.run_dir import check_resume_encoders, claim_out_dir, delete_paths, encoder_ids, summary_metrics
 from csaligner.train.schedule import WeightEMA, lr_at
 from csaligner.train.step import DeviceFeatures, build_optimizer, compute_terms, optimizer_step, update_ema
-from csaligner.train.stored_config import drop_ignored_settings, trained_instead
+from csaligner.train.stored_config import RUN_CONFIG_HEADER, drop_ignored_settings, trained_instead
 
 
 @dataclass
@@ -205,7 +205,7 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
             header = (  # out_dir holds this run now, so a fresh run needs another folder (or train.overwrite)
-                f"# resolved config; train it again: csalign train --config {cfg.out_dir}/config.yaml "
+                f"{RUN_CONFIG_HEADER}; train it again: csalign train --config {cfg.out_dir}/config.yaml "
                 f"--train.out_dir={str(cfg.out_dir).rstrip('/')}-2"
             )
             f.write(dump_yaml(config, header=header))

@@ -3,8 +3,9 @@
 Earlier versions accepted settings that the objective, an adapter kind or the token setup ignored (loss.lam
 under infonce, model.text.mlp_ratio for a linear adapter, unpaired pools under infonce, data.token_images with
 loss.token_lam 0) and wrote them into checkpoints and run folders' config.yaml. `RunConfig` refuses them now;
-`drop_ignored_settings` turns such a stored config into the one that says what the run did, so a resume and the
-demo's run reuse keep working, and `why_dropped` says, in a diff, why a stored value is not the one compared.
+`drop_ignored_settings` turns such a stored config into the one that says what the run did, so a resume, the
+demo's run reuse and `csalign train --config <run>/config.yaml` keep working; `why_dropped` says, in a diff, why a
+stored value is not the one compared, and `trained_instead` what was dropped to what.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from typing import Any
 from csaligner._validation import is_number
 from csaligner.losses.objective import DIVERGENCE_TERMS, LOSS_DEFAULTS, OBJECTIVES, ignored_settings
 from csaligner.train.config import DATA_DEFAULTS, adapter_kinds
+
+RUN_CONFIG_HEADER = "# resolved config"
+"""How a run folder's config.yaml opens (every version wrote it): `load_config` reads such a file as the record
+of a run that trained, dropping the settings it ignored."""
 
 
 def drop_ignored_adapter_settings(
@@ -195,8 +200,9 @@ def trained_instead(stored: Mapping[str, Any], loaded: Mapping[str, Any]) -> lis
     """What the run trained with in place of each stored value refused now: one phrase per setting that
     `drop_ignored_settings` changed from `stored` to `loaded`.
 
-    Told to take a checkpoint's values, a resume cannot take these (the config refuses them); the run trained
-    as with the loaded value, so that is the one to give, or, for an adapter key dropped, none.
+    Told to take a checkpoint's values, a resume cannot take these (the config refuses them), and a run's
+    config.yaml loads without them; the run trained as with the loaded value, so that is the one to give, or,
+    for an adapter key dropped, none.
 
     Args:
         stored: the config as written (a `to_dict` form).
