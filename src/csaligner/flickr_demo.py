@@ -88,8 +88,8 @@ def config_changes(run_dir: Path, config: Any) -> list[str]:
 
     from csaligner.train.checkpoint import RESUME_MAY_CHANGE
     from csaligner.train.checkpoint import config_changes as diff
-    from csaligner.train.config import drop_ignored_settings
     from csaligner.train.overrides import read_yaml, to_dict
+    from csaligner.train.stored_config import drop_ignored_settings
 
     try:
         saved = read_yaml(run_dir / "config.yaml")

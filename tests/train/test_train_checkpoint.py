@@ -174,7 +174,7 @@ def test_incomplete_checkpoint_is_reported(tmp_path: Path) -> None:
 
 
 def test_config_changes_show_a_dropped_value_as_stored_with_who_ignored_it() -> None:
-    from csaligner.train.config import drop_ignored_settings
+    from csaligner.train.stored_config import drop_ignored_settings
 
     written = {
         "model": {"image": {"kind": "mlp", "bias": False}, "text": {"kind": "linear", "mlp_ratio": 2}},

@@ -14,9 +14,9 @@ from csaligner.data.features import PairedFeatures
 from csaligner.losses.objective import DIVERGENCE_TERMS, OBJECTIVES, LossConfig
 from csaligner.train import DataConfig, RunConfig, load_config
 from csaligner.train.batches import BatchSampler, split_features
-from csaligner.train.config import drop_ignored_settings, ignored_data_settings
 from csaligner.train.overrides import from_dict, to_dict
 from csaligner.train.step import DeviceFeatures, model_inputs
+from csaligner.train.stored_config import drop_ignored_settings, ignored_data_settings
 
 WITHOUT_DIVERGENCE = sorted(set(OBJECTIVES) - set(DIVERGENCE_TERMS))
 UNPAIRED_SETTINGS = [

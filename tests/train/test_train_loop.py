@@ -153,8 +153,9 @@ def test_token_variant_adds_the_token_cs_term(tmp_path: Path, token_features: Pa
 
 
 def test_tokens_requested_but_missing_is_explained(tmp_path: Path, features: PairedFeatures) -> None:
+    prior = "model.text={kind: prior, num_layers: 1, num_heads: 2, head_dim: 8}"  # reads the text tokens
     with pytest.raises(ValueError, match="has no token features"):
-        train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "data.use_tokens=true")), features)
+        train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "data.use_tokens=true", prior)), features)
 
 
 def test_text_to_image_prior_maps_into_the_image_space(tmp_path: Path, features: PairedFeatures) -> None:

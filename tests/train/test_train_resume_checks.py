@@ -47,6 +47,8 @@ def test_resume_with_a_changed_config_names_the_fields(
     message = str(err.value)
     assert expected in message and str(stopped) in message
     assert "train.resume:" not in message  # resume itself is expected to differ from the stored run
+    fix = 'Resume with the checkpoint\'s values (its state.json stores them under "config"); or start a new run'
+    assert message.endswith(f"{fix} in another train.out_dir")  # no stored value refused now: nothing to add
 
 
 def test_resume_of_a_run_stored_with_a_setting_its_kind_ignores(tmp_path: Path, features: PairedFeatures) -> None:
@@ -126,29 +128,33 @@ def test_resume_still_compares_the_loss_values_the_objective_reads(tmp_path: Pat
     _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, lam=0.5, temperature=0.2)
     with pytest.raises(ValueError, match=r"different config: loss\.temperature: 0\.2 -> 0\.07") as err:
         train(load_config(None, [*cfg, "train.resume=auto"]), features)
-    assert "loss.lam" not in str(err.value)
+    assert "loss.lam:" not in str(err.value)  # not compared; named only as what to give instead of the stored 0.5
+    assert "give what the run trained with: loss.lam=0.01 (stored: 0.5); or start" in str(err.value)
 
 
 @pytest.mark.parametrize(
-    ("run", "stored", "resume", "expected"),
+    ("run", "stored", "resume", "expected", "instead"),
     [
         (
             ["loss.objective=infonce"],
             {"loss": {"lam": 0.5}},
             ["loss.objective=cs_aligner", "loss.lam=0.5"],
             "loss.lam: 0.5 (stored, but objective 'infonce' ignored it: dropped to 0.01) -> 0.5",
+            "loss.lam=0.01 (stored: 0.5)",
         ),
         (
             ["model.text={kind: linear}"],
             {"model": {"text": {"mlp_ratio": 2}}},
             ["model.text={kind: mlp, mlp_ratio: 2}"],
             "model.text.mlp_ratio: 2 (stored, but kind 'linear' ignored it: dropped) -> 2",
+            "model.text.mlp_ratio left out (stored: 2)",
         ),
         (
             ["loss.objective=infonce", "data.paired_fraction=0.5", "data.use_unpaired=false"],
             {"data": {"use_unpaired": True}},
             ["loss.objective=cs_aligner", "data.paired_fraction=0.5"],
             "data.use_unpaired: True (stored, but objective 'infonce' ignored it: dropped to False) -> True",
+            "data.use_unpaired=false (stored: True)",
         ),
     ],
     ids=["loss", "adapter", "data"],
@@ -160,9 +166,11 @@ def test_a_changed_setting_that_was_dropped_as_ignored_shows_what_was_stored(
     stored: dict[str, dict[str, object]],
     resume: list[str],
     expected: str,
+    instead: str,
 ) -> None:
     """The stored value was dropped (to its default) as one its objective or kind ignored; a resume that sets it
-    under another objective or kind must show the value the checkpoint holds, not the default it became."""
+    under another objective or kind must show the value the checkpoint holds, not the default it became, and
+    must not send the user back to that value (refused now) but to the one the run trained with, which resumes."""
     checkpoint = train(load_config(None, fast_overrides(tmp_path, *BASE, *run)), features, until_step=3).checkpoint
     assert checkpoint is not None
     state_file = Path(checkpoint) / "state.json"
@@ -178,6 +186,10 @@ def test_a_changed_setting_that_was_dropped_as_ignored_shows_what_was_stored(
     with pytest.raises(ValueError, match="different config") as err:
         train(load_config(None, fast_overrides(tmp_path, *BASE, *resume, "train.resume=auto")), features)
     assert expected in str(err.value), str(err.value)
+    fix = 'Resume with the checkpoint\'s values (its state.json stores them under "config"), except the stored '
+    assert f"{fix}values refused now, for which give what the run trained with: {instead}; or start" in str(err.value)
+    result = train(load_config(None, fast_overrides(tmp_path, *BASE, *run, "train.resume=auto")), features)
+    assert result.finished and result.step == 6  # the checkpoint's values with `instead` for the refused one
 
 
 def test_resume_of_a_run_stored_with_a_learned_setting_its_objective_ignored_says_why(

@@ -11,7 +11,7 @@ Example:
 
 from csaligner.adapters.config import AdapterConfig, check_settings_apply, kind_settings
 from csaligner.adapters.prior import PriorTransformerAdapter
-from csaligner.adapters.registry import ADAPTERS, Adapter, build_adapter, register_adapter
+from csaligner.adapters.registry import ADAPTERS, Adapter, build_adapter, reads_text_tokens, register_adapter
 from csaligner.adapters.serialization import load_adapter, read_adapter_config, save_adapter
 from csaligner.adapters.simple import IdentityAdapter, LinearAdapter, MLPAdapter
 
@@ -28,6 +28,7 @@ __all__ = [
     "kind_settings",
     "load_adapter",
     "read_adapter_config",
+    "reads_text_tokens",
     "register_adapter",
     "save_adapter",
 ]

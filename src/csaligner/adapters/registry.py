@@ -16,6 +16,7 @@ Adding a kind (timm / PEFT style)::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
@@ -102,6 +103,13 @@ def build_adapter(config: AdapterConfig) -> Adapter:
     if cls is None:
         raise ValueError(f"unknown adapter kind {config.kind!r}; choose one of {sorted(ADAPTERS)}")
     return cls.from_config(config)
+
+
+def reads_text_tokens(adapter: type[nn.Module] | nn.Module) -> bool:
+    """True when an adapter (class or instance) reads text token states: its forward names a `text_tokens`
+    parameter (the prior). The pooled-only kinds (mlp, linear, identity) take them in `**kwargs` and ignore them.
+    """
+    return "text_tokens" in inspect.signature(adapter.forward).parameters
 
 
 def check_adapter_input(name: str, x: Tensor, dim: int) -> None:

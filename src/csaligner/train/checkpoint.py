@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from csaligner._safetensors_io import safetensors_bytes
+from csaligner.train.stored_config import flatten, why_dropped
 
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -129,16 +130,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(
     stored: Mapping[str, Any],
     new: Mapping[str, Any],
@@ -155,8 +146,8 @@ def config_changes(
             adapter kinds ignored dropped (`drop_ignored_settings`). A changed field whose value was dropped
             then shows the value written and why it was dropped, not the default it became.
     """
-    old, cur = _flatten(stored), _flatten(new)
-    written = old if as_stored is None else _flatten(as_stored)
+    old, cur = flatten(stored), flatten(new)
+    written = old if as_stored is None else flatten(as_stored)
     changed = []
     for key in sorted(old.keys() | cur.keys()):
         if key in may_change:
@@ -165,26 +156,9 @@ def config_changes(
             a, b = (repr(side[key]) if key in side else "(unset)" for side in (old, cur))
             if as_stored is not None and key in written and (key not in old or written[key] != old[key]):
                 to = f" to {old[key]!r}" if key in old else ""
-                a = f"{written[key]!r} (stored, but {_ignored_by(key, as_stored)}: dropped{to})"
+                a = f"{written[key]!r} (stored, but {why_dropped(key, as_stored)}: dropped{to})"
             changed.append(f"{key}: {a} -> {b}")
     return changed
-
-
-def _ignored_by(key: str, config: Mapping[str, Any]) -> str:
-    """Who ignored a stored setting that was dropped: the objective (loss.*, data.*) or the side's kind (model.*)."""
-    section, _, rest = key.partition(".")
-
-    def part(mapping: object, name: str) -> Any:
-        return mapping.get(name) if isinstance(mapping, Mapping) else None
-
-    if section != "model":
-        return f"objective {part(config.get('loss'), 'objective') or 'cs_aligner'!r} ignored it"
-    side, _, name = rest.partition(".")
-    kind = part(part(config.get("model"), side), "kind")
-    from csaligner.adapters.registry import ADAPTERS
-
-    reads = getattr(ADAPTERS.get(kind) if isinstance(kind, str) else None, "settings", None) or ()
-    return f"kind {kind!r} ignored it" + (" at these widths" if name in reads else "")
 
 
 @dataclass

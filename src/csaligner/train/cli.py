@@ -102,11 +102,16 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return [f"{k}={v}" for k, v in sorted(items, key=lambda kv: kv[0].count("."))]
 
 
+def _note(text: str) -> None:
+    print(f"csalign train: {text}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from csaligner.train.loop import train
     from csaligner.train.overrides import dump_yaml, load_config
 
-    config = load_config(args.config, overrides_from_args(args))
+    # stderr: a note on settings dropped from a run's config.yaml must not mix into --print-config's YAML
+    config = load_config(args.config, overrides_from_args(args), report=_note)
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0

@@ -7,17 +7,18 @@ loss:  {objective: cs_aligner, lam: 0.01, sigma: 1.0}
 train: {epochs: 10, batch_size: 1024, lr: 5.0e-5}
 ```
 
-`RunConfig` groups them; `csaligner.train.overrides` loads YAML and `--train.lr=1e-4` flags onto it.
+`RunConfig` groups them; `csaligner.train.overrides` loads YAML and `--train.lr=1e-4` flags onto it. Settings
+the run would ignore are refused; `csaligner.train.stored_config` reads back configs that earlier versions
+stored with them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from csaligner._validation import is_integer, is_number, numpy_hint
-from csaligner.losses.objective import DIVERGENCE_TERMS, LOSS_DEFAULTS, OBJECTIVES, LossConfig
+from csaligner.losses.objective import DIVERGENCE_TERMS, LossConfig
 
 ADAPTER_KINDS = ("prior", "mlp", "linear", "identity")
 """The built-in adapter kinds; a kind added with `@register_adapter` is accepted as well (`adapter_kinds`)."""
@@ -62,12 +63,13 @@ class DataConfig:
     divergence (infonce, l2_prior) refuses that combination."""
     use_tokens: bool = False
     """Load token features: the text adapter receives text tokens (the prior kind attends to them) and
-    loss.token_lam > 0 adds the token-level CS term on token-wise adapted tokens."""
+    loss.token_lam > 0 adds the token-level CS term on token-wise adapted tokens. Refused where neither reads
+    them (loss.token_lam 0 and a text adapter that ignores tokens: mlp, linear, identity)."""
     token_images: int = 0
     """Images per global batch whose token sets enter the token-level CS term; 0 means every image of
     the batch. The term is a mean of per-image divergences, so a random subset (the batch order is
     already random) is an unbiased estimate at a fraction of the cost: (B, 49, 1280) vision tokens a
-    step dominate a CPU step, where 64 images carry most of the signal."""
+    step dominate a CPU step, where 64 images carry most of the signal. Refused with loss.token_lam 0 (no term)."""
     split_seed: int = 0
     """Seed of the paired / unpaired split and the pools' shuffles (independent of train.seed)."""
 
@@ -171,123 +173,6 @@ def _check_settings_apply(side: str, spec: dict[str, Any]) -> None:
             f"{err}. A --model.{side}.kind flag keeps the config's other model.{side} keys; to replace them "
             f"all, give the whole mapping: --model.{side}='{{kind: {spec['kind']}}}'"
         ) from None
-
-
-def drop_ignored_adapter_settings(
-    config: dict[str, Any], widths: Mapping[str, tuple[int, int]] | None = None
-) -> dict[str, Any]:
-    """A `to_dict` form of a run config without the model.image / model.text keys their kind ignores.
-
-    Earlier versions accepted such keys and ignored them, so a checkpoint's stored config may hold them;
-    a resume that had to delete them (they are refused now) continues the same model.
-
-    Args:
-        config: the stored config.
-        widths: each side's (in_dim, out_dim) where known (a resume's model); a key those widths leave unused
-            (mlp's bias when in_dim == out_dim) is dropped too. Without them, the mapping's own in_dim / out_dim.
-    """
-    from csaligner.adapters.config import drop_ignored_fields
-
-    model = config.get("model")
-    if not isinstance(model, dict):
-        return config
-    model = dict(model)
-    for side in ("image", "text"):
-        spec = model.get(side)
-        if isinstance(spec, dict) and spec.get("kind") in adapter_kinds():
-            model[side] = drop_ignored_fields(spec, None if widths is None else widths.get(side))
-    return {**config, "model": model}
-
-
-def drop_ignored_loss_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """A `to_dict` form of a run config with the loss values its objective ignores set back to their defaults.
-
-    Earlier versions accepted them (objective infonce with lam 0.5) and ignored them, so a checkpoint's or a
-    run folder's stored config may hold them; a run that had to drop them (they are refused now) is the same.
-    """
-    from csaligner.losses.objective import ignored_settings
-
-    loss = config.get("loss")
-    if not isinstance(loss, dict):
-        return config
-    return {**config, "loss": {**loss, **{name: LOSS_DEFAULTS[name] for name in ignored_settings(loss)}}}
-
-
-def ignored_data_settings(data: Mapping[str, Any], objective: str) -> dict[str, Any]:
-    """The data settings `objective` has no term for, each with the value the run takes instead.
-
-    Unpaired pools and CS-only captions enter only a distribution divergence (cs_aligner, mmd, kl); infonce
-    and l2_prior train without them (`split_features(pools=False)`, `model_inputs`), so for those:
-    use_unpaired=true with paired_fraction < 1 trains as use_unpaired=false, an unpaired_batch_size draws
-    nothing, and captions_per_image_in_cs="all" beside captions_per_image="one" adds no caption. paired_fraction
-    itself is read by every objective (fewer pairs). {} for an objective with a divergence or an unknown one.
-
-    Args:
-        data: `DataConfig`'s fields by name (its `__dict__` or a stored `to_dict` form); a missing field
-            counts as its default.
-        objective: the loss objective.
-    """
-    if objective not in OBJECTIVES or objective in DIVERGENCE_TERMS:
-        return {}
-    value: dict[str, Any] = {**DATA_DEFAULTS, **data}
-    instead: dict[str, Any] = {}
-    fraction = value["paired_fraction"]
-    if value["use_unpaired"] is True and is_number(fraction) and fraction < 1:
-        instead["use_unpaired"] = False
-    if value["unpaired_batch_size"] != DATA_DEFAULTS["unpaired_batch_size"]:
-        instead["unpaired_batch_size"] = DATA_DEFAULTS["unpaired_batch_size"]
-    if value["captions_per_image"] == "one" and value["captions_per_image_in_cs"] == "all":
-        instead["captions_per_image_in_cs"] = "one"
-    return instead
-
-
-def _ignored_data_message(data: DataConfig, objective: str, name: str) -> str:
-    """Why data.<name> does nothing under `objective` (one without a divergence term), and what to do."""
-    *others, last = (repr(o) for o in DIVERGENCE_TERMS)
-    divergences = f"{', '.join(others)} or {last}"
-    lacks = f"objective {objective!r} has no divergence term, the only term they enter"
-    if name == "use_unpaired":
-        return (
-            f"data.paired_fraction={data.paired_fraction!r} with data.use_unpaired=true would put the other images "
-            f"and their captions into unpaired pools, but {lacks}, so they would be dropped; set "
-            f"data.use_unpaired=false to train on the pairs alone (what {objective!r} does), or use objective "
-            f"{divergences} to train on the pools too"
-        )
-    if name == "unpaired_batch_size":
-        return (
-            f"data.unpaired_batch_size={data.unpaired_batch_size!r} sizes a step's draw of unpaired data, but {lacks}, "
-            f"so it would be ignored; drop it (or set it back to its default, 0) or use objective {divergences}"
-        )
-    return (
-        f'data.captions_per_image_in_cs="all" with captions_per_image="one" puts each image\'s other captions '
-        f"into the divergence term alone, but {lacks}, so they would be ignored; drop it (or set it back to its "
-        f'default, "one"), set data.captions_per_image="all" to train on every caption, or use objective '
-        f"{divergences}"
-    )
-
-
-def drop_ignored_data_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """A `to_dict` form of a run config with the data values its objective has no term for set to what the
-    run took instead (`ignored_data_settings`).
-
-    Earlier versions accepted them (objective infonce with unpaired_batch_size 256) and dropped the pools, so
-    a checkpoint's or a run folder's stored config may hold them; a run that had to drop them is the same.
-    """
-    data, loss = config.get("data"), config.get("loss")
-    if not isinstance(data, dict):
-        return config
-    objective = loss.get("objective", LOSS_DEFAULTS["objective"]) if isinstance(loss, dict) else None
-    if not isinstance(objective, str):
-        return config
-    return {**config, "data": {**data, **ignored_data_settings(data, objective)}}
-
-
-def drop_ignored_settings(
-    config: dict[str, Any], widths: Mapping[str, tuple[int, int]] | None = None
-) -> dict[str, Any]:
-    """`drop_ignored_adapter_settings` (with `widths`), `drop_ignored_loss_settings` and
-    `drop_ignored_data_settings`: a stored run config as it loads now."""
-    return drop_ignored_data_settings(drop_ignored_loss_settings(drop_ignored_adapter_settings(config, widths)))
 
 
 @dataclass(frozen=True)
@@ -405,6 +290,58 @@ class RunConfig:
                 f"loss.token_lam={self.loss.token_lam} needs token features: set data.use_tokens=true "
                 "(or loss.token_lam=0)"
             )
-        ignored = ignored_data_settings(self.data.__dict__, self.loss.objective)
-        if ignored:  # e.g. infonce with unpaired pools: the saved config would describe data the run never used
-            raise ValueError("; ".join(_ignored_data_message(self.data, self.loss.objective, n) for n in ignored))
+        from csaligner.train.stored_config import ignored_data_settings, ignored_token_settings  # imports this
+
+        # e.g. infonce with unpaired pools: the saved config would describe data the run never used
+        data = ignored_data_settings(self.data.__dict__, self.loss.objective)
+        tokens = ignored_token_settings(self.data.__dict__, self.loss.token_lam, self.model.text["kind"])
+        messages = [_ignored_data_message(self.data, self.loss.objective, name) for name in data]
+        messages += [_ignored_token_message(self, name) for name in tokens]
+        if messages:
+            raise ValueError("; ".join(messages))
+
+
+def _ignored_data_message(data: DataConfig, objective: str, name: str) -> str:
+    """Why data.<name> does nothing under `objective` (one without a divergence term), and what to do."""
+    *others, last = (repr(o) for o in DIVERGENCE_TERMS)
+    divergences = f"{', '.join(others)} or {last}"
+    lacks = f"objective {objective!r} has no divergence term, the only term they enter"
+    if name == "use_unpaired":
+        return (
+            f"data.paired_fraction={data.paired_fraction!r} with data.use_unpaired=true would put the other images "
+            f"and their captions into unpaired pools, but {lacks}, so they would be dropped; set "
+            f"data.use_unpaired=false to train on the pairs alone (what {objective!r} does), or use objective "
+            f"{divergences} to train on the pools too"
+        )
+    if name == "unpaired_batch_size":
+        return (
+            f"data.unpaired_batch_size={data.unpaired_batch_size!r} sizes a step's draw of unpaired data, but {lacks}, "
+            f"so it would be ignored; drop it (or set it back to its default, 0) or use objective {divergences}"
+        )
+    return (
+        f'data.captions_per_image_in_cs="all" with captions_per_image="one" puts each image\'s other captions '
+        f"into the divergence term alone, but {lacks}, so they would be ignored; drop it (or set it back to its "
+        f'default, "one"), set data.captions_per_image="all" to train on every caption, or use objective '
+        f"{divergences}"
+    )
+
+
+def _ignored_token_message(config: RunConfig, name: str) -> str:
+    """Why data.<name> (use_tokens, token_images) does nothing with loss.token_lam=0, and what to do."""
+    from csaligner.train.stored_config import token_readers
+
+    off = f"loss.token_lam={config.loss.token_lam!r} turns off the token-level CS term"
+    if name == "token_images":
+        return (
+            f"data.token_images={config.data.token_images!r} picks the images of the token-level CS term, but {off}, "
+            "so it would be ignored; drop it (or set it back to its default, 0), or train the term with "
+            "loss.token_lam > 0 and data.use_tokens=true"
+        )
+    kind = config.model.text["kind"]
+    readers = " or ".join(repr(k) for k in token_readers())
+    return (
+        f"data.use_tokens=true loads token features for the token-level CS term and for a text adapter that reads "
+        f"them, but {off} and model.text.kind={kind!r} ignores text tokens, so they would be ignored; set "
+        f"data.use_tokens=false, train the term with loss.token_lam > 0, or give the text side a kind that reads "
+        f"tokens ({readers})"
+    )

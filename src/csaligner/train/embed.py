@@ -8,7 +8,6 @@ gives different, much worse embeddings. So every path here either passes the tok
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -74,7 +73,9 @@ def text_adapter_reads_tokens(adapters: LoadedAdapters) -> bool:
     A run with data.use_tokens=true but a pooled-only text adapter (mlp, linear: they accept and
     ignore `text_tokens`) maps pooled features exactly as it was trained, so it needs no tokens.
     """
-    return adapters.uses_tokens and "text_tokens" in inspect.signature(adapters.text.forward).parameters
+    from csaligner.adapters import reads_text_tokens
+
+    return adapters.uses_tokens and reads_text_tokens(adapters.text)
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from csaligner.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from csaligner.train.config import RunConfig, drop_ignored_settings
+from csaligner.train.config import RunConfig
 from csaligner.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, wrap_ddp
 from csaligner.train.model import AlignmentModel, build_model, save_adapters, write_run_encoders
 from csaligner.train.monitor import RunMonitor
@@ -45,6 +45,7 @@ from csaligner.train.overrides import dump_yaml, to_dict
 from csaligner.train.run_dir import check_resume_encoders, claim_out_dir, delete_paths, encoder_ids, summary_metrics
 from csaligner.train.schedule import WeightEMA, lr_at
 from csaligner.train.step import DeviceFeatures, build_optimizer, compute_terms, optimizer_step, update_ema
+from csaligner.train.stored_config import RUN_CONFIG_HEADER, drop_ignored_settings, trained_instead
 
 
 @dataclass
@@ -204,7 +205,7 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
             header = (  # out_dir holds this run now, so a fresh run needs another folder (or train.overwrite)
-                f"# resolved config; train it again: csalign train --config {cfg.out_dir}/config.yaml "
+                f"{RUN_CONFIG_HEADER}; train it again: csalign train --config {cfg.out_dir}/config.yaml "
                 f"--train.out_dir={str(cfg.out_dir).rstrip('/')}-2"
             )
             f.write(dump_yaml(config, header=header))
@@ -313,19 +314,22 @@ def _maybe_resume(run: _Run) -> None:
 def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
     """The checkpoint continues this run only under the same model, data order and schedule."""
     stored = ckpt.state.get("config")
-    changes = []
+    changes: list[str] = []
+    instead: list[str] = []
     if isinstance(stored, dict):
         _refuse_ignored_learned(ckpt.path, stored)
         # Adapter keys, loss and data values an earlier version ignored do not make it another model.
         widths = {side: (c.in_dim, c.out_dim) for side, c in run.adapter_configs.items()}
         loaded = drop_ignored_settings(stored, widths)
         changes = config_changes(loaded, to_dict(run.config), as_stored=stored)
+        instead = trained_instead(stored, loaded)  # stored values refused now: "resume with them" cannot work
     if changes:
+        but = f", except the stored values refused now, for which give what the run trained with: {', '.join(instead)}"
         raise ValueError(
             f"checkpoint {ckpt.path} was written with a different config: {'; '.join(changes)}. These change "
             "the model, the data order or the schedule, so the run would not continue where it stopped. Resume "
-            'with the checkpoint\'s values (its state.json stores them under "config"), or start a new run in '
-            "another train.out_dir"
+            f'with the checkpoint\'s values (its state.json stores them under "config"){but if instead else ""}; '
+            "or start a new run in another train.out_dir"
         )
     planned = ckpt.state.get("total_steps")
     if isinstance(planned, int) and planned != run.total_steps:

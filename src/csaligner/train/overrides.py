@@ -10,22 +10,32 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from csaligner.train.config import RunConfig
+from csaligner.train.stored_config import RUN_CONFIG_HEADER, drop_ignored_settings, trained_instead
 
 T = TypeVar("T")
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), report: Callable[[str], object] | None = None
+) -> RunConfig:
     """Read a YAML preset (optional) and apply dotted overrides such as "train.lr=1e-4".
+
+    A run folder's config.yaml (it opens with `RUN_CONFIG_HEADER`) records a run that trained: settings an
+    earlier version stored there that the run ignored, refused now, are dropped as the run trained
+    (`drop_ignored_settings`, before the overrides) and named in a note. Any other file's are refused.
 
     Args:
         path: YAML file with sections data/model/loss/train; None starts from the defaults.
         overrides: "section.key=value" strings (a leading "--" is allowed); values parse as YAML
             scalars, then coerce to the field's type.
+        report: called with the note on settings dropped from a run's config.yaml, e.g. `print`; None warns
+            (UserWarning).
 
     Raises:
         ValueError: naming the unknown key or the bad value.
@@ -34,10 +44,29 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(path)
+        if Path(path).read_text().startswith(RUN_CONFIG_HEADER):
+            raw = _as_trained(raw, str(path), report)
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
     return from_dict(RunConfig, raw)
+
+
+def _as_trained(raw: dict[str, Any], path: str, report: Callable[[str], object] | None) -> dict[str, Any]:
+    """A run's stored config without the settings it ignored (`drop_ignored_settings`), saying which."""
+    loaded = drop_ignored_settings(raw)
+    instead = trained_instead(raw, loaded)
+    if instead:
+        note = (
+            f"note: {path} was written by an earlier version with settings the run ignored, which are refused now; "
+            f"it loads as the run trained: {', '.join(instead)}. Change them so in the file to load it without "
+            "this note"
+        )
+        if report is None:
+            warnings.warn(note, stacklevel=3)
+        else:
+            report(note)
+    return loaded
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
