@@ -689,6 +689,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.claims.split(",")) - set(CLAIMS)
     if unknown:
         p.error(f"unknown claims {sorted(unknown)}; choose from {sorted(CLAIMS)}")
+    if any(not t > 0 for t in args.token_lams):  # a token term at weight 0 is refused by the run config
+        p.error(f"--token-lams must all be > 0, got {args.token_lams}: claim 5's 'no token term' row is the 0 baseline")
     return args
 
 
