@@ -46,21 +46,21 @@ def test_every_preset_still_loads() -> None:
     [
         (
             ["model.text.kind=linear", "model.text.mlp_ratio=8"],  # the audit's command line
-            "model.text.mlp_ratio (used by kind 'mlp') does not apply to kind='linear', which takes only bias",
+            "model.text.mlp_ratio=8 (used by kind 'mlp') does not apply to kind='linear', which takes only bias",
         ),
         (
             ["model.text.kind=linear", "model.text.mlp_ratio=4"],  # given, though equal to the default
-            "model.text.mlp_ratio (used by kind 'mlp') does not apply to kind='linear'",
+            "model.text.mlp_ratio=4 (used by kind 'mlp') does not apply to kind='linear'",
         ),
         (
             ["model.image={kind: identity, bias: false}", "model.text={kind: prior}"],
-            "model.image.bias (used by kinds 'linear', 'mlp') does not apply to kind='identity', which takes no",
+            "model.image.bias=False (used by kinds 'linear', 'mlp') does not apply to kind='identity', which takes no",
         ),
         (
             ["model.text={kind: prior, mlp_alpha: 0.5}"],
-            "model.text.mlp_alpha (used by kind 'mlp') does not apply to kind='prior', which takes only num_layers",
+            "model.text.mlp_alpha=0.5 (used by kind 'mlp') does not apply to kind='prior', which takes only num_layers",
         ),
-        (["model.image.num_layers=2"], "model.image.num_layers (used by kind 'prior') does not apply to kind='mlp'"),
+        (["model.image.num_layers=2"], "model.image.num_layers=2 (used by kind 'prior') does not apply to kind='mlp'"),
     ],
 )
 def test_a_setting_the_kind_does_not_use_is_refused(overrides: list[str], message: str) -> None:
@@ -72,7 +72,8 @@ def test_a_setting_the_kind_does_not_use_is_refused(overrides: list[str], messag
 def test_a_yaml_setting_left_over_from_another_kind_names_the_way_out(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  image: {kind: mlp, mlp_ratio: 2}\n")
-    with pytest.raises(ValueError, match=r"model\.image\.mlp_ratio .*kind='linear'.*--model\.image='\{kind: linear\}'"):
+    way_out = r"model\.image\.mlp_ratio=2 .*kind='linear'.*--model\.image='\{kind: linear\}'"
+    with pytest.raises(ValueError, match=way_out):
         load_config(path, ["model.image.kind=linear"])
     assert load_config(path, ["model.image={kind: linear}"]).model.image == {"kind": "linear"}  # the way out
 
@@ -98,7 +99,7 @@ def test_a_resolved_config_reloads(tmp_path: Path) -> None:
 def test_the_cli_refuses_a_flag_the_kind_does_not_use(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--model.text.kind=linear", "--model.text.mlp_ratio=8", "--print-config"]) == 1
     err = capsys.readouterr().err
-    assert "csalign train: error: model.text.mlp_ratio (used by kind 'mlp') does not apply to kind='linear'" in err
+    assert "csalign train: error: model.text.mlp_ratio=8 (used by kind 'mlp') does not apply to kind='linear'" in err
     assert main(["train", "--model.text.kind=linear", "--model.text.bias=false", "--print-config"]) == 0
 
 

@@ -167,7 +167,7 @@ def _check_settings_apply(side: str, spec: dict[str, Any]) -> None:
     from csaligner.adapters import check_settings_apply
 
     try:
-        check_settings_apply(spec["kind"], spec, where=f"model.{side}")
+        check_settings_apply(spec["kind"], spec, where=f"model.{side}", values=spec)
     except ValueError as err:
         raise ValueError(
             f"{err}. A --model.{side}.kind flag keeps the config's other model.{side} keys; to replace them "
