@@ -51,16 +51,28 @@ def test_resume_with_a_changed_config_names_the_fields(
     assert message.endswith(f"{fix} in another train.out_dir")  # no stored value refused now: nothing to add
 
 
+def _stored_with(checkpoint: str | None, section: str, values: dict[str, object]) -> None:
+    """Write values into a section of a checkpoint's stored config ("loss", or "model.text"), as an earlier
+    version stored them; a dict value updates the mapping it names."""
+    assert checkpoint is not None
+    state_file = Path(checkpoint) / "state.json"
+    state = json.loads(state_file.read_text())
+    target = state["config"]
+    for part in section.split("."):
+        target = target[part]
+    for key, value in values.items():
+        if isinstance(value, dict):
+            target[key].update(value)
+        else:
+            target[key] = value
+    state_file.write_text(json.dumps(state))
+
+
 def test_resume_of_a_run_stored_with_a_setting_its_kind_ignores(tmp_path: Path, features: PairedFeatures) -> None:
     # Earlier versions accepted model.text.mlp_ratio for a linear adapter, ignored it and stored it in the
     # checkpoint. It is refused at load now; without it the resume continues the very same model.
     cfg = fast_overrides(tmp_path, *BASE, "model.text={kind: linear}")
-    checkpoint = train(load_config(None, cfg), features, until_step=3).checkpoint
-    assert checkpoint is not None
-    state_file = Path(checkpoint) / "state.json"
-    state = json.loads(state_file.read_text())
-    state["config"]["model"]["text"]["mlp_ratio"] = 8
-    state_file.write_text(json.dumps(state))
+    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, "model.text", {"mlp_ratio": 8})
     result = train(load_config(None, [*cfg, "train.resume=auto"]), features)
     assert result.finished and result.step == 6
     assert load_config(tmp_path / "config.yaml").model.text == {"kind": "linear"}  # the run's config reloads
@@ -70,23 +82,9 @@ def test_resume_of_a_run_stored_with_an_mlp_bias_its_widths_ignore(tmp_path: Pat
     # Earlier versions took model.text.bias=false for an mlp whose widths are equal (16 -> 16) and built it
     # without a bias, as with bias=true. It is refused now; the resume without it continues the same model.
     cfg = fast_overrides(tmp_path, *BASE, "model.out_dim=16")
-    checkpoint = train(load_config(None, cfg), features, until_step=3).checkpoint
-    assert checkpoint is not None
-    state_file = Path(checkpoint) / "state.json"
-    state = json.loads(state_file.read_text())
-    state["config"]["model"]["text"]["bias"] = False
-    state_file.write_text(json.dumps(state))
+    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, "model.text", {"bias": False})
     result = train(load_config(None, [*cfg, "train.resume=auto"]), features)
     assert result.finished and result.step == 6
-
-
-def _stored_with(checkpoint: str | None, **loss: object) -> None:
-    """Write loss values into a checkpoint's stored config, as an earlier version stored them."""
-    assert checkpoint is not None
-    state_file = Path(checkpoint) / "state.json"
-    state = json.loads(state_file.read_text())
-    state["config"]["loss"].update(loss)
-    state_file.write_text(json.dumps(state))
 
 
 def test_resume_of_a_run_stored_with_a_loss_value_its_objective_ignores(
@@ -95,7 +93,7 @@ def test_resume_of_a_run_stored_with_a_loss_value_its_objective_ignores(
     # Earlier versions accepted loss.lam (and sigma) for infonce, ignored them and stored them in the checkpoint.
     # They are refused at load now; without them the resume continues the very same training.
     cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce")
-    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, lam=0.5, sigma=0.3)
+    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, "loss", {"lam": 0.5, "sigma": 0.3})
     with pytest.raises(ValueError, match=r"objective 'infonce' has no divergence term, so lam=0\.5 would be ignored"):
         load_config(None, [*cfg, "loss.lam=0.5"])
     result = train(load_config(None, [*cfg, "train.resume=auto"]), features)
@@ -111,11 +109,9 @@ def test_resume_of_a_run_stored_with_unpaired_data_settings_its_objective_ignore
     cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce", "data.paired_fraction=0.5")
     pairs_only = [*cfg, "data.use_unpaired=false"]
     checkpoint = train(load_config(None, pairs_only), features, until_step=3).checkpoint
-    assert checkpoint is not None
-    state_file = Path(checkpoint) / "state.json"
-    state = json.loads(state_file.read_text())
-    state["config"]["data"].update(use_unpaired=True, unpaired_batch_size=8, captions_per_image_in_cs="all")
-    state_file.write_text(json.dumps(state))
+    _stored_with(
+        checkpoint, "data", {"use_unpaired": True, "unpaired_batch_size": 8, "captions_per_image_in_cs": "all"}
+    )
     with pytest.raises(ValueError, match=r"data\.use_unpaired=false to train on the pairs alone"):
         load_config(None, cfg)
     result = train(load_config(None, [*pairs_only, "train.resume=auto"]), features)
@@ -125,7 +121,9 @@ def test_resume_of_a_run_stored_with_unpaired_data_settings_its_objective_ignore
 
 def test_resume_still_compares_the_loss_values_the_objective_reads(tmp_path: Path, features: PairedFeatures) -> None:
     cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce")
-    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, lam=0.5, temperature=0.2)
+    _stored_with(
+        train(load_config(None, cfg), features, until_step=3).checkpoint, "loss", {"lam": 0.5, "temperature": 0.2}
+    )
     with pytest.raises(ValueError, match=r"different config: loss\.temperature: 0\.2 -> 0\.07") as err:
         train(load_config(None, [*cfg, "train.resume=auto"]), features)
     assert "loss.lam:" not in str(err.value)  # not compared; named only as what to give instead of the stored 0.5
@@ -172,17 +170,8 @@ def test_a_changed_setting_that_was_dropped_as_ignored_shows_what_was_stored(
     under another objective or kind must show the value the checkpoint holds, not the default it became, and
     must not send the user back to that value (refused now) but to the one the run trained with, which resumes."""
     checkpoint = train(load_config(None, fast_overrides(tmp_path, *BASE, *run)), features, until_step=3).checkpoint
-    assert checkpoint is not None
-    state_file = Path(checkpoint) / "state.json"
-    state = json.loads(state_file.read_text())
     for section, values in stored.items():
-        target = state["config"][section]
-        for key, value in values.items():
-            if isinstance(value, dict):
-                target[key].update(value)
-            else:
-                target[key] = value
-    state_file.write_text(json.dumps(state))
+        _stored_with(checkpoint, section, values)
     with pytest.raises(ValueError, match="different config") as err:
         train(load_config(None, fast_overrides(tmp_path, *BASE, *resume, "train.resume=auto")), features)
     assert expected in str(err.value), str(err.value)
@@ -198,7 +187,7 @@ def test_resume_of_a_run_stored_with_a_learned_setting_its_objective_ignored_say
     """learn_sigma for infonce added a parameter (that never moved) to the checkpoint: dropping the flag
     cannot make the checkpoint fit, and "does not fit this run's model" would not say why."""
     cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce")
-    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, learn_sigma=True)
+    _stored_with(train(load_config(None, cfg), features, until_step=3).checkpoint, "loss", {"learn_sigma": True})
     with pytest.raises(ValueError) as err:
         train(load_config(None, [*cfg, "train.resume=auto"]), features)
     message = str(err.value)
