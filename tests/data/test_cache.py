@@ -352,3 +352,39 @@ def test_the_writer_still_imports_from_its_old_module() -> None:
     assert cache.CacheWriter is cache_writer.CacheWriter
     with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
         _ = cache.NoSuchName  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["cache.json", "items.json"])
+@pytest.mark.parametrize("text", ["{broken", "", "[1, 2]"])
+def test_damaged_json_names_the_file_and_the_fix(
+    tiny_manifest: ImageTextManifest, tmp_path: Path, name: str, text: str
+) -> None:
+    out = tmp_path / "c"
+    encode_manifest(TinyImageEncoder(), tiny_manifest, out, FAST)
+    (out / name).write_text(text)
+    with pytest.raises(CacheIntegrityError, match=rf"{name}.*damaged.*--overwrite") as err:
+        FeatureCache.open(out)
+    assert str(out) in str(err.value)
+
+
+def test_missing_items_or_cache_fields_name_the_fix(tiny_manifest: ImageTextManifest, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    encode_manifest(TinyImageEncoder(), tiny_manifest, out, FAST)
+    state = json.loads((out / "cache.json").read_text())
+    (out / "items.json").unlink()
+    with pytest.raises(CacheIntegrityError, match=r"has no items\.json.*--overwrite"):
+        FeatureCache.open(out)
+    del state["parts"]
+    (out / "cache.json").write_text(json.dumps(state))
+    with pytest.raises(CacheIntegrityError, match=r"lacks \['parts'\].*--overwrite"):
+        FeatureCache.open(out)
+
+
+def test_encoding_into_a_damaged_cache_asks_for_overwrite(tiny_manifest: ImageTextManifest, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    encode_manifest(TinyImageEncoder(), tiny_manifest, out, FAST)
+    (out / "cache.json").write_text("{broken")
+    with pytest.raises(CacheIntegrityError, match=r"cache\.json is damaged.*--overwrite"):
+        encode_manifest(TinyImageEncoder(), tiny_manifest, out, FAST)
+    encode_manifest(TinyImageEncoder(), tiny_manifest, out, replace(FAST, overwrite=True))
+    assert FeatureCache.open(out).manifest.num_images == tiny_manifest.num_images
