@@ -93,6 +93,8 @@ class _Run:
     adapter_configs: dict[str, Any]
     total_steps: int
     data: str = ""
+    data_id: dict[str, str] = field(default_factory=dict)
+    """Which data the features came from ({"source", "manifest"} where the caches record them): a resume must match."""
     monitor: RunMonitor | None = None
     step: int = 0
     checkpoint: str | None = None
@@ -195,6 +197,7 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
         config, info, model, model, objective, optimizer, params, scaler, ema, sampler, feats, adapter_configs, total
     )
     run.data = describe_split(split, features, why)
+    run.data_id = {k: str(features.meta[k]) for k in ("source", "manifest") if features.meta.get(k)}
     _maybe_resume(run)
     if run.checkpoint is not None:  # the record of the run that wrote it (train.resume may name another folder's)
         check_resume_encoders(os.path.dirname(os.path.dirname(run.checkpoint)), features.meta)
@@ -252,6 +255,7 @@ def _training_state(run: _Run) -> dict[str, Any]:
         "scaler": run.scaler.state_dict(),
         "ema_updates": run.ema.updates if run.ema else 0,
         "config": to_dict(run.config),
+        "data": run.data_id,
     }
 
 
@@ -325,12 +329,29 @@ def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
             'with the checkpoint\'s values (its state.json stores them under "config"), or start a new run in '
             "another train.out_dir"
         )
+    _check_same_data(run, ckpt)
     planned = ckpt.state.get("total_steps")
     if isinstance(planned, int) and planned != run.total_steps:
         raise ValueError(
             f"checkpoint {ckpt.path} planned {planned} steps and this run plans {run.total_steps} with the same "
             "config: the features differ in size. Point data.image_cache / data.text_cache at the caches it "
             "was trained on, or start a new run in another train.out_dir"
+        )
+
+
+def _check_same_data(run: _Run, ckpt: Checkpoint) -> None:
+    """The cache paths may move between a stop and a resume (RESUME_MAY_CHANGE), but not to other data: a
+    cache of other images with the same widths and step count would pass every other check."""
+    stored = ckpt.state.get("data")
+    stored = stored if isinstance(stored, dict) else {}  # checkpoints from before it was recorded: no check
+    old, new = stored.get("manifest"), run.data_id.get("manifest")
+    if old and new and old != new:
+        raise ValueError(
+            f"checkpoint {ckpt.path} was trained on other data ({stored.get('source') or 'unnamed'!r}, manifest "
+            f"{str(old)[:12]}) than data.image_cache / data.text_cache hold now "
+            f"({run.data_id.get('source') or 'unnamed'!r}, manifest {new[:12]}); resuming would continue on other "
+            "images and captions. Point them at the caches the run was trained on, or start a new run in another "
+            "train.out_dir"
         )
 
 
