@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
-from csaligner.losses.objective import AlignmentLoss, build_objective, ignored_settings
+from csaligner.losses.objective import SETTING_USERS, AlignmentLoss, build_objective, ignored_settings
 from csaligner.train.batches import BatchSampler, describe_split, split_features
 from csaligner.train.checkpoint import (
     Checkpoint,
@@ -184,6 +184,7 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
     split = split_features(features, config.data, pools=pools)
     why = "data.use_unpaired=false" if pools else f"loss.objective={config.loss.objective} has no divergence term"
     sampler = BatchSampler(split, config.data, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    _refuse_single_pair_batches(config, sampler.batch_size, split.num_paired)
     total = cfg.steps or cfg.epochs * sampler.steps_per_epoch
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     model, adapter_configs = build_model(config.model, features.image.shape[1], features.text.shape[1])
@@ -214,6 +215,22 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
         if run.checkpoint is None or encoder_ids(features.meta):  # a resume on unlabelled features keeps the record
             write_run_encoders(cfg.out_dir, features.meta)  # eval checks its features came from the same encoders
     return run
+
+
+def _refuse_single_pair_batches(config: RunConfig, batch_size: int, num_paired: int) -> None:
+    """InfoNCE over one pair has no negative: its loss is exactly 0 and the run would train nothing on it."""
+    if batch_size >= 2 or config.loss.objective not in SETTING_USERS["temperature"][0]:  # l2_prior has no InfoNCE
+        return
+    why = (
+        f"train.batch_size={config.train.batch_size}"
+        if config.train.batch_size < 2
+        else f"only {num_paired} paired image (data.paired_fraction={config.data.paired_fraction})"
+    )
+    raise ValueError(
+        f"{why} gives InfoNCE one pair a step and no negatives, so loss.objective={config.loss.objective} would "
+        "train on an InfoNCE term that is always 0; raise train.batch_size (or data.paired_fraction) to at least "
+        "2 pairs a step"
+    )
 
 
 def _log(
