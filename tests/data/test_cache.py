@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -388,3 +389,44 @@ def test_encoding_into_a_damaged_cache_asks_for_overwrite(tiny_manifest: ImageTe
         encode_manifest(TinyImageEncoder(), tiny_manifest, out, FAST)
     encode_manifest(TinyImageEncoder(), tiny_manifest, out, replace(FAST, overwrite=True))
     assert FeatureCache.open(out).manifest.num_images == tiny_manifest.num_images
+
+
+def _poison_row(cache_dir: Path, row: int) -> None:
+    """Write NaN into one pooled row of the first shard and re-record its checksum (as a foreign writer would)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from csaligner.data.cache import file_sha256
+
+    state = json.loads((cache_dir / "cache.json").read_text())
+    part = next(iter(state["parts"].values()))
+    shard = next(s for s in part["shards"].values() if s["start"] == 0)
+    path = cache_dir / shard["file"]
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["pooled"][row, 0] = float("nan")
+    save_file(tensors, str(path), metadata=meta)
+    shard["sha256"] = file_sha256(path)
+    (cache_dir / "cache.json").write_text(json.dumps(state))
+
+
+def test_non_finite_rows_name_the_cache_and_the_items(tiny_manifest: ImageTextManifest, tmp_path: Path) -> None:
+    img, txt = build(tiny_manifest, tmp_path)
+    _poison_row(img, 1)
+    with pytest.raises(ValueError, match=r"img: 1 of \d+ image feature vectors hold NaN or Inf: row 1 \(img001\.jpg\)"):
+        load_paired_features(img, txt)
+    clean_img, _ = build(tiny_manifest, tmp_path / "clean")
+    _poison_row(txt, 0)
+    caption = re.escape(repr(tiny_manifest.captions[0]))
+    with pytest.raises(ValueError, match=rf"txt: 1 of \d+ text feature vectors.*row 0 \({caption}\)"):
+        load_paired_features(clean_img, txt)
+
+
+def test_non_finite_class_rows_name_the_cache(class_root: Path, tmp_path: Path) -> None:
+    m = read_class_folders(class_root)
+    out = tmp_path / "cls"
+    encode_manifest(TinyImageEncoder(), m, out, FAST)
+    _poison_row(out, 2)
+    with pytest.raises(ValueError, match=rf"cls: 1 of \d+ image feature vectors.*row 2 \({m.image_ids[2]}\)"):
+        load_class_features(out)
