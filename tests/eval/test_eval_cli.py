@@ -184,6 +184,24 @@ def test_report_says_which_caches_each_column_came_from(
     assert list(sources) == ["retrieval, gap: images", "retrieval, gap: captions"]
 
 
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("--shots", "1,4"), "--shots shapes the zero- and few-shot classification"),
+        (("--shots", "1", "--templates", "flowers102"), "--shots and --templates shape"),
+        (("--class-names", "a=b"), "--class-names shapes"),
+    ],
+)
+def test_classification_flags_without_class_caches_are_refused(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], expected: str
+) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    assert evaluate(caches, tmp_path / "out", str(run), extra=extra) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "pass --class-train-cache and --class-test-cache too" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("text", ["", "1,x", "0,4", "1,,4"])
 def test_parse_shots_rejects(text: str) -> None:
     from csaligner.eval.cli import parse_shots

@@ -174,7 +174,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--shots",
         type=parse_shots,
-        default=DEFAULT_SHOTS,
         metavar="K[,K...]",
         help="few-shot k values, comma-separated (default 1,4,16); every class of --class-train-cache "
         "needs max(K) images",
@@ -254,11 +253,16 @@ def _main(args: argparse.Namespace) -> int:
     from csaligner.data import load_paired_features
 
     runs = parse_runs(args.run)
-    if (args.templates or args.class_names) and not args.class_test_cache:
+    if bool(args.class_train_cache) != bool(args.class_test_cache):
+        raise ValueError("pass both --class-train-cache and --class-test-cache, or neither")
+    flags = {"--shots": args.shots, "--templates": args.templates, "--class-names": args.class_names}
+    given = [flag for flag, value in flags.items() if value]
+    if given and not args.class_test_cache:  # they would be ignored: say so rather than report no classification
         raise ValueError(
-            "--templates and --class-names shape the zero-shot prompts; pass --class-train-cache and "
-            "--class-test-cache too (without them no classification is run)"
+            f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the zero- and few-shot classification; "
+            "pass --class-train-cache and --class-test-cache too (without them no classification is run)"
         )
+    args.shots = args.shots or DEFAULT_SHOTS
     # Bad template or class-name files fail before any features are read (class folders are checked later).
     if args.templates:
         load_templates(args.templates)
@@ -266,8 +270,6 @@ def _main(args: argparse.Namespace) -> int:
         read_class_renames(args.class_names)
     features = load_paired_features(args.image_cache, args.text_cache, tokens=True)
     classification, prompts = None, None
-    if bool(args.class_train_cache) != bool(args.class_test_cache):
-        raise ValueError("pass both --class-train-cache and --class-test-cache, or neither")
     if args.class_train_cache:
         # The text cache's encoder encodes the prompts: its spec and id are in the features' meta, read
         # when the cache was opened above (cache_encoder_spec / cache_encoder_id would open it again).
