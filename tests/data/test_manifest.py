@@ -184,6 +184,11 @@ def test_builtin_specs(tmp_path: Path) -> None:
         resolve_dataset("flickr8k:test", root)
     with pytest.raises(ValueError, match="positive integer"):
         resolve_dataset("flickr8k:train:ten", root)
+    with pytest.raises(ValueError, match=r"flickr8k:dev has 1 images, fewer than the limit in 'flickr8k:dev:5'"):
+        resolve_dataset("flickr8k:dev:5", root)
+    with pytest.raises(ValueError, match=r"flowers:test has 4 images.*limit <= 4, or none \(flowers:test\)"):
+        resolve_dataset("flowers:test:5", root)
+    assert resolve_dataset("flowers:test:4", root).num_images == 4
     with pytest.raises(ValueError, match="neither a built-in"):
         resolve_dataset("coco:val", root)
 

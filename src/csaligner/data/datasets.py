@@ -152,6 +152,11 @@ def resolve_dataset(spec: str, root: str | Path | None = None) -> ImageTextManif
             m = read_class_folders(base / "flowers" / split).with_name(f"flowers:{split}")
         if not limit:
             return m
+        if int(limit) > m.num_images:  # a clamp would name the cache "...:5000" for the 1,000 images it holds
+            raise ValueError(
+                f"{name}:{split} has {m.num_images} images, fewer than the limit in {spec!r}; pass a limit <= "
+                f"{m.num_images}, or none ({name}:{split}) for all of them"
+            )
         return m.head(int(limit)) if name == "flickr8k" else round_robin_head(m, int(limit))
     path = Path(spec)
     if path.is_dir():
