@@ -123,3 +123,38 @@ def test_cli_preview_errors(tmp_path: Path, write_images: Any, capsys: pytest.Ca
     assert "no --image-embeds was given" in capsys.readouterr().err
     assert main([*base, "no-equals-sign"]) == 1
     assert "takes NAME=FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("gt", "extra", "expected"),
+    [
+        ("not json", (), "could not be read as JSON"),
+        ("[0, 1]", (), "holds a JSON list"),
+        ('{"3": [0]}', (), "key '3' is not a prompt index in [0, 0]"),
+        ('{"x": [0]}', (), "key 'x' is not a prompt index"),
+        ('{"0": 1}', (), "prompt 0 maps to 1; write a list"),
+        ('{"0": [2]}', (), "prompt 0 names image index 2, outside [0, 1]"),
+        (None, ("--thumb-size", "0"), "--thumb-size must be >= 1, got 0"),
+        (None, ("-k", "0"), "-k must be >= 1, got 0"),
+    ],
+)
+def test_cli_preview_refuses_ground_truth_it_would_ignore_and_bad_sizes(
+    tmp_path: Path,
+    write_images: Any,
+    capsys: pytest.CaptureFixture[str],
+    gt: str | None,
+    extra: tuple[str, ...],
+    expected: str,
+) -> None:
+    paths = write_images(tmp_path / "imgs", 2, seed=1)
+    (tmp_path / "images.txt").write_text("\n".join(str(p) for p in paths) + "\n")
+    (tmp_path / "prompts.txt").write_text("one\n")
+    safetensors_torch.save_file({"text_embeds": torch.randn(1, 4), "image_embeds": torch.randn(2, 4)}, tmp_path / "t")
+    args = ["preview", "--image-list", str(tmp_path / "images.txt"), "--prompts", str(tmp_path / "prompts.txt")]
+    args += ["--out", str(tmp_path / "out"), "-k", "1", *extra]
+    if gt is not None:
+        (tmp_path / "gt.json").write_text(gt)
+        args += ["--ground-truth", str(tmp_path / "gt.json")]
+    assert main([*args, "--text-embeds", f"A={tmp_path / 't'}"]) == 1
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
