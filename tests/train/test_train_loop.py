@@ -154,7 +154,7 @@ def test_token_variant_adds_the_token_cs_term(tmp_path: Path, token_features: Pa
 
 
 def test_tokens_requested_but_missing_is_explained(tmp_path: Path, features: PairedFeatures) -> None:
-    with pytest.raises(ValueError, match="has no token features"):
+    with pytest.raises(ValueError, match=r"has no token features; re-encode it with `csalign encode --tokens"):
         train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "data.use_tokens=true")), features)
 
 
