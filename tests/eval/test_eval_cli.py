@@ -218,3 +218,20 @@ def test_report_shows_every_recall_that_rsum_adds(caches: TinyCaches, tmp_path: 
     recalls = [row[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
     assert sum(recalls) == pytest.approx(row["rsum"])
     assert "| i2t_R@10 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_eval_on_the_training_data_says_so(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "seen"
+    train = ["train", f"--data.image_cache={caches.image}", f"--data.text_cache={caches.text}", "--train.steps=2"]
+    train += ["--train.batch_size=4", "--train.progress=false", "--train.tensorboard=false", f"--train.out_dir={run}"]
+    assert main(train) == 0
+    capsys.readouterr()
+    assert evaluate(caches, tmp_path / "out", f"seen={run}", text=caches.text) == 0
+    err = capsys.readouterr().err
+    assert "warning: seen was trained on these very images and captions" in err
+    assert "**Warning:** seen was trained on these very images" in (tmp_path / "out" / "report.md").read_text()
+    hand_built = make_run(tmp_path / "tok", caches.text_tokens)  # no record of its data: nothing to compare
+    assert evaluate(caches, tmp_path / "out2", str(hand_built)) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from csaligner.eval.evaluate import (
     check_run_encoders,
     evaluate_run,
     load_classification,
+    trained_on,
 )
 from csaligner.eval.plots import plot_paired_distance_hist, plot_projection
 from csaligner.eval.report import MeanStd, ReportSection, Value, write_report
@@ -295,6 +297,15 @@ def _main(args: argparse.Namespace) -> int:
     (out_dir / "metrics.json").write_text(json.dumps({k: m | provenance for k, m in results.items()}, indent=2))
     figures = report_figures(runs, features, out_dir)
     text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}."
+    seen = [name for name, run in runs.items() if trained_on(run, features.meta)]
+    if seen:
+        warning = (
+            f"{', '.join(seen)} {'was' if len(seen) == 1 else 'were'} trained on these very images and captions "
+            f"({features.meta.get('source') or args.image_cache}): their retrieval and gap numbers are "
+            "training-set numbers, not held-out ones. Evaluate on a cache of data the runs did not see."
+        )
+        print(f"csalign eval: warning: {warning}", file=sys.stderr)
+        text += f"\n\n**Warning:** {warning}"
     if classification is not None and prompts is not None:
         seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
         text += (

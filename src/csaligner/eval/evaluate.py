@@ -129,6 +129,19 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str =
         )
 
 
+def trained_on(run_dir: str | Path, meta: dict[str, object]) -> bool:
+    """True when the run's summary.json records the same data (manifest hash) as the features' `meta`:
+    "held-out" numbers on it would be training-set numbers. Runs from before it was recorded give False."""
+    import json
+
+    try:
+        data = json.loads((Path(run_dir) / "summary.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return False
+    manifest = data.get("manifest") if isinstance(data, dict) else None
+    return bool(manifest) and manifest == meta.get("manifest")
+
+
 def check_classification_encoders(run_dir: str | Path, data: ClassificationData) -> None:
     """Refuse class caches from another image encoder, or prompts for another text encoder, than the run's.
 

@@ -415,6 +415,7 @@ def _finish(run: _Run) -> RunResult:
             "image_adapter": paths["image"],
             "text_adapter": paths["text"],
             "checkpoint": run.checkpoint,
+            "data": run.data_id,  # eval says so when it is handed these very features as held-out data
         }
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
