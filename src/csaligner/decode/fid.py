@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from csaligner._validation import check_device
 from csaligner.decode._deps import MissingDependencyError
 from csaligner.decode.fid_features import (
     FEATURE_EXTRACTORS,
@@ -181,6 +182,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device("--device", args.device)
     weights = args.inception_weights if args.features == "inception" else None
     try:
         result = compute_fid(
