@@ -235,3 +235,12 @@ def test_eval_on_the_training_data_says_so(
     hand_built = make_run(tmp_path / "tok", caches.text_tokens)  # no record of its data: nothing to compare
     assert evaluate(caches, tmp_path / "out2", str(hand_built)) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_run_with_a_damaged_config_is_named(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    (run / "config.yaml").write_text(": bad: [yaml\n")
+    assert evaluate(caches, tmp_path / "out", str(run)) == 1
+    assert f"{run / 'config.yaml'} is not valid YAML (line 1, column 1" in capsys.readouterr().err

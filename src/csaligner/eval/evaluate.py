@@ -53,9 +53,9 @@ def paired_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, s
 
 
 def _run_config(run_dir: Path) -> dict:
-    import yaml
+    from csaligner.train.overrides import read_yaml
 
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
+    return read_yaml(run_dir / "config.yaml")
 
 
 def image_side_is_frozen(run_dir: str | Path) -> bool:
