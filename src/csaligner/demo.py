@@ -103,7 +103,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "which", nargs="?", default="flickr", choices=["flickr", "toy"], help="which demo to run (default flickr)"
     )
     p.add_argument(
-        "--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo; toy writes to OUT/toy)"
+        "--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo); toy writes into OUT/toy"
     )
     # The rest size the flickr demo; None tells a flag given to `toy` (which has none of them) from a default.
     p.add_argument("--train-images", type=int, help="Flickr8k train images, 0 = all 6,000 (default 2000)")
