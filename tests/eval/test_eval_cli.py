@@ -244,3 +244,17 @@ def test_a_run_with_a_damaged_config_is_named(
     (run / "config.yaml").write_text(": bad: [yaml\n")
     assert evaluate(caches, tmp_path / "out", str(run)) == 1
     assert f"{run / 'config.yaml'} is not valid YAML (line 1, column 1" in capsys.readouterr().err
+
+
+def test_check_shots_counts_classes_without_training_images() -> None:
+    from csaligner.eval.cli import check_shots
+    from csaligner.eval.evaluate import ClassificationData
+
+    x = torch.randn(4, 3)
+    data = ClassificationData(x, torch.tensor([0, 0, 2, 2]), x, torch.tensor([0, 1, 2, 2]), ["a", "b", "c"], "t")
+    with pytest.raises(ValueError, match=r"class\(es\) \['b'\] of tr have no training image"):
+        check_shots(data, (1,), "tr")
+    ok = ClassificationData(x, torch.tensor([0, 1, 2, 2]), x, torch.tensor([0, 1, 2, 2]), ["a", "b", "c"], "t")
+    check_shots(ok, (1,), "tr")
+    with pytest.raises(ValueError, match=r"needs 2 training images per class, but 2 class\(es\)"):
+        check_shots(ok, (1, 2), "tr")

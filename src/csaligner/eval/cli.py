@@ -238,10 +238,18 @@ def parse_runs(specs: Sequence[str], flag: str = "--run") -> dict[str, Path]:
 
 def check_shots(data: ClassificationData, shots: Sequence[int], cache: str) -> None:
     """Fail before any run is evaluated when a class of the few-shot train set has fewer than max(shots) rows."""
-    labels, counts = data.train_labels.unique(return_counts=True)
+    # every class, those without a training image included (an empty folder, or all its images unreadable)
+    counts = torch.bincount(data.train_labels, minlength=len(data.class_names))
+    labels = torch.arange(counts.numel())
     smallest = int(counts.min())
+    names = dict(enumerate(data.class_names))  # labels are class indices
+    if smallest == 0:
+        empty = [names.get(int(c), int(c)) for c in labels[counts == 0]]
+        raise ValueError(
+            f"class(es) {empty[:5]} of {cache} have no training image, so few-shot cannot draw any; re-encode the "
+            "class folders with images in every class (or without those classes)"
+        )
     if max(shots) > smallest:
-        names = dict(enumerate(data.class_names))  # labels are class indices
         short = [names.get(int(c), int(c)) for c in labels[counts < max(shots)]]
         fits = ",".join(str(k) for k in shots if k <= smallest) or "1"
         raise ValueError(
