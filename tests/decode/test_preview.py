@@ -158,3 +158,16 @@ def test_cli_preview_refuses_ground_truth_it_would_ignore_and_bad_sizes(
     assert main([*args, "--text-embeds", f"A={tmp_path / 't'}"]) == 1
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_prompt_files_are_utf8_with_or_without_a_byte_order_mark(tmp_path: Path) -> None:
+    from csaligner.decode._io import read_lines
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffa café\nthe dog\n".encode())
+    assert read_lines(tmp_path / "bom.txt", "prompt") == ["a café", "the dog"]  # no BOM in the first prompt
+    (tmp_path / "latin.txt").write_bytes("a café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt is not UTF-8 text .*save it as UTF-8"):
+        read_lines(tmp_path / "latin.txt", "prompt")
+    (tmp_path / "gaps.txt").write_text("a\n\nb\n\n")
+    with pytest.raises(ValueError, match=r"blank lines \(lines \[2, 4\]\)"):
+        read_lines(tmp_path / "gaps.txt", "prompt")
