@@ -430,3 +430,14 @@ def test_non_finite_class_rows_name_the_cache(class_root: Path, tmp_path: Path) 
     _poison_row(out, 2)
     with pytest.raises(ValueError, match=rf"cls: 1 of \d+ image feature vectors.*row 2 \({m.image_ids[2]}\)"):
         load_class_features(out)
+
+
+def test_a_data_spec_given_as_a_cache_says_how_to_make_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"a --data spec is not a cache: csalign encode --data flickr8k:dev"):
+        FeatureCache.open("flickr8k:dev")
+    with pytest.raises(FileNotFoundError) as err:
+        FeatureCache.open(tmp_path / "missing")
+    assert "--data spec" not in str(err.value)  # a plain missing folder gets no such hint

@@ -117,7 +117,15 @@ class FeatureCache:
         """Open a finished cache; check the key, the row counts and (verify=True) every shard's sha256."""
         d = Path(directory)
         if not (d / CACHE_FILE).is_file():
-            raise FileNotFoundError(f"no feature cache at {d} ({CACHE_FILE} missing); build one with `csalign encode`")
+            spec = str(directory)
+            hint = (  # "flickr8k:dev" is a --data spec: the cache is the folder encoding it makes
+                f" (a --data spec is not a cache: csalign encode --data {spec} --out DIR, then pass DIR)"
+                if ":" in spec and spec.split(":", 1)[0] in ("flickr8k", "flowers") and not d.exists()
+                else ""
+            )
+            raise FileNotFoundError(
+                f"no feature cache at {d} ({CACHE_FILE} missing); build one with `csalign encode`{hint}"
+            )
         state = read_cache_json(d / CACHE_FILE)
         if state.get("format") != FORMAT:
             raise CacheIntegrityError(f"{d}: unknown cache format {state.get('format')!r}, expected {FORMAT!r}")

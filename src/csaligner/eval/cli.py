@@ -165,14 +165,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="[NAME=]DIR",
         help="run folder (repeatable); named by its folder unless NAME= is given, and names must differ",
     )
-    p.add_argument("--image-cache", required=True, help="held-out image feature cache (e.g. flickr8k:dev)")
+    p.add_argument(
+        "--image-cache",
+        required=True,
+        help="held-out image feature cache: a `csalign encode --out` folder (e.g. of flickr8k:dev)",
+    )
     p.add_argument(
         "--text-cache",
         required=True,
         help="held-out text feature cache of the same data (encoded with --tokens for runs trained on tokens)",
     )
-    p.add_argument("--class-train-cache", help="class-folder image cache for few-shot (e.g. flowers:train)")
-    p.add_argument("--class-test-cache", help="class-folder image cache for zero/few-shot testing")
+    p.add_argument(
+        "--class-train-cache",
+        help="class-folder image cache for few-shot training (an encoded folder, e.g. of flowers:train)",
+    )
+    p.add_argument(
+        "--class-test-cache", help="class-folder image cache for zero/few-shot testing (e.g. of flowers:test)"
+    )
     p.add_argument(
         "--shots",
         type=parse_shots,
