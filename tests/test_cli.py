@@ -53,3 +53,38 @@ def test_every_subcommand_option_with_a_default_says_it_in_its_help() -> None:
         and "default" not in (action.help or "")
     ]
     assert not silent
+
+
+def test_our_warnings_print_as_one_line_without_the_source_line(tmp_path: Path) -> None:
+    """Python's default shows the code line that warned (`sampler = BatchSampler(...)`): noise for a user."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from csaligner.cli import main\n"
+        "from csaligner.data.features import PairedFeatures\n"
+        "import csaligner.train.loop as loop\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "f = PairedFeatures(torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g), torch.arange(6),\n"
+        "                   [f'i{i}' for i in range(6)])\n"
+        "loop.load_features = lambda config: f\n"
+        f"raise SystemExit(main(['train', '--train.out_dir={tmp_path / 'run'}', '--train.steps=1',\n"
+        "                        '--train.batch_size=64', '--train.progress=false', '--train.tensorboard=false']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "csalign train: warning: train.batch_size=64 is more than the 6 paired images" in done.stderr
+    assert "BatchSampler(" not in done.stderr and "UserWarning" not in done.stderr
+
+
+def test_other_libraries_warnings_keep_their_format() -> None:
+    import warnings
+
+    from csaligner.cli import _PACKAGE_DIR, _warning_formatter
+
+    fmt = _warning_formatter("eval", warnings.formatwarning)
+    assert fmt("m", UserWarning, f"{_PACKAGE_DIR}/eval/cli.py", 3) == "csalign eval: warning: m\n"
+    assert fmt("m", DeprecationWarning, "/lib/other.py", 3, "x = 1").startswith(
+        "/lib/other.py:3: DeprecationWarning: m"
+    )

@@ -163,3 +163,27 @@ def check_token_mask(name: str, mask: Tensor | None, tokens: Tensor) -> Tensor:
             "every sample needs at least one unmasked token"
         )
     return m
+
+
+def check_device(flag: str, device: str) -> None:
+    """A `--device` value names a device torch knows and this machine has.
+
+    torch otherwise fails deep inside model loading ("Torch not compiled with CUDA enabled", or a list
+    of twenty device types for a typo) with a traceback that names no flag.
+
+    Args:
+        flag: the option as the user wrote it ("--device"), for the message.
+        device: its value, e.g. "cpu", "cuda", "cuda:1".
+    """
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"{flag} {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device!r} but CUDA is not available here; use {flag} cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{flag} {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                f"use an index below {torch.cuda.device_count()}"
+            )

@@ -102,28 +102,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "which", nargs="?", default="flickr", choices=["flickr", "toy"], help="which demo to run (default flickr)"
     )
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    p.add_argument("--train-images", type=int, default=2000, help="Flickr8k train images, 0 = all 6,000 (default 2000)")
-    p.add_argument("--dev-images", type=int, default=1000, help="Flickr8k dev images, 0 = all 1,000 (default 1000)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs of each run (default 30)")
     p.add_argument(
-        "--cache", type=Path, default=Path("cache"), help="feature cache folder, reused on a rerun (default cache)"
+        "--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo); toy writes into OUT/toy"
     )
+    # The rest size the flickr demo; None tells a flag given to `toy` (which has none of them) from a default.
+    p.add_argument("--train-images", type=int, help="Flickr8k train images, 0 = all 6,000 (default 2000)")
+    p.add_argument("--dev-images", type=int, help="Flickr8k dev images, 0 = all 1,000 (default 1000)")
+    p.add_argument("--epochs", type=int, help="training epochs of each run (default 30)")
+    p.add_argument("--cache", type=Path, help="feature cache folder, reused on a rerun (default cache)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    flickr = {"train_images": args.train_images, "dev_images": args.dev_images, "epochs": args.epochs}
+    flickr["cache_dir"] = args.cache
+    given = {k: v for k, v in flickr.items() if v is not None}
     if args.which == "toy":
+        if given:
+            flags = ", ".join("--" + ("cache" if k == "cache_dir" else k.replace("_", "-")) for k in given)
+            raise ValueError(f"{flags} size the flickr demo; `csalign demo toy` has fixed sizes (drop them)")
         run_toy(args.out / "toy")
         return 0
     from csaligner.flickr_demo import FlickrDemoSettings, run_flickr_demo
 
-    settings = FlickrDemoSettings(
-        train_images=args.train_images,
-        dev_images=args.dev_images,
-        epochs=args.epochs,
-        cache_dir=args.cache,
-        out_dir=args.out,
-    )
+    settings = FlickrDemoSettings(**given, out_dir=args.out)
     run_flickr_demo(settings)
     return 0

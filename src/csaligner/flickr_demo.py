@@ -40,6 +40,15 @@ class FlickrDemoSettings:
     cache_dir: Path = Path("cache")
     out_dir: Path = Path("runs/demo")
 
+    def __post_init__(self) -> None:
+        # Checked before anything is encoded: a bad value otherwise surfaces minutes later, inside a subcommand.
+        for name, low in (("train_images", 0), ("dev_images", 0), ("epochs", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                flag = "--" + name.replace("_", "-")
+                zero = " (0 = the whole split)" if low == 0 else ""
+                raise ValueError(f"{flag} must be an integer >= {low}{zero}, got {value!r}")
+
 
 def _spec(split: str, n: int) -> str:
     return f"flickr8k:{split}" + (f":{n}" if n else "")
@@ -53,8 +62,8 @@ def encode_caches(s: FlickrDemoSettings) -> dict[str, Path]:
             out = s.cache_dir / f"{_spec(split, n).replace(':', '-')}-{encoder}"
             args = ["encode", "--encoder", encoder, "--data", _spec(split, n), "--out", str(out), "--dtype", "fp32"]
             rc = cli_main(args)
-            if rc != 0:
-                raise RuntimeError(f"encoding {_spec(split, n)} with {encoder} failed (exit {rc})")
+            if rc != 0:  # `csalign encode` printed why just above
+                raise ValueError(f"encoding {_spec(split, n)} with {encoder} failed (exit {rc}; its error is above)")
             paths[f"{split}_{side}"] = out
     return paths
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -352,3 +353,91 @@ def test_the_writer_still_imports_from_its_old_module() -> None:
     assert cache.CacheWriter is cache_writer.CacheWriter
     with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
         _ = cache.NoSuchName  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["cache.json", "items.json"])
+@pytest.mark.parametrize("text", ["{broken", "", "[1, 2]"])
+def test_damaged_json_names_the_file_and_the_fix(
+    tiny_manifest: ImageTextManifest, tmp_path: Path, name: str, text: str
+) -> None:
+    out = tmp_path / "c"
+    encode_manifest(TinyImageEncoder(), tiny_manifest, out, FAST)
+    (out / name).write_text(text)
+    with pytest.raises(CacheIntegrityError, match=rf"{name}.*damaged.*--overwrite") as err:
+        FeatureCache.open(out)
+    assert str(out) in str(err.value)
+
+
+def test_missing_items_or_cache_fields_name_the_fix(tiny_manifest: ImageTextManifest, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    encode_manifest(TinyImageEncoder(), tiny_manifest, out, FAST)
+    state = json.loads((out / "cache.json").read_text())
+    (out / "items.json").unlink()
+    with pytest.raises(CacheIntegrityError, match=r"has no items\.json.*--overwrite"):
+        FeatureCache.open(out)
+    del state["parts"]
+    (out / "cache.json").write_text(json.dumps(state))
+    with pytest.raises(CacheIntegrityError, match=r"lacks \['parts'\].*--overwrite"):
+        FeatureCache.open(out)
+
+
+def test_encoding_into_a_damaged_cache_asks_for_overwrite(tiny_manifest: ImageTextManifest, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    encode_manifest(TinyImageEncoder(), tiny_manifest, out, FAST)
+    (out / "cache.json").write_text("{broken")
+    with pytest.raises(CacheIntegrityError, match=r"cache\.json is damaged.*--overwrite"):
+        encode_manifest(TinyImageEncoder(), tiny_manifest, out, FAST)
+    encode_manifest(TinyImageEncoder(), tiny_manifest, out, replace(FAST, overwrite=True))
+    assert FeatureCache.open(out).manifest.num_images == tiny_manifest.num_images
+
+
+def _poison_row(cache_dir: Path, row: int) -> None:
+    """Write NaN into one pooled row of the first shard and re-record its checksum (as a foreign writer would)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from csaligner.data.cache import file_sha256
+
+    state = json.loads((cache_dir / "cache.json").read_text())
+    part = next(iter(state["parts"].values()))
+    shard = next(s for s in part["shards"].values() if s["start"] == 0)
+    path = cache_dir / shard["file"]
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["pooled"][row, 0] = float("nan")
+    save_file(tensors, str(path), metadata=meta)
+    shard["sha256"] = file_sha256(path)
+    (cache_dir / "cache.json").write_text(json.dumps(state))
+
+
+def test_non_finite_rows_name_the_cache_and_the_items(tiny_manifest: ImageTextManifest, tmp_path: Path) -> None:
+    img, txt = build(tiny_manifest, tmp_path)
+    _poison_row(img, 1)
+    with pytest.raises(ValueError, match=r"img: 1 of \d+ image feature vectors hold NaN or Inf: row 1 \(img001\.jpg\)"):
+        load_paired_features(img, txt)
+    clean_img, _ = build(tiny_manifest, tmp_path / "clean")
+    _poison_row(txt, 0)
+    caption = re.escape(repr(tiny_manifest.captions[0]))
+    with pytest.raises(ValueError, match=rf"txt: 1 of \d+ text feature vectors.*row 0 \({caption}\)"):
+        load_paired_features(clean_img, txt)
+
+
+def test_non_finite_class_rows_name_the_cache(class_root: Path, tmp_path: Path) -> None:
+    m = read_class_folders(class_root)
+    out = tmp_path / "cls"
+    encode_manifest(TinyImageEncoder(), m, out, FAST)
+    _poison_row(out, 2)
+    with pytest.raises(ValueError, match=rf"cls: 1 of \d+ image feature vectors.*row 2 \({m.image_ids[2]}\)"):
+        load_class_features(out)
+
+
+def test_a_data_spec_given_as_a_cache_says_how_to_make_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"a --data spec is not a cache: csalign encode --data flickr8k:dev"):
+        FeatureCache.open("flickr8k:dev")
+    with pytest.raises(FileNotFoundError) as err:
+        FeatureCache.open(tmp_path / "missing")
+    assert "--data spec" not in str(err.value)  # a plain missing folder gets no such hint

@@ -39,6 +39,18 @@ def test_round_trip(tiny_manifest: ImageTextManifest, tmp_path: Path, suffix: st
     assert back.num_images == 8 and back.text_to_image.count(-1) == 1 and 7 not in back.text_to_image
 
 
+def test_class_folders_say_what_they_leave_out(class_root: Path) -> None:
+    (class_root / "daisy" / "notes.txt").write_text("not an image")
+    (class_root / "roses" / "more").mkdir()
+    (class_root / "roses" / ".DS_Store").write_text("")
+    with pytest.warns(UserWarning, match=r"left out 2 entries .*\(daisy/notes\.txt, roses/more/\)"):
+        m = read_class_folders(class_root)
+    assert m.num_images == 9 and m.class_names == ("daisy", "roses", "tulips")
+    (class_root / "lilies").mkdir()
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['lilies'\] hold no images"):
+        read_class_folders(class_root)
+
+
 def test_round_trip_with_labels(class_root: Path, tmp_path: Path) -> None:
     m = read_class_folders(class_root)
     back = read_manifest(write_manifest(m, tmp_path / "classes.jsonl"))
@@ -184,6 +196,11 @@ def test_builtin_specs(tmp_path: Path) -> None:
         resolve_dataset("flickr8k:test", root)
     with pytest.raises(ValueError, match="positive integer"):
         resolve_dataset("flickr8k:train:ten", root)
+    with pytest.raises(ValueError, match=r"flickr8k:dev has 1 images, fewer than the limit in 'flickr8k:dev:5'"):
+        resolve_dataset("flickr8k:dev:5", root)
+    with pytest.raises(ValueError, match=r"flowers:test has 4 images.*limit <= 4, or none \(flowers:test\)"):
+        resolve_dataset("flowers:test:5", root)
+    assert resolve_dataset("flowers:test:4", root).num_images == 4
     with pytest.raises(ValueError, match="neither a built-in"):
         resolve_dataset("coco:val", root)
 

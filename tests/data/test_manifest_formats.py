@@ -175,3 +175,13 @@ def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
 def test_jsonl_keeps_quotes_and_newlines_in_captions(tmp_path: Path) -> None:
     m = _manifest(('"Stop" sign', "two\nlines"))
     assert read_manifest(write_manifest(m, tmp_path / "m.jsonl")) == m
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_a_manifest_that_is_not_utf8_names_the_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"m{suffix}"
+    path.write_bytes("image\tcaption\na.jpg\tcaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(
+        ValueError, match=rf"m\{suffix} is not UTF-8 text \(byte b'\\xe9' at offset \d+\); save it as UTF-8"
+    ):
+        read_manifest(path)

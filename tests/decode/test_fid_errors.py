@@ -68,3 +68,13 @@ def test_cli_reports_unreadable_reference_without_traceback(
     (ref / "0_truncated.png").unlink()
     assert main([*args, "--out", str(tmp_path / "fid.json")]) == 0  # the fix the message names works
     assert (tmp_path / "fid.json").is_file()
+
+
+def test_a_folder_of_one_image_is_named(tmp_path: Path, write_images: Any) -> None:
+    gen, ref = tmp_path / "generated", tmp_path / "reference"
+    write_images(gen, 1, seed=0)
+    write_images(ref, 3, seed=1)
+    with pytest.raises(
+        ValueError, match=rf"--generated {gen} holds 1 image\(s\); FID fits a covariance and needs >= 2"
+    ):
+        compute_fid(gen, ref, MeanColour())

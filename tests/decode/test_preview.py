@@ -123,3 +123,51 @@ def test_cli_preview_errors(tmp_path: Path, write_images: Any, capsys: pytest.Ca
     assert "no --image-embeds was given" in capsys.readouterr().err
     assert main([*base, "no-equals-sign"]) == 1
     assert "takes NAME=FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("gt", "extra", "expected"),
+    [
+        ("not json", (), "could not be read as JSON"),
+        ("[0, 1]", (), "holds a JSON list"),
+        ('{"3": [0]}', (), "key '3' is not a prompt index in [0, 0]"),
+        ('{"x": [0]}', (), "key 'x' is not a prompt index"),
+        ('{"0": 1}', (), "prompt 0 maps to 1; write a list"),
+        ('{"0": [2]}', (), "prompt 0 names image index 2, outside [0, 1]"),
+        (None, ("--thumb-size", "0"), "--thumb-size must be >= 1, got 0"),
+        (None, ("-k", "0"), "-k must be >= 1, got 0"),
+    ],
+)
+def test_cli_preview_refuses_ground_truth_it_would_ignore_and_bad_sizes(
+    tmp_path: Path,
+    write_images: Any,
+    capsys: pytest.CaptureFixture[str],
+    gt: str | None,
+    extra: tuple[str, ...],
+    expected: str,
+) -> None:
+    paths = write_images(tmp_path / "imgs", 2, seed=1)
+    (tmp_path / "images.txt").write_text("\n".join(str(p) for p in paths) + "\n")
+    (tmp_path / "prompts.txt").write_text("one\n")
+    safetensors_torch.save_file({"text_embeds": torch.randn(1, 4), "image_embeds": torch.randn(2, 4)}, tmp_path / "t")
+    args = ["preview", "--image-list", str(tmp_path / "images.txt"), "--prompts", str(tmp_path / "prompts.txt")]
+    args += ["--out", str(tmp_path / "out"), "-k", "1", *extra]
+    if gt is not None:
+        (tmp_path / "gt.json").write_text(gt)
+        args += ["--ground-truth", str(tmp_path / "gt.json")]
+    assert main([*args, "--text-embeds", f"A={tmp_path / 't'}"]) == 1
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_files_are_utf8_with_or_without_a_byte_order_mark(tmp_path: Path) -> None:
+    from csaligner.decode._io import read_lines
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffa café\nthe dog\n".encode())
+    assert read_lines(tmp_path / "bom.txt", "prompt") == ["a café", "the dog"]  # no BOM in the first prompt
+    (tmp_path / "latin.txt").write_bytes("a café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt is not UTF-8 text .*save it as UTF-8"):
+        read_lines(tmp_path / "latin.txt", "prompt")
+    (tmp_path / "gaps.txt").write_text("a\n\nb\n\n")
+    with pytest.raises(ValueError, match=r"blank lines \(lines \[2, 4\]\)"):
+        read_lines(tmp_path / "gaps.txt", "prompt")

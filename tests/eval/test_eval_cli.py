@@ -184,6 +184,24 @@ def test_report_says_which_caches_each_column_came_from(
     assert list(sources) == ["retrieval, gap: images", "retrieval, gap: captions"]
 
 
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("--shots", "1,4"), "--shots shapes the zero- and few-shot classification"),
+        (("--shots", "1", "--templates", "flowers102"), "--shots and --templates shape"),
+        (("--class-names", "a=b"), "--class-names shapes"),
+    ],
+)
+def test_classification_flags_without_class_caches_are_refused(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], expected: str
+) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    assert evaluate(caches, tmp_path / "out", str(run), extra=extra) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "pass --class-train-cache and --class-test-cache too" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("text", ["", "1,x", "0,4", "1,,4"])
 def test_parse_shots_rejects(text: str) -> None:
     from csaligner.eval.cli import parse_shots
@@ -200,3 +218,43 @@ def test_report_shows_every_recall_that_rsum_adds(caches: TinyCaches, tmp_path: 
     recalls = [row[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
     assert sum(recalls) == pytest.approx(row["rsum"])
     assert "| i2t_R@10 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_eval_on_the_training_data_says_so(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "seen"
+    train = ["train", f"--data.image_cache={caches.image}", f"--data.text_cache={caches.text}", "--train.steps=2"]
+    train += ["--train.batch_size=4", "--train.progress=false", "--train.tensorboard=false", f"--train.out_dir={run}"]
+    assert main(train) == 0
+    capsys.readouterr()
+    assert evaluate(caches, tmp_path / "out", f"seen={run}", text=caches.text) == 0
+    err = capsys.readouterr().err
+    assert "warning: seen was trained on these very images and captions" in err
+    assert "**Warning:** seen was trained on these very images" in (tmp_path / "out" / "report.md").read_text()
+    hand_built = make_run(tmp_path / "tok", caches.text_tokens)  # no record of its data: nothing to compare
+    assert evaluate(caches, tmp_path / "out2", str(hand_built)) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_run_with_a_damaged_config_is_named(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    (run / "config.yaml").write_text(": bad: [yaml\n")
+    assert evaluate(caches, tmp_path / "out", str(run)) == 1
+    assert f"{run / 'config.yaml'} is not valid YAML (line 1, column 1" in capsys.readouterr().err
+
+
+def test_check_shots_counts_classes_without_training_images() -> None:
+    from csaligner.eval.cli import check_shots
+    from csaligner.eval.evaluate import ClassificationData
+
+    x = torch.randn(4, 3)
+    data = ClassificationData(x, torch.tensor([0, 0, 2, 2]), x, torch.tensor([0, 1, 2, 2]), ["a", "b", "c"], "t")
+    with pytest.raises(ValueError, match=r"class\(es\) \['b'\] of tr have no training image"):
+        check_shots(data, (1,), "tr")
+    ok = ClassificationData(x, torch.tensor([0, 1, 2, 2]), x, torch.tensor([0, 1, 2, 2]), ["a", "b", "c"], "t")
+    check_shots(ok, (1,), "tr")
+    with pytest.raises(ValueError, match=r"needs 2 training images per class, but 2 class\(es\)"):
+        check_shots(ok, (1, 2), "tr")

@@ -22,6 +22,20 @@ def test_format_value() -> None:
     assert format_value(0.12345, digits=3) == "0.123"
 
 
+def test_small_gap_metrics_keep_two_significant_digits() -> None:
+    """The README's demo row (centroid 0.068, D_CS 0.0062, separability 0.70) as the report prints it."""
+    assert [format_value(v) for v in (0.0677, 0.0399, 0.00617, 0.00320, 0.704)] == [
+        "0.068",
+        "0.040",
+        "0.0062",
+        "0.0032",
+        "0.70",
+    ]
+    assert format_value(0.00042) == "4.20e-04"  # tinier values still switch to scientific notation
+    assert format_value([0.041, 0.043]) == "0.042 ± 0.0014"
+    assert format_value(-0.05) == "-0.050" and format_value(0.0) == "0.00" and format_value(1.0) == "1.00"
+
+
 def test_numpy_and_tensor_scalars_are_numbers(tmp_path: Path) -> None:
     """What metric code hands over (np.float32 is not a float subclass; a 0-d tensor is not a sequence)."""
     assert format_value(np.float32(1.5)) == "1.50"
@@ -58,7 +72,7 @@ def test_format_table_exact() -> None:
             "| setting | R@1 | gap | D_CS |",
             "| --- | ---: | ---: | ---: |",
             "| InfoNCE | 71.00 ± 1.00 | 0.81 | – |",
-            "| CS-Aligner | 74.00 | – | 0.05 |",
+            "| CS-Aligner | 74.00 | – | 0.050 |",  # two significant digits below 0.1
         ]
     )
     assert format_table({}) == ""

@@ -260,3 +260,12 @@ def test_a_numpy_float_for_an_integer_field_is_not_told_to_pass_float() -> None:
         AdapterConfig("prior", 8, 8, num_layers=np.float32(2))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"dropout must be .*pass float\(value\)"):  # a float field keeps its hint
         AdapterConfig("prior", 8, 8, dropout=np.float32(1.5))  # type: ignore[arg-type]
+
+
+def test_invalid_yaml_is_an_error_naming_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML \(line 3, column 1: expected the node content"):
+        load_config(bad, [])
+    assert main(["train", "--config", str(bad)]) == 1  # an error line, not a parser traceback
+    assert "bad.yaml is not valid YAML" in capsys.readouterr().err

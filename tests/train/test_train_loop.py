@@ -154,7 +154,7 @@ def test_token_variant_adds_the_token_cs_term(tmp_path: Path, token_features: Pa
 
 def test_tokens_requested_but_missing_is_explained(tmp_path: Path, features: PairedFeatures) -> None:
     prior = "model.text={kind: prior, num_layers: 1, num_heads: 2, head_dim: 8}"  # reads the text tokens
-    with pytest.raises(ValueError, match="has no token features"):
+    with pytest.raises(ValueError, match=r"has no token features; re-encode it with `csalign encode --tokens"):
         train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "data.use_tokens=true", prior)), features)
 
 
@@ -234,3 +234,22 @@ def test_token_images_limits_the_token_term_to_a_subset(
     overrides = ["train.steps=1", "data.use_tokens=true", "loss.token_lam=0.1", "data.token_images=3"]
     result = train(load_config(None, fast_overrides(tmp_path, *overrides)), token_features)
     assert seen == [(3, 3)] and result.metrics["token_cs"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        (["train.batch_size=1"], r"train\.batch_size=1 gives InfoNCE one pair"),
+        (["data.paired_fraction=0.01"], r"only 1 paired image \(data\.paired_fraction=0\.01\)"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:train.batch_size=16 is more than")
+def test_batches_of_one_pair_are_refused_where_infonce_trains(
+    tmp_path: Path, features: PairedFeatures, overrides: list[str], why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        train(load_config(None, fast_overrides(tmp_path / "a", "train.steps=2", *overrides)), features)
+    l2 = ["loss.objective=l2_prior", "model.text={kind: linear}", "model.image={kind: identity}", "model.out_dim=0"]
+    config = load_config(None, fast_overrides(tmp_path / "b", "train.steps=2", "train.batch_size=1", *l2))
+    result = train(config, features)
+    assert result.finished  # l2_prior has no InfoNCE term: one pair a step is a valid (if noisy) batch

@@ -232,3 +232,17 @@ def test_corrupt_state_json_is_explained(tmp_path: Path, features: PairedFeature
     with pytest.raises(ValueError, match=r"state\.json.*damaged") as err:
         _resume(tmp_path, features)
     assert str(stopped) in str(err.value)
+
+
+def test_resume_on_other_data_with_the_same_step_count_is_refused(tmp_path: Path) -> None:
+    cfg = fast_overrides(tmp_path, "train.steps=4", "train.checkpoint_every=2")
+    first = synthetic_features()
+    first.meta.update(source="flickr8k:dev", manifest="a" * 64)
+    train(load_config(None, cfg), first, until_step=2)
+    other = synthetic_features(seed=1)  # same shapes and steps: only the recorded manifest tells them apart
+    other.meta.update(source="flickr8k:train", manifest="b" * 64)
+    with pytest.raises(ValueError, match=r"other data \('flickr8k:dev'.*\('flickr8k:train'"):
+        train(load_config(None, [*cfg, "train.resume=auto"]), other)
+    same = synthetic_features()
+    same.meta.update(source="flickr8k:dev", manifest="a" * 64)  # the same data from a moved cache resumes
+    assert train(load_config(None, [*cfg, "train.resume=auto"]), same).finished

@@ -84,6 +84,26 @@ def shard_file(part: str, index: int) -> str:
     return f"{part}-{index:05d}.safetensors"
 
 
+def read_cache_json(path: Path) -> dict[str, Any]:
+    """cache.json or items.json as a dict; a damaged file is a `CacheIntegrityError` naming it and the fix.
+
+    Both are written atomically, so a damaged one was edited or truncated by hand (or by a copy that stopped).
+    """
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise CacheIntegrityError(
+            f"{path} is not valid JSON ({err}); the cache is damaged: re-encode it with `csalign encode ... "
+            f"--overwrite --out {path.parent}`"
+        ) from err
+    if not isinstance(obj, dict):
+        raise CacheIntegrityError(
+            f"{path} holds a JSON {type(obj).__name__}, not an object; the cache is damaged: re-encode it with "
+            f"`csalign encode ... --overwrite --out {path.parent}`"
+        )
+    return obj
+
+
 class FeatureCache:
     """A finished (verified) cache folder. Build one with `csaligner.data.encode.encode_manifest`."""
 
@@ -97,10 +117,25 @@ class FeatureCache:
         """Open a finished cache; check the key, the row counts and (verify=True) every shard's sha256."""
         d = Path(directory)
         if not (d / CACHE_FILE).is_file():
-            raise FileNotFoundError(f"no feature cache at {d} ({CACHE_FILE} missing); build one with `csalign encode`")
-        state = json.loads((d / CACHE_FILE).read_text())
+            spec = str(directory)
+            hint = (  # "flickr8k:dev" is a --data spec: the cache is the folder encoding it makes
+                f" (a --data spec is not a cache: csalign encode --data {spec} --out DIR, then pass DIR)"
+                if ":" in spec and spec.split(":", 1)[0] in ("flickr8k", "flowers") and not d.exists()
+                else ""
+            )
+            raise FileNotFoundError(
+                f"no feature cache at {d} ({CACHE_FILE} missing); build one with `csalign encode`{hint}"
+            )
+        state = read_cache_json(d / CACHE_FILE)
         if state.get("format") != FORMAT:
             raise CacheIntegrityError(f"{d}: unknown cache format {state.get('format')!r}, expected {FORMAT!r}")
+        missing = [k for k in ("key", "key_fields", "parts") if k not in state]
+        missing += [f"key_fields.{k}" for k in ("manifest", "encoder") if k not in state.get("key_fields", {})]
+        if missing:
+            raise CacheIntegrityError(
+                f"{d / CACHE_FILE} lacks {missing}; the cache is damaged: re-encode it with "
+                f"`csalign encode ... --overwrite --out {d}`"
+            )
         if expected_key is not None and state["key"] != expected_key:
             raise CacheKeyError(f"{d} was built with other settings: {state['key'][:12]} != {expected_key[:12]}")
         if not state.get("complete"):
@@ -168,7 +203,20 @@ class FeatureCache:
     @property
     def manifest(self) -> ImageTextManifest:
         if self._manifest is None:
-            self._manifest = ImageTextManifest.from_json(json.loads((self.directory / ITEMS_FILE).read_text()))
+            path = self.directory / ITEMS_FILE
+            if not path.is_file():
+                raise CacheIntegrityError(
+                    f"{self.directory} has no {ITEMS_FILE} (the list of its images and captions); the cache is "
+                    f"damaged: re-encode it with `csalign encode ... --overwrite --out {self.directory}`"
+                )
+            obj = read_cache_json(path)
+            try:
+                self._manifest = ImageTextManifest.from_json(obj)
+            except (KeyError, TypeError, ValueError) as err:
+                raise CacheIntegrityError(
+                    f"{path} is not a data manifest ({type(err).__name__}: {err}); the cache is damaged: "
+                    f"re-encode it with `csalign encode ... --overwrite --out {self.directory}`"
+                ) from err
         return self._manifest
 
     @property

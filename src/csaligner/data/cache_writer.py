@@ -29,6 +29,7 @@ from csaligner.data.cache import (
     file_sha256,
     from_ranges,
     key_diff,
+    read_cache_json,
     shard_file,
     to_ranges,
 )
@@ -103,9 +104,17 @@ class CacheWriter:
             if self.directory.is_dir() and any(self.directory.iterdir()) and not overwrite:
                 raise CacheKeyError(f"{self.directory} exists and is not a feature cache; choose an empty --out")
             return None
-        state = json.loads(path.read_text())
-        same = state.get("key") == self.key and {p: from_ranges(i["rows"]) for p, i in state["parts"].items()} == rows
-        if same:
+        try:
+            state = read_cache_json(path)
+            parts = {p: from_ranges(i["rows"]) for p, i in state["parts"].items()}
+        except (CacheIntegrityError, KeyError, TypeError, AttributeError) as err:
+            if not overwrite:  # damaged by hand or by an interrupted copy: nothing in it can be trusted to resume
+                raise CacheIntegrityError(
+                    f"{path} is damaged ({type(err).__name__}: {err}), so the cache cannot be resumed; "
+                    "pass --overwrite to encode it again"
+                ) from err
+            state, parts = {}, {}
+        if state.get("key") == self.key and parts == rows:
             return dict(state)
         if not overwrite:
             why = key_diff(state.get("key_fields", {}), key_fields) or "the images that decode changed"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -107,15 +108,33 @@ def read_class_folders(root: str | Path) -> ImageTextManifest:
     if not root.is_dir():
         raise FileNotFoundError(f"class-folder root not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    ids, paths, labels = [], [], []
+    ids, paths, labels, left_out, empty = [], [], [], [], []
     for c, name in enumerate(classes):
+        found = 0
         for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
                 ids.append(f"{name}/{f.name}")
                 paths.append(str(f))
                 labels.append(c)
+                found += 1
+            elif not f.name.startswith("."):  # hidden files (.DS_Store) are no one's images
+                left_out.append(f"{name}/{f.name}" + ("/" if f.is_dir() else ""))
+        if not found:
+            empty.append(name)
     if not ids:
         raise ValueError(f"{root} has no images in class sub-folders (expected root/<class>/*.jpg)")
+    if empty:  # a class without images still gets a zero-shot prompt and a few-shot label: refuse it
+        raise ValueError(
+            f"{root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_SUFFIXES)}); add images or remove "
+            "the folder(s)"
+        )
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+        warnings.warn(
+            f"{root}: left out {len(left_out)} entries of class folders that are not image files ({shown}); "
+            f"class folders are read one level deep, images ending in {', '.join(IMAGE_SUFFIXES)}",
+            stacklevel=2,
+        )
     return ImageTextManifest(
         image_ids=tuple(ids), image_paths=tuple(paths), labels=tuple(labels), class_names=tuple(classes), name=str(root)
     )
@@ -152,6 +171,11 @@ def resolve_dataset(spec: str, root: str | Path | None = None) -> ImageTextManif
             m = read_class_folders(base / "flowers" / split).with_name(f"flowers:{split}")
         if not limit:
             return m
+        if int(limit) > m.num_images:  # a clamp would name the cache "...:5000" for the 1,000 images it holds
+            raise ValueError(
+                f"{name}:{split} has {m.num_images} images, fewer than the limit in {spec!r}; pass a limit <= "
+                f"{m.num_images}, or none ({name}:{split}) for all of them"
+            )
         return m.head(int(limit)) if name == "flickr8k" else round_robin_head(m, int(limit))
     path = Path(spec)
     if path.is_dir():

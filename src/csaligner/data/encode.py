@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csaligner._validation import is_integer, numpy_hint
+from csaligner._validation import check_device, is_integer, numpy_hint
 from csaligner.data.cache import DTYPES, FORMAT, FeatureCache
 from csaligner.data.cache_writer import CacheWriter
 from csaligner.data.images import ON_BAD_IMAGE, BadImageError, bad_image_report, image_loader, scan_images
@@ -290,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
+    check_device("--device", args.device)
     manifest = resolve_dataset(args.data, args.data_root)
     # --quiet also silences the model libraries (their loading bars), for this run only; it imports none of
     # them: the built-in loaders silence what they import, and the call after loading catches the rest

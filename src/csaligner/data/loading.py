@@ -75,9 +75,11 @@ def load_paired_features(
     if tokens and txt.has_tokens("text"):
         tt, tm = txt.tokens("text", dtype)
         text_tokens, text_mask = tt[kt], tm[kt]
+    image = _finite_rows(img, "image", cast(img.pooled("image")), [m.image_ids[r] for r in image_rows])
+    text = _finite_rows(txt, "text", cast(txt.pooled("text")), [repr(m.captions[r]) for r in caption_rows])
     return PairedFeatures(
-        image=cast(img.pooled("image")),
-        text=cast(txt.pooled("text"))[kt],
+        image=image,
+        text=text[kt],
         text_to_image=t2i,
         image_ids=[m.image_ids[r] for r in image_rows],
         captions=[m.captions[caption_rows[j]] for j in kt.tolist()],
@@ -98,6 +100,22 @@ def load_paired_features(
             "dropped_captions": dropped,
         },
     )
+
+
+def _finite_rows(cache: FeatureCache, part: str, feats: Tensor, names: list[str]) -> Tensor:
+    """`feats` when every row is finite; else an error naming the cache and the first bad items.
+
+    `csalign encode` never stores NaN or Inf, so such rows mean the shards were written by something else
+    (or with checksums recomputed after an edit); which cache, and which items, is what the user needs.
+    """
+    bad = (~torch.isfinite(feats)).any(dim=-1).nonzero().flatten().tolist() if feats.numel() else []
+    if bad:
+        shown = ", ".join(f"row {r} ({names[r]})" for r in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ValueError(
+            f"{cache.directory}: {len(bad)} of {feats.shape[0]} {part} feature vectors hold NaN or Inf: {shown}; "
+            f"re-encode the cache (`csalign encode ... --overwrite --out {cache.directory}`)"
+        )
+    return feats
 
 
 def load_class_features(
@@ -124,6 +142,6 @@ def load_class_features(
     rows = cache.rows("image")
     if cache.skipped_images:
         warnings.warn(f"{len(cache.skipped_images)} unreadable images were skipped at encoding", stacklevel=2)
-    feats = cache.pooled("image", dtype)
+    feats = _finite_rows(cache, "image", cache.pooled("image", dtype), [m.image_ids[r] for r in rows])
     labels = torch.tensor([m.labels[r] for r in rows], dtype=torch.long)
     return feats, labels, list(m.class_names)

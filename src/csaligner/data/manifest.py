@@ -213,7 +213,13 @@ def read_manifest(
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"manifest not found: {p}")
-    rows = _read_rows(p, tsv_quoting)
+    try:
+        rows = _read_rows(p, tsv_quoting)
+    except UnicodeDecodeError as err:  # the bare codec error names neither the file nor the fix
+        raise ValueError(
+            f"{p} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from err
     if not rows:
         raise ValueError(f"{p} has no rows")
     cols = list(rows[0][1].keys())

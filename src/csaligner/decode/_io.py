@@ -36,11 +36,15 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such {what} file: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        # utf-8-sig: a byte-order mark (Notepad, PowerShell 5) is no part of the first prompt
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from err
     blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
     if blank:
         raise ValueError(
-            f"{path} has blank lines (line {blank[:5]}); write one {what} per line, since line i pairs with row i"
+            f"{path} has blank lines (lines {blank[:5]}); write one {what} per line, since line i pairs with row i"
         )
     if not lines:
         raise ValueError(f"{path} is empty; write one {what} per line")

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from csaligner._validation import check_device
 from csaligner.decode._deps import MissingDependencyError
 from csaligner.decode._io import DTYPES, load_tensor, parse_dtype, read_lines
 from csaligner.decode.unclip import (
@@ -106,6 +107,7 @@ def run_embeddings(run_dir: Path, prompts: list[str]) -> torch.Tensor:
 
 def _run(args: argparse.Namespace) -> int:
     # Cheap checks of the arguments first: --run loads a text encoder, and that should not be wasted.
+    check_device("--device", args.device)
     check_decoder_folder(args.decoder, args.decoder_path)
     if args.decoder != "kandinsky22" and (args.negative_embeds or args.image_encoder_path):
         raise ValueError(f"--negative-embeds/--image-encoder-path apply to kandinsky22 only, not {args.decoder}")

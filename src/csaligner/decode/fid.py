@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from csaligner._validation import check_device
 from csaligner.decode._deps import MissingDependencyError
 from csaligner.decode.fid_features import (
     FEATURE_EXTRACTORS,
@@ -144,6 +145,9 @@ def compute_fid(
     extractor = build_feature_extractor(features, device, weights_path) if isinstance(features, str) else features
     gen = extract_folder(generated, extractor, batch_size, role="generated")
     ref = extract_folder(reference, extractor, batch_size, role="reference")
+    for role, folder, feats in (("--generated", generated, gen), ("--reference", reference, ref)):
+        if feats.shape[0] < 2:  # a covariance needs two images; say which folder, not only the shape
+            raise ValueError(f"{role} {folder} holds {feats.shape[0]} image(s); FID fits a covariance and needs >= 2")
     return FIDResult(
         value=fid_from_features(gen, ref),
         label=extractor.label,
@@ -181,6 +185,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device("--device", args.device)
     weights = args.inception_weights if args.features == "inception" else None
     try:
         result = compute_fid(

@@ -85,6 +85,8 @@ def render_preview(
         (png_path, html_path).
     """
     _check_preview(prompts, settings, image_paths, scores)
+    if thumb_size < 1:
+        raise ValueError(f"thumb_size must be >= 1 pixel, got {thumb_size}")
     gt = {int(p): set(map(int, v)) for p, v in (ground_truth or {}).items()}
     used = sorted({int(i) for idx in settings.values() for i in idx.flatten().tolist()})
     thumbs = _thumbnails(image_paths, used, thumb_size)
@@ -262,6 +264,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.thumb_size < 1 or args.k < 1:
+        flag, value = ("--thumb-size", args.thumb_size) if args.thumb_size < 1 else ("-k", args.k)
+        raise ValueError(f"{flag} must be >= 1, got {value}")
     prompts = read_lines(args.prompts, "prompt")
     if args.run:
         return _run_from_runs(args, prompts)
@@ -288,7 +293,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         scores[name], settings[name] = retrieve_topk(text, image, args.k)
     position = {entry: i for i, entry in enumerate(listed)}
-    gt = _read_ground_truth(args.ground_truth, position) if args.ground_truth else None
+    gt = _read_ground_truth(args.ground_truth, position, len(prompts), len(image_paths)) if args.ground_truth else None
     png, page = render_preview(prompts, settings, image_paths, args.out, scores, gt, args.thumb_size)
     _write_record(args, prompts, settings, scores, png, page)
     return 0
@@ -332,23 +337,42 @@ def _run_from_runs(args: argparse.Namespace, prompts: list[str]) -> int:
         check_run_encoders(run, {"image_encoder": image_encoder}, "preview")
     cache.check()  # every shard's sha256 now that the encoders match, before its features are read
     features, paths = cached_images(cache)
-    gt = _read_ground_truth(args.ground_truth, cached_image_names(cache)) if args.ground_truth else None
+    names = cached_image_names(cache)
+    gt = _read_ground_truth(args.ground_truth, names, len(prompts), len(paths)) if args.ground_truth else None
     scores, settings = rank_runs(runs, features, prompts, args.k)
     png, page = render_preview(prompts, settings, paths, args.out, scores, gt, args.thumb_size)
     _write_record(args, prompts, settings, scores, png, page)
     return 0
 
 
-def _read_ground_truth(path: Path, position: Mapping[str, int]) -> dict[int, set[int]]:
+def _read_ground_truth(
+    path: Path, position: Mapping[str, int], num_prompts: int, num_images: int
+) -> dict[int, set[int]]:
     """Prompt index -> image indices; values are indices or names in `position` (image-list entries, or
-    with --run the cache's image paths and image ids)."""
+    with --run the cache's image paths and image ids). An entry that names no prompt or no image is an error:
+    left out, it would only lower the hit@k count the preview prints."""
+    form = 'a JSON object {"prompt index": [image index or path, ...]}'
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--ground-truth {path} could not be read as JSON ({err}); write {form}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"--ground-truth {path} holds a JSON {type(data).__name__}; write {form}")
     gt: dict[int, set[int]] = {}
-    for key, values in json.loads(path.read_text()).items():
+    for key, values in data.items():
+        if not str(key).isdigit() or int(key) >= num_prompts:
+            raise ValueError(
+                f"{path}: key {key!r} is not a prompt index in [0, {num_prompts - 1}] (the line of --prompts, from 0)"
+            )
+        if not isinstance(values, list):
+            raise ValueError(f"{path}: prompt {key} maps to {values!r}; write a list of image indices or paths")
         rows = set()
         for v in values:
-            if isinstance(v, int):
+            if isinstance(v, int) and not isinstance(v, bool):
+                if not 0 <= v < num_images:
+                    raise ValueError(f"{path}: prompt {key} names image index {v}, outside [0, {num_images - 1}]")
                 rows.add(v)
-            elif v in position:
+            elif isinstance(v, str) and v in position:
                 rows.add(position[v])
             else:
                 raise ValueError(

@@ -65,18 +65,17 @@ def run_text_encoder(run_dir: str | Path) -> str:
     """How to load the text encoder a run was trained on (a `get_encoder` name): from its record
     (`encoders.json`: the spec, else the name in the id), else from its training text cache (runs from
     before the record; that path is relative to where the run was trained)."""
-    import yaml
-
     from csaligner.encoders.base import encoder_name
     from csaligner.eval.evaluate import cache_encoder_spec
     from csaligner.train.model import run_encoders
+    from csaligner.train.overrides import read_yaml
 
     recorded = run_encoders(str(run_dir))
     if recorded.get("text_encoder_spec"):
         return recorded["text_encoder_spec"]
     if recorded.get("text_encoder"):
         return encoder_name(recorded["text_encoder"])
-    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    config = read_yaml(Path(run_dir) / "config.yaml")
     return cache_encoder_spec(config["data"]["text_cache"])
 
 

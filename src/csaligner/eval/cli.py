@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from csaligner.eval.evaluate import (
     check_run_encoders,
     evaluate_run,
     load_classification,
+    trained_on,
 )
 from csaligner.eval.plots import plot_paired_distance_hist, plot_projection
 from csaligner.eval.report import MeanStd, ReportSection, Value, write_report
@@ -156,18 +158,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="[NAME=]DIR",
         help="run folder (repeatable); named by its folder unless NAME= is given, and names must differ",
     )
-    p.add_argument("--image-cache", required=True, help="held-out image feature cache (e.g. flickr8k:dev)")
+    p.add_argument(
+        "--image-cache",
+        required=True,
+        help="held-out image feature cache: a `csalign encode --out` folder (e.g. of flickr8k:dev)",
+    )
     p.add_argument(
         "--text-cache",
         required=True,
         help="held-out text feature cache of the same data (encoded with --tokens for runs trained on tokens)",
     )
-    p.add_argument("--class-train-cache", help="class-folder image cache for few-shot (e.g. flowers:train)")
-    p.add_argument("--class-test-cache", help="class-folder image cache for zero/few-shot testing")
+    p.add_argument(
+        "--class-train-cache",
+        help="class-folder image cache for few-shot training (an encoded folder, e.g. of flowers:train)",
+    )
+    p.add_argument(
+        "--class-test-cache", help="class-folder image cache for zero/few-shot testing (e.g. of flowers:test)"
+    )
     p.add_argument(
         "--shots",
         type=parse_shots,
-        default=DEFAULT_SHOTS,
         metavar="K[,K...]",
         help="few-shot k values, comma-separated (default 1,4,16); every class of --class-train-cache "
         "needs max(K) images",
@@ -232,10 +242,18 @@ def parse_runs(specs: Sequence[str], flag: str = "--run") -> dict[str, Path]:
 
 def check_shots(data: ClassificationData, shots: Sequence[int], cache: str) -> None:
     """Fail before any run is evaluated when a class of the few-shot train set has fewer than max(shots) rows."""
-    labels, counts = data.train_labels.unique(return_counts=True)
+    # every class, those without a training image included (an empty folder, or all its images unreadable)
+    counts = torch.bincount(data.train_labels, minlength=len(data.class_names))
+    labels = torch.arange(counts.numel())
     smallest = int(counts.min())
+    names = dict(enumerate(data.class_names))  # labels are class indices
+    if smallest == 0:
+        empty = [names.get(int(c), int(c)) for c in labels[counts == 0]]
+        raise ValueError(
+            f"class(es) {empty[:5]} of {cache} have no training image, so few-shot cannot draw any; re-encode the "
+            "class folders with images in every class (or without those classes)"
+        )
     if max(shots) > smallest:
-        names = dict(enumerate(data.class_names))  # labels are class indices
         short = [names.get(int(c), int(c)) for c in labels[counts < max(shots)]]
         fits = ",".join(str(k) for k in shots if k <= smallest) or "1"
         raise ValueError(
@@ -249,11 +267,16 @@ def _main(args: argparse.Namespace) -> int:
     from csaligner.data import load_paired_features
 
     runs = parse_runs(args.run)
-    if (args.templates or args.class_names) and not args.class_test_cache:
+    if bool(args.class_train_cache) != bool(args.class_test_cache):
+        raise ValueError("pass both --class-train-cache and --class-test-cache, or neither")
+    flags = {"--shots": args.shots, "--templates": args.templates, "--class-names": args.class_names}
+    given = [flag for flag, value in flags.items() if value]
+    if given and not args.class_test_cache:  # they would be ignored: say so rather than report no classification
         raise ValueError(
-            "--templates and --class-names shape the zero-shot prompts; pass --class-train-cache and "
-            "--class-test-cache too (without them no classification is run)"
+            f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the zero- and few-shot classification; "
+            "pass --class-train-cache and --class-test-cache too (without them no classification is run)"
         )
+    args.shots = args.shots or DEFAULT_SHOTS
     # Bad template or class-name files fail before any features are read (class folders are checked later).
     if args.templates:
         load_templates(args.templates)
@@ -261,8 +284,6 @@ def _main(args: argparse.Namespace) -> int:
         read_class_renames(args.class_names)
     features = load_paired_features(args.image_cache, args.text_cache, tokens=True)
     classification, prompts = None, None
-    if bool(args.class_train_cache) != bool(args.class_test_cache):
-        raise ValueError("pass both --class-train-cache and --class-test-cache, or neither")
     if args.class_train_cache:
         # The text cache's encoder encodes the prompts: its spec and id are in the features' meta, read
         # when the cache was opened above (cache_encoder_spec / cache_encoder_id would open it again).
@@ -288,6 +309,15 @@ def _main(args: argparse.Namespace) -> int:
     (out_dir / "metrics.json").write_text(json.dumps({k: m | provenance for k, m in results.items()}, indent=2))
     figures = report_figures(runs, features, out_dir)
     text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}."
+    seen = [name for name, run in runs.items() if trained_on(run, features.meta)]
+    if seen:
+        warning = (
+            f"{', '.join(seen)} {'was' if len(seen) == 1 else 'were'} trained on these very images and captions "
+            f"({features.meta.get('source') or args.image_cache}): their retrieval and gap numbers are "
+            "training-set numbers, not held-out ones. Evaluate on a cache of data the runs did not see."
+        )
+        print(f"csalign eval: warning: {warning}", file=sys.stderr)
+        text += f"\n\n**Warning:** {warning}"
     if classification is not None and prompts is not None:
         seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
         text += (

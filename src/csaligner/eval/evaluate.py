@@ -53,9 +53,9 @@ def paired_metrics(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, s
 
 
 def _run_config(run_dir: Path) -> dict:
-    import yaml
+    from csaligner.train.overrides import read_yaml
 
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
+    return read_yaml(run_dir / "config.yaml")
 
 
 def image_side_is_frozen(run_dir: str | Path) -> bool:
@@ -127,6 +127,19 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str =
             f"was encoded with {given!r}; encode the {what} data with the run's encoder "
             f"(csalign encode --encoder {spec} ...)"
         )
+
+
+def trained_on(run_dir: str | Path, meta: dict[str, object]) -> bool:
+    """True when the run's summary.json records the same data (manifest hash) as the features' `meta`:
+    "held-out" numbers on it would be training-set numbers. Runs from before it was recorded give False."""
+    import json
+
+    try:
+        data = json.loads((Path(run_dir) / "summary.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return False
+    manifest = data.get("manifest") if isinstance(data, dict) else None
+    return bool(manifest) and manifest == meta.get("manifest")
 
 
 def check_classification_encoders(run_dir: str | Path, data: ClassificationData) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
-from csaligner.losses.objective import AlignmentLoss, build_objective, ignored_settings
+from csaligner.losses.objective import SETTING_USERS, AlignmentLoss, build_objective, ignored_settings
 from csaligner.train.batches import BatchSampler, describe_split, split_features
 from csaligner.train.checkpoint import (
     Checkpoint,
@@ -94,6 +94,8 @@ class _Run:
     adapter_configs: dict[str, Any]
     total_steps: int
     data: str = ""
+    data_id: dict[str, str] = field(default_factory=dict)
+    """Which data the features came from ({"source", "manifest"} where the caches record them): a resume must match."""
     monitor: RunMonitor | None = None
     step: int = 0
     checkpoint: str | None = None
@@ -183,6 +185,7 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
     split = split_features(features, config.data, pools=pools)
     why = "data.use_unpaired=false" if pools else f"loss.objective={config.loss.objective} has no divergence term"
     sampler = BatchSampler(split, config.data, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    _refuse_single_pair_batches(config, sampler.batch_size, split.num_paired)
     total = cfg.steps or cfg.epochs * sampler.steps_per_epoch
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     model, adapter_configs = build_model(config.model, features.image.shape[1], features.text.shape[1])
@@ -196,6 +199,7 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
         config, info, model, model, objective, optimizer, params, scaler, ema, sampler, feats, adapter_configs, total
     )
     run.data = describe_split(split, features, why)
+    run.data_id = {k: str(features.meta[k]) for k in ("source", "manifest") if features.meta.get(k)}
     _maybe_resume(run)
     if run.checkpoint is not None:  # the record of the run that wrote it (train.resume may name another folder's)
         check_resume_encoders(os.path.dirname(os.path.dirname(run.checkpoint)), features.meta)
@@ -212,6 +216,22 @@ def _setup(config: RunConfig, features: PairedFeatures, info: DistInfo, stale: l
         if run.checkpoint is None or encoder_ids(features.meta):  # a resume on unlabelled features keeps the record
             write_run_encoders(cfg.out_dir, features.meta)  # eval checks its features came from the same encoders
     return run
+
+
+def _refuse_single_pair_batches(config: RunConfig, batch_size: int, num_paired: int) -> None:
+    """InfoNCE over one pair has no negative: its loss is exactly 0 and the run would train nothing on it."""
+    if batch_size >= 2 or config.loss.objective not in SETTING_USERS["temperature"][0]:  # l2_prior has no InfoNCE
+        return
+    why = (
+        f"train.batch_size={config.train.batch_size}"
+        if config.train.batch_size < 2
+        else f"only {num_paired} paired image (data.paired_fraction={config.data.paired_fraction})"
+    )
+    raise ValueError(
+        f"{why} gives InfoNCE one pair a step and no negatives, so loss.objective={config.loss.objective} would "
+        "train on an InfoNCE term that is always 0; raise train.batch_size (or data.paired_fraction) to at least "
+        "2 pairs a step"
+    )
 
 
 def _log(
@@ -253,6 +273,7 @@ def _training_state(run: _Run) -> dict[str, Any]:
         "scaler": run.scaler.state_dict(),
         "ema_updates": run.ema.updates if run.ema else 0,
         "config": to_dict(run.config),
+        "data": run.data_id,
     }
 
 
@@ -331,12 +352,29 @@ def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
             f'with the checkpoint\'s values (its state.json stores them under "config"){but if instead else ""}; '
             "or start a new run in another train.out_dir"
         )
+    _check_same_data(run, ckpt)
     planned = ckpt.state.get("total_steps")
     if isinstance(planned, int) and planned != run.total_steps:
         raise ValueError(
             f"checkpoint {ckpt.path} planned {planned} steps and this run plans {run.total_steps} with the same "
             "config: the features differ in size. Point data.image_cache / data.text_cache at the caches it "
             "was trained on, or start a new run in another train.out_dir"
+        )
+
+
+def _check_same_data(run: _Run, ckpt: Checkpoint) -> None:
+    """The cache paths may move between a stop and a resume (RESUME_MAY_CHANGE), but not to other data: a
+    cache of other images with the same widths and step count would pass every other check."""
+    stored = ckpt.state.get("data")
+    stored = stored if isinstance(stored, dict) else {}  # checkpoints from before it was recorded: no check
+    old, new = stored.get("manifest"), run.data_id.get("manifest")
+    if old and new and old != new:
+        raise ValueError(
+            f"checkpoint {ckpt.path} was trained on other data ({stored.get('source') or 'unnamed'!r}, manifest "
+            f"{str(old)[:12]}) than data.image_cache / data.text_cache hold now "
+            f"({run.data_id.get('source') or 'unnamed'!r}, manifest {new[:12]}); resuming would continue on other "
+            "images and captions. Point them at the caches the run was trained on, or start a new run in another "
+            "train.out_dir"
         )
 
 
@@ -383,6 +421,7 @@ def _finish(run: _Run) -> RunResult:
             "image_adapter": paths["image"],
             "text_adapter": paths["text"],
             "checkpoint": run.checkpoint,
+            "data": run.data_id,  # eval says so when it is handed these very features as held-out data
         }
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

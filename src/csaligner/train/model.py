@@ -163,7 +163,7 @@ def load_adapters(run_dir: str, device: str | torch.device = "cpu") -> LoadedAda
     """Read a run's final adapters (and whether it fed text tokens to the text adapter)."""
     import os
 
-    import yaml
+    from csaligner.train.overrides import read_yaml
 
     api = _adapter_api()
     for side in ("image", "text"):
@@ -174,8 +174,8 @@ def load_adapters(run_dir: str, device: str | torch.device = "cpu") -> LoadedAda
     uses_tokens = False
     cfg_path = os.path.join(run_dir, "config.yaml")
     if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            uses_tokens = bool(((yaml.safe_load(f) or {}).get("data") or {}).get("use_tokens", False))
+        data = read_yaml(cfg_path).get("data")
+        uses_tokens = bool(data.get("use_tokens", False)) if isinstance(data, dict) else False
     configs = {"image": image_cfg, "text": text_cfg}
     return LoadedAdapters(image.to(device).eval(), text.to(device).eval(), configs, uses_tokens)
 

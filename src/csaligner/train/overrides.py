@@ -75,7 +75,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:  # a traceback from the parser names no fix
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}" if mark else str(err)  # type: ignore[union-attr]
+        raise ValueError(f"{p} is not valid YAML ({where}); fix the file (see the presets in configs/)") from err
     if not isinstance(data, dict):
         raise ValueError(
             f"{p}: a config must be a mapping of sections (data, model, loss, train), got {type(data).__name__}"

@@ -40,13 +40,13 @@ class DeviceFeatures:
 
         if use_tokens and f.text_tokens is None:
             raise ValueError(
-                "data.use_tokens=true but the text cache has no token features; re-encode with tokens "
-                "or set data.use_tokens=false"
+                "data.use_tokens=true but the text cache (data.text_cache) has no token features; re-encode it "
+                "with `csalign encode --tokens ...`, or set data.use_tokens=false"
             )
         if token_cs and f.image_tokens is None:
             raise ValueError(
-                "loss.token_lam > 0 needs image token features, but the image cache has none; re-encode with "
-                "tokens or set loss.token_lam=0"
+                "loss.token_lam > 0 needs image token features, but the image cache (data.image_cache) has none; "
+                "re-encode it with `csalign encode --tokens ...`, or set loss.token_lam=0"
             )
         return cls(
             f.image.to(device).float(),
