@@ -72,6 +72,21 @@ def test_merge_unmerge_cycles_leave_base_weights_bit_identical(tiny_bert: nn.Mod
     assert all(torch.equal(frozen[n], p) for n, p in enc.named_parameters() if not p.requires_grad)
 
 
+def test_merging_twice_then_unmerging_restores_the_base_weights(tiny_bert: nn.Module) -> None:
+    """A second merge took its copy of the already-merged weights, so unmerge put B A into the frozen base."""
+    enc = LoraTextEncoder(tiny_bert, config=LoraTextConfig(dropout=0.0)).eval()
+    randomise_lora(enc)
+    frozen = {n: p.detach().clone() for n, p in enc.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        ref = enc(*batch())[0]
+        enc.merge()
+        enc.merge()  # e.g. an eval helper that merges, called from a loop that merged already
+        torch.testing.assert_close(enc(*batch())[0], ref, atol=1e-5, rtol=1e-4)
+        enc.unmerge()
+        assert all(torch.equal(frozen[n], p) for n, p in enc.named_parameters() if not p.requires_grad)
+        torch.testing.assert_close(enc(*batch())[0], ref, atol=1e-5, rtol=1e-4)
+
+
 def test_lora_changes_outputs_and_state_dict_round_trips(tiny_bert: nn.Module) -> None:
     plain = copy.deepcopy(tiny_bert)
     enc = LoraTextEncoder(tiny_bert, config=LoraTextConfig(dropout=0.0)).eval()

@@ -137,7 +137,13 @@ class LoraTextEncoder(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def merge(self) -> None:
-        """Fold the updates into the base weights, keeping a copy of those weights for `unmerge`."""
+        """Fold the updates into the base weights, keeping a copy of those weights for `unmerge`.
+
+        Merging an encoder that is already merged does nothing: a second copy would hold the merged
+        weights, and `unmerge` would restore those, leaving the updates in the frozen base twice.
+        """
+        if self._unmerged is not None or is_merged(self.peft_model):
+            return
         # peft's unmerge subtracts alpha/r * B A again, which leaves ~1 ulp of rounding drift in W on
         # every merge/unmerge cycle (evaluating between training steps would slowly edit the "frozen" base).
         self._unmerged = {n: p.detach().clone() for n, p in self.peft_model.named_parameters() if "base_layer" in n}
@@ -152,6 +158,11 @@ class LoraTextEncoder(nn.Module):
                     if name in self._unmerged:
                         p.copy_(self._unmerged[name])
             self._unmerged = None
+
+
+def is_merged(peft_model: Any) -> bool:
+    """True when any LoRA layer of `peft_model` has its update folded into the base weights."""
+    return any(bool(getattr(m, "merged", False)) for m in peft_model.modules() if hasattr(m, "merge"))
 
 
 def num_trainable(module: nn.Module) -> int:
