@@ -109,11 +109,17 @@ def numpy_hint(value: object, *, integer: bool = True) -> str:
 
 
 def check_positive(name: str, value: float | Tensor) -> None:
-    """A bandwidth or temperature must be a finite positive number (or a tensor of them)."""
+    """A bandwidth or temperature must be one finite positive number: a float, or a tensor of one element
+    (0-dim, or shape (1,)); a tensor of several would broadcast into the logits, one value per column."""
     if isinstance(value, bool):  # float(True) == 1.0: a flag passed in the wrong place, not a bandwidth
         raise ValueError(f"{name} must be a finite number > 0, got the bool {value!r}")
     if isinstance(value, Tensor):
-        v = float(value.detach().min())
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(
+                f"{name} must be a single number (a float or a 0-dim tensor), got a tensor of shape "
+                f"{tuple(value.shape)}; pass one value, e.g. {name}.reshape(()) for a one-element tensor"
+            )
+        v = float(value.detach())
         ok = math.isfinite(v) and v > 0
     else:
         ok = is_number(value) and value > 0

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from csaligner import AlignmentLoss, CSAlignerLoss, LossConfig, cs_divergence, info_nce
+from csaligner.kernels import infonce_cs_terms
 from csaligner.losses.divergence import gaussian_kl, mmd
 from tests.losses.reference import info_nce_loop
 
@@ -338,3 +339,21 @@ def test_a_soft_token_mask_is_an_error_and_a_0_1_int_mask_is_a_mask() -> None:
     assert torch.allclose(got, want)
     with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1"):
         loss(x[:, 0], y[:, 0], image_tokens=x, text_tokens=y, text_token_mask=hard * 0.5 + 0.5)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_a_temperature_or_bandwidth_of_several_values_is_an_error(impl: str) -> None:
+    """A (2,) temperature broadcast over the 2 texts' columns of the logits: a loss, silently, with two temperatures."""
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    pair = torch.tensor([0.07, 0.5])
+    with pytest.raises(ValueError, match=r"temperature must be a single number .* shape \(2,\)"):
+        info_nce(x, y, temperature=pair)
+    with pytest.raises(ValueError, match=r"sigma must be a single number .* shape \(2,\)"):
+        cs_divergence(x, y, sigma=pair)
+    with pytest.raises(ValueError, match=r"temperature must be a single number .* shape \(2,\)"):
+        infonce_cs_terms(x, y, temperature=pair, impl=impl)
+    with pytest.raises(ValueError, match=r"sigma must be a single number .* shape \(1, 1\)"):
+        infonce_cs_terms(x, y, sigma=torch.ones(1, 1), impl=impl)
+    one = infonce_cs_terms(x, y, temperature=torch.tensor([0.1]), sigma=torch.tensor(0.5), impl=impl)
+    ref = infonce_cs_terms(x, y, temperature=0.1, sigma=0.5, impl=impl)
+    assert all(torch.allclose(one[k], ref[k]) for k in ref)  # a one-element tensor is one number
