@@ -35,6 +35,21 @@ def check_features(name: str, x: Tensor, ndim: int = 2, finite: bool = True) -> 
         raise NonFiniteFeaturesError(name, n_bad, x.shape[:-1].numel())
 
 
+def check_tensor(name: str, value: object, what: str) -> None:
+    """Refuse a list or an array where a tensor goes, naming the argument and the conversion.
+
+    Args:
+        name: argument name used in the error message.
+        value: the argument.
+        what: what the tensor holds, e.g. "image row indices".
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of {what}, got {type(value).__name__}; "
+            f"convert it with torch.as_tensor({name})"
+        )
+
+
 def check_tokens(name: str, tokens: Tensor, mask_name: str, mask: Tensor | None) -> Tensor:
     """Check (B, T, D) tokens and their (B, T) mask (see `check_token_mask`); return the bool mask.
 
@@ -141,6 +156,7 @@ def check_weights(name: str, w: Tensor | None, n: int, ref: Tensor) -> Tensor | 
     """Validate per-sample weights or a boolean mask of length n; return float weights or None."""
     if w is None:
         return None
+    check_tensor(name, w, "per-sample weights or a boolean mask")
     if w.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) to match the features, got {tuple(w.shape)}")
     wf = w.to(device=ref.device, dtype=torch.float32)
@@ -156,6 +172,7 @@ def check_token_mask(name: str, mask: Tensor | None, tokens: Tensor) -> Tensor:
     b, t = tokens.shape[:2]
     if mask is None:
         return torch.ones(b, t, dtype=torch.bool, device=tokens.device)
+    check_tensor(name, mask, "token flags (True for real tokens)")
     if mask.shape != (b, t):
         raise ValueError(f"{name} must have shape ({b}, {t}) to match the tokens, got {tuple(mask.shape)}")
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -357,3 +358,28 @@ def test_a_temperature_or_bandwidth_of_several_values_is_an_error(impl: str) -> 
     one = infonce_cs_terms(x, y, temperature=torch.tensor([0.1]), sigma=torch.tensor(0.5), impl=impl)
     ref = infonce_cs_terms(x, y, temperature=0.1, sigma=0.5, impl=impl)
     assert all(torch.allclose(one[k], ref[k]) for k in ref)  # a one-element tensor is one number
+
+
+def test_an_index_map_weights_or_mask_that_is_not_a_tensor_names_the_conversion() -> None:
+    """A list or a numpy array raised AttributeError: 'list' object has no attribute 'to' (or 'shape')."""
+    x, y = torch.randn(3, 4), torch.randn(5, 4)
+    t2i = [0, 1, 2, 0, 1]
+    with pytest.raises(TypeError, match=r"text_to_image must be a torch.Tensor .* got list.*torch.as_tensor"):
+        CSAlignerLoss()(x, y, text_to_image=t2i)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"text_to_image must be a torch.Tensor .* got ndarray"):
+        info_nce(x, y, text_to_image=np.array(t2i))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"x_weights must be a torch.Tensor .* got list"):
+        cs_divergence(x, y, x_weights=[1.0, 1.0, 0.0])  # type: ignore[arg-type]
+    tokens = torch.randn(3, 2, 4)
+    with pytest.raises(TypeError, match=r"image_token_mask must be a torch.Tensor .* got list"):
+        CSAlignerLoss(token_lam=1.0)(
+            x,
+            y[:3],
+            image_tokens=tokens,
+            text_tokens=tokens,
+            image_token_mask=[[1, 1]] * 3,  # type: ignore[arg-type]
+        )
+    torch.testing.assert_close(  # converted, it is the same loss
+        CSAlignerLoss()(x, y, text_to_image=torch.as_tensor(t2i))["loss"],
+        CSAlignerLoss()(x, y, text_to_image=torch.tensor(t2i, dtype=torch.long))["loss"],
+    )

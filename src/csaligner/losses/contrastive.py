@@ -6,12 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive, check_same_dim
+from csaligner._validation import check_features, check_positive, check_same_dim, check_tensor
 
 
-def check_text_to_image(text_to_image: Tensor, n_images: int, n_texts: int) -> Tensor:
-    """Validate a (M,) caption -> image index map (any integer dtype) and return it as int64; every
-    image needs at least one caption."""
+def check_text_to_image(
+    text_to_image: Tensor, n_images: int, n_texts: int, device: torch.device | None = None
+) -> Tensor:
+    """Validate a (M,) caption -> image index map (any integer dtype) and return it as int64 (on `device`
+    when given); every image needs at least one caption."""
+    check_tensor("text_to_image", text_to_image, "image row indices")
+    if device is not None:
+        text_to_image = text_to_image.to(device)
     if text_to_image.shape != (n_texts,):
         raise ValueError(
             f"text_to_image must have shape ({n_texts},) (one image index per text), got {tuple(text_to_image.shape)}"
@@ -69,7 +74,7 @@ def info_nce(
             )
         target = torch.arange(x.shape[0], device=x.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    t2i = check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
+    t2i = check_text_to_image(text_to_image, x.shape[0], y.shape[0], x.device)
     t2i_loss = F.cross_entropy(logits.T, t2i)
     positive = t2i.unsqueeze(0) == torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # (N, M)
     log_prob = logits.log_softmax(dim=1)

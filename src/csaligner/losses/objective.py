@@ -216,7 +216,7 @@ class AlignmentLoss(nn.Module):
         norm, norm_wide = self._casts(image, text, unpaired_images, unpaired_texts, image_tokens, text_tokens)
         x, y = norm(image), norm(text)
         if text_to_image is not None:  # int64 on x's device from here: l2_prior indexes with it
-            text_to_image = check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
+            text_to_image = check_text_to_image(text_to_image, x.shape[0], y.shape[0], x.device)
         xs, ys = self._pools(x, y, norm, image, text, unpaired_images, unpaired_texts)
         use_mi = cfg.objective != "l2_prior"
         terms = self._main_terms(x, y, xs, ys, text_to_image, use_mi, shard)
