@@ -121,6 +121,19 @@ def test_median_bandwidth_matches_definition() -> None:
     assert torch.isfinite(cs_divergence(x, y, sigma="median"))
 
 
+def test_median_bandwidth_checks_its_inputs() -> None:
+    """It took anything: (D,) vectors were an IndexError, NaN features a NaN bandwidth, mixed widths a cat error."""
+    x, y = torch.randn(7, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, D\)"):
+        median_bandwidth(x[0], y[0])
+    with pytest.raises(ValueError, match="y contains NaN or Inf in 1 of 5"):
+        median_bandwidth(x, torch.cat([y[:4], torch.full((1, 3), float("nan"))]))
+    with pytest.raises(ValueError, match="feature dims differ: x has D=3, y has D=2"):
+        median_bandwidth(x, y[:, :2])
+    with pytest.raises(ValueError, match="max_samples must be an integer >= 2"):
+        median_bandwidth(x, y, max_samples=1)
+
+
 def test_token_cs_matches_per_sample_loop_with_padding() -> None:
     b, v, n_txt, d = 3, 5, 6, 4
     xt = torch.randn(b, v, d, dtype=torch.float64)

@@ -14,7 +14,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive, check_same_dim, check_tokens, check_weights
+from csaligner._validation import (
+    check_features,
+    check_positive,
+    check_same_dim,
+    check_tokens,
+    check_weights,
+    is_integer,
+)
 
 Bandwidth = float | Tensor | Literal["median"]
 
@@ -36,7 +43,20 @@ def median_bandwidth(x: Tensor, y: Tensor, max_samples: int = 2048) -> Tensor:
     """Median heuristic: sigma = median pairwise distance of the pooled samples (detached).
 
     At most `max_samples` points (an even subsample) enter the median, so the cost stays bounded.
+
+    Args:
+        x: (M, D) samples.
+        y: (N, D) samples.
+        max_samples: most pooled points that enter the median, >= 2.
+
+    Returns:
+        0-dim tensor (float32, or float64 for float64 inputs); 1.0 when every pooled point coincides.
     """
+    check_features("x", x)
+    check_features("y", y)
+    check_same_dim("x", x, "y", y)
+    if not is_integer(max_samples) or max_samples < 2:
+        raise ValueError(f"max_samples must be an integer >= 2 (points entering the median), got {max_samples!r}")
     pooled = torch.cat([x, y]).detach().to(_compute_dtype(x, y))
     if pooled.shape[0] > max_samples:
         idx = torch.linspace(0, pooled.shape[0] - 1, max_samples, device=pooled.device).long()
