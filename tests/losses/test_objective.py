@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from csaligner import AlignmentLoss, CSAlignerLoss, LossConfig, cs_divergence, info_nce
 from csaligner.kernels import infonce_cs_terms
-from csaligner.losses.divergence import gaussian_kl, mmd
+from csaligner.losses.divergence import gaussian_kl, mmd, token_cs_divergence
 from tests.losses.reference import info_nce_loop
 
 
@@ -383,3 +383,23 @@ def test_an_index_map_weights_or_mask_that_is_not_a_tensor_names_the_conversion(
         CSAlignerLoss()(x, y, text_to_image=torch.as_tensor(t2i))["loss"],
         CSAlignerLoss()(x, y, text_to_image=torch.tensor(t2i, dtype=torch.long))["loss"],
     )
+
+
+def test_a_learned_bandwidth_keeps_float64_terms_exact_on_every_path() -> None:
+    """The dense path squared a learned (float32) sigma in float32: in float64 its D_CS was 4e-7 off the chunked
+    one and off cs_divergence at the same sigma (sigma=0.05 scales that rounding by 1/sigma^2)."""
+    x, y = torch.randn(20, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
+    t2i = torch.arange(30) % 20
+    terms = {
+        impl: CSAlignerLoss(lam=1.0, sigma=0.05, learn_sigma=True, impl=impl)(x, y, text_to_image=t2i)
+        for impl in ("dense", "chunked")
+    }
+    sigma = float(CSAlignerLoss(sigma=0.05, learn_sigma=True).sigma.detach())  # the float32 value it starts from
+    ref = cs_divergence(F.normalize(x, dim=-1), F.normalize(y, dim=-1), sigma=sigma)
+    for impl, out in terms.items():
+        assert out["cs"].dtype == torch.float64
+        torch.testing.assert_close(out["cs"], ref, rtol=1e-12, atol=0, msg=impl)
+    tokens = torch.randn(4, 3, 8, dtype=torch.float64), torch.randn(4, 5, 8, dtype=torch.float64)
+    token_cs = token_cs_divergence(*tokens, sigma=torch.tensor(0.05, dtype=torch.float32))
+    token_ref = token_cs_divergence(*tokens, sigma=float(torch.tensor(0.05)))
+    torch.testing.assert_close(token_cs, token_ref, rtol=1e-12, atol=0)

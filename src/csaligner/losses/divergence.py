@@ -94,6 +94,8 @@ def log_mean_kernel(
     Returns:
         Scalar tensor.
     """
+    if isinstance(sigma, Tensor):  # a learned float32 sigma squared in float32 would round float64 logits
+        sigma = sigma.to(a.dtype)
     logits = squared_distances(a, b) / (-2.0 * sigma * sigma)  # (M, N) log k(a_i, b_j)
     if wa is None and wb is None:
         return torch.logsumexp(logits.flatten(), 0) - math.log(a.shape[0] * b.shape[0])
@@ -191,6 +193,8 @@ def token_cs_divergence(
     y = y_tokens.to(dtype).masked_fill(~my.unsqueeze(-1), 0.0)  # (B, L, D)
     bw = resolve_bandwidth(sigma, x[mx], y[my]) if isinstance(sigma, str) else sigma
     check_positive("sigma", bw)
+    if isinstance(bw, Tensor):  # squared in the compute dtype, as in log_mean_kernel
+        bw = bw.to(dtype)
     # Centre each sample on its own token mean (translation invariance, float32 accuracy).
     n_x, n_y = mx.sum(1, keepdim=True), my.sum(1, keepdim=True)  # (B, 1)
     center = ((x * mx.unsqueeze(-1)).sum(1) + (y * my.unsqueeze(-1)).sum(1)) / (n_x + n_y)
