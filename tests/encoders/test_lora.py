@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from csaligner.encoders import LoraTextConfig, LoraTextEncoder, apply_lora, lora_state_dict
-from csaligner.encoders.lora import load_lora_state_dict, num_trainable
+from csaligner.encoders import LoraTextConfig, LoraTextEncoder, apply_lora, load_lora_state_dict, lora_state_dict
+from csaligner.encoders.lora import num_trainable
 
 pytest.importorskip("peft")
 
@@ -102,6 +102,21 @@ def test_lora_changes_outputs_and_state_dict_round_trips(tiny_bert: nn.Module) -
     with torch.no_grad():
         hidden = fresh(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), out)
+
+
+def test_lora_state_dict_takes_the_encoder_itself(tiny_bert: nn.Module) -> None:
+    """lora_state_dict(encoder) was AttributeError: 'LoraTextEncoder' object has no attribute 'peft_config'."""
+    plain = copy.deepcopy(tiny_bert)
+    enc = LoraTextEncoder(tiny_bert, config=LoraTextConfig(dropout=0.0)).eval()
+    randomise_lora(enc)
+    state = lora_state_dict(enc)
+    assert state.keys() == lora_state_dict(enc.peft_model).keys() and state
+    fresh = LoraTextEncoder(plain, config=LoraTextConfig(dropout=0.0)).eval()
+    load_lora_state_dict(fresh, state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(*batch())[0], enc(*batch())[0])
+    with pytest.raises(TypeError, match="takes a LoraTextEncoder or the peft model apply_lora returned, got Linear"):
+        lora_state_dict(nn.Linear(2, 2))
 
 
 def test_config_and_target_errors(tiny_bert: nn.Module) -> None:

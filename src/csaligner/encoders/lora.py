@@ -84,18 +84,39 @@ def unmerge_lora(peft_model: Any) -> None:
     peft_model.unmerge_adapter()
 
 
-def lora_state_dict(peft_model: Any) -> dict[str, Tensor]:
-    """Only the LoRA weights (a few hundred KB), for checkpoints."""
+def lora_state_dict(model: Any) -> dict[str, Tensor]:
+    """Only the LoRA weights (a few hundred KB), for checkpoints.
+
+    Args:
+        model: a `LoraTextEncoder`, or the peft model `apply_lora` returned.
+    """
     from peft import get_peft_model_state_dict
 
-    return dict(get_peft_model_state_dict(peft_model))
+    return dict(get_peft_model_state_dict(_peft_model(model, "lora_state_dict")))
 
 
-def load_lora_state_dict(peft_model: Any, state: dict[str, Tensor]) -> None:
-    """Load weights saved with `lora_state_dict` into a model built with the same config."""
+def load_lora_state_dict(model: Any, state: dict[str, Tensor]) -> None:
+    """Load weights saved with `lora_state_dict` into a model built with the same config.
+
+    Args:
+        model: a `LoraTextEncoder`, or the peft model `apply_lora` returned.
+        state: what `lora_state_dict` returned.
+    """
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(peft_model, state)
+    set_peft_model_state_dict(_peft_model(model, "load_lora_state_dict"), state)
+
+
+def _peft_model(model: Any, caller: str) -> Any:
+    """The peft model inside a `LoraTextEncoder`, or `model` itself when it is one."""
+    if isinstance(model, LoraTextEncoder):
+        return model.peft_model
+    if not hasattr(model, "peft_config"):
+        raise TypeError(
+            f"{caller} takes a LoraTextEncoder or the peft model apply_lora returned, got {type(model).__name__} "
+            "(a model without LoRA has no LoRA weights)"
+        )
+    return model
 
 
 class LoraTextEncoder(nn.Module):
