@@ -153,16 +153,18 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
 
 
 def check_weights(name: str, w: Tensor | None, n: int, ref: Tensor) -> Tensor | None:
-    """Validate per-sample weights or a boolean mask of length n; return float weights or None."""
+    """Validate per-sample weights or a boolean mask of length n; return float weights in ref's dtype, or None."""
     if w is None:
         return None
     check_tensor(name, w, "per-sample weights or a boolean mask")
     if w.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) to match the features, got {tuple(w.shape)}")
-    wf = w.to(device=ref.device, dtype=torch.float32)
-    if not torch.isfinite(wf).all() or (wf < 0).any():
-        raise ValueError(f"{name} must be finite and >= 0 (a mask or weights), got min {float(wf.min())}")
-    if float(wf.sum()) <= 0:
+    # in ref's dtype: float32 weights would round float64 ones (1e-9 off a float64 reference)
+    wf = w.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+    seen = wf.detach()  # checked without a warning for weights that require grad
+    if not torch.isfinite(seen).all() or (seen < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0 (a mask or weights), got min {float(seen.min())}")
+    if float(seen.sum()) <= 0:
         raise ValueError(f"{name} selects no sample (all weights are zero); keep at least one sample")
     return wf
 
