@@ -41,8 +41,11 @@ def test_info_nce_errors_name_the_problem() -> None:
         info_nce(x, torch.randn(5, 3))
     with pytest.raises(ValueError, match=r"no caption in this batch \(rows \[3\]\)"):
         info_nce(x, torch.randn(3, 3), text_to_image=torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match=r"must lie in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\] \(the image rows\), got \[0, 4\]$"):
         info_nce(x, torch.randn(4, 3), text_to_image=torch.tensor([0, 1, 2, 4]))
+    # PairedFeatures marks captions without an image -1: the error says where they go
+    with pytest.raises(ValueError, match=r"got \[-1, 3\]; 2 caption\(s\) have no image .* pass them as unpaired_texts"):
+        CSAlignerLoss()(x, torch.randn(6, 3), text_to_image=torch.tensor([0, 1, -1, 2, 3, -1]))
     with pytest.raises(ValueError, match="temperature"):
         info_nce(x, torch.randn(4, 3), temperature=-1.0)
 

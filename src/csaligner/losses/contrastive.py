@@ -25,7 +25,15 @@ def check_text_to_image(
         raise ValueError(f"text_to_image must hold integer image indices, got dtype {text_to_image.dtype}")
     lo, hi = int(text_to_image.min()), int(text_to_image.max())
     if lo < 0 or hi >= n_images:
-        raise ValueError(f"text_to_image values must lie in [0, {n_images - 1}] (the image rows), got [{lo}, {hi}]")
+        unpaired = (
+            f"; {int((text_to_image < 0).sum())} caption(s) have no image (-1, as in PairedFeatures.text_to_image): "
+            "pass them as unpaired_texts (text[text_to_image < 0]) so they enter only the CS term"
+            if lo < 0
+            else ""
+        )
+        raise ValueError(
+            f"text_to_image values must lie in [0, {n_images - 1}] (the image rows), got [{lo}, {hi}]{unpaired}"
+        )
     counts = torch.bincount(text_to_image, minlength=n_images)
     orphans = (counts == 0).nonzero().flatten()
     if orphans.numel():
