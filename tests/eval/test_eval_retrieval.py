@@ -142,3 +142,14 @@ def test_errors_name_the_problem(kwargs: dict, match: str, from_similarity: From
 def test_dimension_mismatch() -> None:
     with pytest.raises(ValueError, match="feature dims differ"):
         retrieval_metrics(torch.randn(3, 4), torch.randn(3, 5), torch.arange(3))
+
+
+def test_a_list_index_map_names_the_conversion() -> None:
+    """check_index refuses a list with a TypeError, but every caller called .to(device) on it first: AttributeError."""
+    from csaligner.eval import modality_gap_metrics, t2i_metrics
+
+    image, text = torch.randn(3, 4), torch.randn(5, 4)
+    t2i = [0, 0, 1, 2, 2]
+    for metric in (retrieval_metrics, modality_gap_metrics, t2i_metrics):
+        with pytest.raises(TypeError, match=r"text_to_image must be a torch.Tensor .*torch.as_tensor"):
+            metric(image, text, t2i)  # type: ignore[operator]

@@ -138,7 +138,7 @@ def zero_shot_accuracy(
     classes = class_embeddings(class_text_emb)
     check_same_dim("image_emb", image_emb, "class_text_emb", classes)
     n, c = image_emb.shape[0], classes.shape[0]
-    labels = check_labels("labels", labels.to(image_emb.device), n, num_classes=c)
+    labels = check_labels("labels", labels, n, num_classes=c, device=image_emb.device)
     dtype = compute_dtype(image_emb, classes)
     image, classes = unit_rows(image_emb, dtype), classes.to(image_emb.device, dtype)
     top1 = torch.zeros(n, dtype=torch.bool, device=image.device)
@@ -176,9 +176,9 @@ def _relabel(
 ) -> tuple[Tensor, Tensor, int]:
     """Map the training classes to 0..C-1 and check every class can give k_max shots."""
     device = train_emb.device
-    train_raw = check_labels("train_labels", train_labels.to(device), train_emb.shape[0])
+    train_raw = check_labels("train_labels", train_labels, train_emb.shape[0], device=device)
     classes, train_y = torch.unique(train_raw, return_inverse=True)  # sorted class ids
-    test_raw = check_labels("test_labels", test_labels.to(device), test_emb.shape[0])
+    test_raw = check_labels("test_labels", test_labels, test_emb.shape[0], device=device)
     unseen = sorted(set(test_raw.unique().tolist()) - set(classes.tolist()))
     if unseen:
         raise ValueError(

@@ -143,7 +143,7 @@ def modality_gap_metrics(
 
 def _paired_terms(image: Tensor, text: Tensor, text_to_image: Tensor) -> dict[str, float]:
     """Paired distance, cosine and alignment over the texts that have an image."""
-    t2i = check_index("text_to_image", text_to_image.to(image.device), text.shape[0], image.shape[0])
+    t2i = check_index("text_to_image", text_to_image, text.shape[0], image.shape[0], device=image.device)
     paired = t2i >= 0
     if not bool(paired.any()):
         raise ValueError("text_to_image marks every text as unpaired (-1); pass None to skip the paired metrics")

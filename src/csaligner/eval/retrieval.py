@@ -131,7 +131,7 @@ def retrieval_metrics(
     dtype = compute_dtype(image_emb, text_emb)
     image = unit_rows(image_emb, dtype)
     text = unit_rows(text_emb.to(image.device), dtype)
-    t2i = check_index("text_to_image", text_to_image.to(image.device), text.shape[0], image.shape[0])
+    t2i = check_index("text_to_image", text_to_image, text.shape[0], image.shape[0], device=image.device)
     if not bool((t2i >= 0).any()):
         raise ValueError("text_to_image marks every text as unpaired (-1); retrieval needs at least one pair")
     ranks = {

@@ -95,7 +95,7 @@ def t2i_metrics(
     dtype = compute_dtype(mapped_text, image_emb)
     image = unit_rows(image_emb, dtype)
     text = unit_rows(mapped_text.to(image.device), dtype)
-    t2i = check_index("text_to_image", text_to_image.to(image.device), text.shape[0], image.shape[0])
+    t2i = check_index("text_to_image", text_to_image, text.shape[0], image.shape[0], device=image.device)
     paired = t2i >= 0
     if not bool(paired.any()):
         raise ValueError("text_to_image marks every mapped text as unpaired (-1); t2i_metrics needs pairs")
