@@ -108,8 +108,8 @@ LOSS_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LossConfig)}
 
 
 def ignored_settings(values: Mapping[str, Any]) -> list[str]:
-    """The fields its objective ignores among `values` (a `LossConfig`'s fields by name, e.g. its `to_dict`
-    form) that differ from their defaults; [] for an unknown objective. A default is not a setting: the
+    """The fields its objective ignores among `values` (a `LossConfig`'s fields by name, as `dataclasses.asdict`
+    gives them) that differ from their defaults; [] for an unknown objective. A default is not a setting: the
     dataclass cannot tell `LossConfig(objective="infonce")` from one given lam=0.01."""
     objective = values.get("objective", LOSS_DEFAULTS["objective"])
     if objective not in OBJECTIVES:
