@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from csaligner._autocast import autocast_off
 from csaligner._validation import check_features, check_positive, check_same_dim, check_tensor
 
 
@@ -44,6 +45,7 @@ def check_text_to_image(
     return text_to_image.long()  # cross_entropy takes int64 targets, not e.g. numpy's int32
 
 
+@autocast_off
 def info_nce(
     x: Tensor,
     y: Tensor,

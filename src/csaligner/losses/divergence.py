@@ -3,7 +3,8 @@
 All kernel quantities are computed in the log domain: log mean_ij k(a_i, b_j) is a logsumexp of
 -||a_i - b_j||^2 / (2 sigma^2), so tiny bandwidths and far-apart clouds stay finite (no log(0)).
 These are the dense references: they hold (M, N) matrices. The O(N)-memory path lives in
-`csaligner.kernels` and is tested against these functions.
+`csaligner.kernels` and is tested against these functions. Like it, they ignore an ambient
+`torch.autocast`: a bfloat16 ||a - b||^2 loses the CS divergence (`csaligner._autocast`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from csaligner._autocast import autocast_off
 from csaligner._validation import (
     check_features,
     check_positive,
@@ -39,6 +41,7 @@ def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     return d2.clamp_min(0.0)
 
 
+@autocast_off
 def median_bandwidth(x: Tensor, y: Tensor, max_samples: int = 2048) -> Tensor:
     """Median heuristic: sigma = median pairwise distance of the pooled samples (detached).
 
@@ -123,6 +126,7 @@ def _prepare(x: Tensor, y: Tensor, sigma: Bandwidth) -> tuple[Tensor, Tensor, fl
     return x - center, y - center, bw
 
 
+@autocast_off
 def cs_divergence(
     x: Tensor,
     y: Tensor,
@@ -158,6 +162,7 @@ def cs_divergence(
     return lxx + lyy - 2.0 * lxy
 
 
+@autocast_off
 def token_cs_divergence(
     x_tokens: Tensor,
     y_tokens: Tensor,
@@ -210,6 +215,7 @@ def token_cs_divergence(
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
+@autocast_off
 def mmd(x: Tensor, y: Tensor, sigma: Bandwidth = 1.0) -> Tensor:
     """Squared Gaussian-kernel MMD (biased V-statistic): mean k_xx + mean k_yy - 2 mean k_xy.
 
@@ -220,6 +226,7 @@ def mmd(x: Tensor, y: Tensor, sigma: Bandwidth = 1.0) -> Tensor:
     return log_mean_kernel(x, x, bw).exp() + log_mean_kernel(y, y, bw).exp() - 2.0 * log_mean_kernel(x, y, bw).exp()
 
 
+@autocast_off
 def gaussian_kl(x: Tensor, y: Tensor, ridge: float = 1e-3, symmetric: bool = False) -> Tensor:
     """KL(N(mu_x, S_x) || N(mu_y, S_y)) between Gaussians fitted to x (M, D) and y (N, D).
 

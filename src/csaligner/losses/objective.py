@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from csaligner._autocast import autocast_off
 from csaligner._validation import check_features, check_positive, check_same_dim, check_tokens, is_number
 from csaligner.losses.contrastive import check_text_to_image, info_nce
 from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
@@ -171,6 +172,7 @@ class AlignmentLoss(nn.Module):
             return torch.exp(-self.logit_scale.clamp(max=-math.log(MIN_LEARNED_TEMPERATURE)))
         return torch.exp(-self.logit_scale)
 
+    @autocast_off  # the terms' own precision: normalising under autocast rounds unit vectors too
     def forward(
         self,
         image: Tensor,
