@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from csaligner._autocast import autocast_off
 from csaligner._validation import check_features, check_same_dim
 from csaligner.eval._common import check_chunk_size, check_index, check_ks, compute_dtype, unit_rows
 
@@ -94,6 +95,7 @@ def text_query_ranks(text: Tensor, image: Tensor, text_to_image: Tensor, chunk_s
     return torch.cat(ranks)
 
 
+@autocast_off
 def retrieval_metrics(
     image_emb: Tensor,
     text_emb: Tensor,
