@@ -439,3 +439,15 @@ def test_an_ambient_autocast_leaves_every_term_and_gradient_as_without_it() -> N
         with torch.autocast("cpu", dtype=torch.bfloat16):
             under = fn()
         torch.testing.assert_close(under, fn(), msg=name)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_an_empty_unpaired_pool_is_no_pool(impl: str) -> None:
+    """A (0, D) pool (an unpaired sampler that ran out) was an error, 'unpaired_images is empty'; it adds no sample."""
+    x, y = torch.randn(6, 4), torch.randn(6, 4)
+    loss_fn = CSAlignerLoss(lam=1.0, impl=impl)
+    ref = loss_fn(x, y)
+    got = loss_fn(x, y, unpaired_images=torch.empty(0, 4), unpaired_texts=torch.empty(0, 4))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="feature dims differ: unpaired_texts has D=5, text has D=4"):
+        loss_fn(x, y, unpaired_texts=torch.empty(0, 5))

@@ -194,7 +194,7 @@ class AlignmentLoss(nn.Module):
             text_to_image: optional (M,) image row of each text (several captions per image).
             unpaired_images: optional (P, D) images with no caption; they enter only the divergence,
                 so only cs_aligner, mmd and kl take them (`LossConfig.takes_unpaired`); infonce and
-                l2_prior raise ValueError rather than ignore them.
+                l2_prior raise ValueError rather than ignore them. P = 0 is the same as None.
             unpaired_texts: optional (Q, D) texts with no image; only the divergence, as above.
             image_tokens: optional (B, V, D) vision tokens for the token-level CS term, for B samples
                 (all N images or a subset of them, e.g. train.token_images).
@@ -281,6 +281,8 @@ class AlignmentLoss(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The samples the divergence compares: (N + P, D) images and (M + Q, D) texts, the pairs plus
         any unpaired extras (`is` x and y when there are none: the fused path checks)."""
+        unpaired_images = _nonempty_pool("unpaired_images", unpaired_images, "image", image)
+        unpaired_texts = _nonempty_pool("unpaired_texts", unpaired_texts, "text", text)
         given = [
             name
             for name, t in (("unpaired_images", unpaired_images), ("unpaired_texts", unpaired_texts))
@@ -370,6 +372,14 @@ class CSAlignerLoss(AlignmentLoss):
                 "AlignmentLoss(config) or build_objective(config) for the other objectives"
             )
         super().__init__(config, **{**overrides, "objective": "cs_aligner"})
+
+
+def _nonempty_pool(name: str, pool: Tensor | None, paired_name: str, paired: Tensor) -> Tensor | None:
+    """None for an empty (0, D) pool, which adds no sample (a sampler whose unpaired items ran out), else `pool`."""
+    if isinstance(pool, Tensor) and pool.dim() == 2 and pool.shape[0] == 0:
+        check_same_dim(name, pool, paired_name, paired)
+        return None
+    return pool
 
 
 def _pool(name: str, pool: Tensor, paired_name: str, paired: Tensor) -> Tensor:
