@@ -451,3 +451,12 @@ def test_an_empty_unpaired_pool_is_no_pool(impl: str) -> None:
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     with pytest.raises(ValueError, match="feature dims differ: unpaired_texts has D=5, text has D=4"):
         loss_fn(x, y, unpaired_texts=torch.empty(0, 5))
+
+
+def test_settings_in_the_config_slot_are_a_type_error_that_says_keywords() -> None:
+    """CSAlignerLoss(0.01) (lam first, as the README's table lists it) was AttributeError: 'float' object has no
+    attribute 'objective'; a dict of settings the same."""
+    with pytest.raises(TypeError, match=r"CSAlignerLoss takes a LossConfig or its settings as keywords.*got 0.01"):
+        CSAlignerLoss(0.01)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got \{'lam': 0.1\} \(dict\).*pass AlignmentLoss\(\*\*settings\)"):
+        AlignmentLoss({"lam": 0.1})  # type: ignore[arg-type]

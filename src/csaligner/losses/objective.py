@@ -148,6 +148,7 @@ class AlignmentLoss(nn.Module):
 
     def __init__(self, config: LossConfig | None = None, **overrides: object) -> None:
         super().__init__()
+        _check_config(type(self).__name__, config)
         base = config or LossConfig()
         self.config = LossConfig(**{**base.__dict__, **overrides}) if overrides else base
         scale = math.log(1.0 / self.config.temperature)
@@ -365,6 +366,7 @@ class CSAlignerLoss(AlignmentLoss):
     """
 
     def __init__(self, config: LossConfig | None = None, **overrides: object) -> None:
+        _check_config(type(self).__name__, config)
         asked = overrides.get("objective", config.objective if config is not None else "cs_aligner")
         if asked != "cs_aligner":  # quietly training CS-Aligner when the config says otherwise would mislead
             raise ValueError(
@@ -372,6 +374,16 @@ class CSAlignerLoss(AlignmentLoss):
                 "AlignmentLoss(config) or build_objective(config) for the other objectives"
             )
         super().__init__(config, **{**overrides, "objective": "cs_aligner"})
+
+
+def _check_config(cls: str, config: object) -> None:
+    """A loss takes a `LossConfig` or keywords: `CSAlignerLoss(0.01)` put lam where the config goes."""
+    if config is not None and not isinstance(config, LossConfig):
+        raise TypeError(
+            f"{cls} takes a LossConfig or its settings as keywords, e.g. {cls}(lam=0.01, sigma=1.0), "
+            f"got {config!r} ({type(config).__name__}) as the config"
+            + (f"; pass {cls}(**settings) for a dict" if isinstance(config, Mapping) else "")
+        )
 
 
 def _nonempty_pool(name: str, pool: Tensor | None, paired_name: str, paired: Tensor) -> Tensor | None:
