@@ -35,6 +35,21 @@ def check_features(name: str, x: Tensor, ndim: int = 2, finite: bool = True) -> 
         raise NonFiniteFeaturesError(name, n_bad, x.shape[:-1].numel())
 
 
+def check_tensor(name: str, value: object, what: str) -> None:
+    """Refuse a list or an array where a tensor goes, naming the argument and the conversion.
+
+    Args:
+        name: argument name used in the error message.
+        value: the argument.
+        what: what the tensor holds, e.g. "image row indices".
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of {what}, got {type(value).__name__}; "
+            f"convert it with torch.as_tensor({name})"
+        )
+
+
 def check_tokens(name: str, tokens: Tensor, mask_name: str, mask: Tensor | None) -> Tensor:
     """Check (B, T, D) tokens and their (B, T) mask (see `check_token_mask`); return the bool mask.
 
@@ -109,11 +124,17 @@ def numpy_hint(value: object, *, integer: bool = True) -> str:
 
 
 def check_positive(name: str, value: float | Tensor) -> None:
-    """A bandwidth or temperature must be a finite positive number (or a tensor of them)."""
+    """A bandwidth or temperature must be one finite positive number: a float, or a tensor of one element
+    (0-dim, or shape (1,)); a tensor of several would broadcast into the logits, one value per column."""
     if isinstance(value, bool):  # float(True) == 1.0: a flag passed in the wrong place, not a bandwidth
         raise ValueError(f"{name} must be a finite number > 0, got the bool {value!r}")
     if isinstance(value, Tensor):
-        v = float(value.detach().min())
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(
+                f"{name} must be a single number (a float or a 0-dim tensor), got a tensor of shape "
+                f"{tuple(value.shape)}; pass one value, e.g. {name}.reshape(()) for a one-element tensor"
+            )
+        v = float(value.detach())
         ok = math.isfinite(v) and v > 0
     else:
         ok = is_number(value) and value > 0
@@ -132,15 +153,18 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
 
 
 def check_weights(name: str, w: Tensor | None, n: int, ref: Tensor) -> Tensor | None:
-    """Validate per-sample weights or a boolean mask of length n; return float weights or None."""
+    """Validate per-sample weights or a boolean mask of length n; return float weights in ref's dtype, or None."""
     if w is None:
         return None
+    check_tensor(name, w, "per-sample weights or a boolean mask")
     if w.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) to match the features, got {tuple(w.shape)}")
-    wf = w.to(device=ref.device, dtype=torch.float32)
-    if not torch.isfinite(wf).all() or (wf < 0).any():
-        raise ValueError(f"{name} must be finite and >= 0 (a mask or weights), got min {float(wf.min())}")
-    if float(wf.sum()) <= 0:
+    # in ref's dtype: float32 weights would round float64 ones (1e-9 off a float64 reference)
+    wf = w.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+    seen = wf.detach()  # checked without a warning for weights that require grad
+    if not torch.isfinite(seen).all() or (seen < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0 (a mask or weights), got min {float(seen.min())}")
+    if float(seen.sum()) <= 0:
         raise ValueError(f"{name} selects no sample (all weights are zero); keep at least one sample")
     return wf
 
@@ -150,6 +174,7 @@ def check_token_mask(name: str, mask: Tensor | None, tokens: Tensor) -> Tensor:
     b, t = tokens.shape[:2]
     if mask is None:
         return torch.ones(b, t, dtype=torch.bool, device=tokens.device)
+    check_tensor(name, mask, "token flags (True for real tokens)")
     if mask.shape != (b, t):
         raise ValueError(f"{name} must have shape ({b}, {t}) to match the tokens, got {tuple(mask.shape)}")
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):

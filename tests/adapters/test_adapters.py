@@ -172,6 +172,22 @@ def test_prior_rejects_bad_inputs() -> None:
         prior(text, text_tokens=torch.randn(2, 4, 8))
 
 
+def test_prior_takes_the_token_masks_the_loss_takes_and_refuses_the_same_others() -> None:
+    """The prior read an int mask of 2 as True and refused a float 0/1 mask that CSAlignerLoss's token term takes."""
+    prior = build_adapter(make_config("prior")).eval()
+    text = torch.randn(3, 8)
+    tokens, mask = tokens_and_mask()
+    ref = prior(text, text_tokens=tokens, text_token_mask=mask)
+    for same in (mask.long(), mask.float()):  # a Hugging Face attention mask, or one cast to float
+        torch.testing.assert_close(prior(text, text_tokens=tokens, text_token_mask=same), ref)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        prior(text, text_tokens=tokens, text_token_mask=mask.long() * 2)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        prior(text, text_tokens=tokens, text_token_mask=mask.float() * 0.5)
+    with pytest.raises(TypeError, match=r"text_token_mask must be a torch.Tensor .*torch.as_tensor"):
+        prior(text, text_tokens=tokens, text_token_mask=mask.tolist())
+
+
 def test_prior_paper_sizes_are_the_defaults() -> None:
     cfg = AdapterConfig(kind="prior", in_dim=768, out_dim=1280)
     assert (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.inner_dim, cfg.dropout) == (10, 16, 32, 512, 0.0)

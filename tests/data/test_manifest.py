@@ -138,6 +138,13 @@ def test_select_and_head(tiny_manifest: ImageTextManifest) -> None:
     assert tiny_manifest.head(2).num_texts == 4 and tiny_manifest.head(2).name == "tiny:2"
 
 
+@pytest.mark.parametrize("rows", [[-1], [True, False], [1.0], [99]])
+def test_select_images_refuses_what_is_not_an_image_row(tiny_manifest: ImageTextManifest, rows: list) -> None:
+    """[-1] kept the last image and dropped its captions; [True, False] selected rows 1 and 0."""
+    with pytest.raises(ValueError, match=r"rows must be integers in \[0, \d+\] \(image rows\)"):
+        tiny_manifest.select_images(rows)
+
+
 def test_coco_captions(tmp_path: Path) -> None:
     obj = {
         "images": [{"id": 9, "file_name": "b.jpg"}, {"id": 3, "file_name": "a.jpg"}],

@@ -92,6 +92,27 @@ def test_generate_rejects_bad_inputs(kandinsky_pipe: Any) -> None:
         generate(object(), torch.randn(1, EMBED_DIM))
 
 
+def test_generate_settings_are_checked_and_a_numpy_seed_is_a_seed(kandinsky_pipe: Any) -> None:
+    """A numpy seed was a TypeError ('numpy.int64' object is not iterable); NaN guidance and 2.7 steps went to
+    the pipeline unchecked; embed_norm=0 was reported as "norm"."""
+    e = torch.randn(2, EMBED_DIM)
+    size = {"height": 32, "width": 32}
+    by_int = pixels(generate(kandinsky_pipe, e, seed=3, **size, **FAST))
+    np.testing.assert_array_equal(pixels(generate(kandinsky_pipe, e, seed=np.int64(3), **size, **FAST)), by_int)
+    np.testing.assert_array_equal(pixels(generate(kandinsky_pipe, e, seed=np.arange(3, 5), **size, **FAST)), by_int)
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"seed": 2.5}, "seed must be an integer or one integer per row, got 2.5"),
+        ({"seed": [0, True]}, r"seed must be an integer or one integer per row, got \[0, True\]"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+        ({"num_inference_steps": 2.7}, "num_inference_steps must be an integer >= 1, got 2.7"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"embed_norm": 0.0}, "embed_norm must be a finite number > 0, got 0.0"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            generate(kandinsky_pipe, e, **size, **{**FAST, **kwargs})
+
+
 def test_karlo_image_embeddings_path(karlo_pipe: Any) -> None:
     emb = torch.randn(2, EMBED_DIM)
     run = {"num_inference_steps": 2, "super_res_steps": 2, "guidance_scale": 7.5}

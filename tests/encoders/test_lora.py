@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from csaligner.encoders import LoraTextConfig, LoraTextEncoder, apply_lora, lora_state_dict
-from csaligner.encoders.lora import load_lora_state_dict, num_trainable
+from csaligner.encoders import LoraTextConfig, LoraTextEncoder, apply_lora, load_lora_state_dict, lora_state_dict
+from csaligner.encoders.lora import num_trainable
 
 pytest.importorskip("peft")
 
@@ -72,6 +72,21 @@ def test_merge_unmerge_cycles_leave_base_weights_bit_identical(tiny_bert: nn.Mod
     assert all(torch.equal(frozen[n], p) for n, p in enc.named_parameters() if not p.requires_grad)
 
 
+def test_merging_twice_then_unmerging_restores_the_base_weights(tiny_bert: nn.Module) -> None:
+    """A second merge took its copy of the already-merged weights, so unmerge put B A into the frozen base."""
+    enc = LoraTextEncoder(tiny_bert, config=LoraTextConfig(dropout=0.0)).eval()
+    randomise_lora(enc)
+    frozen = {n: p.detach().clone() for n, p in enc.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        ref = enc(*batch())[0]
+        enc.merge()
+        enc.merge()  # e.g. an eval helper that merges, called from a loop that merged already
+        torch.testing.assert_close(enc(*batch())[0], ref, atol=1e-5, rtol=1e-4)
+        enc.unmerge()
+        assert all(torch.equal(frozen[n], p) for n, p in enc.named_parameters() if not p.requires_grad)
+        torch.testing.assert_close(enc(*batch())[0], ref, atol=1e-5, rtol=1e-4)
+
+
 def test_lora_changes_outputs_and_state_dict_round_trips(tiny_bert: nn.Module) -> None:
     plain = copy.deepcopy(tiny_bert)
     enc = LoraTextEncoder(tiny_bert, config=LoraTextConfig(dropout=0.0)).eval()
@@ -87,6 +102,21 @@ def test_lora_changes_outputs_and_state_dict_round_trips(tiny_bert: nn.Module) -
     with torch.no_grad():
         hidden = fresh(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), out)
+
+
+def test_lora_state_dict_takes_the_encoder_itself(tiny_bert: nn.Module) -> None:
+    """lora_state_dict(encoder) was AttributeError: 'LoraTextEncoder' object has no attribute 'peft_config'."""
+    plain = copy.deepcopy(tiny_bert)
+    enc = LoraTextEncoder(tiny_bert, config=LoraTextConfig(dropout=0.0)).eval()
+    randomise_lora(enc)
+    state = lora_state_dict(enc)
+    assert state.keys() == lora_state_dict(enc.peft_model).keys() and state
+    fresh = LoraTextEncoder(plain, config=LoraTextConfig(dropout=0.0)).eval()
+    load_lora_state_dict(fresh, state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(*batch())[0], enc(*batch())[0])
+    with pytest.raises(TypeError, match="takes a LoraTextEncoder or the peft model apply_lora returned, got Linear"):
+        lora_state_dict(nn.Linear(2, 2))
 
 
 def test_config_and_target_errors(tiny_bert: nn.Module) -> None:

@@ -112,3 +112,12 @@ def test_few_shot_errors() -> None:
         few_shot_accuracy(x, y, x[:2], torch.tensor([0, 9]), shots=(1,))
     with pytest.raises(ValueError, match="method"):
         few_shot_accuracy(x, y, x, y, shots=(1,), method="knn")  # type: ignore[arg-type]
+
+
+def test_labels_given_as_a_list_name_the_conversion() -> None:
+    """check_labels refuses a list with a TypeError, but its callers called .to(device) on it first: AttributeError."""
+    x, y = torch.randn(20, 4), torch.arange(20) % 4
+    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor .*torch.as_tensor\(labels\)"):
+        zero_shot_accuracy(torch.randn(2, 6), E[:3], [0, 1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"train_labels must be a torch.Tensor .*torch.as_tensor"):
+        few_shot_accuracy(x, y.tolist(), x, y, shots=(1,))  # type: ignore[arg-type]

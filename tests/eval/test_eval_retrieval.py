@@ -142,3 +142,34 @@ def test_errors_name_the_problem(kwargs: dict, match: str, from_similarity: From
 def test_dimension_mismatch() -> None:
     with pytest.raises(ValueError, match="feature dims differ"):
         retrieval_metrics(torch.randn(3, 4), torch.randn(3, 5), torch.arange(3))
+
+
+def test_a_list_index_map_names_the_conversion() -> None:
+    """check_index refuses a list with a TypeError, but every caller called .to(device) on it first: AttributeError."""
+    from csaligner.eval import modality_gap_metrics, t2i_metrics
+
+    image, text = torch.randn(3, 4), torch.randn(5, 4)
+    t2i = [0, 0, 1, 2, 2]
+    for metric in (retrieval_metrics, modality_gap_metrics, t2i_metrics):
+        with pytest.raises(TypeError, match=r"text_to_image must be a torch.Tensor .*torch.as_tensor"):
+            metric(image, text, t2i)  # type: ignore[operator]
+
+
+def test_an_ambient_autocast_does_not_tie_close_scores() -> None:
+    """Under bf16 autocast the scores were rounded to 8 bits: a positive at cosine 0.9990 tied a negative at 0.9985,
+    and the pessimistic tie rule ranked it second (R@1 0 instead of 100), as an eval loop inside autocast does."""
+    import math
+
+    from csaligner.eval import zero_shot_accuracy
+
+    def unit(angle: float) -> list[float]:
+        return [math.cos(angle), math.sin(angle)]
+
+    image = torch.tensor([unit(0.0)])
+    text = torch.tensor([unit(math.acos(0.9990)), unit(-math.acos(0.9985))])  # the caption, then a distractor
+    t2i = torch.tensor([0, -1])
+    plain = retrieval_metrics(image, text, t2i, ks=(1,))
+    assert plain["i2t_R@1"] == 100.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert retrieval_metrics(image, text, t2i, ks=(1,)) == plain
+        assert zero_shot_accuracy(image, text[:, None], torch.tensor([0]))["top1"] == 100.0

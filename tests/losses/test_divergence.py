@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from csaligner import cs_divergence, gaussian_kl, mmd, token_cs_divergence
 from csaligner.losses import median_bandwidth
-from tests.losses.reference import cs_loop, mmd_loop
+from tests.losses.reference import cs_loop, kernel, mmd_loop
 
 
 @pytest.mark.parametrize(("m", "n", "sigma"), [(5, 5, 1.0), (4, 7, 0.7), (9, 3, 2.5), (1, 6, 1.0)])
@@ -94,6 +95,29 @@ def test_cs_weights_mask_equals_subset() -> None:
     assert float(cs_divergence(x[:3], y, 1.0, x_weights=w)) == pytest.approx(float(cs_divergence(rep, y, 1.0)))
 
 
+def test_cs_float64_weights_match_a_weighted_double_loop_and_may_require_grad() -> None:
+    """Weights were rounded to float32 (a float64 D_CS 1e-9 off), and weights that require grad warned."""
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    wx, wy = torch.rand(6, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+
+    def weighted_mean_kernel(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor) -> float:
+        pa, pb = wa / wa.sum(), wb / wb.sum()
+        return sum(float(pa[i] * pb[j]) * kernel(a[i], b[j], 0.7) for i in range(len(a)) for j in range(len(b)))
+
+    ref = (
+        math.log(weighted_mean_kernel(x, wx, x, wx))
+        + math.log(weighted_mean_kernel(y, wy, y, wy))
+        - 2 * math.log(weighted_mean_kernel(x, wx, y, wy))
+    )
+    learnable = wx.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = cs_divergence(x, y, 0.7, x_weights=learnable, y_weights=wy)
+    assert float(value.detach()) == pytest.approx(ref, rel=1e-13)
+    value.backward()
+    assert learnable.grad is not None and torch.isfinite(learnable.grad).all()
+
+
 def test_remark_3_2_cosine_of_kernel_mean_embeddings() -> None:
     """D_CS = -2 log cos(mu_x, mu_y) with mu the kernel mean embeddings, built explicitly here from
     random Fourier features phi (k(a, b) ~= phi(a) . phi(b)), independent of the log-sum-exp code."""
@@ -119,6 +143,19 @@ def test_median_bandwidth_matches_definition() -> None:
     iu = torch.triu_indices(12, 12, offset=1)
     assert float(median_bandwidth(x, y)) == pytest.approx(float(dist[iu[0], iu[1]].median()), rel=1e-5)
     assert torch.isfinite(cs_divergence(x, y, sigma="median"))
+
+
+def test_median_bandwidth_checks_its_inputs() -> None:
+    """It took anything: (D,) vectors were an IndexError, NaN features a NaN bandwidth, mixed widths a cat error."""
+    x, y = torch.randn(7, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, D\)"):
+        median_bandwidth(x[0], y[0])
+    with pytest.raises(ValueError, match="y contains NaN or Inf in 1 of 5"):
+        median_bandwidth(x, torch.cat([y[:4], torch.full((1, 3), float("nan"))]))
+    with pytest.raises(ValueError, match="feature dims differ: x has D=3, y has D=2"):
+        median_bandwidth(x, y[:, :2])
+    with pytest.raises(ValueError, match="max_samples must be an integer >= 2"):
+        median_bandwidth(x, y, max_samples=1)
 
 
 def test_token_cs_matches_per_sample_loop_with_padding() -> None:

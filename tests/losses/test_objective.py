@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from csaligner import AlignmentLoss, CSAlignerLoss, LossConfig, cs_divergence, info_nce
-from csaligner.losses.divergence import gaussian_kl, mmd
+from csaligner.kernels import infonce_cs_terms
+from csaligner.losses.divergence import gaussian_kl, mmd, token_cs_divergence
 from tests.losses.reference import info_nce_loop
 
 
@@ -39,8 +41,11 @@ def test_info_nce_errors_name_the_problem() -> None:
         info_nce(x, torch.randn(5, 3))
     with pytest.raises(ValueError, match=r"no caption in this batch \(rows \[3\]\)"):
         info_nce(x, torch.randn(3, 3), text_to_image=torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match=r"must lie in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\] \(the image rows\), got \[0, 4\]$"):
         info_nce(x, torch.randn(4, 3), text_to_image=torch.tensor([0, 1, 2, 4]))
+    # PairedFeatures marks captions without an image -1: the error says where they go
+    with pytest.raises(ValueError, match=r"got \[-1, 3\]; 2 caption\(s\) have no image .* pass them as unpaired_texts"):
+        CSAlignerLoss()(x, torch.randn(6, 3), text_to_image=torch.tensor([0, 1, -1, 2, 3, -1]))
     with pytest.raises(ValueError, match="temperature"):
         info_nce(x, torch.randn(4, 3), temperature=-1.0)
 
@@ -338,3 +343,120 @@ def test_a_soft_token_mask_is_an_error_and_a_0_1_int_mask_is_a_mask() -> None:
     assert torch.allclose(got, want)
     with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1"):
         loss(x[:, 0], y[:, 0], image_tokens=x, text_tokens=y, text_token_mask=hard * 0.5 + 0.5)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_a_temperature_or_bandwidth_of_several_values_is_an_error(impl: str) -> None:
+    """A (2,) temperature broadcast over the 2 texts' columns of the logits: a loss, silently, with two temperatures."""
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    pair = torch.tensor([0.07, 0.5])
+    with pytest.raises(ValueError, match=r"temperature must be a single number .* shape \(2,\)"):
+        info_nce(x, y, temperature=pair)
+    with pytest.raises(ValueError, match=r"sigma must be a single number .* shape \(2,\)"):
+        cs_divergence(x, y, sigma=pair)
+    with pytest.raises(ValueError, match=r"temperature must be a single number .* shape \(2,\)"):
+        infonce_cs_terms(x, y, temperature=pair, impl=impl)
+    with pytest.raises(ValueError, match=r"sigma must be a single number .* shape \(1, 1\)"):
+        infonce_cs_terms(x, y, sigma=torch.ones(1, 1), impl=impl)
+    one = infonce_cs_terms(x, y, temperature=torch.tensor([0.1]), sigma=torch.tensor(0.5), impl=impl)
+    ref = infonce_cs_terms(x, y, temperature=0.1, sigma=0.5, impl=impl)
+    assert all(torch.allclose(one[k], ref[k]) for k in ref)  # a one-element tensor is one number
+
+
+def test_an_index_map_weights_or_mask_that_is_not_a_tensor_names_the_conversion() -> None:
+    """A list or a numpy array raised AttributeError: 'list' object has no attribute 'to' (or 'shape')."""
+    x, y = torch.randn(3, 4), torch.randn(5, 4)
+    t2i = [0, 1, 2, 0, 1]
+    with pytest.raises(TypeError, match=r"text_to_image must be a torch.Tensor .* got list.*torch.as_tensor"):
+        CSAlignerLoss()(x, y, text_to_image=t2i)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"text_to_image must be a torch.Tensor .* got ndarray"):
+        info_nce(x, y, text_to_image=np.array(t2i))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"x_weights must be a torch.Tensor .* got list"):
+        cs_divergence(x, y, x_weights=[1.0, 1.0, 0.0])  # type: ignore[arg-type]
+    tokens = torch.randn(3, 2, 4)
+    with pytest.raises(TypeError, match=r"image_token_mask must be a torch.Tensor .* got list"):
+        CSAlignerLoss(token_lam=1.0)(
+            x,
+            y[:3],
+            image_tokens=tokens,
+            text_tokens=tokens,
+            image_token_mask=[[1, 1]] * 3,  # type: ignore[arg-type]
+        )
+    torch.testing.assert_close(  # converted, it is the same loss
+        CSAlignerLoss()(x, y, text_to_image=torch.as_tensor(t2i))["loss"],
+        CSAlignerLoss()(x, y, text_to_image=torch.tensor(t2i, dtype=torch.long))["loss"],
+    )
+
+
+def test_a_learned_bandwidth_keeps_float64_terms_exact_on_every_path() -> None:
+    """The dense path squared a learned (float32) sigma in float32: in float64 its D_CS was 4e-7 off the chunked
+    one and off cs_divergence at the same sigma (sigma=0.05 scales that rounding by 1/sigma^2)."""
+    x, y = torch.randn(20, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
+    t2i = torch.arange(30) % 20
+    terms = {
+        impl: CSAlignerLoss(lam=1.0, sigma=0.05, learn_sigma=True, impl=impl)(x, y, text_to_image=t2i)
+        for impl in ("dense", "chunked")
+    }
+    sigma = float(CSAlignerLoss(sigma=0.05, learn_sigma=True).sigma.detach())  # the float32 value it starts from
+    ref = cs_divergence(F.normalize(x, dim=-1), F.normalize(y, dim=-1), sigma=sigma)
+    for impl, out in terms.items():
+        assert out["cs"].dtype == torch.float64
+        torch.testing.assert_close(out["cs"], ref, rtol=1e-12, atol=0, msg=impl)
+    tokens = torch.randn(4, 3, 8, dtype=torch.float64), torch.randn(4, 5, 8, dtype=torch.float64)
+    token_cs = token_cs_divergence(*tokens, sigma=torch.tensor(0.05, dtype=torch.float32))
+    token_ref = token_cs_divergence(*tokens, sigma=float(torch.tensor(0.05)))
+    torch.testing.assert_close(token_cs, token_ref, rtol=1e-12, atol=0)
+
+
+def test_an_ambient_autocast_leaves_every_term_and_gradient_as_without_it() -> None:
+    """Under torch.autocast the dense references ran their matmuls in bfloat16: D_CS at sigma 0.05 was 0.36 instead
+    of 0.92 (||a||^2 + ||b||^2 - 2 a.b cancels), while the chunked path ignored autocast, so impl="auto" changed
+    the loss with the batch size. A training loop that autocasts its adapters must get the loss of their output."""
+    x = torch.randn(32, 16)
+    y = x + 0.05 * torch.randn(32, 16)
+    adapter = torch.nn.Linear(16, 16)
+    tokens = torch.randn(4, 5, 16), torch.randn(4, 3, 16)
+    settings = {"lam": 1.0, "sigma": 0.05, "temperature": 0.01, "token_lam": 1.0}
+    for impl in ("dense", "chunked"):
+        loss_fn = CSAlignerLoss(**settings, impl=impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mapped = adapter(x)  # bfloat16, as in a mixed-precision training step
+            got = loss_fn(mapped, y, image_tokens=tokens[0], text_tokens=tokens[1])
+        (grad,) = torch.autograd.grad(got["loss"], mapped)
+        same = mapped.detach().requires_grad_()  # the same bfloat16 features, outside autocast
+        plain = loss_fn(same, y, image_tokens=tokens[0], text_tokens=tokens[1])
+        (plain_grad,) = torch.autograd.grad(plain["loss"], same)
+        for name in ("infonce", "cs", "token_cs", "loss"):
+            torch.testing.assert_close(got[name], plain[name], msg=f"{impl} {name}")
+        torch.testing.assert_close(grad, plain_grad, msg=f"{impl} gradient")
+    functions = {
+        "cs_divergence": lambda: cs_divergence(x, y, sigma=0.05),
+        "info_nce": lambda: info_nce(x, y, 0.01),
+        "mmd": lambda: mmd(x, y, 0.05),
+        "token_cs_divergence": lambda: token_cs_divergence(*tokens, sigma=0.05),
+    }
+    for name, fn in functions.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = fn()
+        torch.testing.assert_close(under, fn(), msg=name)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_an_empty_unpaired_pool_is_no_pool(impl: str) -> None:
+    """A (0, D) pool (an unpaired sampler that ran out) was an error, 'unpaired_images is empty'; it adds no sample."""
+    x, y = torch.randn(6, 4), torch.randn(6, 4)
+    loss_fn = CSAlignerLoss(lam=1.0, impl=impl)
+    ref = loss_fn(x, y)
+    got = loss_fn(x, y, unpaired_images=torch.empty(0, 4), unpaired_texts=torch.empty(0, 4))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="feature dims differ: unpaired_texts has D=5, text has D=4"):
+        loss_fn(x, y, unpaired_texts=torch.empty(0, 5))
+
+
+def test_settings_in_the_config_slot_are_a_type_error_that_says_keywords() -> None:
+    """CSAlignerLoss(0.01) (lam first, as the README's table lists it) was AttributeError: 'float' object has no
+    attribute 'objective'; a dict of settings the same."""
+    with pytest.raises(TypeError, match=r"CSAlignerLoss takes a LossConfig or its settings as keywords.*got 0.01"):
+        CSAlignerLoss(0.01)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got \{'lam': 0.1\} \(dict\).*pass AlignmentLoss\(\*\*settings\)"):
+        AlignmentLoss({"lam": 0.1})  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from csaligner._validation import check_tensor
 from csaligner.adapters.config import AdapterConfig
 from csaligner.adapters.registry import Adapter, check_adapter_input, register_adapter
 
@@ -178,7 +179,7 @@ class PriorTransformerAdapter(Adapter):
         Args:
             text: (B, D_t) pooled text features.
             text_tokens: optional (B, L, D_tok) text token states, L <= max_text_tokens.
-            text_token_mask: optional (B, L) bool (or 0/1 integer), True for real tokens; None
+            text_token_mask: optional (B, L) bool (or 0/1, e.g. an attention mask), True for real tokens; None
                 means no padding. A sample may have no real token: the pooled text still conditions it.
             **kwargs: ignored (e.g. image-side arguments), so every adapter is called the same way.
 
@@ -233,9 +234,14 @@ class PriorTransformerAdapter(Adapter):
             )
         if mask is None:
             return torch.ones(b, length, dtype=torch.bool, device=tokens.device)
-        if mask.shape != (b, length) or mask.is_floating_point():
+        check_tensor("text_token_mask", mask, "token flags (True for real tokens)")
+        if mask.shape != (b, length):
             raise ValueError(
-                f"text_token_mask must be a bool (or 0/1 integer) tensor of shape ({b}, {length}), "
-                f"got {mask.dtype} {tuple(mask.shape)}"
+                f"text_token_mask must have shape ({b}, {length}) to match text_tokens, got {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            # as the token-level loss: an attention mask is 0/1; a 2 read as True, soft weights as 1
+            raise ValueError(
+                "text_token_mask must be bool or hold only 0 and 1 (True for real tokens), got other values"
             )
         return mask.to(device=tokens.device) != 0

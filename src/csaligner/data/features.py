@@ -7,6 +7,7 @@ image and unpaired pools need no duplication.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,9 +73,16 @@ class PairedFeatures:
         first.scatter_reduce_(0, t2i[paired], paired.nonzero().flatten(), "amin")
         return torch.where(first < self.num_texts, first, -1)
 
-    def select_images(self, rows: Tensor) -> PairedFeatures:
-        """Keep the given image rows and the captions that point at them (re-indexed)."""
-        rows = rows.long()
+    def select_images(self, rows: Tensor | Sequence[int]) -> PairedFeatures:
+        """Keep the given image rows (in that order) and the captions that point at them (re-indexed).
+
+        Args:
+            rows: (K,) distinct image rows in [0, N) (a tensor, list or array), or an (N,) boolean mask.
+
+        Returns:
+            PairedFeatures of the K images; unpaired captions (-1) are dropped.
+        """
+        rows = _image_rows(rows, self.num_images)
         remap = torch.full((self.num_images,), -1, dtype=torch.long)
         remap[rows] = torch.arange(rows.numel())
         keep = (self.text_to_image >= 0) & (remap[self.text_to_image.clamp_min(0)] >= 0)
@@ -91,3 +99,34 @@ class PairedFeatures:
             text_token_mask=None if self.text_token_mask is None else self.text_token_mask[tk],
             meta=dict(self.meta),
         )
+
+
+def _image_rows(rows: Tensor | Sequence[int], n: int) -> Tensor:
+    """(K,) int64 rows from `select_images`' argument, checked: a boolean mask was read as rows 0 and 1, 0.5 as
+    row 0, and a repeated row left all its captions on one copy and the others without a caption."""
+    r = rows if isinstance(rows, Tensor) else torch.as_tensor(rows)
+    if r.dtype == torch.bool:
+        if r.shape != (n,):
+            raise ValueError(
+                f"a boolean mask of images must have shape ({n},), one flag per image, got {tuple(r.shape)}"
+            )
+        return r.nonzero().flatten()
+    if r.numel() == 0:
+        return r.reshape(0).long()  # torch.as_tensor([]) is float32; PairedFeatures refuses no image itself
+    if r.dim() != 1 or r.is_floating_point() or r.is_complex():
+        raise ValueError(
+            f"rows must be a 1-D tensor of integer image rows or an ({n},) boolean mask, "
+            f"got dtype {r.dtype} and shape {tuple(r.shape)}"
+        )
+    r = r.long()
+    lo, hi = int(r.min()), int(r.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"rows must lie in [0, {n - 1}] (the image rows), got [{lo}, {hi}]")
+    if r.unique().numel() != r.numel():
+        values, counts = r.unique(return_counts=True)
+        raise ValueError(
+            f"rows repeats {int((counts > 1).sum())} image(s) (e.g. row {int(values[counts > 1][0])}); each image can "
+            "be kept once (its captions would all point at one copy): draw rows without replacement, e.g. "
+            "torch.randperm(num_images)[:k]"
+        )
+    return r

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from csaligner._validation import is_integer
 from csaligner.data.delimited import TSV_QUOTINGS, TsvQuoting, read_csv_rows, read_tsv_rows
 
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
@@ -98,7 +99,15 @@ class ImageTextManifest:
         return [j for j, t in enumerate(self.text_to_image) if t == image_row]
 
     def select_images(self, rows: Sequence[int], name: str | None = None) -> ImageTextManifest:
-        """Keep the given image rows (in that order) and their captions; unpaired captions are dropped."""
+        """Keep the given image rows (in that order) and their captions; unpaired captions are dropped.
+
+        Args:
+            rows: distinct image rows in [0, num_images) (a bool is not a row: [True, False] read as rows 1, 0).
+            name: the new manifest's name (default: this one's).
+        """
+        bad = [r for r in rows if not is_integer(r) or not 0 <= r < self.num_images]
+        if bad:  # -1 kept the last image but dropped its captions (they link to its row, not to -1)
+            raise ValueError(f"rows must be integers in [0, {self.num_images - 1}] (image rows), got {bad[:5]}")
         remap = {old: new for new, old in enumerate(rows)}
         keep = [j for j, t in enumerate(self.text_to_image) if t in remap]
         return ImageTextManifest(

@@ -12,15 +12,16 @@ measure it on real image embeddings from the decoder's own CLIP image encoder (`
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive
+from csaligner._validation import check_features, check_positive, is_integer, is_number
 from csaligner.decode._deps import require
 
 if TYPE_CHECKING:
@@ -73,7 +74,8 @@ def _spec(kind: str) -> DecoderSpec:
 def _download_hint(spec: DecoderSpec) -> str:
     return (
         f"download the '{spec.hub_id}' folder on a machine with network access "
-        f"(e.g. `huggingface-cli download {spec.hub_id} --local-dir DIR`), copy it here and pass --decoder-path DIR"
+        f"(e.g. `huggingface-cli download {spec.hub_id} --local-dir DIR`), copy it here and pass DIR as the path "
+        "(--decoder-path DIR on the command line)"
     )
 
 
@@ -285,9 +287,7 @@ def generate(
             f"image_embeds has D={d}, but this {kind} decoder is conditioned on D={expected} embeddings "
             f"(released weights: {DECODERS[kind].image_space}); map the text into that space first"
         )
-    for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    _check_settings(num_inference_steps, batch_size, super_res_steps, guidance_scale, embed_norm)
     seeds = _row_seeds(seed, n)
     x = image_embeds.float() if embed_norm is None else rescale_embeds(image_embeds.float(), embed_norm)
     if kind == "kandinsky22":
@@ -329,10 +329,34 @@ def _to_pipe(module: Any, x: Tensor) -> Tensor:
     return x.to(device=module.device, dtype=module.dtype)
 
 
+def _seed_int(s: object) -> int:
+    if isinstance(s, bool):
+        raise TypeError("a bool is not a seed")
+    return operator.index(cast(int, s))  # an int, a numpy integer or an integer 0-dim tensor
+
+
+def _check_settings(
+    steps: int, batch_size: int, super_res_steps: int, guidance_scale: float, embed_norm: float | None
+) -> None:
+    """Counts are positive integers (2.7 steps reached the pipeline as 2.7), the weights finite numbers (a NaN
+    guidance scale was passed on to the pipeline, which decoded it without a word)."""
+    counts = (("num_inference_steps", steps), ("batch_size", batch_size), ("super_res_steps", super_res_steps))
+    for name, value in counts:
+        if not is_integer(value) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not is_number(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number (<= 1 disables guidance), got {guidance_scale!r}")
+    if embed_norm is not None:
+        check_positive("embed_norm", embed_norm)
+
+
 def _row_seeds(seed: int | Sequence[int], n: int) -> list[int]:
-    if isinstance(seed, int):
-        return [seed + i for i in range(n)]
-    seeds = [int(s) for s in seed]
+    if is_integer(seed):  # numpy integers too (a seed drawn with np.random): iterating one was a TypeError
+        return [operator.index(cast(int, seed)) + i for i in range(n)]
+    try:
+        seeds = [_seed_int(s) for s in cast(Sequence[int], seed)]
+    except TypeError:  # a float, a bool, a string: not a seed, nor one per row
+        raise ValueError(f"seed must be an integer or one integer per row, got {seed!r}") from None
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} embeddings; pass one seed per row or a single int")
     return seeds

@@ -84,18 +84,39 @@ def unmerge_lora(peft_model: Any) -> None:
     peft_model.unmerge_adapter()
 
 
-def lora_state_dict(peft_model: Any) -> dict[str, Tensor]:
-    """Only the LoRA weights (a few hundred KB), for checkpoints."""
+def lora_state_dict(model: Any) -> dict[str, Tensor]:
+    """Only the LoRA weights (a few hundred KB), for checkpoints.
+
+    Args:
+        model: a `LoraTextEncoder`, or the peft model `apply_lora` returned.
+    """
     from peft import get_peft_model_state_dict
 
-    return dict(get_peft_model_state_dict(peft_model))
+    return dict(get_peft_model_state_dict(_peft_model(model, "lora_state_dict")))
 
 
-def load_lora_state_dict(peft_model: Any, state: dict[str, Tensor]) -> None:
-    """Load weights saved with `lora_state_dict` into a model built with the same config."""
+def load_lora_state_dict(model: Any, state: dict[str, Tensor]) -> None:
+    """Load weights saved with `lora_state_dict` into a model built with the same config.
+
+    Args:
+        model: a `LoraTextEncoder`, or the peft model `apply_lora` returned.
+        state: what `lora_state_dict` returned.
+    """
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(peft_model, state)
+    set_peft_model_state_dict(_peft_model(model, "load_lora_state_dict"), state)
+
+
+def _peft_model(model: Any, caller: str) -> Any:
+    """The peft model inside a `LoraTextEncoder`, or `model` itself when it is one."""
+    if isinstance(model, LoraTextEncoder):
+        return model.peft_model
+    if not hasattr(model, "peft_config"):
+        raise TypeError(
+            f"{caller} takes a LoraTextEncoder or the peft model apply_lora returned, got {type(model).__name__} "
+            "(a model without LoRA has no LoRA weights)"
+        )
+    return model
 
 
 class LoraTextEncoder(nn.Module):
@@ -137,7 +158,13 @@ class LoraTextEncoder(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def merge(self) -> None:
-        """Fold the updates into the base weights, keeping a copy of those weights for `unmerge`."""
+        """Fold the updates into the base weights, keeping a copy of those weights for `unmerge`.
+
+        Merging an encoder that is already merged does nothing: a second copy would hold the merged
+        weights, and `unmerge` would restore those, leaving the updates in the frozen base twice.
+        """
+        if self._unmerged is not None or is_merged(self.peft_model):
+            return
         # peft's unmerge subtracts alpha/r * B A again, which leaves ~1 ulp of rounding drift in W on
         # every merge/unmerge cycle (evaluating between training steps would slowly edit the "frozen" base).
         self._unmerged = {n: p.detach().clone() for n, p in self.peft_model.named_parameters() if "base_layer" in n}
@@ -152,6 +179,11 @@ class LoraTextEncoder(nn.Module):
                     if name in self._unmerged:
                         p.copy_(self._unmerged[name])
             self._unmerged = None
+
+
+def is_merged(peft_model: Any) -> bool:
+    """True when any LoRA layer of `peft_model` has its update folded into the base weights."""
+    return any(bool(getattr(m, "merged", False)) for m in peft_model.modules() if hasattr(m, "merge"))
 
 
 def num_trainable(module: nn.Module) -> int:

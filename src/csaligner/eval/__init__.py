@@ -2,7 +2,8 @@
 
 Every metric is a pure function over embedding tensors returning plain floats. Recall and
 accuracy are percentages (0-100, as in the paper's tables); distances, divergences and the
-image-vs-text separability (0.5 = indistinguishable, 1.0 = separated) are raw values.
+image-vs-text separability (0.5 = indistinguishable, 1.0 = separated) are raw values. Metrics ignore
+an ambient `torch.autocast`: bfloat16 scores tie, and ties count against a query.
 """
 
 from csaligner.eval.class_names import parse_class_renames, prompt_class_names

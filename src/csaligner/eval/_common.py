@@ -35,13 +35,25 @@ def check_chunk_size(chunk_size: int) -> int:
     return int(chunk_size)
 
 
-def check_index(name: str, index: Tensor, length: int, n_targets: int, allow_unpaired: bool = True) -> Tensor:
+def check_index(
+    name: str,
+    index: Tensor,
+    length: int,
+    n_targets: int,
+    allow_unpaired: bool = True,
+    device: torch.device | None = None,
+) -> Tensor:
     """Validate a (length,) integer map into [0, n_targets); -1 marks "no target" when allowed.
 
-    Returns the index as int64 on its own device.
+    Returns the index as int64, on `device` when given (else on its own device).
     """
-    if not isinstance(index, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(index).__name__}")
+    if not isinstance(index, Tensor):  # checked before any .to(device), which a list does not have
+        raise TypeError(
+            f"{name} must be a torch.Tensor of integer indices, got {type(index).__name__}; "
+            f"convert it with torch.as_tensor({name})"
+        )
+    if device is not None:
+        index = index.to(device)
     if index.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},) (one entry per row), got {tuple(index.shape)}")
     if index.dtype.is_floating_point or index.dtype == torch.bool or index.dtype.is_complex:
@@ -54,10 +66,18 @@ def check_index(name: str, index: Tensor, length: int, n_targets: int, allow_unp
     return index
 
 
-def check_labels(name: str, labels: Tensor, n: int, num_classes: int | None = None) -> Tensor:
-    """Class labels: (n,) integers in [0, num_classes) (any non-negative int when None). Returns int64."""
+def check_labels(
+    name: str, labels: Tensor, n: int, num_classes: int | None = None, device: torch.device | None = None
+) -> Tensor:
+    """Class labels: (n,) integers in [0, num_classes) (any non-negative int when None). Returns int64, on
+    `device` when given."""
     if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(labels).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of class indices, got {type(labels).__name__}; "
+            f"convert it with torch.as_tensor({name})"
+        )
+    if device is not None:
+        labels = labels.to(device)
     if labels.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) (one label per embedding row), got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:

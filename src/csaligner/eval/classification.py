@@ -15,6 +15,7 @@ from typing import Literal, TypedDict
 import torch
 from torch import Tensor
 
+from csaligner._autocast import autocast_off
 from csaligner._validation import check_features, check_same_dim
 from csaligner.eval._common import check_chunk_size, check_labels, compute_dtype, mean_std, text_file_entries, unit_rows
 from csaligner.eval._logreg import fit_logistic_regression
@@ -100,6 +101,7 @@ def load_templates(spec: str | Path) -> tuple[str, ...]:
     return tuple(template for _, template in entries)
 
 
+@autocast_off
 def class_embeddings(class_text_emb: Tensor) -> Tensor:
     """(C, D) or (C, P, D) text embeddings -> (C, D) unit-norm class weights (prompts averaged)."""
     if not isinstance(class_text_emb, Tensor) or class_text_emb.dim() not in (2, 3):
@@ -119,6 +121,7 @@ def _correct_at(scores: Tensor, labels: Tensor, k: int) -> Tensor:
     return (scores >= true).sum(1) - 1 < k
 
 
+@autocast_off
 def zero_shot_accuracy(
     image_emb: Tensor, class_text_emb: Tensor, labels: Tensor, chunk_size: int = 4096
 ) -> ZeroShotResult:
@@ -138,7 +141,7 @@ def zero_shot_accuracy(
     classes = class_embeddings(class_text_emb)
     check_same_dim("image_emb", image_emb, "class_text_emb", classes)
     n, c = image_emb.shape[0], classes.shape[0]
-    labels = check_labels("labels", labels.to(image_emb.device), n, num_classes=c)
+    labels = check_labels("labels", labels, n, num_classes=c, device=image_emb.device)
     dtype = compute_dtype(image_emb, classes)
     image, classes = unit_rows(image_emb, dtype), classes.to(image_emb.device, dtype)
     top1 = torch.zeros(n, dtype=torch.bool, device=image.device)
@@ -176,9 +179,9 @@ def _relabel(
 ) -> tuple[Tensor, Tensor, int]:
     """Map the training classes to 0..C-1 and check every class can give k_max shots."""
     device = train_emb.device
-    train_raw = check_labels("train_labels", train_labels.to(device), train_emb.shape[0])
+    train_raw = check_labels("train_labels", train_labels, train_emb.shape[0], device=device)
     classes, train_y = torch.unique(train_raw, return_inverse=True)  # sorted class ids
-    test_raw = check_labels("test_labels", test_labels.to(device), test_emb.shape[0])
+    test_raw = check_labels("test_labels", test_labels, test_emb.shape[0], device=device)
     unseen = sorted(set(test_raw.unique().tolist()) - set(classes.tolist()))
     if unseen:
         raise ValueError(
@@ -195,6 +198,7 @@ def _relabel(
     return train_y, torch.searchsorted(classes, test_raw.contiguous()), classes.numel()
 
 
+@autocast_off
 def few_shot_accuracy(
     train_emb: Tensor,
     train_labels: Tensor,

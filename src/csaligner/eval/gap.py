@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from csaligner._autocast import autocast_off
 from csaligner._validation import check_features, check_positive, check_same_dim
 from csaligner.eval._common import check_index, compute_dtype, subsample_rows, unit_rows
 from csaligner.eval._logreg import fit_logistic_regression
@@ -35,6 +36,7 @@ from csaligner.losses.divergence import cs_divergence, squared_distances
 _BLOCK = 1024  # rows per (block, n) distance matrix in the pairwise reductions
 
 
+@autocast_off
 def uniformity(x: Tensor, t: float = 2.0) -> float:
     """Wang & Isola uniformity log E_{i<j} exp(-t ||x_i - x_j||^2), blockwise in the log domain.
 
@@ -55,6 +57,7 @@ def uniformity(x: Tensor, t: float = 2.0) -> float:
     return float(torch.logsumexp(torch.stack(parts), 0)) - math.log(n * (n - 1) / 2)
 
 
+@autocast_off
 def mean_cross_distance(x: Tensor, y: Tensor) -> float:
     """Mean Euclidean distance over all (x_i, y_j) pairs, blockwise. x (n, D), y (m, D)."""
     check_features("x", x)
@@ -66,6 +69,7 @@ def mean_cross_distance(x: Tensor, y: Tensor) -> float:
     return total / (x.shape[0] * y.shape[0])
 
 
+@autocast_off
 def linear_separability(image: Tensor, text: Tensor, generator: torch.Generator, steps: int = 100) -> float:
     """Held-out accuracy of image-vs-text logistic regression on balanced, stratified halves.
 
@@ -94,6 +98,7 @@ def linear_separability(image: Tensor, text: Tensor, generator: torch.Generator,
     return float((probe.predict(test).to(test_y.device) == test_y).double().mean())
 
 
+@autocast_off
 def modality_gap_metrics(
     image_emb: Tensor,
     text_emb: Tensor,
@@ -143,7 +148,7 @@ def modality_gap_metrics(
 
 def _paired_terms(image: Tensor, text: Tensor, text_to_image: Tensor) -> dict[str, float]:
     """Paired distance, cosine and alignment over the texts that have an image."""
-    t2i = check_index("text_to_image", text_to_image.to(image.device), text.shape[0], image.shape[0])
+    t2i = check_index("text_to_image", text_to_image, text.shape[0], image.shape[0], device=image.device)
     paired = t2i >= 0
     if not bool(paired.any()):
         raise ValueError("text_to_image marks every text as unpaired (-1); pass None to skip the paired metrics")

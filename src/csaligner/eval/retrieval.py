@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from csaligner._autocast import autocast_off
 from csaligner._validation import check_features, check_same_dim
 from csaligner.eval._common import check_chunk_size, check_index, check_ks, compute_dtype, unit_rows
 
@@ -94,6 +95,7 @@ def text_query_ranks(text: Tensor, image: Tensor, text_to_image: Tensor, chunk_s
     return torch.cat(ranks)
 
 
+@autocast_off
 def retrieval_metrics(
     image_emb: Tensor,
     text_emb: Tensor,
@@ -131,7 +133,7 @@ def retrieval_metrics(
     dtype = compute_dtype(image_emb, text_emb)
     image = unit_rows(image_emb, dtype)
     text = unit_rows(text_emb.to(image.device), dtype)
-    t2i = check_index("text_to_image", text_to_image.to(image.device), text.shape[0], image.shape[0])
+    t2i = check_index("text_to_image", text_to_image, text.shape[0], image.shape[0], device=image.device)
     if not bool((t2i >= 0).any()):
         raise ValueError("text_to_image marks every text as unpaired (-1); retrieval needs at least one pair")
     ranks = {

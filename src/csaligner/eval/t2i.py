@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from csaligner._autocast import autocast_off
 from csaligner._validation import check_features, check_same_dim
 from csaligner.eval._common import check_chunk_size, check_index, check_ks, compute_dtype, unit_rows
 from csaligner.eval.retrieval import TieRule, recall_at_k, text_query_ranks
@@ -38,6 +39,7 @@ def _gaussian_fit(x: Tensor) -> tuple[Tensor, Tensor]:
     return x64.mean(0), centred.T @ centred / (x64.shape[0] - 1)
 
 
+@autocast_off
 def frechet_distance(x: Tensor, y: Tensor) -> float:
     """Frechet distance between Gaussians fitted to x (n, D) and y (m, D), features as given.
 
@@ -60,6 +62,7 @@ def frechet_distance(x: Tensor, y: Tensor) -> float:
     return max(float(fd), 0.0)
 
 
+@autocast_off
 def t2i_metrics(
     mapped_text: Tensor,
     image_emb: Tensor,
@@ -95,7 +98,7 @@ def t2i_metrics(
     dtype = compute_dtype(mapped_text, image_emb)
     image = unit_rows(image_emb, dtype)
     text = unit_rows(mapped_text.to(image.device), dtype)
-    t2i = check_index("text_to_image", text_to_image.to(image.device), text.shape[0], image.shape[0])
+    t2i = check_index("text_to_image", text_to_image, text.shape[0], image.shape[0], device=image.device)
     paired = t2i >= 0
     if not bool(paired.any()):
         raise ValueError("text_to_image marks every mapped text as unpaired (-1); t2i_metrics needs pairs")

@@ -169,10 +169,11 @@ def infonce_cs_terms(
         {"infonce": scalar, "cs": scalar (when with_cs)}, float32 (float64 for float64 inputs).
         bf16/fp16 inputs are computed with float32 statistics and get gradients in their dtype.
 
-    The chunked, Triton and sharded paths ignore an ambient `torch.autocast` (they pick their own
-    precision, as above). Under grad mode, with features that require gradients, their forward
-    pass already computes the D_CS terms' gradients (one sweep instead of two) and keeps them
-    until backward: evaluate under `torch.no_grad()` to skip that work.
+    Every path ignores an ambient `torch.autocast` (each picks its own precision, as above; the dense
+    one through the `csaligner.losses` functions it calls). Under grad mode, with features that
+    require gradients, the chunked, Triton and sharded forward passes already compute the D_CS terms'
+    gradients (one sweep instead of two) and keep them until backward: evaluate under
+    `torch.no_grad()` to skip that work.
     """
     chunk_size = check_chunk_size(chunk_size)
     if not with_cs and (x_all is not None or y_all is not None):

@@ -205,8 +205,8 @@ def autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     The strip paths choose their own precision (float32 statistics; half operands only where the
     inputs are half). Under an ambient autocast, matmuls inside would return float16/bfloat16
-    logits, and the one-pass weights exp(l - offset) overflow float16. The dense reference,
-    by contrast, runs under autocast like any other torch code.
+    logits, and the one-pass weights exp(l - offset) overflow float16. The dense reference turns
+    autocast off as well (`csaligner._autocast`), so every path computes the same terms under it.
     """
 
     @functools.wraps(fn)

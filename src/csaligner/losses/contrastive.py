@@ -6,12 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive, check_same_dim
+from csaligner._autocast import autocast_off
+from csaligner._validation import check_features, check_positive, check_same_dim, check_tensor
 
 
-def check_text_to_image(text_to_image: Tensor, n_images: int, n_texts: int) -> Tensor:
-    """Validate a (M,) caption -> image index map (any integer dtype) and return it as int64; every
-    image needs at least one caption."""
+def check_text_to_image(
+    text_to_image: Tensor, n_images: int, n_texts: int, device: torch.device | None = None
+) -> Tensor:
+    """Validate a (M,) caption -> image index map (any integer dtype) and return it as int64 (on `device`
+    when given); every image needs at least one caption."""
+    check_tensor("text_to_image", text_to_image, "image row indices")
+    if device is not None:
+        text_to_image = text_to_image.to(device)
     if text_to_image.shape != (n_texts,):
         raise ValueError(
             f"text_to_image must have shape ({n_texts},) (one image index per text), got {tuple(text_to_image.shape)}"
@@ -20,7 +26,15 @@ def check_text_to_image(text_to_image: Tensor, n_images: int, n_texts: int) -> T
         raise ValueError(f"text_to_image must hold integer image indices, got dtype {text_to_image.dtype}")
     lo, hi = int(text_to_image.min()), int(text_to_image.max())
     if lo < 0 or hi >= n_images:
-        raise ValueError(f"text_to_image values must lie in [0, {n_images - 1}] (the image rows), got [{lo}, {hi}]")
+        unpaired = (
+            f"; {int((text_to_image < 0).sum())} caption(s) have no image (-1, as in PairedFeatures.text_to_image): "
+            "pass them as unpaired_texts (text[text_to_image < 0]) so they enter only the CS term"
+            if lo < 0
+            else ""
+        )
+        raise ValueError(
+            f"text_to_image values must lie in [0, {n_images - 1}] (the image rows), got [{lo}, {hi}]{unpaired}"
+        )
     counts = torch.bincount(text_to_image, minlength=n_images)
     orphans = (counts == 0).nonzero().flatten()
     if orphans.numel():
@@ -31,6 +45,7 @@ def check_text_to_image(text_to_image: Tensor, n_images: int, n_texts: int) -> T
     return text_to_image.long()  # cross_entropy takes int64 targets, not e.g. numpy's int32
 
 
+@autocast_off
 def info_nce(
     x: Tensor,
     y: Tensor,
@@ -69,7 +84,7 @@ def info_nce(
             )
         target = torch.arange(x.shape[0], device=x.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    t2i = check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
+    t2i = check_text_to_image(text_to_image, x.shape[0], y.shape[0], x.device)
     t2i_loss = F.cross_entropy(logits.T, t2i)
     positive = t2i.unsqueeze(0) == torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # (N, M)
     log_prob = logits.log_softmax(dim=1)

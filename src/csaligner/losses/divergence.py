@@ -3,7 +3,8 @@
 All kernel quantities are computed in the log domain: log mean_ij k(a_i, b_j) is a logsumexp of
 -||a_i - b_j||^2 / (2 sigma^2), so tiny bandwidths and far-apart clouds stay finite (no log(0)).
 These are the dense references: they hold (M, N) matrices. The O(N)-memory path lives in
-`csaligner.kernels` and is tested against these functions.
+`csaligner.kernels` and is tested against these functions. Like it, they ignore an ambient
+`torch.autocast`: a bfloat16 ||a - b||^2 loses the CS divergence (`csaligner._autocast`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive, check_same_dim, check_tokens, check_weights
+from csaligner._autocast import autocast_off
+from csaligner._validation import (
+    check_features,
+    check_positive,
+    check_same_dim,
+    check_tokens,
+    check_weights,
+    is_integer,
+)
 
 Bandwidth = float | Tensor | Literal["median"]
 
@@ -32,11 +41,25 @@ def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     return d2.clamp_min(0.0)
 
 
+@autocast_off
 def median_bandwidth(x: Tensor, y: Tensor, max_samples: int = 2048) -> Tensor:
     """Median heuristic: sigma = median pairwise distance of the pooled samples (detached).
 
     At most `max_samples` points (an even subsample) enter the median, so the cost stays bounded.
+
+    Args:
+        x: (M, D) samples.
+        y: (N, D) samples.
+        max_samples: most pooled points that enter the median, >= 2.
+
+    Returns:
+        0-dim tensor (float32, or float64 for float64 inputs); 1.0 when every pooled point coincides.
     """
+    check_features("x", x)
+    check_features("y", y)
+    check_same_dim("x", x, "y", y)
+    if not is_integer(max_samples) or max_samples < 2:
+        raise ValueError(f"max_samples must be an integer >= 2 (points entering the median), got {max_samples!r}")
     pooled = torch.cat([x, y]).detach().to(_compute_dtype(x, y))
     if pooled.shape[0] > max_samples:
         idx = torch.linspace(0, pooled.shape[0] - 1, max_samples, device=pooled.device).long()
@@ -74,6 +97,8 @@ def log_mean_kernel(
     Returns:
         Scalar tensor.
     """
+    if isinstance(sigma, Tensor):  # a learned float32 sigma squared in float32 would round float64 logits
+        sigma = sigma.to(a.dtype)
     logits = squared_distances(a, b) / (-2.0 * sigma * sigma)  # (M, N) log k(a_i, b_j)
     if wa is None and wb is None:
         return torch.logsumexp(logits.flatten(), 0) - math.log(a.shape[0] * b.shape[0])
@@ -101,6 +126,7 @@ def _prepare(x: Tensor, y: Tensor, sigma: Bandwidth) -> tuple[Tensor, Tensor, fl
     return x - center, y - center, bw
 
 
+@autocast_off
 def cs_divergence(
     x: Tensor,
     y: Tensor,
@@ -136,6 +162,7 @@ def cs_divergence(
     return lxx + lyy - 2.0 * lxy
 
 
+@autocast_off
 def token_cs_divergence(
     x_tokens: Tensor,
     y_tokens: Tensor,
@@ -171,6 +198,8 @@ def token_cs_divergence(
     y = y_tokens.to(dtype).masked_fill(~my.unsqueeze(-1), 0.0)  # (B, L, D)
     bw = resolve_bandwidth(sigma, x[mx], y[my]) if isinstance(sigma, str) else sigma
     check_positive("sigma", bw)
+    if isinstance(bw, Tensor):  # squared in the compute dtype, as in log_mean_kernel
+        bw = bw.to(dtype)
     # Centre each sample on its own token mean (translation invariance, float32 accuracy).
     n_x, n_y = mx.sum(1, keepdim=True), my.sum(1, keepdim=True)  # (B, 1)
     center = ((x * mx.unsqueeze(-1)).sum(1) + (y * my.unsqueeze(-1)).sum(1)) / (n_x + n_y)
@@ -186,6 +215,7 @@ def token_cs_divergence(
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
+@autocast_off
 def mmd(x: Tensor, y: Tensor, sigma: Bandwidth = 1.0) -> Tensor:
     """Squared Gaussian-kernel MMD (biased V-statistic): mean k_xx + mean k_yy - 2 mean k_xy.
 
@@ -196,6 +226,7 @@ def mmd(x: Tensor, y: Tensor, sigma: Bandwidth = 1.0) -> Tensor:
     return log_mean_kernel(x, x, bw).exp() + log_mean_kernel(y, y, bw).exp() - 2.0 * log_mean_kernel(x, y, bw).exp()
 
 
+@autocast_off
 def gaussian_kl(x: Tensor, y: Tensor, ridge: float = 1e-3, symmetric: bool = False) -> Tensor:
     """KL(N(mu_x, S_x) || N(mu_y, S_y)) between Gaussians fitted to x (M, D) and y (N, D).
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from csaligner._autocast import autocast_off
 from csaligner._validation import check_features, check_positive, check_same_dim, check_tokens, is_number
 from csaligner.losses.contrastive import check_text_to_image, info_nce
 from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
@@ -108,8 +109,8 @@ LOSS_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LossConfig)}
 
 
 def ignored_settings(values: Mapping[str, Any]) -> list[str]:
-    """The fields its objective ignores among `values` (a `LossConfig`'s fields by name, e.g. its `to_dict`
-    form) that differ from their defaults; [] for an unknown objective. A default is not a setting: the
+    """The fields its objective ignores among `values` (a `LossConfig`'s fields by name, as `dataclasses.asdict`
+    gives them) that differ from their defaults; [] for an unknown objective. A default is not a setting: the
     dataclass cannot tell `LossConfig(objective="infonce")` from one given lam=0.01."""
     objective = values.get("objective", LOSS_DEFAULTS["objective"])
     if objective not in OBJECTIVES:
@@ -147,6 +148,7 @@ class AlignmentLoss(nn.Module):
 
     def __init__(self, config: LossConfig | None = None, **overrides: object) -> None:
         super().__init__()
+        _check_config(type(self).__name__, config)
         base = config or LossConfig()
         self.config = LossConfig(**{**base.__dict__, **overrides}) if overrides else base
         scale = math.log(1.0 / self.config.temperature)
@@ -171,6 +173,7 @@ class AlignmentLoss(nn.Module):
             return torch.exp(-self.logit_scale.clamp(max=-math.log(MIN_LEARNED_TEMPERATURE)))
         return torch.exp(-self.logit_scale)
 
+    @autocast_off  # the terms' own precision: normalising under autocast rounds unit vectors too
     def forward(
         self,
         image: Tensor,
@@ -192,7 +195,7 @@ class AlignmentLoss(nn.Module):
             text_to_image: optional (M,) image row of each text (several captions per image).
             unpaired_images: optional (P, D) images with no caption; they enter only the divergence,
                 so only cs_aligner, mmd and kl take them (`LossConfig.takes_unpaired`); infonce and
-                l2_prior raise ValueError rather than ignore them.
+                l2_prior raise ValueError rather than ignore them. P = 0 is the same as None.
             unpaired_texts: optional (Q, D) texts with no image; only the divergence, as above.
             image_tokens: optional (B, V, D) vision tokens for the token-level CS term, for B samples
                 (all N images or a subset of them, e.g. train.token_images).
@@ -216,7 +219,7 @@ class AlignmentLoss(nn.Module):
         norm, norm_wide = self._casts(image, text, unpaired_images, unpaired_texts, image_tokens, text_tokens)
         x, y = norm(image), norm(text)
         if text_to_image is not None:  # int64 on x's device from here: l2_prior indexes with it
-            text_to_image = check_text_to_image(text_to_image.to(x.device), x.shape[0], y.shape[0])
+            text_to_image = check_text_to_image(text_to_image, x.shape[0], y.shape[0], x.device)
         xs, ys = self._pools(x, y, norm, image, text, unpaired_images, unpaired_texts)
         use_mi = cfg.objective != "l2_prior"
         terms = self._main_terms(x, y, xs, ys, text_to_image, use_mi, shard)
@@ -279,6 +282,8 @@ class AlignmentLoss(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The samples the divergence compares: (N + P, D) images and (M + Q, D) texts, the pairs plus
         any unpaired extras (`is` x and y when there are none: the fused path checks)."""
+        unpaired_images = _nonempty_pool("unpaired_images", unpaired_images, "image", image)
+        unpaired_texts = _nonempty_pool("unpaired_texts", unpaired_texts, "text", text)
         given = [
             name
             for name, t in (("unpaired_images", unpaired_images), ("unpaired_texts", unpaired_texts))
@@ -361,6 +366,7 @@ class CSAlignerLoss(AlignmentLoss):
     """
 
     def __init__(self, config: LossConfig | None = None, **overrides: object) -> None:
+        _check_config(type(self).__name__, config)
         asked = overrides.get("objective", config.objective if config is not None else "cs_aligner")
         if asked != "cs_aligner":  # quietly training CS-Aligner when the config says otherwise would mislead
             raise ValueError(
@@ -368,6 +374,24 @@ class CSAlignerLoss(AlignmentLoss):
                 "AlignmentLoss(config) or build_objective(config) for the other objectives"
             )
         super().__init__(config, **{**overrides, "objective": "cs_aligner"})
+
+
+def _check_config(cls: str, config: object) -> None:
+    """A loss takes a `LossConfig` or keywords: `CSAlignerLoss(0.01)` put lam where the config goes."""
+    if config is not None and not isinstance(config, LossConfig):
+        raise TypeError(
+            f"{cls} takes a LossConfig or its settings as keywords, e.g. {cls}(lam=0.01, sigma=1.0), "
+            f"got {config!r} ({type(config).__name__}) as the config"
+            + (f"; pass {cls}(**settings) for a dict" if isinstance(config, Mapping) else "")
+        )
+
+
+def _nonempty_pool(name: str, pool: Tensor | None, paired_name: str, paired: Tensor) -> Tensor | None:
+    """None for an empty (0, D) pool, which adds no sample (a sampler whose unpaired items ran out), else `pool`."""
+    if isinstance(pool, Tensor) and pool.dim() == 2 and pool.shape[0] == 0:
+        check_same_dim(name, pool, paired_name, paired)
+        return None
+    return pool
 
 
 def _pool(name: str, pool: Tensor, paired_name: str, paired: Tensor) -> Tensor:
