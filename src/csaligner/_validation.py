@@ -5,11 +5,62 @@ Errors are for people: each one names the offending argument and value and says 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_FINITE_SEEN: ContextVar[dict[int, tuple[Tensor, int]] | None] = ContextVar("csaligner_finite_seen", default=None)
+"""Within one `checks_finite_once` call: the tensors found finite so far (by id, kept alive) and their versions."""
+
+
+def checks_finite_once(fn: _F) -> _F:
+    """Within a call of fn (and everything it calls), check_features tests each tensor's values once.
+
+    A loss entry point checks its features and hands the same tensors to the functions it calls,
+    which check them again; each test is a device-to-host sync (`isfinite(x).all()`), a GPU pipeline
+    drain, seven of them per loss call before this. A tensor changed in place since its test (its
+    version counter moved) is tested again; the record ends with the outermost call."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _FINITE_SEEN.get() is not None:  # an outer call holds the record
+            return fn(*args, **kwargs)
+        token = _FINITE_SEEN.set({})
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _FINITE_SEEN.reset(token)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _finite_already(x: Tensor) -> bool:
+    seen = _FINITE_SEEN.get()
+    if seen is None:
+        return False
+    hit = seen.get(id(x))
+    return hit is not None and hit[0] is x and hit[1] == x._version
+
+
+def _record_finite(x: Tensor) -> None:
+    seen = _FINITE_SEEN.get()
+    if seen is not None:
+        seen[id(x)] = (x, x._version)
+
+
+def normalized_from_checked(source: Tensor, unit: Tensor) -> Tensor:
+    """Record `unit`, the L2-normalised `source`, as finite when `source` was (a unit vector's entries lie in
+    [-1, 1] in any float dtype), so that the functions it is handed to do not test it again; returns unit."""
+    if _finite_already(source):
+        _record_finite(unit)
+    return unit
 
 
 def check_features(name: str, x: Tensor, ndim: int = 2, finite: bool = True) -> None:
@@ -30,9 +81,11 @@ def check_features(name: str, x: Tensor, ndim: int = 2, finite: bool = True) -> 
         raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}; cast it with .float()")
     if x.numel() == 0 or any(s == 0 for s in x.shape):
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample with D > 0")
-    if finite and not torch.isfinite(x).all():
-        n_bad = int((~torch.isfinite(x)).any(dim=-1).sum())
-        raise NonFiniteFeaturesError(name, n_bad, x.shape[:-1].numel())
+    if finite and not _finite_already(x):
+        if not torch.isfinite(x).all():
+            n_bad = int((~torch.isfinite(x)).any(dim=-1).sum())
+            raise NonFiniteFeaturesError(name, n_bad, x.shape[:-1].numel())
+        _record_finite(x)
 
 
 def check_tensor(name: str, value: object, what: str) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from csaligner._validation import check_chunk_size
+from csaligner._validation import check_chunk_size, checks_finite_once
 from csaligner.kernels.chunked import streamed_cs_divergence
 from csaligner.kernels.distributed import all_gather_with_grad
 from csaligner.kernels.nce import streamed_info_nce
@@ -126,6 +126,7 @@ def _world_size(group: Any) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+@checks_finite_once
 def infonce_cs_terms(
     x: Tensor,
     y: Tensor,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csaligner._validation import check_chunk_size, check_features, check_positive, check_same_dim
+from csaligner._validation import check_chunk_size, check_features, check_positive, check_same_dim, checks_finite_once
 from csaligner.kernels.strips import (
     DEFAULT_STRIP_ELEMENTS,
     LOG2,
@@ -258,6 +258,7 @@ def streamed_log_mean_kernel(
     return out
 
 
+@checks_finite_once
 def streamed_cs_divergence(
     x: Tensor,
     y: Tensor,

@@ -38,7 +38,7 @@ import torch
 import triton
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive, check_same_dim
+from csaligner._validation import check_features, check_positive, check_same_dim, checks_finite_once
 from csaligner.kernels.chunked import kernel_term_sums
 from csaligner.kernels.fused_kernels import (
     BACKWARD_PAIR_TILES,
@@ -329,6 +329,7 @@ def _norm_terms(a: Tensor) -> tuple[Tensor, Tensor]:
     return (2.0 * half_sq).sqrt().clamp_min_(1e-12).reciprocal_(), half_sq
 
 
+@checks_finite_once
 def fused_infonce_cs(
     x: Tensor,
     y: Tensor,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from csaligner._validation import check_chunk_size, check_features, check_positive, check_same_dim
+from csaligner._validation import check_chunk_size, check_features, check_positive, check_same_dim, checks_finite_once
 from csaligner.kernels.strips import (
     DEFAULT_STRIP_ELEMENTS,
     MIN_STRIP_ROWS,
@@ -248,6 +248,7 @@ def positives(
     return pos_row, 0.5 / m + 0.5 / (n * counts[pos_row])
 
 
+@checks_finite_once
 def streamed_info_nce(
     x: Tensor,
     y: Tensor,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from csaligner._autocast import autocast_off
-from csaligner._validation import check_features, check_positive, check_same_dim, check_tensor
+from csaligner._validation import check_features, check_positive, check_same_dim, check_tensor, checks_finite_once
 
 
 def check_text_to_image(
@@ -46,6 +46,7 @@ def check_text_to_image(
 
 
 @autocast_off
+@checks_finite_once
 def info_nce(
     x: Tensor,
     y: Tensor,

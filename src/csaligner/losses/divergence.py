@@ -22,6 +22,7 @@ from csaligner._validation import (
     check_same_dim,
     check_tokens,
     check_weights,
+    checks_finite_once,
     is_integer,
 )
 
@@ -127,6 +128,7 @@ def _prepare(x: Tensor, y: Tensor, sigma: Bandwidth) -> tuple[Tensor, Tensor, fl
 
 
 @autocast_off
+@checks_finite_once
 def cs_divergence(
     x: Tensor,
     y: Tensor,

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csaligner._autocast import autocast_off
-from csaligner._validation import check_features, check_positive, check_same_dim, check_tokens, is_number
+from csaligner._validation import (
+    check_features,
+    check_positive,
+    check_same_dim,
+    check_tokens,
+    checks_finite_once,
+    is_number,
+    normalized_from_checked,
+)
 from csaligner.losses.contrastive import check_text_to_image, info_nce
 from csaligner.losses.divergence import Bandwidth, gaussian_kl, mmd, resolve_bandwidth, token_cs_divergence
 
@@ -173,6 +181,7 @@ class AlignmentLoss(nn.Module):
             return torch.exp(-self.logit_scale.clamp(max=-math.log(MIN_LEARNED_TEMPERATURE)))
         return torch.exp(-self.logit_scale)
 
+    @checks_finite_once  # the terms' functions get the same tensors: their values are tested once
     @autocast_off  # the terms' own precision: normalising under autocast rounds unit vectors too
     def forward(
         self,
@@ -266,7 +275,8 @@ class AlignmentLoss(nn.Module):
             return F.normalize(t, dim=-1) if normalize else t
 
         def norm(t: Tensor) -> Tensor:
-            return norm_wide(t) if keep is None else norm_wide(t).to(keep)
+            out = norm_wide(t) if keep is None else norm_wide(t).to(keep)
+            return normalized_from_checked(t, out) if normalize else out  # tested once (`checks_finite_once`)
 
         return norm, norm_wide
 
