@@ -206,7 +206,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric (default 1.0)")
     p.add_argument("--out", type=Path, help="report folder (default: <first run>/eval)")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from csaligner.encoders.hf_quiet import quiet_hf_libraries
+
+    # Zero-shot loads the prompt encoder: its loading bars would land in the middle of the report; warnings stay.
+    with quiet_hf_libraries(logs=False):
+        return _main(args)
 
 
 def parse_shots(text: str) -> tuple[int, ...]:
