@@ -45,10 +45,39 @@ def test_demo_writes_report_metrics_and_preview(demo_dir: Path) -> None:
     assert (runs / "cs_aligner" / "text_adapter.safetensors").is_file()
 
 
-def test_rerun_reuses_caches_and_runs(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rerun_reuses_caches_and_runs(demo_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
     args = ["demo", "flickr", "--train-images", "60", "--dev-images", "30", "--epochs", "3"]
     assert main([*args, "--out", str(demo_dir / "runs"), "--cache", str(demo_dir / "cache")]) == 0
-    assert "== training" not in capsys.readouterr().out
+    out, err = capfd.readouterr()
+    assert "== training" not in out
+    # Nothing is encoded or trained again: no progress bars (image checks, model loading) between the results.
+    assert "Loading weights" not in err and "check images" not in err and "it/s" not in err, err
+
+
+def test_eval_and_preview_show_no_model_loading_bars(demo_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Zero-shot and preview load the prompt encoder (MiniLM); transformers 5 drew a "Loading weights" bar there."""
+    runs, cache = demo_dir / "runs", demo_dir / "cache"
+    flowers = ["encode", "--quiet", "--encoder", "efficientnet-lite0", "--data", "flowers:test:10"]
+    assert main([*flowers, "--out", str(cache / "quiet-test")]) == 0
+    capfd.readouterr()
+    rc = main([
+        "eval", "--run", str(runs / "cs_aligner"), "--image-cache", str(cache / "flickr8k-dev-30-efficientnet-lite0"),
+        "--text-cache", str(cache / "flickr8k-dev-30-minilm"), "--class-test-cache", str(cache / "quiet-test"),
+        "--out", str(demo_dir / "eval_quiet"),
+    ])  # fmt: skip
+    assert rc == 0
+    prompts = demo_dir / "quiet_prompts.txt"
+    prompts.write_text("a dog runs on the grass\n")
+    rc = main([
+        "preview", "--run", f"cs={runs / 'cs_aligner'}", "--image-cache",
+        str(cache / "flickr8k-dev-30-efficientnet-lite0"), "--prompts", str(prompts), "--out", str(demo_dir / "pq"),
+    ])  # fmt: skip
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # switched off for the commands only
 
 
 def test_eval_cli_on_demo_runs(demo_dir: Path) -> None:

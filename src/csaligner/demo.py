@@ -123,8 +123,10 @@ def _main(args: argparse.Namespace) -> int:
             raise ValueError(f"{flags} size the flickr demo; `csalign demo toy` has fixed sizes (drop them)")
         run_toy(args.out / "toy")
         return 0
+    from csaligner.encoders.hf_quiet import quiet_hf_libraries
     from csaligner.flickr_demo import FlickrDemoSettings, run_flickr_demo
 
     settings = FlickrDemoSettings(**given, out_dir=args.out)
-    run_flickr_demo(settings)
+    with quiet_hf_libraries(logs=False):  # encoding and training show their own bars; model loading none
+        run_flickr_demo(settings)
     return 0

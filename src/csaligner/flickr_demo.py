@@ -54,6 +54,14 @@ def _spec(split: str, n: int) -> str:
     return f"flickr8k:{split}" + (f":{n}" if n else "")
 
 
+def _cache_finished(out: Path) -> bool:
+    """True when `out` holds a finished feature cache (its cache.json says complete)."""
+    try:
+        return json.loads((out / "cache.json").read_text()).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def encode_caches(s: FlickrDemoSettings) -> dict[str, Path]:
     """Encode (or reuse) the four caches; returns {"train_image", "train_text", "dev_image", "dev_text"}."""
     paths = {}
@@ -61,6 +69,8 @@ def encode_caches(s: FlickrDemoSettings) -> dict[str, Path]:
         for side, encoder in (("image", "efficientnet-lite0"), ("text", "minilm")):
             out = s.cache_dir / f"{_spec(split, n).replace(':', '-')}-{encoder}"
             args = ["encode", "--encoder", encoder, "--data", _spec(split, n), "--out", str(out), "--dtype", "fp32"]
+            if _cache_finished(out):  # a rerun only checks and reuses it: no progress bars to show for that
+                args.append("--quiet")
             rc = cli_main(args)
             if rc != 0:  # `csalign encode` printed why just above
                 raise ValueError(f"encoding {_spec(split, n)} with {encoder} failed (exit {rc}; its error is above)")

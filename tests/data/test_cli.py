@@ -43,6 +43,22 @@ def test_encode_manifest_file_then_load(
     assert torch.isfinite(feats.text).all() and feats.text.shape == (15, 16)
 
 
+def test_encode_counts_image_only_and_text_only_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows with an empty caption or image become unpaired ones (see data.manifest): encode says how many."""
+    from .conftest import write_jpegs
+
+    a, b, c = (p.name for p in write_jpegs(tmp_path, 3))
+    rows = [f"{a}\ta dog", f"{a}\ta dog runs", f"{b}\t", f"{c}\t", "\ta caption without an image"]
+    (tmp_path / "m.tsv").write_text("image\tcaption\n" + "\n".join(rows) + "\n")
+    assert encode("--encoder", "tiny-text", "--data", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "t")) == 0
+    out = capsys.readouterr().out
+    assert "data: 3 images, 3 captions; unpaired: 2 image-only (images without a caption" in out
+    assert "1 text-only (captions without an image" in out
+    (tmp_path / "paired.tsv").write_text(f"image\tcaption\n{a}\ta dog\n{b}\ta cat\n")
+    assert encode("--encoder", "tiny-image", "--data", str(tmp_path / "paired.tsv"), "--out", str(tmp_path / "i")) == 0
+    assert "data: 2 images, 2 captions; every image has a caption and every caption an image" in capsys.readouterr().out
+
+
 def test_builtin_spec_with_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CSALIGN_DATA", str(_fake_root(tmp_path)))
     assert encode("--encoder", "tiny-text", "--data", "flickr8k:train:2", "--out", str(tmp_path / "t")) == 0

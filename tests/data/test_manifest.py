@@ -225,8 +225,24 @@ def test_data_root_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CSALIGN_DATA", str(tmp_path))
     assert data_root() == tmp_path
     monkeypatch.setenv("CSALIGN_DATA", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="CSALIGN_DATA"):
+    with pytest.raises(FileNotFoundError, match=r"CSALIGN_DATA=.*missing' does not exist; point it at the data folder"):
         data_root()
+
+
+def test_a_missing_data_root_is_named_not_its_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong root said "flickr8k split 'train' not found ...; available splits: []"."""
+    nope = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=rf"data root {nope} \(--data-root\) does not exist; pass the folder"):
+        resolve_dataset("flickr8k:train", nope)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"data root {empty} \(--data-root\) has no flowers/ folder"):
+        resolve_dataset("flowers:test", empty)
+    monkeypatch.setenv("CSALIGN_DATA", str(empty))
+    with pytest.raises(
+        FileNotFoundError, match=r"\(\$CSALIGN_DATA\) has no flickr8k/ folder.*set \$CSALIGN_DATA to it"
+    ):
+        resolve_dataset("flickr8k:dev")
 
 
 def test_pools() -> None:

@@ -60,6 +60,21 @@ def test_generate_writes_pngs_and_manifest(
         assert np.abs(read(path) - np.asarray(image, dtype=np.int16)).mean() < 0.05
 
 
+def test_generate_draws_no_loading_bars(
+    tmp_path: Path, inputs: Any, kandinsky_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """diffusers drew "Loading pipeline components" in the middle of the output; it is off for the command only."""
+    from diffusers.utils import logging as diffusers_logging
+
+    emb_file, prompts, _ = inputs
+    assert (
+        cli("kandinsky22", kandinsky_dir, emb_file, prompts, tmp_path / "out", "--height", "32", "--width", "32") == 0
+    )
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "it/s" not in err, err
+    assert diffusers_logging.is_progress_bar_enabled()
+
+
 def test_generate_resumes_with_skip_existing(tmp_path: Path, inputs: Any, kandinsky_dir: Path) -> None:
     emb_file, prompts, _ = inputs
     out = tmp_path / "out"

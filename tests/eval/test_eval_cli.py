@@ -187,9 +187,9 @@ def test_report_says_which_caches_each_column_came_from(
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (("--shots", "1,4"), "--shots shapes the zero- and few-shot classification"),
-        (("--shots", "1", "--templates", "flowers102"), "--shots and --templates shape"),
-        (("--class-names", "a=b"), "--class-names shapes"),
+        (("--shots", "1,4"), "from --class-train-cache: pass it and --class-test-cache, or drop --shots"),
+        (("--templates", "flowers102", "--class-names", "a=b"), "--templates and --class-names shape the zero-shot"),
+        (("--class-names", "a=b"), "--class-names shapes the zero-shot prompts; pass --class-test-cache too"),
     ],
 )
 def test_classification_flags_without_class_caches_are_refused(
@@ -197,8 +197,48 @@ def test_classification_flags_without_class_caches_are_refused(
 ) -> None:
     run = make_run(tmp_path / "tok", caches.text_tokens)
     assert evaluate(caches, tmp_path / "out", str(run), extra=extra) == 1
-    err = capsys.readouterr().err
-    assert expected in err and "pass --class-train-cache and --class-test-cache too" in err
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_zero_shot_needs_only_the_test_cache(
+    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Zero-shot scores prompts against the test images alone; few-shot columns and sources are left out."""
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    test = classes[1]
+    assert evaluate(caches, tmp_path / "out", str(run), extra=("--class-test-cache", str(test))) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["tok"]
+    assert "zero_shot_top1" in metrics and not any(k.startswith("few_shot") for k in metrics)
+    section = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]
+    assert "zero_shot_top1" in section["table"]["tok"]
+    assert section["sources"]["zero-shot: test"] == {"cache": str(test), "images": 6, "classes": 3}
+    assert "few-shot: train" not in section["sources"] and "Zero-shot only" in section["text"]
+    both = ("--class-train-cache", str(classes[0]), "--class-test-cache", str(test), "--shots", "1")
+    assert evaluate(caches, tmp_path / "both", str(run), extra=both) == 0  # the same zero-shot number with few-shot
+    with_train = json.loads((tmp_path / "both" / "metrics.json").read_text())["tok"]
+    assert with_train["zero_shot_top1"] == metrics["zero_shot_top1"] and "few_shot_1-shot" in with_train
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (("--class-train-cache", "TRAIN"), "scored on --class-test-cache: pass it too"),
+        (("--class-test-cache", "TEST", "--shots", "1"), "pass it, or drop --shots (zero-shot needs only"),
+    ],
+)
+def test_few_shot_without_both_caches_is_refused(
+    caches: TinyCaches,
+    classes: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
+    expected: str,
+) -> None:
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    named = {"TRAIN": str(classes[0]), "TEST": str(classes[1])}
+    assert evaluate(caches, tmp_path / "out", str(run), extra=tuple(named.get(a, a) for a in extra)) == 1
+    assert expected in capsys.readouterr().err
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 

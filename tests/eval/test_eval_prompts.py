@@ -325,7 +325,7 @@ def test_eval_refuses_prompt_flags_without_class_caches(
 ) -> None:
     args = ["eval", "--image-cache", str(caches.image), "--text-cache", str(caches.text_tokens), "--run", str(run)]
     assert main([*args, "--out", str(tmp_path / "out"), "--templates", "flowers102"]) == 1
-    assert "pass --class-train-cache and --class-test-cache too" in capsys.readouterr().err
+    assert "--templates shapes the zero-shot prompts; pass --class-test-cache too" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

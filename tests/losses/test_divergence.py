@@ -208,6 +208,27 @@ def test_mmd_matches_loop_and_kl_matches_closed_form() -> None:
     assert float(gaussian_kl(x, x)) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_kl_warns_once_when_the_ridge_dominates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N <= D: the covariance is rank-deficient and the value mostly measures the ridge; say so once."""
+    import warnings
+
+    import csaligner.losses.divergence as divergence
+
+    monkeypatch.setattr(divergence, "_WARNED_RANK_DEFICIENT", False)
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(30, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # N > D: no warning
+        gaussian_kl(x, y)
+    wide_x, wide_y = torch.randn(8, 16, dtype=torch.float64), torch.randn(12, 16, dtype=torch.float64)
+    with pytest.warns(
+        UserWarning, match=r"8 samples in 16 dimensions \(N <= D\).*ridge \(0.001 \* I\) fills at least 9"
+    ):
+        gaussian_kl(wide_x, wide_y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: a loss calls it every step
+        gaussian_kl(wide_x, wide_y, ridge=0.1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

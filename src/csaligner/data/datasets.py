@@ -29,7 +29,10 @@ def data_root() -> Path:
     if env:
         root = Path(env).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"${DATA_ENV}={env!r} is not a directory; point it at the shared data folder")
+            what = "is not a directory" if root.exists() else "does not exist"
+            raise FileNotFoundError(
+                f"${DATA_ENV}={env!r} {what}; point it at the data folder that holds flickr8k/ and flowers/"
+            )
         return root
     candidates = [_REPO.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared/data"]
     for c in candidates:
@@ -149,6 +152,25 @@ def round_robin_head(manifest: ImageTextManifest, num_images: int) -> ImageTextM
     return manifest.select_images(order[:num_images], name=f"{manifest.name}:{num_images}")
 
 
+def _builtin_dir(root: Path, name: str, *, given: bool) -> Path:
+    """root/name, the folder of built-in data set `name`; an error naming the root, and what set it, when the
+    root or the data set's folder is missing (a bare "split not found" blamed the split for a wrong root).
+
+    Args:
+        root: the data root.
+        name: a `BUILTIN_DATASETS` name.
+        given: True when the root was passed (`csalign encode --data-root`), False when `data_root()` found it.
+    """
+    source = "--data-root" if given else f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "found next to the repo"
+    fix = f"pass the folder that holds flickr8k/ and flowers/ with --data-root, or set ${DATA_ENV} to it"
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"data root {root} ({source}) {what}; {fix}")
+    if not (root / name).is_dir():
+        raise FileNotFoundError(f"data root {root} ({source}) has no {name}/ folder; {fix}")
+    return root / name
+
+
 def resolve_dataset(spec: str, root: str | Path | None = None) -> ImageTextManifest:
     """Turn a `--data` value into a manifest.
 
@@ -164,11 +186,11 @@ def resolve_dataset(spec: str, root: str | Path | None = None) -> ImageTextManif
             raise ValueError(f"{name} has splits {BUILTIN_DATASETS[name]}, got {split!r} in {spec!r}")
         if limit and not limit.isdigit():
             raise ValueError(f"limit in {spec!r} must be a positive integer (e.g. {name}:{split}:500)")
-        base = Path(root) if root is not None else data_root()
+        base = _builtin_dir(Path(root) if root is not None else data_root(), name, given=root is not None)
         if name == "flickr8k":
-            m = read_flickr8k(base / "flickr8k", split)
+            m = read_flickr8k(base, split)
         else:
-            m = read_class_folders(base / "flowers" / split).with_name(f"flowers:{split}")
+            m = read_class_folders(base / split).with_name(f"flowers:{split}")
         if not limit:
             return m
         if int(limit) > m.num_images:  # a clamp would name the cache "...:5000" for the 1,000 images it holds

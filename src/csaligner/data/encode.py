@@ -249,6 +249,24 @@ def encode_manifest(
     return writer.finish()
 
 
+def describe_pairing(manifest: ImageTextManifest) -> str | None:
+    """One line counting the image-only and text-only rows of an image-text manifest (None for a set without
+    captions, e.g. class folders): a manifest row with an empty caption or image is kept unpaired, and
+    `csalign train` uses unpaired rows only in the divergence term, so a user should see how many there are."""
+    if not manifest.num_texts:
+        return None
+    image_only = manifest.num_images - len({t for t in manifest.text_to_image if t >= 0})
+    text_only = sum(1 for t in manifest.text_to_image if t < 0)
+    line = f"data: {manifest.num_images} images, {manifest.num_texts} captions"
+    if not image_only and not text_only:
+        return line + "; every image has a caption and every caption an image"
+    return (
+        f"{line}; unpaired: {image_only} image-only (images without a caption: rows with an empty caption), "
+        f"{text_only} text-only (captions without an image: rows with an empty image); `csalign train` puts "
+        "them only in the divergence term's unpaired pools"
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "encode",
@@ -305,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
             f"{part}: {info['count']} rows, dim {info.get('dim')}, {len(info['shards'])} shards; "
             f"encoded {run_.get('rows', 0)} now in {run_.get('seconds', 0):.1f}s ({rate:.1f}/s)"
         )
+    if (pairing := describe_pairing(manifest)) is not None:
+        print(pairing)
     if cache.skipped_images:
         print(f"skipped {len(cache.skipped_images)} unreadable images (listed in {args.out / 'cache.json'})")
     print(f"cache: {args.out} key {cache.key[:16]}")

@@ -81,8 +81,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from csaligner.encoders.hf_quiet import quiet_hf_libraries
+
     try:
-        return _run(args)
+        # No loading bars from the prompt encoder or the decoder pipeline (its denoising bars are off too, see
+        # load_decoder); the libraries' warnings stay.
+        with quiet_hf_libraries(logs=False):
+            return _run(args)
     except MissingDependencyError as err:
         print(f"csalign generate: error: {err}", file=sys.stderr)
         return 1

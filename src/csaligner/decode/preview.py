@@ -256,8 +256,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from csaligner.encoders.hf_quiet import quiet_hf_libraries
+
     try:
-        return _run(args)
+        with quiet_hf_libraries(logs=False):  # --run loads the prompt encoder: no loading bars, warnings stay
+            return _run(args)
     except MissingDependencyError as err:
         print(f"csalign preview: error: {err}", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from csaligner._validation import check_features, check_positive, is_integer, is_number
 from csaligner.decode._deps import require
+from csaligner.encoders.hf_quiet import silence_imported_hf_libraries
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -121,6 +122,7 @@ def load_decoder(
     spec = _spec(kind)
     path = check_decoder_folder(kind, path)
     diffusers = require("diffusers", "load_decoder")
+    silence_imported_hf_libraries()  # inside `csalign generate`: no "Loading pipeline components" bars
     if kind == "karlo":
         pipe = _load_karlo(path, dtype)
     else:
@@ -164,6 +166,7 @@ def _load_karlo(path: Path, dtype: torch.dtype) -> Any:
     """
     diffusers = require("diffusers", "load_decoder('karlo')")
     transformers = require("transformers", "load_decoder('karlo')")
+    silence_imported_hf_libraries()
     components: dict[str, Any] = {}
     for name, entry in json.loads((path / "model_index.json").read_text()).items():
         if name.startswith("_") or not isinstance(entry, list):
@@ -226,6 +229,7 @@ def load_image_encoder(path: str | Path, device: str | torch.device = "cpu", dty
             f"subfolder of kandinsky-community/kandinsky-2-2-prior, downloaded elsewhere"
         )
     transformers = require("transformers", "load_image_encoder")
+    silence_imported_hf_libraries()
     encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True)
     return encoder.to(device=device, dtype=dtype).eval()
 

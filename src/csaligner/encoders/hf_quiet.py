@@ -1,8 +1,11 @@
 """Quiet Hugging Face libraries for one block (`csalign encode --quiet`), importing none of them.
 
 Loading a model draws bars of its own (transformers 5: "Loading weights" for every model, also under
-sentence-transformers) that a caller's `progress=False` cannot reach. `quiet_hf_libraries` switches
-those bars and the libraries' info/warning logs off for a block and puts them back on exit.
+sentence-transformers; diffusers: "Loading pipeline components") that a caller's `progress=False`
+cannot reach. `quiet_hf_libraries` switches those bars and the libraries' info/warning logs off for a
+block and puts them back on exit; `quiet_hf_libraries(logs=False)` switches only the bars off (what
+`eval`, `preview`, `generate` and the demo do by default: they draw no progress of their own, and a
+loading bar in the middle of a report is noise, while a library's warning may still matter).
 
 It silences only libraries already imported: importing transformers costs about a second, and an
 encoder that never uses it (tiny-text, efficientnet-lite0) should not pay for quiet. A loader that
@@ -21,13 +24,14 @@ from contextlib import contextmanager
 
 # The libraries, each logging under its module name; huggingface_hub first: transformers' bar switch flips
 # hub's too, so hub's state is saved before and put back after transformers' (undo runs newest first).
-_LIBRARIES = ("huggingface_hub", "transformers", "sentence_transformers")
+_LIBRARIES = ("huggingface_hub", "transformers", "sentence_transformers", "diffusers")
 
 
 class _QuietBlock:
     """What one `quiet_hf_libraries` block switched off, and how to switch each back (newest first)."""
 
-    def __init__(self) -> None:
+    def __init__(self, logs: bool = True) -> None:
+        self.logs = logs
         self.silenced: set[str] = set()
         self.undo: list[Callable[[], None]] = []
 
@@ -40,6 +44,8 @@ class _QuietBlock:
             with warnings.catch_warnings():  # a set HF_HUB_DISABLE_PROGRESS_BARS wins over the switches, with a warning
                 warnings.simplefilter("ignore")
                 self.undo.append(_bars_off(module))
+            if not self.logs:
+                continue
             logger = logging.getLogger(module)
             level = logger.level  # after _bars_off: transformers sets its own level when first asked
             logger.setLevel(logging.ERROR)
@@ -74,6 +80,13 @@ def _bars_off(module: str) -> Callable[[], None]:
                 (hub.disable_progress_bars if was_off else hub.enable_progress_bars)()
 
         return restore_hub
+    if module == "diffusers":
+        from diffusers.utils import logging as diffusers_logging
+
+        if not diffusers_logging.is_progress_bar_enabled():
+            return lambda: None
+        diffusers_logging.disable_progress_bar()
+        return diffusers_logging.enable_progress_bar
     return lambda: None  # sentence-transformers draws its bars through transformers and tqdm: its logger only
 
 
@@ -81,15 +94,19 @@ _ACTIVE: list[_QuietBlock] = []
 
 
 @contextmanager
-def quiet_hf_libraries() -> Iterator[None]:
-    """Inside the block: no progress bars and no info/warning logs from the Hugging Face libraries.
+def quiet_hf_libraries(*, logs: bool = True) -> Iterator[None]:
+    """Inside the block: no progress bars and (`logs`) no info/warning logs from the Hugging Face libraries.
 
-    transformers' and huggingface_hub's bar switches and the transformers, huggingface_hub and
-    sentence-transformers log levels are put back as they were on exit (for a library first imported
-    inside the block: as it set them up), so the rest of the process is unchanged. Only libraries
-    already imported are touched; loaders silence the ones they import with `silence_imported_hf_libraries`.
+    transformers', huggingface_hub's and diffusers' bar switches and the libraries' log levels are put
+    back as they were on exit (for a library first imported inside the block: as it set them up), so the
+    rest of the process is unchanged. Only libraries already imported are touched; loaders silence the
+    ones they import with `silence_imported_hf_libraries`.
+
+    Args:
+        logs: also raise the libraries' log level to ERROR (`csalign encode --quiet`); False switches only
+            their progress bars off and keeps their warnings.
     """
-    block = _QuietBlock()
+    block = _QuietBlock(logs)
     block.silence_imported()
     _ACTIVE.append(block)
     try:

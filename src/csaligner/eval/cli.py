@@ -73,15 +73,17 @@ def report_sources(
     }
     if classification is not None:
         classes = len(classification.class_names)
-        test_images, train_images = classification.test_labels.numel(), classification.train_labels.numel()
-        sources["zero-shot, few-shot: test"] = {"cache": class_test_cache, "images": test_images, "classes": classes}
-        sources["few-shot: train"] = {
-            "cache": class_train_cache,
-            "images": train_images,
-            "classes": classes,
-            "shots": ",".join(map(str, shots)),
-            "seeds": ",".join(map(str, FEW_SHOT_SEEDS)),
-        }
+        test_images, train_labels = classification.test_labels.numel(), classification.train_labels
+        scored = "zero-shot" if train_labels is None else "zero-shot, few-shot"
+        sources[f"{scored}: test"] = {"cache": class_test_cache, "images": test_images, "classes": classes}
+        if train_labels is not None:
+            sources["few-shot: train"] = {
+                "cache": class_train_cache,
+                "images": train_labels.numel(),
+                "classes": classes,
+                "shots": ",".join(map(str, shots)),
+                "seeds": ",".join(map(str, FEW_SHOT_SEEDS)),
+            }
         prompts = prompts or ZeroShotPrompts.resolve(None, None, classification.class_names)
         renames = prompts.renames.items()  # written as --class-names takes them: a folder holding "=" reads one way
         renamed = ", ".join(escape_class_rename(k, v) for k, v in renames if k != v) or "folder names"
@@ -170,17 +172,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--class-train-cache",
-        help="class-folder image cache for few-shot training (an encoded folder, e.g. of flowers:train)",
+        help="class-folder image cache few-shot draws its k images per class from (an encoded folder, e.g. of "
+        "flowers:train); needs --class-test-cache. Without it only zero-shot is run",
     )
     p.add_argument(
-        "--class-test-cache", help="class-folder image cache for zero/few-shot testing (e.g. of flowers:test)"
+        "--class-test-cache",
+        help="class-folder image cache zero- and few-shot are scored on (e.g. of flowers:test); alone, it runs "
+        "zero-shot only",
     )
     p.add_argument(
         "--shots",
         type=parse_shots,
         metavar="K[,K...]",
-        help="few-shot k values, comma-separated (default 1,4,16); every class of --class-train-cache "
-        "needs max(K) images",
+        help="few-shot k values, comma-separated (default 1,4,16, with --class-train-cache); every class of "
+        "--class-train-cache needs max(K) images",
     )
     p.add_argument(
         "--templates",
@@ -201,7 +206,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sigma", type=float, default=1.0, help="kernel bandwidth of the D_CS gap metric (default 1.0)")
     p.add_argument("--out", type=Path, help="report folder (default: <first run>/eval)")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from csaligner.encoders.hf_quiet import quiet_hf_libraries
+
+    # Zero-shot loads the prompt encoder: its loading bars would land in the middle of the report; warnings stay.
+    with quiet_hf_libraries(logs=False):
+        return _main(args)
 
 
 def parse_shots(text: str) -> tuple[int, ...]:
@@ -240,8 +253,35 @@ def parse_runs(specs: Sequence[str], flag: str = "--run") -> dict[str, Path]:
     return runs
 
 
+def check_class_flags(args: argparse.Namespace) -> None:
+    """Refuse class-folder flags that would be ignored: zero-shot needs --class-test-cache, few-shot (and --shots)
+    --class-train-cache as well; saying so beats a report without the columns asked for."""
+    if args.class_train_cache and not args.class_test_cache:
+        raise ValueError(
+            f"--class-train-cache {args.class_train_cache} gives few-shot its training images, but zero- and "
+            "few-shot are scored on --class-test-cache: pass it too (e.g. an encoded flowers:test)"
+        )
+    if args.shots and not args.class_train_cache:
+        zero_shot = " (zero-shot needs only --class-test-cache)" if args.class_test_cache else ""
+        raise ValueError(
+            f"--shots {','.join(map(str, args.shots))} sets few-shot k, and few-shot draws its k images per class "
+            f"from --class-train-cache: pass it{' and --class-test-cache' * (not args.class_test_cache)}, "
+            f"or drop --shots{zero_shot}"
+        )
+    flags = {"--templates": args.templates, "--class-names": args.class_names}
+    given = [flag for flag, value in flags.items() if value]
+    if given and not args.class_test_cache:  # they would be ignored: say so rather than report no classification
+        raise ValueError(
+            f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the zero-shot prompts; pass "
+            "--class-test-cache too (the class-folder images zero-shot is scored on; without it no classification "
+            "is run)"
+        )
+
+
 def check_shots(data: ClassificationData, shots: Sequence[int], cache: str) -> None:
     """Fail before any run is evaluated when a class of the few-shot train set has fewer than max(shots) rows."""
+    if data.train_labels is None:
+        raise ValueError(f"few-shot needs a training set, and {cache!r} gave none; pass --class-train-cache")
     # every class, those without a training image included (an empty folder, or all its images unreadable)
     counts = torch.bincount(data.train_labels, minlength=len(data.class_names))
     labels = torch.arange(counts.numel())
@@ -267,15 +307,7 @@ def _main(args: argparse.Namespace) -> int:
     from csaligner.data import load_paired_features
 
     runs = parse_runs(args.run)
-    if bool(args.class_train_cache) != bool(args.class_test_cache):
-        raise ValueError("pass both --class-train-cache and --class-test-cache, or neither")
-    flags = {"--shots": args.shots, "--templates": args.templates, "--class-names": args.class_names}
-    given = [flag for flag, value in flags.items() if value]
-    if given and not args.class_test_cache:  # they would be ignored: say so rather than report no classification
-        raise ValueError(
-            f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the zero- and few-shot classification; "
-            "pass --class-train-cache and --class-test-cache too (without them no classification is run)"
-        )
+    check_class_flags(args)
     args.shots = args.shots or DEFAULT_SHOTS
     # Bad template or class-name files fail before any features are read (class folders are checked later).
     if args.templates:
@@ -284,12 +316,13 @@ def _main(args: argparse.Namespace) -> int:
         read_class_renames(args.class_names)
     features = load_paired_features(args.image_cache, args.text_cache, tokens=True)
     classification, prompts = None, None
-    if args.class_train_cache:
+    if args.class_test_cache:
         # The text cache's encoder encodes the prompts: its spec and id are in the features' meta, read
         # when the cache was opened above (cache_encoder_spec / cache_encoder_id would open it again).
         spec, text_id = str(features.meta["text_encoder_spec"]), str(features.meta["text_encoder"])
         classification = load_classification(args.class_train_cache, args.class_test_cache, spec, text_id)
-        check_shots(classification, args.shots, args.class_train_cache)
+        if args.class_train_cache:
+            check_shots(classification, args.shots, args.class_train_cache)
         prompts = ZeroShotPrompts.resolve(args.templates, args.class_names, classification.class_names)
     for run in runs.values():  # refuse features from other encoders before any run is evaluated
         check_run_encoders(run, features.meta)
@@ -319,11 +352,14 @@ def _main(args: argparse.Namespace) -> int:
         print(f"csalign eval: warning: {warning}", file=sys.stderr)
         text += f"\n\n**Warning:** {warning}"
     if classification is not None and prompts is not None:
-        seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
-        text += (
-            f" Few-shot accuracy: mean ± sample std over {len(FEW_SHOT_SEEDS)} seeds ({seeds}) of the k training "
-            "images drawn per class."
-        )
+        if classification.train_labels is not None:
+            seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
+            text += (
+                f" Few-shot accuracy: mean ± sample std over {len(FEW_SHOT_SEEDS)} seeds ({seeds}) of the k training "
+                "images drawn per class."
+            )
+        else:
+            text += " Zero-shot only: few-shot needs --class-train-cache."
         quoted = "; ".join(f'"{t}"' for t in prompts.templates)
         text += f" Zero-shot prompts average {prompts.describe()}: {quoted}."
     sources = report_sources(

@@ -30,10 +30,14 @@ FEW_SHOT_SEEDS = (0, 1, 2)
 
 @dataclass(frozen=True)
 class ClassificationData:
-    """Cached image features of a class-folder set (e.g. flowers) and the text encoder for prompts."""
+    """Cached image features of a class-folder set (e.g. flowers) and the text encoder for prompts.
 
-    train_features: Tensor
-    train_labels: Tensor
+    Zero-shot needs only the test set; few-shot draws its k images per class from the train set, so
+    without one (`train_features` and `train_labels` None) only zero-shot is scored.
+    """
+
+    train_features: Tensor | None
+    train_labels: Tensor | None
     test_features: Tensor
     test_labels: Tensor
     class_names: list[str]
@@ -210,8 +214,9 @@ def classification_metrics(
 ) -> dict[str, float]:
     """Zero-shot (class-name prompts through the run's text adapter) and prototype few-shot accuracy.
 
-    Prompts are encoded with `data.text_encoder`, with token states when the run's text adapter
-    reads them (as it was trained), so token-conditioned runs are scored as they would be used.
+    Few-shot is scored only when `data` has a train set (`shots` is ignored without one). Prompts are
+    encoded with `data.text_encoder`, with token states when the run's text adapter reads them (as it
+    was trained), so token-conditioned runs are scored as they would be used.
 
     Args:
         run_dir: the training run whose adapters map the features.
@@ -240,10 +245,12 @@ def classification_metrics(
     expect_id = data.text_encoder_id or None
     class_text = F.normalize(embed_texts(adapters, run_dir, flat, data.text_encoder, expect_id=expect_id), dim=-1)
     class_text = class_text.reshape(len(prompts), len(prompts[0]), -1)
-    train_img = F.normalize(apply_adapter(adapters.image, data.train_features), dim=-1)
     test_img = F.normalize(apply_adapter(adapters.image, data.test_features), dim=-1)
     zs = zero_shot_accuracy(test_img, class_text, data.test_labels)
     out = {"zero_shot_top1": float(zs["top1"]), "zero_shot_mean_per_class": float(zs["mean_per_class"])}
+    if data.train_features is None or data.train_labels is None:  # zero-shot only: no images to draw shots from
+        return out
+    train_img = F.normalize(apply_adapter(adapters.image, data.train_features), dim=-1)
     fs = few_shot_accuracy(
         train_img, data.train_labels, test_img, data.test_labels, shots=tuple(shots), seeds=FEW_SHOT_SEEDS
     )
@@ -252,13 +259,14 @@ def classification_metrics(
 
 
 def load_classification(
-    train_cache: str | Path | FeatureCache,
+    train_cache: str | Path | FeatureCache | None,
     test_cache: str | Path | FeatureCache,
     text_encoder: str,
     text_encoder_id: str = "",
 ) -> ClassificationData:
     """Read cached class-folder features (e.g. flowers:train and flowers:test) and their encoder id.
 
+    `train_cache` None reads the test set alone: enough for zero-shot, and few-shot is then not scored.
     `text_encoder` (a `get_encoder` name) encodes the class prompts and must load `text_encoder_id`
     when that is given (e.g. both from the eval text cache: `cache_encoder_spec`, `cache_encoder_id`).
     Each cache is opened once (checksums verified), unless it is passed opened.
@@ -268,13 +276,18 @@ def load_classification(
     """
     from csaligner.data import load_class_features
 
-    train = as_cache(train_cache)
-    tr_x, tr_y, names = load_class_features(train)
     test = as_cache(test_cache)
     te_x, te_y, names_test = load_class_features(test)
+    test_id = cache_encoder_id(test)
+    if train_cache is None:
+        return ClassificationData(
+            None, None, te_x, te_y, names_test, text_encoder, image_encoder=test_id, text_encoder_id=text_encoder_id
+        )
+    train = as_cache(train_cache)
+    tr_x, tr_y, names = load_class_features(train)
     if names != names_test:
         raise ValueError(f"class names differ between {train.directory} ({names}) and {test.directory} ({names_test})")
-    train_id, test_id = cache_encoder_id(train), cache_encoder_id(test)
+    train_id = cache_encoder_id(train)
     if train_id != test_id:
         raise ValueError(
             f"{train.directory} and {test.directory} were encoded with different image encoders ({train_id!r} vs "

@@ -10,6 +10,7 @@ These are the dense references: they hold (M, N) matrices. The O(N)-memory path 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -228,17 +229,27 @@ def mmd(x: Tensor, y: Tensor, sigma: Bandwidth = 1.0) -> Tensor:
     return log_mean_kernel(x, x, bw).exp() + log_mean_kernel(y, y, bw).exp() - 2.0 * log_mean_kernel(x, y, bw).exp()
 
 
+_WARNED_RANK_DEFICIENT = False
+"""gaussian_kl warns once per process when a sample covariance is rank-deficient (a loss calls it every step)."""
+
+
 @autocast_off
 def gaussian_kl(x: Tensor, y: Tensor, ridge: float = 1e-3, symmetric: bool = False) -> Tensor:
     """KL(N(mu_x, S_x) || N(mu_y, S_y)) between Gaussians fitted to x (M, D) and y (N, D).
 
     A ridge `ridge * I` keeps covariances invertible when D exceeds the batch size. Computed in
     float64 with Cholesky factors. `symmetric=True` returns the mean of both directions.
+
+    With M or N <= D the sample covariance has rank below D: the ridge alone fills the missing
+    directions, and their log-determinant terms (of order D * log(variance / ridge)) dominate the
+    value, which then says more about N, D and the ridge than about the two distributions. That case
+    warns once per process; use more samples than dimensions (or fewer dimensions).
     """
     check_features("x", x)
     check_features("y", y)
     check_same_dim("x", x, "y", y)
     check_positive("ridge", ridge)
+    _warn_rank_deficient(min(x.shape[0], y.shape[0]), x.shape[1], ridge)
     out_dtype = _compute_dtype(x, y)
     x64, y64 = x.double(), y.double()
 
@@ -263,3 +274,17 @@ def gaussian_kl(x: Tensor, y: Tensor, ridge: float = 1e-3, symmetric: bool = Fal
     if symmetric:
         out = 0.5 * (out + kl(my, sy, mx, sx))
     return out.to(out_dtype)
+
+
+def _warn_rank_deficient(n: int, dim: int, ridge: float) -> None:
+    global _WARNED_RANK_DEFICIENT
+    if n > dim or _WARNED_RANK_DEFICIENT:
+        return
+    _WARNED_RANK_DEFICIENT = True
+    warnings.warn(
+        f"gaussian_kl: {n} samples in {dim} dimensions (N <= D) give a rank-deficient covariance, so the ridge "
+        f"({ridge:g} * I) fills at least {dim - n + 1} of its {dim} directions and dominates the KL value; use more "
+        "samples than dimensions (in `csalign train`, train.batch_size > model.out_dim, or a smaller model.out_dim), "
+        "or a divergence without a covariance (cs_aligner, mmd). Warned once per process",
+        stacklevel=3,
+    )

@@ -40,7 +40,7 @@ from csaligner.train.checkpoint import (
 from csaligner.train.config import RunConfig
 from csaligner.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, wrap_ddp
 from csaligner.train.model import AlignmentModel, build_model, save_adapters, write_run_encoders
-from csaligner.train.monitor import RunMonitor
+from csaligner.train.monitor import RunMonitor, collapsed_embeddings
 from csaligner.train.overrides import dump_yaml, to_dict
 from csaligner.train.run_dir import check_resume_encoders, claim_out_dir, delete_paths, encoder_ids, summary_metrics
 from csaligner.train.schedule import WeightEMA, lr_at
@@ -142,7 +142,13 @@ def _train(
     cfg = config.train
     stop = run.total_steps if until_step is None else min(until_step, run.total_steps)
     run.monitor = RunMonitor(
-        cfg.out_dir, run.total_steps, run.step, enabled=info.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress
+        cfg.out_dir,
+        run.total_steps,
+        run.step,
+        enabled=info.is_main,
+        tensorboard=cfg.tensorboard,
+        progress=cfg.progress,
+        advice=f"Lower train.lr (now {cfg.lr:g}) and train again; these adapters are not worth evaluating",
     )
     clock = (run.step, time.perf_counter())
     try:
@@ -392,6 +398,23 @@ def _refuse_ignored_learned(path: str, stored: dict[str, Any]) -> None:
         )
 
 
+@torch.no_grad()
+def _sample_outputs(model: AlignmentModel, feats: DeviceFeatures, rows: int = 1024) -> dict[str, Tensor]:
+    """The final (CPU) adapters' outputs for the first `rows` training images and texts: one forward, once."""
+    n, m = min(rows, feats.image.shape[0]), min(rows, feats.text.shape[0])
+
+    def first(t: Tensor | None, k: int) -> Tensor | None:
+        return None if t is None else t[:k].cpu()
+
+    out = model(
+        image=feats.image[:n].cpu(),
+        text=feats.text[:m].cpu(),
+        text_tokens=first(feats.text_tokens, m),
+        text_token_mask=first(feats.text_token_mask, m),
+    )
+    return {"image": out["image"], "text": out["text"]}
+
+
 def _finish(run: _Run) -> RunResult:
     cfg = run.config.train
     assert run.monitor is not None
@@ -413,6 +436,8 @@ def _finish(run: _Run) -> RunResult:
         if run.ema is not None:
             run.ema.copy_to(final)
         paths = save_adapters(final, run.adapter_configs, cfg.out_dir)
+        if not run.monitor.degenerate and (why := collapsed_embeddings(_sample_outputs(final, run.feats))):
+            run.monitor.warn_degenerate(why)
         result.image_adapter, result.text_adapter = paths["image"], paths["text"]
         summary = {
             "step": run.step,
@@ -423,6 +448,8 @@ def _finish(run: _Run) -> RunResult:
             "checkpoint": run.checkpoint,
             "data": run.data_id,  # eval says so when it is handed these very features as held-out data
         }
+        if run.monitor.degenerate:
+            summary["warnings"] = run.monitor.degenerate
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return result

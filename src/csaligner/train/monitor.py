@@ -1,12 +1,63 @@
-"""Metrics out of the loop: metrics.csv, TensorBoard (when installed) and a tqdm progress bar."""
+"""Metrics out of the loop: metrics.csv, TensorBoard (when installed), a tqdm progress bar, and a warning
+when training goes degenerate.
+
+Degenerate training is judged from what is logged anyway, at no cost per step: a gradient norm that has
+vanished (at most `GRAD_NORM_FLOOR`) while the loss is still far from 0, the minimum of every loss term
+(e.g. `--train.lr=1e3`: the adapters' outputs overflow, the normalised embeddings become one point, InfoNCE
+sits at log(batch) and the gradient at 0, and the run used to "succeed"). Once a run finishes,
+`collapsed_embeddings` checks the saved adapters on a sample of training rows, which also covers runs
+that log no gradient norm (train.grad_clip=0).
+"""
 
 from __future__ import annotations
 
 import csv
 import os
+import warnings
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
 FIRST_COLUMNS = ["step", "epoch", "lr", "loss"]
+GRAD_NORM_FLOOR = 1e-6
+"""A logged gradient norm at or below this has vanished (trained adapters log about 0.1 to 2)."""
+LOSS_FLOOR = 1e-2
+"""A loss at or above this is far from the minimum, 0, of every loss term: its gradient cannot vanish."""
+SPREAD_FLOOR = 1e-2
+"""Mean distance of L2-normalised embeddings to their mean below which they are one point (trained: about 1)."""
+
+
+def degenerate_row(row: dict[str, float]) -> str | None:
+    """Why a logged row shows degenerate training, or None: its gradient norm vanished while its loss did not."""
+    grad_norm, loss = row.get("grad_norm"), row.get("loss")
+    if grad_norm is None or loss is None or grad_norm > GRAD_NORM_FLOOR or loss < LOSS_FLOOR:
+        return None
+    return (
+        f"at step {int(row['step'])} the gradient norm is {grad_norm:.2g} while the loss is still {loss:.4g} "
+        "(0 at best): the adapters saturated or collapsed and stopped learning"
+    )
+
+
+def collapsed_embeddings(outputs: dict[str, Tensor]) -> str | None:
+    """Why a finished run's embeddings are degenerate, or None.
+
+    Args:
+        outputs: {"image": (N, D), "text": (M, D)} the final adapters' outputs for N, M training rows.
+    """
+    for side, emb in outputs.items():
+        unit = F.normalize(emb.float(), dim=-1)  # as the loss sees them: an overflowing norm makes them all 0
+        if not bool(torch.isfinite(unit).all()):
+            return f"the {side} adapter's outputs contain NaN or Inf"
+        spread = float((unit - unit.mean(0)).norm(dim=1).mean()) if unit.shape[0] > 1 else 1.0
+        if spread < SPREAD_FLOOR:
+            return (
+                f"the {side} adapter maps all {unit.shape[0]} training rows checked to one point (mean distance of "
+                f"the normalised embeddings to their mean {spread:.2g}; a trained run has about 1), so retrieval "
+                "with this run is chance"
+            )
+    return None
 
 
 class RunMonitor:
@@ -19,6 +70,7 @@ class RunMonitor:
         enabled: False on non-main processes.
         tensorboard: also write TensorBoard scalars when the package is importable.
         progress: show a tqdm bar.
+        advice: what to do about degenerate training, appended to its warning (e.g. "lower train.lr").
     """
 
     def __init__(
@@ -30,10 +82,14 @@ class RunMonitor:
         enabled: bool = True,
         tensorboard: bool = False,
         progress: bool = False,
+        advice: str = "",
     ) -> None:
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.csv")
         self.history: list[dict[str, float]] = []
+        self.advice = advice
+        self.degenerate: list[str] = []
+        """The warnings about degenerate training given so far (summary.json records them)."""
         self.columns: list[str] | None = None
         self._tb: Any = None
         self._bar: Any = None
@@ -80,6 +136,18 @@ class RunMonitor:
         if self._bar is not None:
             shown = {k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "epoch", "elapsed_s")}
             self._bar.set_postfix(shown, refresh=False)
+        if not self.degenerate and (why := degenerate_row(row)) is not None:  # once a run: it does not recover
+            self.warn_degenerate(why)
+
+    def warn_degenerate(self, why: str) -> None:
+        """Warn that training went degenerate (`why`), with the advice, and remember it for the summary."""
+        message = f"training went degenerate: {why}. {self.advice}".strip()
+        self.degenerate.append(message)
+        if self._bar is not None:
+            self._bar.clear()  # the warning gets its own line rather than the end of the bar's
+        warnings.warn(message, stacklevel=2)
+        if self._bar is not None:
+            self._bar.refresh()
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:

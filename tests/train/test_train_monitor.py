@@ -1,0 +1,62 @@
+"""Degenerate training is warned about: a vanished gradient with the loss far from 0, or collapsed embeddings."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from csaligner.data.features import PairedFeatures
+from csaligner.train import load_config, train
+from csaligner.train.monitor import collapsed_embeddings, degenerate_row
+from tests.train.helpers import fast_overrides
+
+
+def test_a_vanished_gradient_far_from_the_minimum_is_degenerate() -> None:
+    row = {"step": 20, "loss": 6.93, "grad_norm": 3e-8}
+    assert "at step 20 the gradient norm is 3e-08 while the loss is still 6.93" in str(degenerate_row(row))
+    assert degenerate_row({**row, "grad_norm": 0.003}) is None  # small but alive
+    assert degenerate_row({**row, "loss": 1e-3}) is None  # at the minimum a gradient may vanish
+    assert degenerate_row({"step": 20, "loss": 6.93}) is None  # grad_clip=0 logs no norm: nothing to judge
+
+
+def test_embeddings_at_one_point_are_collapsed() -> None:
+    spread = torch.randn(64, 8)
+    assert collapsed_embeddings({"image": spread, "text": spread + 1}) is None
+    one_point = torch.ones(64, 8) * 3 + 1e-6 * torch.randn(64, 8)
+    assert "the text adapter maps all 64 training rows checked to one point" in str(
+        collapsed_embeddings({"image": spread, "text": one_point})
+    )
+    overflowed = torch.full((64, 8), 3e38)  # the norm overflows, so the loss's normalised embeddings are all 0
+    assert "one point" in str(collapsed_embeddings({"image": overflowed, "text": spread}))
+    assert "NaN or Inf" in str(collapsed_embeddings({"image": spread, "text": torch.full((4, 8), float("nan"))}))
+
+
+def degenerate_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "training went degenerate" in str(w.message)]
+
+
+@pytest.mark.parametrize("clip", ["train.grad_clip=1.0", "train.grad_clip=0"])
+def test_a_run_that_collapses_warns_and_records_it(tmp_path: Path, features: PairedFeatures, clip: str) -> None:
+    """lr=1e3 "succeeded": the outputs overflow, InfoNCE sits at log(batch), the gradient at 0, and no word said."""
+    config = load_config(None, fast_overrides(tmp_path, "train.epochs=5", "train.lr=1e3", clip))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(config, features)
+    assert result.finished
+    said = degenerate_warnings(caught)
+    assert len(said) == 1 and "Lower train.lr (now 1000) and train again" in said[0]
+    # With a logged gradient norm it is caught while training; without one, on the saved adapters.
+    assert ("the gradient norm is" in said[0]) == (clip == "train.grad_clip=1.0")
+    assert json.loads((tmp_path / "summary.json").read_text())["warnings"] == said
+
+
+def test_a_normal_run_gets_no_warning(tmp_path: Path, features: PairedFeatures) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(load_config(None, fast_overrides(tmp_path, "train.epochs=15")), features)
+    assert degenerate_warnings(caught) == []
+    assert "warnings" not in json.loads((tmp_path / "summary.json").read_text())
