@@ -9,6 +9,9 @@ features recognises daisies (which checks the preprocessing/normalisation).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -21,6 +24,7 @@ from csaligner.data import (
     load_paired_features,
     resolve_dataset,
 )
+from csaligner.data.cache import cache_key
 from csaligner.encoders import FrozenEncoder, get_encoder
 
 pytestmark = pytest.mark.slow
@@ -110,3 +114,32 @@ def test_imagenet_head_recognises_daisies(effnet: FrozenEncoder) -> None:
         logits = effnet.model._fc(pooled)  # type: ignore[attr-defined]
     # ImageNet class 985 is "daisy". With the TF-Lite normalisation ~80% are top-1 on this set.
     assert float((logits.argmax(-1) == 985).float().mean()) >= 0.6
+
+
+def test_a_demo_rerun_checks_finished_cache_keys_without_loading_an_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rerun of `csalign demo` loaded both encoders (about half its ~12 s) only to compare each cache's key."""
+    import csaligner.encoders as encoders
+    from csaligner.flickr_demo import FlickrDemoSettings, encode_caches
+
+    _dataset("flickr8k:dev:2")
+    _encoder("minilm")
+    settings = FlickrDemoSettings(train_images=2, dev_images=2, cache_dir=tmp_path / "cache")
+    first = encode_caches(settings)  # loads both encoders and encodes 4 tiny caches
+    capsys.readouterr()
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished cache's key is known without loading its encoder")
+
+    monkeypatch.setattr(encoders, "get_encoder", no_loading)
+    assert encode_caches(settings) == first
+    assert capsys.readouterr().out.count("key checked without loading") == 4
+    # A cache from other settings is not reused unseen: encode loads the encoder and says what differs.
+    cache_json = first["dev_text"] / "cache.json"
+    state = json.loads(cache_json.read_text())
+    state["key_fields"]["dtype"] = "fp16"
+    state["key"] = cache_key(state["key_fields"])
+    cache_json.write_text(json.dumps(state))
+    with pytest.raises(AssertionError, match="without loading"):
+        encode_caches(settings)

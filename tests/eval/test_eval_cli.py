@@ -298,3 +298,23 @@ def test_check_shots_counts_classes_without_training_images() -> None:
     check_shots(ok, (1,), "tr")
     with pytest.raises(ValueError, match=r"needs 2 training images per class, but 2 class\(es\)"):
         check_shots(ok, (1, 2), "tr")
+
+
+def test_eval_repeats_the_warnings_train_recorded(
+    caches: TinyCaches, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A degenerate run's summary.json warnings used to stay there: eval printed its numbers as results."""
+    run = make_run(tmp_path / "flat", caches.text_tokens)
+    recorded = ["training went degenerate: loss is nan at step 3. Lower --train.lr.", "a second warning"]
+    (run / "summary.json").write_text(json.dumps({"step": 4, "warnings": recorded}))
+    quiet = make_run(tmp_path / "quiet", caches.text_tokens)
+    assert evaluate(caches, tmp_path / "out", str(run), str(quiet)) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("csalign eval: warning: ")]
+    assert lines == [f"csalign eval: warning: flat: csalign train warned: {w}" for w in recorded]
+    md = (tmp_path / "out" / "report.md").read_text()
+    text = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]["text"]
+    for w in recorded:
+        assert f"**Warning:** flat: csalign train warned: {w}" in md
+        assert f"flat: csalign train warned: {w}" in text
+    assert "quiet:" not in err

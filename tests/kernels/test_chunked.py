@@ -332,3 +332,13 @@ def test_pools_without_the_cs_term_are_an_error(impl: str) -> None:
     with pytest.raises(ValueError, match="drop the pools or pass with_cs=True"):
         infonce_cs_terms(x, y, y_all=torch.cat([y, pool]), with_cs=False, impl=impl)  # type: ignore[arg-type]
     assert set(infonce_cs_terms(x, y, with_cs=False, impl=impl)) == {"infonce"}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arg", ["x", "y", "x_all", "y_all", "text_to_image"])
+def test_a_list_or_array_argument_is_a_type_error_naming_the_conversion(arg: str) -> None:
+    """A list x or y used to raise AttributeError ('list' object has no attribute 'dtype') in dispatch."""
+    x, y = F.normalize(torch.randn(4, 3), dim=1), F.normalize(torch.randn(4, 3), dim=1)
+    kwargs: dict[str, object] = {"x": x, "y": y, "text_to_image": torch.arange(4)}
+    kwargs[arg] = (kwargs.get(arg, x)).tolist()  # type: ignore[union-attr]
+    with pytest.raises(TypeError, match=rf"{arg} must be a torch.Tensor.*torch.as_tensor\({arg}\)"):
+        infonce_cs_terms(**kwargs)  # type: ignore[arg-type]

@@ -182,6 +182,28 @@ def _encode_texts(enc: FrozenEncoder, m: ImageTextManifest, w: CacheWriter, cfg:
     return done
 
 
+def cache_key_fields(
+    encoder_id: str,
+    image_preprocess: dict[str, object] | None,
+    text_max_length: int | None,
+    manifest: ImageTextManifest,
+    parts: Sequence[str],
+    cfg: EncodeConfig,
+) -> dict[str, Any]:
+    """The fields a cache's key hashes (`cache_key`): what the features depend on. Built here only, so that a
+    caller that knows an encoder's identity without loading it (`csalign demo` rerun) gets the same key."""
+    return {
+        "format": FORMAT,
+        "encoder": encoder_id,
+        "image_preprocess": image_preprocess if "image" in parts else None,
+        "text_max_length": text_max_length if "text" in parts else None,
+        "manifest": manifest.content_hash(),
+        "dtype": cfg.dtype,
+        "tokens": cfg.tokens,
+        "parts": list(parts),
+    }
+
+
 def encode_manifest(
     encoder: FrozenEncoder, manifest: ImageTextManifest, out: str | Path, config: EncodeConfig | None = None
 ) -> FeatureCache:
@@ -219,18 +241,8 @@ def encode_manifest(
             raise ValueError(f"none of the {manifest.num_images} images could be read; nothing to encode")
     if "text" in parts:
         rows["text"] = list(range(manifest.num_texts))
-    key_fields = {
-        "format": FORMAT,
-        "encoder": encoder.id,
-        "image_preprocess": encoder.image_preprocess.describe()
-        if "image" in parts and encoder.image_preprocess
-        else None,
-        "text_max_length": encoder.text_max_length if "text" in parts else None,
-        "manifest": manifest.content_hash(),
-        "dtype": cfg.dtype,
-        "tokens": cfg.tokens,
-        "parts": parts,
-    }
+    preprocess = encoder.image_preprocess.describe() if encoder.image_preprocess else None
+    key_fields = cache_key_fields(encoder.id, preprocess, encoder.text_max_length, manifest, parts, cfg)
     extra = {"source": manifest.name, "skipped_images": skipped, "embed_dim": encoder.embed_dim}
     if (spec := encoder_spec(encoder)) is not None:  # not in the key: the same weights may move
         extra["encoder_spec"] = spec

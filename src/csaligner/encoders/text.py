@@ -103,6 +103,11 @@ class PooledTextEncoder:
         return EncoderOutput(pooled, hidden, mask) if tokens else EncoderOutput(pooled)
 
 
+def hf_text_id(directory: Path, name: str, normalize: bool) -> str:
+    """`HFTextEncoder.id` of the model folder `directory`, computed from its files without loading it."""
+    return f"{name}@{hash_files(weight_files(directory))}" + ("-l2" if normalize else "")
+
+
 class HFTextEncoder(PooledTextEncoder):
     """A transformers AutoModel text backbone with masked mean pooling.
 
@@ -133,7 +138,7 @@ class HFTextEncoder(PooledTextEncoder):
         self.model: Any = AutoModel.from_pretrained(str(directory), local_files_only=True)
         self.normalize = normalize
         limit = int(getattr(self.tokenizer, "model_max_length", 512) or 512)
-        encoder_id = f"{name}@{hash_files(weight_files(directory))}" + ("-l2" if normalize else "")
+        encoder_id = hf_text_id(directory, name, normalize)
         self._finish_init(encoder_id, max_length or min(limit, 512), device)
 
 
@@ -209,7 +214,15 @@ def minilm_dir() -> Path:
 def _minilm(*, device: str = "cpu") -> HFTextEncoder:
     # Same pooled output as SentenceTransformer(minilm_dir()).encode (mean pool + Normalize module),
     # without sentence-transformers' extra import time; max_seq_length 256 from sentence_bert_config.json.
-    return HFTextEncoder(minilm_dir(), name="minilm", normalize=True, max_length=256, device=device)
+    return HFTextEncoder(minilm_dir(), name="minilm", normalize=True, max_length=MINILM_MAX_LENGTH, device=device)
+
+
+MINILM_MAX_LENGTH = 256
+
+
+def minilm_id() -> str:
+    """The minilm encoder's `id`, without loading it (the same hash of the same files)."""
+    return hf_text_id(minilm_dir(), "minilm", normalize=True)
 
 
 @register_encoder("hf-text", takes_arg=True, usage="hf-text:<dir>", help="transformers AutoModel, mean pooled (text)")

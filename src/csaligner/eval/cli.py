@@ -24,6 +24,7 @@ from csaligner.eval.evaluate import (
     evaluate_run,
     load_classification,
     trained_on,
+    training_warnings,
 )
 from csaligner.eval.plots import plot_paired_distance_hist, plot_projection
 from csaligner.eval.report import MeanStd, ReportSection, Value, write_report
@@ -303,6 +304,22 @@ def check_shots(data: ClassificationData, shots: Sequence[int], cache: str) -> N
         )
 
 
+def eval_warnings(runs: dict[str, Path], features: PairedFeatures, image_cache: str) -> list[str]:
+    """What the numbers of `runs` on `features` need said next to them: evaluation on the training data, and
+    each warning `csalign train` recorded in a run's summary.json (a degenerate run's numbers are no result)."""
+    warnings = []
+    seen = [name for name, run in runs.items() if trained_on(run, features.meta)]
+    if seen:
+        warnings.append(
+            f"{', '.join(seen)} {'was' if len(seen) == 1 else 'were'} trained on these very images and captions "
+            f"({features.meta.get('source') or image_cache}): their retrieval and gap numbers are "
+            "training-set numbers, not held-out ones. Evaluate on a cache of data the runs did not see."
+        )
+    for name, run in runs.items():
+        warnings += [f"{name}: csalign train warned: {w}" for w in training_warnings(run)]
+    return warnings
+
+
 def _main(args: argparse.Namespace) -> int:
     from csaligner.data import load_paired_features
 
@@ -342,13 +359,7 @@ def _main(args: argparse.Namespace) -> int:
     (out_dir / "metrics.json").write_text(json.dumps({k: m | provenance for k, m in results.items()}, indent=2))
     figures = report_figures(runs, features, out_dir)
     text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}."
-    seen = [name for name, run in runs.items() if trained_on(run, features.meta)]
-    if seen:
-        warning = (
-            f"{', '.join(seen)} {'was' if len(seen) == 1 else 'were'} trained on these very images and captions "
-            f"({features.meta.get('source') or args.image_cache}): their retrieval and gap numbers are "
-            "training-set numbers, not held-out ones. Evaluate on a cache of data the runs did not see."
-        )
+    for warning in eval_warnings(runs, features, args.image_cache):
         print(f"csalign eval: warning: {warning}", file=sys.stderr)
         text += f"\n\n**Warning:** {warning}"
     if classification is not None and prompts is not None:

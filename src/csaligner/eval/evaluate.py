@@ -133,17 +133,30 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str =
         )
 
 
-def trained_on(run_dir: str | Path, meta: dict[str, object]) -> bool:
-    """True when the run's summary.json records the same data (manifest hash) as the features' `meta`:
-    "held-out" numbers on it would be training-set numbers. Runs from before it was recorded give False."""
+def _summary(run_dir: str | Path) -> dict[str, object]:
+    """The run's summary.json, or {} when it has none (hand-built runs, unfinished ones) or it is unreadable."""
     import json
 
     try:
-        data = json.loads((Path(run_dir) / "summary.json").read_text()).get("data")
-    except (OSError, ValueError, AttributeError):
-        return False
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def trained_on(run_dir: str | Path, meta: dict[str, object]) -> bool:
+    """True when the run's summary.json records the same data (manifest hash) as the features' `meta`:
+    "held-out" numbers on it would be training-set numbers. Runs from before it was recorded give False."""
+    data = _summary(run_dir).get("data")
     manifest = data.get("manifest") if isinstance(data, dict) else None
     return bool(manifest) and manifest == meta.get("manifest")
+
+
+def training_warnings(run_dir: str | Path) -> list[str]:
+    """The warnings `csalign train` recorded in the run's summary.json (e.g. "training went degenerate: ..."):
+    numbers of such a run read as results unless the report repeats them. [] for runs without any."""
+    recorded = _summary(run_dir).get("warnings")
+    return [str(w) for w in recorded] if isinstance(recorded, list) else []
 
 
 def check_classification_encoders(run_dir: str | Path, data: ClassificationData) -> None:

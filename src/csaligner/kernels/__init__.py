@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from csaligner._validation import check_chunk_size, checks_finite_once
+from csaligner._validation import check_chunk_size, check_tensor, checks_finite_once
 from csaligner.kernels.chunked import streamed_cs_divergence
 from csaligner.kernels.distributed import all_gather_with_grad
 from csaligner.kernels.nce import streamed_info_nce
@@ -177,6 +177,13 @@ def infonce_cs_terms(
     `torch.no_grad()` to skip that work.
     """
     chunk_size = check_chunk_size(chunk_size)
+    # A list or array would fail deep in dispatch (AttributeError on .dtype); name the conversion here.
+    optional = (("x_all", x_all, "image features"), ("y_all", y_all, "text features"))
+    for name, value, what in (("x", x, "image features"), ("y", y, "text features"), *optional):
+        if value is not None:
+            check_tensor(name, value, what)
+    if text_to_image is not None:
+        check_tensor("text_to_image", text_to_image, "image row indices")
     if not with_cs and (x_all is not None or y_all is not None):
         raise ValueError(
             "x_all / y_all are the pools of the D_CS term, and with_cs=False computes InfoNCE alone: "
