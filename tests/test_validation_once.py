@@ -78,3 +78,27 @@ def test_a_tensor_changed_in_place_within_a_call_is_tested_again(value_tests: li
     check_features("y", y)
     assert value_tests == ["x", "x", "x", "y", "y"]
     assert info_nce(*pair(), 0.07).isfinite()
+
+
+def test_inference_tensors_are_checked_and_tested() -> None:
+    """Inference tensors (an encoder's output, or anything made under inference_mode) have no version
+    counter: reading x._version raised 'Inference tensors do not track version counter', so every loss
+    call under torch.inference_mode, or on features an encoder returned, failed."""
+    loss = CSAlignerLoss(lam=0.1)
+    with torch.inference_mode():
+        x, y = pair()
+        assert torch.isfinite(loss(x, y)["loss"])
+        assert torch.isfinite(cs_divergence(x, y, 0.5))
+        assert all(torch.isfinite(v).all() for v in infonce_cs_terms(x, y, impl="chunked", chunk_size=16).values())
+    assert torch.isfinite(loss(x, y)["loss"])  # inference tensors used outside inference_mode
+    with torch.inference_mode():
+        bad = x.clone()
+
+        @checks_finite_once
+        def outer() -> None:
+            check_features("bad", bad)
+            bad[0, 0] = float("nan")  # changed in place in inference mode: no version to see it by
+            with pytest.raises(ValueError, match="bad contains NaN"):
+                check_features("bad", bad)
+
+        outer()

@@ -43,7 +43,7 @@ def checks_finite_once(fn: _F) -> _F:
 
 def _finite_already(x: Tensor) -> bool:
     seen = _FINITE_SEEN.get()
-    if seen is None:
+    if seen is None or x.is_inference():  # an inference tensor has no version counter to see a change by
         return False
     hit = seen.get(id(x))
     return hit is not None and hit[0] is x and hit[1] == x._version
@@ -51,7 +51,7 @@ def _finite_already(x: Tensor) -> bool:
 
 def _record_finite(x: Tensor) -> None:
     seen = _FINITE_SEEN.get()
-    if seen is not None:
+    if seen is not None and not x.is_inference():  # x._version raises on one: it is tested each time
         seen[id(x)] = (x, x._version)
 
 

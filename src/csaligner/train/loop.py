@@ -400,15 +400,19 @@ def _refuse_ignored_learned(path: str, stored: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def _sample_outputs(model: AlignmentModel, feats: DeviceFeatures, rows: int = 1024) -> dict[str, Tensor]:
-    """The final (CPU) adapters' outputs for the first `rows` training images and texts: one forward, once."""
+    """The final adapters' outputs for the first `rows` training images and texts: one forward, once.
+
+    `model` (the CPU copy just saved) is moved to the features' device, the run's: on the CPU a prior adapter
+    over 1,024 texts x 77 tokens took 39 s (2 cores) after the GPU had finished. In eval mode, as it is used."""
     n, m = min(rows, feats.image.shape[0]), min(rows, feats.text.shape[0])
+    model = model.to(feats.image.device).eval()
 
     def first(t: Tensor | None, k: int) -> Tensor | None:
-        return None if t is None else t[:k].cpu()
+        return None if t is None else t[:k]
 
     out = model(
-        image=feats.image[:n].cpu(),
-        text=feats.text[:m].cpu(),
+        image=feats.image[:n],
+        text=feats.text[:m],
         text_tokens=first(feats.text_tokens, m),
         text_token_mask=first(feats.text_token_mask, m),
     )
