@@ -134,14 +134,10 @@ def check_run_encoders(run_dir: str | Path, meta: dict[str, object], what: str =
 
 
 def _summary(run_dir: str | Path) -> dict[str, object]:
-    """The run's summary.json, or {} when it has none (hand-built runs, unfinished ones) or it is unreadable."""
-    import json
+    """The run's summary.json, or {} (see `read_summary`)."""
+    from csaligner.train.run_dir import read_summary
 
-    try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
+    return read_summary(run_dir)
 
 
 def trained_on(run_dir: str | Path, meta: dict[str, object]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Any
 
 from csaligner.train.checkpoint import latest_checkpoint, step_checkpoints
 from csaligner.train.config import TrainConfig
@@ -81,10 +82,17 @@ def check_resume_encoders(out_dir: str, meta: dict[str, object]) -> None:
         )
 
 
-def summary_metrics(out_dir: str) -> dict[str, float]:
-    """The last logged metrics a finished run recorded: what a resume that ran no step reports (and keeps)."""
+def read_summary(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run's summary.json, or {} when it has none (hand-built runs, unfinished ones) or it is unreadable."""
     try:
         with open(os.path.join(out_dir, "summary.json")) as f:
-            return dict(json.load(f).get("metrics") or {})
-    except (OSError, ValueError, AttributeError):
+            summary = json.load(f)
+    except (OSError, ValueError):
         return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def summary_metrics(out_dir: str) -> dict[str, float]:
+    """The last logged metrics a finished run recorded: what a resume that ran no step reports (and keeps)."""
+    metrics = read_summary(out_dir).get("metrics")
+    return dict(metrics) if isinstance(metrics, dict) else {}
