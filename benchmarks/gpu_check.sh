@@ -8,8 +8,9 @@
 #      carried as `.ref`), the same Triton timings of that tree and of this one again, on the same
 #      card: an A/B within one lease (each benchmark script imports its own tree's src),
 #   4. the torch.profiler table of one 65k step,
-#   5. (step "tune") benchmarks/tune_tiles.py at 65k: the default tiles (row 11) against the
-#      not-yet-timed candidates for the backward X Y^T kernel (rows 12-16, split epilogues).
+#   5. (step "tune") benchmarks/tune_tiles.py at 65k: the default tiles (row 12) against the
+#      candidates for the X X^T / Y Y^T kernels (rows 17-20, weight tiles stored in column blocks);
+#      TUNE_ROWS="11,12" picks other rows.
 #
 # From the repository root on the device machine: `bash benchmarks/gpu_check.sh`, or a subset:
 # `STEPS="bench ab" bash benchmarks/gpu_check.sh` (steps: tests bench ab profile tune). The timeouts add
@@ -64,7 +65,7 @@ fi
 
 if has tune; then
     echo "== tile candidates at 65k"
-    timeout 300 python benchmarks/tune_tiles.py --n 65536 --only 11,12,13,14,15,16 --repeats 5 --profile \
+    timeout 300 python benchmarks/tune_tiles.py --n 65536 --only ${TUNE_ROWS:-12,17,18,19,20} --repeats 5 --profile \
         >"$OUT/tune.txt" 2>&1
     grep -v Warning "$OUT/tune.txt" | tail -n 20
 fi

@@ -111,8 +111,10 @@ def main() -> None:
     tk._multiprocessors = lambda device: 132  # type: ignore[assignment]
     from csaligner.kernels.fused_kernels import (
         BACKWARD_PAIR_TILES,
+        BACKWARD_PAIR_TILES_FLOAT32,
         FORWARD_PAIR_TILES,
         SYMMETRIC_TILES,
+        SYMMETRIC_TILES_FLOAT32,
         _finish_grad,
         _pair_grad,
         _pair_lse_kernel,
@@ -127,7 +129,8 @@ def main() -> None:
         ("forward X Y^T", "FORWARD_PAIR_TILES", FORWARD_PAIR_TILES),
         ("forward X Y^T", "8 warps, 1 program/SM", wide),
         ("forward t_ii (diagonal tiles, value only)", "FORWARD_PAIR_TILES", FORWARD_PAIR_TILES),
-        ("backward X Y^T", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
+        ("backward X Y^T", "BACKWARD_PAIR_TILES (4 warps, 2 programs/SM, 4 column blocks)", BACKWARD_PAIR_TILES),
+        ("backward X Y^T", "8 warps, 1 program/SM (the default before)", BACKWARD_PAIR_TILES_FLOAT32),
         ("backward X Y^T", "4 warps, 2 programs/SM, descriptor stores", four_warps),
         (
             "backward X Y^T",
@@ -136,22 +139,28 @@ def main() -> None:
         ),
         (
             "backward X Y^T",
-            "4 warps, 2 programs/SM, epilogue in 4 column blocks",
-            replace(four_warps, epilogue_split=4),
-        ),
-        (
-            "backward X Y^T",
             "4 warps, 2 programs/SM, 32-wide K steps, 4 stages, epilogue in 4 column blocks",
             replace(four_warps, block_k=32, num_stages=4, epilogue_split=4),
         ),
         (
             "backward X Y^T",
-            "BACKWARD_PAIR_TILES, epilogue in 2 column blocks",
-            replace(BACKWARD_PAIR_TILES, epilogue_split=2),
+            "8 warps, 1 program/SM, epilogue in 2 column blocks",
+            replace(BACKWARD_PAIR_TILES_FLOAT32, epilogue_split=2),
         ),
-        ("backward X Y^T, float32 operands", "BACKWARD_PAIR_TILES", BACKWARD_PAIR_TILES),
-        ("kernel weights (symmetric)", "SYMMETRIC_TILES", SYMMETRIC_TILES),
+        ("backward X Y^T, float32 operands", "BACKWARD_PAIR_TILES_FLOAT32", BACKWARD_PAIR_TILES_FLOAT32),
+        ("backward X Y^T, float32 operands", "BACKWARD_PAIR_TILES (4 warps)", BACKWARD_PAIR_TILES),
+        ("kernel weights (symmetric)", "SYMMETRIC_TILES (64-wide K, 4 store blocks)", SYMMETRIC_TILES),
+        (
+            "kernel weights (symmetric)",
+            "SYMMETRIC_TILES_FLOAT32 (the default before)",
+            SYMMETRIC_TILES_FLOAT32,
+        ),
         ("kernel weights (symmetric)", "8 warps, 1 program/SM", wide),
+        (
+            "kernel weights (symmetric)",
+            "4 warps, 2 programs/SM, 64-wide K steps, stores in 2 column blocks",
+            replace(four_warps, epilogue_split=2),
+        ),
         ("gradient finish (elementwise, (N, D))", "4 warps, 4096 elements", wide),
     ]
     print(f"Triton {triton.__version__}, sm_90a, strip {s} x {n}, D = {d}, bf16 (static counts)")

@@ -69,16 +69,24 @@ SETTINGS: list[tuple[str, ...]] = [  # (X Y^T, X X^T / Y Y^T[, forward X Y^T]); 
     ("128x128x64:w8:s4:tma:p2", "128x128x64:w8:s4:tma:p2"),
     ("256x64x64:w8:s4:tma:p1", "128x128x64:w8:s3:tma"),
     ("128x64x64:w4:s3:tma", "128x128x64:w8:s3:tma:p1"),
-    ("128x128x64:w8:s4:tma:st:p1", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),  # the defaults
+    ("128x128x64:w8:s4:tma:st:p1", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),  # defaults before
     # The backward X Y^T epilogue on column blocks: with 4 warps and 4 blocks the sm_90a compile has
-    # 32 bytes of stack (2,456 unsplit) and 104 KiB of shared memory (192), so two programs fit an SM
+    # 16 bytes of stack (2,456 unsplit) and 104 KiB of shared memory (192), so two programs fit an SM
     # and one's epilogue can run beside the other's products, as the forward's do
-    # (`python benchmarks/sass_counts.py`; not yet timed on a GPU).
+    # (`python benchmarks/sass_counts.py`). Row 12 is the default since 2026-11-23 (H100, 65k: the
+    # backward kernel 23.3 -> 21.3 ms).
     ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
     ("128x128x64:w4:s3:tma:st:p2:e2", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
     ("128x128x64:w4:s3:tma:p2:e4", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
     ("128x128x64:w8:s4:tma:st:p1:e2", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
     ("128x128x32:w4:s4:tma:st:p2:e4", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
+    # The X X^T / Y Y^T kernels storing their weight tile in column blocks: the staging buffer shrinks
+    # from 32 to 8 (e4) or 16 KiB (e2), so 64-wide K steps with 3 stages (or 32-wide ones with 6) fit
+    # two programs per SM (with the whole tile staged, 64-wide steps took 26.2 ms against 20.2).
+    ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x64:w4:s3:tma:st:p2:e4", "128x128x64:w4:s3:tma:p2"),
+    ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x64:w4:s3:tma:st:p2:e2", "128x128x64:w4:s3:tma:p2"),
+    ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x32:w4:s6:tma:st:p2:e4", "128x128x64:w4:s3:tma:p2"),
+    ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x32:w4:s4:tma:st:p2:e4", "128x128x64:w4:s3:tma:p2"),
 ]
 
 

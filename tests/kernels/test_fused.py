@@ -19,7 +19,15 @@ from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips witho
 
 from csaligner.kernels import fused, fused_kernels, infonce_cs_terms, streamed_cs_divergence, streamed_info_nce
 from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs
-from csaligner.kernels.fused_kernels import FORWARD_PAIR_TILES
+from csaligner.kernels.fused_kernels import (
+    BACKWARD_PAIR_TILES,
+    BACKWARD_PAIR_TILES_FLOAT32,
+    FORWARD_PAIR_TILES,
+    SYMMETRIC_TILES,
+    SYMMETRIC_TILES_FLOAT32,
+    backward_pair_tiles,
+    symmetric_tiles,
+)
 from csaligner.kernels.strips import mm_accumulate
 from csaligner.kernels.triton_strips import TritonStrips, _multiprocessors
 from csaligner.losses import cs_divergence, info_nce
@@ -178,18 +186,31 @@ def test_gpu_fused_matches_dense_at_moderate_size(dtype: torch.dtype) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("split", [2, 4])
-def test_gpu_split_epilogue_tiles_match_the_default_tiles(split: int) -> None:
-    """The full-size backward tiles with the epilogue on column blocks (the candidates in
-    benchmarks/tune_tiles.py) give the default tiles' loss and gradients."""
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_gpu_split_epilogue_tiles_match_the_unsplit_tiles(split: int) -> None:
+    """The full-size backward tiles with the epilogue on column blocks (the half-operand default,
+    `BACKWARD_PAIR_TILES`, has 4) give the unsplit 8-warp tiles' loss and gradients."""
     x, y = feats(3000, 256, torch.bfloat16), feats(3000, 256, torch.bfloat16, shift=0.1)
     split_tiles = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2, tma_store=True, epilogue_split=split)
     results = []
-    for pair in (None, split_tiles):
+    for pair in (BACKWARD_PAIR_TILES_FLOAT32, split_tiles, None):
         nce, cs = fused_infonce_cs(x, y, 0.02, 0.5, pair_tiles=pair, forward_tiles=FORWARD_PAIR_TILES, chunk_size=1024)
         results.append((nce, cs, *torch.autograd.grad(nce + 0.01 * cs, [x, y])))
-    for got, want in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-6)
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-6)
+
+
+def test_default_tiles_by_dtype() -> None:
+    """Half operands take the split-epilogue tiles; float32 ones (CUDA-core dots, whose compile with
+    those tiles spills) keep the tiles of before."""
+    for half in (torch.bfloat16, torch.float16):
+        assert backward_pair_tiles(half) is BACKWARD_PAIR_TILES
+        assert symmetric_tiles(half) is SYMMETRIC_TILES
+    assert backward_pair_tiles(torch.float32) is BACKWARD_PAIR_TILES_FLOAT32
+    assert symmetric_tiles(torch.float32) is SYMMETRIC_TILES_FLOAT32
+    assert BACKWARD_PAIR_TILES.epilogue_split == SYMMETRIC_TILES.epilogue_split == 4
+    assert BACKWARD_PAIR_TILES_FLOAT32.epilogue_split == SYMMETRIC_TILES_FLOAT32.epilogue_split == 1
 
 
 # Operand loading (tensor descriptors or pointers) and grid (a program per tile, or a persistent
@@ -399,6 +420,29 @@ def test_split_epilogue_matches_dense(split: int, n: int, captions: int, store_t
     got = torch.autograd.grad(nce + 0.3 * cs, inputs)
     want = torch.autograd.grad(w_nce + 0.3 * w_cs, inputs)
     assert_grads_close(list(got), list(want), rtol=1e-4)
+
+
+@pytest.mark.parametrize(("split", "n"), [(2, 64), (4, 72)])  # rows of 16-byte multiples: descriptors
+def test_symmetric_weights_stored_in_column_blocks_match_dense(split: int, n: int) -> None:
+    """The kernel-weight tiles written through descriptors in 2 or 4 column blocks (`epilogue_split`
+    on the X X^T / Y Y^T tiles): the fused loss and the separate CS strips (unequal pools, so the
+    cross term's weights too), a ragged last tile included."""
+    width = 16 * split
+    tiles = replace(SMALL, block_m=width, block_n=width, epilogue_split=split, tma_store=True, programs_per_sm=1)
+    x, y = feats(n, 16), feats(n, 16, shift=0.3)
+    s = torch.tensor(0.4, device=DEVICE, requires_grad=True)
+    nce, cs = fused_infonce_cs(x, y, 0.05, s, tiles=tiles, pair_tiles=SMALL, chunk_size=width)
+    w_nce, w_cs = dense_pair(x, y, 0.05, s)
+    inputs = [x, y, s]
+    got = torch.autograd.grad(nce + 0.3 * cs, inputs)
+    want = torch.autograd.grad(w_nce + 0.3 * w_cs, inputs)
+    assert float(cs) == pytest.approx(float(w_cs), rel=1e-5, abs=1e-6)
+    assert_grads_close(list(got), list(want), rtol=1e-4)
+    xa = torch.cat([x, feats(9, 16)])
+    got_s = streamed_cs_divergence(xa, y, s, backend=tiles, chunk_size=width)
+    want_s = cs_divergence(xa, y, s)
+    assert float(got_s) == pytest.approx(float(want_s), rel=1e-5, abs=1e-6)
+    assert_grads_close(list(torch.autograd.grad(got_s, inputs)), list(torch.autograd.grad(want_s, inputs)), rtol=1e-4)
 
 
 def test_positives_in_a_tiles_first_and_last_rows() -> None:

@@ -41,13 +41,13 @@ from torch import Tensor
 from csaligner._validation import check_features, check_positive, check_same_dim, checks_finite_once
 from csaligner.kernels.chunked import kernel_term_sums
 from csaligner.kernels.fused_kernels import (
-    BACKWARD_PAIR_TILES,
     FORWARD_PAIR_TILES,
     MAX_ONE_EXP_SCALE,
-    SYMMETRIC_TILES,
     _finish_grad,
     _pair_grad,
     _pair_lse_kernel,
+    backward_pair_tiles,
+    symmetric_tiles,
 )
 from csaligner.kernels.nce import positive_dots, positives
 from csaligner.kernels.sharded import Ranks
@@ -352,8 +352,8 @@ def fused_infonce_cs(
         temperature, sigma: > 0, floats or 0-dim tensors (learnable ones get gradients).
         text_to_image: optional (M,) image row of each text.
         tiles: tile configuration of every kernel unless the two below are given; without any,
-            each kernel takes its measured default (`SYMMETRIC_TILES` for X X^T and Y Y^T,
-            `FORWARD_PAIR_TILES` and `BACKWARD_PAIR_TILES` for X Y^T).
+            each kernel takes its measured default (`symmetric_tiles(dtype)` for X X^T and Y Y^T,
+            `FORWARD_PAIR_TILES` and `backward_pair_tiles(dtype)` for X Y^T).
         pair_tiles: tile configuration of the two X Y^T kernels (default: `tiles`).
         forward_tiles: tile configuration of the forward X Y^T kernel (default: `pair_tiles`).
         chunk_size: rows per strip, a multiple of every configuration's block_m.
@@ -374,14 +374,14 @@ def fused_infonce_cs(
     check_positive("sigma", sigma)
     if x.dtype == torch.float64 or y.dtype == torch.float64:
         raise ValueError("the fused Triton path computes in float32; use impl='chunked' for float64 inputs")
-    sym = tiles or SYMMETRIC_TILES
-    back = pair_tiles or tiles or BACKWARD_PAIR_TILES
+    dtype = x.dtype if x.dtype == y.dtype else torch.float32
+    sym = tiles or symmetric_tiles(dtype)
+    back = pair_tiles or tiles or backward_pair_tiles(dtype)
     fwd = forward_tiles or pair_tiles or tiles or FORWARD_PAIR_TILES
     for t in (sym, fwd, back):
         if chunk_size % t.block_m:
             raise ValueError(f"chunk_size must be a multiple of the tile size {t.block_m}, got {chunk_size}")
     pos_row, pos_w = positives(x.shape[0], y.shape[0], text_to_image, x.device, torch.float32)
-    dtype = x.dtype if x.dtype == y.dtype else torch.float32
     scale = 1.0 / as_tensor(temperature, torch.float32, x.device)
     sig = as_tensor(sigma, torch.float32, x.device)
     eager = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)

@@ -21,6 +21,7 @@ from csaligner.kernels.strips import MAX_BOUNDED_NATS
 from csaligner.kernels.triton_kernels import (
     _LN2,
     _cast_out,
+    _column_blocks,
     _dot_tile,
     _exp2,
     _lse2,
@@ -38,16 +39,39 @@ FORWARD_PAIR_TILES = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2)
 """The forward X Y^T kernel's tiles: one warpgroup per 128 x 128 tile and two programs per SM, so
 that one program's epilogue (two exps and three sums per logit) runs while the other's tensor-core
 products do (measured on an H100 at N = 65,536: 17.8 ms with 8 warps and one program, 13.8 ms so)."""
-SYMMETRIC_TILES = TritonStrips(block_k=32, num_warps=4, num_stages=4, programs_per_sm=2, tma_store=True)
-"""The X X^T / Y Y^T kernels' tiles, for the same reason. These write a weight strip, whose staging
-takes 32 KiB of shared memory: with 64-wide K steps two programs no longer fit in an SM, with 32-wide
-ones and four stages they do (H100, N = 65,536: 23.1 ms with 8 warps, 21.5 ms with 4 warps and
-64-wide steps, 20.2 ms so; docs/BENCHMARKS.md)."""
-BACKWARD_PAIR_TILES = TritonStrips(tma_store=True)
-"""The backward X Y^T kernel's tiles: its epilogue needs too many registers for one warpgroup per
-tile (with 4 warps it spills and takes 81 ms instead of 25 ms), so 8 warps and one program per SM;
-the weight strip goes out through the copy engine (25.3 -> 23.2 ms; the symmetric kernels, two
-programs per SM, got slower with it: 22.7 -> 26.2 ms)."""
+SYMMETRIC_TILES = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2, tma_store=True, epilogue_split=4)
+"""The X X^T / Y Y^T kernels' tiles for half operands, for the same reason: one warpgroup per tile and
+two programs per SM. These write a weight strip through the copy engine; staging a whole tile for
+that took 32 KiB of shared memory, so with 64-wide K steps two programs no longer fitted an SM
+(26.2 ms at N = 65,536 on an H100) and 32-wide steps with four stages were the default (20.2 ms).
+Stored in 4 column blocks (`epilogue_split`) the staging takes 8 KiB, and 64-wide steps with three
+stages fit twice (104 KiB): 19.7 -> 18.4 ms in one run (docs/BENCHMARKS.md)."""
+SYMMETRIC_TILES_FLOAT32 = TritonStrips(block_k=32, num_warps=4, num_stages=4, programs_per_sm=2, tma_store=True)
+"""The X X^T / Y Y^T kernels' tiles for float32 operands (a program per tile, pointer loads and stores on
+CUDA: see `TritonStrips._grid`): 32-wide K steps. With 64-wide ones (the half-operand tiles) the sm_90a
+compile has 32 registers and 13 KB of spill stack (`benchmarks/sass_counts.py`)."""
+BACKWARD_PAIR_TILES = TritonStrips(num_warps=4, num_stages=3, programs_per_sm=2, tma_store=True, epilogue_split=4)
+"""The backward X Y^T kernel's tiles for half operands: one warpgroup per tile and two programs per
+SM, as the forward's, with the epilogue run on 4 column blocks of the tile one after the other
+(`TritonStrips.epilogue_split`). Unsplit, that epilogue needed too many registers for 4 warps (it
+spilled 2.4 KB and took 81 ms instead of 25 ms), so it ran with 8 warps and one program per SM;
+split, it has 16 bytes of stack and 104 KiB of shared memory, and two programs fit. Measured on an
+H100 at N = 65,536 (docs/BENCHMARKS.md): the kernel 23.3 -> 21.3 ms, the step 118.0 -> 115.8 ms.
+The weight strip goes out through the copy engine (tma_store; 25.3 -> 23.2 ms with 8 warps)."""
+BACKWARD_PAIR_TILES_FLOAT32 = TritonStrips(tma_store=True)
+"""The backward X Y^T kernel's tiles for float32 operands (exact dots on CUDA cores, a program per
+tile, pointer loads: see `TritonStrips._grid`): 8 warps. With the 4-warp tiles above the sm_90a
+compile has 32 registers and 14 KB of spill stack (`benchmarks/sass_counts.py`)."""
+
+
+def backward_pair_tiles(dtype: torch.dtype) -> TritonStrips:
+    """The measured default of the backward X Y^T kernel for operands of this dtype."""
+    return BACKWARD_PAIR_TILES if dtype in (torch.bfloat16, torch.float16) else BACKWARD_PAIR_TILES_FLOAT32
+
+
+def symmetric_tiles(dtype: torch.dtype) -> TritonStrips:
+    """The measured default of the X X^T / Y Y^T kernels for operands of this dtype."""
+    return SYMMETRIC_TILES if dtype in (torch.bfloat16, torch.float16) else SYMMETRIC_TILES_FLOAT32
 
 
 @triton.jit
@@ -157,12 +181,6 @@ def _softmax_mass(t, row_a, col_b, w_row, w_col, ONE_EXP: tl.constexpr):
 
 
 @triton.jit
-def _column_halves(v, BM: tl.constexpr, BN: tl.constexpr):
-    """(left, right): the (BM, BN / 2) column halves of a (BM, BN) tile."""
-    return tl.split(tl.permute(tl.reshape(v, (BM, 2, BN // 2)), (0, 2, 1)))
-
-
-@triton.jit
 def _pair_grad_body(
     tm, tn, rows, cols,
     X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
@@ -183,14 +201,7 @@ def _pair_grad_body(
     scalars = (s, s2, c2, k_off, k_scale, w_row, w_col, r0)
     ptrs = (KAPPA, V2, COL_B, POS_ROW, POS_W, H, COL_PART)
     W: tl.constexpr = BN // SPLIT
-    if SPLIT == 1:
-        blocks = (dot,)
-    elif SPLIT == 2:
-        blocks = _column_halves(dot, BM, BN)
-    else:
-        tl.static_assert(SPLIT == 4, "SPLIT is 1, 2 or 4")
-        left, right = _column_halves(dot, BM, BN)
-        blocks = _column_halves(left, BM, BN // 2) + _column_halves(right, BM, BN // 2)
+    blocks = _column_blocks(dot, BM, BN, SPLIT)
     resid, gl, wk = _pair_grad_part(blocks[0], tm, tn * BN, rows, row_vecs, ptrs, n_a, n_b, scalars,
         BM, W, PREC, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES)  # fmt: skip
     for i in tl.static_range(1, SPLIT):

@@ -173,12 +173,36 @@ def _cast_out(OUT, v, STORE_TMA: tl.constexpr):
 
 
 @triton.jit
+def _column_halves(v, BM: tl.constexpr, BN: tl.constexpr):
+    """(left, right): the (BM, BN / 2) column halves of a (BM, BN) tile."""
+    return tl.split(tl.permute(tl.reshape(v, (BM, 2, BN // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _column_blocks(v, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+    """The SPLIT (1, 2 or 4) column blocks (BM, BN / SPLIT) of a (BM, BN) tile, left to right, as a tuple."""
+    if SPLIT == 1:
+        blocks = (v,)
+    elif SPLIT == 2:
+        blocks = _column_halves(v, BM, BN)
+    else:
+        tl.static_assert(SPLIT == 4, "SPLIT is 1, 2 or 4")
+        left, right = _column_halves(v, BM, BN)
+        blocks = _column_halves(left, BM, BN // 2) + _column_halves(right, BM, BN // 2)
+    return blocks
+
+
+@triton.jit
 def _store_tile(OUT, v, tm, tn, n_a, n_b, BM: tl.constexpr, BN: tl.constexpr, EVEN: tl.constexpr,
-                STORE_TMA: tl.constexpr):  # fmt: skip
+                STORE_TMA: tl.constexpr, SPLIT: tl.constexpr = 1):  # fmt: skip
     """Write a (BM, BN) tile of a row-major (n_a, n_b) strip: through the bulk copy engine (STORE_TMA:
-    one store of the staged tile), else per thread, masked at the edges unless EVEN."""
+    one store of the staged tile, or SPLIT stores of its column blocks, one after the other, whose
+    staging buffer is BN / SPLIT wide: OUT is then a descriptor of such blocks), else per thread,
+    masked at the edges unless EVEN."""
     if STORE_TMA:
-        OUT.store([tm * BM, tn * BN], v)
+        blocks = _column_blocks(v, BM, BN, SPLIT)
+        for i in tl.static_range(SPLIT):
+            OUT.store([tm * BM, tn * BN + i * (BN // SPLIT)], blocks[i])
     else:
         rows = tm * BM + tl.arange(0, BM)
         cols = tn * BN + tl.arange(0, BN)
@@ -317,11 +341,12 @@ def _kernel_grad_tile(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
     WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr, UNIT_G: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     if _below_diagonal(tm, tn, SYMMETRIC):  # zeros for the GEMMs; no dot products
         zeros = _cast_out(W, tl.zeros((BM, BN), tl.float32), STORE_TMA)
-        _store_tile(W, zeros, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA)
+        _store_tile(W, zeros, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA, SPLIT)
         tl.store(ROW_PART + tn * n_a + rows, tl.zeros((BM,), tl.float32), mask=rows < n_a)
         tl.store(COL_PART + tm * n_b + cols, tl.zeros((BN,), tl.float32), mask=cols < n_b)
         tl.store(DOT_PART + tm * n_tn + tn, 0.0)
@@ -333,7 +358,7 @@ def _kernel_grad_tile(
         if not EVEN:
             w = tl.where(_valid(rows, cols, n_a, n_b), w, 0.0)
         stored = _cast_out(W, w, STORE_TMA)
-        _store_tile(W, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA)
+        _store_tile(W, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA, SPLIT)
         # Sums of the weights as stored (rounded): the caller's W b - rowsum(W) a then cancels exactly.
         w_st = stored.to(tl.float32)
         tl.store(ROW_PART + tn * n_a + rows, tl.sum(w_st, 1), mask=rows < n_a)
@@ -350,13 +375,15 @@ def _kernel_grad_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
     WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr, UNIT_G: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1,
 ):  # fmt: skip
+    """SPLIT: the weight tile goes out through the copy engine in that many column blocks (`_store_tile`)."""
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
             _kernel_grad_tile(pid, A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, c2,
                 neg_lz2, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, WANT_DOT,
-                WANT_TOTAL, STORE_TMA, UNIT_G)  # fmt: skip
+                WANT_TOTAL, STORE_TMA, UNIT_G, SPLIT)  # fmt: skip
     else:
         _kernel_grad_tile(tl.program_id(0), A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim,
             c2, neg_lz2, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, WANT_DOT,
-            WANT_TOTAL, STORE_TMA, UNIT_G)  # fmt: skip
+            WANT_TOTAL, STORE_TMA, UNIT_G, SPLIT)  # fmt: skip

@@ -63,7 +63,10 @@ class TritonStrips:
     epilogue_split: int = 1
     """The fused backward X Y^T kernel (`fused_kernels._pair_grad_body`) runs its epilogue on this
     many column blocks of block_n / epilogue_split, one after the other (1, 2 or 4), which lowers the
-    registers the epilogue's float32 temporaries need at once; the other kernels ignore it."""
+    registers the epilogue's float32 temporaries need at once. The kernel-weight kernels
+    (`kernel_grad`) store their weight tile in that many column blocks when stores go through tensor
+    descriptors, so the staging buffer takes 1 / epilogue_split of a tile's shared memory. The other
+    kernels ignore it."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -242,7 +245,7 @@ class TritonStrips:
         col_part = torch.empty((n_tm, b.shape[0]), dtype=torch.float32, device=a.device)
         dot = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
         total = torch.empty(n_tm * n_tn, dtype=torch.float32, device=a.device)
-        w_arg, store_tma = self._out_operand(w, a, b)
+        w_arg, store_tma = self._out_operand(w, a, b, self.block_n // self.epilogue_split)
         self._launch(
             _kernel_grad_kernel,
             a,
@@ -260,6 +263,7 @@ class TritonStrips:
             WANT_TOTAL=want_total,
             STORE_TMA=store_tma,
             UNIT_G=g == 1.0,
+            SPLIT=self.epilogue_split,
         )
         return KernelStrip(
             w,
