@@ -156,6 +156,8 @@ def main() -> None:
             SYMMETRIC_TILES_FLOAT32,
         ),
         ("kernel weights (symmetric)", "8 warps, 1 program/SM", wide),
+        ("kernel weights (symmetric), float32 operands", "SYMMETRIC_TILES_FLOAT32", SYMMETRIC_TILES_FLOAT32),
+        ("kernel weights (symmetric), float32 operands", "SYMMETRIC_TILES (64-wide K)", SYMMETRIC_TILES),
         (
             "kernel weights (symmetric)",
             "4 warps, 2 programs/SM, 64-wide K steps, stores in 2 column blocks",
@@ -191,8 +193,9 @@ def main() -> None:
 
         else:
 
-            def launch(t: tk.TritonStrips = t) -> None:
-                t.kernel_grad(x, x, vec(s), vec(s), 4.0, 0.0, 1.0, True, False, True)
+            def launch(t: tk.TritonStrips = t, fp32: bool = "float32" in kernel) -> None:
+                a = x.float() if fp32 else x
+                t.kernel_grad(a, a, vec(s), vec(s), 4.0, 0.0, 1.0, True, False, True)
 
         c = counts(compiled(launch))
         print(f"| {kernel} | {label} | " + " | ".join(str(v) for v in c.values()) + " |", flush=True)
