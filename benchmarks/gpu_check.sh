@@ -11,9 +11,11 @@
 #   5. (step "tune") benchmarks/tune_tiles.py at 65k: the default tiles (row 12) against the
 #      candidates for the X X^T / Y Y^T kernels (rows 17-20, weight tiles stored in column blocks);
 #      TUNE_ROWS="11,12" picks other rows.
+#   6. (step "sums") benchmarks/partial_sums.py at 65k: the per-tile partial sums through torch and
+#      through the (not yet timed) Triton reduction, per buffer shape and over whole steps.
 #
 # From the repository root on the device machine: `bash benchmarks/gpu_check.sh`, or a subset:
-# `STEPS="bench ab" bash benchmarks/gpu_check.sh` (steps: tests bench ab profile tune). The timeouts add
+# `STEPS="bench ab" bash benchmarks/gpu_check.sh` (steps: tests bench ab profile tune sums). The timeouts add
 # up to more than the device's 10 minutes a call: run `STEPS=tests` and then
 # `STEPS="bench ab profile"` (and `STEPS=tune`) as separate calls, back to back while the machine is warm. Results go to $OUT (the device tool's folder), else
 # /tmp/gpu_check. Inf-CL comes from .whl/ when carried
@@ -68,4 +70,10 @@ if has tune; then
     timeout 300 python benchmarks/tune_tiles.py --n 65536 --only ${TUNE_ROWS:-12,17,18,19,20} --repeats 5 --profile \
         >"$OUT/tune.txt" 2>&1
     grep -v Warning "$OUT/tune.txt" | tail -n 20
+fi
+
+if has sums; then
+    echo "== partial sums at 65k"
+    timeout 120 python benchmarks/partial_sums.py --n 65536 >"$OUT/sums.txt" 2>&1
+    grep -v Warning "$OUT/sums.txt" | tail -n 14
 fi

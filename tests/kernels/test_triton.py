@@ -18,7 +18,7 @@ from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips witho
 import triton
 import triton.language as tl
 
-from csaligner.kernels import infonce_cs_terms, resolve_impl, streamed_cs_divergence, streamed_info_nce
+from csaligner.kernels import infonce_cs_terms, resolve_impl, streamed_cs_divergence, streamed_info_nce, triton_strips
 from csaligner.kernels.triton_kernels import _tile_coords
 from csaligner.losses import cs_divergence, info_nce
 
@@ -149,3 +149,41 @@ def test_gpu_auto_picks_triton_and_saves_memory() -> None:
         peaks[impl] = torch.cuda.max_memory_allocated() - base
         x.grad = y.grad = None
     assert peaks["auto"] < peaks["dense"] / 4
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize(("p", "width"), [(1, 5), (37, 70), (64, 300)])
+def test_partial_sums_kernel_matches_torch(
+    p: int, width: int, accumulate: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sum_partials` with the Triton reduction (not yet the default): the rows of a partial buffer
+    added column by column, into a fresh vector, a view of a longer one, or onto what it holds."""
+    monkeypatch.setattr(triton_strips, "PARTIAL_SUMS", "triton")
+    part = torch.randn(p, width, device=DEVICE)
+    base = torch.randn(width + 3, device=DEVICE)
+    out = base.clone()
+    got = triton_strips.sum_partials(part, out[2 : 2 + width], accumulate=accumulate)
+    want = part.sum(0) + (base[2 : 2 + width] if accumulate else 0.0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out[2 : 2 + width], want, rtol=1e-6, atol=1e-5)
+    assert torch.equal(out[:2], base[:2]) and torch.equal(out[2 + width :], base[2 + width :])  # nothing else written
+    torch.testing.assert_close(triton_strips.sum_partials(part), part.sum(0), rtol=1e-6, atol=1e-5)
+
+
+def test_fused_loss_with_the_triton_partial_sums_matches_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every partial-sum site of the fused path (forward rows and columns, backward masses, the
+    symmetric strips' masses) through the Triton reduction gives the dense loss and gradients."""
+    from csaligner.kernels.fused import fused_infonce_cs
+    from csaligner.losses import cs_divergence, info_nce
+
+    monkeypatch.setattr(triton_strips, "PARTIAL_SUMS", "triton")
+    x = F.normalize(torch.randn(45, 16, device=DEVICE), dim=-1).requires_grad_()
+    y = F.normalize(torch.randn(45, 16, device=DEVICE) + 0.3, dim=-1).requires_grad_()
+    nce, cs = fused_infonce_cs(x, y, 0.05, 0.5, tiles=SMALL, chunk_size=32)
+    w_nce, w_cs = info_nce(x, y, 0.05), cs_divergence(x, y, 0.5)
+    assert float(nce) == pytest.approx(float(w_nce), rel=1e-5)
+    assert float(cs) == pytest.approx(float(w_cs), rel=1e-5, abs=1e-6)
+    got = torch.autograd.grad(nce + 0.3 * cs, [x, y])
+    want = torch.autograd.grad(w_nce + 0.3 * w_cs, [x, y])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

@@ -53,7 +53,7 @@ from csaligner.kernels.nce import positive_dots, positives
 from csaligner.kernels.sharded import Ranks
 from csaligner.kernels.strips import LOG2, MAX_BOUNDED_NATS, as_tensor, autocast_off, half_sq_norms, mm_accumulate
 from csaligner.kernels.triton_kernels import LN2, LOG2E
-from csaligner.kernels.triton_strips import TritonStrips, strip_dtype
+from csaligner.kernels.triton_strips import TritonStrips, strip_dtype, sum_partials
 
 
 class _PairedInfoNCECS(torch.autograd.Function):
@@ -211,8 +211,8 @@ def _pair_forward(
             scalars=(s2, c2), ONE_EXP=one_exp, K_BOUNDED=bounded,
         )  # fmt: skip
         if one_exp:
-            row_acc[r0 - lo : r1 - lo] = row_part.sum(0)
-            col_acc += col_part.sum(0)
+            sum_partials(row_part, row_acc[r0 - lo : r1 - lo])
+            sum_partials(col_part, col_acc, accumulate=True)
         else:
             row_acc[r0 - lo : r1 - lo] = _logsumexp2(row_part, 0)
             torch.logaddexp2(col_acc, _logsumexp2(col_part, 0), out=col_acc)

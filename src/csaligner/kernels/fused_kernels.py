@@ -29,7 +29,7 @@ from csaligner.kernels.triton_kernels import (
     _to,
     _valid,
 )
-from csaligner.kernels.triton_strips import TritonStrips, strip_dtype
+from csaligner.kernels.triton_strips import TritonStrips, strip_dtype, sum_partials
 
 MAX_ONE_EXP_SCALE = MAX_BOUNDED_NATS / 2
 """Up to this InfoNCE scale (temperature >= 0.025) all logits of a tile lie within 2 * scale <= 80
@@ -407,4 +407,4 @@ def _pair_grad(
         launch(1, n_tiles=n_tm)  # the diagonal tiles again, with their positives
     else:
         launch(2)
-    return h, row_part.sum(0), col_part.sum(0), dots.sum(0)
+    return h, sum_partials(row_part), sum_partials(col_part), dots.sum(0)

@@ -387,3 +387,20 @@ def _kernel_grad_kernel(
         _kernel_grad_tile(tl.program_id(0), A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim,
             c2, neg_lz2, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, WANT_DOT,
             WANT_TOTAL, STORE_TMA, UNIT_G, SPLIT)  # fmt: skip
+
+
+@triton.jit
+def _sum_rows_kernel(P, OUT, p, cols_total, ACCUMULATE: tl.constexpr, BP: tl.constexpr, BL: tl.constexpr):
+    """OUT[l] (+)= sum_i P[i, l] over BL columns of a row-major float32 (p, cols_total) array: each program
+    adds its column block's rows BP at a time, in a fixed order (the same bits on every run)."""
+    cols = tl.program_id(0) * BL + tl.arange(0, BL)
+    ok = cols < cols_total
+    acc = tl.zeros((BL,), tl.float32)
+    for i0 in range(0, p, BP):
+        rows = i0 + tl.arange(0, BP)
+        at = P + rows[:, None].to(tl.int64) * cols_total + cols[None, :]
+        block = tl.load(at, mask=(rows < p)[:, None] & ok[None, :], other=0.0)
+        acc += tl.sum(block, 0)
+    if ACCUMULATE:
+        acc += tl.load(OUT + cols, mask=ok, other=0.0)
+    tl.store(OUT + cols, acc, mask=ok)

@@ -24,6 +24,7 @@ from csaligner.kernels.triton_kernels import (
     _kernel_lse_kernel,
     _logits_grad_kernel,
     _logits_lse_kernel,
+    _sum_rows_kernel,
 )
 
 
@@ -267,8 +268,8 @@ class TritonStrips:
         )
         return KernelStrip(
             w,
-            row_part.sum(0),
-            col_part.sum(0),
+            sum_partials(row_part),
+            sum_partials(col_part),
             dot.sum() if want_dot else None,
             total.sum() if want_total else None,
         )
@@ -293,6 +294,41 @@ def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+PARTIAL_SUMS = "torch"
+"""How `sum_partials` adds the kernels' per-tile partial buffers over their first dimension on CUDA:
+"torch" (`Tensor.sum(0)`) or "triton" (`_sum_rows_kernel`). An H100 profile at N = 65,536 has 128
+such sums per step taking 1.57 ms, ~12 us for 8 MiB, about a quarter of the memory bandwidth; the
+Triton kernel is not yet timed on a GPU (`benchmarks/partial_sums.py` times both), hence the default."""
+
+
+def sum_partials(part: Tensor, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
+    """part.sum(0) of a contiguous float32 (P, L) partial buffer, written into `out` (L,) when given
+    (added to it with `accumulate`), returned. Off CUDA, or with PARTIAL_SUMS = "torch", plain torch."""
+    if (
+        PARTIAL_SUMS == "triton"
+        and part.dim() == 2
+        and part.dtype == torch.float32
+        and part.is_contiguous()
+        and (part.is_cuda or INTERPRETING)
+    ):
+        if out is None:
+            out, accumulate = torch.empty(part.shape[1], dtype=torch.float32, device=part.device), False
+        if out.is_contiguous() and out.dtype == torch.float32 and out.shape == part.shape[1:]:
+            width = part.shape[1]
+            block = 64 if width <= 16384 else 256  # >= ~64 programs for a (512, 4096) row partial
+            if width:
+                _sum_rows_kernel[(triton.cdiv(width, block),)](
+                    part, out, part.shape[0], width, ACCUMULATE=accumulate, BP=32, BL=block, num_warps=4
+                )
+            return out
+    total = part.sum(0)
+    if out is None:
+        return total
+    if accumulate:
+        return out.add_(total)
+    return out.copy_(total)
 
 
 def strip_dtype(operand: torch.dtype) -> torch.dtype:
