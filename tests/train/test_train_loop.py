@@ -107,7 +107,8 @@ def test_unpaired_pool_enters_only_the_cs_term(
     train(load_config(None, overrides), features)
     assert seen == [{"image": 16, "text": 16, "un_img": 8, "un_txt": 8}]
     seen.clear()
-    train(load_config(None, [*overrides, "data.use_unpaired=false", "train.out_dir=" + str(tmp_path / "b")]), features)
+    pairs_only = [*overrides, "data.use_unpaired=false", "data.unpaired_batch_size=0"]  # no pools to size
+    train(load_config(None, [*pairs_only, "train.out_dir=" + str(tmp_path / "b")]), features)
     assert seen == [{"image": 16, "text": 16, "un_img": None, "un_txt": None}]
 
 

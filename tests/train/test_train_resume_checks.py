@@ -119,6 +119,20 @@ def test_resume_of_a_run_stored_with_unpaired_data_settings_its_objective_ignore
     assert load_config(tmp_path / "config.yaml").data.use_unpaired is False  # the run's config reloads
 
 
+def test_resume_of_a_run_stored_with_an_unpaired_batch_size_and_no_pools(
+    tmp_path: Path, features: PairedFeatures
+) -> None:
+    # Earlier versions accepted unpaired_batch_size beside use_unpaired=false, drew nothing with it and stored it
+    # in the checkpoint. It is refused at load now; the config that says what the run did resumes it.
+    pairs_only = fast_overrides(tmp_path, *BASE, "data.paired_fraction=0.5", "data.use_unpaired=false")
+    checkpoint = train(load_config(None, pairs_only), features, until_step=3).checkpoint
+    _stored_with(checkpoint, "data", {"unpaired_batch_size": 8})
+    with pytest.raises(ValueError, match=r"data\.unpaired_batch_size=8 .*data\.use_unpaired=false drops"):
+        load_config(None, [*pairs_only, "data.unpaired_batch_size=8"])
+    result = train(load_config(None, [*pairs_only, "train.resume=auto"]), features)
+    assert result.finished and result.step == 6
+
+
 def test_resume_still_compares_the_loss_values_the_objective_reads(tmp_path: Path, features: PairedFeatures) -> None:
     cfg = fast_overrides(tmp_path, *BASE, "loss.objective=infonce")
     _stored_with(

@@ -53,7 +53,8 @@ class DataConfig:
     texts without an image are left out under such an objective either way (the data line counts them)."""
     unpaired_batch_size: int = 0
     """Unpaired images and unpaired texts drawn per step (without replacement) for the CS term; 0 means
-    train.batch_size. Refused for an objective without a divergence (infonce, l2_prior)."""
+    train.batch_size. Refused with use_unpaired=false (no pools to draw from) and for an objective without a
+    divergence (infonce, l2_prior)."""
     captions_per_image: CaptionMode = "one"
     """Captions per image in InfoNCE: "one" (a random caption each step, plain pairs) or "all"
     (every caption, multi-positive InfoNCE)."""
@@ -290,12 +291,18 @@ class RunConfig:
                 f"loss.token_lam={self.loss.token_lam} needs token features: set data.use_tokens=true "
                 "(or loss.token_lam=0)"
             )
-        from csaligner.train.stored_config import ignored_data_settings, ignored_token_settings  # imports this
+        from csaligner.train.stored_config import (  # imports this
+            ignored_data_settings,
+            ignored_token_settings,
+            ignored_unpaired_settings,
+        )
 
         # e.g. infonce with unpaired pools: the saved config would describe data the run never used
         data = ignored_data_settings(self.data.__dict__, self.loss.objective)
+        pools_off = ignored_unpaired_settings(self.data.__dict__).keys() - data.keys()  # the objective's reason first
         tokens = ignored_token_settings(self.data.__dict__, self.loss.token_lam, self.model.text["kind"])
         messages = [_ignored_data_message(self.data, self.loss.objective, name) for name in data]
+        messages += [_pools_off_message(self.data)] if pools_off else []
         messages += [_ignored_token_message(self, name) for name in tokens]
         if messages:
             raise ValueError("; ".join(messages))
@@ -323,6 +330,15 @@ def _ignored_data_message(data: DataConfig, objective: str, name: str) -> str:
         f"into the divergence term alone, but {lacks}, so they would be ignored; drop it (or set it back to its "
         f'default, "one"), set data.captions_per_image="all" to train on every caption, or use objective '
         f"{divergences}"
+    )
+
+
+def _pools_off_message(data: DataConfig) -> str:
+    """Why data.unpaired_batch_size does nothing with data.use_unpaired=false, and what to do."""
+    return (
+        f"data.unpaired_batch_size={data.unpaired_batch_size!r} sizes a step's draw of unpaired data, but "
+        "data.use_unpaired=false drops the unpaired pools, so it would be ignored; drop it (or set it back to its "
+        "default, 0), or set data.use_unpaired=true to train on the pools"
     )
 
 

@@ -1,11 +1,12 @@
 """Stored run configs written by earlier versions: the settings a run ignores, dropped when they are read back.
 
-Earlier versions accepted settings that the objective, an adapter kind or the token setup ignored (loss.lam
-under infonce, model.text.mlp_ratio for a linear adapter, unpaired pools under infonce, data.token_images with
-loss.token_lam 0) and wrote them into checkpoints and run folders' config.yaml. `RunConfig` refuses them now;
-`drop_ignored_settings` turns such a stored config into the one that says what the run did, so a resume, the
-demo's run reuse and `csalign train --config <run>/config.yaml` keep working; `why_dropped` says, in a diff, why a
-stored value is not the one compared, and `trained_instead` what was dropped to what.
+Earlier versions accepted settings that the objective, an adapter kind, the token setup or the unpaired pools being
+off ignored (loss.lam under infonce, model.text.mlp_ratio for a linear adapter, unpaired pools under infonce,
+data.token_images with loss.token_lam 0, data.unpaired_batch_size with data.use_unpaired false) and wrote them into
+checkpoints and run folders' config.yaml. `RunConfig` refuses them now; `drop_ignored_settings` turns such a stored
+config into the one that says what the run did, so a resume, the demo's run reuse and `csalign train --config
+<run>/config.yaml` keep working; `why_dropped` says, in a diff, why a stored value is not the one compared, and
+`trained_instead` what was dropped to what.
 """
 
 from __future__ import annotations
@@ -104,6 +105,36 @@ def drop_ignored_data_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "data": {**data, **ignored_data_settings(data, objective)}}
 
 
+def ignored_unpaired_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The unpaired-data settings that data.use_unpaired=false leaves nothing to act on, each with the value the run
+    takes instead.
+
+    use_unpaired=false empties the unpaired pools (`split_features`), so an unpaired_batch_size draws nothing from
+    them under any objective. use_unpaired=true keeps it, even with paired_fraction 1: images without a caption and
+    texts without an image form pools too. {} when use_unpaired is not false.
+
+    Args:
+        data: `DataConfig`'s fields by name; a missing field counts as its default.
+    """
+    value: dict[str, Any] = {**DATA_DEFAULTS, **data}
+    if value["use_unpaired"] is False and value["unpaired_batch_size"] != DATA_DEFAULTS["unpaired_batch_size"]:
+        return {"unpaired_batch_size": DATA_DEFAULTS["unpaired_batch_size"]}
+    return {}
+
+
+def drop_ignored_unpaired_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A `to_dict` form of a run config with the data values use_unpaired=false leaves unread set to what the run
+    took instead (`ignored_unpaired_settings`).
+
+    Earlier versions accepted data.unpaired_batch_size=256 beside data.use_unpaired=false and drew nothing with it,
+    so a stored config may hold it; the run is the same.
+    """
+    data = config.get("data")
+    if not isinstance(data, dict):
+        return config
+    return {**config, "data": {**data, **ignored_unpaired_settings(data)}}
+
+
 def ignored_token_settings(data: Mapping[str, Any], token_lam: Any, text_kind: Any) -> dict[str, Any]:
     """The token data settings nothing reads, each with the value the run takes instead.
 
@@ -167,15 +198,17 @@ def _text_kind(config: Mapping[str, Any]) -> object:
 def drop_ignored_settings(
     config: dict[str, Any], widths: Mapping[str, tuple[int, int]] | None = None
 ) -> dict[str, Any]:
-    """`drop_ignored_adapter_settings` (with `widths`), `drop_ignored_loss_settings`, `drop_ignored_data_settings`
-    and `drop_ignored_token_settings`: a stored run config as it loads now."""
+    """`drop_ignored_adapter_settings` (with `widths`), `drop_ignored_loss_settings`, `drop_ignored_data_settings`,
+    `drop_ignored_unpaired_settings` and `drop_ignored_token_settings`: a stored run config as it loads now."""
     config = drop_ignored_loss_settings(drop_ignored_adapter_settings(config, widths))
-    return drop_ignored_token_settings(drop_ignored_data_settings(config))
+    config = drop_ignored_unpaired_settings(drop_ignored_data_settings(config))
+    return drop_ignored_token_settings(config)
 
 
 def why_dropped(key: str, config: Mapping[str, Any]) -> str:
-    """Who ignored a stored setting that was dropped: the objective (loss.*, data.*), the token-level CS term being
-    off (data.token_images, data.use_tokens) or the side's kind (model.*)."""
+    """Who ignored a stored setting that was dropped: the objective (loss.*, data.*), the unpaired pools being off
+    (data.unpaired_batch_size under an objective with a divergence), the token-level CS term being off
+    (data.token_images, data.use_tokens) or the side's kind (model.*)."""
     section, _, rest = key.partition(".")
 
     def part(mapping: object, name: str) -> Any:
@@ -186,8 +219,11 @@ def why_dropped(key: str, config: Mapping[str, Any]) -> str:
         if key == "data.token_images":
             return f"{lam} turns off the token-level CS term, the only one that reads it"
         return f"neither the token-level CS term ({lam}: off) nor text kind {_text_kind(config)!r} reads tokens"
+    objective = part(config.get("loss"), "objective") or LOSS_DEFAULTS["objective"]
+    if key == "data.unpaired_batch_size" and (objective not in OBJECTIVES or objective in DIVERGENCE_TERMS):
+        return "data.use_unpaired=false left no unpaired pools for it to draw from"  # not the objective's doing
     if section != "model":
-        return f"objective {part(config.get('loss'), 'objective') or 'cs_aligner'!r} ignored it"
+        return f"objective {objective!r} ignored it"
     side, _, name = rest.partition(".")
     kind = part(part(config.get("model"), side), "kind")
     from csaligner.adapters.registry import ADAPTERS
