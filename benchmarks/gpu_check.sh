@@ -8,8 +8,8 @@
 #      carried as `.ref`), the same Triton timings of that tree and of this one again, on the same
 #      card: an A/B within one lease (each benchmark script imports its own tree's src),
 #   4. the torch.profiler table of one 65k step,
-#   5. (step "tune") benchmarks/tune_tiles.py at 65k: the default tiles (row 12) against the
-#      candidates for the X X^T / Y Y^T kernels (rows 17-20, weight tiles stored in column blocks);
+#   5. (step "tune") benchmarks/tune_tiles.py at 65k: rows 12 and 17-20 by default (row 17 = the
+#      defaults since 4bc16f9; 12, 18-20 = other X X^T / Y Y^T tiles, weight stores in column blocks);
 #      TUNE_ROWS="11,12" picks other rows.
 #   6. (step "sums") benchmarks/partial_sums.py at 65k: the per-tile partial sums through torch and
 #      through the (not yet timed) Triton reduction, per buffer shape and over whole steps.

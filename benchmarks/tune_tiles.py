@@ -35,7 +35,7 @@ BASE = TritonStrips(128, 128, 64, 8, 8, 3, tma=False, programs_per_sm=0)  # the 
 def parse_tiles(spec: str) -> TritonStrips:
     """'128x128x64:w8:s3:tma:st:p1:g8:e4' -> block m x n x k, warps, stages, tensor descriptors (loads;
     'st': stores too), programs per SM, rows of tiles per L2 group, column blocks of the backward
-    X Y^T epilogue (`epilogue_split`)."""
+    X Y^T epilogue, or of the X X^T / Y Y^T kernels' weight stores (`epilogue_split`)."""
     dims, *opts = spec.split(":")
     bm, bn, bk = (int(v) for v in dims.split("x"))
     t = replace(BASE, block_m=bm, block_n=bn, block_k=bk)
@@ -73,8 +73,8 @@ SETTINGS: list[tuple[str, ...]] = [  # (X Y^T, X X^T / Y Y^T[, forward X Y^T]); 
     # The backward X Y^T epilogue on column blocks: with 4 warps and 4 blocks the sm_90a compile has
     # 16 bytes of stack (2,456 unsplit) and 104 KiB of shared memory (192), so two programs fit an SM
     # and one's epilogue can run beside the other's products, as the forward's do
-    # (`python benchmarks/sass_counts.py`). Row 12 is the default since 2026-11-23 (H100, 65k: the
-    # backward kernel 23.3 -> 21.3 ms).
+    # (`python benchmarks/sass_counts.py`). Row 12's backward tiles are the default since 4bc16f9
+    # (H100, 65k: the backward kernel 23.3 -> 21.3 ms); row 17 holds all of 4bc16f9's defaults.
     ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
     ("128x128x64:w4:s3:tma:st:p2:e2", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),
     ("128x128x64:w4:s3:tma:p2:e4", "128x128x32:w4:s4:tma:st:p2", "128x128x64:w4:s3:tma:p2"),

@@ -213,6 +213,34 @@ def test_default_tiles_by_dtype() -> None:
     assert BACKWARD_PAIR_TILES_FLOAT32.epilogue_split == SYMMETRIC_TILES_FLOAT32.epilogue_split == 1
 
 
+@pytest.mark.parametrize(
+    ("dx", "dy", "want"),
+    [
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32, torch.float32),
+        (torch.float32, torch.float32, torch.float32),
+    ],
+)
+def test_fused_default_tiles_follow_the_operand_dtype(
+    dx: torch.dtype, dy: torch.dtype, want: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without tiles given, `fused_infonce_cs` asks for the defaults of the dtype it computes in
+    (float32 when x and y differ); the answers are shrunk to test size here."""
+    asked: list[torch.dtype] = []
+    for name in ("symmetric_tiles", "backward_pair_tiles"):
+        real = getattr(fused, name)
+
+        def small(d: torch.dtype, real=real) -> TritonStrips:  # type: ignore[no-untyped-def]
+            asked.append(d)
+            return replace(real(d), block_m=16, block_n=16, block_k=16, epilogue_split=1)
+
+        monkeypatch.setattr(fused, name, small)
+    x, y = feats(40, 16).to(dx), feats(40, 16, shift=0.3).to(dy)
+    fused_infonce_cs(x, y, 0.05, 0.5, forward_tiles=SMALL, chunk_size=16)
+    assert asked == [want, want]
+
+
 # Operand loading (tensor descriptors or pointers) and grid (a program per tile, or a persistent
 # grid of a few programs looping over tiles) must not change a bit of the result's meaning.
 VARIANTS = [

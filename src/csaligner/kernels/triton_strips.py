@@ -54,7 +54,8 @@ class TritonStrips:
     Half operands only on CUDA: float32 always uses pointer loads there (see `_grid`)."""
     tma_store: bool = False
     """Write weight strips through tensor descriptors (each tile staged in shared memory, then one
-    bulk store) where the operands use them; per-thread stores otherwise."""
+    bulk store per tile, or per column block with `epilogue_split`) where the operands use them;
+    per-thread stores otherwise."""
     programs_per_sm: int = 1
     """0: one program per tile. k > 0: a persistent grid of k programs per multiprocessor, each
     looping over tiles, so that one tile's loads are issued while the previous tile's epilogue runs.
