@@ -15,26 +15,16 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from tune_tiles import timed  # this folder (sys.path[0] when run as a script)
+
 from csaligner.kernels import triton_strips
 from csaligner.kernels.fused import fused_infonce_cs
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / repeats
 
 
 def main() -> None:
