@@ -29,7 +29,7 @@ from csaligner.kernels.triton_kernels import (
     _to,
     _valid,
 )
-from csaligner.kernels.triton_strips import TritonStrips, strip_dtype, sum_partials
+from csaligner.kernels.triton_strips import HALF_DTYPES, TritonStrips, strip_dtype, sum_partials
 
 MAX_ONE_EXP_SCALE = MAX_BOUNDED_NATS / 2
 """Up to this InfoNCE scale (temperature >= 0.025) all logits of a tile lie within 2 * scale <= 80
@@ -66,12 +66,12 @@ compile has 32 registers and 14 KB of spill stack (`benchmarks/sass_counts.py`).
 
 def backward_pair_tiles(dtype: torch.dtype) -> TritonStrips:
     """The measured default of the backward X Y^T kernel for operands of this dtype."""
-    return BACKWARD_PAIR_TILES if dtype in (torch.bfloat16, torch.float16) else BACKWARD_PAIR_TILES_FLOAT32
+    return BACKWARD_PAIR_TILES if dtype in HALF_DTYPES else BACKWARD_PAIR_TILES_FLOAT32
 
 
 def symmetric_tiles(dtype: torch.dtype) -> TritonStrips:
     """The measured default of the X X^T / Y Y^T kernels for operands of this dtype."""
-    return SYMMETRIC_TILES if dtype in (torch.bfloat16, torch.float16) else SYMMETRIC_TILES_FLOAT32
+    return SYMMETRIC_TILES if dtype in HALF_DTYPES else SYMMETRIC_TILES_FLOAT32
 
 
 @triton.jit

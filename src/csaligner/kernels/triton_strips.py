@@ -101,7 +101,7 @@ class TritonStrips:
         Float32 operands on CUDA (exact "ieee" dots on CUDA cores) keep pointer loads and a program
         per tile: with descriptors and the persistent loop they ran 15x slower on an H100
         (docs/BENCHMARKS.md). The interpreter runs every variant for every dtype (the tests)."""
-        fast = a.dtype in (torch.bfloat16, torch.float16) or INTERPRETING
+        fast = a.dtype in HALF_DTYPES or INTERPRETING
         tma = fast and self.tma and _tma_ok(a) and _tma_ok(b)
         per_sm = self.programs_per_sm if fast else 0
         programs = min(n_tiles, per_sm * _multiprocessors(a.device)) if per_sm else n_tiles
@@ -119,7 +119,7 @@ class TritonStrips:
         """Launch over the (a rows) x (b rows) tiles, or over `n_tiles` of them (a kernel that maps
         its own few tiles)."""
         n_tm, n_tn = self._tiles(a, b)
-        half = a.dtype in (torch.bfloat16, torch.float16)
+        half = a.dtype in HALF_DTYPES
         programs, tma, persistent = self._grid(n_tm * n_tn if n_tiles is None else n_tiles, a, b)
         if tma:  # descriptors of the (BM, BK) / (BN, BK) blocks the K loop reads
             a_op, b_op = _descriptor(a, self.block_m, self.block_k), _descriptor(b, self.block_n, self.block_k)
@@ -307,29 +307,30 @@ Triton kernel is not yet timed on a GPU (`benchmarks/partial_sums.py` times both
 def sum_partials(part: Tensor, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
     """part.sum(0) of a contiguous float32 (P, L) partial buffer, written into `out` (L,) when given
     (added to it with `accumulate`), returned. Off CUDA, or with PARTIAL_SUMS = "torch", plain torch."""
-    if (
+    kernel = (
         PARTIAL_SUMS == "triton"
+        and (part.is_cuda or INTERPRETING)
         and part.dim() == 2
         and part.dtype == torch.float32
         and part.is_contiguous()
-        and (part.is_cuda or INTERPRETING)
-    ):
-        if out is None:
-            out, accumulate = torch.empty(part.shape[1], dtype=torch.float32, device=part.device), False
-        if out.is_contiguous() and out.dtype == torch.float32 and out.shape == part.shape[1:]:
-            width = part.shape[1]
-            block = 64 if width <= 16384 else 256  # >= ~64 programs for a (512, 4096) row partial
-            if width:
-                _sum_rows_kernel[(triton.cdiv(width, block),)](
-                    part, out, part.shape[0], width, ACCUMULATE=accumulate, BP=32, BL=block, num_warps=4
-                )
-            return out
-    total = part.sum(0)
+        and (out is None or (out.dtype == torch.float32 and out.is_contiguous() and out.shape == part.shape[1:]))
+    )
+    if not kernel:
+        total = part.sum(0)
+        return total if out is None else out.add_(total) if accumulate else out.copy_(total)
     if out is None:
-        return total
-    if accumulate:
-        return out.add_(total)
-    return out.copy_(total)
+        out, accumulate = torch.empty(part.shape[1:], dtype=torch.float32, device=part.device), False
+    width = part.shape[1]
+    block = 64 if width <= 16384 else 256  # >= ~64 programs for a (512, 4096) row partial
+    if width:
+        _sum_rows_kernel[(triton.cdiv(width, block),)](
+            part, out, part.shape[0], width, ACCUMULATE=accumulate, BP=32, BL=block, num_warps=4
+        )
+    return out
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+"""Operand dtypes that take the tensor cores (and bfloat16 weight strips)."""
 
 
 def strip_dtype(operand: torch.dtype) -> torch.dtype:
