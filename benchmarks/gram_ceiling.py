@@ -127,10 +127,11 @@ def main() -> None:
     col_b = torch.full((a.n,), 1e-9, device=device)
     positives = (torch.arange(a.n, device=device, dtype=torch.int32), torch.full((a.n,), 1e-5, device=device))
     grad_args = (xs, y, r2[:s_rows], rho[:s_rows], kappa, u2[:s_rows], v2, row_a, col_b, *positives)
-    scalars = (s, s * LOG2E, inv_s2 * LOG2E, -20.0 * LOG2E, -0.02 * inv_s2, 1e-5, 1e-5, 0)
+    scalars = (s, s * LOG2E, inv_s2 * LOG2E, 0)
+    grad_scalars = torch.tensor([-20.0 * LOG2E, -0.02 * inv_s2, 1e-5, 1e-5], device=device)
 
     def backward() -> None:  # the first strip: positives on its diagonal tiles
-        _pair_grad(BACKWARD_PAIR_TILES, *grad_args, scalars, True, False, True)
+        _pair_grad(BACKWARD_PAIR_TILES, *grad_args, scalars, grad_scalars, True, False, True)
 
     report("backward X Y^T (BACKWARD_PAIR_TILES)", timed(backward, a.repeats))
 

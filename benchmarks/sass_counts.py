@@ -182,9 +182,10 @@ def main() -> None:
             def launch(t: tk.TritonStrips = t, fp32: bool = "float32" in kernel) -> None:
                 vectors = (vec(s), vec(s), vec(n), vec(s), vec(n), vec(s), vec(n))
                 positives = (torch.zeros(n, dtype=torch.int32), vec(n))
-                scalars = (14.0, 20.0, 5.8, -29.0, 4.0, 1e-5, 1e-5, 0)  # the first strip
+                scalars = (14.0, 20.0, 5.8, 0)  # the first strip
+                grad_scalars = torch.tensor([-29.0, 4.0, 1e-5, 1e-5])  # k_off, k_scale, w_row, w_col
                 a, b = (x.float(), y.float()) if fp32 else (x, y)
-                _pair_grad(t, a, b, *vectors, *positives, scalars, True, False, True)
+                _pair_grad(t, a, b, *vectors, *positives, scalars, grad_scalars, True, False, True)
 
         elif kernel.startswith("gradient"):
 

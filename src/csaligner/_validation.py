@@ -41,6 +41,18 @@ def checks_finite_once(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+def needs_finite_check(x: Tensor) -> bool:
+    """Whether `check_features` would test x's values now (not yet found finite within this
+    `checks_finite_once` call). A caller that tests them itself, folded into a host read it makes
+    anyway, raises `NonFiniteFeaturesError` or calls `record_finite`."""
+    return not _finite_already(x)
+
+
+def record_finite(x: Tensor) -> None:
+    """Record x as tested finite within the current `checks_finite_once` call (see `needs_finite_check`)."""
+    _record_finite(x)
+
+
 def _finite_already(x: Tensor) -> bool:
     seen = _FINITE_SEEN.get()
     if seen is None or x.is_inference():  # an inference tensor has no version counter to see a change by
@@ -176,9 +188,12 @@ def numpy_hint(value: object, *, integer: bool = True) -> str:
     return ""
 
 
-def check_positive(name: str, value: float | Tensor) -> None:
+def check_positive(name: str, value: float | Tensor, read: bool = True) -> None:
     """A bandwidth or temperature must be one finite positive number: a float, or a tensor of one element
-    (0-dim, or shape (1,)); a tensor of several would broadcast into the logits, one value per column."""
+    (0-dim, or shape (1,)); a tensor of several would broadcast into the logits, one value per column.
+
+    read=False checks a tensor's shape only: for a caller that reads its value to the host anyway
+    (a GPU sync each) and then calls `check_positive_value` on it."""
     if isinstance(value, bool):  # float(True) == 1.0: a flag passed in the wrong place, not a bandwidth
         raise ValueError(f"{name} must be a finite number > 0, got the bool {value!r}")
     if isinstance(value, Tensor):
@@ -187,11 +202,19 @@ def check_positive(name: str, value: float | Tensor) -> None:
                 f"{name} must be a single number (a float or a 0-dim tensor), got a tensor of shape "
                 f"{tuple(value.shape)}; pass one value, e.g. {name}.reshape(()) for a one-element tensor"
             )
+        if not read:
+            return
         v = float(value.detach())
         ok = math.isfinite(v) and v > 0
     else:
         ok = is_number(value) and value > 0
     if not ok:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_positive_value(name: str, value: float) -> None:
+    """The value check of `check_positive`, on a number the caller has read."""
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 

@@ -28,7 +28,8 @@ from csaligner.kernels.fused_kernels import (
     backward_pair_tiles,
     symmetric_tiles,
 )
-from csaligner.kernels.strips import mm_accumulate
+from csaligner._validation import NonFiniteFeaturesError
+from csaligner.kernels.strips import HostRead, mm_accumulate
 from csaligner.kernels.triton_strips import TritonStrips, _multiprocessors
 from csaligner.losses import cs_divergence, info_nce
 
@@ -158,6 +159,51 @@ def test_fused_rejects_bad_chunk_and_float64() -> None:
         fused_infonce_cs(x, y, 0.07, 1.0, tiles=SMALL, chunk_size=24)
     with pytest.raises(ValueError, match="float64"):
         fused_infonce_cs(x.double(), y.double(), 0.07, 1.0, tiles=SMALL, chunk_size=16)
+
+
+def test_fused_reads_its_checks_with_the_forward_scalars() -> None:
+    """The finite-feature and positive-scalar tests run in the forward pass's one host read: the
+    same errors as check_features / check_positive, naming the argument."""
+    x, y = feats(20, 16), feats(20, 16)
+    bad = x.detach().clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(NonFiniteFeaturesError, match="x contains NaN or Inf in 1 of 20"):
+        fused_infonce_cs(bad, y, 0.07, 1.0, tiles=SMALL, chunk_size=16)
+    with pytest.raises(NonFiniteFeaturesError, match="y contains NaN or Inf in 1 of 20"):
+        fused_infonce_cs(x, bad, 0.07, 1.0, tiles=SMALL, chunk_size=16)
+    for value in (0.0, -0.07, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            fused_infonce_cs(x, y, torch.tensor(value, device=DEVICE), 1.0, tiles=SMALL, chunk_size=16)
+        with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+            fused_infonce_cs(x, y, 0.07, torch.tensor(value, device=DEVICE), tiles=SMALL, chunk_size=16)
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+        fused_infonce_cs(x, y, 0.07, -1.0, tiles=SMALL, chunk_size=16)  # a float: refused before any work
+    with pytest.raises(ValueError, match="single number"):
+        fused_infonce_cs(x, y, torch.ones(2, device=DEVICE), 1.0, tiles=SMALL, chunk_size=16)
+
+
+def test_float_and_tensor_scalars_give_the_same_terms_and_gradients() -> None:
+    """Python numbers stay on the host (the symmetric strips are queued before the host read); tensors
+    are read. Both give the dense values; with the same float32 numbers, the same floats."""
+    x, y = feats(40, 16), feats(40, 16, shift=0.3)
+    t, sigma = 0.0625, 0.5  # exact in float32: both paths see the same numbers
+    by_float = fused_infonce_cs(x, y, t, sigma, tiles=SMALL, chunk_size=16)
+    t_tensor = torch.tensor(t, device=DEVICE)
+    by_tensor = fused_infonce_cs(x, y, t_tensor, torch.tensor(sigma, device=DEVICE), tiles=SMALL, chunk_size=16)
+    for a, b in zip(by_float, by_tensor, strict=True):
+        assert float(a.detach()) == float(b.detach())
+    got = torch.autograd.grad(by_float[0] + 0.3 * by_float[1], [x, y])
+    want = torch.autograd.grad(by_tensor[0] + 0.3 * by_tensor[1], [x, y])
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_host_read_holds_the_values_as_queued() -> None:
+    t = torch.tensor([1.5, -2.0, 3.25], device=DEVICE)
+    pending = HostRead(t)
+    t.add_(100.0)  # queued after the read: not seen by it
+    assert pending.values() == [1.5, -2.0, 3.25]
+    assert HostRead(torch.tensor(7.0, device=DEVICE)).values() == [7.0]  # 0-dim: one value
 
 
 def test_mm_accumulate_keeps_float32_precision_for_half_operands() -> None:

@@ -38,7 +38,16 @@ import torch
 import triton
 from torch import Tensor
 
-from csaligner._validation import check_features, check_positive, check_same_dim, checks_finite_once
+from csaligner._validation import (
+    NonFiniteFeaturesError,
+    check_features,
+    check_positive,
+    check_positive_value,
+    check_same_dim,
+    checks_finite_once,
+    needs_finite_check,
+    record_finite,
+)
 from csaligner.kernels.chunked import kernel_term_sums
 from csaligner.kernels.fused_kernels import (
     FORWARD_PAIR_TILES,
@@ -51,7 +60,15 @@ from csaligner.kernels.fused_kernels import (
 )
 from csaligner.kernels.nce import positive_dots, positives
 from csaligner.kernels.sharded import Ranks
-from csaligner.kernels.strips import LOG2, MAX_BOUNDED_NATS, as_tensor, autocast_off, half_sq_norms, mm_accumulate
+from csaligner.kernels.strips import (
+    LOG2,
+    MAX_BOUNDED_NATS,
+    HostRead,
+    as_tensor,
+    autocast_off,
+    half_sq_norms,
+    mm_accumulate,
+)
 from csaligner.kernels.triton_kernels import LN2, LOG2E
 from csaligner.kernels.triton_strips import TritonStrips, strip_dtype, sum_partials
 
@@ -65,8 +82,8 @@ class _PairedInfoNCECS(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         y: Tensor,
-        scale: Tensor,
-        sigma: Tensor,
+        scale: Tensor | float,
+        sigma: Tensor | float,
         pos_row: Tensor,
         pos_w: Tensor,
         tile_set: tuple[TritonStrips, TritonStrips, TritonStrips],
@@ -74,19 +91,48 @@ class _PairedInfoNCECS(torch.autograd.Function):
         eager: bool,
         identity: bool,
         ranks: Ranks,
+        finite: tuple[tuple[str, Tensor], ...],
     ) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
         tiles, pair, _ = tile_set  # symmetric, forward X Y^T (, backward X Y^T)
         lo, hi = ranks.share(n, pair.block_m)  # this rank's rows of X Y^T (all of them in one process)
         (rho, hx), (kappa, hy) = _norm_terms(x), _norm_terms(y)
-        # Host scalars, read in one transfer before any strip is queued: a read after them would wait
-        # for all of them and leave the GPU idle while the caller starts the backward pass.
-        s, sigma_f, max_inv_norms = torch.stack([scale, sigma, 1 / rho.min() + 1 / kappa.min()]).tolist()
+        # What the host needs to know, in one read: the largest norms (whether kernel tiles need a max),
+        # the scale and sigma when they are tensors, and whether the inputs are finite (`finite`: the
+        # caller's checks, folded in here so that they cost no read of their own).
+        scalars = [t for t in (scale, sigma) if isinstance(t, Tensor)]
+        flags = [torch.isfinite(t).all() for _, t in finite]
+        pending = HostRead(torch.stack([1 / rho.min() + 1 / kappa.min(), *scalars, *flags]))
+        # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
+        # diagonal's 0, a known offset) and keeps ((W + W^T) x)_i and its row masses for the backward.
+        # With sigma known on the host, that pass is queued before the read waits (`HostRead`).
+        want_sigma = ctx.needs_input_grad[3]
+
+        def symmetric(inv_s2: float, bounded: bool) -> tuple[list[Tensor], list[tuple[Tensor, Tensor, Tensor]]]:
+            u, v = hx * -inv_s2, hy * -inv_s2  # -|a|^2 / (2 sigma^2)
+            sums, kept = [], []
+            for a, sq in ((x, u), (y, v)):
+                log_sum, k = _symmetric_forward(tiles, a, sq, inv_s2, eager, want_sigma, bounded, rows, ranks)
+                sums.append(log_sum)
+                if k is not None:
+                    kept.append(k)
+            return sums, kept
+
+        early = symmetric(1.0 / sigma**2, False) if eager and not isinstance(sigma, Tensor) else None
+        max_inv_norms, *values = pending.values()
+        for (name, t), ok in zip(finite, values[len(scalars) :], strict=True):
+            if not ok:
+                raise NonFiniteFeaturesError(name, int((~torch.isfinite(t)).any(dim=-1).sum()), t.shape[0])
+        read = iter(values)
+        s, sigma_f = (next(read) if isinstance(t, Tensor) else float(t) for t in (scale, sigma))
+        check_positive_value("temperature", 1.0 / s if s else math.inf)
+        check_positive_value("sigma", sigma_f)
         inv_s2 = 1.0 / sigma_f**2
         u, v = hx * -inv_s2, hy * -inv_s2  # -|a|^2 / (2 sigma^2)
         s2 = s * LOG2E
         # Kernel logits >= -(|x| + |y|)^2 / (2 sigma^2): when that is >= -80, tiles need no max.
         bounded = max_inv_norms**2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
+        sym_sums, ctx.kept = early or symmetric(inv_s2, bounded)
         one_exp = s <= MAX_ONE_EXP_SCALE  # the InfoNCE partials are sums of 2^(l log2(e) - s2)
         r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # base-2 logits in the kernels
         logits = (x, y, r2, kappa, u2, v2, s2, inv_s2 * LOG2E, one_exp, bounded)
@@ -98,16 +144,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         diag2 = _diagonal_logits(pair, logits) if identity and pair.block_m == pair.block_n else None
         pos_args = (x, y, rho, kappa, pos_row, pos_w, identity, s)
         info_nce = _info_nce_value(row_acc, col_acc, one_exp, s2, diag2, pos_args, lo, ranks)
-        # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
-        # diagonal's 0, a known offset) and keeps ((W + W^T) x)_i and its row masses for the backward.
-        ctx.kept = []
-        sums = [lz2_xy * LN2]
-        want_sigma = ctx.needs_input_grad[3]
-        for a, sq in ((x, u), (y, v)):
-            log_sum, kept = _symmetric_forward(tiles, a, sq, inv_s2, eager, want_sigma, bounded, rows, ranks)
-            sums.append(log_sum)
-            if kept is not None:
-                ctx.kept.append(kept)
+        sums = [lz2_xy * LN2, *sym_sums]
         log_z = torch.stack(sums)  # log-sums over all pairs: XY, XX, YY
         cs = log_z[1] + log_z[2] - 2.0 * log_z[0]  # the log(N M) normalisers cancel
         ctx.save_for_backward(x, y, rho, kappa, u, v, row_lse2, col_lse2, pos_row, pos_w, log_z, lz2_xy)
@@ -120,20 +157,49 @@ class _PairedInfoNCECS(torch.autograd.Function):
     def backward(ctx: Any, g_nce: Tensor, g_cs: Tensor) -> tuple[Tensor | None, ...]:
         x, y, rho, kappa, u, v, row_lse2, col_lse2, pos_row, pos_w, log_z, lz2_xy = ctx.saved_tensors
         s, inv_s2, (tiles, _, pair), rows = ctx.scale, ctx.inv_s2, ctx.tiles, ctx.rows
-        scalars = torch.cat([g_nce.reshape(1), g_cs.reshape(1), log_z[1:], lz2_xy.reshape(1)])
-        gn, gc, lz_xx, lz_yy, lz2 = scalars.tolist()  # one sync
         n, m = x.shape[0], y.shape[0]
+        gn_t, gc_t = g_nce.reshape(()).float(), g_cs.reshape(()).float()
+        # The host needs g_cs and the symmetric log-sums (the GEMMs' beta); it reads them while the
+        # GPU runs the work queued below (`HostRead`), so the read leaves no idle gap.
+        pending = HostRead(torch.stack([gc_t, log_z[1], log_z[2]]))
         want_sigma = ctx.needs_input_grad[3]
-        dots = torch.zeros(4, dtype=torch.float32, device=x.device)  # sum G l, sum W k for XY, XX, YY
-        # The symmetric terms first: taken from an eager forward (and scaled in place), else recomputed
-        # with the same offset 0, so that a retained graph's next backward gives the same bits.
-        kept, ctx.kept = ctx.kept or [None, None], []
-        sym_grads = []
         ranks, (lo, hi) = ctx.ranks, ctx.share
-        for slot, (a, sq, lz, k) in enumerate(((x, u, lz_xx, kept[0]), (y, v, lz_yy, kept[1])), start=2):
-            if k is None:
-                k = _symmetric_sums(tiles, a, sq, inv_s2, want_sigma, False, rows, ranks)[:3]
-            grad, mass, dot = k
+        # The symmetric terms: taken from an eager forward (and scaled below), else recomputed with
+        # the same offset 0, so that a retained graph's next backward gives the same bits.
+        kept, ctx.kept = ctx.kept or [None, None], []
+        kept = [
+            k if k is not None else _symmetric_sums(tiles, a, sq, inv_s2, want_sigma, False, rows, ranks)[:3]
+            for a, sq, k in ((x, u, kept[0]), (y, v, kept[1]))
+        ]
+        # The X Y^T strips' device scalars (base-2 logits, see _pair_grad_tile): the kernel weights
+        # exp(l - log_z) = 2^(log2(e) l - lz2) with the forward's own lz2 (exactly the offset its
+        # logits were summed under), g_k / sigma^2 = -2 g_cs / sigma^2 multiplying them in-kernel, and
+        # InfoNCE's row and column weights.
+        w_row, w_col = gn_t * (0.5 / n), gn_t * (0.5 / m)
+        grad_scalars = torch.stack([-lz2_xy.float(), gc_t * (-2.0 * inv_s2), w_row, w_col]).contiguous()
+        one_exp = s <= MAX_ONE_EXP_SCALE
+        s2 = s * LOG2E
+        if one_exp:  # exp(l - r) = 2^(t) / sum_j 2^(t_j), t the kernel's offset base-2 logit
+            row_a, col_b = w_row * torch.exp2(-row_lse2), w_col * torch.exp2(-col_lse2)
+        else:
+            row_a, col_b = row_lse2, col_lse2
+        r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # the forward's vectors: the same logits
+        pw = (pos_w * gn_t).float().contiguous()
+        pos32 = pos_row.to(torch.int32)
+
+        def strip(r0: int) -> tuple[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
+            r1 = min(r0 + rows, hi)
+            local = torch.where((pos32 >= r0) & (pos32 < r1), pos32 - r0, -1)
+            return r1, _pair_grad(
+                pair, x[r0:r1], y, r2[r0:r1], rho[r0:r1], kappa, u2[r0:r1], v2, row_a[r0 - lo : r1 - lo], col_b, local,
+                pw, (s, s2, inv_s2 * LOG2E, r0), grad_scalars, one_exp, want_sigma, ctx.identity,
+            )  # fmt: skip
+
+        first = strip(lo) if lo < hi else None  # queued before the host read
+        gc, lz_xx, lz_yy = pending.values()
+        dots = torch.zeros(4, dtype=torch.float32, device=x.device)  # sum G l, sum W k for XY, XX, YY
+        sym_grads = []
+        for slot, ((grad, mass, dot), lz) in enumerate(zip(kept, (lz_xx, lz_yy), strict=True), start=2):
             # dD_CS/dl = g_cs, dl/d(x_i.x_j) = 1/sigma^2, x2 for W + W^T; the weights were exp(l - 0).
             factor = 2.0 * inv_s2 * gc * math.exp(-lz)
             # grad is scaled by the first X Y^T GEMM on it (beta) and its masses join the X Y^T
@@ -147,34 +213,15 @@ class _PairedInfoNCECS(torch.autograd.Function):
             fx = fy = 1.0
         work = strip_dtype(x.dtype)
         xg, yg = x.to(work), y.to(work)  # GEMM operands in the strips' dtype (no copy for bf16/fp32)
-        # Per-row and per-column vectors of the strip kernel (base-2 logits, see _pair_grad_tile).
-        w_row, w_col, g_k = 0.5 * gn / n, 0.5 * gn / m, -2.0 * gc
-        one_exp = s <= MAX_ONE_EXP_SCALE
-        s2 = s * LOG2E
-        if one_exp:  # exp(l - r) = 2^(t) / sum_j 2^(t_j), t the kernel's offset base-2 logit
-            row_a, col_b = w_row * torch.exp2(-row_lse2), w_col * torch.exp2(-col_lse2)
-        else:
-            row_a, col_b = row_lse2, col_lse2
-        # The kernel weights exp(l - log_z) = 2^(log2(e) l - lz2), with the forward's own lz2 (exactly
-        # the offset its logits were summed under); g_k / sigma^2 multiplies in-kernel (k_scale).
-        k_off2, k_scale = -lz2, g_k * inv_s2
-        r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # the forward's vectors: the same logits
-        pw = (pos_w * gn).float().contiguous()
-        pos32 = pos_row.to(torch.int32)
         for r0 in range(lo, hi, rows):
-            r1 = min(r0 + rows, hi)
-            local = torch.where((pos32 >= r0) & (pos32 < r1), pos32 - r0, -1)
-            h, r_mass, c_mass, d = _pair_grad(
-                pair, x[r0:r1], y, r2[r0:r1], rho[r0:r1], kappa, u2[r0:r1], v2, row_a[r0 - lo : r1 - lo], col_b, local,
-                pw,
-                (s, s2, inv_s2 * LOG2E, k_off2, k_scale, w_row, w_col, r0), one_exp, want_sigma,
-                ctx.identity,
-            )  # fmt: skip
+            r1, (h, r_mass, c_mass, d) = first if r0 == lo and first is not None else strip(r0)
+            first = None  # its strip is freed with the loop's next one
             mm_accumulate(dx[r0:r1], h, yg, beta=fx)  # each row block of dx meets one strip
             mm_accumulate(dy, h.T, xg[r0:r1], beta=fy if r0 == lo else 1.0)
             x_mass[r0:r1] += r_mass
             y_mass += c_mass
             dots[:2] += d
+        g_k = -2.0 * gc
         dots[1] *= g_k  # the strips summed exp(l - log_z) l
         ranks.sum_(dots)  # the scalars' gradients: whole on every rank
         d_scale = dots[0] / s if ctx.needs_input_grad[2] else None  # logits are linear in the scale
@@ -182,7 +229,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         d_sigma = (dots[1] + (dots[2] + dots[3]) / inv_s2) * (-2.0 / ctx.sigma) if ctx.needs_input_grad[3] else None
         # Sharded: world x this rank's share, what all_gather_with_grad's backward sums over ranks.
         dx, dy = _finish_grad(dx, x_mass, x, ranks.world), _finish_grad(dy, y_mass, y, ranks.world)
-        return dx, dy, d_scale, d_sigma, None, None, None, None, None, None, None
+        return dx, dy, d_scale, d_sigma, None, None, None, None, None, None, None, None
 
 
 def _pair_forward(
@@ -367,11 +414,14 @@ def fused_infonce_cs(
     Returns:
         (info_nce, cs) float32 scalars; gradients come back in the inputs' dtype.
     """
-    check_features("x", x)
-    check_features("y", y)
+    # Values are tested in the forward pass's one host read (finite features, positive tensor
+    # scalars): each test here would be a GPU sync of its own.
+    check_features("x", x, finite=False)
+    check_features("y", y, finite=False)
     check_same_dim("x", x, "y", y)
-    check_positive("temperature", temperature)
-    check_positive("sigma", sigma)
+    check_positive("temperature", temperature, read=False)
+    check_positive("sigma", sigma, read=False)
+    finite = tuple((name, f) for name, f in (("x", x), ("y", y)) if needs_finite_check(f))
     if x.dtype == torch.float64 or y.dtype == torch.float64:
         raise ValueError("the fused Triton path computes in float32; use impl='chunked' for float64 inputs")
     dtype = x.dtype if x.dtype == y.dtype else torch.float32
@@ -382,8 +432,14 @@ def fused_infonce_cs(
         if chunk_size % t.block_m:
             raise ValueError(f"chunk_size must be a multiple of the tile size {t.block_m}, got {chunk_size}")
     pos_row, pos_w = positives(x.shape[0], y.shape[0], text_to_image, x.device, torch.float32)
-    scale = 1.0 / as_tensor(temperature, torch.float32, x.device)
-    sig = as_tensor(sigma, torch.float32, x.device)
+    # Python numbers stay on the host (no copy to the device and back); tensors (learnable) are read
+    # with the forward's other scalars.
+    scale: Tensor | float = (
+        1.0 / float(temperature)
+        if not isinstance(temperature, Tensor)
+        else (1.0 / as_tensor(temperature, torch.float32, x.device))
+    )
+    sig: Tensor | float = float(sigma) if not isinstance(sigma, Tensor) else as_tensor(sigma, torch.float32, x.device)
     eager = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     out: tuple[Tensor, Tensor] = _PairedInfoNCECS.apply(
         x.to(dtype).contiguous(),
@@ -397,5 +453,8 @@ def fused_infonce_cs(
         eager,
         text_to_image is None,  # positives on the diagonal
         Ranks(group),
+        finite,
     )
+    for _, checked in finite:
+        record_finite(checked)
     return out

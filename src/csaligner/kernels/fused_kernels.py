@@ -183,20 +183,23 @@ def _softmax_mass(t, row_a, col_b, w_row, w_col, ONE_EXP: tl.constexpr):
 @triton.jit
 def _pair_grad_body(
     tm, tn, rows, cols,
-    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
+    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART, GRAD_SCAL,
+    n_a, n_b, dim, s, s2, c2, r0, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
     ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
     SPLIT: tl.constexpr,
 ):  # fmt: skip
     """One tile: its dot products, then the epilogue on SPLIT column blocks of BN / SPLIT one after
-    the other (`_pair_grad_part`), so that fewer (BM, .) float32 temporaries are live at once."""
+    the other (`_pair_grad_part`), so that fewer (BM, .) float32 temporaries are live at once.
+    GRAD_SCAL: the float32 (k_off, k_scale, w_row, w_col) in device memory (see `_pair_grad`)."""
     dot = _dot_tile(X, Y, tm * BM, tn * BN, n_a, n_b, dim, BM, BN, BK, PREC, UPCAST, TMA)
     r2 = tl.load(R2 + rows, mask=rows < n_a, other=0.0)
     u2 = tl.load(U2 + rows, mask=rows < n_a, other=0.0)
     row_a = tl.load(ROW_A + rows, mask=rows < n_a, other=0.0)
     rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
+    k_off, k_scale = tl.load(GRAD_SCAL), tl.load(GRAD_SCAL + 1)
+    w_row, w_col = tl.load(GRAD_SCAL + 2), tl.load(GRAD_SCAL + 3)
     row_vecs = (r2, u2, row_a, rho)
     scalars = (s, s2, c2, k_off, k_scale, w_row, w_col, r0)
     ptrs = (KAPPA, V2, COL_B, POS_ROW, POS_W, H, COL_PART)
@@ -285,8 +288,8 @@ def _pair_grad_part(
 @triton.jit
 def _pair_grad_tile(
     pid,
-    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn,
+    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART, GRAD_SCAL,
+    n_a, n_b, dim, s, s2, c2, r0, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
     ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
@@ -304,14 +307,14 @@ def _pair_grad_tile(
     else:
         tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
     _pair_grad_body(tm, tn, rows, cols, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H,
-        ROW_PART, COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tn,
+        ROW_PART, COL_PART, DOT_PART, GRAD_SCAL, n_a, n_b, dim, s, s2, c2, r0, n_tn,
         BM, BN, BK, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES, SPLIT)  # fmt: skip
 
 
 @triton.jit
 def _pair_grad_kernel(
-    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART,
-    n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn,
+    X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART, DOT_PART, GRAD_SCAL,
+    n_a, n_b, dim, s, s2, c2, r0, n_tm, n_tn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
     ONE_EXP: tl.constexpr, WANT_SIGMA: tl.constexpr, STORE_TMA: tl.constexpr, POSITIVES: tl.constexpr,
@@ -321,11 +324,11 @@ def _pair_grad_kernel(
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
             _pair_grad_tile(pid, X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART, COL_PART,
-                DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK, GROUP_M,
+                DOT_PART, GRAD_SCAL, n_a, n_b, dim, s, s2, c2, r0, n_tm, n_tn, BM, BN, BK, GROUP_M,
                 PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES, SPLIT)  # fmt: skip
     else:
         _pair_grad_tile(tl.program_id(0), X, Y, R2, RHO, KAPPA, U2, V2, ROW_A, COL_B, POS_ROW, POS_W, H, ROW_PART,
-            COL_PART, DOT_PART, n_a, n_b, dim, s, s2, c2, k_off, k_scale, w_row, w_col, r0, n_tm, n_tn, BM, BN, BK,
+            COL_PART, DOT_PART, GRAD_SCAL, n_a, n_b, dim, s, s2, c2, r0, n_tm, n_tn, BM, BN, BK,
             GROUP_M, PREC, UPCAST, TMA, EVEN, ONE_EXP, WANT_SIGMA, STORE_TMA, POSITIVES, SPLIT)  # fmt: skip
 
 
@@ -374,7 +377,8 @@ def _pair_grad(
     col_b: Tensor,
     pos_row: Tensor,
     pos_w: Tensor,
-    scalars: tuple[float, ...],
+    scalars: tuple[float, float, float, int],
+    grad_scalars: Tensor,
     one_exp: bool,
     want_sigma: bool,
     diagonal: bool,
@@ -382,16 +386,24 @@ def _pair_grad(
     """One strip: H (S, M) in the strip dtype, row and column corrections R, C, and (sum G l, sum w k)
     with w = exp(k - log_z) the kernel weights before their factor g_k.
 
+    scalars: (s, s2, c2, r0), host numbers; grad_scalars: the float32 (4,) tensor (k_off, k_scale,
+    w_row, w_col) on x's device, which the kernel reads from memory: they depend on the incoming
+    gradients, and the backward pass launches its first strip before those reach the host.
     Positives: pos_row[j] is column j's strip-local positive row or -1; with `diagonal` it is
     j - r0 (r0, the strip's first row, is the last of `scalars`), and square tiles take them from
     the diagonal tiles alone."""
+    if grad_scalars.shape != (4,) or grad_scalars.dtype != torch.float32 or grad_scalars.device != x.device:
+        raise ValueError(
+            f"grad_scalars must be a float32 (4,) tensor on {x.device} (k_off, k_scale, w_row, w_col), got "
+            f"{grad_scalars.dtype} {tuple(grad_scalars.shape)} on {grad_scalars.device}"
+        )
     n_tm, n_tn = tiles._tiles(x, y)
     h = torch.empty((x.shape[0], y.shape[0]), dtype=strip_dtype(x.dtype), device=x.device)
     row_part = torch.empty((n_tn, x.shape[0]), dtype=torch.float32, device=x.device)
     col_part = torch.empty((n_tm, y.shape[0]), dtype=torch.float32, device=x.device)
     dots = torch.empty((n_tm * n_tn, 2), dtype=torch.float32, device=x.device)
     h_arg, store_tma = tiles._out_operand(h, x, y, tiles.block_n // tiles.epilogue_split)
-    args = (r2, rho, kappa, u2, v2, row_a, col_b, pos_row, pos_w, h_arg, row_part, col_part, dots)
+    args = (r2, rho, kappa, u2, v2, row_a, col_b, pos_row, pos_w, h_arg, row_part, col_part, dots, grad_scalars)
 
     def launch(positives: int, n_tiles: int | None = None) -> None:
         tiles._launch(

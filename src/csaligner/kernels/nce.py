@@ -240,9 +240,9 @@ def positives(
                 f"paired InfoNCE needs as many texts as images, got {n} images and {m} texts; "
                 "pass text_to_image for several captions per image"
             )
-        pos_row = torch.arange(n, device=device)
-    else:
-        pos_row = check_text_to_image(text_to_image.to(device), n, m).long()
+        # One caption per image: no bincount (on CUDA it reads its size to the host, a sync).
+        return torch.arange(n, device=device), 0.5 / m + torch.full((n,), 0.5 / n, dtype=work, device=device)
+    pos_row = check_text_to_image(text_to_image.to(device), n, m).long()
     # 1/(2M) for the text -> image cross-entropy, 1/(2 N |P_i|) for image i's captions.
     counts = torch.bincount(pos_row, minlength=n).to(work)
     return pos_row, 0.5 / m + 0.5 / (n * counts[pos_row])

@@ -220,6 +220,35 @@ def autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class HostRead:
+    """The values of a small device tensor, on their way to the host.
+
+    On CUDA the copy goes into pinned memory behind an event, queued now; `values()` waits for that
+    copy alone, not for the work queued after it. A caller that queues GPU work between the two
+    keeps the GPU busy across the read, where `.tolist()` would drain the queue first and leave the
+    GPU idle until the host queued its next kernel (on an H100 profile of the fused loss at
+    N = 65,536, ~1 ms each time). Elsewhere the values are read at once.
+    """
+
+    def __init__(self, t: Tensor) -> None:
+        t = t.detach().reshape(-1)
+        self._event: torch.cuda.Event | None = None
+        if t.is_cuda:
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            stream = torch.cuda.current_stream(t.device)
+            with torch.cuda.stream(stream):
+                self._host.copy_(t, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record(stream)
+        else:
+            self._host = t.clone()
+
+    def values(self) -> list[float]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [float(v) for v in self._host.tolist()]
+
+
 def strip_rows(n_rows: int, n_cols: int, budget: int, multiple: int = 1) -> int:
     """Rows per strip so that rows * n_cols <= budget elements (at least `multiple` rows)."""
     rows = max(multiple, budget // max(n_cols, 1) // multiple * multiple)
