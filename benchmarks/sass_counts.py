@@ -1,7 +1,7 @@
 """Compile the fused loss's Gram kernels for an H100 (sm_90a) on a machine without a GPU and count
 their machine instructions: registers, spill stack, exps, float32 ops, all instructions.
 
-    python benchmarks/sass_counts.py
+    python benchmarks/sass_counts.py [--only 4,12]   (rows by number, 1 = the first)
 
 Static counts of the whole kernel (a persistent kernel's tile body can appear more than once), so
 compare versions and tile settings with it, not against a profiler's executed counts. Triton's
@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--n", type=int, default=65536)
     p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--only", default="", help="comma-separated row numbers (1 = the first row; default: all)")
     a = p.parse_args()
     driver.set_active(_Hopper())  # type: ignore[arg-type]
     JITFunction._do_compile = _compile_only  # type: ignore[method-assign]
@@ -168,7 +169,10 @@ def main() -> None:
     print(f"Triton {triton.__version__}, sm_90a, strip {s} x {n}, D = {d}, bf16 (static counts)")
     print("| kernel | tiles | registers | stack bytes | MUFU.EX2 | fp32 ops | all instructions | shared KiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for kernel, label, t in rows:
+    only = {int(i) for i in a.only.split(",") if i}
+    for number, (kernel, label, t) in enumerate(rows, start=1):
+        if only and number not in only:
+            continue
         if kernel.startswith("forward"):
 
             def launch(t: tk.TritonStrips = t, diagonal: bool = "diagonal" in kernel) -> None:

@@ -198,10 +198,8 @@ def _pair_grad_body(
     u2 = tl.load(U2 + rows, mask=rows < n_a, other=0.0)
     row_a = tl.load(ROW_A + rows, mask=rows < n_a, other=0.0)
     rho = tl.load(RHO + rows, mask=rows < n_a, other=0.0)
-    k_off, k_scale = tl.load(GRAD_SCAL), tl.load(GRAD_SCAL + 1)
-    w_row, w_col = tl.load(GRAD_SCAL + 2), tl.load(GRAD_SCAL + 3)
     row_vecs = (r2, u2, row_a, rho)
-    scalars = (s, s2, c2, k_off, k_scale, w_row, w_col, r0)
+    scalars = (s, s2, c2, GRAD_SCAL, r0)
     ptrs = (KAPPA, V2, COL_B, POS_ROW, POS_W, H, COL_PART)
     W: tl.constexpr = BN // SPLIT
     blocks = _column_blocks(dot, BM, BN, SPLIT)
@@ -226,7 +224,9 @@ def _pair_grad_part(
     its column corrections, returns (row sums of the rounded kernel mass, row sums of G l, sum w k)."""
     r2, u2, row_a, rho = row_vecs
     KAPPA, V2, COL_B, POS_ROW, POS_W, H, COL_PART = ptrs
-    s, s2, c2, k_off, k_scale, w_row, w_col, r0 = scalars
+    s, s2, c2, GRAD_SCAL, r0 = scalars
+    k_off, k_scale = tl.load(GRAD_SCAL), tl.load(GRAD_SCAL + 1)  # read where used: fewer live registers
+    w_row, w_col = tl.load(GRAD_SCAL + 2), tl.load(GRAD_SCAL + 3)
     cols = c0 + tl.arange(0, W)
     kappa = tl.load(KAPPA + cols, mask=cols < n_b, other=0.0)
     v2 = tl.load(V2 + cols, mask=cols < n_b, other=0.0)
