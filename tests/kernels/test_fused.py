@@ -17,6 +17,7 @@ from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips witho
 
 # isort: split
 
+from csaligner._validation import NonFiniteFeaturesError
 from csaligner.kernels import fused, fused_kernels, infonce_cs_terms, streamed_cs_divergence, streamed_info_nce
 from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs
 from csaligner.kernels.fused_kernels import (
@@ -28,7 +29,6 @@ from csaligner.kernels.fused_kernels import (
     backward_pair_tiles,
     symmetric_tiles,
 )
-from csaligner._validation import NonFiniteFeaturesError
 from csaligner.kernels.strips import HostRead, mm_accumulate
 from csaligner.kernels.triton_strips import TritonStrips, _multiprocessors
 from csaligner.losses import cs_divergence, info_nce

@@ -187,3 +187,48 @@ def test_fused_loss_with_the_triton_partial_sums_matches_dense(monkeypatch: pyte
     want = torch.autograd.grad(w_nce + 0.3 * w_cs, [x, y])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "width", "split", "tma_store", "rows", "n"),
+    [
+        (torch.float32, 16, 1, False, 48, 45),  # a ragged last tile in the block: masked stores
+        (torch.bfloat16, 16, 1, False, 64, 80),
+        (torch.bfloat16, 32, 2, True, 64, 72),  # descriptor stores in column blocks, ragged end
+        (torch.float32, 64, 4, True, 128, 128),
+    ],
+)
+def test_mirrored_diagonal_block_is_the_whole_symmetric_block(
+    dtype: torch.dtype, width: int, split: int, tma_store: bool, rows: int, n: int
+) -> None:
+    """`mirror_diagonal`: a symmetric strip's (S, S) block holds the upper tiles, their transposes
+    below the diagonal and the diagonal tiles whole, the very values the unmirrored strip stores
+    (halved on the diagonal); the rest of the strip, what each row's weight adds up to, the dot and
+    the total are unchanged."""
+    tiles = triton_strips.TritonStrips(
+        block_m=width, block_n=width, block_k=16, group_m=2, num_warps=1, num_stages=1,
+        epilogue_split=split, tma_store=tma_store, programs_per_sm=1,
+    )  # fmt: skip
+    a = F.normalize(torch.randn(n, 16, device=DEVICE), dim=-1).to(dtype)
+    u = -0.5 * a.float().pow(2).sum(1) / 0.25
+    s = min(rows, n)
+    args = (a[:s], a, u[:s], u, 1 / 0.25, 0.0, 1.0, True, True, True)
+    got = tiles.kernel_grad(*args)
+    plain = triton_strips.TritonStrips(**{**tiles.__dict__, "mirror_diagonal": False}).kernel_grad(*args)
+    block, upper = got.w[:, :s].float(), plain.w[:, :s].float()
+    diagonal = torch.zeros(s, s, dtype=torch.bool, device=DEVICE)
+    for t0 in range(0, s, width):
+        diagonal[t0 : t0 + width, t0 : t0 + width] = True
+    # Diagonal tiles: the logits' offset differs by log 2, and so may their last bit (and, rounded to
+    # bfloat16, one ulp of the weight)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(block[diagonal], 2 * upper[diagonal], rtol=ulp, atol=0)
+    assert torch.equal(block[~diagonal], (upper + upper.T)[~diagonal])  # zeros below in `plain`
+    assert torch.equal(got.w[:, s:], plain.w[:, s:])
+    seen = got.row_mass.clone()
+    seen += got.col_mass[:s]
+    torch.testing.assert_close(seen, got.w.float().sum(1), rtol=1e-6, atol=0)  # what W b applies to each row
+    torch.testing.assert_close(seen, plain.row_mass + plain.col_mass[:s], rtol=ulp, atol=0)
+    assert torch.equal(got.col_mass[s:], plain.col_mass[s:])
+    for g, p in ((got.dot, plain.dot), (got.total, plain.total)):
+        torch.testing.assert_close(g, p, rtol=1e-6, atol=0)

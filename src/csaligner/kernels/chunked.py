@@ -205,6 +205,8 @@ def kernel_term_sums(
     dot = torch.zeros((), dtype=work, device=a.device)
     total = torch.zeros((), dtype=work, device=a.device)
     ag, bg = a, b  # the operands in the strip's dtype
+    # A whole diagonal block (mirror_diagonal) has been applied by W b: W^T only past it.
+    mirror = symmetric and getattr(backend, "mirror_diagonal", False)
     for r0 in range(0, a.shape[0], rows):
         r1 = min(r0 + rows, a.shape[0])
         c0 = r0 if symmetric else 0
@@ -213,7 +215,9 @@ def kernel_term_sums(
             ag, bg = a.to(st.w.dtype), b.to(st.w.dtype)
         mm_accumulate(da[r0:r1], st.w, bg[c0:])
         a_mass[r0:r1] += st.row_mass
-        mm_accumulate(db[c0:], st.w.T, ag[r0:r1])
+        t0 = r1 if mirror else c0  # the first of b's rows that W^T reaches
+        if t0 < b.shape[0]:
+            mm_accumulate(db[t0:], st.w[:, t0 - c0 :].T, ag[r0:r1])
         b_mass[c0:] += st.col_mass
         if st.dot is not None:
             dot += st.dot

@@ -60,6 +60,14 @@ class StripBackend(Protocol):
     """Whether `logits_lse_split` returns the positives' logits (a backend without the attribute:
     no, and InfoNCE's value takes a separate dot per pair)."""
 
+    @property
+    def mirror_diagonal(self) -> bool:
+        """Whether a symmetric `kernel_grad` strip holds its (S, S) diagonal block whole (a backend
+        without the attribute: no). Either way the caller applies W to b and adds row_mass to the
+        strip's rows and col_mass to b's; with the block whole it applies W^T only to the columns
+        past it, and the masses say what each row sees that way (see `kernel_grad`)."""
+        ...
+
     def logits_lse(self, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """Row (S,) and column (M,) log-sum-exp of scale * a @ b.T."""
         ...
@@ -116,6 +124,11 @@ class StripBackend(Protocol):
         stored values, so that sum_j W_ij (b_j - a_i) = (W b)_i - rowsum_i a_i cancels exactly in the
         caller. log_z is any offset >= max(l) - 80: the backward pass gives the term's log-sum-exp
         (weights are then the softmax), a one-pass forward a bound known in advance.
+
+        symmetric with `mirror_diagonal`: W[:, :S] is the whole symmetric block (weights 1, not 1/2
+        and 0), of which the caller applies only W (not W^T); row_mass[i] + col_mass[i] is then the
+        stored weight row i of the block sees, and col_mass past the block is as above. sum(W * l)
+        and sum(W) still weight the block's pairs as the upper triangle plus half the diagonal.
         """
         ...
 
@@ -124,6 +137,8 @@ class TorchStrips:
     """Strip arithmetic with plain torch ops (CPU or CUDA); tiles are (S, M) in the input dtype."""
 
     gathers_positives = True
+    mirror_diagonal = True
+    """The strip computes the diagonal block's lower triangle anyway: whole, it spares the second GEMM."""
 
     @property
     def symmetric_rows(self) -> int:
@@ -193,11 +208,18 @@ class TorchStrips:
         t = self._kernel_logits(a, b, u, v, inv_s2)
         w = (t - log_z).exp_() if want_dot else t.sub_(log_z).exp_()
         w.mul_(g)
-        if symmetric:
-            w[:, : a.shape[0]] *= 0.5
-        dot = torch.dot(w.flatten(), t.flatten()) if want_dot else None
-        row_mass = w.sum(1)
-        return KernelStrip(w, row_mass, w.sum(0), dot, row_mass.sum() if want_total else None)
+        s = a.shape[0]
+        if not symmetric:
+            dot = torch.dot(w.flatten(), t.flatten()) if want_dot else None
+            row_mass = w.sum(1)
+            return KernelStrip(w, row_mass, w.sum(0), dot, row_mass.sum() if want_total else None)
+        # The (S, S) block whole (mirror_diagonal): its rows see all of it through W, nothing through W^T.
+        row_mass, col_mass = w.sum(1), w.sum(0)
+        col_mass[:s] = 0
+        block_dot = torch.dot(w[:, :s].flatten(), t[:, :s].flatten()) if want_dot else None
+        dot = torch.dot(w.flatten(), t.flatten()) - 0.5 * block_dot if block_dot is not None else None
+        total = row_mass.sum() - 0.5 * w[:, :s].sum() if want_total else None  # the block's pairs count half
+        return KernelStrip(w, row_mass, col_mass, dot, total)
 
 
 def autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:

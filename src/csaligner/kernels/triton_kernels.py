@@ -341,18 +341,21 @@ def _kernel_grad_tile(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EVEN: tl.constexpr,
     WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr, UNIT_G: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, MIRROR: tl.constexpr,
 ):  # fmt: skip
     tm, tn, rows, cols = _tile_span(pid, n_tm, n_tn, BM, BN, GROUP_M)
-    if _below_diagonal(tm, tn, SYMMETRIC):  # zeros for the GEMMs; no dot products
-        zeros = _cast_out(W, tl.zeros((BM, BN), tl.float32), STORE_TMA)
-        _store_tile(W, zeros, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA, SPLIT)
+    if _below_diagonal(tm, tn, SYMMETRIC):  # no dot products: zeros for the GEMMs, or (MIRROR) nothing
+        if not MIRROR:  # with MIRROR the tile above the diagonal writes this one, transposed
+            zeros = _cast_out(W, tl.zeros((BM, BN), tl.float32), STORE_TMA)
+            _store_tile(W, zeros, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA, SPLIT)
         tl.store(ROW_PART + tn * n_a + rows, tl.zeros((BM,), tl.float32), mask=rows < n_a)
         tl.store(COL_PART + tm * n_b + cols, tl.zeros((BN,), tl.float32), mask=cols < n_b)
         tl.store(DOT_PART + tm * n_tn + tn, 0.0)
         tl.store(TOTAL_PART + tm * n_tn + tn, 0.0)
     else:
-        off2 = neg_lz2 + _diagonal_log2_weight(tm, tn, SYMMETRIC)  # log2(w_tile) - log_z log2(e)
+        # log2(w_tile) - log_z log2(e); MIRROR stores diagonal tiles whole (the strip's diagonal block
+        # is then the full symmetric block) and halves only their sums below.
+        off2 = neg_lz2 + _diagonal_log2_weight(tm, tn, SYMMETRIC and not MIRROR)
         t = _kernel_logits2(A, B, U2, V2, tm, tn, n_a, n_b, dim, c2, off2, BM, BN, BK, PREC, UPCAST, TMA)
         w = _exp2(t) if UNIT_G else g * _exp2(t)  # UNIT_G: g == 1, one multiply per weight less
         if not EVEN:
@@ -361,12 +364,25 @@ def _kernel_grad_tile(
         _store_tile(W, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA, SPLIT)
         # Sums of the weights as stored (rounded): the caller's W b - rowsum(W) a then cancels exactly.
         w_st = stored.to(tl.float32)
+        col_sums = tl.sum(w_st, 0)
+        half = 1.0
+        if MIRROR:  # noqa: SIM102 (a compile-time test around a run-time one)
+            if tn == tm:  # whole: its rows' sums are all of it; nothing is applied through W^T
+                col_sums = tl.zeros((BN,), tl.float32)
+                half = 0.5
         tl.store(ROW_PART + tn * n_a + rows, tl.sum(w_st, 1), mask=rows < n_a)
-        tl.store(COL_PART + tm * n_b + cols, tl.sum(w_st, 0), mask=cols < n_b)
+        tl.store(COL_PART + tm * n_b + cols, col_sums, mask=cols < n_b)
         if WANT_DOT:  # the natural logit is (t - off2) ln 2
-            tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * (t - off2), 1), 0) * _LN2)
+            tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * (t - off2), 1), 0) * (_LN2 * half))
         if WANT_TOTAL:  # the unrounded sum: a one-pass forward's value
-            tl.store(TOTAL_PART + tm * n_tn + tn, tl.sum(tl.sum(w, 1), 0))
+            tl.store(TOTAL_PART + tm * n_tn + tn, tl.sum(tl.sum(w, 1), 0) * half)
+        if MIRROR:  # noqa: SIM102
+            # Last, as the weights' other uses are done: fewer registers live across this store (sm_90a:
+            # 88 bytes of stack instead of 808 with it beside the first store; 32 without MIRROR).
+            if (tn > tm) & (tn < n_tm):  # in the strip's diagonal block: the transpose goes below the
+                # diagonal, whose rows' sums are this tile's column sums (the caller adds both per row)
+                stored_t = tl.trans(_cast_out(W, w, STORE_TMA))
+                _store_tile(W, stored_t, tn, tm, n_a, n_b, BM, BN, EVEN, STORE_TMA, SPLIT)
 
 
 @triton.jit
@@ -375,18 +391,20 @@ def _kernel_grad_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SYMMETRIC: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr, EVEN: tl.constexpr,
     WANT_DOT: tl.constexpr, WANT_TOTAL: tl.constexpr, STORE_TMA: tl.constexpr, UNIT_G: tl.constexpr = False,
-    SPLIT: tl.constexpr = 1,
+    SPLIT: tl.constexpr = 1, MIRROR: tl.constexpr = False,
 ):  # fmt: skip
-    """SPLIT: the weight tile goes out through the copy engine in that many column blocks (`_store_tile`)."""
+    """SPLIT: the weight tile goes out through the copy engine in that many column blocks (`_store_tile`).
+    MIRROR (SYMMETRIC only): the strip's diagonal block is stored as the full symmetric block (see
+    `TritonStrips.mirror_diagonal`)."""
     if FLATTEN:  # persistent: loop over tiles; the next tile's loads overlap this one's epilogue
         for pid in tl.range(tl.program_id(0), n_tm * n_tn, tl.num_programs(0), flatten=True):
             _kernel_grad_tile(pid, A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim, c2,
                 neg_lz2, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, WANT_DOT,
-                WANT_TOTAL, STORE_TMA, UNIT_G, SPLIT)  # fmt: skip
+                WANT_TOTAL, STORE_TMA, UNIT_G, SPLIT, MIRROR)  # fmt: skip
     else:
         _kernel_grad_tile(tl.program_id(0), A, B, U2, V2, W, ROW_PART, COL_PART, DOT_PART, TOTAL_PART, n_a, n_b, dim,
             c2, neg_lz2, g, n_tm, n_tn, BM, BN, BK, GROUP_M, SYMMETRIC, PREC, UPCAST, TMA, EVEN, WANT_DOT,
-            WANT_TOTAL, STORE_TMA, UNIT_G, SPLIT)  # fmt: skip
+            WANT_TOTAL, STORE_TMA, UNIT_G, SPLIT, MIRROR)  # fmt: skip
 
 
 @triton.jit

@@ -70,6 +70,12 @@ class TritonStrips:
     descriptors, so the staging buffer takes 1 / epilogue_split of a tile's shared memory. The other
     kernels ignore it."""
 
+    mirror_diagonal: bool = True
+    """Symmetric weight strips (`kernel_grad`) hold their (S, S) diagonal block whole: each tile
+    above the diagonal also writes its transpose below it, and diagonal tiles are stored unhalved.
+    The caller then applies W^T only to the columns past the block (`StripBackend.mirror_diagonal`),
+    which saves S x S x D of the second GEMM per strip (S / N of a symmetric term's GEMMs)."""
+
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
@@ -266,6 +272,7 @@ class TritonStrips:
             STORE_TMA=store_tma,
             UNIT_G=g == 1.0,
             SPLIT=self.epilogue_split,
+            MIRROR=symmetric and self.mirror_diagonal,
         )
         return KernelStrip(
             w,
