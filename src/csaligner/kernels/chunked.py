@@ -202,8 +202,8 @@ def kernel_term_sums(
     a_mass = torch.zeros(da.shape[0], dtype=work, device=a.device)
     db = da if symmetric else torch.zeros(b.shape, dtype=work, device=a.device)
     b_mass = a_mass if symmetric else torch.zeros(b.shape[0], dtype=work, device=a.device)
-    dot = torch.zeros((), dtype=work, device=a.device)
-    total = torch.zeros((), dtype=work, device=a.device)
+    dots: list[Tensor] = []  # per strip, added up once at the end (not two small launches per strip)
+    totals: list[Tensor] = []
     ag, bg = a, b  # the operands in the strip's dtype
     # A whole diagonal block (mirror_diagonal) has been applied by W b: W^T only past it.
     mirror = symmetric and getattr(backend, "mirror_diagonal", False)
@@ -220,9 +220,13 @@ def kernel_term_sums(
             mm_accumulate(db[t0:], st.w[:, t0 - c0 :].T, ag[r0:r1])
         b_mass[c0:] += st.col_mass
         if st.dot is not None:
-            dot += st.dot
+            dots.append(st.dot)
         if st.total is not None:
-            total += st.total
+            totals.append(st.total)
+    dot, total = (
+        torch.stack(parts).to(work).sum() if parts else torch.zeros((), dtype=work, device=a.device)
+        for parts in (dots, totals)
+    )
     return da, None if symmetric else db, a_mass, b_mass, dot, total
 
 
