@@ -7,10 +7,10 @@
 #   3. if .ref/ holds an older tree (`mkdir .ref && git archive REV src benchmarks | tar -x -C .ref`,
 #      carried as `.ref`), the same Triton timings of that tree and of this one again, on the same
 #      card: an A/B within one lease (each benchmark script imports its own tree's src),
-#   4. the torch.profiler table of one 65k step,
-#   5. (step "tune") benchmarks/tune_tiles.py at 65k: rows 12 and 17-20 by default (row 17 = the
-#      defaults since 4bc16f9; 12, 18-20 = other X X^T / Y Y^T tiles, weight stores in column blocks);
-#      TUNE_ROWS="11,12" picks other rows.
+#   4. the torch.profiler table of one 65k step, and its launch gaps (benchmarks/launch_gaps.py),
+#   5. (step "tune") benchmarks/tune_tiles.py at 65k: rows 17 and 21 by default (row 17 = the
+#      defaults; 21 = the same without the mirrored diagonal block of the X X^T / Y Y^T strips);
+#      TUNE_ROWS="12,17" picks other rows.
 #   6. (step "sums") benchmarks/partial_sums.py at 65k: the per-tile partial sums through torch and
 #      through the (not yet timed) Triton reduction, per buffer shape and over whole steps.
 #
@@ -20,6 +20,11 @@
 # `STEPS="bench ab profile"` (and `STEPS=tune`) as separate calls, back to back while the machine is warm. Results go to $OUT (the device tool's folder), else
 # /tmp/gpu_check. Inf-CL comes from .whl/ when carried
 # (`pip download --no-deps -d .whl inf-cl==1.2.1` here; the device has no network).
+#
+# Untimed on a GPU as of 140970c (docs/BENCHMARKS.md, "Untimed on a GPU" section): the overlapped host
+# reads, the mirrored diagonal block, fewer small launches. The last timed tree is cc180f1 (113.3 ms at
+# 65k): `rm -rf .ref && mkdir .ref && git archive cc180f1 src benchmarks | tar -x -C .ref`, then
+# `STEPS="bench ab profile"` with carry [".ref", ".whl"], then `STEPS="tune sums"`.
 set -u
 STEPS=${STEPS:-tests bench ab profile}
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -63,11 +68,13 @@ if has profile; then
     echo "== profile at 65k"
     timeout 60 python benchmarks/profile_loss.py --n 65536 --rows 16 >"$OUT/profile.txt" 2>&1
     grep -v Warning "$OUT/profile.txt" | head -n 24
+    timeout 60 python benchmarks/launch_gaps.py --n 65536 --gaps 8 >"$OUT/gaps.txt" 2>&1
+    grep -v Warning "$OUT/gaps.txt" | grep -E "step|kernels|^gap" | head -n 12
 fi
 
 if has tune; then
     echo "== tile candidates at 65k"
-    timeout 300 python benchmarks/tune_tiles.py --n 65536 --only ${TUNE_ROWS:-12,17,18,19,20} --repeats 5 --profile \
+    timeout 300 python benchmarks/tune_tiles.py --n 65536 --only ${TUNE_ROWS:-17,21} --repeats 5 --profile \
         >"$OUT/tune.txt" 2>&1
     grep -v Warning "$OUT/tune.txt" | tail -n 20
 fi
