@@ -323,6 +323,8 @@ def sum_partials(part: Tensor, out: Tensor | None = None, accumulate: bool = Fal
         and (out is None or (out.dtype == torch.float32 and out.is_contiguous() and out.shape == part.shape[1:]))
     )
     if not kernel:
+        if out is not None and not accumulate and out.dtype == part.dtype:
+            return torch.sum(part, 0, out=out)  # straight into out: one launch, not a sum and a copy
         total = part.sum(0)
         return total if out is None else out.add_(total) if accumulate else out.copy_(total)
     if out is None:
