@@ -219,6 +219,11 @@ def test_under_infonce_the_objective_is_the_one_reason_given() -> None:
         load_config(None, ["loss.objective=infonce", "data.use_unpaired=false", "data.unpaired_batch_size=8"])
     assert str(err.value).count("data.unpaired_batch_size=8") == 1
     assert "objective 'infonce' has no divergence term" in str(err.value)
+    # the fix it names is whole: a divergence alone would meet the pools-off refusal next
+    assert str(err.value).endswith(
+        "or use objective 'cs_aligner', 'mmd' or 'kl' with data.use_unpaired=true (false drops the pools it draws from)"
+    )
+    load_config(None, ["loss.objective=cs_aligner", "data.use_unpaired=true", "data.unpaired_batch_size=8"])
 
 
 def test_a_stored_config_with_unpaired_batch_size_and_no_pools_loads_as_the_run_that_ignored_it(

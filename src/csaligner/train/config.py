@@ -321,9 +321,10 @@ def _ignored_data_message(data: DataConfig, objective: str, name: str) -> str:
             f"{divergences} to train on the pools too"
         )
     if name == "unpaired_batch_size":
+        pools = "" if data.use_unpaired else " with data.use_unpaired=true (false drops the pools it draws from)"
         return (
             f"data.unpaired_batch_size={data.unpaired_batch_size!r} sizes a step's draw of unpaired data, but {lacks}, "
-            f"so it would be ignored; drop it (or set it back to its default, 0) or use objective {divergences}"
+            f"so it would be ignored; drop it (or set it back to its default, 0) or use objective {divergences}{pools}"
         )
     return (
         f'data.captions_per_image_in_cs="all" with captions_per_image="one" puts each image\'s other captions '
