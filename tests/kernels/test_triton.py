@@ -232,3 +232,23 @@ def test_mirrored_diagonal_block_is_the_whole_symmetric_block(
     assert torch.equal(got.col_mass[s:], plain.col_mass[s:])
     for g, p in ((got.dot, plain.dot), (got.total, plain.total)):
         torch.testing.assert_close(g, p, rtol=1e-6, atol=0)
+
+
+def test_symmetric_strips_refuse_rows_that_end_inside_a_tile_and_torch_strips_can_halve_instead() -> None:
+    a = F.normalize(torch.randn(45, 16, device=DEVICE), dim=-1)
+    u = -0.5 * a.pow(2).sum(1)
+    with pytest.raises(ValueError, match="multiple of block_m=16 unless it reaches"):
+        SMALL.kernel_grad(a[:20], a, u[:20], u, 1.0, 0.0, 1.0, True, False)
+    SMALL.kernel_grad(a[32:], a[32:], u[32:], u[32:], 1.0, 0.0, 1.0, True, False)  # the last strip: ragged is fine
+    from csaligner.kernels.chunked import kernel_term_sums
+    from csaligner.kernels.strips import TorchStrips
+
+    halved = TorchStrips()
+    halved.mirror_diagonal = False  # type: ignore[misc]
+    got = [
+        kernel_term_sums(b, a, a, u, u, 1.0, 0.0, 1.0, True, True, True, 16, torch.float64)
+        for b in (halved, TorchStrips())
+    ]
+    for g, w in zip(got[0], got[1], strict=True):
+        if w is not None:
+            torch.testing.assert_close(g, w)

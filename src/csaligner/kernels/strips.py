@@ -138,7 +138,8 @@ class TorchStrips:
 
     gathers_positives = True
     mirror_diagonal = True
-    """The strip computes the diagonal block's lower triangle anyway: whole, it spares the second GEMM."""
+    """The strip computes the diagonal block's lower triangle anyway: whole, it spares the second GEMM
+    (an instance may set False: the block halved, applied through W and W^T, as before)."""
 
     @property
     def symmetric_rows(self) -> int:
@@ -209,7 +210,9 @@ class TorchStrips:
         w = (t - log_z).exp_() if want_dot else t.sub_(log_z).exp_()
         w.mul_(g)
         s = a.shape[0]
-        if not symmetric:
+        if not symmetric or not self.mirror_diagonal:
+            if symmetric:
+                w[:, :s] *= 0.5  # the block counts half, and is applied through W and W^T
             dot = torch.dot(w.flatten(), t.flatten()) if want_dot else None
             row_mass = w.sum(1)
             return KernelStrip(w, row_mass, w.sum(0), dot, row_mass.sum() if want_total else None)

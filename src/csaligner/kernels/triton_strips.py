@@ -247,6 +247,13 @@ class TritonStrips:
         want_total: bool = False,
     ) -> KernelStrip:
         self._check_square(symmetric)
+        if symmetric and a.shape[0] % self.block_m and a.shape[0] != b.shape[0]:
+            # Diagonal tiles are weighted (and, mirrored, stored) whole: a strip ending inside one would
+            # weight the columns past its last row as diagonal ones.
+            raise ValueError(
+                f"a symmetric strip's rows must be a multiple of block_m={self.block_m} unless it reaches b's last "
+                f"row, got {a.shape[0]} rows against {b.shape[0]}; pass chunk_size as a multiple of {self.block_m}"
+            )
         n_tm, n_tn = self._tiles(a, b)
         w = torch.empty((a.shape[0], b.shape[0]), dtype=strip_dtype(a.dtype), device=a.device)
         row_part = torch.empty((n_tn, a.shape[0]), dtype=torch.float32, device=a.device)
