@@ -108,8 +108,9 @@ class _PairedInfoNCECS(torch.autograd.Function):
         # With sigma known on the host, that pass is queued before the read waits (`HostRead`).
         want_sigma = ctx.needs_input_grad[3]
 
-        def symmetric(inv_s2: float, bounded: bool) -> tuple[list[Tensor], list[tuple[Tensor, Tensor, Tensor]]]:
-            u, v = hx * -inv_s2, hy * -inv_s2  # -|a|^2 / (2 sigma^2)
+        def symmetric(
+            inv_s2: float, u: Tensor, v: Tensor, bounded: bool
+        ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor, Tensor]]]:
             sums, kept = [], []
             for a, sq in ((x, u), (y, v)):
                 log_sum, k = _symmetric_forward(tiles, a, sq, inv_s2, eager, want_sigma, bounded, rows, ranks)
@@ -118,7 +119,11 @@ class _PairedInfoNCECS(torch.autograd.Function):
                     kept.append(k)
             return sums, kept
 
-        early = symmetric(1.0 / sigma**2, False) if eager and not isinstance(sigma, Tensor) else None
+        early = None
+        if eager and not isinstance(sigma, Tensor):
+            inv_s2 = 1.0 / sigma**2
+            u, v = hx * -inv_s2, hy * -inv_s2  # -|a|^2 / (2 sigma^2)
+            early = symmetric(inv_s2, u, v, False)
         max_inv_norms, *values = pending.values()
         for (name, t), ok in zip(finite, values[len(scalars) :], strict=True):
             if not ok:
@@ -127,12 +132,13 @@ class _PairedInfoNCECS(torch.autograd.Function):
         s, sigma_f = (next(read) if isinstance(t, Tensor) else float(t) for t in (scale, sigma))
         check_positive_value("temperature", 1.0 / s if s else math.inf)
         check_positive_value("sigma", sigma_f)
-        inv_s2 = 1.0 / sigma_f**2
-        u, v = hx * -inv_s2, hy * -inv_s2  # -|a|^2 / (2 sigma^2)
+        if early is None:
+            inv_s2 = 1.0 / sigma_f**2
+            u, v = hx * -inv_s2, hy * -inv_s2
         s2 = s * LOG2E
         # Kernel logits >= -(|x| + |y|)^2 / (2 sigma^2): when that is >= -80, tiles need no max.
         bounded = max_inv_norms**2 * inv_s2 / 2 <= MAX_BOUNDED_NATS
-        sym_sums, ctx.kept = early or symmetric(inv_s2, bounded)
+        sym_sums, ctx.kept = early or symmetric(inv_s2, u, v, bounded)
         one_exp = s <= MAX_ONE_EXP_SCALE  # the InfoNCE partials are sums of 2^(l log2(e) - s2)
         r2, u2, v2 = rho * s2, u * LOG2E, v * LOG2E  # base-2 logits in the kernels
         logits = (x, y, r2, kappa, u2, v2, s2, inv_s2 * LOG2E, one_exp, bounded)
