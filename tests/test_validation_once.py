@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from csaligner import CSAlignerLoss, cs_divergence, info_nce
-from csaligner._validation import check_features, checks_finite_once
+from csaligner import CSAlignerLoss, _validation, cs_divergence, info_nce
+from csaligner._validation import check_features, checks_finite_once, defer_finite_check, record_finite
 from csaligner.kernels import infonce_cs_terms
+from csaligner.losses import AlignmentLoss, LossConfig
 
 
 @pytest.fixture
 def value_tests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names check_features tested the values of (its isfinite calls), in order."""
+    """The names whose values were tested (each test one host read), in order."""
     names: list[str] = []
-    real = torch.isfinite
+    real = _validation._test_finite
 
-    def spy(t: torch.Tensor) -> torch.Tensor:
-        caller = sys._getframe(1)
-        if caller.f_code.co_name == "check_features":
-            names.append(caller.f_locals["name"])
-        return real(t)
+    def spy(name: str, t: torch.Tensor) -> None:
+        names.append(name)
+        real(name, t)
 
-    monkeypatch.setattr(torch, "isfinite", spy)
+    monkeypatch.setattr(_validation, "_test_finite", spy)
     return names
 
 
@@ -73,10 +70,10 @@ def test_a_tensor_changed_in_place_within_a_call_is_tested_again(value_tests: li
             check_features("x", x)
 
     outer()
-    assert value_tests == ["x", "x", "x"]  # the first test; after the change, the test and the error's count
+    assert value_tests == ["x", "x"]  # the first test; after the change, the test again
     check_features("y", y)  # outside any call: always tested
     check_features("y", y)
-    assert value_tests == ["x", "x", "x", "y", "y"]
+    assert value_tests == ["x", "x", "y", "y"]
     assert info_nce(*pair(), 0.07).isfinite()
 
 
@@ -102,3 +99,77 @@ def test_inference_tensors_are_checked_and_tested() -> None:
                 check_features("bad", bad)
 
         outer()
+
+
+@pytest.mark.parametrize("objective", ["cs_aligner", "infonce", "mmd", "kl", "l2_prior"])
+def test_the_loss_inputs_are_tested_through_their_normalised_copies(objective: str, value_tests: list[str]) -> None:
+    """`AlignmentLoss` defers the tests of image and text to the first test of x and y (their unit
+    copies), so the fused path can fold them into its host read; every objective still tests each
+    once, names the argument the caller passed, and counts its rows, l2_prior (which tests nothing
+    itself) at the end of the call."""
+    x, y = pair()
+    loss = AlignmentLoss(LossConfig(objective=objective))
+    loss(x, y)
+    assert value_tests[:2] == ["image", "text"] and len(value_tests) == len(set(value_tests))
+    for name, (a, b) in (("image", (x.clone(), y)), ("text", (x, y.clone()))):
+        bad = a if name == "image" else b
+        bad[[2, 5], 0] = float("nan")
+        bad[7, 1] = float("inf")
+        with pytest.raises(ValueError, match=f"{name} contains NaN or Inf in 3 of 40 feature vectors"):
+            loss(a, b)
+
+
+def test_the_inputs_are_reported_before_an_unpaired_pool(value_tests: list[str]) -> None:
+    x, y = pair()
+    pool = F.normalize(torch.randn(6, 8), dim=-1)
+    bad_x, bad_pool = x.clone(), pool.clone()
+    bad_x[0, 0] = bad_pool[1, 0] = float("nan")
+    loss = CSAlignerLoss(lam=0.1, impl="chunked")
+    with pytest.raises(ValueError, match="image contains NaN or Inf in 1 of 40"):
+        loss(bad_x, y, unpaired_images=bad_pool)
+    with pytest.raises(ValueError, match="unpaired_images contains NaN or Inf in 1 of 6"):
+        loss(x, y, unpaired_images=bad_pool)
+    value_tests.clear()
+    loss(x, y, unpaired_images=pool)
+    assert value_tests[:3] == ["image", "text", "unpaired_images"]
+
+
+def test_defer_finite_check(value_tests: list[str]) -> None:
+    x, _ = pair()
+    bad = x.clone()
+    bad[4, 0] = float("nan")
+    with pytest.raises(ValueError, match="raw contains NaN or Inf in 1 of 40"):
+        defer_finite_check("raw", bad, bad * 2)  # outside a checks_finite_once call: tested now
+    value_tests.clear()
+
+    @checks_finite_once
+    def read_by_caller(source: torch.Tensor) -> torch.Tensor:
+        derived = source.double()
+        defer_finite_check("raw", source, derived)
+        assert value_tests == []  # deferred
+        record_finite(derived)  # a caller's own read found it finite: its source is too
+        check_features("raw", source)
+        return derived
+
+    read_by_caller(x)
+    assert value_tests == []
+
+    @checks_finite_once
+    def never_tested(source: torch.Tensor) -> torch.Tensor:
+        derived = F.normalize(source, dim=-1)
+        defer_finite_check("raw", source, derived)
+        return derived  # no check_features on derived: tested when the outermost call returns
+
+    never_tested(x)
+    assert value_tests == ["raw"]
+    with pytest.raises(ValueError, match="raw contains NaN or Inf in 1 of 40"):
+        never_tested(bad)
+
+    @checks_finite_once
+    def named_by_source(source: torch.Tensor) -> None:
+        derived = F.normalize(source, dim=-1)
+        defer_finite_check("raw", source, derived)
+        check_features("x", derived)
+
+    with pytest.raises(ValueError, match="raw contains NaN or Inf in 1 of 40"):
+        named_by_source(bad)

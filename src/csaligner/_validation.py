@@ -10,14 +10,26 @@ import math
 import numbers
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_FINITE_SEEN: ContextVar[dict[int, tuple[Tensor, int]] | None] = ContextVar("csaligner_finite_seen", default=None)
-"""Within one `checks_finite_once` call: the tensors found finite so far (by id, kept alive) and their versions."""
+
+
+@dataclass
+class _FiniteRecord:
+    """Within one `checks_finite_once` call: what is known about the finiteness of its tensors."""
+
+    seen: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
+    """The tensors found finite so far (by id, kept alive) and their versions."""
+    stand_ins: dict[int, tuple[Tensor, str, Tensor]] = field(default_factory=dict)
+    """Tensors whose test also tests another's (`defer_finite_check`): id -> (stand-in, source name, source)."""
+
+
+_FINITE: ContextVar[_FiniteRecord | None] = ContextVar("csaligner_finite_record", default=None)
 
 
 def checks_finite_once(fn: _F) -> _F:
@@ -26,17 +38,20 @@ def checks_finite_once(fn: _F) -> _F:
     A loss entry point checks its features and hands the same tensors to the functions it calls,
     which check them again; each test is a device-to-host sync (`isfinite(x).all()`), a GPU pipeline
     drain, seven of them per loss call before this. A tensor changed in place since its test (its
-    version counter moved) is tested again; the record ends with the outermost call."""
+    version counter moved) is tested again; the record ends with the outermost call, which first
+    tests any source still waiting on its stand-in (`defer_finite_check`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if _FINITE_SEEN.get() is not None:  # an outer call holds the record
+        if _FINITE.get() is not None:  # an outer call holds the record
             return fn(*args, **kwargs)
-        token = _FINITE_SEEN.set({})
+        token = _FINITE.set(_FiniteRecord())
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            _test_stand_ins()  # no path tested them (e.g. an objective that never checks its features)
+            return out
         finally:
-            _FINITE_SEEN.reset(token)
+            _FINITE.reset(token)
 
     return wrapper  # type: ignore[return-value]
 
@@ -44,7 +59,7 @@ def checks_finite_once(fn: _F) -> _F:
 def needs_finite_check(x: Tensor) -> bool:
     """Whether `check_features` would test x's values now (not yet found finite within this
     `checks_finite_once` call). A caller that tests them itself, folded into a host read it makes
-    anyway, raises `NonFiniteFeaturesError` or calls `record_finite`."""
+    anyway, raises `non_finite_error(name, x)` or calls `record_finite`."""
     return not _finite_already(x)
 
 
@@ -53,26 +68,81 @@ def record_finite(x: Tensor) -> None:
     _record_finite(x)
 
 
+def defer_finite_check(name: str, source: Tensor, derived: Tensor) -> None:
+    """Let the first test of `derived` stand for a test of `source`, named `name` in its error.
+
+    For a loss that casts or L2-normalises its inputs before the fast path, which folds the test of
+    what it is handed into a host read it makes anyway: testing the inputs first would be one GPU
+    sync each. A row of `derived` must be non-finite exactly when that row of `source` is (a cast
+    to a wider dtype, `F.normalize`). Within a `checks_finite_once` call the test happens at the
+    first `check_features` of any tensor (so the inputs' errors come first, in the order deferred),
+    in a caller's own read (`needs_finite_check`), or at the latest when the outermost call
+    returns; outside one, now.
+    """
+    if _finite_already(source):
+        _record_finite(derived)
+        return
+    record = _FINITE.get()
+    if record is None:
+        _test_finite(name, source)
+        return
+    record.stand_ins[id(derived)] = (derived, name, source)
+
+
+def non_finite_error(name: str, x: Tensor) -> NonFiniteFeaturesError:
+    """The error for x, found not finite: it names and counts x's source when x stands in for one."""
+    record = _FINITE.get()
+    hit = record.stand_ins.get(id(x)) if record is not None else None
+    if hit is not None and hit[0] is x:
+        _, source_name, source = hit
+        n_bad = _count_non_finite(source)
+        if n_bad:  # 0 only if the derivation broke its contract; then report x as it is
+            return NonFiniteFeaturesError(source_name, n_bad, source.shape[:-1].numel())
+    return NonFiniteFeaturesError(name, _count_non_finite(x), x.shape[:-1].numel())
+
+
+def _count_non_finite(x: Tensor) -> int:
+    """Feature vectors (last dim) holding a NaN or an Inf."""
+    return int((~torch.isfinite(x)).any(dim=-1).sum())
+
+
+def _all_finite(x: Tensor) -> bool:
+    """The test itself: one device-to-host read (a GPU sync)."""
+    return bool(torch.isfinite(x).all())
+
+
+def _test_finite(name: str, x: Tensor) -> None:
+    if not _all_finite(x):
+        raise non_finite_error(name, x)
+    _record_finite(x)
+
+
+def _test_stand_ins() -> None:
+    """Test every source still waiting on its stand-in, in the order deferred."""
+    record = _FINITE.get()
+    while record is not None and record.stand_ins:
+        derived, name, _ = next(iter(record.stand_ins.values()))
+        _test_finite(name, derived)
+
+
 def _finite_already(x: Tensor) -> bool:
-    seen = _FINITE_SEEN.get()
-    if seen is None or x.is_inference():  # an inference tensor has no version counter to see a change by
+    record = _FINITE.get()
+    if record is None or x.is_inference():  # an inference tensor has no version counter to see a change by
         return False
-    hit = seen.get(id(x))
+    hit = record.seen.get(id(x))
     return hit is not None and hit[0] is x and hit[1] == x._version
 
 
 def _record_finite(x: Tensor) -> None:
-    seen = _FINITE_SEEN.get()
-    if seen is not None and not x.is_inference():  # x._version raises on one: it is tested each time
-        seen[id(x)] = (x, x._version)
-
-
-def normalized_from_checked(source: Tensor, unit: Tensor) -> Tensor:
-    """Record `unit`, the L2-normalised `source`, as finite when `source` was (a unit vector's entries lie in
-    [-1, 1] in any float dtype), so that the functions it is handed to do not test it again; returns unit."""
-    if _finite_already(source):
-        _record_finite(unit)
-    return unit
+    record = _FINITE.get()
+    if record is None:
+        return
+    hit = record.stand_ins.get(id(x))
+    if hit is not None and hit[0] is x:
+        del record.stand_ins[id(x)]
+        _record_finite(hit[2])  # its source is finite too
+    if not x.is_inference():  # x._version raises on one: it is tested each time
+        record.seen[id(x)] = (x, x._version)
 
 
 def check_features(name: str, x: Tensor, ndim: int = 2, finite: bool = True) -> None:
@@ -94,10 +164,9 @@ def check_features(name: str, x: Tensor, ndim: int = 2, finite: bool = True) -> 
     if x.numel() == 0 or any(s == 0 for s in x.shape):
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample with D > 0")
     if finite and not _finite_already(x):
-        if not torch.isfinite(x).all():
-            n_bad = int((~torch.isfinite(x)).any(dim=-1).sum())
-            raise NonFiniteFeaturesError(name, n_bad, x.shape[:-1].numel())
-        _record_finite(x)
+        _test_stand_ins()  # deferred inputs first: their errors name what the caller passed
+        if not _finite_already(x):
+            _test_finite(name, x)
 
 
 def check_tensor(name: str, value: object, what: str) -> None:

@@ -17,6 +17,7 @@ from tests.kernels.triton_setup import CUDA, DEVICE, SMALL  # first: skips witho
 
 # isort: split
 
+from csaligner import _validation
 from csaligner._validation import NonFiniteFeaturesError
 from csaligner.kernels import fused, fused_kernels, infonce_cs_terms, streamed_cs_divergence, streamed_info_nce
 from csaligner.kernels.fused import MAX_ONE_EXP_SCALE, fused_infonce_cs
@@ -31,7 +32,7 @@ from csaligner.kernels.fused_kernels import (
 )
 from csaligner.kernels.strips import HostRead, mm_accumulate
 from csaligner.kernels.triton_strips import TritonStrips, _multiprocessors
-from csaligner.losses import cs_divergence, info_nce
+from csaligner.losses import CSAlignerLoss, cs_divergence, info_nce
 
 
 def feats(n: int, d: int, dtype: torch.dtype = torch.float32, shift: float = 0.0, spread: float = 1.0) -> Tensor:
@@ -180,6 +181,30 @@ def test_fused_reads_its_checks_with_the_forward_scalars() -> None:
         fused_infonce_cs(x, y, 0.07, -1.0, tiles=SMALL, chunk_size=16)  # a float: refused before any work
     with pytest.raises(ValueError, match="single number"):
         fused_infonce_cs(x, y, torch.ones(2, device=DEVICE), 1.0, tiles=SMALL, chunk_size=16)
+
+
+def test_the_loss_module_tests_its_inputs_only_in_the_fused_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CSAlignerLoss on the fused route makes no value test of its own (each would be a GPU sync):
+    its image and text are tested through their unit copies in the fused forward's host read, and
+    a bad one is still reported under its own name with its row count."""
+    tested: list[str] = []
+    real = _validation._test_finite
+    monkeypatch.setattr(_validation, "_test_finite", lambda name, t: (tested.append(name), real(name, t)))
+    x, y = feats(40, 16, torch.bfloat16), feats(40, 16, torch.bfloat16, shift=0.3)
+    loss = CSAlignerLoss(lam=0.1, sigma=0.5, impl="triton")
+    out = loss(x, y)
+    out["loss"].backward()
+    assert tested == []
+    want = CSAlignerLoss(lam=0.1, sigma=0.5, impl="chunked")(x, y)
+    assert float(out["loss"]) == pytest.approx(float(want["loss"]), rel=1e-3)
+    assert tested == ["image", "text"]  # the chunked route tests them itself
+    tested.clear()
+    for name in ("image", "text"):
+        a, b = x.detach().clone(), y.detach().clone()
+        (a if name == "image" else b)[[1, 30], 2] = float("nan")
+        with pytest.raises(NonFiniteFeaturesError, match=f"{name} contains NaN or Inf in 2 of 40"):
+            loss(a, b)
+    assert tested == []
 
 
 def test_float_and_tensor_scalars_give_the_same_terms_and_gradients() -> None:

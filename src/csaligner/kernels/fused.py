@@ -39,13 +39,13 @@ import triton
 from torch import Tensor
 
 from csaligner._validation import (
-    NonFiniteFeaturesError,
     check_features,
     check_positive,
     check_positive_value,
     check_same_dim,
     checks_finite_once,
     needs_finite_check,
+    non_finite_error,
     record_finite,
 )
 from csaligner.kernels.chunked import kernel_term_sums
@@ -127,7 +127,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         max_inv_norms, *values = pending.values()
         for (name, t), ok in zip(finite, values[len(scalars) :], strict=True):
             if not ok:
-                raise NonFiniteFeaturesError(name, int((~torch.isfinite(t)).any(dim=-1).sum()), t.shape[0])
+                raise non_finite_error(name, t)  # names the loss's own input when t stands in for it
         read = iter(values)
         s, sigma_f = (next(read) if isinstance(t, Tensor) else float(t) for t in (scale, sigma))
         check_positive_value("temperature", 1.0 / s if s else math.inf)
