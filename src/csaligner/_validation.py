@@ -23,8 +23,9 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 class _FiniteRecord:
     """Within one `checks_finite_once` call: what is known about the finiteness of its tensors."""
 
-    seen: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
-    """The tensors found finite so far (by id, kept alive) and their versions."""
+    seen: dict[tuple[str, int], tuple[Tensor, int]] = field(default_factory=dict)
+    """(check, id) -> the tensor and its version, for each tensor that passed a check so far: "finite",
+    or a caller's own (`checked_already`); the tensors are kept alive so an id is not reused."""
     stand_ins: dict[int, tuple[Tensor, str, Tensor]] = field(default_factory=dict)
     """Tensors whose test also tests another's (`defer_finite_check`): id -> (stand-in, source name, source)."""
 
@@ -125,12 +126,26 @@ def _test_stand_ins() -> None:
         _test_finite(name, derived)
 
 
-def _finite_already(x: Tensor) -> bool:
+def checked_already(check: str, x: Tensor) -> bool:
+    """Whether x, unchanged since, passed `check` (a name, with whatever parameters it depends on)
+    within the current `checks_finite_once` call; see `record_checked`."""
     record = _FINITE.get()
     if record is None or x.is_inference():  # an inference tensor has no version counter to see a change by
         return False
-    hit = record.seen.get(id(x))
+    hit = record.seen.get((check, id(x)))
     return hit is not None and hit[0] is x and hit[1] == x._version
+
+
+def record_checked(check: str, x: Tensor) -> None:
+    """Record that x passed `check` within the current `checks_finite_once` call (outside one: nothing),
+    so that the functions it is handed to skip the test and its host read."""
+    record = _FINITE.get()
+    if record is not None and not x.is_inference():  # x._version raises on one: it is tested each time
+        record.seen[(check, id(x))] = (x, x._version)
+
+
+def _finite_already(x: Tensor) -> bool:
+    return checked_already("finite", x)
 
 
 def _record_finite(x: Tensor) -> None:
@@ -141,8 +156,7 @@ def _record_finite(x: Tensor) -> None:
     if hit is not None and hit[0] is x:
         del record.stand_ins[id(x)]
         _record_finite(hit[2])  # its source is finite too
-    if not x.is_inference():  # x._version raises on one: it is tested each time
-        record.seen[id(x)] = (x, x._version)
+    record_checked("finite", x)
 
 
 def check_features(name: str, x: Tensor, ndim: int = 2, finite: bool = True) -> None:

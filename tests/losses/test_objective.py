@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from csaligner import AlignmentLoss, CSAlignerLoss, LossConfig, cs_divergence, info_nce
 from csaligner.kernels import infonce_cs_terms
+from csaligner.losses import contrastive
+from csaligner.losses.contrastive import caption_counts
 from csaligner.losses.divergence import gaussian_kl, mmd, token_cs_divergence
 from tests.losses.reference import info_nce_loop
 
@@ -48,6 +50,30 @@ def test_info_nce_errors_name_the_problem() -> None:
         CSAlignerLoss()(x, torch.randn(6, 3), text_to_image=torch.tensor([0, 1, -1, 2, 3, -1]))
     with pytest.raises(ValueError, match="temperature"):
         info_nce(x, torch.randn(4, 3), temperature=-1.0)
+
+
+def test_caption_counts_match_bincount_without_a_host_read() -> None:
+    g = torch.Generator().manual_seed(3)
+    for n, m in ((1, 4), (7, 30), (50, 20)):
+        t2i = torch.randint(0, n, (m,), generator=g)
+        assert torch.equal(caption_counts(t2i, n), torch.bincount(t2i, minlength=n))
+    # out of range: not counted (check_text_to_image reports them)
+    assert caption_counts(torch.tensor([-1, 0, 0, 3, 5]), 4).tolist() == [2, 0, 0, 1]
+
+
+def test_a_loss_call_validates_its_caption_map_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss module checks text_to_image (one host read) and hands the int64 map on: the InfoNCE
+    and kernel functions it calls find it checked, rather than reading min, max and counts again."""
+    validated: list[str] = []
+    real = contrastive.caption_counts
+    monkeypatch.setattr(contrastive, "caption_counts", lambda t, n: (validated.append("map"), real(t, n))[1])
+    x, y = torch.randn(6, 8), torch.randn(15, 8)
+    t2i = torch.arange(15, dtype=torch.int32) % 6  # int32, as a numpy-built map: converted once
+    for impl in ("dense", "chunked"):
+        validated.clear()
+        out = CSAlignerLoss(lam=0.5, impl=impl)(x, y, text_to_image=t2i)
+        assert validated == ["map"]
+        assert float(out["infonce"]) == pytest.approx(float(info_nce(x, y, 0.07, t2i.long())), rel=1e-5)
 
 
 def test_cs_aligner_loss_terms_and_total() -> None:

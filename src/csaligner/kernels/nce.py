@@ -29,7 +29,7 @@ from csaligner.kernels.strips import (
     mm_accumulate,
     strip_rows,
 )
-from csaligner.losses.contrastive import check_text_to_image
+from csaligner.losses.contrastive import caption_counts, check_text_to_image
 
 
 class _InfoNCE(torch.autograd.Function):
@@ -240,11 +240,11 @@ def positives(
                 f"paired InfoNCE needs as many texts as images, got {n} images and {m} texts; "
                 "pass text_to_image for several captions per image"
             )
-        # One caption per image: no bincount (on CUDA it reads its size to the host, a sync).
+        # One caption per image: no counts to compute.
         return torch.arange(n, device=device), 0.5 / m + torch.full((n,), 0.5 / n, dtype=work, device=device)
-    pos_row = check_text_to_image(text_to_image.to(device), n, m).long()
+    pos_row = check_text_to_image(text_to_image.to(device), n, m)
     # 1/(2M) for the text -> image cross-entropy, 1/(2 N |P_i|) for image i's captions.
-    counts = torch.bincount(pos_row, minlength=n).to(work)
+    counts = caption_counts(pos_row, n).to(work)
     return pos_row, 0.5 / m + 0.5 / (n * counts[pos_row])
 
 

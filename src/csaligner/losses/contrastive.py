@@ -7,7 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from csaligner._autocast import autocast_off
-from csaligner._validation import check_features, check_positive, check_same_dim, check_tensor, checks_finite_once
+from csaligner._validation import (
+    check_features,
+    check_positive,
+    check_same_dim,
+    check_tensor,
+    checked_already,
+    checks_finite_once,
+    record_checked,
+)
 
 
 def check_text_to_image(
@@ -24,10 +32,16 @@ def check_text_to_image(
         )
     if text_to_image.dtype.is_floating_point or text_to_image.dtype == torch.bool:
         raise ValueError(f"text_to_image must hold integer image indices, got dtype {text_to_image.dtype}")
-    lo, hi = int(text_to_image.min()), int(text_to_image.max())
+    t2i = text_to_image.long()  # cross_entropy takes int64 targets, not e.g. numpy's int32
+    check = f"text_to_image of {n_images} images, {n_texts} texts"
+    if checked_already(check, t2i):  # e.g. the loss module's map, handed on to the kernels
+        return t2i
+    counts = caption_counts(t2i, n_images)
+    # One host read (a GPU sync) for the three tests; the messages' details are read only on failure.
+    lo, hi, n_orphans = torch.stack([t2i.min(), t2i.max(), (counts == 0).sum()]).tolist()
     if lo < 0 or hi >= n_images:
         unpaired = (
-            f"; {int((text_to_image < 0).sum())} caption(s) have no image (-1, as in PairedFeatures.text_to_image): "
+            f"; {int((t2i < 0).sum())} caption(s) have no image (-1, as in PairedFeatures.text_to_image): "
             "pass them as unpaired_texts (text[text_to_image < 0]) so they enter only the CS term"
             if lo < 0
             else ""
@@ -35,14 +49,22 @@ def check_text_to_image(
         raise ValueError(
             f"text_to_image values must lie in [0, {n_images - 1}] (the image rows), got [{lo}, {hi}]{unpaired}"
         )
-    counts = torch.bincount(text_to_image, minlength=n_images)
-    orphans = (counts == 0).nonzero().flatten()
-    if orphans.numel():
+    if n_orphans:
+        orphans = (counts == 0).nonzero().flatten()
         raise ValueError(
-            f"{orphans.numel()} image(s) have no caption in this batch (rows {orphans[:10].tolist()}); "
+            f"{n_orphans} image(s) have no caption in this batch (rows {orphans[:10].tolist()}); "
             "pass caption-less images as unpaired_images so they enter only the CS term"
         )
-    return text_to_image.long()  # cross_entropy takes int64 targets, not e.g. numpy's int32
+    record_checked(check, t2i)
+    return t2i
+
+
+def caption_counts(text_to_image: Tensor, n_images: int) -> Tensor:
+    """(n_images,) int64 number of captions of each image row, from a (M,) int64 map, with no host read
+    (`torch.bincount` reads its output size, a GPU sync). Values outside [0, n_images) are not counted."""
+    ordered = torch.sort(text_to_image).values
+    edges = torch.searchsorted(ordered, torch.arange(n_images + 1, device=ordered.device))  # (n_images + 1,) #(< k)
+    return edges[1:] - edges[:-1]
 
 
 @autocast_off
