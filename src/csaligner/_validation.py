@@ -285,20 +285,18 @@ def check_positive(name: str, value: float | Tensor, read: bool = True) -> None:
                 f"{name} must be a single number (a float or a 0-dim tensor), got a tensor of shape "
                 f"{tuple(value.shape)}; pass one value, e.g. {name}.reshape(()) for a one-element tensor"
             )
-        if not read:
-            return
-        v = float(value.detach())
-        ok = math.isfinite(v) and v > 0
-    else:
-        ok = is_number(value) and value > 0
-    if not ok:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if read:
+            check_positive_value(name, float(value.detach()), shown=value)
+        return
+    check_positive_value(name, float(value) if is_number(value) else math.nan, shown=value)
 
 
-def check_positive_value(name: str, value: float) -> None:
-    """The value check of `check_positive`, on a number the caller has read."""
+def check_positive_value(name: str, value: float, shown: object = None) -> None:
+    """The value test of `check_positive`, on a number the caller has read (from `shown`, which the
+    error quotes as the caller passed it, when given: a tensor's float32 value read as a double
+    would show digits the user never wrote)."""
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {value if shown is None else shown!r}")
 
 
 def check_chunk_size(chunk_size: int | None) -> int | None:

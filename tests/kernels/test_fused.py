@@ -179,6 +179,9 @@ def test_fused_reads_its_checks_with_the_forward_scalars() -> None:
             fused_infonce_cs(x, y, 0.07, torch.tensor(value, device=DEVICE), tiles=SMALL, chunk_size=16)
     with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
         fused_infonce_cs(x, y, 0.07, -1.0, tiles=SMALL, chunk_size=16)  # a float: refused before any work
+    # quoted as passed, not as 1 / (1 / T) after a float32 round trip (-0.07000000066...)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got tensor\(-0.0700"):
+        fused_infonce_cs(x, y, torch.tensor(-0.07, device=DEVICE), 1.0, tiles=SMALL, chunk_size=16)
     with pytest.raises(ValueError, match="single number"):
         fused_infonce_cs(x, y, torch.ones(2, device=DEVICE), 1.0, tiles=SMALL, chunk_size=16)
 

@@ -82,7 +82,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         y: Tensor,
-        scale: Tensor | float,
+        temperature: Tensor | float,
         sigma: Tensor | float,
         pos_row: Tensor,
         pos_w: Tensor,
@@ -98,9 +98,9 @@ class _PairedInfoNCECS(torch.autograd.Function):
         lo, hi = ranks.share(n, pair.block_m)  # this rank's rows of X Y^T (all of them in one process)
         (rho, hx), (kappa, hy) = _norm_terms(x), _norm_terms(y)
         # What the host needs to know, in one read: the largest norms (whether kernel tiles need a max),
-        # the scale and sigma when they are tensors, and whether the inputs are finite (`finite`: the
+        # the temperature and sigma when they are tensors, and whether the inputs are finite (`finite`: the
         # caller's checks, folded in here so that they cost no read of their own).
-        scalars = [t for t in (scale, sigma) if isinstance(t, Tensor)]
+        scalars = [t for t in (temperature, sigma) if isinstance(t, Tensor)]
         flags = [torch.isfinite(t).all() for _, t in finite]
         pending = HostRead(torch.stack([1 / rho.min() + 1 / kappa.min(), *scalars, *flags]))
         # The symmetric terms: with gradients wanted, one pass builds them (their largest logit is the
@@ -129,9 +129,10 @@ class _PairedInfoNCECS(torch.autograd.Function):
             if not ok:
                 raise non_finite_error(name, t)  # names the loss's own input when t stands in for it
         read = iter(values)
-        s, sigma_f = (next(read) if isinstance(t, Tensor) else float(t) for t in (scale, sigma))
-        check_positive_value("temperature", 1.0 / s if s else math.inf)
-        check_positive_value("sigma", sigma_f)
+        temperature_f, sigma_f = (next(read) if isinstance(t, Tensor) else float(t) for t in (temperature, sigma))
+        check_positive_value("temperature", temperature_f, shown=temperature)
+        check_positive_value("sigma", sigma_f, shown=sigma)
+        s = 1.0 / temperature_f  # the logit scale, in double as for a float temperature
         if early is None:
             inv_s2 = 1.0 / sigma_f**2
             u, v = hx * -inv_s2, hy * -inv_s2
@@ -233,12 +234,13 @@ class _PairedInfoNCECS(torch.autograd.Function):
         g_k = -2.0 * gc
         dots[1] *= g_k  # the strips summed exp(l - log_z) l
         ranks.sum_(dots)  # the scalars' gradients: whole on every rank
-        d_scale = dots[0] / s if ctx.needs_input_grad[2] else None  # logits are linear in the scale
+        # Logits are linear in the scale s = 1 / T: dL/dT = dL/ds * -s^2, dL/ds = dots[0] / s.
+        d_temperature = dots[0] * -s if ctx.needs_input_grad[2] else None
         # dk/dsigma = -2 k / sigma; the symmetric sums cover half the pairs and carry 2 / sigma^2 (x2 / x1/(2/s2)).
         d_sigma = (dots[1] + (dots[2] + dots[3]) / inv_s2) * (-2.0 / ctx.sigma) if ctx.needs_input_grad[3] else None
         # Sharded: world x this rank's share, what all_gather_with_grad's backward sums over ranks.
         dx, dy = _finish_grad(dx, x_mass, x, ranks.world), _finish_grad(dy, y_mass, y, ranks.world)
-        return dx, dy, d_scale, d_sigma, None, None, None, None, None, None, None, None
+        return dx, dy, d_temperature, d_sigma, None, None, None, None, None, None, None, None
 
 
 def _pair_forward(
@@ -443,17 +445,15 @@ def fused_infonce_cs(
     pos_row, pos_w = positives(x.shape[0], y.shape[0], text_to_image, x.device, torch.float32)
     # Python numbers stay on the host (no copy to the device and back); tensors (learnable) are read
     # with the forward's other scalars.
-    scale: Tensor | float = (
-        1.0 / float(temperature)
-        if not isinstance(temperature, Tensor)
-        else (1.0 / as_tensor(temperature, torch.float32, x.device))
+    temp: Tensor | float = (
+        float(temperature) if not isinstance(temperature, Tensor) else as_tensor(temperature, torch.float32, x.device)
     )
     sig: Tensor | float = float(sigma) if not isinstance(sigma, Tensor) else as_tensor(sigma, torch.float32, x.device)
     eager = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     out: tuple[Tensor, Tensor] = _PairedInfoNCECS.apply(
         x.to(dtype).contiguous(),
         y.to(dtype).contiguous(),
-        scale,
+        temp,
         sig,
         pos_row,
         pos_w,
