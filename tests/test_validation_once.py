@@ -173,3 +173,54 @@ def test_defer_finite_check(value_tests: list[str]) -> None:
 
     with pytest.raises(ValueError, match="raw contains NaN or Inf in 1 of 40"):
         named_by_source(bad)
+
+
+def test_a_failed_call_leaves_no_deferred_test_behind() -> None:
+    """Inside an outer `checks_finite_once` call (a trainer that skips a bad batch), a loss call that
+    raised for its NaN input must not hand that input's pending test to the next call."""
+    x, y = pair()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    seen: list[str] = []
+
+    @checks_finite_once
+    def two_steps(objective: str) -> None:
+        loss = AlignmentLoss(LossConfig(objective=objective))
+        for a in (bad, x):
+            try:
+                loss(a, y)
+                seen.append("ok")
+            except _validation.NonFiniteFeaturesError as err:
+                seen.append(f"{err.name} {err.n_bad}")
+
+    for objective in ("cs_aligner", "l2_prior"):  # l2_prior tests nothing itself: at the inner call's return
+        seen.clear()
+        two_steps(objective)
+        assert seen == ["image 1", "ok"]
+
+
+def test_a_nan_input_is_reported_before_other_errors() -> None:
+    """Deferred, the inputs' test would otherwise come after whatever the call checks first."""
+    x, y = pair()
+    bad = x.clone()
+    bad[5, 0] = float("nan")
+    with pytest.raises(ValueError, match="image contains NaN or Inf in 1 of 40"):
+        CSAlignerLoss()(bad, y, text_to_image=torch.full((40,), 50))  # also an out-of-range map
+    with pytest.raises(ValueError, match="must lie in"):
+        CSAlignerLoss()(x, y, text_to_image=torch.full((40,), 50))  # finite: the map's own error
+
+
+def test_a_source_changed_in_place_is_not_taken_as_tested() -> None:
+    x, _ = pair()
+
+    @checks_finite_once
+    def changed() -> None:
+        derived = x.double()
+        defer_finite_check("raw", x, derived)
+        with torch.no_grad():
+            x[1, 1] = float("nan")  # after the copy: derived is finite, x no longer is
+        record_finite(derived)
+        check_features("raw", x)  # so x is tested itself
+
+    with pytest.raises(ValueError, match="raw contains NaN or Inf in 1 of 40"):
+        changed()

@@ -26,8 +26,9 @@ class _FiniteRecord:
     seen: dict[tuple[str, int], tuple[Tensor, int]] = field(default_factory=dict)
     """(check, id) -> the tensor and its version, for each tensor that passed a check so far: "finite",
     or a caller's own (`checked_already`); the tensors are kept alive so an id is not reused."""
-    stand_ins: dict[int, tuple[Tensor, str, Tensor]] = field(default_factory=dict)
-    """Tensors whose test also tests another's (`defer_finite_check`): id -> (stand-in, source name, source)."""
+    stand_ins: dict[int, tuple[Tensor, str, Tensor, int | None]] = field(default_factory=dict)
+    """Tensors whose test also tests another's (`defer_finite_check`): id -> (stand-in, source name,
+    source, the source's version then: None for an inference tensor, which has none)."""
 
 
 _FINITE: ContextVar[_FiniteRecord | None] = ContextVar("csaligner_finite_record", default=None)
@@ -39,20 +40,34 @@ def checks_finite_once(fn: _F) -> _F:
     A loss entry point checks its features and hands the same tensors to the functions it calls,
     which check them again; each test is a device-to-host sync (`isfinite(x).all()`), a GPU pipeline
     drain, seven of them per loss call before this. A tensor changed in place since its test (its
-    version counter moved) is tested again; the record ends with the outermost call, which first
-    tests any source still waiting on its stand-in (`defer_finite_check`)."""
+    version counter moved) is tested again; the record ends with the outermost call.
+
+    Sources deferred within a call (`defer_finite_check`) and not yet tested are tested when it
+    returns, and when it raises another error: a NaN input is reported first, as if tested on entry
+    (the read costs nothing then); either way none is left for the next call to trip over."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if _FINITE.get() is not None:  # an outer call holds the record
-            return fn(*args, **kwargs)
-        token = _FINITE.set(_FiniteRecord())
+        record = _FINITE.get()
+        token = None
+        if record is None:
+            record = _FiniteRecord()
+            token = _FINITE.set(record)
+        before = set(record.stand_ins)
         try:
-            out = fn(*args, **kwargs)
-            _test_stand_ins()  # no path tested them (e.g. an objective that never checks its features)
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as err:
+                if not isinstance(err, NonFiniteFeaturesError):
+                    _test_stand_ins(record, before)  # raises for a non-finite input, chaining err
+                raise
+            _test_stand_ins(record, before)  # no path tested them (e.g. an objective that tests nothing)
             return out
         finally:
-            _FINITE.reset(token)
+            for key in set(record.stand_ins) - before:  # after an error: this call's, untested
+                del record.stand_ins[key]
+            if token is not None:
+                _FINITE.reset(token)
 
     return wrapper  # type: ignore[return-value]
 
@@ -87,7 +102,7 @@ def defer_finite_check(name: str, source: Tensor, derived: Tensor) -> None:
     if record is None:
         _test_finite(name, source)
         return
-    record.stand_ins[id(derived)] = (derived, name, source)
+    record.stand_ins[id(derived)] = (derived, name, source, None if source.is_inference() else source._version)
 
 
 def non_finite_error(name: str, x: Tensor) -> NonFiniteFeaturesError:
@@ -95,7 +110,7 @@ def non_finite_error(name: str, x: Tensor) -> NonFiniteFeaturesError:
     record = _FINITE.get()
     hit = record.stand_ins.get(id(x)) if record is not None else None
     if hit is not None and hit[0] is x:
-        _, source_name, source = hit
+        _, source_name, source, _ = hit
         n_bad = _count_non_finite(source)
         if n_bad:  # 0 only if the derivation broke its contract; then report x as it is
             return NonFiniteFeaturesError(source_name, n_bad, source.shape[:-1].numel())
@@ -118,12 +133,15 @@ def _test_finite(name: str, x: Tensor) -> None:
     _record_finite(x)
 
 
-def _test_stand_ins() -> None:
-    """Test every source still waiting on its stand-in, in the order deferred."""
-    record = _FINITE.get()
-    while record is not None and record.stand_ins:
-        derived, name, _ = next(iter(record.stand_ins.values()))
-        _test_finite(name, derived)
+def _test_stand_ins(record: _FiniteRecord | None = None, keep: set[int] | None = None) -> None:
+    """Test the sources waiting on stand-ins, in the order deferred (but those in `keep`: an outer call's)."""
+    if record is None:
+        record = _FINITE.get()
+    while record is not None:
+        waiting = [hit for key, hit in record.stand_ins.items() if keep is None or key not in keep]
+        if not waiting:
+            return
+        _test_finite(waiting[0][1], waiting[0][0])
 
 
 def checked_already(check: str, x: Tensor) -> bool:
@@ -155,7 +173,9 @@ def _record_finite(x: Tensor) -> None:
     hit = record.stand_ins.get(id(x))
     if hit is not None and hit[0] is x:
         del record.stand_ins[id(x)]
-        _record_finite(hit[2])  # its source is finite too
+        source, version = hit[2], hit[3]
+        if version is not None and source._version == version:  # unchanged since x was made from it
+            _record_finite(source)  # finite too
     record_checked("finite", x)
 
 

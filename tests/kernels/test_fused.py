@@ -6,6 +6,7 @@ and below 1 / MAX_ONE_EXP_SCALE), several captions per image, features that are 
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -179,9 +180,12 @@ def test_fused_reads_its_checks_with_the_forward_scalars() -> None:
             fused_infonce_cs(x, y, 0.07, torch.tensor(value, device=DEVICE), tiles=SMALL, chunk_size=16)
     with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
         fused_infonce_cs(x, y, 0.07, -1.0, tiles=SMALL, chunk_size=16)  # a float: refused before any work
-    # quoted as passed, not as 1 / (1 / T) after a float32 round trip (-0.07000000066...)
-    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got tensor\(-0.0700"):
-        fused_infonce_cs(x, y, torch.tensor(-0.07, device=DEVICE), 1.0, tiles=SMALL, chunk_size=16)
+    # quoted as passed (as the dense path does), not as 1 / (1 / T) after a float32 round trip
+    t = torch.tensor([-0.07], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match=re.escape(f"temperature must be a finite number > 0, got {t!r}")):
+        fused_infonce_cs(x, y, t, 1.0, tiles=SMALL, chunk_size=16)
+    with pytest.raises(ValueError, match=re.escape(f"temperature must be a finite number > 0, got {t!r}")):
+        info_nce(x, y, t)
     with pytest.raises(ValueError, match="single number"):
         fused_infonce_cs(x, y, torch.ones(2, device=DEVICE), 1.0, tiles=SMALL, chunk_size=16)
 
@@ -208,6 +212,10 @@ def test_the_loss_module_tests_its_inputs_only_in_the_fused_read(monkeypatch: py
         with pytest.raises(NonFiniteFeaturesError, match=f"{name} contains NaN or Inf in 2 of 40"):
             loss(a, b)
     assert tested == []
+    a = x.detach().clone()
+    a[0, 0] = float("nan")
+    with pytest.raises(NonFiniteFeaturesError, match="image contains NaN"):  # before the kernels' own error
+        loss(a, y[:, :8])
 
 
 def test_float_and_tensor_scalars_give_the_same_terms_and_gradients() -> None:

@@ -92,6 +92,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         identity: bool,
         ranks: Ranks,
         finite: tuple[tuple[str, Tensor], ...],
+        shown: tuple[object, object],
     ) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
         tiles, pair, _ = tile_set  # symmetric, forward X Y^T (, backward X Y^T)
@@ -130,8 +131,8 @@ class _PairedInfoNCECS(torch.autograd.Function):
                 raise non_finite_error(name, t)  # names the loss's own input when t stands in for it
         read = iter(values)
         temperature_f, sigma_f = (next(read) if isinstance(t, Tensor) else float(t) for t in (temperature, sigma))
-        check_positive_value("temperature", temperature_f, shown=temperature)
-        check_positive_value("sigma", sigma_f, shown=sigma)
+        check_positive_value("temperature", temperature_f, shown=shown[0])  # as the caller passed them
+        check_positive_value("sigma", sigma_f, shown=shown[1])
         s = 1.0 / temperature_f  # the logit scale, in double as for a float temperature
         if early is None:
             inv_s2 = 1.0 / sigma_f**2
@@ -240,7 +241,7 @@ class _PairedInfoNCECS(torch.autograd.Function):
         d_sigma = (dots[1] + (dots[2] + dots[3]) / inv_s2) * (-2.0 / ctx.sigma) if ctx.needs_input_grad[3] else None
         # Sharded: world x this rank's share, what all_gather_with_grad's backward sums over ranks.
         dx, dy = _finish_grad(dx, x_mass, x, ranks.world), _finish_grad(dy, y_mass, y, ranks.world)
-        return dx, dy, d_temperature, d_sigma, None, None, None, None, None, None, None, None
+        return dx, dy, d_temperature, d_sigma, None, None, None, None, None, None, None, None, None
 
 
 def _pair_forward(
@@ -463,6 +464,7 @@ def fused_infonce_cs(
         text_to_image is None,  # positives on the diagonal
         Ranks(group),
         finite,
+        (temperature, sigma),
     )
     for _, checked in finite:
         record_finite(checked)
