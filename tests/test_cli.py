@@ -88,3 +88,43 @@ def test_other_libraries_warnings_keep_their_format() -> None:
     assert fmt("m", DeprecationWarning, "/lib/other.py", 3, "x = 1").startswith(
         "/lib/other.py:3: DeprecationWarning: m"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["train", "--loss.lamda=1"], "'--loss.lamda=1' (did you mean --loss.lam?)"),
+        (["train", "--lr", "3"], "'--lr' (did you mean --train.lr?), '3'"),
+        (
+            ["encode", "--encoder", "tiny-text", "--data", "m.tsv", "--out", "o", "--quite"],
+            "'--quite' (did you mean --quiet?)",
+        ),
+    ],
+)
+def test_a_misspelt_option_is_refused_by_its_subcommand_with_the_nearest_flag(
+    argv: list[str], suggestion: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse's own message came from the top-level parser ("usage: csalign [-h] COMMAND ...") with no fix."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"csalign {argv[0]}: error: unrecognized arguments: {suggestion}" in err
+    assert f"`csalign {argv[0]} --help` lists the options it takes" in err
+    assert "COMMAND ..." not in err
+
+
+def test_an_unknown_top_level_option_names_csalign_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--foo"])
+    err = capsys.readouterr().err
+    assert "csalign: error: unrecognized arguments: '--foo'; `csalign --help`" in err and "None" not in err
+
+
+def test_train_usage_line_is_short_not_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """The usage line precedes every argparse error; listing ~70 --section.key flags buried the error."""
+    with pytest.raises(SystemExit):
+        main(["train", "--loss.lam"])  # a flag without its value
+    err = capsys.readouterr().err
+    assert err.startswith("usage: csalign train [-h] [--config CONFIG] [--print-config] [--SECTION.KEY=VALUE ...]\n")
+    assert len(err.splitlines()) == 2 and "expected one argument" in err

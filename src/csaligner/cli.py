@@ -7,6 +7,7 @@ A subcommand module exposes `add_parser(subparsers)` which registers itself and 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -35,6 +36,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str, extras: list[str]) -> None:
+    """Say which options `csalign COMMAND` did not recognise, as that command, with the nearest real flag.
+
+    argparse's own message comes from the top-level parser ("usage: csalign [-h] COMMAND ...") and names
+    no fix, though a misspelt `--loss.lamda=1` is nearly always one letter from a real flag.
+    """
+    sub = (_subcommand_parser(parser, command) if command else None) or parser
+    flags = [opt for action in sub._actions for opt in action.option_strings if opt.startswith("--")]
+    parts = []
+    for extra in extras:
+        flag = extra.partition("=")[0]
+        close = _nearest_flags(flag, flags) if flag.startswith("--") else []
+        parts.append(f"{extra!r} (did you mean {' or '.join(close)}?)" if close else repr(extra))
+    where = f"csalign {command}" if command else "csalign"
+    sub.error(f"unrecognized arguments: {', '.join(parts)}; `{where} --help` lists the options it takes")
+
+
+def _nearest_flags(flag: str, flags: list[str]) -> list[str]:
+    """`--loss.lamda` -> [`--loss.lam`]; `--lr` -> [`--train.lr`] (a train flag given without its section)."""
+    by_key = [f for f in flags if f.endswith("." + flag[2:])]
+    return by_key[:3] if by_key else difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -55,7 +86,9 @@ def _warning_formatter(command: str, fallback: Callable[..., str]) -> Callable[.
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _refuse_unknown(parser, args.command, extras)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
