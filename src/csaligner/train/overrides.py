@@ -74,7 +74,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        raise FileNotFoundError(_missing_config(p))
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:  # a traceback from the parser names no fix
@@ -86,6 +86,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{p}: a config must be a mapping of sections (data, model, loss, train), got {type(data).__name__}"
         )
     return data
+
+
+def _missing_config(p: Path) -> str:
+    """Why `p` is no config file, and the YAML files a user likely meant (the folder's, or its parent's)."""
+    folder = p if p.is_dir() else p.parent
+    presets = sorted(str(f) for f in folder.glob("*.y*ml") if f.is_file()) if folder.is_dir() else []
+    what = (
+        f"config file {str(p)!r} is a folder, not a YAML file"
+        if p.is_dir()
+        else f"config file {str(p)!r} does not exist"
+    )
+    if not presets:
+        return f"{what}; pass a YAML preset such as configs/flickr8k_cs_aligner.yaml (the presets are in configs/)"
+    return f"{what}; pass one of the YAML files in {str(folder)!r}: {', '.join(presets)}"
 
 
 def parse_override(item: str) -> tuple[str, str]:
