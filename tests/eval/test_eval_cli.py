@@ -318,3 +318,17 @@ def test_eval_repeats_the_warnings_train_recorded(
         assert f"**Warning:** flat: csalign train warned: {w}" in md
         assert f"flat: csalign train warned: {w}" in text
     assert "quiet:" not in err
+
+
+def test_a_run_folder_that_does_not_exist_is_named_as_missing(tmp_path: Path) -> None:
+    """It was "is not a finished training run (no config.yaml)", as if the folder were there."""
+    from csaligner.eval.cli import parse_runs
+
+    with pytest.raises(FileNotFoundError, match=r"run folder .*nope does not exist; pass the train.out_dir"):
+        parse_runs([str(tmp_path / "nope")])
+    # a folder holding "=" is split at the last "=": say how the spec was read
+    with pytest.raises(FileNotFoundError, match=r"read as NAME=.*lam, DIR=0\.1\)"):
+        parse_runs([str(tmp_path / "lam=0.1")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a finished training run"):
+        parse_runs([str(tmp_path / "empty")])

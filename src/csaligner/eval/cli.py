@@ -240,6 +240,11 @@ def parse_runs(specs: Sequence[str], flag: str = "--run") -> dict[str, Path]:
     for spec in specs:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         run = Path(path)
+        if not run.exists():  # "not a finished run (no config.yaml)" read as if the folder were there
+            raise FileNotFoundError(
+                f"run folder {run} does not exist; pass the train.out_dir of a `csalign train` run"
+                + (f" (the spec {spec!r} was read as NAME={name}, DIR={path})" if name else "")
+            )
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(
                 f"{run} is not a finished training run (no config.yaml); pass a `csalign train` folder"
