@@ -290,3 +290,15 @@ def test_a_missing_config_names_the_yaml_files_beside_it_or_the_presets(tmp_path
         load_config(tmp_path / "cs_aligner.yaml")
     with pytest.raises(FileNotFoundError, match=r"does not exist; pass a YAML preset such as configs/"):
         load_config(tmp_path / "no_folder" / "x.yaml")
+
+
+def test_an_epochs_override_that_a_files_steps_would_ignore_is_refused(tmp_path: Path) -> None:
+    """configs/flickr8k_unpaired.yaml sets train.steps=500: --train.epochs=1 silently trained 500 steps."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 500}\n")
+    with pytest.raises(ValueError, match=r"train.epochs=1 would be ignored: .*c.yaml sets train.steps=500.*steps=0"):
+        load_config(path, ["train.epochs=1"])
+    assert load_config(path, ["train.epochs=1", "train.steps=0"]).train.epochs == 1  # the fix the error names
+    assert load_config(path, ["train.epochs=1", "train.steps=20"]).train.steps == 20  # both given: steps win
+    assert load_config(None, ["train.epochs=1", "train.steps=20"]).train.steps == 20
+    assert load_config(path).train.steps == 500

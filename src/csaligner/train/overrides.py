@@ -46,10 +46,20 @@ def load_config(
         raw = read_yaml(path)
         if Path(path).read_text().startswith(RUN_CONFIG_HEADER):
             raw = _as_trained(raw, str(path), report)
+    given = set()
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    return from_dict(RunConfig, raw)
+        given.add(key)
+    config = from_dict(RunConfig, raw)
+    if path is not None and "train.epochs" in given and "train.steps" not in given and config.train.steps > 0:
+        # the file's steps win (TrainConfig.epochs: "ignored when steps > 0"): the run would quietly keep its length
+        raise ValueError(
+            f"train.epochs={config.train.epochs} would be ignored: {path} sets train.steps={config.train.steps}, "
+            "which fixes the run's length; add --train.steps=0 to train for the epochs given, or set "
+            "--train.steps instead of --train.epochs"
+        )
+    return config
 
 
 def _as_trained(raw: dict[str, Any], path: str, report: Callable[[str], object] | None) -> dict[str, Any]:
