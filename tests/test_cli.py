@@ -128,3 +128,28 @@ def test_train_usage_line_is_short_not_every_flag(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert err.startswith("usage: csalign train [-h] [--config CONFIG] [--print-config] [--SECTION.KEY=VALUE ...]\n")
     assert len(err.splitlines()) == 2 and "expected one argument" in err
+
+
+def test_every_subcommand_has_a_description_and_every_option_a_help() -> None:
+    """`csalign eval --help` opened on a bare option list, `preview --out` and `fid --generated` said nothing."""
+    import argparse
+
+    from csaligner.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    undescribed = [name for name, parser in sub.choices.items() if not parser.description]
+    unhelped = [
+        f"csalign {name} {'/'.join(action.option_strings) or action.dest}"
+        for name, parser in sub.choices.items()
+        for action in parser._actions
+        if not action.help
+    ]
+    assert not undescribed and not unhelped
+
+
+def test_eval_usage_lists_the_required_flags_on_whole_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """A "[NAME=]DIR" metavar made argparse break the usage line inside "--run [NAME=]DIR"."""
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "--run DIR|NAME=DIR --image-cache IMAGE_CACHE" in usage

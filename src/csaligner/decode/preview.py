@@ -251,7 +251,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ground-truth", type=Path, help='JSON {"prompt index": [image index or listed path, ...]}')
     p.add_argument("-k", type=int, default=5, help="images per prompt (default 5)")
     p.add_argument("--thumb-size", type=int, default=128, help="thumbnail side in pixels (default 128)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--out", required=True, type=Path, help="output folder for preview.png, preview.html and preview.json"
+    )
     p.set_defaults(func=run)
 
 

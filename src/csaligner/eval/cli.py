@@ -153,12 +153,19 @@ def _first_caption_rows(t2i: Tensor) -> Tensor:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate trained runs: retrieval, modality gap, classification, report")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate trained runs: retrieval, modality gap, classification, report",
+        description="Evaluate trained runs on held-out feature caches: image-text retrieval (R@1/5/10, rsum) and "
+        "modality-gap metrics, plus zero- and few-shot accuracy with class-folder caches. Writes metrics.json, "
+        "report.md, report.json and plots into --out.",
+    )
     p.add_argument(
         "--run",
         action="append",
         required=True,
-        metavar="[NAME=]DIR",
+        # not "[NAME=]DIR": argparse cannot wrap a usage line whose metavar holds brackets (it split the line)
+        metavar="DIR|NAME=DIR",
         help="run folder (repeatable); named by its folder unless NAME= is given, and names must differ",
     )
     p.add_argument(
