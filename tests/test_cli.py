@@ -153,3 +153,29 @@ def test_eval_usage_lists_the_required_flags_on_whole_lines(capsys: pytest.Captu
         main(["eval", "--help"])
     usage = capsys.readouterr().out.split("\n\n")[0]
     assert "--run DIR|NAME=DIR --image-cache IMAGE_CACHE" in usage
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "hint"),
+    [
+        ("train", "csaligner.train.cli", "--train.resume=auto"),
+        ("encode", "csaligner.data.encode", "run the same command again to resume"),
+        ("eval", "csaligner.eval.cli", None),
+    ],
+)
+def test_ctrl_c_is_one_line_saying_how_to_resume(
+    command: str, module: str, hint: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C printed a traceback into torch's internals; encode and train runs resume, so say how."""
+    import importlib
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    parse_only = {"train": ["--print-config"], "encode": ["--encoder", "x", "--data", "y", "--out", "z"]}
+    parse_only["eval"] = ["--run", "r", "--image-cache", "i", "--text-cache", "t"]
+    monkeypatch.setattr(importlib.import_module(module), "run", interrupted)
+    assert main([command, *parse_only[command]]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"csalign {command}: interrupted") and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and (hint is None or hint in err)

@@ -100,9 +100,21 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = previous
 
 
+# What Ctrl-C leaves behind that a rerun takes up (README: "An interrupted run resumes").
+_AFTER_INTERRUPT: dict[str, str] = {
+    "encode": "run the same command again to resume: the shards already written are kept",
+    "train": "run it again with --train.resume=auto to continue from the last checkpoint in train.out_dir",
+    "demo": "run it again: the finished caches and runs are reused",
+}
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: a traceback into whatever torch was doing tells a user nothing
+        hint = _AFTER_INTERRUPT.get(args.command)
+        print(f"csalign {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, FloatingPointError) as err:  # errors for people: no traceback
         print(f"csalign {args.command}: error: {err}", file=sys.stderr)
         return 1
