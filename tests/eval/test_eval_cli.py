@@ -332,3 +332,20 @@ def test_a_run_folder_that_does_not_exist_is_named_as_missing(tmp_path: Path) ->
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a finished training run"):
         parse_runs([str(tmp_path / "empty")])
+
+
+def test_the_zero_shot_notes_are_not_run_into_a_bold_warning(
+    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The notes were appended after the last warning, so they read as part of "**Warning:** ..."."""
+    run = tmp_path / "seen"
+    train = ["train", f"--data.image_cache={caches.image}", f"--data.text_cache={caches.text}", "--train.steps=2"]
+    train += ["--train.batch_size=4", "--train.progress=false", "--train.tensorboard=false", f"--train.out_dir={run}"]
+    assert main(train) == 0
+    extra = ("--class-test-cache", str(classes[1]))
+    assert evaluate(caches, tmp_path / "out", f"seen={run}", text=caches.text, extra=extra) == 0
+    text = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]["text"]
+    paragraphs = text.split("\n\n")
+    assert "Zero-shot only" in paragraphs[0] and "Zero-shot prompts average" in paragraphs[0]
+    assert paragraphs[1].startswith("**Warning:** seen was trained on these very images")
+    assert "Zero-shot" not in paragraphs[1]

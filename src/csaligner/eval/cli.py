@@ -371,9 +371,6 @@ def _main(args: argparse.Namespace) -> int:
     (out_dir / "metrics.json").write_text(json.dumps({k: m | provenance for k, m in results.items()}, indent=2))
     figures = report_figures(runs, features, out_dir)
     text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}."
-    for warning in eval_warnings(runs, features, args.image_cache):
-        print(f"csalign eval: warning: {warning}", file=sys.stderr)
-        text += f"\n\n**Warning:** {warning}"
     if classification is not None and prompts is not None:
         if classification.train_labels is not None:
             seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
@@ -385,6 +382,10 @@ def _main(args: argparse.Namespace) -> int:
             text += " Zero-shot only: few-shot needs --class-train-cache."
         quoted = "; ".join(f'"{t}"' for t in prompts.templates)
         text += f" Zero-shot prompts average {prompts.describe()}: {quoted}."
+    # after the notes above: appended before them, those notes read as part of the last bold warning
+    for warning in eval_warnings(runs, features, args.image_cache):
+        print(f"csalign eval: warning: {warning}", file=sys.stderr)
+        text += f"\n\n**Warning:** {warning}"
     sources = report_sources(
         args.image_cache, args.text_cache, features, classification,
         class_train_cache=args.class_train_cache, class_test_cache=args.class_test_cache, shots=args.shots,
