@@ -260,3 +260,25 @@ def test_resume_on_other_data_with_the_same_step_count_is_refused(tmp_path: Path
     same = synthetic_features()
     same.meta.update(source="flickr8k:dev", manifest="a" * 64)  # the same data from a moved cache resumes
     assert train(load_config(None, [*cfg, "train.resume=auto"]), same).finished
+
+
+def test_a_resume_path_that_is_no_checkpoint_says_what_it_is(
+    stopped: Path, tmp_path: Path, features: PairedFeatures
+) -> None:
+    """ "yes is not a complete checkpoint: missing [...]" named the files, not the mistake."""
+    other = tmp_path / "other"
+
+    def resume(value: str) -> object:
+        return train(load_config(None, fast_overrides(other, *BASE, f"train.resume={value}")), features)
+
+    with pytest.raises(
+        FileNotFoundError, match=r"train.resume='yes': no such checkpoint folder; pass train.resume=auto"
+    ):
+        resume("yes")
+    with pytest.raises(FileNotFoundError) as err:
+        resume(str(tmp_path))  # the run folder, not one of its checkpoints
+    assert str(err.value) == (
+        f"train.resume={str(tmp_path)!r} is a run folder, not a checkpoint; pass its latest checkpoint, "
+        f"train.resume={stopped}, or train.resume=auto with train.out_dir={tmp_path}"
+    )
+    assert resume(str(stopped)).step == 6  # the checkpoint itself resumes

@@ -301,6 +301,26 @@ def _save(run: _Run) -> None:
     )
 
 
+def _check_resume_folder(resume: str) -> None:
+    """A train.resume that names no checkpoint folder: a typo ("yes"), or a run folder instead of one of its
+    checkpoints. `load_checkpoint` would only list the checkpoint files missing there."""
+    fix = (
+        'pass train.resume=auto (the latest checkpoint in train.out_dir), "" for a fresh run, or a checkpoint '
+        "folder (RUN/checkpoints/step-NNNNNNNN)"
+    )
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint folder; {fix}")
+    try:
+        latest = latest_checkpoint(os.path.join(resume, "checkpoints"))
+    except ValueError:  # a damaged run folder: load_checkpoint below names what is missing
+        latest = None
+    if latest is not None:
+        raise FileNotFoundError(
+            f"train.resume={resume!r} is a run folder, not a checkpoint; pass its latest checkpoint, "
+            f"train.resume={latest}, or train.resume=auto with train.out_dir={resume}"
+        )
+
+
 def _maybe_resume(run: _Run) -> None:
     resume = run.config.train.resume
     if not resume:
@@ -308,6 +328,8 @@ def _maybe_resume(run: _Run) -> None:
     path = latest_checkpoint(os.path.join(run.config.train.out_dir, "checkpoints")) if resume == "auto" else resume
     if path is None:  # "auto" before the first checkpoint: a fresh start (claim_out_dir checked the folder)
         return
+    if resume != "auto":
+        _check_resume_folder(resume)
     ckpt = load_checkpoint(path, map_location=run.info.device)
     _check_resumable(run, ckpt)
 
