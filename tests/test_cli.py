@@ -94,7 +94,14 @@ def test_other_libraries_warnings_keep_their_format() -> None:
     ("argv", "suggestion"),
     [
         (["train", "--loss.lamda=1"], "'--loss.lamda=1' (did you mean --loss.lam?)"),
-        (["train", "--lr", "3"], "'--lr' (did you mean --train.lr?), '3'"),
+        (["train", "--lr", "3"], "'--lr' (did you mean --train.lr?);"),
+        (["train", "--print-config", "foo"], "'foo';"),  # a stray positional, caught after parsing
+        # before argparse's "the following arguments are required: --out / --image-cache"
+        (["encode", "--encoder", "tiny-text", "--data", "m.tsv", "--output", "o"], "'--output' (did you mean --out?)"),
+        (
+            ["eval", "--run", "r", "--image_cache", "i", "--text-cache", "t"],
+            "'--image_cache' (did you mean --image-cache?)",
+        ),
         (
             ["encode", "--encoder", "tiny-text", "--data", "m.tsv", "--out", "o", "--quite"],
             "'--quite' (did you mean --quiet?)",
@@ -179,3 +186,9 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(
     err = capsys.readouterr().err
     assert err.startswith(f"csalign {command}: interrupted") and "Traceback" not in err
     assert len(err.splitlines()) == 1 and (hint is None or hint in err)
+
+
+def test_an_abbreviated_flag_is_still_taken(tmp_path: Path) -> None:
+    """argparse takes a unique prefix (`--enc` for `--encoder`): the check for misspelt flags must too."""
+    args = ["encode", "--quiet", "--enc", "tiny-text", "--data", str(_caption_manifest(tmp_path))]
+    assert main([*args, "--out", str(tmp_path / "cache")]) == 0

@@ -60,6 +60,23 @@ def _refuse_unknown(parser: argparse.ArgumentParser, command: str, extras: list[
     sub.error(f"unrecognized arguments: {', '.join(parts)}; `{where} --help` lists the options it takes")
 
 
+def _unknown_options(sub: argparse.ArgumentParser, tokens: list[str]) -> list[str]:
+    """The `--flag` tokens `sub` takes neither as given nor as an abbreviation (argparse takes unique prefixes).
+
+    `--output x` for `--out`, or `--image_cache` for `--image-cache`, otherwise reads as "the following
+    arguments are required: --out", naming the flag the user did type, only spelt differently.
+    """
+    known = [opt for action in sub._actions for opt in action.option_strings if opt.startswith("--")]
+    unknown = []
+    for token in tokens:
+        if token == "--":  # what follows is positional
+            break
+        flag = token.partition("=")[0]
+        if token.startswith("--") and not any(k.startswith(flag) for k in known):
+            unknown.append(token)
+    return unknown
+
+
 def _nearest_flags(flag: str, flags: list[str]) -> list[str]:
     """`--loss.lamda` -> [`--loss.lam`]; `--lr` -> [`--train.lr`] (a train flag given without its section)."""
     by_key = [f for f in flags if f.endswith("." + flag[2:])]
@@ -86,6 +103,13 @@ def _warning_formatter(command: str, fallback: Callable[..., str]) -> Callable[.
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    tokens = sys.argv[1:] if argv is None else list(argv)
+    command = next((t for t in tokens if not t.startswith("-")), None)
+    sub = _subcommand_parser(parser, command) if command else None
+    if command and sub is not None:  # before argparse: it names a required flag "missing" when only misspelt
+        unknown = _unknown_options(sub, tokens[tokens.index(command) + 1 :])
+        if unknown:
+            _refuse_unknown(parser, command, unknown)
     args, extras = parser.parse_known_args(argv)
     if extras:
         _refuse_unknown(parser, args.command, extras)
