@@ -349,3 +349,11 @@ def test_the_zero_shot_notes_are_not_run_into_a_bold_warning(
     assert "Zero-shot only" in paragraphs[0] and "Zero-shot prompts average" in paragraphs[0]
     assert paragraphs[1].startswith("**Warning:** seen was trained on these very images")
     assert "Zero-shot" not in paragraphs[1]
+
+
+def test_the_report_says_how_to_read_its_columns(caches: TinyCaches, tmp_path: Path) -> None:
+    """ "linear_separability 0.90" or "cs_divergence 0.017" gave a new user no direction to read them in."""
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    assert evaluate(caches, tmp_path / "out", str(run)) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "recall in % (higher is better" in md and "lower = smaller gap" in md and "0.5 = indistinguishable" in md

@@ -37,6 +37,15 @@ HEADLINE = (
 """Report-table columns; every recall that `rsum` adds up is shown, so a reader can check it."""
 
 
+# How to read the columns: without it "linear_separability 0.90" or "cs_divergence 0.017" says no direction.
+READING = (
+    "Retrieval: recall in % (higher is better; rsum sums the six). Modality gap, lower = smaller gap: "
+    "centroid_distance and paired_distance between unit-norm embeddings (0 to 2), cs_divergence "
+    "(0 = the same distribution), linear_separability (held-out accuracy of an image-vs-text classifier; "
+    "0.5 = indistinguishable)."
+)
+
+
 def headline(shots: Sequence[int] = DEFAULT_SHOTS) -> tuple[str, ...]:
     """HEADLINE with one few-shot column per k in `shots` (what `csalign eval --shots` asked for)."""
     return (*(k for k in HEADLINE if not k.startswith("few_shot_")), *(f"few_shot_{k}-shot" for k in shots))
@@ -370,8 +379,9 @@ def _main(args: argparse.Namespace) -> int:
     provenance = {} if prompts is None else prompts.record()
     (out_dir / "metrics.json").write_text(json.dumps({k: m | provenance for k, m in results.items()}, indent=2))
     figures = report_figures(runs, features, out_dir)
-    text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}."
+    text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}. {READING}"
     if classification is not None and prompts is not None:
+        text += " Zero- and few-shot: top-1 accuracy in %."
         if classification.train_labels is not None:
             seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
             text += (
