@@ -23,6 +23,7 @@ from csaligner.eval.evaluate import (
     check_run_encoders,
     evaluate_run,
     load_classification,
+    shares_builtin_split,
     trained_on,
     training_warnings,
 )
@@ -336,6 +337,15 @@ def eval_warnings(runs: dict[str, Path], features: PairedFeatures, image_cache: 
             f"({features.meta.get('source') or image_cache}): their retrieval and gap numbers are "
             "training-set numbers, not held-out ones. Evaluate on a cache of data the runs did not see."
         )
+    for name, run in runs.items():
+        part = shares_builtin_split(run, features.meta)
+        if part:
+            warnings.append(
+                f"{name} was trained on {part}, part of the same split as the evaluated "
+                f"{features.meta.get('source')}: some images and captions here are training data, so retrieval "
+                "and gap numbers are partly training-set numbers. Evaluate on another split (e.g. train on "
+                "flickr8k:train, evaluate on flickr8k:dev)."
+            )
     for name, run in runs.items():
         warnings += [f"{name}: csalign train warned: {w}" for w in training_warnings(run)]
     return warnings
