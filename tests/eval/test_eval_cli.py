@@ -357,3 +357,15 @@ def test_the_report_says_how_to_read_its_columns(caches: TinyCaches, tmp_path: P
     assert evaluate(caches, tmp_path / "out", str(run)) == 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "recall in % (higher is better" in md and "lower = smaller gap" in md and "0.5 = indistinguishable" in md
+
+
+def test_a_token_run_without_tokens_names_its_own_text_encoder_in_the_fix(caches: TinyCaches, tmp_path: Path) -> None:
+    """The fix read "csalign encode --encoder ... --tokens" though encoders.json says which encoder."""
+    pooled_only = load_paired_features(caches.image, caches.text)
+    recorded = {"text_encoder": "tiny-text@x", "text_encoder_spec": "tiny-text"}
+    run = make_run(tmp_path / "tok", caches.text_tokens, encoders=recorded)
+    with pytest.raises(ValueError, match=r"\(csalign encode --encoder tiny-text --data DATA --out DIR --tokens\)$"):
+        embed(pooled_only, str(run))
+    bare = make_run(tmp_path / "bare", caches.text_tokens)  # no encoders.json: the generic fix
+    with pytest.raises(ValueError, match=r"\(csalign encode --encoder \.\.\. --tokens\)$"):
+        embed(pooled_only, str(bare))
