@@ -296,6 +296,12 @@ def _run(args: argparse.Namespace) -> int:
                 f"setting {name!r}: {text.shape[0]} text rows for {len(prompts)} prompts, "
                 f"{image.shape[0]} image rows for {len(image_paths)} listed images; they must match"
             )
+        if text.ndim == 2 and image.ndim == 2 and text.shape[1] != image.shape[1]:  # not retrieve_topk's loss wording
+            source = file if has_tensor(file, "image_embeds") else f"--image-embeds {args.image_embeds}"
+            raise ValueError(
+                f"setting {name!r}: {file}'s text_embeds have D={text.shape[1]} but the image_embeds of {source} "
+                f"have D={image.shape[1]}; both must be embeddings in one aligned space (the same run's adapters)"
+            )
         scores[name], settings[name] = retrieve_topk(text, image, args.k)
     position = {entry: i for i, entry in enumerate(listed)}
     gt = _read_ground_truth(args.ground_truth, position, len(prompts), len(image_paths)) if args.ground_truth else None
