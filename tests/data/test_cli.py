@@ -30,6 +30,12 @@ def test_encode_manifest_file_then_load(
                 "--shard-size", "3", "--dtype", "fp32")  # fmt: skip
     assert rc == 0
     assert "image: 7 rows, dim 16, 3 shards; encoded 7 now" in capsys.readouterr().out
+    rc = encode("--encoder", "tiny-image", "--data", str(path), "--out", str(tmp_path / "img"), "--tokens",
+                "--shard-size", "3", "--dtype", "fp32")  # fmt: skip
+    assert rc == 0  # a rerun: said plainly, not "encoded 0 now in 0.0s (0.0/s)"
+    assert "image: 7 rows, dim 16, 3 shards; all already encoded with these settings, nothing to do" in (
+        capsys.readouterr().out
+    )
     assert encode("--encoder", "tiny-text", "--data", str(path), "--out", str(tmp_path / "txt")) == 0
     state = json.loads((tmp_path / "img" / "cache.json").read_text())
     assert state["key_fields"]["dtype"] == "fp32" and state["key_fields"]["tokens"] is True

@@ -335,10 +335,13 @@ def run(args: argparse.Namespace) -> int:
     for part in cache.parts:
         info, run_ = cache.state["parts"][part], cache.state["last_run"].get(part, {})
         rate = run_.get("rows", 0) / run_["seconds"] if run_.get("seconds") else 0.0
-        print(
-            f"{part}: {info['count']} rows, dim {info.get('dim')}, {len(info['shards'])} shards; "
+        # a rerun on a finished cache: "encoded 0 now in 0.0s (0.0/s)" read like a failure
+        done = (
             f"encoded {run_.get('rows', 0)} now in {run_.get('seconds', 0):.1f}s ({rate:.1f}/s)"
+            if run_.get("rows")
+            else "all already encoded with these settings, nothing to do"
         )
+        print(f"{part}: {info['count']} rows, dim {info.get('dim')}, {len(info['shards'])} shards; {done}")
     if (pairing := describe_pairing(manifest)) is not None:
         print(pairing)
     if cache.skipped_images:
