@@ -22,15 +22,13 @@ if TYPE_CHECKING:
     from csaligner.encoders import EncoderOutput
 
 TOKENS_FIX = "encode the eval text cache with --tokens (csalign encode --encoder ... --tokens)"
+"""What to do when a token-conditioned run is given text features without tokens."""
 
 
 def tokens_fix(run_dir: str) -> str:
     """`TOKENS_FIX` naming the run's own text encoder where encoders.json records it ("--encoder minilm")."""
     spec = run_encoders(run_dir).get("text_encoder_spec")
     return TOKENS_FIX.replace("--encoder ...", f"--encoder {spec} --data DATA --out DIR") if spec else TOKENS_FIX
-
-
-"""What to do when a token-conditioned run is given text features without tokens."""
 
 
 @torch.no_grad()
