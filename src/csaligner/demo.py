@@ -98,7 +98,11 @@ def _print_toy_table(metrics: dict[str, dict[str, float]]) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job end to end (flickr: real data; toy: synthetic, seconds)")
+    p = sub.add_parser(
+        "demo",
+        help="run the main job end to end (flickr: real data; toy: synthetic, seconds)",
+        description=__doc__.split("\n\n", 1)[1].strip() if __doc__ else None,
+    )
     p.add_argument(
         "which", nargs="?", default="flickr", choices=["flickr", "toy"], help="which demo to run (default flickr)"
     )

@@ -280,9 +280,9 @@ def test_encode_config_validation() -> None:
         EncodeConfig(on_bad_image="ignore")
     with pytest.raises(ValueError, match="batch_size"):
         EncodeConfig(batch_size=0)
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got True"):
+    with pytest.raises(ValueError, match=r"batch_size \(--batch-size\) must be an integer >= 1, got True"):
         EncodeConfig(batch_size=True)  # bool is an int subclass: it encoded one item per call
-    with pytest.raises(ValueError, match=r"workers must be an integer >= 0, got 1\.5"):
+    with pytest.raises(ValueError, match=r"workers \(--workers\) must be an integer >= 0, got 1\.5"):
         EncodeConfig(workers=1.5)  # type: ignore[arg-type]
 
 

@@ -30,6 +30,12 @@ def test_encode_manifest_file_then_load(
                 "--shard-size", "3", "--dtype", "fp32")  # fmt: skip
     assert rc == 0
     assert "image: 7 rows, dim 16, 3 shards; encoded 7 now" in capsys.readouterr().out
+    rc = encode("--encoder", "tiny-image", "--data", str(path), "--out", str(tmp_path / "img"), "--tokens",
+                "--shard-size", "3", "--dtype", "fp32")  # fmt: skip
+    assert rc == 0  # a rerun: said plainly, not "encoded 0 now in 0.0s (0.0/s)"
+    assert "image: 7 rows, dim 16, 3 shards; all already encoded with these settings, nothing to do" in (
+        capsys.readouterr().out
+    )
     assert encode("--encoder", "tiny-text", "--data", str(path), "--out", str(tmp_path / "txt")) == 0
     state = json.loads((tmp_path / "img" / "cache.json").read_text())
     assert state["key_fields"]["dtype"] == "fp32" and state["key_fields"]["tokens"] is True
@@ -205,3 +211,22 @@ def test_quiet_silences_a_model_library_first_imported_by_the_encoder(
     assert "Loading weights" not in done.stderr and "it/s" not in done.stderr, done.stderr
     assert "IMPORTED transformers,huggingface_hub" in done.stdout
     assert f"STATE True False {logging.WARNING}" in done.stdout  # the libraries' defaults, as if never quieted
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--batch-size", "0", "batch_size (--batch-size) must be an integer >= 1, got 0"),
+        ("--shard-size", "-1", "shard_size (--shard-size) must be an integer >= 1, got -1"),
+        ("--workers", "-1", "workers (--workers) must be an integer >= 0, got -1"),
+    ],
+)
+def test_a_bad_size_flag_is_named_as_the_flag_too(
+    flag: str, value: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error said "batch_size must be ...": a name from EncodeConfig that the command line never shows."""
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("image\tcaption\na.jpg\ta dog runs\n")
+    args = ("--encoder", "tiny-text", "--data", str(manifest), "--out", str(tmp_path / "c"), "--quiet")
+    assert encode(*args, flag, value) == 1
+    assert f"csalign encode: error: {expected}" in capsys.readouterr().err

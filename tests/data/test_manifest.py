@@ -267,3 +267,16 @@ def test_flickr_captions_are_read_verbatim(tmp_path: Path) -> None:
     tsv.write_text(tsv.read_text() + "img000.jpg\tfirst\tbad id\n")
     with pytest.raises(ValueError, match=r"captions.tsv:10: expected columns image, caption_id \(an integer\)"):
         read_flickr8k(root, "train")
+
+
+def test_an_unknown_data_spec_lists_the_suffixes_plainly_and_says_when_nothing_is_there(tmp_path: Path) -> None:
+    """The message showed the suffix tuple's repr, "(('.tsv', '.csv', ...))", and not that the path was missing."""
+    (tmp_path / "notes.md").write_text("# not a manifest\n")
+    with pytest.raises(ValueError) as err:
+        resolve_dataset("flickr9k:dev", tmp_path)
+    message = str(err.value)
+    assert "nor a manifest file (.tsv, .csv, .jsonl" in message and "((" not in message
+    assert "(no file or folder 'flickr9k:dev' exists); pass one of these" in message
+    with pytest.raises(ValueError) as err:
+        resolve_dataset(str(tmp_path / "notes.md"), tmp_path)
+    assert "no file or folder" not in str(err.value)

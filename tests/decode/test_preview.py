@@ -123,6 +123,12 @@ def test_cli_preview_errors(tmp_path: Path, write_images: Any, capsys: pytest.Ca
     assert "no --image-embeds was given" in capsys.readouterr().err
     assert main([*base, "no-equals-sign"]) == 1
     assert "takes NAME=FILE" in capsys.readouterr().err
+    # embeddings of two spaces: said in the preview's terms, not the loss's ("before computing the loss")
+    safetensors_torch.save_file({"image_embeds": torch.randn(2, 6)}, tmp_path / "i6.safetensors")
+    assert main([*base, f"A={tmp_path / 't.safetensors'}", "--image-embeds", str(tmp_path / "i6.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "setting 'A': " in err and "text_embeds have D=4 but the image_embeds of --image-embeds" in err
+    assert "have D=6; both must be embeddings in one aligned space" in err and "loss" not in err
 
 
 @pytest.mark.parametrize(

@@ -318,3 +318,54 @@ def test_eval_repeats_the_warnings_train_recorded(
         assert f"**Warning:** flat: csalign train warned: {w}" in md
         assert f"flat: csalign train warned: {w}" in text
     assert "quiet:" not in err
+
+
+def test_a_run_folder_that_does_not_exist_is_named_as_missing(tmp_path: Path) -> None:
+    """It was "is not a finished training run (no config.yaml)", as if the folder were there."""
+    from csaligner.eval.cli import parse_runs
+
+    with pytest.raises(FileNotFoundError, match=r"run folder .*nope does not exist; pass the train.out_dir"):
+        parse_runs([str(tmp_path / "nope")])
+    # a folder holding "=" is split at the last "=": say how the spec was read
+    with pytest.raises(FileNotFoundError, match=r"read as NAME=.*lam, DIR=0\.1\)"):
+        parse_runs([str(tmp_path / "lam=0.1")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a finished training run"):
+        parse_runs([str(tmp_path / "empty")])
+
+
+def test_the_zero_shot_notes_are_not_run_into_a_bold_warning(
+    caches: TinyCaches, classes: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The notes were appended after the last warning, so they read as part of "**Warning:** ..."."""
+    run = tmp_path / "seen"
+    train = ["train", f"--data.image_cache={caches.image}", f"--data.text_cache={caches.text}", "--train.steps=2"]
+    train += ["--train.batch_size=4", "--train.progress=false", "--train.tensorboard=false", f"--train.out_dir={run}"]
+    assert main(train) == 0
+    extra = ("--class-test-cache", str(classes[1]))
+    assert evaluate(caches, tmp_path / "out", f"seen={run}", text=caches.text, extra=extra) == 0
+    text = json.loads((tmp_path / "out" / "report.json").read_text())["sections"][0]["text"]
+    paragraphs = text.split("\n\n")
+    assert "Zero-shot only" in paragraphs[0] and "Zero-shot prompts average" in paragraphs[0]
+    assert paragraphs[1].startswith("**Warning:** seen was trained on these very images")
+    assert "Zero-shot" not in paragraphs[1]
+
+
+def test_the_report_says_how_to_read_its_columns(caches: TinyCaches, tmp_path: Path) -> None:
+    """ "linear_separability 0.90" or "cs_divergence 0.017" gave a new user no direction to read them in."""
+    run = make_run(tmp_path / "tok", caches.text_tokens)
+    assert evaluate(caches, tmp_path / "out", str(run)) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "recall in % (higher is better" in md and "lower = smaller gap" in md and "0.5 = indistinguishable" in md
+
+
+def test_a_token_run_without_tokens_names_its_own_text_encoder_in_the_fix(caches: TinyCaches, tmp_path: Path) -> None:
+    """The fix read "csalign encode --encoder ... --tokens" though encoders.json says which encoder."""
+    pooled_only = load_paired_features(caches.image, caches.text)
+    recorded = {"text_encoder": "tiny-text@x", "text_encoder_spec": "tiny-text"}
+    run = make_run(tmp_path / "tok", caches.text_tokens, encoders=recorded)
+    with pytest.raises(ValueError, match=r"\(csalign encode --encoder tiny-text --data DATA --out DIR --tokens\)$"):
+        embed(pooled_only, str(run))
+    bare = make_run(tmp_path / "bare", caches.text_tokens)  # no encoders.json: the generic fix
+    with pytest.raises(ValueError, match=r"\(csalign encode --encoder \.\.\. --tokens\)$"):
+        embed(pooled_only, str(bare))

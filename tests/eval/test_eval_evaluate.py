@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tests.train.helpers import fast_overrides, synthetic_features
@@ -47,3 +48,31 @@ def test_evaluate_run_reports_the_token_metric_only_with_tokens(tmp_path: Path) 
     assert with_tokens["token_cs_divergence"] >= -1e-6
     feats.image_tokens = None
     assert "token_cs_divergence" not in evaluate_run(run_dir, feats)
+
+
+@pytest.mark.parametrize(
+    ("trained", "evaluated", "warned"),
+    [
+        ("flickr8k:dev:100", "flickr8k:dev", True),  # the first 100 dev images are in both
+        ("flickr8k:dev", "flickr8k:dev:50", True),
+        ("flowers:test:20", "flowers:test", True),
+        ("flickr8k:train:2000", "flickr8k:dev", False),  # another split: held out
+        ("flickr8k:dev", "flickr8k:dev", False),  # the same data: trained_on's warning, not this one
+        ("/data/m.tsv", "/data/m.tsv:3", False),  # manifests are not compared
+    ],
+)
+def test_a_run_trained_on_a_slice_of_the_evaluated_split_is_found(
+    trained: str, evaluated: str, warned: bool, tmp_path: Path
+) -> None:
+    """Trained on flickr8k:dev:100 and evaluated on flickr8k:dev gave no warning: only identical data did."""
+    import json
+
+    from csaligner.eval.evaluate import shares_builtin_split
+
+    manifest = {"flickr8k:dev": "m-dev"}  # the same spec has the same manifest hash, another one another hash
+    (tmp_path / "summary.json").write_text(
+        json.dumps({"data": {"source": trained, "manifest": manifest.get(trained, trained)}})
+    )
+    meta = {"source": evaluated, "manifest": manifest.get(evaluated, evaluated)}
+    assert shares_builtin_split(tmp_path, meta) == (trained if warned else None)
+    assert shares_builtin_split(tmp_path / "no-summary", meta) is None

@@ -172,3 +172,13 @@ def test_a_class_of_your_own_that_lists_its_settings_gets_no_inheritance_hint(mo
     with pytest.raises(ValueError, match=r"to kind='own_linear', which takes only bias") as err:
         load_config(None, ["model.image={kind: own_linear, dropout: 0.1}"])
     assert "your class" not in str(err.value)
+
+
+def test_a_bad_adapter_value_names_the_side_that_held_it() -> None:
+    """ "mlp_ratio must be a positive integer, got 0" did not say whether model.image or model.text held it."""
+    from csaligner.train.config import ModelConfig
+    from csaligner.train.model import adapter_configs
+
+    config = ModelConfig(image={"kind": "mlp"}, text={"kind": "mlp", "mlp_ratio": 0}, out_dim=8)
+    with pytest.raises(ValueError, match=r"^model\.text: mlp_ratio must be a positive integer, got 0"):
+        adapter_configs(config, image_dim=16, text_dim=12)

@@ -269,3 +269,36 @@ def test_invalid_yaml_is_an_error_naming_the_file_and_line(tmp_path: Path, capsy
         load_config(bad, [])
     assert main(["train", "--config", str(bad)]) == 1  # an error line, not a parser traceback
     assert "bad.yaml is not valid YAML" in capsys.readouterr().err
+
+
+def test_a_config_path_that_is_a_folder_says_so_and_lists_its_yaml_files(tmp_path: Path) -> None:
+    """`--config configs` was reported as "does not exist", though the folder is right there."""
+    (tmp_path / "a.yaml").write_text("train: {lr: 1.0e-3}\n")
+    (tmp_path / "notes.txt").write_text("not a config\n")
+    with pytest.raises(FileNotFoundError) as err:
+        load_config(tmp_path)
+    message = str(err.value)
+    assert f"config file {str(tmp_path)!r} is a folder, not a YAML file" in message
+    assert str(tmp_path / "a.yaml") in message and "notes.txt" not in message
+
+
+def test_a_missing_config_names_the_yaml_files_beside_it_or_the_presets(tmp_path: Path) -> None:
+    (tmp_path / "flickr8k_cs_aligner.yaml").write_text("train: {lr: 1.0e-3}\n")
+    with pytest.raises(
+        FileNotFoundError, match=r"does not exist; pass one of the YAML files in .*flickr8k_cs_aligner\.yaml"
+    ):
+        load_config(tmp_path / "cs_aligner.yaml")
+    with pytest.raises(FileNotFoundError, match=r"does not exist; pass a YAML preset such as configs/"):
+        load_config(tmp_path / "no_folder" / "x.yaml")
+
+
+def test_an_epochs_override_that_a_files_steps_would_ignore_is_refused(tmp_path: Path) -> None:
+    """configs/flickr8k_unpaired.yaml sets train.steps=500: --train.epochs=1 silently trained 500 steps."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 500}\n")
+    with pytest.raises(ValueError, match=r"train.epochs=1 would be ignored: .*c.yaml sets train.steps=500.*steps=0"):
+        load_config(path, ["train.epochs=1"])
+    assert load_config(path, ["train.epochs=1", "train.steps=0"]).train.epochs == 1  # the fix the error names
+    assert load_config(path, ["train.epochs=1", "train.steps=20"]).train.steps == 20  # both given: steps win
+    assert load_config(None, ["train.epochs=1", "train.steps=20"]).train.steps == 20
+    assert load_config(path).train.steps == 500

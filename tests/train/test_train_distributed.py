@@ -135,3 +135,17 @@ def test_more_processes_than_gpus_is_explained(monkeypatch: pytest.MonkeyPatch) 
     assert resolve_device("auto", local_rank=0) == torch.device("cuda:0")
     with pytest.raises(ValueError, match=r"local rank 1\) would use cuda:1 but 1 CUDA device"):
         resolve_device("auto", local_rank=1)
+
+
+@pytest.mark.parametrize("given", ["cuda", "cuda:1"])
+def test_a_cuda_device_without_cuda_is_named_as_given(given: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "cuda" was reported as train.device='cuda:0', a value the user never wrote, with the fix "device=cpu"."""
+    from csaligner.train.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as err:
+        resolve_device(given, local_rank=0)
+    assert str(err.value) == (
+        f"train.device={given!r} but CUDA is not available here; use train.device=cpu or train.device=auto"
+    )
+    assert resolve_device("auto") == torch.device("cpu")

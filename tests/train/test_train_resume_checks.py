@@ -47,8 +47,11 @@ def test_resume_with_a_changed_config_names_the_fields(
     message = str(err.value)
     assert expected in message and str(stopped) in message
     assert "train.resume:" not in message  # resume itself is expected to differ from the stored run
-    fix = 'Resume with the checkpoint\'s values (its state.json stores them under "config"); or start a new run'
-    assert message.endswith(f"{fix} in another train.out_dir")  # no stored value refused now: nothing to add
+    fix = 'Resume with the checkpoint\'s values (its state.json stores them under "config")'
+    command = f", e.g. `csalign train --config {tmp_path / 'config.yaml'} --train.resume=auto`"
+    # no stored value refused now: nothing to add but the command that resumes (a resume without --config is
+    # the usual way to get here)
+    assert message.endswith(f"{fix}{command}; or start a new run in another train.out_dir")
 
 
 def _stored_with(checkpoint: str | None, section: str, values: dict[str, object]) -> None:
@@ -260,3 +263,40 @@ def test_resume_on_other_data_with_the_same_step_count_is_refused(tmp_path: Path
     same = synthetic_features()
     same.meta.update(source="flickr8k:dev", manifest="a" * 64)  # the same data from a moved cache resumes
     assert train(load_config(None, [*cfg, "train.resume=auto"]), same).finished
+
+
+def test_a_resume_path_that_is_no_checkpoint_says_what_it_is(
+    stopped: Path, tmp_path: Path, features: PairedFeatures
+) -> None:
+    """ "yes is not a complete checkpoint: missing [...]" named the files, not the mistake."""
+    other = tmp_path / "other"
+
+    def resume(value: str) -> object:
+        return train(load_config(None, fast_overrides(other, *BASE, f"train.resume={value}")), features)
+
+    with pytest.raises(
+        FileNotFoundError, match=r"train.resume='yes': no such checkpoint folder; pass train.resume=auto"
+    ):
+        resume("yes")
+    with pytest.raises(FileNotFoundError) as err:
+        resume(str(tmp_path))  # the run folder, not one of its checkpoints
+    assert str(err.value) == (
+        f"train.resume={str(tmp_path)!r} is a run folder, not a checkpoint; pass its latest checkpoint, "
+        f"train.resume={stopped}, or train.resume=auto with train.out_dir={tmp_path}"
+    )
+    assert resume(str(stopped)).step == 6  # the checkpoint itself resumes
+
+
+def test_the_resume_command_named_for_a_changed_config_resumes(
+    tmp_path: Path, features: PairedFeatures, stopped: Path
+) -> None:
+    """The error named the diffs but not the fix a user who forgot --config needs: the run's own config.yaml."""
+    with pytest.raises(ValueError, match=r"e\.g\. `csalign train --config (\S+) --train\.resume=auto`") as err:
+        _resume(tmp_path, features, "train.seed=1")
+    stored = str(err.value).split("--config ")[1].split(" ")[0]
+    assert stored == str(tmp_path / "config.yaml")
+    assert train(load_config(stored, ["train.resume=auto"]), features).step == 6
+    other = tmp_path / "elsewhere"  # another folder's checkpoint: its config.yaml is not this out_dir's to name
+    with pytest.raises(ValueError, match="different config") as err:
+        train(load_config(None, fast_overrides(other, *BASE, f"train.resume={stopped}", "train.seed=1")), features)
+    assert "e.g. `csalign train" not in str(err.value)

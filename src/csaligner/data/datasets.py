@@ -205,7 +205,8 @@ def resolve_dataset(spec: str, root: str | Path | None = None) -> ImageTextManif
     if path.suffix.lower() in MANIFEST_SUFFIXES:
         return read_manifest(path)
     known = ", ".join(f"{n}:{s}[:N]" for n, splits in BUILTIN_DATASETS.items() for s in splits)
+    missing = "" if path.exists() else f" (no file or folder {spec!r} exists)"
     raise ValueError(
-        f"--data {spec!r} is neither a built-in ({known}) nor a manifest file ({MANIFEST_SUFFIXES}) "
-        "nor a class-folder directory"
+        f"--data {spec!r} is neither a built-in ({known}) nor a manifest file "
+        f"({', '.join(MANIFEST_SUFFIXES)}) nor a class-folder directory{missing}; pass one of these"
     )

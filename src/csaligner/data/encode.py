@@ -55,16 +55,20 @@ class EncodeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # each error names the field and its `csalign encode` flag: a CLI user never wrote "batch_size"
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"dtype (--dtype) must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.on_bad_image not in ON_BAD_IMAGE:
-            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {self.on_bad_image!r}")
+            raise ValueError(f"on_bad_image (--on-bad-image) must be one of {ON_BAD_IMAGE}, got {self.on_bad_image!r}")
         for name in ("batch_size", "shard_size"):  # bool is an int subclass: batch_size=True is not a size
             if not is_integer(getattr(self, name), plain=True) or getattr(self, name) < 1:
                 value = getattr(self, name)
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}{numpy_hint(value)}")
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{name} ({flag}) must be an integer >= 1, got {value!r}{numpy_hint(value)}")
         if not is_integer(self.workers, plain=True) or self.workers < 0:
-            raise ValueError(f"workers must be an integer >= 0, got {self.workers!r}{numpy_hint(self.workers)}")
+            raise ValueError(
+                f"workers (--workers) must be an integer >= 0, got {self.workers!r}{numpy_hint(self.workers)}"
+            )
 
 
 class _Rows:
@@ -331,10 +335,13 @@ def run(args: argparse.Namespace) -> int:
     for part in cache.parts:
         info, run_ = cache.state["parts"][part], cache.state["last_run"].get(part, {})
         rate = run_.get("rows", 0) / run_["seconds"] if run_.get("seconds") else 0.0
-        print(
-            f"{part}: {info['count']} rows, dim {info.get('dim')}, {len(info['shards'])} shards; "
+        # a rerun on a finished cache: "encoded 0 now in 0.0s (0.0/s)" read like a failure
+        done = (
             f"encoded {run_.get('rows', 0)} now in {run_.get('seconds', 0):.1f}s ({rate:.1f}/s)"
+            if run_.get("rows")
+            else "all already encoded with these settings, nothing to do"
         )
+        print(f"{part}: {info['count']} rows, dim {info.get('dim')}, {len(info['shards'])} shards; {done}")
     if (pairing := describe_pairing(manifest)) is not None:
         print(pairing)
     if cache.skipped_images:

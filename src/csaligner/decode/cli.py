@@ -38,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--decoder", required=True, choices=sorted(DECODERS))
+    p.add_argument(
+        "--decoder", required=True, choices=sorted(DECODERS), help="which unCLIP decoder --decoder-path holds"
+    )
     p.add_argument("--decoder-path", required=True, type=Path, help="local folder of the decoder pipeline")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--embeddings", type=Path, help="safetensors file with (N, D) 'image_embeds'")

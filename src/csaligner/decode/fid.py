@@ -165,8 +165,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--generated", required=True, type=Path)
-    p.add_argument("--reference", required=True, type=Path)
+    p.add_argument("--generated", required=True, type=Path, help="folder of generated images (e.g. generate's --out)")
+    p.add_argument("--reference", required=True, type=Path, help="folder of real images to compare against")
     p.add_argument(
         "--features",
         default="inception",

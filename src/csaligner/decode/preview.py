@@ -251,7 +251,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ground-truth", type=Path, help='JSON {"prompt index": [image index or listed path, ...]}')
     p.add_argument("-k", type=int, default=5, help="images per prompt (default 5)")
     p.add_argument("--thumb-size", type=int, default=128, help="thumbnail side in pixels (default 128)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--out", required=True, type=Path, help="output folder for preview.png, preview.html and preview.json"
+    )
     p.set_defaults(func=run)
 
 
@@ -293,6 +295,12 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"setting {name!r}: {text.shape[0]} text rows for {len(prompts)} prompts, "
                 f"{image.shape[0]} image rows for {len(image_paths)} listed images; they must match"
+            )
+        if text.ndim == 2 and image.ndim == 2 and text.shape[1] != image.shape[1]:  # not retrieve_topk's loss wording
+            source = file if has_tensor(file, "image_embeds") else f"--image-embeds {args.image_embeds}"
+            raise ValueError(
+                f"setting {name!r}: {file}'s text_embeds have D={text.shape[1]} but the image_embeds of {source} "
+                f"have D={image.shape[1]}; both must be embeddings in one aligned space (the same run's adapters)"
             )
         scores[name], settings[name] = retrieve_topk(text, image, args.k)
     position = {entry: i for i, entry in enumerate(listed)}

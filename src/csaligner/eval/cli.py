@@ -23,6 +23,7 @@ from csaligner.eval.evaluate import (
     check_run_encoders,
     evaluate_run,
     load_classification,
+    shares_builtin_split,
     trained_on,
     training_warnings,
 )
@@ -35,6 +36,15 @@ HEADLINE = (
     "zero_shot_top1", "few_shot_1-shot", "few_shot_16-shot",
 )  # fmt: skip
 """Report-table columns; every recall that `rsum` adds up is shown, so a reader can check it."""
+
+
+# How to read the columns: without it "linear_separability 0.90" or "cs_divergence 0.017" says no direction.
+READING = (
+    "Retrieval: recall in % (higher is better; rsum sums the six). Modality gap, lower = smaller gap: "
+    "centroid_distance and paired_distance between unit-norm embeddings (0 to 2), cs_divergence "
+    "(0 = the same distribution), linear_separability (held-out accuracy of an image-vs-text classifier; "
+    "0.5 = indistinguishable)."
+)
 
 
 def headline(shots: Sequence[int] = DEFAULT_SHOTS) -> tuple[str, ...]:
@@ -153,12 +163,19 @@ def _first_caption_rows(t2i: Tensor) -> Tensor:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate trained runs: retrieval, modality gap, classification, report")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate trained runs: retrieval, modality gap, classification, report",
+        description="Evaluate trained runs on held-out feature caches: image-text retrieval (R@1/5/10, rsum) and "
+        "modality-gap metrics, plus zero- and few-shot accuracy with class-folder caches. Writes metrics.json, "
+        "report.md, report.json and plots into --out.",
+    )
     p.add_argument(
         "--run",
         action="append",
         required=True,
-        metavar="[NAME=]DIR",
+        # not "[NAME=]DIR": argparse cannot wrap a usage line whose metavar holds brackets (it split the line)
+        metavar="DIR|NAME=DIR",
         help="run folder (repeatable); named by its folder unless NAME= is given, and names must differ",
     )
     p.add_argument(
@@ -240,6 +257,11 @@ def parse_runs(specs: Sequence[str], flag: str = "--run") -> dict[str, Path]:
     for spec in specs:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         run = Path(path)
+        if not run.exists():  # "not a finished run (no config.yaml)" read as if the folder were there
+            raise FileNotFoundError(
+                f"run folder {run} does not exist; pass the train.out_dir of a `csalign train` run"
+                + (f" (the spec {spec!r} was read as NAME={name}, DIR={path})" if name else "")
+            )
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(
                 f"{run} is not a finished training run (no config.yaml); pass a `csalign train` folder"
@@ -316,6 +338,15 @@ def eval_warnings(runs: dict[str, Path], features: PairedFeatures, image_cache: 
             "training-set numbers, not held-out ones. Evaluate on a cache of data the runs did not see."
         )
     for name, run in runs.items():
+        part = shares_builtin_split(run, features.meta)
+        if part:
+            warnings.append(
+                f"{name} was trained on {part}, part of the same split as the evaluated "
+                f"{features.meta.get('source')}: some images and captions here are training data, so retrieval "
+                "and gap numbers are partly training-set numbers. Evaluate on another split (e.g. train on "
+                "flickr8k:train, evaluate on flickr8k:dev)."
+            )
+    for name, run in runs.items():
         warnings += [f"{name}: csalign train warned: {w}" for w in training_warnings(run)]
     return warnings
 
@@ -358,11 +389,9 @@ def _main(args: argparse.Namespace) -> int:
     provenance = {} if prompts is None else prompts.record()
     (out_dir / "metrics.json").write_text(json.dumps({k: m | provenance for k, m in results.items()}, indent=2))
     figures = report_figures(runs, features, out_dir)
-    text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}."
-    for warning in eval_warnings(runs, features, args.image_cache):
-        print(f"csalign eval: warning: {warning}", file=sys.stderr)
-        text += f"\n\n**Warning:** {warning}"
+    text = f"{features.num_images} images, {features.num_texts} captions from {args.image_cache}. {READING}"
     if classification is not None and prompts is not None:
+        text += " Zero- and few-shot: top-1 accuracy in %."
         if classification.train_labels is not None:
             seeds = ", ".join(map(str, FEW_SHOT_SEEDS))
             text += (
@@ -373,6 +402,10 @@ def _main(args: argparse.Namespace) -> int:
             text += " Zero-shot only: few-shot needs --class-train-cache."
         quoted = "; ".join(f'"{t}"' for t in prompts.templates)
         text += f" Zero-shot prompts average {prompts.describe()}: {quoted}."
+    # after the notes above: appended before them, those notes read as part of the last bold warning
+    for warning in eval_warnings(runs, features, args.image_cache):
+        print(f"csalign eval: warning: {warning}", file=sys.stderr)
+        text += f"\n\n**Warning:** {warning}"
     sources = report_sources(
         args.image_cache, args.text_cache, features, classification,
         class_train_cache=args.class_train_cache, class_test_cache=args.class_test_cache, shots=args.shots,

@@ -148,6 +148,22 @@ def trained_on(run_dir: str | Path, meta: dict[str, object]) -> bool:
     return bool(manifest) and manifest == meta.get("manifest")
 
 
+def shares_builtin_split(run_dir: str | Path, meta: dict[str, object]) -> str | None:
+    """The run's training data when it is another slice of the same built-in split as the features' `meta`
+    (trained on "flickr8k:dev:100", evaluated on "flickr8k:dev": the first 100 images are in both), else None.
+    Identical data is `trained_on`'s case; manifests and class folders are not compared."""
+    from csaligner.data.datasets import BUILTIN_DATASETS
+
+    data = _summary(run_dir).get("data")
+    trained = data.get("source") if isinstance(data, dict) else None
+    evaluated = meta.get("source")
+    if not isinstance(trained, str) or not isinstance(evaluated, str) or trained_on(run_dir, meta):
+        return None
+    split = trained.split(":")[:2]
+    builtin = split[0] in BUILTIN_DATASETS and split[1:] and split[1] in BUILTIN_DATASETS[split[0]]
+    return trained if builtin and evaluated.split(":")[:2] == split else None
+
+
 def training_warnings(run_dir: str | Path) -> list[str]:
     """The warnings `csalign train` recorded in the run's summary.json (e.g. "training went degenerate: ..."):
     numbers of such a run read as results unless the report repeats them. [] for runs without any."""

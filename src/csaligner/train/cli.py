@@ -60,6 +60,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train adapters on cached features",
+        # argparse would list all ~70 --section.key flags in the usage line, before every error message too
+        usage="csalign train [-h] [--config CONFIG] [--print-config] [--SECTION.KEY=VALUE ...]",
         description="Train image/text adapters with InfoNCE + lambda * D_CS on cached features. Start from a "
         "preset (--config configs/flickr8k_cs_aligner.yaml) and override any field with --section.field=value.",
     )

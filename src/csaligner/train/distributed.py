@@ -44,12 +44,14 @@ class DistInfo:
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     """ "auto" -> the local CUDA device when available, else CPU; "cuda" -> cuda:<local_rank>."""
+    if preference.startswith("cuda") and not torch.cuda.is_available():  # before "cuda" becomes "cuda:0": as given
+        raise ValueError(
+            f"train.device={preference!r} but CUDA is not available here; use train.device=cpu or train.device=auto"
+        )
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference == "cuda":
         preference = f"cuda:{local_rank}"
-    if preference.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={preference!r} but CUDA is not available here; use device=cpu or auto")
     device = torch.device(preference)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(

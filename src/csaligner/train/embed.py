@@ -16,13 +16,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csaligner.data.features import PairedFeatures
-from csaligner.train.model import LoadedAdapters, load_adapters
+from csaligner.train.model import LoadedAdapters, load_adapters, run_encoders
 
 if TYPE_CHECKING:
     from csaligner.encoders import EncoderOutput
 
 TOKENS_FIX = "encode the eval text cache with --tokens (csalign encode --encoder ... --tokens)"
 """What to do when a token-conditioned run is given text features without tokens."""
+
+
+def tokens_fix(run_dir: str) -> str:
+    """`TOKENS_FIX` naming the run's own text encoder where encoders.json records it ("--encoder minilm")."""
+    spec = run_encoders(run_dir).get("text_encoder_spec")
+    return TOKENS_FIX.replace("--encoder ...", f"--encoder {spec} --data DATA --out DIR") if spec else TOKENS_FIX
 
 
 @torch.no_grad()
@@ -58,7 +64,7 @@ def embed(
         features.text,
         features.text_tokens,
         features.text_token_mask,
-        fix=TOKENS_FIX,
+        fix=tokens_fix(run_dir),
         batch_size=batch_size,
         device=device,
     )

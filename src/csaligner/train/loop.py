@@ -301,6 +301,26 @@ def _save(run: _Run) -> None:
     )
 
 
+def _check_resume_folder(resume: str) -> None:
+    """A train.resume that names no checkpoint folder: a typo ("yes"), or a run folder instead of one of its
+    checkpoints. `load_checkpoint` would only list the checkpoint files missing there."""
+    fix = (
+        'pass train.resume=auto (the latest checkpoint in train.out_dir), "" for a fresh run, or a checkpoint '
+        "folder (RUN/checkpoints/step-NNNNNNNN)"
+    )
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint folder; {fix}")
+    try:
+        latest = latest_checkpoint(os.path.join(resume, "checkpoints"))
+    except ValueError:  # a damaged run folder: load_checkpoint below names what is missing
+        latest = None
+    if latest is not None:
+        raise FileNotFoundError(
+            f"train.resume={resume!r} is a run folder, not a checkpoint; pass its latest checkpoint, "
+            f"train.resume={latest}, or train.resume=auto with train.out_dir={resume}"
+        )
+
+
 def _maybe_resume(run: _Run) -> None:
     resume = run.config.train.resume
     if not resume:
@@ -308,6 +328,8 @@ def _maybe_resume(run: _Run) -> None:
     path = latest_checkpoint(os.path.join(run.config.train.out_dir, "checkpoints")) if resume == "auto" else resume
     if path is None:  # "auto" before the first checkpoint: a fresh start (claim_out_dir checked the folder)
         return
+    if resume != "auto":
+        _check_resume_folder(resume)
     ckpt = load_checkpoint(path, map_location=run.info.device)
     _check_resumable(run, ckpt)
 
@@ -338,6 +360,16 @@ def _maybe_resume(run: _Run) -> None:
         ) from err
 
 
+def _resume_command(run: _Run, ckpt: Checkpoint) -> str:
+    """ ", e.g. `csalign train --config OUT/config.yaml --train.resume=auto`" when the checkpoint is this out_dir's
+    own: the usual mistake is a resume without the run's --config (every setting back at its default), and the
+    config.yaml a run writes once its checkpoint was accepted holds the settings that resume."""
+    out_dir = run.config.train.out_dir
+    stored = os.path.join(out_dir, "config.yaml")
+    own = os.path.dirname(os.path.dirname(os.path.abspath(ckpt.path))) == os.path.abspath(out_dir)
+    return f", e.g. `csalign train --config {stored} --train.resume=auto`" if own and os.path.isfile(stored) else ""
+
+
 def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
     """The checkpoint continues this run only under the same model, data order and schedule."""
     stored = ckpt.state.get("config")
@@ -355,8 +387,8 @@ def _check_resumable(run: _Run, ckpt: Checkpoint) -> None:
         raise ValueError(
             f"checkpoint {ckpt.path} was written with a different config: {'; '.join(changes)}. These change "
             "the model, the data order or the schedule, so the run would not continue where it stopped. Resume "
-            f'with the checkpoint\'s values (its state.json stores them under "config"){but if instead else ""}; '
-            "or start a new run in another train.out_dir"
+            f'with the checkpoint\'s values (its state.json stores them under "config"){but if instead else ""}'
+            f"{_resume_command(run, ckpt) if not instead else ''}; or start a new run in another train.out_dir"
         )
     _check_same_data(run, ckpt)
     planned = ckpt.state.get("total_steps")

@@ -68,7 +68,7 @@ def adapter_configs(config: ModelConfig, image_dim: int, text_dim: int) -> dict[
         )
         try:
             configs[side] = api.AdapterConfig(**full)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:  # AdapterConfig names the field, not which side's mapping held it
             raise ValueError(f"model.{side}: {err}") from err
     return configs
 

@@ -46,10 +46,20 @@ def load_config(
         raw = read_yaml(path)
         if Path(path).read_text().startswith(RUN_CONFIG_HEADER):
             raw = _as_trained(raw, str(path), report)
+    given = set()
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    return from_dict(RunConfig, raw)
+        given.add(key)
+    config = from_dict(RunConfig, raw)
+    if path is not None and "train.epochs" in given and "train.steps" not in given and config.train.steps > 0:
+        # the file's steps win (TrainConfig.epochs: "ignored when steps > 0"): the run would quietly keep its length
+        raise ValueError(
+            f"train.epochs={config.train.epochs} would be ignored: {path} sets train.steps={config.train.steps}, "
+            "which fixes the run's length; add --train.steps=0 to train for the epochs given, or set "
+            "--train.steps instead of --train.epochs"
+        )
+    return config
 
 
 def _as_trained(raw: dict[str, Any], path: str, report: Callable[[str], object] | None) -> dict[str, Any]:
@@ -74,7 +84,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        raise FileNotFoundError(_missing_config(p))
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:  # a traceback from the parser names no fix
@@ -86,6 +96,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{p}: a config must be a mapping of sections (data, model, loss, train), got {type(data).__name__}"
         )
     return data
+
+
+def _missing_config(p: Path) -> str:
+    """Why `p` is no config file, and the YAML files a user likely meant (the folder's, or its parent's)."""
+    folder = p if p.is_dir() else p.parent
+    presets = sorted(str(f) for f in folder.glob("*.y*ml") if f.is_file()) if folder.is_dir() else []
+    what = (
+        f"config file {str(p)!r} is a folder, not a YAML file"
+        if p.is_dir()
+        else f"config file {str(p)!r} does not exist"
+    )
+    if not presets:
+        return f"{what}; pass a YAML preset such as configs/flickr8k_cs_aligner.yaml (the presets are in configs/)"
+    return f"{what}; pass one of the YAML files in {str(folder)!r}: {', '.join(presets)}"
 
 
 def parse_override(item: str) -> tuple[str, str]:
