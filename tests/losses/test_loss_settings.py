@@ -156,5 +156,6 @@ def test_the_cli_refuses_lam_for_infonce(capsys: pytest.CaptureFixture[str]) -> 
     from csaligner.cli import main
 
     assert main(["train", "--loss.objective=infonce", "--loss.lam=0.5", "--print-config"]) == 1
-    assert "csalign train: error: objective 'infonce' has no divergence term, so lam=0.5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "csalign train: error: loss: objective 'infonce' has no divergence term, so lam=0.5" in err
     assert main(["train", "--loss.objective=infonce", "--loss.temperature=0.1", "--print-config"]) == 0

@@ -80,6 +80,9 @@ def test_unknown_keys_are_named_with_the_valid_ones(tmp_path: Path, text: str, k
         ("train.device=tpu", "got 'tpu'"),
         ("data.use_unpaired=maybe", "must be true or false, got 'maybe'"),
         ("loss.lam=-0.1", "lam must be a finite number >= 0, got -0.1"),
+        ("loss.sigma=0", "^loss: sigma must be a finite number > 0, got 0.0$"),  # the section the user wrote
+        ("loss.temperature=0", "^loss: temperature must be"),
+        ("train.lr=-1", "^train.lr must be"),  # already named: not "train: train.lr"
         ("loss.sigma=wide", "sigma.*'wide'"),
         ("model.image.kind=resnet", "model.image.kind must be one of .*got 'resnet'"),
         ("data.captions_per_image=all", 'captions_per_image_in_cs="one" is not possible'),

@@ -166,6 +166,11 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"{where or 'config'}: {err}") from err
+    except ValueError as err:
+        # LossConfig says "sigma must be ..."; the user wrote --loss.sigma (or loss: sigma: in the YAML)
+        if not where or str(err).startswith(f"{where}.") or str(err).startswith(f"{where}:"):
+            raise
+        raise ValueError(f"{where}: {err}") from err
 
 
 def _fill_kind(cls: type, kwargs: dict[str, Any]) -> None:
