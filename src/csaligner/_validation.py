@@ -92,8 +92,8 @@ def defer_finite_check(name: str, source: Tensor, derived: Tensor) -> None:
     sync each. A row of `derived` must be non-finite exactly when that row of `source` is (a cast
     to a wider dtype, `F.normalize`). Within a `checks_finite_once` call the test happens at the
     first `check_features` of any tensor (so the inputs' errors come first, in the order deferred),
-    in a caller's own read (`needs_finite_check`), or at the latest when the outermost call
-    returns; outside one, now.
+    in a caller's own read (`needs_finite_check`), or at the latest when the decorated call that
+    deferred it returns or raises another error; outside one, now.
     """
     if _finite_already(source):
         _record_finite(derived)
