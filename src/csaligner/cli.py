@@ -50,7 +50,7 @@ def _refuse_unknown(parser: argparse.ArgumentParser, command: str, extras: list[
     no fix, though a misspelt `--loss.lamda=1` is nearly always one letter from a real flag.
     """
     sub = (_subcommand_parser(parser, command) if command else None) or parser
-    flags = [opt for action in sub._actions for opt in action.option_strings if opt.startswith("--")]
+    flags = _long_flags(sub)
     parts = []
     for extra in extras:
         flag = extra.partition("=")[0]
@@ -66,7 +66,7 @@ def _unknown_options(sub: argparse.ArgumentParser, tokens: list[str]) -> list[st
     `--output x` for `--out`, or `--image_cache` for `--image-cache`, otherwise reads as "the following
     arguments are required: --out", naming the flag the user did type, only spelt differently.
     """
-    known = [opt for action in sub._actions for opt in action.option_strings if opt.startswith("--")]
+    known = _long_flags(sub)
     unknown = []
     for token in tokens:
         if token == "--":  # what follows is positional
@@ -75,6 +75,11 @@ def _unknown_options(sub: argparse.ArgumentParser, tokens: list[str]) -> list[st
         if token.startswith("--") and not any(k.startswith(flag) for k in known):
             unknown.append(token)
     return unknown
+
+
+def _long_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every `--flag` the parser takes."""
+    return [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
 
 
 def _nearest_flags(flag: str, flags: list[str]) -> list[str]:
