@@ -9,8 +9,8 @@
 #      card: an A/B within one lease (each benchmark script imports its own tree's src),
 #   4. the torch.profiler table of one 65k step, and its launch gaps (benchmarks/launch_gaps.py),
 #   5. (step "tune") benchmarks/tune_tiles.py at 65k: rows 17 and 21 by default (row 17 = the
-#      defaults; 21 = the same without the mirrored diagonal block of the X X^T / Y Y^T strips);
-#      TUNE_ROWS="12,17" picks other rows.
+#      defaults; 21 = the same with the mirrored diagonal block of the X X^T / Y Y^T strips, off by
+#      default since e39814d's profile); TUNE_ROWS="12,17" picks other rows.
 #   6. (step "sums") benchmarks/partial_sums.py at 65k: the per-tile partial sums through torch and
 #      through the (not yet timed) Triton reduction, per buffer shape and over whole steps.
 #
@@ -21,9 +21,9 @@
 # /tmp/gpu_check. Inf-CL comes from .whl/ when carried
 # (`pip download --no-deps -d .whl inf-cl==1.2.1` here; the device has no network).
 #
-# Untimed on a GPU as of 140970c (docs/BENCHMARKS.md, "Untimed on a GPU" section): the overlapped host
-# reads, the mirrored diagonal block, fewer small launches. The last timed tree is cc180f1 (113.3 ms at
-# 65k): `rm -rf .ref && mkdir .ref && git archive cc180f1 src benchmarks | tar -x -C .ref`, then
+# Timed last on e39814d (docs/BENCHMARKS.md, "Mirroring profiled"): 114.1 ms at 65k against
+# cc180f1's 110.9 ms in the same call; mirroring has been off by default since, untimed. Next:
+# `rm -rf .ref && mkdir .ref && git archive cc180f1 src benchmarks | tar -x -C .ref`, then
 # `STEPS="bench ab profile"` with carry [".ref", ".whl"], then `STEPS="tune sums"`.
 set -u
 STEPS=${STEPS:-tests bench ab profile}

@@ -35,8 +35,8 @@ BASE = TritonStrips(128, 128, 64, 8, 8, 3, tma=False, programs_per_sm=0)  # the 
 def parse_tiles(spec: str) -> TritonStrips:
     """'128x128x64:w8:s3:tma:st:p1:g8:e4:nm' -> block m x n x k, warps, stages, tensor descriptors (loads;
     'st': stores too), programs per SM, rows of tiles per L2 group, column blocks of the backward
-    X Y^T epilogue, or of the X X^T / Y Y^T kernels' weight stores (`epilogue_split`); 'nm': the
-    X X^T / Y Y^T strips without their diagonal block mirrored (`mirror_diagonal=False`)."""
+    X Y^T epilogue, or of the X X^T / Y Y^T kernels' weight stores (`epilogue_split`); 'mi' / 'nm':
+    the X X^T / Y Y^T strips with / without their diagonal block mirrored (`mirror_diagonal`)."""
     dims, *opts = spec.split(":")
     bm, bn, bk = (int(v) for v in dims.split("x"))
     t = replace(BASE, block_m=bm, block_n=bn, block_k=bk)
@@ -45,8 +45,8 @@ def parse_tiles(spec: str) -> TritonStrips:
             t = replace(t, tma=True)
         elif o == "st":
             t = replace(t, tma_store=True)
-        elif o == "nm":
-            t = replace(t, mirror_diagonal=False)
+        elif o in ("mi", "nm"):
+            t = replace(t, mirror_diagonal=o == "mi")
         elif o[0] in "wspge":
             field = {
                 "w": "num_warps",
@@ -90,11 +90,11 @@ SETTINGS: list[tuple[str, ...]] = [  # (X Y^T, X X^T / Y Y^T[, forward X Y^T]); 
     ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x64:w4:s3:tma:st:p2:e2", "128x128x64:w4:s3:tma:p2"),
     ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x32:w4:s6:tma:st:p2:e4", "128x128x64:w4:s3:tma:p2"),
     ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x32:w4:s4:tma:st:p2:e4", "128x128x64:w4:s3:tma:p2"),
-    # Row 17 (the defaults) with the X X^T / Y Y^T strips' diagonal block not mirrored, as before
-    # `mirror_diagonal` (on by default since it came; not yet timed on a GPU): the second GEMM then
-    # also applies the block's upper triangle, S x S x D per strip more (sm_90a compile of the
-    # mirroring kernel: 88 bytes of stack against 32, `benchmarks/sass_counts.py`).
-    ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x64:w4:s3:tma:st:p2:e4:nm", "128x128x64:w4:s3:tma:p2"),
+    # Row 17 (the defaults) with the X X^T / Y Y^T strips' diagonal block mirrored
+    # (`mirror_diagonal`, on by default from 34937fd until an H100 profile of e39814d showed these
+    # kernels at 24.4 ms against 17.4 before it): the second GEMM then skips the block, S x S x D per
+    # strip, but the mirroring kernel has 88 bytes of stack against 32 (`benchmarks/sass_counts.py`).
+    ("128x128x64:w4:s3:tma:st:p2:e4", "128x128x64:w4:s3:tma:st:p2:e4:mi", "128x128x64:w4:s3:tma:p2"),
 ]
 
 

@@ -207,7 +207,7 @@ def test_mirrored_diagonal_block_is_the_whole_symmetric_block(
     the total are unchanged."""
     tiles = triton_strips.TritonStrips(
         block_m=width, block_n=width, block_k=16, group_m=2, num_warps=1, num_stages=1,
-        epilogue_split=split, tma_store=tma_store, programs_per_sm=1,
+        epilogue_split=split, tma_store=tma_store, programs_per_sm=1, mirror_diagonal=True,
     )  # fmt: skip
     a = F.normalize(torch.randn(n, 16, device=DEVICE), dim=-1).to(dtype)
     u = -0.5 * a.float().pow(2).sum(1) / 0.25

@@ -70,11 +70,17 @@ class TritonStrips:
     descriptors, so the staging buffer takes 1 / epilogue_split of a tile's shared memory. The other
     kernels ignore it."""
 
-    mirror_diagonal: bool = True
+    mirror_diagonal: bool = False
     """Symmetric weight strips (`kernel_grad`) hold their (S, S) diagonal block whole: each tile
     above the diagonal also writes its transpose below it, and diagonal tiles are stored unhalved.
     The caller then applies W^T only to the columns past the block (`StripBackend.mirror_diagonal`),
-    which saves S x S x D of the second GEMM per strip (S / N of a symmetric term's GEMMs)."""
+    which saves S x S x D of the second GEMM per strip (S / N of a symmetric term's GEMMs).
+
+    Off by default since an H100 profile at N = 65,536 (bf16, D = 1024; docs/BENCHMARKS.md, "Mirroring
+    profiled"): with it these kernels took 24.4 ms, against 17.4 ms in the last profile without it,
+    and the GEMMs 44.6 ms against 46.0. Its transposed store keeps the weight tile live to the end
+    of the epilogue (sm_90a: 88 bytes of stack against 32), which costs every tile, not only the few
+    it mirrors."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
