@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
+from torch import Tensor
 
 from csaligner.data.features import PairedFeatures
 from csaligner.train import DataConfig
-from csaligner.train.batches import BatchSampler, describe_split, split_features
+from csaligner.train.batches import Batch, BatchSampler, describe_split, split_features
 
 
 def captions_of(features: PairedFeatures, image_row: int) -> set[int]:
@@ -161,3 +164,37 @@ def test_a_batch_larger_than_the_paired_images_shrinks_and_says_so(features: Pai
     with pytest.warns(UserWarning, match=rf"train.batch_size=64 is more than the {split.num_paired} paired images"):
         sampler = BatchSampler(split, cfg, batch_size=64, seed=0)
     assert sampler.batch_size == split.num_paired and sampler.batch(0).image_rows.numel() == split.num_paired
+
+
+def _sampled_batch(features: PairedFeatures) -> Batch:
+    cfg = DataConfig(paired_fraction=0.5, captions_per_image_in_cs="all")  # every index tensor non-empty
+    return BatchSampler(split_features(features, cfg), cfg, batch_size=8, seed=0).batch(3)
+
+
+def test_batch_to_moves_every_index_in_one_copy(features: PairedFeatures, monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = _sampled_batch(features)
+    assert all(getattr(batch, f.name).numel() for f in fields(Batch))
+    assert batch.to(torch.device("cpu")) is batch  # already there: nothing to copy
+    copies: list[tuple[int, ...]] = []
+    real_to = Tensor.to
+
+    def counting_to(self: Tensor, *args: object, **kwargs: object) -> Tensor:
+        if any(isinstance(a, torch.device) for a in args):
+            copies.append(tuple(self.shape))
+        return real_to(self, *args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(Tensor, "to", counting_to)
+    meta = batch.to(torch.device("meta"))
+    assert len(copies) == 1  # one flat copy, not one per index tensor
+    for f in fields(Batch):
+        got, want = getattr(meta, f.name), getattr(batch, f.name)
+        assert got.device.type == "meta" and got.shape == want.shape and got.dtype == torch.long
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_to_cuda_keeps_every_index(features: PairedFeatures) -> None:
+    batch = _sampled_batch(features)
+    moved = batch.to(torch.device("cuda", torch.cuda.current_device()))
+    for f in fields(Batch):
+        assert torch.equal(getattr(moved, f.name).cpu(), getattr(batch, f.name))

@@ -9,7 +9,7 @@ exactly what one process sees.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -121,6 +121,21 @@ class Batch:
     token_text_rows: Tensor
     cs_text_rows: Tensor
     unpaired_image_rows: Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        """All the row indices on `device`, in one host-to-device copy.
+
+        On CUDA the copy is non-blocking from pinned memory, so the host goes on queueing the step
+        while the queued work of the last one runs. A `.to(device)` per index tensor from pageable
+        memory waited for the whole stream each time (up to 7 waits per step).
+        """
+        parts = [getattr(self, f.name) for f in fields(self)]
+        if all(p.device == device for p in parts):
+            return self
+        flat = torch.cat([p.to(torch.long) for p in parts])
+        pinned = device.type == "cuda"
+        flat = (flat.pin_memory() if pinned else flat).to(device, non_blocking=pinned)
+        return Batch(*flat.split([p.numel() for p in parts]))
 
 
 class BatchSampler:

@@ -98,6 +98,7 @@ def compute_terms(
     D_CS's Gram matrices; `loss.backward()` then yields (after DDP's gradient averaging) the
     gradient of one process on the concatenated batch.
     """
+    batch = batch.to(feats.image.device)
     with autocast(info.device, config.train.precision):
         out = model(**model_inputs(feats, batch, config))
     n_img, n_txt = batch.image_rows.numel(), batch.text_rows.numel()
