@@ -159,6 +159,14 @@ def test_tokens_requested_but_missing_is_explained(tmp_path: Path, features: Pai
         train(load_config(None, fast_overrides(tmp_path, "train.steps=2", "data.use_tokens=true", prior)), features)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="trains on CUDA here")
+def test_triton_loss_off_cuda_names_the_flags_before_anything_loads(tmp_path: Path) -> None:
+    overrides = fast_overrides(tmp_path / "run", "train.steps=2", "loss.impl=triton", "data.image_cache=missing.pt")
+    with pytest.raises(ValueError, match=r"loss\.impl=triton needs a CUDA device.*--loss\.impl=auto"):
+        train(load_config(None, overrides))  # before the missing cache is looked for
+    assert not (tmp_path / "run").exists()
+
+
 def test_text_to_image_prior_maps_into_the_image_space(tmp_path: Path, features: PairedFeatures) -> None:
     overrides = fast_overrides(
         tmp_path,

@@ -135,6 +135,7 @@ def _train(
     info: DistInfo,
     report: Callable[[str], object] | None,
 ) -> RunResult:
+    _check_loss_device(config, info.device)
     stale = claim_out_dir(config.train)  # checked first; deleted only once features load and the model builds
     run = _setup(config, features or load_features(config), info, stale)
     if report is not None and info.is_main:
@@ -169,6 +170,16 @@ def _train(
         return _finish(run)
     finally:
         run.monitor.close()
+
+
+def _check_loss_device(config: RunConfig, device: torch.device) -> None:
+    """loss.impl=triton off CUDA fails at the first step, in the loss's own words (impl='chunked'):
+    refuse it before anything loads, naming the flags."""
+    if config.loss.impl == "triton" and device.type != "cuda":
+        raise ValueError(
+            f"loss.impl=triton needs a CUDA device, but this run trains on {device}; use --loss.impl=auto "
+            "(Triton on CUDA, the chunked path elsewhere) or --loss.impl=chunked"
+        )
 
 
 def load_features(config: RunConfig) -> PairedFeatures:
