@@ -164,6 +164,11 @@ def main() -> None:
             "4 warps, 2 programs/SM, 64-wide K steps, stores in 2 column blocks",
             replace(four_warps, epilogue_split=2),
         ),
+        (
+            "kernel weights (symmetric)",
+            "SYMMETRIC_TILES, diagonal block mirrored in the epilogue (mirror_diagonal)",
+            replace(SYMMETRIC_TILES, mirror_diagonal=True),
+        ),
         ("gradient finish (elementwise, (N, D))", "4 warps, 4096 elements", wide),
     ]
     print(f"Triton {triton.__version__}, sm_90a, strip {s} x {n}, D = {d}, bf16 (static counts)")

@@ -283,6 +283,21 @@ def test_gpu_split_epilogue_tiles_match_the_unsplit_tiles(split: int) -> None:
             torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_mirrored_symmetric_tiles_match_the_default() -> None:
+    """The compiled X X^T / Y Y^T kernels with the diagonal block mirrored (descriptor stores in 4
+    column blocks, as `SYMMETRIC_TILES`) give the default's loss and gradients."""
+    x, y = feats(3000, 256, torch.bfloat16), feats(3000, 256, torch.bfloat16, shift=0.1)
+    mirrored = replace(SYMMETRIC_TILES, mirror_diagonal=True)
+    results = []
+    for tiles in (SYMMETRIC_TILES, mirrored):
+        nce, cs = fused_infonce_cs(x, y, 0.02, 0.5, tiles=tiles, chunk_size=1024)
+        results.append((nce, cs, *torch.autograd.grad(nce + 0.01 * cs, [x, y])))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-6)
+
+
 def test_default_tiles_by_dtype() -> None:
     """Half operands take the split-epilogue tiles; float32 ones (CUDA-core dots, whose compile with
     those tiles spills) keep the tiles of before."""
@@ -330,10 +345,18 @@ VARIANTS = [
     replace(SMALL, tma=True, programs_per_sm=0),
     replace(SMALL, tma=True, programs_per_sm=1),
     replace(SMALL, tma=False, programs_per_sm=1),
+    # The symmetric strips' diagonal block whole (`mirror_diagonal`, off by default).
+    replace(SMALL, tma=True, programs_per_sm=1, mirror_diagonal=True),
+    replace(SMALL, tma=False, programs_per_sm=0, mirror_diagonal=True),
 ]
 
 
-@pytest.mark.parametrize("tiles", VARIANTS, ids=lambda t: f"tma{int(t.tma)}-pps{t.programs_per_sm}")
+def _variant_id(t: TritonStrips) -> str:
+    mirror = "-mirror" if t.mirror_diagonal else ""
+    return f"tma{int(t.tma)}-pps{t.programs_per_sm}{mirror}"
+
+
+@pytest.mark.parametrize("tiles", VARIANTS, ids=_variant_id)
 def test_loading_and_grid_variants_match_dense(tiles: TritonStrips) -> None:
     x, y = feats(45, 16), feats(38, 16, shift=0.3)
     # 31 images, 38 texts: every image has a caption, 7 images have a second one (off the diagonal).

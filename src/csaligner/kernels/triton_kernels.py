@@ -364,18 +364,25 @@ def _kernel_grad_tile(
         _store_tile(W, stored, tm, tn, n_a, n_b, BM, BN, EVEN, STORE_TMA, SPLIT)
         # Sums of the weights as stored (rounded): the caller's W b - rowsum(W) a then cancels exactly.
         w_st = stored.to(tl.float32)
-        col_sums = tl.sum(w_st, 0)
-        half = 1.0
-        if MIRROR:  # noqa: SIM102 (a compile-time test around a run-time one)
+        if not MIRROR:  # as before MIRROR came, to the instruction (sm_90a: 32 bytes of stack, not 120)
+            tl.store(ROW_PART + tn * n_a + rows, tl.sum(w_st, 1), mask=rows < n_a)
+            tl.store(COL_PART + tm * n_b + cols, tl.sum(w_st, 0), mask=cols < n_b)
+            if WANT_DOT:  # the natural logit is (t - off2) ln 2
+                tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * (t - off2), 1), 0) * _LN2)
+            if WANT_TOTAL:  # the unrounded sum: a one-pass forward's value
+                tl.store(TOTAL_PART + tm * n_tn + tn, tl.sum(tl.sum(w, 1), 0))
+        else:
+            col_sums = tl.sum(w_st, 0)
+            half = 1.0
             if tn == tm:  # whole: its rows' sums are all of it; nothing is applied through W^T
                 col_sums = tl.zeros((BN,), tl.float32)
                 half = 0.5
-        tl.store(ROW_PART + tn * n_a + rows, tl.sum(w_st, 1), mask=rows < n_a)
-        tl.store(COL_PART + tm * n_b + cols, col_sums, mask=cols < n_b)
-        if WANT_DOT:  # the natural logit is (t - off2) ln 2
-            tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * (t - off2), 1), 0) * (_LN2 * half))
-        if WANT_TOTAL:  # the unrounded sum: a one-pass forward's value
-            tl.store(TOTAL_PART + tm * n_tn + tn, tl.sum(tl.sum(w, 1), 0) * half)
+            tl.store(ROW_PART + tn * n_a + rows, tl.sum(w_st, 1), mask=rows < n_a)
+            tl.store(COL_PART + tm * n_b + cols, col_sums, mask=cols < n_b)
+            if WANT_DOT:
+                tl.store(DOT_PART + tm * n_tn + tn, tl.sum(tl.sum(w * (t - off2), 1), 0) * (_LN2 * half))
+            if WANT_TOTAL:
+                tl.store(TOTAL_PART + tm * n_tn + tn, tl.sum(tl.sum(w, 1), 0) * half)
         if MIRROR:  # noqa: SIM102
             # Last, as the weights' other uses are done: fewer registers live across this store (sm_90a:
             # 88 bytes of stack instead of 808 with it beside the first store; 32 without MIRROR).
