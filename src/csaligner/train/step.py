@@ -103,9 +103,8 @@ def compute_terms(
         out = model(**model_inputs(feats, batch, config))
     n_img, n_txt = batch.image_rows.numel(), batch.text_rows.numel()
     gather = all_gather_with_grad
-    image_offset = _rank_offset(n_img, info)
     kwargs: dict[str, Tensor | None] = {
-        "text_to_image": all_gather_no_grad(batch.text_to_image.to(info.device) + image_offset)
+        "text_to_image": all_gather_no_grad(batch.text_to_image.to(info.device) + _rank_offset(n_img, info))
         if config.data.captions_per_image == "all"
         else None,
         "unpaired_images": _nonempty(gather(out["image"][n_img:])),
@@ -137,11 +136,15 @@ def _diverged(err: NonFiniteFeaturesError, cfg: TrainConfig) -> FloatingPointErr
     )
 
 
-def _rank_offset(n: int, info: DistInfo) -> int:
+def _rank_offset(n: int, info: DistInfo) -> Tensor | int:
+    """Where this process's images start in the gathered batch: the image counts of the lower ranks.
+
+    Stays a device tensor: reading it with `int()` would make every step wait for the all-gather.
+    """
     if not info.enabled:
         return 0
     sizes = all_gather_no_grad(torch.tensor([n], device=info.device))
-    return int(sizes[: info.rank].sum())
+    return sizes[: info.rank].sum()
 
 
 def _nonempty(t: Tensor) -> Tensor | None:
