@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,13 @@ def test_compute_fid_over_folders(tmp_path: Path, write_images: Any) -> None:
     assert same.value == pytest.approx(0.0, abs=1e-9)
     assert 0 < near.value < far.value
     assert (far.n_generated, far.n_reference, far.dim, far.label) == (12, 12, 6, "FID-colour (toy)")
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(ValueError, match=re.escape(f"the reference folder {tmp_path} holds no images")):
         compute_fid(tmp_path / "a", tmp_path, ColourStats())
+    with pytest.raises(FileNotFoundError, match=r"the generated folder .*missing: no such folder; .* as --generated"):
+        compute_fid(tmp_path / "missing", tmp_path / "a", ColourStats())
+    an_image = sorted((tmp_path / "a").iterdir())[0]
+    with pytest.raises(FileNotFoundError, match=r"a file, not a folder; .* as --reference"):
+        compute_fid(tmp_path / "a", an_image, ColourStats())
 
 
 def test_cli_efficientnet_fid(tmp_path: Path, write_images: Any, capsys: pytest.CaptureFixture[str]) -> None:

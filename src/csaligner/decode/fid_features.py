@@ -128,14 +128,15 @@ def _efficientnet_lite0(
     return EfficientNetLite0Features(model=model.to(device).eval(), device=torch.device(device))
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name."""
+def list_images(folder: str | Path, role: str = "image") -> list[Path]:
+    """Image files directly inside `folder`, sorted by name; `role` names the folder in errors."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no such image folder: {folder}")
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise FileNotFoundError(f"the {role} folder {folder}: {what}; pass a folder of images as --{role}")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"the {role} folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
 
 
@@ -156,7 +157,7 @@ def extract_folder(
     """
     from csaligner.data.images import BadImage, bad_image_report, open_image
 
-    paths = list_images(folder)
+    paths = list_images(folder, role)
     chunks: list[Tensor] = []
     bad: list[BadImage] = []
     for start in range(0, len(paths), batch_size):
