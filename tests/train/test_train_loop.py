@@ -45,6 +45,7 @@ def test_training_reduces_the_loss_and_writes_the_run_dir(tmp_path: Path, featur
     assert f"--train.out_dir={tmp_path}-2" in (tmp_path / "config.yaml").read_text().splitlines()[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == result.step and summary["metrics"]["loss"] == pytest.approx(losses[-1])
+    assert summary["metrics"]["epoch"] == 15.0 and float(rows[0]["epoch"]) == round(1 / (46 // 16), 4)
 
 
 def test_embed_applies_the_trained_adapters(tmp_path: Path, features: PairedFeatures) -> None:

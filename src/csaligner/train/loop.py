@@ -262,7 +262,7 @@ def _log(
     images = (run.step - clock[0]) * run.sampler.batch_size
     row: dict[str, float] = {
         "step": run.step,
-        "epoch": run.sampler.epoch_of(run.step - 1),
+        "epoch": run.sampler.epochs_done(run.step),
         "lr": lr,
         **values,
         "samples_per_s": images / max(now - clock[1], 1e-9),
@@ -283,7 +283,7 @@ def _finite(x: float) -> bool:
 def _training_state(run: _Run) -> dict[str, Any]:
     return {
         "step": run.step,
-        "epoch": run.sampler.epoch_of(max(run.step - 1, 0)),
+        "epoch": run.sampler.epochs_done(run.step),
         "total_steps": run.total_steps,
         "schedule": {"kind": run.config.train.schedule, "lr": run.config.train.lr},
         "rng": rng_state(),

@@ -117,7 +117,7 @@ class RunMonitor:
             writer.writerows(rows)
 
     def log(self, row: dict[str, float]) -> None:
-        """Append one row (step, epoch, lr, loss terms, samples_per_s, ...)."""
+        """Append one row (step, epoch: epochs done, fractional; lr, loss terms, samples_per_s, ...)."""
         if not self.enabled:
             return
         self.history.append(row)
