@@ -146,6 +146,29 @@ def test_resume_encodes_only_missing_shards(tiny_manifest: ImageTextManifest, tm
     torch.testing.assert_close(cache.pooled(part), clean.pooled(part))
 
 
+def test_an_interrupt_with_decoding_workers_ends_them_and_resumes(
+    tiny_manifest: ImageTextManifest, tmp_path: Path
+) -> None:
+    """Ctrl-C while DataLoader workers decode images: no worker outlives the interrupt, and a rerun
+    with the same workers finishes the cache with the rows it lacked, matching one made in one go."""
+    import multiprocessing
+
+    cfg = replace(FAST, batch_size=2, shard_size=4, workers=2)
+    out = tmp_path / "c"
+    before = set(multiprocessing.active_children())
+    with pytest.raises(KeyboardInterrupt):
+        encode_manifest(Counting(TinyImageEncoder(), fail_after=3), tiny_manifest, out, cfg)
+    assert set(multiprocessing.active_children()) <= before, "decoding workers outlived the interrupt"
+    shards = json.loads((out / "cache.json").read_text())["parts"]["image"]["shards"].values()
+    done = sum(s["stop"] - s["start"] for s in shards)
+    assert 0 < done < tiny_manifest.num_images
+    resumed = Counting(TinyImageEncoder())
+    cache = encode_manifest(resumed, tiny_manifest, out, cfg)
+    assert resumed.rows == tiny_manifest.num_images - done
+    clean = encode_manifest(TinyImageEncoder(), tiny_manifest, tmp_path / "clean", replace(cfg, workers=0))
+    torch.testing.assert_close(cache.pooled("image"), clean.pooled("image"))
+
+
 def test_shard_renamed_before_crash_is_adopted(tiny_manifest: ImageTextManifest, tmp_path: Path) -> None:
     out = tmp_path / "c"
     encode_manifest(TinyTextEncoder(), tiny_manifest, out, FAST)
