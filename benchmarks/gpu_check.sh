@@ -2,7 +2,7 @@
 # Everything a lent GPU session needs for the large-batch loss (issue 6), in one device call
 # (a fresh machine costs minutes of the session's 30; few full calls cost less than many):
 #
-#   1. the GPU tests of the kernels and losses,
+#   1. the GPU tests of the kernels, the losses and the training batches' index copy,
 #   2. benchmarks/loss.py at D = 1024, bf16, N = 4k..65k: dense, Triton and Inf-CL in one run,
 #   3. if .ref/ holds an older tree (`mkdir .ref && git archive REV src benchmarks | tar -x -C .ref`,
 #      carried as `.ref`), the same Triton timings of that tree and of this one again, on the same
@@ -44,7 +44,8 @@ cat "$OUT/machine.txt"
 
 if has tests; then
     echo "== tests"
-    timeout 420 python -m pytest -q -p no:cacheprovider tests/kernels tests/losses >"$OUT/tests.txt" 2>&1
+    timeout 420 python -m pytest -q -p no:cacheprovider tests/kernels tests/losses tests/train/test_train_batches.py \
+        >"$OUT/tests.txt" 2>&1
     tail -n 4 "$OUT/tests.txt"
 fi
 
