@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 # Config fields a resumed run may change: where it runs, what it reports and where it writes, not what it
 # computes. Everything else must match the stored config, epochs / steps included (the total number of steps
 # shapes the warmup and cosine decay, so a longer run is another schedule, not a continuation). The cache
-# paths may move; other data behind them is refused by its manifest hash (`loop._check_same_data`), and shows up as
+# paths may move; other data behind them is refused by its manifest hash (`resume._check_same_data`), and shows up as
 # another step count or weight shape where the checkpoint predates that record.
 RESUME_MAY_CHANGE = frozenset(
     {
