@@ -35,6 +35,18 @@ def test_embeddings_at_one_point_are_collapsed() -> None:
     assert "NaN or Inf" in str(collapsed_embeddings({"image": spread, "text": torch.full((4, 8), float("nan"))}))
 
 
+def test_embeddings_on_one_line_on_both_sides_are_collapsed() -> None:
+    """Dimensional collapse, as `--train.lr=10` on Flickr8k left both sides: spread out, but along one direction."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(64, 8, generator=g)
+    along = torch.randn(64, 1, generator=g) * torch.ones(1, 8) + 0.05 * torch.randn(64, 8, generator=g)
+    said = str(collapsed_embeddings({"image": along, "text": along.flip(1) + 0.1}))
+    assert "the adapters map the training rows checked onto nearly one line (image 9" in said
+    assert collapsed_embeddings({"image": along, "text": spread}) is None  # one side alone: e.g. an early prior
+    assert collapsed_embeddings({"image": spread[:, :2], "text": spread[:, :2]}) is None  # a 2-d circle is no line
+    assert collapsed_embeddings({"image": along[:8], "text": along[:8]}) is None  # too few rows to judge
+
+
 def degenerate_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if "training went degenerate" in str(w.message)]
 
