@@ -162,10 +162,6 @@ class BatchSampler:
         self.unpaired_size = config.unpaired_batch_size or batch_size
         self._epoch, self._order = -1, torch.zeros(0, dtype=torch.long)
 
-    def epoch_of(self, step: int) -> int:
-        """The 0-based epoch whose permutation batch `step` (0-based) draws from."""
-        return step // self.steps_per_epoch
-
     def epochs_done(self, steps: int) -> float:
         """Epochs completed after `steps` steps, fractional (2.5: halfway through the third), as logged:
         a 10-epoch run ends at 10.0."""

@@ -54,8 +54,9 @@ def collapsed_embeddings(outputs: dict[str, Tensor]) -> str | None:
     Args:
         outputs: {"image": (N, D), "text": (M, D)} the final adapters' outputs for N, M training rows.
     """
+    units = {}
     for side, emb in outputs.items():
-        unit = F.normalize(emb.float(), dim=-1)  # as the loss sees them: an overflowing norm makes them all 0
+        unit = units[side] = F.normalize(emb.float(), dim=-1)  # as the loss sees them: an overflow makes them 0
         if not bool(torch.isfinite(unit).all()):
             return f"the {side} adapter's outputs contain NaN or Inf"
         spread = float((unit - unit.mean(0)).norm(dim=1).mean()) if unit.shape[0] > 1 else 1.0
@@ -65,19 +66,16 @@ def collapsed_embeddings(outputs: dict[str, Tensor]) -> str | None:
                 f"the normalised embeddings to their mean {spread:.2g}; a trained run has about 1), so retrieval "
                 "with this run is chance"
             )
-    return _on_one_line(outputs)
+    return _on_one_line(units)
 
 
-def _on_one_line(outputs: dict[str, Tensor]) -> str | None:
+def _on_one_line(units: dict[str, Tensor]) -> str | None:
     """Why the embeddings of every side lie on nearly one line, or None. Only both sides together count:
     a prior adapter passes through a line early in training, and the L2 prior objective's text side sits
     near one (0.78 after 60 steps on Flickr8k) while its image side is the identity."""
-    shares = {}
-    for side, emb in outputs.items():
-        unit = F.normalize(emb.float(), dim=-1)
-        if unit.shape[0] < LINE_MIN_ROWS:
-            return None
-        shares[side] = _top_direction_share(unit)
+    if any(unit.shape[0] < LINE_MIN_ROWS for unit in units.values()):
+        return None
+    shares = {side: _top_direction_share(unit) for side, unit in units.items()}
     if not shares or min(shares.values()) <= LINE_SHARE:
         return None
     each = ", ".join(f"{side} {share:.0%}" for side, share in shares.items())
